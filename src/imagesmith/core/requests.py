@@ -1,0 +1,155 @@
+"""Typed requests and results. One concept, one name: these field names are the CLI flags, the API
+fields, the Python arguments and the metadata keys. WebUI (A1111) names are used where users know them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE",
+            "DPM++ 2M SDE", "DDIM", "UniPC", "LCM")
+SCHEDULES = ("normal", "karras", "exponential")
+UPSCALERS = ("Latent", "Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B")
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str = Field(..., description="LoRA name in the registry (file stem)")
+    weight: float = Field(1.0, ge=-10, le=10, description="multiplier; 0 gives the base model's pixels")
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        """'name:0.7' or 'name' (weight 1)."""
+        name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+        try:
+            return cls(name=name.strip(), weight=float(weight))
+        except ValueError:
+            from .errors import BadRequest
+            raise BadRequest(f"bad LoRA spec {text!r}: use NAME:WEIGHT, e.g. mystyle:0.7") from None
+
+
+class HiresSpec(BaseModel):
+    hr_scale: float = Field(2.0, gt=1.0, le=4.0, description="upscale factor of the first pass")
+    hr_upscaler: str = Field("Latent", description="Latent, Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B")
+    hr_second_pass_steps: int = Field(0, ge=0, le=150, description="0: same as steps")
+    hr_denoising_strength: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ControlNetSpec(BaseModel):
+    model: str = Field(..., description="ControlNet name in the registry (models/controlnet)")
+    image: str = Field(..., description="path of the control image")
+    preprocessor: Literal["canny", "none"] = "canny"
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    canny_low: int = Field(100, ge=0, le=255)
+    canny_high: int = Field(200, ge=0, le=255)
+
+
+class GenerateRequest(BaseModel):
+    """One generation: txt2img, or img2img when init_image is set, or inpainting when mask is too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", description="WebUI syntax: (word:1.2), [word], BREAK, <lora:name:0.7>")
+    negative_prompt: str = ""
+    model: str | None = Field(None, description="checkpoint name; default: the default model")
+    vae: str | None = Field(None, description="VAE override name (models/vae)")
+    loras: list[LoraSpec] = Field(default_factory=list)
+    clip_skip: int = Field(1, ge=1, le=12, description="WebUI meaning: 1 = last layer, 2 = penultimate")
+
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    sampler_name: str = Field("Euler a", description=", ".join(SAMPLERS))
+    scheduler: str = Field("normal", description="schedule type: " + ", ".join(SCHEDULES))
+
+    seed: int = Field(-1, ge=-1, lt=2**32, description="-1: random")
+    variation_seed: int | None = Field(None, ge=-1, lt=2**32, description="WebUI subseed")
+    variation_strength: float = Field(0.0, ge=0.0, le=1.0, description="WebUI subseed_strength")
+    batch_size: int = Field(1, ge=1, le=16, description="images per run")
+    batch_count: int = Field(1, ge=1, le=100, description="runs (WebUI n_iter)")
+
+    width: int | None = Field(None, ge=8, le=8192, description="multiple of 8; default: model native")
+    height: int | None = Field(None, ge=8, le=8192)
+
+    init_image: str | None = Field(None, description="path; makes this img2img")
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask: str | None = Field(None, description="path; white = repaint. Needs init_image")
+    mask_blur: int = Field(4, ge=0, le=64)
+    outpaint: tuple[int, int, int, int] | None = Field(
+        None, description="pixels to add left, top, right, bottom (multiples of 8); needs init_image")
+
+    hires: HiresSpec | None = None
+    controlnet: ControlNetSpec | None = None
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        for s in SAMPLERS:
+            if v.lower() == s.lower():
+                return s
+        raise ValueError(f"unknown sampler {v!r}; choose one of: {', '.join(SAMPLERS)}")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        v = v.lower()
+        if v not in SCHEDULES:
+            raise ValueError(f"unknown schedule {v!r}; choose one of: {', '.join(SCHEDULES)}")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"{v} is not a multiple of 8")
+        return v
+
+    @field_validator("outpaint")
+    @classmethod
+    def _outpaint_multiple_of_8(cls, v):
+        if v is not None and any(p < 0 or p % 8 for p in v):
+            raise ValueError("outpaint pads must be non-negative multiples of 8")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerateRequest":
+        if self.mask and not self.init_image:
+            raise ValueError("a mask needs an init_image")
+        if self.outpaint and not self.init_image:
+            raise ValueError("outpaint needs an init_image")
+        if self.mask and self.outpaint:
+            raise ValueError("use either mask or outpaint, not both")
+        return self
+
+    @property
+    def mode(self) -> str:
+        if self.init_image and (self.mask or self.outpaint):
+            return "inpaint"
+        if self.init_image:
+            return "img2img"
+        return "txt2img"
+
+
+class ImageRecord(BaseModel):
+    """What is known about one produced image (also its PNG metadata)."""
+
+    seed: int
+    variation_seed: int | None = None
+    infotext: str
+    index: int = Field(..., description="position in the whole job (batch_count x batch_size)")
+
+
+class GenerationResult(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    images: list = Field(default_factory=list, description="PIL images")
+    records: list[ImageRecord] = Field(default_factory=list)
+    request: GenerateRequest
+    model_name: str
+    model_hash: str | None = None
+    lora_hashes: dict[str, str] = Field(default_factory=dict)
+    vae_name: str | None = None
+    version: str
+    seconds: float = 0.0

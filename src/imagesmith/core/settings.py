@@ -1,0 +1,70 @@
+"""Settings: where models live and what limits apply. Read from the environment once, passed down
+explicitly (no module-level mutable state)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscalers", "controlnet")
+
+
+def _env_paths(value: str | None) -> list[Path]:
+    if not value:
+        return []
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+
+
+class Settings(BaseModel):
+    home: Path = Field(default_factory=lambda: Path("~/.imagesmith").expanduser(),
+                       description="IMAGESMITH_HOME: models/, outputs/, cache/ live here")
+    extra_model_paths: list[Path] = Field(default_factory=list,
+                                          description="IMAGESMITH_MODEL_PATHS: extra folders searched for models")
+    max_pixels: int = Field(2048 * 2048, description="IMAGESMITH_MAX_PIXELS: cap on width*height of a request")
+    max_image_bytes: int = Field(40 * 1024 * 1024, description="IMAGESMITH_MAX_IMAGE_BYTES: cap on an input file")
+    max_input_pixels: int = Field(8192 * 8192, description="IMAGESMITH_MAX_INPUT_PIXELS: decompression-bomb cap")
+    device: str = Field("auto", description="IMAGESMITH_DEVICE: auto|cpu|cuda|cuda:N|mps")
+    ram_budget_bytes: int | None = Field(None, description="IMAGESMITH_RAM_BUDGET_GB: loaded-model RAM budget")
+    vram_budget_bytes: int | None = Field(None, description="IMAGESMITH_VRAM_BUDGET_GB: loaded-model VRAM budget")
+    cpu_offload: bool = Field(False, description="IMAGESMITH_CPU_OFFLOAD=1: model CPU offload on GPU")
+    vae_tiling: bool = Field(False, description="IMAGESMITH_VAE_TILING=1: decode in tiles")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        values: dict = {}
+        if env.get("IMAGESMITH_HOME"):
+            values["home"] = Path(env["IMAGESMITH_HOME"]).expanduser()
+        values["extra_model_paths"] = _env_paths(env.get("IMAGESMITH_MODEL_PATHS"))
+        for key, name in (("max_pixels", "IMAGESMITH_MAX_PIXELS"),
+                          ("max_image_bytes", "IMAGESMITH_MAX_IMAGE_BYTES"),
+                          ("max_input_pixels", "IMAGESMITH_MAX_INPUT_PIXELS")):
+            if env.get(name):
+                values[key] = int(env[name])
+        if env.get("IMAGESMITH_DEVICE"):
+            values["device"] = env["IMAGESMITH_DEVICE"]
+        for key, name in (("ram_budget_bytes", "IMAGESMITH_RAM_BUDGET_GB"),
+                          ("vram_budget_bytes", "IMAGESMITH_VRAM_BUDGET_GB")):
+            if env.get(name):
+                values[key] = int(float(env[name]) * 1024**3)
+        values["cpu_offload"] = env.get("IMAGESMITH_CPU_OFFLOAD", "") in ("1", "true", "yes")
+        values["vae_tiling"] = env.get("IMAGESMITH_VAE_TILING", "") in ("1", "true", "yes")
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def model_dirs(self, kind: str) -> list[Path]:
+        """Folders searched for one kind, home first, then the extra paths (each may hold kind subfolders)."""
+        dirs = [self.models_dir / kind]
+        for extra in self.extra_model_paths:
+            dirs.append(extra / kind)
+        return dirs
+
+    def ensure_home(self) -> None:
+        for kind in MODEL_KINDS:
+            (self.models_dir / kind).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""imagesmith.vision."""
