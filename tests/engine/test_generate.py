@@ -1,0 +1,199 @@
+"""The engine on tiny random models: modes, seeds, samplers, LoRA, hires fix, progress, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagesmith.core.errors import BadRequest, Cancelled, ModelNotFound
+from imagesmith.core.progress import CancelToken
+from imagesmith.core.requests import SAMPLERS, GenerateRequest, HiresSpec, LoraSpec
+from imagesmith.engine.generate import Engine
+
+
+def px(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_home):
+    return Engine(tiny_home, device="cpu")
+
+
+def req(**kw) -> GenerateRequest:
+    base = dict(prompt="a red apple on a wooden table", model="tiny-sd15", width=64, height=64, steps=4, seed=7,
+                sampler_name="Euler")
+    base.update(kw)
+    return GenerateRequest(**base)
+
+
+def test_txt2img_size_count_and_seeds(engine):
+    r = engine.generate(req(batch_size=2, batch_count=2, seed=100))
+    assert len(r.images) == 4
+    assert all(im.size == (64, 64) for im in r.images)
+    assert [x.seed for x in r.records] == [100, 101, 102, 103]
+    assert "Seed: 101" in r.records[1].infotext and "Steps: 4" in r.records[0].infotext
+    # different seeds give different pictures
+    assert np.abs(px(r.images[0]) - px(r.images[1])).mean() > 1
+
+
+def test_same_seed_same_pixels_and_batch_position_independent(engine):
+    a = engine.generate(req(seed=5))
+    b = engine.generate(req(seed=5))
+    assert np.array_equal(px(a.images[0]), px(b.images[0]))
+    batch = engine.generate(req(seed=4, batch_size=2))
+    # image 2 of a batch starting at seed 4 has seed 5: same noise as the single image
+    assert batch.records[1].seed == 5
+    assert np.abs(px(batch.images[1]) - px(a.images[0])).max() <= 2
+
+
+def test_variation_seed(engine):
+    base = engine.generate(req(seed=9)).images[0]
+    zero = engine.generate(req(seed=9, variation_seed=77, variation_strength=0.0)).images[0]
+    some = engine.generate(req(seed=9, variation_seed=77, variation_strength=0.3)).images[0]
+    full = engine.generate(req(seed=9, variation_seed=77, variation_strength=1.0)).images[0]
+    other = engine.generate(req(seed=77)).images[0]
+    assert np.array_equal(px(base), px(zero))
+    assert np.abs(px(some) - px(base)).mean() > 0.5
+    assert np.abs(px(full) - px(other)).max() <= 2  # strength 1 is the variation seed's own noise
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_runs(engine, sampler):
+    r = engine.generate(req(sampler_name=sampler, steps=3))
+    assert r.images[0].size == (64, 64)
+    assert f"Sampler: {sampler}" in r.records[0].infotext
+
+
+def test_schedules_change_the_result(engine):
+    normal = engine.generate(req(sampler_name="DPM++ 2M", scheduler="normal", steps=5)).images[0]
+    karras = engine.generate(req(sampler_name="DPM++ 2M", scheduler="karras", steps=5)).images[0]
+    assert np.abs(px(normal) - px(karras)).mean() > 0.1
+
+
+def test_img2img_strength(engine, tmp_path):
+    """Low strength keeps the output tied to the init image; high strength frees it. Measured as how
+    much two different init images still differ after img2img (a random VAE cannot reconstruct, so
+    distance to the input itself is not meaningful on tiny models)."""
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3))
+    Image.fromarray(ramp).save(tmp_path / "a.png")
+    Image.fromarray(255 - ramp.transpose(1, 0, 2)).save(tmp_path / "b.png")
+
+    def spread(strength):
+        a = engine.generate(req(init_image=str(tmp_path / "a.png"), denoising_strength=strength, steps=10)).images[0]
+        b = engine.generate(req(init_image=str(tmp_path / "b.png"), denoising_strength=strength, steps=10)).images[0]
+        return np.abs(px(a) - px(b)).mean()
+    low, high = spread(0.2), spread(0.95)
+    assert low > 2 * high, (low, high)
+
+
+def test_inpaint_keeps_unmasked_pixels(engine, tmp_path):
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    init.save(tmp_path / "i.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = engine.generate(req(init_image=str(tmp_path / "i.png"), mask=str(tmp_path / "m.png"),
+                              denoising_strength=1.0, mask_blur=2)).images[0]
+    o, i = px(out), px(init)
+    outside = np.ones((64, 64), bool)
+    outside[10:54, 10:54] = False  # mask plus its blur radius
+    assert np.array_equal(o[outside], i[outside])
+    assert np.abs(o[20:44, 20:44] - i[20:44, 20:44]).mean() > 5  # the masked area was repainted
+
+
+def test_outpaint_grows_canvas_and_keeps_original(engine, tmp_path):
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    init.save(tmp_path / "o.png")
+    out = engine.generate(req(init_image=str(tmp_path / "o.png"), outpaint=(16, 0, 16, 0), width=None,
+                              height=None, mask_blur=0, denoising_strength=1.0)).images[0]
+    assert out.size == (80, 48)
+    assert np.array_equal(px(out)[:, 16:64], px(init))
+
+
+def test_mask_size_mismatch_is_an_error(engine, tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    Image.new("L", (32, 32)).save(tmp_path / "b.png")
+    with pytest.raises(BadRequest, match="mask is 32x32"):
+        engine.generate(req(init_image=str(tmp_path / "a.png"), mask=str(tmp_path / "b.png")))
+
+
+@pytest.mark.parametrize("lora", ["tiny-lora-peft", "tiny-lora-kohya"])
+def test_lora_effect_and_weight_zero_identity(engine, lora):
+    base = engine.generate(req()).images[0]
+    zero = engine.generate(req(loras=[LoraSpec(name=lora, weight=0.0)])).images[0]
+    one = engine.generate(req(loras=[LoraSpec(name=lora, weight=1.0)])).images[0]
+    again = engine.generate(req()).images[0]
+    assert np.array_equal(px(base), px(zero))
+    assert np.abs(px(one) - px(base)).mean() > 0.5
+    assert np.array_equal(px(base), px(again))  # switching the LoRA off restores the base
+
+
+def test_lora_prompt_tag_and_reweight_without_reload(engine):
+    loads = engine.cache.stats.loads
+    a = engine.generate(req(prompt="an apple <lora:tiny-lora-peft:0.5>")).images[0]
+    b = engine.generate(req(prompt="an apple", loras=[LoraSpec(name="tiny-lora-peft", weight=0.5)])).images[0]
+    c = engine.generate(req(prompt="an apple", loras=[LoraSpec(name="tiny-lora-peft", weight=1.5)])).images[0]
+    assert np.array_equal(px(a), px(b))
+    assert not np.array_equal(px(b), px(c))
+    assert engine.cache.stats.loads == loads  # same base model, no reload
+
+
+def test_second_job_does_not_reload(engine):
+    engine.generate(req())
+    loads = engine.cache.stats.loads
+    engine.generate(req(seed=3))
+    assert engine.cache.stats.loads == loads
+    assert engine.cache.stats.hits >= 1
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix(engine, upscaler):
+    r = engine.generate(req(hires=HiresSpec(hr_scale=2.0, hr_upscaler=upscaler, hr_second_pass_steps=2,
+                                            hr_denoising_strength=0.5)))
+    assert r.images[0].size == (128, 128)
+    assert "Hires upscale: 2" in r.records[0].infotext
+
+
+def test_progress_and_cancel(engine):
+    events = []
+    engine.generate(req(steps=4, batch_count=2), progress=events.append)
+    assert [e.step for e in events] == list(range(1, 9))
+    assert events[-1].total == 8
+    token = CancelToken()
+
+    def cancel_after_two(ev):
+        if ev.step == 2:
+            token.cancel()
+    seen = []
+    with pytest.raises(Cancelled):
+        engine.generate(req(steps=10), progress=lambda e: (seen.append(e), cancel_after_two(e)), cancel=token)
+    assert len(seen) == 2  # stopped at the next step boundary
+
+
+def test_clip_skip_changes_output(engine):
+    a = engine.generate(req(clip_skip=1)).images[0]
+    b = engine.generate(req(clip_skip=2)).images[0]
+    assert not np.array_equal(px(a), px(b))
+
+
+def test_long_prompt_is_not_truncated(engine):
+    words = ", ".join(["red apple"] * 60)
+    a = engine.generate(req(prompt=words)).images[0]
+    b = engine.generate(req(prompt=words + ", " + ", ".join(["blue sky"] * 40))).images[0]
+    assert not np.array_equal(px(a), px(b))  # tokens past 77 still matter
+
+
+def test_unknown_model_and_lora(engine):
+    with pytest.raises(ModelNotFound):
+        engine.generate(req(model="no-such-model"))
+    with pytest.raises(ModelNotFound):
+        engine.generate(req(loras=[LoraSpec(name="nope", weight=1)]))
+
+
+def test_pixel_cap(engine, tiny_home):
+    capped = Engine(tiny_home.model_copy(update={"max_pixels": 64 * 64}), device="cpu", cache=engine.cache)
+    with pytest.raises(BadRequest, match="pixel cap"):
+        capped.generate(req(width=128, height=128))

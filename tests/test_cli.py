@@ -1,0 +1,163 @@
+"""The CLI end to end: files, metadata, --from, --json, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagesmith.cli import main
+
+TINY = ["--model", "tiny-sd15", "-W", "64", "-H", "64", "--steps", "3"]
+
+
+@pytest.fixture
+def env(tiny_home, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_HOME", str(tiny_home.home))
+    return {**os.environ, "IMAGESMITH_HOME": str(tiny_home.home)}
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_and_info_round_trip(env, capsys, tmp_path):
+    out = tmp_path / "a.png"
+    code, stdout, err = run_cli(capsys, "generate", "a (red:1.2) apple", "--seed", "11", *TINY, "-o", str(out), "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["images"][0]["path"] == str(out) and summary["images"][0]["seed"] == 11
+    im = Image.open(out)
+    assert "Seed: 11" in im.text["parameters"] and "Model: tiny-sd15" in im.text["parameters"]
+    payload = json.loads(im.text["imagesmith"])
+    assert payload["request"]["prompt"] == "a (red:1.2) apple" and payload["seed"] == 11
+    assert payload["version"]
+    code, stdout, _ = run_cli(capsys, "info", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["imagesmith"]["seed"] == 11
+
+
+def test_from_regenerates_identical_pixels_from_a_batch(env, capsys, tmp_path):
+    folder = tmp_path / "batch"
+    code, _, err = run_cli(capsys, "generate", "a pear", "--seed", "20", "--batch-size", "2", "--batch-count", "2",
+                           "--sampler", "Euler a", *TINY, "-o", str(folder))
+    assert code == 0, err
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 4
+    third = files[2]
+    code, _, err = run_cli(capsys, "generate", "--from", str(third), "-o", str(tmp_path / "again.png"))
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(third)), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_seed_determinism_across_processes(env, tmp_path):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"p{i}.png"
+        subprocess.run([sys.executable, "-m", "imagesmith.cli", "generate", "a lemon", "--seed", "3",
+                        "--sampler", "DPM++ 2M SDE", *TINY, "-o", str(p)], env=env, check=True, capture_output=True)
+        paths.append(p)
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(paths[1])))
+
+
+def test_models_list_json(env, capsys):
+    code, stdout, _ = run_cli(capsys, "models", "list", "--json")
+    rows = json.loads(stdout)
+    names = {r["name"]: r for r in rows}
+    assert names["tiny-sd15"]["kind"] == "checkpoint" and names["tiny-sd15"]["arch"] == "sd1"
+    assert names["tiny-sdxl"]["arch"] == "sdxl"
+    assert any(r["kind"] == "lora" for r in rows) and any(r["kind"] == "upscaler" for r in rows)
+    assert all({"name", "kind", "arch", "path", "size_bytes"} <= set(r) for r in rows)
+
+
+BAD = [
+    (["generate", "x", "--model", "nope"], "nope"),
+    (["generate", "x", *TINY, "--lora", "missing-lora:0.5"], "missing-lora"),
+    (["generate", "x", *TINY, "--sampler", "Euler z"], "unknown sampler"),
+    (["generate", "x", "--model", "tiny-sd15", "-W", "65", "-H", "64"], "multiple of 8"),
+    (["generate", "x", "--model", "tiny-sd15", "-W", "4096", "-H", "4096"], "pixel cap"),
+    (["generate", "x", "--model", "tiny-sd15", "--steps", "0"], "steps"),
+    (["generate", "x", "--model", "tiny-sd15", "--steps", "-3"], "steps"),
+    (["generate", "x", *TINY, "--lora", "bad:weight"], "NAME:WEIGHT"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD)
+def test_bad_input_one_line_nonzero(env, capsys, tmp_path, args, needle):
+    out = tmp_path / "never.png"
+    code, stdout, err = run_cli(capsys, *args, "-o", str(out))
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert needle.lower() in lines[0].lower()
+    assert "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def _bad_images(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), "red").save(good)
+    data = good.read_bytes()
+    files = {
+        "missing": tmp_path / "missing.png",
+        "not an image": tmp_path / "text.png",
+        "truncated": tmp_path / "trunc.png",
+    }
+    files["not an image"].write_text("hello, I am not a picture")
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["missing", "not an image", "truncated"])
+def test_bad_init_image(env, capsys, tmp_path, kind):
+    path = _bad_images(tmp_path)[kind]
+    out = tmp_path / "out" / "never.png"
+    code, _, err = run_cli(capsys, "generate", "x", *TINY, "--init-image", str(path), "-o", str(out))
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_oversized_image_bytes(env, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_MAX_IMAGE_BYTES", "1000")
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(big)
+    code, _, err = run_cli(capsys, "generate", "x", *TINY, "--init-image", str(big), "-o", str(tmp_path / "o.png"))
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_decompression_bomb(env, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_MAX_INPUT_PIXELS", str(100 * 100))
+    Image.new("RGB", (200, 200)).save(tmp_path / "bomb.png")
+    code, _, err = run_cli(capsys, "generate", "x", *TINY, "--init-image", str(tmp_path / "bomb.png"),
+                           "-o", str(tmp_path / "o.png"))
+    assert code != 0 and "pixels" in err.lower() and len(err.strip().splitlines()) == 1
+
+
+def test_mask_size_mismatch_cli(env, capsys, tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "i.png")
+    Image.new("L", (40, 40)).save(tmp_path / "m.png")
+    code, _, err = run_cli(capsys, "generate", "x", *TINY, "--init-image", str(tmp_path / "i.png"),
+                           "--mask", str(tmp_path / "m.png"), "-o", str(tmp_path / "o.png"))
+    assert code != 0 and "mask" in err and not (tmp_path / "o.png").exists()
+
+
+def test_upscale_command(env, capsys, tmp_path):
+    Image.new("RGB", (16, 16), "blue").save(tmp_path / "s.png")
+    code, stdout, err = run_cli(capsys, "upscale", str(tmp_path / "s.png"), "--upscaler", "Lanczos", "--scale", "2",
+                                "-o", str(tmp_path / "u.png"), "--json")
+    assert code == 0, err
+    assert Image.open(tmp_path / "u.png").size == (32, 32)
+    code, _, err = run_cli(capsys, "upscale", str(tmp_path / "s.png"), "--upscaler", "nope", "-o", str(tmp_path / "x.png"))
+    assert code != 0 and not (tmp_path / "x.png").exists()
