@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/imagesmith generate "a red apple on a wooden table" --seed 42 -o outputs/run.png
+	$(BIN)/imagesmith generate "a red apple on a wooden table" --seed 42 --hires 2 --upscaler "R-ESRGAN 4x+" --hires-steps 10 -o outputs/run.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

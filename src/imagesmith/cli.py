@@ -49,31 +49,30 @@ def _progress_bar(enabled: bool, label: str):
 
 
 def _engine():
+    # our own bar covers the job; the libraries' per-component loading bars would only clutter stderr
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     from .engine.generate import Engine
     return Engine()
 
 
+def _check_output(output: Optional[Path], count: int) -> None:
+    from .core.imageio import output_paths
+    if output is not None:
+        output_paths(output, count, output, "image")
+
+
 def _write_images(result, output: Optional[Path], stem: str = "image") -> list[Path]:
     from .core.imageio import output_paths, save_png_atomic
-    from .core.metadata import make_png_chunks
+    from .core.metadata import write_metadata_chunks
     from .core.settings import Settings
     default_dir = Settings.from_env().home / "outputs"
     paths = output_paths(output, len(result.images), default_dir, stem,
                          seeds=[r.seed for r in result.records])
     for image, record, path in zip(result.images, result.records, paths):
-        payload = {
-            "request": result.request.model_dump(mode="json"),
-            "seed": record.seed,
-            "variation_seed": record.variation_seed,
-            "index": record.index,
-            "model": result.model_name,
-            "model_hash": result.model_hash,
-            "lora_hashes": result.lora_hashes,
-            "vae": result.vae_name,
-            "mode": result.request.mode,
-            "version": result.version,
-        }
-        save_png_atomic(image, path, text_chunks=make_png_chunks(record.infotext, payload))
+        save_png_atomic(image, path, text_chunks=write_metadata_chunks(result, record))
     return paths
 
 
@@ -144,6 +143,7 @@ def generate(
                                                   preprocessor=control_preprocessor, weight=control_weight)
         req = GenerateRequest(**fields)
 
+    _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it
     engine = _engine()
     with _progress_bar(not as_json and sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1",
                        "generating") as on_progress:

@@ -223,6 +223,9 @@ def test_16_bit_grey_is_scaled_not_clipped(settings, tmp_path):
         assert raw.mode.startswith("I")
     got = load_image(tmp_path / "g16.png", settings=settings, mode=None)
     assert got.mode == "L" and list(np.asarray(got)[0]) == [0, 128, 255, 255]
+    # a dark 16-bit image stays dark (its values are 16-bit even when all are below 256)
+    Image.fromarray(np.array([[0, 257, 514]], dtype=np.uint16)).save(tmp_path / "dark.png")
+    assert list(np.asarray(load_image(tmp_path / "dark.png", settings=settings, mode="L"))[0]) == [0, 1, 2]
 
 
 def test_bytes_source_and_first_gif_frame_without_leaking_files(settings, tmp_path):
@@ -239,9 +242,9 @@ def test_bytes_source_and_first_gif_frame_without_leaking_files(settings, tmp_pa
 
 def test_open_image_header_does_not_decode(settings, tmp_path):
     p = tmp_path / "claims.png"
-    p.write_bytes(bomb_png(20000, complete=False))
+    p.write_bytes(bomb_png(12000, complete=False))
     with open_image_header(p, settings=settings) as im:
-        assert im.size == (20000, 20000) and im.format == "PNG"
+        assert im.size == (12000, 12000) and im.format == "PNG"
     with pytest.raises(BadImage, match="pixels"):
         with open_image_header(p, settings=settings, check_pixels=True):
             pass
@@ -311,3 +314,13 @@ def test_output_paths(tmp_path):
     assert output_paths(tmp_path / "x.png", 0, default) == []
     with pytest.raises(BadRequest, match="PNG"):
         output_paths(tmp_path / "photo.jpg", 1, default)
+
+
+def test_pillow_warning_is_an_error_even_under_a_raised_cap(tmp_path):
+    """A cap raised above Pillow's 89 M-pixel warning does not silence the warning: still refused."""
+    settings = Settings(home=tmp_path, max_input_pixels=150_000_000)
+    p = tmp_path / "bomb.png"
+    p.write_bytes(bomb_png(12000, complete=False))
+    with pytest.raises(BadImage) as e:
+        load_image(p, settings=settings)
+    assert "12000x12000" in str(e.value) and "Pillow" in str(e.value)

@@ -108,7 +108,7 @@ def test_missing_t5_tokenizer_names_the_file_and_where(tiny_models, tmp_path):
     # the user drops spiece.model where the message said: it loads (sentencepiece only, no protobuf)
     t5 = s.models_dir / "text_encoders" / "t5"
     t5.mkdir(parents=True)
-    shutil.copy(tiny_models.settings.home / "scratch" / "t5-flux" / "spiece.model", t5 / "spiece.model")
+    shutil.copy(tiny_models.paths["t5-spiece-flux"], t5 / "spiece.model")
     pipe = loaders.load_pipeline(Registry(s).get("tiny-flux", "checkpoint"))
     assert pipe.tokenizer_2("a cat").input_ids[-1] == 1  # </s>
     assert run(pipe).shape == (1, 32, 32, 3)
@@ -116,7 +116,7 @@ def test_missing_t5_tokenizer_names_the_file_and_where(tiny_models, tmp_path):
 
 def test_t5_tokenizer_from_spiece_matches_sentencepiece(tiny_models):
     import sentencepiece as spm
-    model = tiny_models.settings.home / "scratch" / "t5-sd3" / "spiece.model"
+    model = tiny_models.paths["t5-spiece-sd3"]
     tok = loaders.t5_tokenizer_from_spiece(model, extra_ids=4)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     for text in ["a photo of a cat on a table", "an astronaut riding a horse", "Ünïcode, and   spaces!"]:
@@ -256,3 +256,24 @@ def test_loading_never_reaches_the_network(tiny_models, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
     assert not any(hf_home.rglob("*")), "something was written to HF_HOME"
+
+
+@pytest.mark.parametrize("keep", ["no-vae", "unet-only"])
+def test_partial_sd_files_take_the_rest_from_the_companion(tiny_models, tmp_path, keep):
+    """A1111 'no VAE' files and UNet-only files: the missing parts come from the SD1 diffusers folder."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    s = _copy_home(tiny_models, tmp_path, ["tiny-sd15"])
+    src = tiny_models.paths["tiny-sd15-single"]
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        drop = ("first_stage_model.",) if keep == "no-vae" else ("first_stage_model.", "cond_stage_model.")
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(drop)}
+    save_file(state, str(s.models_dir / "checkpoints" / "partial.safetensors"), metadata=meta)
+    r = Registry(s)
+    e = r.get("partial", "checkpoint")
+    assert e.companion == r.get("tiny-sd15", "checkpoint").path
+    assert "vae" not in e.components
+    pipe = loaders.load_pipeline(e)
+    full = loaders.load_pipeline(r.get("tiny-sd15", "checkpoint"))
+    assert np.array_equal(run(pipe), run(full))

@@ -214,3 +214,18 @@ def test_hash_cache_hashes_once_and_notices_changes(tmp_path, monkeypatch):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     changed = HashCache(s).sha256(f)
     assert changed != first and changed == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_a_file_dropped_in_later_is_found(tmp_path):
+    s = _home(tmp_path)
+    r = Registry(s)
+    assert r.list("lora") == []
+    H.write_header_file(s.models_dir / "loras" / "new.safetensors", H.LORA_KOHYA_SD1)
+    assert r.get("new", "lora").arch == "sd1"
+
+
+def test_hashing_works_when_the_cache_cannot_be_written(tmp_path):
+    s = _home(tmp_path)
+    f = H.write_header_file(s.models_dir / "loras" / "x.safetensors", H.LORA_KOHYA_SD1)
+    (s.home / "cache").write_text("a file where the cache folder should be")  # unwritable, even for root
+    assert HashCache(s).sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()

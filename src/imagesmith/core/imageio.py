@@ -25,6 +25,7 @@ import io
 import os
 import re
 import secrets
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -92,6 +93,32 @@ def _label(source: ImageSource, what: str) -> str:
     return f"{what} ({len(source)} bytes of data)" if isinstance(source, bytes) else f"{what} {os.fspath(source)}"
 
 
+def _head_format(fp: IO[bytes]) -> str | None:
+    try:
+        fp.seek(0)
+        return _sniff(fp.read(16))
+    except (OSError, ValueError):
+        return None
+
+
+def _pixel_message(label: str, w: int, h: int, limit: int, what_limit: str) -> str:
+    return f"{label} is {w}x{h} = {w * h:,} pixels; the cap is {limit:,} pixels ({what_limit})"
+
+
+def _bomb_message(fp: IO[bytes], label: str, settings: Settings, exc: Exception) -> str:
+    """Pillow refused the header: say WxH, read again from the header with the warning silenced."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            fp.seek(0)
+            w, h = Image.open(fp, formats=list(ALLOWED_FORMATS)).size
+    except Exception:  # over twice Pillow's limit it raises again: its own message says the pixel count
+        return f"{label} has too many pixels to decode safely ({exc})"
+    if w * h > settings.max_input_pixels:
+        return _pixel_message(label, w, h, settings.max_input_pixels, "IMAGESMITH_MAX_INPUT_PIXELS")
+    return _pixel_message(label, w, h, Image.MAX_IMAGE_PIXELS or 0, "Pillow's decompression-bomb limit")
+
+
 @contextmanager
 def _open_checked(source: ImageSource, settings: Settings, what: str, *,
                   check_pixels: bool) -> Iterator[tuple[Image.Image, str]]:
@@ -134,24 +161,23 @@ def _open_checked(source: ImageSource, settings: Settings, what: str, *,
             try:
                 im = Image.open(fp, formats=list(ALLOWED_FORMATS))
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise BadImage(f"{label} has too many pixels to decode safely ({exc})") from None
+                raise BadImage(_bomb_message(fp, label, settings, exc)) from None
             except UnidentifiedImageError:
-                fp.seek(0)
-                kind = _sniff(fp.read(16))
+                kind = _head_format(fp)
                 if kind in ALLOWED_FORMATS:
                     raise BadImage(f"{label} is a truncated or corrupt {kind} file") from None
                 if kind is not None:
                     raise BadImage(f"{label} is in {kind} format, which is not accepted; supported formats: "
                                    f"{_FORMAT_NAMES}") from None
                 raise BadImage(f"{label} is not an image (or not a supported format: {_FORMAT_NAMES})") from None
-            except (OSError, SyntaxError, ValueError, EOFError) as exc:
-                raise BadImage(f"{label} is a truncated or corrupt image ({exc})") from None
+            except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+                kind = _head_format(fp) or "image"
+                raise BadImage(f"{label} is a truncated or corrupt {kind} file ({exc})") from None
             if check_pixels:
                 w, h = im.size
                 limit = settings.max_input_pixels
                 if w * h > limit:
-                    raise BadImage(f"{label} is {w}x{h} = {w * h:,} pixels; the cap is {limit:,} pixels "
-                                   "(IMAGESMITH_MAX_INPUT_PIXELS)")
+                    raise BadImage(_pixel_message(label, w, h, limit, "IMAGESMITH_MAX_INPUT_PIXELS"))
             yield im, label
     finally:
         fp.close()
@@ -166,14 +192,16 @@ def _normalize_mode(im: Image.Image) -> Image.Image:
         arr = np.asarray(im)
         if mode == "F":
             arr8 = np.clip(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0), 0, 255)
-        elif arr.max(initial=0) > 255:
+        elif mode.startswith("I;16") or arr.max(initial=0) > 255:  # "I": 16-bit data in 32-bit ints
             arr8 = np.clip(arr.astype(np.float64) / 257.0, 0, 255)
         else:
             arr8 = np.clip(arr, 0, 255)
         return Image.fromarray(np.round(arr8).astype(np.uint8), "L")
     if mode == "1":
         return im.convert("L")
-    if mode in ("PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+    if mode == "La":
+        return im.convert("LA")
+    if mode in ("PA", "RGBa") or (mode == "P" and "transparency" in im.info):
         return im.convert("RGBA")
     return im.convert("RGB")
 

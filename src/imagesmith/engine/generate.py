@@ -20,7 +20,7 @@ from .. import __version__
 from ..core.errors import BadRequest, UnsupportedModel
 from ..core.imageio import load_image
 from ..core.metadata import build_infotext
-from ..core.progress import CancelToken, ProgressCallback, StepCounter
+from ..core.progress import CancelToken, ProgressCallback, ProgressEvent, StepCounter
 from ..core.requests import GenerateRequest, GenerationResult, ImageRecord, LoraSpec
 from ..core.settings import Settings
 from ..models.cache import ModelCache, pick_device, pick_dtype
@@ -100,8 +100,10 @@ class Engine:
                  cancel: CancelToken | None = None) -> GenerationResult:
         start = time.perf_counter()
         job = self._resolve(req)
-        entry = self._pipeline_entry(job.entry)
         counter = StepCounter(self._total_steps(job), progress, cancel)
+        if progress is not None and self._pipeline_key(job.entry) not in self.cache:
+            progress(ProgressEvent(0, counter.total, f"loading {job.entry.name}"))
+        entry = self._pipeline_entry(job.entry)
         images: list[Image.Image] = []
         with entry.lock:
             apply_loras(entry.value, entry.state, job.loras, job.arch)

@@ -182,9 +182,9 @@ class RealESRGANUpscaler(Upscaler):
                 raise UnsupportedModel(f"upscaler {self.name}: cannot find the input/output blobs in "
                                        f"{self.param_path}")
             self._blobs = (inp, out)
-            self._net = net
             if self._scale is None:
                 self._scale = self._probe_scale(net)
+            self._net = net  # only a network that loaded and ran is kept
             return net
 
     def _probe_scale(self, net: ncnn.Net) -> int:

@@ -97,7 +97,10 @@ class HashCache:
         if isinstance(record, dict) and all(record.get(k) == v for k, v in sig.items()) and record.get("sha256"):
             return str(record["sha256"])
         digest = sha256_file(path)
-        self._store(key, {**sig, "sha256": digest})
+        try:
+            self._store(key, {**sig, "sha256": digest})
+        except OSError:  # a read-only home still gets hashes, just not remembered
+            pass
         return digest
 
     def short_hash(self, path: str | Path) -> str:

@@ -124,9 +124,7 @@ def probe(path: str | Path) -> ProbeResult:
             header = read_header(path)
         except (OSError, ValueError) as exc:
             return ProbeResult(kind="unknown", arch="unknown", format="single-file", notes=[str(exc)])
-        result = probe_header(header)
-        _name_hints(result, path.stem)
-        return result
+        return probe_header(header, name=path.stem)
     if path.suffix.lower() in (".param",) or path.name.endswith(".ncnn.bin"):
         return ProbeResult(kind="upscaler", arch="unknown", format="single-file", notes=["ncnn network"])
     return ProbeResult(kind="unknown", arch="unknown", format="single-file",
@@ -136,7 +134,7 @@ def probe(path: str | Path) -> ProbeResult:
 def _name_hints(result: ProbeResult, stem: str) -> None:
     """Weights cannot tell an SDXL VAE from an SD1 one, nor FLUX's 16-channel VAE from SD3's: the
     file name decides those, as users name them (sdxl_vae, ae / flux_vae, sd3_vae)."""
-    if result.kind != "vae" or result.embedded_configs:
+    if result.kind != "vae":
         return
     low = stem.lower()
     if result.arch in ("sd1", "unknown") and "latent4" in result.notes:
@@ -166,7 +164,9 @@ _CONTEXT_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
 _NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 
 
-def probe_header(header: SafetensorsHeader) -> ProbeResult:
+def probe_header(header: SafetensorsHeader, name: str = "") -> ProbeResult:
+    """Identify a parsed header; `name` (the file stem) only settles what weights cannot tell apart
+    (which 4- or 16-channel VAE family)."""
     shapes = header.shapes
     keys = list(shapes)
     configs = embedded_configs(header)
@@ -186,6 +186,7 @@ def probe_header(header: SafetensorsHeader) -> ProbeResult:
                 res.notes.append(f"{lat}-channel VAE")
     if res.native_size is None and res.kind == "checkpoint" and res.arch in _NATIVE:
         res.native_size = _NATIVE[res.arch]
+    _name_hints(res, name)
     return res
 
 

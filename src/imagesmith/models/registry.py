@@ -169,7 +169,7 @@ class Registry:
                           native_size=native)
 
     def _builtin_upscalers(self) -> list[ModelEntry]:
-        out = [ModelEntry(name="Lanczos", kind="upscaler", arch="unknown", path=Path("builtin://Lanczos"),
+        out = [ModelEntry(name="Lanczos", kind="upscaler", arch="unknown", path=Path("builtin:Lanczos"),
                           format="builtin", builtin=True, rel_path="Lanczos", folder_kind="upscaler",
                           notes=["PIL Lanczos resampling"])]
         d = ncnn_models_dir()
@@ -212,7 +212,15 @@ class Registry:
         return [e for e in self.entries if e.kind == kind]
 
     def get(self, name: str, kind: str) -> ModelEntry:
-        """The entry named `name` (stem or relative path, case-insensitive) of `kind`."""
+        """The entry named `name` (stem or relative path, case-insensitive) of `kind`. A miss re-scans
+        the folders once, so a file dropped in while the process runs is found."""
+        try:
+            return self._get(name, kind)
+        except ModelNotFound:
+            self.scan()
+            return self._get(name, kind)
+
+    def _get(self, name: str, kind: str) -> ModelEntry:
         kind = normalize_kind(kind) or "checkpoint"
         wanted = name.strip().replace("\\", "/").lower()
         # WebUI infotext writes 'name [hash]' and 'name.safetensors': accept both
