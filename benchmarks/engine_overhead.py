@@ -72,6 +72,7 @@ def bench_cpu(runs: int) -> dict:
             return pipe(prompt=req.prompt, negative_prompt=req.negative_prompt, width=256, height=256,
                         num_inference_steps=8, guidance_scale=7.0, generator=g).images[0]
 
+        pipe.set_progress_bar_config(disable=True)
         plain()  # warm-up
         ours, theirs = [], []
         for _ in range(runs):
@@ -88,22 +89,128 @@ def bench_cpu(runs: int) -> dict:
         }
 
 
+def build_full_size(arch: str, device: str, dtype: torch.dtype, workdir: Path):
+    """A full-size random-weight pipeline of `arch` ("sdxl" or "flux") from the shipped configs, built
+    directly on `device` in `dtype`. FLUX's T5 tokenizer is a small sentencepiece model trained here
+    (tokenizer size does not change the cost: prompts are padded to 512 tokens either way)."""
+    import io
+
+    import diffusers
+    import transformers
+    from transformers import CLIPTokenizer
+
+    from imagesmith.models.loaders import assemble_config_folder, t5_tokenizer_from_spiece
+
+    folder = assemble_config_folder(workdir / arch, arch)
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list):
+            continue
+        lib, cls = spec
+        sub = folder / name
+        if cls is None:
+            parts[name] = None
+        elif cls.startswith("CLIPTokenizer"):
+            parts[name] = CLIPTokenizer.from_pretrained(str(sub))
+        elif "Tokenizer" in cls:  # T5
+            import sentencepiece as spm
+            buf = io.BytesIO()
+            words = ["a photo of a red apple on a wooden table", "a teapot", "studio light, product shot"]
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(words * 5), model_writer=buf, vocab_size=40,
+                                           model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                           hard_vocab_limit=False, minloglevel=2)
+            (workdir / "spiece.model").write_bytes(buf.getvalue())
+            parts[name] = t5_tokenizer_from_spiece(workdir / "spiece.model", extra_ids=4)
+        elif lib == "diffusers" and "Scheduler" in cls:
+            parts[name] = getattr(diffusers, cls).from_config(json.loads((sub / "scheduler_config.json").read_text()))
+        else:
+            parts[name] = _build_model(lib, cls, sub, device, dtype)
+    return getattr(diffusers, index["_class_name"])(**parts)
+
+
+def _build_model(lib: str, cls: str, sub: Path, device: str, dtype: torch.dtype):
+    """Random-initialised weights created directly on the device in the target dtype (a 12B FLUX in
+    fp32 first would not fit beside its T5)."""
+    import diffusers
+    import transformers
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if lib == "diffusers":
+                klass = getattr(diffusers, cls)
+                return klass.from_config(klass.load_config(str(sub))).eval()
+            klass = getattr(transformers, cls)
+            return klass(klass.config_class.from_pretrained(str(sub))).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def bench_gpu(runs: int) -> dict:
+    """SDXL 1024x1024/30 steps and FLUX 1024x1024/28 steps on the GPU: seconds per image, imagesmith
+    and plain diffusers on the same pipeline object, plus peak VRAM."""
+    from imagesmith.core.requests import GenerateRequest
+    from imagesmith.core.settings import Settings
+    from imagesmith.engine.generate import Engine
+
+    out = {}
+    cases = [("sdxl", 30, 7.0, "Euler"), ("flux", 28, 3.5, "Euler")]
+    for arch, steps, cfg, sampler in cases:
+        with tempfile.TemporaryDirectory() as home:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            pipe = build_full_size(arch, "cuda", torch.bfloat16, Path(home))
+            pipe.set_progress_bar_config(disable=True)
+            engine = Engine(Settings(home=Path(home)), device="cuda")
+            engine.adopt(f"{arch}-random", pipe, arch)
+            req = GenerateRequest(prompt="a photo of a red apple on a wooden table", model=f"{arch}-random",
+                                  width=1024, height=1024, steps=steps, cfg_scale=cfg, sampler_name=sampler, seed=1)
+
+            def plain():
+                g = torch.Generator("cpu").manual_seed(1)
+                return pipe(prompt=req.prompt, width=1024, height=1024, num_inference_steps=steps,
+                            guidance_scale=cfg, generator=g).images[0]
+
+            engine.generate(req)
+            plain()
+            ours, theirs = [], []
+            for _ in range(runs):
+                torch.cuda.synchronize(); t0 = time.perf_counter(); engine.generate(req)
+                torch.cuda.synchronize(); ours.append(time.perf_counter() - t0)
+                t0 = time.perf_counter(); plain(); torch.cuda.synchronize(); theirs.append(time.perf_counter() - t0)
+            out[arch] = {
+                "case": f"{arch} random weights, 1024x1024, {steps} steps, cfg {cfg}, {sampler}, bf16",
+                "imagesmith_s_per_image": round(statistics.median(ours), 3),
+                "diffusers_s_per_image": round(statistics.median(theirs), 3),
+                "ratio": round(statistics.median(ours) / statistics.median(theirs), 4),
+                "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            }
+            del engine, pipe
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--gpu-only", action="store_true", help="skip the CPU comparison")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/engine_overhead.json")
     args = ap.parse_args()
     report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
                           "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "cpu": bench_cpu(args.runs)}
+              "cpu": None if args.gpu_only else bench_cpu(args.runs)}
     if torch.cuda.is_available():
-        report["gpu"] = "see benchmarks/gpu_archs.py (SDXL 1024/30 steps, FLUX 1024/28 steps)"
+        report["gpu"] = bench_gpu(max(2, args.runs // 2))
+        for arch, r in report["gpu"].items():
+            print(f"GPU {arch}: imagesmith {r['imagesmith_s_per_image']}s/image, diffusers "
+                  f"{r['diffusers_s_per_image']}s/image, ratio {r['ratio']}, peak VRAM {r['peak_vram_gb']} GB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    c = report["cpu"]
-    print(f"imagesmith {c['imagesmith_median_s']:.3f}s  diffusers {c['diffusers_median_s']:.3f}s  "
-          f"ratio {c['ratio']:.3f} (goal <= 1.05)  peak RSS {c['peak_rss_mb']:.0f} MB")
+    c = report["cpu"] or {}
+    if c:
+        print(f"imagesmith {c['imagesmith_median_s']:.3f}s  diffusers {c['diffusers_median_s']:.3f}s  "
+              f"ratio {c['ratio']:.3f} (goal <= 1.05)  peak RSS {c['peak_rss_mb']:.0f} MB")
     print(f"written to {args.out}")
 
 

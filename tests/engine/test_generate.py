@@ -141,6 +141,19 @@ def test_lora_prompt_tag_and_reweight_without_reload(engine):
     assert engine.cache.stats.loads == loads  # same base model, no reload
 
 
+def test_lora_stack_mixes(engine):
+    base = engine.generate(req()).images[0]
+    one = engine.generate(req(loras=[LoraSpec(name="tiny-lora-peft", weight=0.7)])).images[0]
+    two = engine.generate(req(loras=[LoraSpec(name="tiny-lora-peft", weight=0.7),
+                                     LoraSpec(name="tiny-lora-kohya", weight=0.5)])).images[0]
+    assert not np.array_equal(px(one), px(two))
+    assert not np.array_equal(px(base), px(two))
+    r = engine.generate(req(loras=[LoraSpec(name="tiny-lora-peft", weight=0.7),
+                                   LoraSpec(name="tiny-lora-kohya", weight=0.5)]))
+    assert "Lora hashes:" in r.records[0].infotext and set(r.lora_hashes) == {"tiny-lora-peft", "tiny-lora-kohya"}
+    assert all(len(h) == 12 for h in r.lora_hashes.values())
+
+
 def test_second_job_does_not_reload(engine):
     engine.generate(req())
     loads = engine.cache.stats.loads
@@ -149,7 +162,7 @@ def test_second_job_does_not_reload(engine):
     assert engine.cache.stats.hits >= 1
 
 
-@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos", "R-ESRGAN 4x+"])
 def test_hires_fix(engine, upscaler):
     r = engine.generate(req(hires=HiresSpec(hr_scale=2.0, hr_upscaler=upscaler, hr_second_pass_steps=2,
                                             hr_denoising_strength=0.5)))

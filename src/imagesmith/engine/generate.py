@@ -105,7 +105,7 @@ class Engine:
             progress(ProgressEvent(0, counter.total, f"loading {job.entry.name}"))
         entry = self._pipeline_entry(job.entry)
         images: list[Image.Image] = []
-        with entry.lock:
+        with entry.use():
             apply_loras(entry.value, entry.state, job.loras, job.arch)
             for run in range(req.batch_count):
                 if cancel is not None:
@@ -245,7 +245,10 @@ class Engine:
         key = self._pipeline_key(entry)
 
         def loader():
-            pipe = load_pipeline(entry, torch_dtype=self.dtype, device=str(self.device))
+            offload = self.settings.cpu_offload and self.device.type == "cuda"
+            pipe = load_pipeline(entry, torch_dtype=self.dtype, device="cpu" if offload else str(self.device))
+            if offload:  # weights stay in RAM; each component visits the GPU only while it runs
+                pipe.enable_model_cpu_offload(device=self.device)
             if self.settings.vae_tiling and hasattr(pipe, "vae"):
                 pipe.vae.enable_tiling()
             return pipe

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -77,7 +78,19 @@ class CacheEntry:
     # per-model state the engine keeps beside the model (loaded LoRA adapters, pipeline variants)
     state: dict = field(default_factory=dict)
     pinned: bool = False  # never evicted (models handed in by the caller cannot be reloaded)
+    users: int = 0        # jobs running on it right now: never evicted or offloaded meanwhile
     last_used: float = field(default_factory=time.monotonic)
+
+    @contextmanager
+    def use(self):
+        """Run one job on this model: exclusive (diffusers pipelines are not thread-safe) and
+        protected from eviction, also against loads the same job makes (a VAE, a ControlNet)."""
+        with self.lock:
+            self.users += 1
+            try:
+                yield self.value
+            finally:
+                self.users -= 1
 
 
 @dataclass
@@ -163,25 +176,20 @@ class ModelCache:
             for key, entry in list(self._entries.items()):
                 if self.used_bytes(dev_type) + size <= self.vram_budget:
                     break
-                if key == exclude or entry.device.split(":")[0] != dev_type or not entry.lock.acquire(blocking=False):
+                if key == exclude or entry.users or entry.device.split(":")[0] != dev_type:
                     continue
-                try:  # offload to RAM rather than drop: bringing it back is a copy, not a load
-                    _move(entry.value, "cpu")
-                    entry.device = "cpu"
-                    self.stats.offloads += 1
-                finally:
-                    entry.lock.release()
+                # offload to RAM rather than drop: bringing it back is a copy, not a load
+                _move(entry.value, "cpu")
+                entry.device = "cpu"
+                self.stats.offloads += 1
             _free()
         for key, entry in list(self._entries.items()):
             if self.used_bytes("cpu") + (size if dev_type == "cpu" else 0) <= self.ram_budget:
                 break
-            if key == exclude or entry.pinned or entry.device != "cpu" or not entry.lock.acquire(blocking=False):
+            if key == exclude or entry.pinned or entry.users or entry.device != "cpu":
                 continue
-            try:
-                del self._entries[key]
-                self.stats.evictions += 1
-            finally:
-                entry.lock.release()
+            del self._entries[key]
+            self.stats.evictions += 1
         _free()
 
 

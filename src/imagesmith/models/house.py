@@ -31,6 +31,10 @@ def house_dirs(settings: Settings) -> list[Path]:
 def make_registry(settings: Settings):
     """The registry every entry point uses: the user's folders plus the house models."""
     from .registry import Registry
+    try:  # show users where models go: the kind folders exist from the first run on
+        settings.ensure_home()
+    except OSError:
+        pass
     return Registry(settings, builtin_dirs=house_dirs(settings))
 
 
