@@ -90,6 +90,10 @@ BAD = [
     (["generate", "x", "--model", "tiny-sd15", "--steps", "0"], "steps"),
     (["generate", "x", "--model", "tiny-sd15", "--steps", "-3"], "steps"),
     (["generate", "x", *TINY, "--lora", "bad:weight"], "NAME:WEIGHT"),
+    (["generate", "x", "--model", "tiny-sd15", "--steps", "abc"], "integer"),
+    (["generate", "x", *TINY, "--no-such-flag"], "no-such-flag"),
+    (["generate", "x", *TINY, "--outpaint", "8,8"], "outpaint"),
+    (["generate", "x", *TINY, "--init-image", "i.png", "--outpaint", "8,0,8,0", "--mask", "m.png"], ""),
 ]
 
 

@@ -267,11 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail("interrupted", 130)
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors and anything unexpected: one line, no traceback
-        import click
-        if isinstance(exc, click.exceptions.ClickException):
-            _fail(exc.format_message(), exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # usage errors and anything unexpected: one line, no traceback
+        # Typer vendors its own click (typer._click), so recognise click's usage errors by interface
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            _fail(exc.format_message(), exc.exit_code or 2)
+        if type(exc).__name__ == "Abort":
             _fail("aborted", 1)
         if os.environ.get("IMAGESMITH_DEBUG"):
             raise
