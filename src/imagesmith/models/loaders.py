@@ -301,7 +301,12 @@ def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: st
         raise UnsupportedModel(f"{entry.name}: architecture {arch!r} is not one imagesmith runs "
                                "(SD1, SD2, SDXL, SD3, FLUX)")
     if path.is_dir():
-        pipe = _load_folder(entry, arch, torch_dtype)
+        from .house import is_house_folder, load_house_pipeline  # house-ldm: packaged MiniLM text encoder
+        if is_house_folder(path):
+            _refuse_pickles_in(path)
+            pipe = load_house_pipeline(path, torch_dtype, "cpu")
+        else:
+            pipe = _load_folder(entry, arch, torch_dtype)
     else:
         refuse_pickle(path)
         header = read_header(path)

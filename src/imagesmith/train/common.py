@@ -1,0 +1,264 @@
+"""Helpers shared by imagesmith's trainers: seeding, device choice, resumable checkpoints, loss logs, EMA.
+
+Checkpoints are a folder written atomically (a temporary sibling renamed into place), holding only
+safetensors and JSON, never pickles:
+
+- ``model.safetensors`` - the trained module's state dict;
+- ``ema.safetensors`` - the EMA shadow weights (when there is an EMA);
+- ``optimizer.safetensors`` + ``state.json["optimizer"]`` - the optimizer's per-parameter tensors, and its
+  param_groups as JSON;
+- ``rng.safetensors`` - torch's global CPU RNG, the CUDA RNG when present and the trainer's own
+  ``torch.Generator`` (batch order, noise, timesteps and caption dropout all come from it);
+- ``state.json`` - step, wall seconds so far, the LR scheduler's state dict and anything else the trainer
+  adds (``extra``).
+
+Resuming restores all of them, so an interrupted run continued to the end gives the same weights as an
+uninterrupted one (on the same device and thread count)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+# ------------------------------------------------------------------------------------- seeds, devices
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python and torch (CPU and CUDA) and return a CPU ``torch.Generator`` seeded with ``seed`` for the
+    trainer's own draws."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """``'auto'`` -> CUDA when available, else CPU; otherwise the named device."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def hardware_note(device: torch.device) -> str:
+    """A short human description of where training ran, for the model card."""
+    if device.type == "cuda":
+        return f"CUDA: {torch.cuda.get_device_name(device)}"
+    return f"CPU: {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
+    """LR multiplier for ``LambdaLR``: linear warmup over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+class EMA:
+    """Exponential moving average of a module's floating-point parameters (kept in float32).
+
+    ``decay`` warms up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the
+    random initialisation."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.updates = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        d = self.current_decay()
+        for name, p in module.named_parameters():
+            self.shadow[name].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for name, p in module.named_parameters():
+            p.copy_(self.shadow[name].to(dtype=p.dtype, device=p.device))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
+        for k in self.shadow:
+            self.shadow[k] = tensors[k].float().to(self.shadow[k].device).clone()
+        self.updates = updates
+
+
+# ------------------------------------------------------------------------------------------ loss logs
+@dataclass
+class LossLog:
+    """Append-only JSONL log of training records (one object a line: step, loss, lr, seconds...)."""
+
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if self.path.is_file():
+            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint a resumed run starts from)."""
+        kept = [r for r in self.records if int(r.get("step", 0)) <= step]
+        if len(kept) != len(self.records):
+            self.records = kept
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def losses(self, key: str = "loss") -> list[float]:
+        return [float(r[key]) for r in self.records if key in r]
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(folder: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+                    wall_seconds: float, ema: EMA | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/checkpoint`` atomically (see the module docstring) and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / CHECKPOINT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=folder))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        sched = scheduler.state_dict()  # LambdaLR keeps None for plain-function lambdas: JSON-safe
+        state = {"step": step, "wall_seconds": wall_seconds, "optimizer": opt_meta, "scheduler": sched,
+                 "ema_updates": ema.updates if ema is not None else None, "python_random": _py_random_state(),
+                 "extra": extra or {}}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        old = folder / (CHECKPOINT_DIR + ".old")
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _py_random_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / CHECKPOINT_DIR / "state.json").is_file()
+
+
+def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+                    ema: EMA | None = None) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote into the given objects; returns ``state.json``."""
+    ckpt = Path(folder) / CHECKPOINT_DIR
+    state = json.loads((ckpt / "state.json").read_text())
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+    if ema is not None:
+        ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(device)), state["ema_updates"])
+    _optimizer_from_flat(optimizer, load_file(str(ckpt / "optimizer.safetensors"), device=str(device)),
+                         state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    generator.set_state(rng["generator"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    version, internal, gauss = state["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+# ------------------------------------------------------------------------------------------ progress
+def progress(total: int, initial: int, desc: str, enabled: bool = True):
+    """A tqdm bar (steps, it/s shown by tqdm; the trainer adds loss and images/s as postfix)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                unit="step")
+
+
+class Stopwatch:
+    """Wall seconds accumulated across resumed runs."""
+
+    def __init__(self, already: float = 0.0):
+        self.already = already
+        self.started = time.perf_counter()
+
+    @property
+    def total(self) -> float:
+        return self.already + time.perf_counter() - self.started
+
+
+def mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else float("nan")
