@@ -17,6 +17,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Self-hosted image generation: engine, models, tools.")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(models_app, name="models")
+house_app = typer.Typer(no_args_is_help=True, help="House models: their dataset.")
+app.add_typer(house_app, name="house")
+train_app = typer.Typer(no_args_is_help=True, help="Training.")
+app.add_typer(train_app, name="train")
+train_house_app = typer.Typer(no_args_is_help=True, help="Train the house models.")
+train_app.add_typer(train_house_app, name="house")
 
 
 class _Exit(Exception):
@@ -249,6 +255,40 @@ def models_list(kind: Optional[str] = typer.Option(None, "--kind", help="checkpo
         size = r["size_bytes"]
         table.add_row(r["name"], r["kind"], r["arch"], f"{size / 1e6:.1f} MB" if size else "-", str(r["path"]))
     Console().print(table)
+
+
+@house_app.command("data")
+def house_data(cache: Optional[Path] = typer.Option(None, "--cache", help="default: ~/.cache/imagesmith"),
+               seed: int = typer.Option(0, "--seed"),
+               preview: Optional[Path] = typer.Option(None, "--preview", help="also write a sample sheet PNG here"),
+               as_json: bool = typer.Option(False, "--json")):
+    """Build the house dataset (fetches the Fluent Emoji 3D npm package into a cache outside git)."""
+    from .train.house_data import build_house_dataset, default_cache_dir, save_preview_sheet
+    cache_dir = cache or default_cache_dir()
+    ds = build_house_dataset(cache_dir, seed=seed, progress=not as_json)
+    counts: dict[str, int] = {}
+    for obj in ds.objects:
+        counts[obj.split] = counts.get(obj.split, 0) + 1
+    if preview:
+        save_preview_sheet(preview, cache_dir=cache_dir, seed=seed, progress=not as_json)
+    summary = {"cache": str(cache_dir), "objects": len(ds.objects), "splits": counts,
+               "preview": str(preview) if preview else None}
+    print(json.dumps(summary, indent=2) if as_json else
+          f"{len(ds.objects)} objects in {cache_dir} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+
+
+@train_house_app.command("ldm")
+def train_house_ldm(config: Optional[Path] = typer.Option(None, "--config", help="HouseLdmConfig YAML"),
+                    stage: str = typer.Option("all", "--stage", help="vae or all"),
+                    export: Optional[Path] = typer.Option(None, "--export", help="where the house folder goes")):
+    """Train house-ldm (VAE, then UNet); re-running the same command resumes from the last checkpoint."""
+    from .train.house_ldm import HouseLdmConfig, house_dataset, run_training
+    if stage not in ("vae", "all"):
+        raise _Exit(f"--stage must be vae or all, not {stage!r}")
+    cfg = HouseLdmConfig.from_yaml(config) if config else HouseLdmConfig()
+    out = run_training(cfg, house_dataset(cfg), stage=stage, export=export)
+    if out:
+        print(f"house-ldm written to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -484,28 +484,40 @@ Training data: see the house dataset (imagesmith.train.house_data). Limitations:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def house_dataset(config: HouseLdmConfig):
+    """The default training set: the house dataset's 'train' split (build it first: `imagesmith house data`)."""
+    from .house_data import HouseSampleDataset, load_house_dataset
+    return HouseSampleDataset(load_house_dataset(), "train", size=config.image_size, seed=config.seed)
+
+
 def _load_dataset(spec: str, config: HouseLdmConfig):
     module, _, func = spec.partition(":")
     factory = getattr(importlib.import_module(module), func or "build_dataset")
     return factory(config)
 
 
+def run_training(config: HouseLdmConfig, dataset, *, stage: str = "all", export: Path | None = None) -> Path | None:
+    """Both stages (each resumes from its last checkpoint), then the exported house folder."""
+    vae = train_vae(config, dataset)
+    if stage == "vae":
+        return None
+    _, unet_ema = train_unet(config, dataset, vae)
+    out = Path(export) if export else Path(config.output_dir) / HOUSE_NAME
+    export_house_pipeline(config, vae, unet_ema, out)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imagesmith.train.house_ldm", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="HouseLdmConfig YAML")
-    parser.add_argument("--stage", choices=("vae", "unet", "all"), default="all")
-    parser.add_argument("--dataset", required=True,
+    parser.add_argument("--config", type=Path, default=None, help="HouseLdmConfig YAML (default: built-in defaults)")
+    parser.add_argument("--stage", choices=("vae", "all"), default="all")
+    parser.add_argument("--dataset", default="imagesmith.train.house_ldm:house_dataset",
                         help="MODULE:FUNC returning the dataset (items {'image', 'caption'}), called with the config")
     parser.add_argument("--export", type=Path, default=None, help="write the house folder here when done")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    config = HouseLdmConfig.from_yaml(args.config)
-    dataset = _load_dataset(args.dataset, config)
-    vae = train_vae(config, dataset)
-    if args.stage == "vae":
-        return 0
-    _, unet_ema = train_unet(config, dataset, vae)
-    export_house_pipeline(config, vae, unet_ema, args.export or Path(config.output_dir) / HOUSE_NAME)
+    config = HouseLdmConfig.from_yaml(args.config) if args.config else HouseLdmConfig()
+    run_training(config, _load_dataset(args.dataset, config), stage=args.stage, export=args.export)
     return 0
 
 
