@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..models.cache import pick_device  # noqa: F401  one device rule everywhere (cuda > mps > cpu)
+
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -46,13 +48,6 @@ def seed_everything(seed: int) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     return gen
-
-
-def pick_device(choice: str = "auto") -> torch.device:
-    """``'auto'`` -> CUDA when available, else CPU; otherwise the named device."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def hardware_note(device: torch.device) -> str:
