@@ -154,6 +154,20 @@ def test_lora_stack_mixes(engine):
     assert all(len(h) == 12 for h in r.lora_hashes.values())
 
 
+def test_prompt_encodings_are_reused_but_not_across_loras(engine):
+    engine.generate(req(prompt="a unique pear prompt", batch_count=3))
+    hits = engine.prompt_encoder.hits
+    assert hits >= 2  # runs 2 and 3 reused run 1's encoding
+    base = engine.generate(req(prompt="a unique pear prompt")).images[0]
+    misses = engine.prompt_encoder.misses
+    engine.generate(req(prompt="a unique pear prompt", loras=[LoraSpec(name="tiny-lora-peft", weight=1.0)]))
+    assert engine.prompt_encoder.misses > misses  # LoRA on the text encoder: a new encoding, not the cached one
+    misses = engine.prompt_encoder.misses
+    again = engine.generate(req(prompt="a unique pear prompt")).images[0]
+    assert engine.prompt_encoder.misses == misses  # back to the base: served from the cache
+    assert np.array_equal(px(base), px(again))
+
+
 def test_second_job_does_not_reload(engine):
     engine.generate(req())
     loads = engine.cache.stats.loads

@@ -27,7 +27,7 @@ from ..models.cache import ModelCache, pick_device, pick_dtype
 from ..models.house import ensure_placeholder, make_registry
 from ..models.registry import ModelEntry, Registry
 from . import prompts as P
-from .loras import ResolvedLora, apply_loras
+from .loras import ResolvedLora, adapter_name, apply_loras
 from .samplers import FLOW_ARCHS, make_scheduler
 
 NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
@@ -85,6 +85,8 @@ class Engine:
         self.dtype = pick_dtype(self.device)
         self._upscalers = None
         self._adopted: dict[str, ModelEntry] = {}
+        # encodings are reused across batch runs, hires passes and jobs with the same prompt, model and LoRAs
+        self.prompt_encoder = P.PromptEncoder(max_entries=64)
 
     # ------------------------------------------------------------------ public
     def adopt(self, name: str, pipe, arch: str) -> ModelEntry:
@@ -302,16 +304,24 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def _text_key(self, job: _Job) -> dict:
+        """What identifies the text encoder's weights: the model file (and its mtime) plus active LoRAs."""
+        path = Path(job.entry.path)
+        stamp = path.stat().st_mtime_ns if path.exists() else id(self._adopted.get(job.entry.name.lower()))
+        return {"model_key": f"{path}@{stamp}",
+                "loras": [(adapter_name(l), l.weight) for l in job.loras if l.weight != 0]}
+
     def _encode(self, pipe, job: _Job, *, for_arch: str) -> dict:
         req = job.req
         if for_arch in ("sd1", "sd2", "house"):
-            cond, uncond = P.encode_pair_sd(job.prompt, job.negative, pipe.tokenizer, pipe.text_encoder,
-                                            clip_skip=req.clip_skip, device=self.device, dtype=self.dtype)
+            cond, uncond = self.prompt_encoder.encode_pair_sd(
+                job.prompt, job.negative, pipe.tokenizer, pipe.text_encoder, clip_skip=req.clip_skip,
+                device=self.device, dtype=self.dtype, **self._text_key(job))
             return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
         if for_arch == "sdxl":
-            cond, uncond, pooled, neg_pooled = P.encode_pair_sdxl(
+            cond, uncond, pooled, neg_pooled = self.prompt_encoder.encode_pair_sdxl(
                 job.prompt, job.negative, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
-                clip_skip=req.clip_skip, device=self.device, dtype=self.dtype)
+                clip_skip=req.clip_skip, device=self.device, dtype=self.dtype, **self._text_key(job))
             return {"prompt_embeds": cond, "negative_prompt_embeds": uncond,
                     "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
         # SD3 and FLUX pipelines encode raw text themselves (T5 + CLIP); WebUI weights do not apply.
