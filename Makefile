@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench bench-house clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,13 +20,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/imagesmith generate "a red apple on a wooden table" --seed 42 --hires 2 --upscaler "R-ESRGAN 4x+" --hires-steps 10 -o outputs/run.png
+	$(BIN)/imagesmith generate "a red apple on a wooden table" --seed 42 --steps 20 --cfg 5 --sampler "DPM++ 2M" --scheduler karras --hires 4 --upscaler "R-ESRGAN 4x+" --hires-strength 0 -o outputs/run.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
+	$(BIN)/python benchmarks/house_ldm_speed.py
+
+bench-house: $(STAMP)
+	$(BIN)/python benchmarks/house_ldm_speed.py
 
 clean:
 	rm -rf outputs .pytest_cache

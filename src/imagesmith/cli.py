@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Self-hosted image generation: engine, models, tools.")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(models_app, name="models")
-house_app = typer.Typer(no_args_is_help=True, help="House models: their dataset.")
+house_app = typer.Typer(no_args_is_help=True, help="House models: dataset, sample sheet, metrics.")
 app.add_typer(house_app, name="house")
 train_app = typer.Typer(no_args_is_help=True, help="Training.")
 app.add_typer(train_app, name="train")
@@ -289,6 +289,42 @@ def train_house_ldm(config: Optional[Path] = typer.Option(None, "--config", help
     out = run_training(cfg, house_dataset(cfg), stage=stage, export=export)
     if out:
         print(f"house-ldm written to {out}")
+
+
+@house_app.command("sheet")
+def house_sheet(output: Path = typer.Option(Path("docs/house-ldm-samples.png"), "-o", "--output"),
+                model: Optional[str] = typer.Option(None, "--model", help="checkpoint (default: house-ldm)"),
+                steps: int = typer.Option(20, "--steps"), cfg_scale: float = typer.Option(5.0, "--cfg-scale"),
+                sampler: str = typer.Option("DPM++ 2M", "--sampler"), schedule: str = typer.Option("karras", "--scheduler"),
+                seed: int = typer.Option(1, "--seed")):
+    """Draw the house-ldm sample sheet: 32 objects, outside wording, backdrops, colours, seeds."""
+    from .train.house_eval import SheetSettings, render_sheet
+    st = SheetSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, scheduler=schedule, seed=seed)
+    print(render_sheet(_engine(), output, settings=st, model=model))
+
+
+@house_app.command("eval")
+def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all"),
+               n: int = typer.Option(64, "--n", help="held-out samples (ldm)"),
+               model: Optional[str] = typer.Option(None, "--model", help="checkpoint for ldm (default: house-ldm)"),
+               as_json: bool = typer.Option(False, "--json")):
+    """Held-out metrics of the house models (val_views / val_objects splits of the house dataset)."""
+    from .train import house_eval as E
+    if which not in ("ldm", "clip", "cutout", "all"):
+        raise _Exit(f"which must be ldm, clip, cutout or all, not {which!r}")
+    results: dict = {}
+    if which in ("clip", "all"):
+        from .train.house_clip import evaluate as evaluate_clip
+        results["house-clip"] = evaluate_clip(progress=not as_json)
+    if which in ("cutout", "all"):
+        from .train.house_cutout import evaluate as evaluate_cutout
+        results["house-cutout"] = evaluate_cutout(progress=not as_json)
+    if which in ("ldm", "all"):
+        from .models.house_clip import load_house_clip
+        from .models.segment import load_segmenter
+        results["house-ldm"] = E.evaluate_ldm(_engine(), load_house_clip(), cutout=load_segmenter("house-cutout"),
+                                              n=n, model=model, progress=not as_json)
+    print(json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -184,6 +184,19 @@ def test_hires_fix(engine, upscaler):
     assert "Hires upscale: 2" in r.records[0].infotext
 
 
+
+def test_hires_with_zero_strength_only_upscales(engine):
+    first = engine.generate(req()).images[0]
+    events = []
+    r = engine.generate(req(hires=HiresSpec(hr_scale=2.0, hr_upscaler="Lanczos", hr_denoising_strength=0.0)),
+                        progress=events.append)
+    assert r.images[0].size == (128, 128)
+    assert events[-1].total == 4  # no second diffusion pass counted or run
+    expected = np.asarray(first.resize((128, 128), Image.LANCZOS), np.int16)
+    assert np.abs(np.asarray(r.images[0], np.int16) - expected).max() <= 1
+    with pytest.raises(BadRequest, match="denoising strength"):
+        engine.generate(req(hires=HiresSpec(hr_scale=2.0, hr_upscaler="Latent", hr_denoising_strength=0.0)))
+
 def test_progress_and_cancel(engine):
     events = []
     engine.generate(req(steps=4, batch_count=2), progress=events.append)

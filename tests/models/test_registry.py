@@ -229,3 +229,23 @@ def test_hashing_works_when_the_cache_cannot_be_written(tmp_path):
     f = H.write_header_file(s.models_dir / "loras" / "x.safetensors", H.LORA_KOHYA_SD1)
     (s.home / "cache").write_text("a file where the cache folder should be")  # unwritable, even for root
     assert HashCache(s).sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_house_tools_and_user_onnx_segmenters_are_registered(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+    s = _home(tmp_path)
+    clip = tmp_path / "ship" / "house-clip"
+    clip.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(clip / "model.safetensors"))
+    (clip / "config.json").write_text("{}")
+    half = tmp_path / "ship" / "house-cutout"  # no weights: not listed
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    (s.models_dir / "segmenters" / "isnet-general-use.onnx").write_bytes(b"onnx")
+    r = Registry(s, tool_dirs={"clip": [clip], "segmenter": [half]})
+    got = {(e.name, e.kind, e.format, e.builtin) for e in r.list() if e.kind in ("clip", "segmenter")}
+    assert got == {("house-clip", "clip", "house", True), ("isnet-general-use", "segmenter", "onnx", False)}
+    assert r.get("isnet-general-use", "segmenters").path.suffix == ".onnx"
+    with pytest.raises(ModelNotFound, match="Known: isnet-general-use"):
+        r.get("birefnet", "segmenter")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscalers", "controlnet")
+MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscalers", "controlnet", "segmenters")
 
 
 def _env_paths(value: str | None) -> list[Path]:

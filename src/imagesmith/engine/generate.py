@@ -236,7 +236,8 @@ class Engine:
             per_image = max(1, int(req.steps * req.denoising_strength))
         if req.hires:
             hs = req.hires.hr_second_pass_steps or req.steps
-            per_image += max(1, int(hs * req.hires.hr_denoising_strength))
+            if req.hires.hr_denoising_strength > 0:
+                per_image += max(1, int(hs * req.hires.hr_denoising_strength))
         if req.sampler_name in ("Heun", "DPM2", "DPM2 a", "DPM++ SDE") and job.arch not in FLOW_ARCHS:
             per_image = per_image * 2 - 1  # second-order samplers call the model twice per step
         return per_image * req.batch_count
@@ -401,6 +402,8 @@ class Engine:
         pipe = self._view(entry, job, "img2img")
         n = req.batch_size
         if hr.hr_upscaler == "Latent":
+            if hr.hr_denoising_strength == 0:
+                raise BadRequest("the Latent hires upscaler needs a denoising strength above 0")
             if job.arch in FLOW_ARCHS:
                 raise BadRequest("the Latent hires upscaler works with SD1/SD2/SDXL; use Lanczos or R-ESRGAN 4x+ for this model")
             vae_sf = getattr(pipe, "vae_scale_factor", 8)
@@ -408,6 +411,8 @@ class Engine:
         else:
             upscaler = self.upscalers().get(hr.hr_upscaler)
             image = [upscaler.upscale(im, hr.hr_scale).resize((width, height), Image.LANCZOS) for im in first]
+            if hr.hr_denoising_strength == 0:  # upscale only: no second diffusion pass
+                return image
         args = dict(num_inference_steps=hr.hr_second_pass_steps or req.steps, guidance_scale=req.cfg_scale,
                     num_images_per_prompt=1 if isinstance(image, list) else n,
                     generator=self._generators(job, lo, n), callback_on_step_end=counter.callback("hires", lo))

@@ -26,9 +26,14 @@ It is a stand-in so that `make run` exercises the whole engine offline until the
 """
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "house"
+"""The house models that ship inside the package: checkpoints/house-ldm, house-clip, house-cutout."""
+
+
 def house_dirs(settings: Settings) -> list[Path]:
-    """Folders holding the house checkpoints (registered as builtin, preferred as the default)."""
-    return [settings.home / "house" / "checkpoints"]
+    """Folders holding the house checkpoints (registered as builtin, preferred as the default): the shipped
+    house-ldm first, then models built on first use (the tiny random placeholder)."""
+    return [SHIPPED_DIR / "checkpoints", settings.home / "house" / "checkpoints"]
 
 
 def make_registry(settings: Settings):
@@ -38,7 +43,8 @@ def make_registry(settings: Settings):
         settings.ensure_home()
     except OSError:
         pass
-    return Registry(settings, builtin_dirs=house_dirs(settings))
+    return Registry(settings, builtin_dirs=house_dirs(settings),
+                    tool_dirs={"clip": [SHIPPED_DIR / "house-clip"], "segmenter": [SHIPPED_DIR / "house-cutout"]})
 
 
 def ensure_placeholder(settings: Settings) -> Path:

