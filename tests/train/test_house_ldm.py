@@ -158,6 +158,28 @@ def test_resume_equals_uninterrupted_run(tmp_path, shapes, trained_vae, text):
     assert any(not torch.allclose(a, b) for a, b in zip(first.state_dict().values(), unet_b.state_dict().values()))
 
 
+def test_latent_cache_encodes_once_and_matches_the_encoders(tmp_path, shapes, trained_vae, text):
+    cfg = tiny_config(tmp_path, unet_steps=12, latent_cache=20, cpu_bf16=False)
+    _, ema = H.train_unet(cfg, shapes, trained_vae, text=text)
+    path = cfg.output_dir / "unet" / "latent_cache.safetensors"
+    from safetensors.torch import load_file
+    cache = load_file(str(path))
+    n = cfg.latent_size
+    assert cache["mean"].shape == (20, 4, n, n) and cache["text"].shape == (20, 77, 384)
+    # what was cached is what the frozen encoders give for those samples
+    with torch.no_grad():
+        mean = trained_vae.encode(shapes[3]["image"][None]).latent_dist.mean[0]
+    assert torch.allclose(cache["mean"][3].float(), mean, atol=1e-2, rtol=1e-2)
+    tok, te = text
+    assert torch.allclose(cache["text"][5].float(), H.encode_captions([shapes[5]["caption"]], tok, te)[0], atol=1e-2)
+    losses = C.LossLog(cfg.output_dir / "unet" / "losses.jsonl").losses()
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    # a resumed run reuses the file instead of encoding again
+    stamp = path.stat().st_mtime_ns
+    H.train_unet(cfg.model_copy(update={"unet_steps": 14}), shapes, trained_vae, text=text)
+    assert path.stat().st_mtime_ns == stamp
+
+
 def test_resume_false_starts_over(tmp_path, shapes, trained_vae, text):
     cfg = tiny_config(tmp_path, unet_steps=4)
     H.train_unet(cfg, shapes, trained_vae, text=text)

@@ -412,7 +412,8 @@ def latent_cache(config: HouseLdmConfig, dataset, vae, tokenizer, text_encoder, 
         texts.append(encode_captions([str(it["caption"]) for it in items], tokenizer, text_encoder).half().cpu())
         bar.update(len(items))
     bar.close()
-    out = {"mean": torch.cat(means), "std": torch.cat(stds), "text": torch.cat(texts)}
+    out = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+           "text": torch.cat(texts).contiguous()}
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(tmp))
