@@ -291,6 +291,24 @@ def train_house_ldm(config: Optional[Path] = typer.Option(None, "--config", help
         print(f"house-ldm written to {out}")
 
 
+@train_house_app.command("clip")
+def train_house_clip(config: Optional[Path] = typer.Option(None, "--config", help="HouseClipConfig YAML"),
+                     export: Optional[Path] = typer.Option(None, "--export", help="where the house-clip folder goes")):
+    """Train house-clip (image tower + text head on the frozen MiniLM); re-run to resume."""
+    from .train.house_clip import main as clip_main
+    args = (["--config", str(config)] if config else []) + (["--export", str(export)] if export else [])
+    raise typer.Exit(clip_main(args))
+
+
+@train_house_app.command("cutout")
+def train_house_cutout(config: Optional[Path] = typer.Option(None, "--config", help="HouseCutoutConfig YAML"),
+                       export: Optional[Path] = typer.Option(None, "--export", help="where the house-cutout folder goes")):
+    """Train house-cutout (salient-object matting U-Net); re-run to resume."""
+    from .train.house_cutout import main as cutout_main
+    args = (["--config", str(config)] if config else []) + (["--export", str(export)] if export else [])
+    raise typer.Exit(cutout_main(args))
+
+
 @house_app.command("sheet")
 def house_sheet(output: Path = typer.Option(Path("docs/house-ldm-samples.png"), "-o", "--output"),
                 model: Optional[str] = typer.Option(None, "--model", help="checkpoint (default: house-ldm)"),
@@ -314,11 +332,17 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
         raise _Exit(f"which must be ldm, clip, cutout or all, not {which!r}")
     results: dict = {}
     if which in ("clip", "all"):
-        from .train.house_clip import evaluate as evaluate_clip
-        results["house-clip"] = evaluate_clip(progress=not as_json)
+        from .models.house_clip import load_house_clip
+        from .train.house_clip import HouseClipConfig, evaluate as evaluate_clip
+        clip = load_house_clip()
+        cfg = HouseClipConfig().model_copy(update={"image_size": clip.arch.image_size})
+        results["house-clip"] = evaluate_clip(clip, config=cfg, progress=not as_json)
     if which in ("cutout", "all"):
-        from .train.house_cutout import evaluate as evaluate_cutout
-        results["house-cutout"] = evaluate_cutout(progress=not as_json)
+        from .models.segment import HouseCutout, house_cutout_dir
+        from .train.house_cutout import HouseCutoutConfig, evaluate as evaluate_cutout, house_eval_datasets
+        seg = HouseCutout(house_cutout_dir())
+        native, large = house_eval_datasets(HouseCutoutConfig(), None, seg.size)
+        results["house-cutout"] = evaluate_cutout(seg, native, large_dataset=large)
     if which in ("ldm", "all"):
         from .models.house_clip import load_house_clip
         from .models.segment import load_segmenter

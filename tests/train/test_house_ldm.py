@@ -178,6 +178,10 @@ def test_latent_cache_encodes_once_and_matches_the_encoders(tmp_path, shapes, tr
     stamp = path.stat().st_mtime_ns
     H.train_unet(cfg.model_copy(update={"unet_steps": 14}), shapes, trained_vae, text=text)
     assert path.stat().st_mtime_ns == stamp
+    # ... unless the VAE changed: then the stale latents are encoded again
+    other = H.train_vae(tiny_config(tmp_path / "v2", vae_steps=3), shapes)
+    H.train_unet(cfg.model_copy(update={"unet_steps": 15}), shapes, other, text=text)
+    assert path.stat().st_mtime_ns != stamp
 
 
 def test_resume_false_starts_over(tmp_path, shapes, trained_vae, text):
