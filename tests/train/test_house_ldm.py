@@ -208,6 +208,28 @@ def test_sampling_during_training_writes_a_grid(tmp_path, shapes, trained_vae, t
     assert grid.size == (64, 32)
 
 
+def test_init_from_a_shipped_folder_continues_its_weights(tmp_path, shapes, trained_vae, text):
+    cfg = tiny_config(tmp_path / "a", unet_steps=5)
+    _, ema = H.train_unet(cfg, shapes, trained_vae, text=text)
+    import copy
+    shipped_vae = copy.deepcopy(trained_vae)
+    shipped_vae.register_to_config(scaling_factor=0.7)
+    folder = H.export_house_pipeline(cfg, shipped_vae, ema, tmp_path / "house-ldm")
+    cont = tiny_config(tmp_path / "b", vae_steps=0, unet_steps=0, init_from=folder)
+    vae = H.train_vae(cont, shapes)
+    assert vae.config.scaling_factor == 0.7  # kept, not re-measured
+    _, unet = H.train_unet(cont, shapes, vae, text=text)
+    for k, v in unet.state_dict().items():
+        assert torch.allclose(v, ema.state_dict()[k].half().float()), k
+    for k, v in vae.state_dict().items():
+        assert torch.allclose(v, trained_vae.state_dict()[k].half().float()), k
+    more = tiny_config(tmp_path / "c", vae_steps=0, unet_steps=3, init_from=folder)
+    _, moved = H.train_unet(more, shapes, H.train_vae(more, shapes), text=text)
+    assert any(not torch.allclose(a, b) for a, b in zip(moved.state_dict().values(), unet.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        H.train_vae(tiny_config(tmp_path / "d", init_from=tmp_path / "nowhere"), shapes)
+
+
 def test_export_load_and_generate_128px(tmp_path, text):
     tok, te = text
     cfg = tiny_config(tmp_path, image_size=128, vae_widths=(8, 16, 16, 16), unet_steps=1, vae_steps=1,

@@ -115,6 +115,10 @@ class HouseLdmConfig(BaseModel):
     log_every: int = 1
     progress: bool = True
     text_encoder_path: Path | None = None
+    init_from: Path | None = None
+    """A house-ldm folder (e.g. the shipped one) whose vae/ and unet/ weights start a fresh run instead of
+    random ones: continue training across sessions without the optimizer checkpoints. With ``vae_steps: 0``
+    the VAE is kept as it is, scaling factor included."""
 
     @model_validator(mode="after")
     def _check(self) -> HouseLdmConfig:
@@ -196,6 +200,20 @@ def _batch(dataset, gen: torch.Generator, size: int, device: torch.device) -> tu
     return images, [str(it["caption"]) for it in items]
 
 
+def _init_weights(config: HouseLdmConfig, part: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(fp32 state dict, config.json) of ``config.init_from/part``, or None without init_from. Safetensors only."""
+    if config.init_from is None:
+        return None
+    from safetensors.torch import load_file
+    folder = Path(config.init_from) / part
+    shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))  # one file, or shards (-0000N-of-)
+    if not shards:
+        raise FileNotFoundError(f"init_from: no {folder}/diffusion_pytorch_model*.safetensors "
+                                "(a house-ldm folder has vae/ and unet/)")
+    state = {k: v.float() for shard in shards for k, v in load_file(str(shard)).items()}
+    return state, json.loads((folder / "config.json").read_text())
+
+
 def _sobel(x: torch.Tensor) -> torch.Tensor:
     kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device, dtype=x.dtype)
     k = torch.stack([kx, kx.t()]).unsqueeze(1).repeat(x.shape[1], 1, 1, 1)  # [2C, 1, 3, 3]
@@ -267,6 +285,11 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
     folder = Path(config.output_dir) / "vae"
     gen = C.seed_everything(config.seed)
     vae = build_vae(config).to(device)
+    init = _init_weights(config, "vae")
+    if init is not None:
+        vae.load_state_dict(init[0])
+        if config.vae_steps == 0:
+            vae.register_to_config(scaling_factor=init[1]["scaling_factor"])
     vae.train()
     opt, sched = _optim(vae.parameters(), config, config.vae_lr, config.vae_steps)
     step, watch = 0, C.Stopwatch()
@@ -308,7 +331,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
                        min(8, len(images)))
     bar.close()
     vae.eval().requires_grad_(False)
-    if step >= config.vae_steps:
+    if step >= config.vae_steps and not (init is not None and config.vae_steps == 0):
         vae.register_to_config(scaling_factor=latent_scaling_factor(vae, dataset, config, device))
     return vae
 
@@ -334,6 +357,9 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
     vae = vae.to(device).eval().requires_grad_(False)
     gen = C.seed_everything(config.seed + 1000)
     unet = build_unet(config, cross_attention_dim=text_encoder.config.hidden_size).to(device)
+    init = _init_weights(config, "unet")
+    if init is not None:
+        unet.load_state_dict(init[0])
     unet.train()
     ema = C.EMA(unet, config.ema_decay)
     opt, sched = _optim(unet.parameters(), config, config.unet_lr, config.unet_steps)
@@ -554,6 +580,7 @@ the text encoder is the frozen all-MiniLM-L6-v2 from the `{TEXT_ENCODER_NAME}` p
 | UNet training | {u.get('steps')} steps, batch {config.batch_size}, {u.get('wall_seconds')} s, loss {u.get('first_loss')} -> {u.get('last_loss')} |
 | Hardware | {facts.get('hardware')} |
 | Seed | {config.seed} |
+| Config | `src/imagesmith/train/configs/house-ldm.yaml` for the shipped run (its comments record the run's history); VAE chroma loss weight {config.vae_chroma_weight:g}, latent cache {config.latent_cache} samples |
 
 ## Data
 The house dataset (`imagesmith house data`, `imagesmith.train.house_data`): the 3D renders of Microsoft's
