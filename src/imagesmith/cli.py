@@ -23,6 +23,8 @@ train_app = typer.Typer(no_args_is_help=True, help="Training.")
 app.add_typer(train_app, name="train")
 train_house_app = typer.Typer(no_args_is_help=True, help="Train the house models.")
 train_app.add_typer(train_house_app, name="house")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluation: metrics of models and tools.")
+app.add_typer(eval_app, name="eval")
 
 
 class _Exit(Exception):
@@ -349,6 +351,152 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
         results["house-ldm"] = E.evaluate_ldm(_engine(), load_house_clip(), cutout=load_segmenter("house-cutout"),
                                               n=n, model=model, progress=not as_json)
     print(json.dumps(results, indent=2))
+
+
+def _segmenter(name: Optional[str]):
+    """A segmenter by registry name or path (default: house-cutout)."""
+    from .models.segment import load_segmenter
+    if name is None or name == "house-cutout" or Path(name).expanduser().exists():
+        return load_segmenter(name or "house-cutout")
+    from .core.settings import Settings
+    from .models.house import make_registry
+    return load_segmenter(make_registry(Settings.from_env()).get(name, "segmenter").path)
+
+
+@app.command()
+def cutout(image: str = typer.Argument(..., help="product photo (an RGBA image is used as it is)"),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="RGBA PNG (default: IMAGE-cutout.png)"),
+           segmenter: Optional[str] = typer.Option(None, "--segmenter", help="house-cutout (default), a registered "
+                                                   "segmenter or a .onnx file"),
+           no_refine: bool = typer.Option(False, "--no-refine", help="skip edge feathering and decontamination"),
+           as_json: bool = typer.Option(False, "--json")):
+    """Cut the product out: soft alpha, refined edges, background spill removed."""
+    import time
+    from .core.imageio import load_image, save_png_atomic
+    from .core.settings import Settings
+    from .vision.cutout import cutout as run_cutout
+    src = load_image(image, settings=Settings.from_env(), mode=None, what="image")
+    out_path = output or Path(image).with_name(Path(image).stem + "-cutout.png")
+    if out_path.suffix.lower() != ".png":
+        raise _Exit(f"{out_path}: the cutout is written as PNG (it has an alpha channel); use a .png name")
+    t = time.perf_counter()
+    cut = run_cutout(src, _segmenter(segmenter), refine=not no_refine)
+    seconds = time.perf_counter() - t
+    save_png_atomic(cut.rgba, out_path, text_chunks={})
+    summary = {"path": str(out_path), "width": cut.rgba.width, "height": cut.rgba.height, "box": list(cut.box),
+               "coverage": round(float(cut.coverage), 4), "source": cut.source, "seconds": round(seconds, 3)}
+    print(json.dumps(summary) if as_json else f"{out_path}  product box {list(cut.box)}  "
+          f"coverage {cut.coverage:.1%}  ({cut.source}, {seconds:.2f}s)")
+
+
+@app.command()
+def analyze(image: str = typer.Argument(...),
+            maps: Optional[Path] = typer.Option(None, "--maps", help="folder for saliency and free-space PNGs"),
+            as_json: bool = typer.Option(False, "--json")):
+    """Measure an image: dominant colours, tone, brightness, saliency, free space, copy regions."""
+    from .core.imageio import load_image
+    from .core.settings import Settings
+    from .vision.analyze import analyze as run_analyze, save_maps
+    src = load_image(image, settings=Settings.from_env(), mode="RGB", what="image")
+    analysis, arrays = run_analyze(src)
+    data = analysis.model_dump()
+    if maps is not None:
+        data["maps"] = save_maps(arrays, maps)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    print(f"{image}: {analysis.width}x{analysis.height}, tone {analysis.tone}, brightness {analysis.brightness:.2f}")
+    print("colours: " + ", ".join(f"{c['hex']} {c['share']:.0%}" for c in analysis.dominant_colors))
+    for r in analysis.copy_regions:
+        print(f"copy region {r['box']} score {r['score']:.3f}")
+
+
+@app.command()
+def ad(products: List[str] = typer.Argument(..., help="product photos (files or folders)"),
+       concept: str = typer.Option(..., "--concept", help="the scene around the product"),
+       headline: str = typer.Option(..., "--headline"),
+       subline: Optional[str] = typer.Option(None, "--subline"),
+       cta: Optional[str] = typer.Option(None, "--cta", help="call-to-action button label"),
+       brand_color: Optional[str] = typer.Option(None, "--brand-color", help="#rrggbb"),
+       formats: str = typer.Option("1:1,4:5,9:16,1.91:1", "--formats",
+                                   help="comma list: 1:1,4:5,9:16,1.91:1,300x250,728x90,300x600,320x50 or "
+                                        "social, display, all"),
+       variations: int = typer.Option(1, "--variations"),
+       seed: int = typer.Option(-1, "--seed"),
+       model: Optional[str] = typer.Option(None, "--model", help="checkpoint that paints the background"),
+       negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt for the background"),
+       steps: int = typer.Option(20, "--steps"),
+       cfg: float = typer.Option(5.0, "--cfg"),
+       sampler: str = typer.Option("DPM++ 2M", "--sampler"),
+       schedule: str = typer.Option("karras", "--schedule", "--scheduler"),
+       upscaler: str = typer.Option("R-ESRGAN 4x+", "--upscaler", help="brings the painted scene to format size"),
+       position: str = typer.Option("auto", "--position", help="auto, center, bottom, left, right"),
+       no_shadow: bool = typer.Option(False, "--no-shadow"),
+       reflection: bool = typer.Option(False, "--reflection"),
+       harmonize: bool = typer.Option(False, "--harmonize", help="colour-match the product to the scene "
+                                      "(then its pixels may change; the manifest says so)"),
+       harmonize_mode: str = typer.Option("edge", "--harmonize-mode", help="edge (edge band) or full (whole product)"),
+       segmenter: Optional[str] = typer.Option(None, "--segmenter"),
+       output: Path = typer.Option(..., "--output", "-o", help="output folder (manifest.json goes here)"),
+       as_json: bool = typer.Option(False, "--json", help="print the manifest on stdout")):
+    """Product photos + a concept -> finished ads in every format (PNG + editable HTML + manifest.json)."""
+    from .core.requests import AdRequest
+    from .workflows.product_ad import ProductAdStudio
+    files: list[str] = []
+    for p in products:
+        path = Path(p)
+        if path.is_dir():
+            files += sorted(str(f) for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        else:
+            files.append(p)
+    if not files:
+        raise _Exit("no product photos found in " + ", ".join(products))
+    if harmonize_mode not in ("edge", "full"):
+        raise _Exit(f"--harmonize-mode takes edge or full, not {harmonize_mode!r}")
+    fields = dict(products=files, concept=concept, headline=headline, subline=subline, cta=cta,
+                  brand_color=brand_color, formats=[f.strip() for f in formats.split(",") if f.strip()],
+                  variations=variations, seed=seed, model=model, steps=steps, cfg_scale=cfg, sampler_name=sampler,
+                  scheduler=schedule, upscaler=upscaler, position=position, shadow=not no_shadow, reflection=reflection,
+                  harmonize=harmonize_mode if harmonize else "off", segmenter=segmenter)
+    if negative is not None:
+        fields["negative_prompt"] = negative
+    req = AdRequest(**fields)
+    studio = ProductAdStudio(_engine())
+    show = not as_json and (sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1")
+    with _progress_bar(show, "ads") as on_progress:
+        def batch_progress(done, total, label):
+            if on_progress:
+                from .core.progress import ProgressEvent
+                on_progress(ProgressEvent(done, total, label))
+        result = studio.make(req, output, progress=batch_progress)
+    if as_json:
+        print(Path(result.manifest_path).read_text())
+    else:
+        for o in result.outputs:
+            print(f"{o.path}  {o.width}x{o.height}  seed={o.seed}  occ={o.occ:.3f}  "
+                  f"min contrast={min(t['contrast_ratio'] for t in o.text):.1f}")
+        for f in result.failures:
+            print(f"FAILED {f.product}{' [' + f.format + ']' if f.format else ''}: {f.error}", file=sys.stderr)
+        print(f"{len(result.outputs)} ad(s), {len(result.failures)} failure(s); manifest {result.manifest_path}")
+    if result.failures and not result.outputs:
+        raise _Exit(result.failures[0].error)
+    if result.failures:
+        raise SystemExit(1)
+
+
+@eval_app.command("cutout")
+def eval_cutout(segmenter: Optional[str] = typer.Option(None, "--segmenter", help="default house-cutout"),
+                as_json: bool = typer.Option(False, "--json")):
+    """Cutout MAE and IoU on held-out composites (house dataset's held-out objects on new backdrops)."""
+    from .train.house_cutout import HouseCutoutConfig, evaluate as evaluate_cutout, house_eval_datasets
+    seg = _segmenter(segmenter)
+    native, large = house_eval_datasets(HouseCutoutConfig(), None, getattr(seg, "size", 128))
+    metrics = evaluate_cutout(seg, native, large_dataset=large)
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            print(f"{k}: {v}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -153,3 +153,51 @@ class GenerationResult(BaseModel):
     vae_name: str | None = None
     version: str
     seconds: float = 0.0
+
+
+AD_POSITIONS = ("auto", "center", "bottom", "left", "right")
+
+
+class AdRequest(BaseModel):
+    """One call of the product-ad studio: product photos x formats x variations.
+
+    Field names follow GenerateRequest where they mean the same (seed, steps, cfg_scale, sampler_name,
+    scheduler, model, negative_prompt)."""
+
+    products: list[str] = Field(..., min_length=1, description="product photo paths (RGBA used as-is)")
+    concept: str = Field(..., min_length=1, description="the scene to paint around the product")
+    negative_prompt: str = Field("text, watermark, logo, blurry, lowres")
+    headline: str = Field(..., min_length=1, max_length=120)
+    subline: str | None = Field(None, max_length=200)
+    cta: str | None = Field(None, max_length=40, description="call-to-action button label")
+    brand_color: str | None = Field(None, description="#rrggbb; honoured where contrast allows")
+    formats: list[str] = Field(default_factory=lambda: ["1:1", "4:5", "9:16", "1.91:1"],
+                               description="1:1, 4:5, 9:16, 1.91:1, 300x250, 728x90, 300x600, 320x50, social, display, all")
+    variations: int = Field(1, ge=1, le=16, description="backgrounds per product and format")
+    seed: int = Field(-1, ge=-1, lt=2**32, description="-1: random; variation i uses seed + i")
+    model: str | None = Field(None, description="checkpoint that paints the background; default: the default model")
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(5.0, ge=0.0, le=30.0)
+    sampler_name: str = Field("DPM++ 2M")
+    scheduler: str = Field("karras")
+    upscaler: str = Field("R-ESRGAN 4x+", description="brings the painted scene to the format's size")
+    position: Literal["auto", "center", "bottom", "left", "right"] = "auto"
+    product_scale: float | None = Field(None, gt=0.05, le=1.0, description="fraction of the product area; default auto")
+    shadow: bool = True
+    shadow_direction: float = Field(90.0, ge=0.0, lt=360.0, description="degrees; 90 = light from above")
+    shadow_softness: float = Field(0.5, ge=0.0, le=1.0)
+    shadow_opacity: float = Field(0.45, ge=0.0, le=1.0)
+    reflection: bool = False
+    harmonize: Literal["off", "edge", "full"] = Field(
+        "off", description="off keeps product pixels unchanged (guaranteed); edge/full recolour them")
+    segmenter: str | None = Field(None, description="segmenter name (default house-cutout)")
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        return GenerateRequest._known_sampler(v)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        return GenerateRequest._known_schedule(v)

@@ -1,0 +1,357 @@
+"""Product-ad studio: product photos + a concept -> finished ads in every format.
+
+One ad is a short recipe over the layers below, each stage timed:
+
+    cutout (vision)  ->  placement per format (compose)  ->  background painted AROUND the product at its
+    placed position (engine inpainting with the product as context, then upscaled)  ->  composite with
+    contact shadow, original product pixels pasted back (compose)  ->  saliency / free space (vision)
+    ->  typesetting with measured contrast (compose)  ->  PNG + copy-free PNG + editable HTML + manifest.
+
+Placement and copy positions come from measured maps, never from parsing a model's prose."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from ..core.errors import BadRequest, ImagesmithError
+from ..core.imageio import load_image, save_png_atomic
+from ..core.requests import AdRequest, GenerateRequest
+from ..core.settings import Settings
+
+# on the generation canvas the product must stay as it is (black = keep in the inpainting mask)
+_KEEP_THRESHOLD = 0.5
+STAGES = ("cutout", "generation", "composite", "analysis", "typesetting", "export")
+
+AdProgress = Callable[[int, int, str], None]  # (done, total, label)
+
+
+class AdOutput(BaseModel):
+    """One finished ad (a manifest entry)."""
+
+    product: str
+    format: str
+    variation: int
+    path: str
+    html_path: str
+    background_path: str
+    width: int
+    height: int
+    seed: int
+    bytes: int
+    product_box: list[int]
+    product_scale: float
+    product_pixels_preserved: bool
+    harmonized: str
+    text: list[dict] = Field(default_factory=list)
+    occ: float
+    rea: float
+    seconds: dict[str, float] = Field(default_factory=dict)
+    request: dict = Field(default_factory=dict)
+
+
+class AdFailure(BaseModel):
+    product: str
+    format: str | None = None
+    error: str
+
+
+class AdResult(BaseModel):
+    outputs: list[AdOutput] = Field(default_factory=list)
+    failures: list[AdFailure] = Field(default_factory=list)
+    manifest_path: str | None = None
+    seconds: dict[str, float] = Field(default_factory=dict, description="wall time per stage, summed")
+
+
+@dataclass
+class _Stopwatch:
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.totals[stage] = self.totals.get(stage, 0.0) + seconds
+
+
+def generation_canvas(fmt_w: int, fmt_h: int, native: int, *, max_aspect: float = 2.5,
+                      multiple: int = 32) -> tuple[int, int]:
+    """The size the model paints at: about ``native**2`` pixels with the format's aspect ratio (clamped,
+    so banners are painted as a wide scene and cropped), sides multiples of ``multiple``."""
+    aspect = min(max(fmt_w / fmt_h, 1 / max_aspect), max_aspect)
+    w = math.sqrt(native * native * aspect)
+    h = w / aspect
+    snap = lambda v: max(multiple * 2, int(round(v / multiple)) * multiple)  # noqa: E731
+    return snap(w), snap(h)
+
+
+def cover_transform(src: tuple[int, int], dst: tuple[int, int]) -> tuple[float, float, float]:
+    """(scale, offset_x, offset_y) mapping ``dst`` (format) coordinates into ``src`` (canvas) coordinates
+    for a centred 'cover' fit: canvas_xy = format_xy * scale + offset."""
+    scale = max(src[0] / dst[0], src[1] / dst[1])
+    ox = (src[0] - dst[0] * scale) / 2
+    oy = (src[1] - dst[1] * scale) / 2
+    return scale, ox, oy
+
+
+def cover_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize ``image`` to cover ``size`` and crop the centre (the inverse of :func:`cover_transform`)."""
+    s = max(size[0] / image.width, size[1] / image.height)
+    w, h = max(size[0], round(image.width * s)), max(size[1], round(image.height * s))
+    big = image.resize((w, h), Image.LANCZOS)
+    x, y = (w - size[0]) // 2, (h - size[1]) // 2
+    return big.crop((x, y, x + size[0], y + size[1]))
+
+
+def save_within(image: Image.Image, path: Path, max_bytes: int | None, text_chunks: dict[str, str]) -> int:
+    """Save a PNG; over ``max_bytes`` it is re-encoded with an adaptive palette (256, then fewer colours,
+    dithered) until it fits. Returns the file size. Raises BadRequest if nothing fits."""
+    save_png_atomic(image, path, text_chunks=text_chunks)
+    size = path.stat().st_size
+    if max_bytes is None or size <= max_bytes:
+        return size
+    for colors in (256, 192, 128, 96, 64):
+        pal = image.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                                            dither=Image.Dither.FLOYDSTEINBERG)
+        save_png_atomic(pal, path, text_chunks=text_chunks)
+        size = path.stat().st_size
+        if size <= max_bytes:
+            return size
+    path.unlink(missing_ok=True)
+    raise BadRequest(f"{path.name}: cannot fit within {max_bytes // 1024} KB")
+
+
+class ProductAdStudio:
+    """``ProductAdStudio().make(AdRequest(...), out_dir)`` -> :class:`AdResult` (and ``out_dir/manifest.json``).
+
+    The engine, segmenter and settings can be passed in (tests, the service); by default the house
+    models are used: house-cutout cuts, the default checkpoint (house-ldm) paints."""
+
+    def __init__(self, engine=None, *, settings: Settings | None = None, segmenter=None):
+        self._engine = engine
+        self.settings = settings or (engine.settings if engine is not None else Settings.from_env())
+        self._segmenter = segmenter
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def engine(self):
+        if self._engine is None:
+            from ..engine.generate import Engine
+            self._engine = Engine(self.settings)
+        return self._engine
+
+    def segmenter(self, name: str | None = None):
+        if name is None and self._segmenter is not None:
+            return self._segmenter
+        from ..models.segment import load_segmenter
+        if name is None:
+            self._segmenter = load_segmenter()
+            return self._segmenter
+        if Path(name).expanduser().exists():
+            return load_segmenter(name)
+        entry = self.engine.registry.get(name, "segmenter")
+        return load_segmenter(entry.path if entry.format != "house" or entry.name != "house-cutout" else "house-cutout")
+
+    def _native(self, model: str | None) -> int:
+        entry = self.engine.registry.get(model, "checkpoint") if model else self.engine._default_checkpoint()
+        return self.engine._native_size(entry)
+
+    def paint_background(self, req: AdRequest, fmt, box: tuple[int, int, int, int], product: Image.Image,
+                         seed: int, workdir: Path, progress: Optional[Callable] = None) -> Image.Image:
+        """The scene, painted by the engine around the product at ``box`` (format coordinates) and brought
+        to the format's size. The product (RGBA, already fitted to ``box``) is the inpainting context: the
+        model sees it where it will stand and paints everything else."""
+        native = self._native(req.model)
+        cw, ch = generation_canvas(fmt.width, fmt.height, native)
+        scale, ox, oy = cover_transform((cw, ch), (fmt.width, fmt.height))
+        x0, y0 = box[0] * scale + ox, box[1] * scale + oy
+        pw, ph = max(1, round(product.width * scale)), max(1, round(product.height * scale))
+        small = product.resize((pw, ph), Image.LANCZOS)
+        # init: a neutral ground (the sampler repaints it at strength 1) with the product at its place
+        init = Image.new("RGB", (cw, ch), (128, 128, 128))
+        init.paste(small, (round(x0), round(y0)), small)
+        alpha = np.zeros((ch, cw), np.float32)
+        a = np.asarray(small.getchannel("A"), np.float32) / 255.0
+        xi, yi = round(x0), round(y0)
+        xs, ys = max(0, xi), max(0, yi)
+        xe, ye = min(cw, xi + pw), min(ch, yi + ph)
+        if xe > xs and ye > ys:
+            alpha[ys:ye, xs:xe] = a[ys - yi:ye - yi, xs - xi:xe - xi]
+        keep = alpha >= _KEEP_THRESHOLD
+        mask = Image.fromarray(np.where(keep, 0, 255).astype(np.uint8))
+        init_path, mask_path = workdir / "init.png", workdir / "mask.png"
+        init.save(init_path)
+        mask.save(mask_path)
+        gen = GenerateRequest(prompt=req.concept, negative_prompt=req.negative_prompt, model=req.model,
+                              steps=req.steps, cfg_scale=req.cfg_scale, sampler_name=req.sampler_name,
+                              scheduler=req.scheduler, seed=seed, width=cw, height=ch,
+                              init_image=str(init_path), mask=str(mask_path), denoising_strength=1.0,
+                              mask_blur=1)
+        painted = self.engine.generate(gen, progress=progress).images[0]
+        factor = max(fmt.width / painted.width, fmt.height / painted.height)
+        if factor > 1.01 and req.upscaler != "Lanczos":
+            painted = self.engine.upscalers().get(req.upscaler).upscale(painted, min(4.0, math.ceil(factor)))
+        return cover_resize(painted, (fmt.width, fmt.height))
+
+    # ------------------------------------------------------------------ one ad
+    def make_one(self, req: AdRequest, product_path: str, cut, fmt, variation: int, seed: int,
+                 out_dir: Path, watch: _Stopwatch, progress: Optional[Callable] = None) -> AdOutput:
+        from ..compose.composite import ShadowSpec, composite, fit_product
+        from ..compose.html import export_html
+        from ..compose.placement import place_product
+        from ..compose.typeset import CopySpec, typeset
+        from ..eval.layout import occ, rea
+        from ..vision.analyze import saliency_map
+
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        product = product_crop(cut)
+        placement = place_product(fmt, product.size, position=req.position, scale=req.product_scale)
+        box = tuple(int(v) for v in placement.product_box)
+        fitted = fit_product(product, (box[2] - box[0], box[3] - box[1]))
+        box = (box[0], box[1], box[0] + fitted.width, box[1] + fitted.height)
+        times["composite"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="imagesmith-ad-") as tmp:
+            background = self.paint_background(req, fmt, box, fitted, seed, Path(tmp), progress)
+        times["generation"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        shadow = ShadowSpec(direction_deg=req.shadow_direction, softness=req.shadow_softness,
+                            opacity=req.shadow_opacity) if req.shadow else None
+        comp = composite(background, fitted, box, shadow=shadow, reflection=req.reflection,
+                         harmonize=req.harmonize)
+        times["composite"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        product_alpha = np.zeros((fmt.height, fmt.width), np.float32)
+        fa = np.asarray(fitted.getchannel("A"), np.float32) / 255.0
+        product_alpha[box[1]:box[3], box[0]:box[2]] = fa[:box[3] - box[1], :box[2] - box[0]]
+        saliency = saliency_map(comp.image, mask=product_alpha)
+        times["analysis"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        copy = CopySpec(headline=req.headline, subline=req.subline, cta=req.cta, brand_color=req.brand_color)
+        final, elements, _masks = typeset(comp.image, copy, tuple(placement.copy_area), saliency=saliency,
+                                          fmt_name=fmt.name)
+        times["typesetting"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        boxes = [e.box for e in elements]
+        preserved = bool(np.array_equal(np.asarray(final)[comp.protected_mask],
+                                        _product_pixels(fitted, box, final.size)[comp.protected_mask]))
+        if req.harmonize == "off" and not preserved:  # the guarantee: never ship a silently altered product
+            raise RuntimeError("product pixels changed outside harmonize: compose layer bug")
+        stem = f"{Path(product_path).stem}_{_safe(fmt.name)}_v{variation}"
+        png, html, bg = out_dir / f"{stem}.png", out_dir / f"{stem}.html", out_dir / f"{stem}.background.png"
+        chunks = {"imagesmith-ad": json.dumps({"format": fmt.name, "seed": seed, "concept": req.concept})}
+        size = save_within(final, png, fmt.max_bytes, chunks)
+        save_within(comp.image, bg, fmt.max_bytes, {})
+        export_html(html, bg.name, fmt.width, fmt.height, elements, title=req.headline)
+        times["export"] = time.perf_counter() - t
+        for k, v in times.items():
+            watch.add(k, v)
+        return AdOutput(
+            product=str(product_path), format=fmt.name, variation=variation, path=str(png), html_path=str(html),
+            background_path=str(bg), width=fmt.width, height=fmt.height, seed=seed, bytes=size,
+            product_box=list(box), product_scale=round(fitted.width / max(1, product.width), 4),
+            product_pixels_preserved=preserved, harmonized=req.harmonize,
+            text=[e.model_dump() for e in elements],
+            occ=round(float(occ(saliency, boxes)), 4), rea=round(float(rea(comp.image, boxes)), 5),
+            seconds={k: round(v, 3) for k, v in times.items()}, request=req.model_dump(),
+        )
+
+    # ------------------------------------------------------------------ batch
+    def make(self, req: AdRequest, out_dir: str | os.PathLike[str], *, progress: Optional[AdProgress] = None,
+             step_progress: Optional[Callable] = None) -> AdResult:
+        """All products x formats x variations. A bad product or a format whose copy cannot fit is
+        recorded in ``failures`` and the rest still finish. ``manifest.json`` lists everything."""
+        from ..compose.contrast import parse_hex
+        from ..compose.formats import parse_formats
+        from ..vision.cutout import cutout
+
+        formats = parse_formats(req.formats)  # bad names and colours fail the whole call, before any work
+        if req.brand_color:
+            parse_hex(req.brand_color)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        base_seed = req.seed if req.seed >= 0 else int(np.random.SeedSequence().entropy % (2**32 - 64))
+        result = AdResult()
+        watch = _Stopwatch()
+        total = len(req.products) * len(formats) * req.variations
+        done = 0
+        segmenter = self.segmenter(req.segmenter)
+        for product_path in req.products:
+            t = time.perf_counter()
+            try:
+                image = load_image(product_path, settings=self.settings, mode=None, what="product photo")
+                cut = cutout(image, segmenter)
+            except ImagesmithError as exc:
+                result.failures.append(AdFailure(product=str(product_path), error=str(exc)))
+                done += len(formats) * req.variations
+                if progress:
+                    progress(done, total, f"{Path(product_path).name}: failed")
+                continue
+            finally:
+                watch.add("cutout", time.perf_counter() - t)
+            for fmt in formats:
+                for v in range(req.variations):
+                    try:
+                        result.outputs.append(self.make_one(req, product_path, cut, fmt, v, base_seed + v, out,
+                                                            watch, step_progress))
+                    except ImagesmithError as exc:
+                        result.failures.append(AdFailure(product=str(product_path), format=fmt.name, error=str(exc)))
+                    done += 1
+                    if progress:
+                        progress(done, total, f"{Path(product_path).name} {fmt.name}")
+        result.seconds = {k: round(v, 3) for k, v in watch.totals.items()}
+        copy_fonts(out / "fonts", {t["font"] for o in result.outputs for t in o.text})
+        manifest = out / "manifest.json"
+        tmp = manifest.with_name(manifest.name + ".tmp")
+        tmp.write_text(json.dumps({"request": req.model_dump(), "outputs": [o.model_dump() for o in result.outputs],
+                                   "failures": [f.model_dump() for f in result.failures],
+                                   "seconds": result.seconds}, indent=2))
+        tmp.replace(manifest)
+        result.manifest_path = str(manifest)
+        return result
+
+
+def product_crop(cut) -> Image.Image:
+    """The cutout cropped to everything with visible alpha (the soft edge included, not just alpha > 0.5)."""
+    visible = cut.rgba.getchannel("A").point(lambda v: 255 if v > 4 else 0).getbbox()
+    return cut.rgba.crop(visible or cut.box)
+
+
+def copy_fonts(folder: Path, names: set[str]) -> list[Path]:
+    """Put the font files the HTML pages name (``fonts/<file>``) next to them, once per output folder,
+    so the editable copy renders exactly as in the PNG (NanumGothic, OFL)."""
+    import shutil
+    from ..compose.typeset import font_candidates
+    copied = []
+    for weight in ("regular", "bold", "extrabold"):
+        for path in font_candidates(weight):
+            if path.name in names and not (folder / path.name).exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, folder / path.name)
+                copied.append(folder / path.name)
+    return copied
+
+
+def _product_pixels(fitted: Image.Image, box, size) -> np.ndarray:
+    """The fitted product's RGB placed on an otherwise black canvas of ``size``."""
+    canvas = np.zeros((size[1], size[0], 3), np.uint8)
+    rgb = np.asarray(fitted.convert("RGB"))
+    canvas[box[1]:box[1] + rgb.shape[0], box[0]:box[0] + rgb.shape[1]] = rgb[:size[1] - box[1], :size[0] - box[0]]
+    return canvas
+
+
+def _safe(name: str) -> str:
+    return name.replace(":", "x").replace(".", "_").replace("/", "_")

@@ -1,0 +1,233 @@
+"""vision.cutout: own alpha vs segmenter, refinement (specks, feather), colour decontamination, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from imagesmith.core.errors import BadRequest
+from imagesmith.models import segment as S
+from imagesmith.vision.cutout import Cutout, alpha_box, cutout, decontaminate, own_alpha
+
+
+def soft_disc(w: int, h: int, *, cx: float | None = None, cy: float | None = None, r: float | None = None,
+              edge: float = 1.0) -> np.ndarray:
+    """Alpha of a disc whose edge ramps from 1 to 0 over about ``edge`` pixels."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    cx = w / 2 if cx is None else cx
+    cy = h / 2 if cy is None else cy
+    r = 0.3 * min(w, h) if r is None else r
+    return np.clip((r - np.hypot(x - cx, y - cy)) / edge + 0.5, 0, 1).astype(np.float32)
+
+
+def over(fg, bg, alpha: np.ndarray) -> np.ndarray:
+    """uint8 image: ``fg`` (colour or [H, W, 3]) over ``bg`` with ``alpha``."""
+    a = alpha[..., None]
+    out = np.asarray(fg, np.float32) * a + np.asarray(bg, np.float32) * (1 - a)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8) * np.ones((*alpha.shape, 1), np.uint8)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0.5, b > 0.5
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+class FakeSegmenter:
+    """Answers a fixed matte (resized to the image if asked at another size) and counts its calls."""
+
+    name = "fake-seg"
+
+    def __init__(self, alpha: np.ndarray):
+        self.alpha = alpha.astype(np.float32)
+        self.calls = 0
+
+    def predict(self, image: Image.Image) -> np.ndarray:
+        self.calls += 1
+        assert image.mode == "RGB"
+        return self.alpha
+
+    def cutout(self, image: Image.Image) -> Image.Image:
+        return S.cutout_with(self.predict(image), image)
+
+
+class RefusingSegmenter:
+    name = "refusing"
+
+    def predict(self, image: Image.Image) -> np.ndarray:
+        raise AssertionError("the segmenter must not be called")
+
+
+def blocky(alpha: np.ndarray, factor: int = 8) -> np.ndarray:
+    """What a low-resolution network gives: the matte at 1/factor, upsampled bilinearly."""
+    import cv2
+    h, w = alpha.shape
+    lo = cv2.resize(alpha, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+    return np.clip(cv2.resize(lo, (w, h), interpolation=cv2.INTER_LINEAR), 0, 1)
+
+
+# ------------------------------------------------------------------------------------------- segmenter
+def test_red_disc_on_grey_with_a_fake_segmenter():
+    w, h = 240, 180
+    truth = soft_disc(w, h, edge=3.0)
+    img = Image.fromarray(over((200, 40, 40), (225, 225, 220), truth))
+    seg = FakeSegmenter(blocky(truth))
+    cut = cutout(img, seg)
+    assert isinstance(cut, Cutout) and seg.calls == 1 and cut.source == "fake-seg"
+    assert cut.rgba.mode == "RGBA" and cut.rgba.size == (w, h)
+    assert cut.alpha.dtype == np.float32 and cut.alpha.shape == (h, w)
+    assert np.array_equal(np.asarray(cut.rgba)[..., 3], np.round(cut.alpha * 255).astype(np.uint8))
+    assert iou(cut.alpha, truth) >= 0.9
+    assert np.allclose(cut.box, alpha_box(truth), atol=2)
+    assert cut.coverage == pytest.approx(float(truth.mean()), abs=0.01)
+    # soft edge band, solid inside
+    assert ((cut.alpha > 0.05) & (cut.alpha < 0.95)).any()
+    assert cut.alpha[h // 2, w // 2] == 1.0
+
+
+def test_specks_far_from_the_product_are_dropped():
+    w, h = 200, 200
+    truth = soft_disc(w, h, cx=120, cy=110, r=50)
+    noisy = truth.copy()
+    noisy[5:8, 5:8] = 1.0       # a speck in the corner
+    noisy[150:200, 0:30] = 0.3  # faint haze
+    img = Image.fromarray(over((30, 60, 200), (240, 240, 240), truth))
+    cut = cutout(img, FakeSegmenter(noisy))
+    assert np.allclose(cut.box, alpha_box(truth), atol=2)
+    assert cut.alpha[:20, :20].max() == 0 and cut.alpha[150:, :30].max() == 0
+    # refine=False keeps the raw matte (speck and all) and the photo's colours
+    raw = cutout(img, FakeSegmenter(noisy), refine=False)
+    assert raw.box[:2] == (5, 5)
+    assert np.array_equal(np.asarray(raw.rgba)[..., :3], np.asarray(img))
+
+
+def test_feathering_softens_a_hard_mask_and_scales():
+    w, h = 256, 256
+    hard = (soft_disc(w, h, edge=0.01) > 0.5).astype(np.float32)
+    img = Image.fromarray(over((200, 40, 40), (225, 225, 220), hard))
+    band = lambda c: int(((c.alpha > 0.02) & (c.alpha < 0.98)).sum())  # noqa: E731
+    none = cutout(img, FakeSegmenter(hard), feather_px=0)
+    auto = cutout(img, FakeSegmenter(hard))
+    wide = cutout(img, FakeSegmenter(hard), feather_px=4)
+    assert band(none) == 0 < band(auto) < band(wide)
+    assert iou(wide.alpha, hard) > 0.97  # feathering keeps the boundary where it was
+    with pytest.raises(BadRequest):
+        cutout(img, FakeSegmenter(hard), feather_px=-1)
+
+
+def test_default_segmenter_is_the_shipped_house_cutout_on_a_rendered_product():
+    if not (S.house_cutout_dir() / "model.safetensors").is_file():
+        pytest.skip("house-cutout not exported")
+    # a shaded blue bottle with a neck, on a warm paper backdrop with a soft vertical falloff
+    w, h, k = 256, 256, 4
+    mask = Image.new("L", (w * k, h * k), 0)
+    d = ImageDraw.Draw(mask)
+    d.rounded_rectangle((int(w * k * .40), int(h * k * .30), int(w * k * .60), int(h * k * .88)),
+                        radius=int(w * k * .04), fill=255)
+    d.rectangle((int(w * k * .47), int(h * k * .16), int(w * k * .53), int(h * k * .31)), fill=255)
+    truth = np.asarray(mask.resize((w, h), Image.BOX), np.float32) / 255.0
+    x = np.linspace(0, 1, w)[None, :, None]
+    body = np.broadcast_to(np.array([40, 110, 200]) * (0.6 + 0.4 * np.cos((x - 0.5) * 6)), (h, w, 3))
+    y = np.linspace(0, 1, h)[:, None, None]
+    backdrop = np.array([236, 232, 224]) * (1 - 0.1 * y) * np.ones((h, w, 3))
+    img = Image.fromarray(over(body, backdrop, truth))
+    cut = cutout(img)
+    assert cut.source == "house-cutout"
+    assert iou(cut.alpha, truth) >= 0.9, iou(cut.alpha, truth)
+    assert np.allclose(cut.box, alpha_box(truth), atol=3)
+
+
+# ------------------------------------------------------------------------------------------- own alpha
+def test_meaningful_alpha_is_used_as_is():
+    w, h = 120, 90
+    a = np.round(soft_disc(w, h, edge=2.0) * 255).astype(np.uint8)
+    rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgba = Image.fromarray(np.dstack([rgb, a]), "RGBA")
+    cut = cutout(rgba, RefusingSegmenter())
+    assert cut.source == "alpha"
+    assert np.array_equal(np.asarray(cut.rgba), np.asarray(rgba))
+    assert np.array_equal(cut.alpha, a.astype(np.float32) / 255.0)
+    la = Image.fromarray(np.dstack([rgb[..., 0], a]), "LA")
+    assert cutout(la, RefusingSegmenter()).source == "alpha"
+
+
+def test_palette_transparency_is_used():
+    pal = Image.new("P", (80, 60), 0)
+    pal.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
+    ImageDraw.Draw(pal).ellipse((20, 10, 60, 50), fill=1)
+    pal.info["transparency"] = 0
+    assert own_alpha(pal) is not None
+    cut = cutout(pal, RefusingSegmenter())
+    assert cut.source == "alpha" and cut.box == (20, 10, 61, 51)
+
+
+def test_opaque_or_fully_transparent_alpha_goes_to_the_segmenter():
+    w, h = 100, 100
+    truth = soft_disc(w, h)
+    rgb = over((20, 120, 40), (230, 230, 230), truth)
+    opaque = Image.fromarray(np.dstack([rgb, np.full((h, w), 255, np.uint8)]), "RGBA")
+    seg = FakeSegmenter(truth)
+    assert own_alpha(opaque) is None
+    assert cutout(opaque, seg).source == "fake-seg" and seg.calls == 1
+    clear = Image.fromarray(np.dstack([rgb, np.zeros((h, w), np.uint8)]), "RGBA")
+    assert own_alpha(clear) is None
+    with pytest.raises(BadRequest, match="empty"):  # flattened onto white, there is nothing to find
+        cutout(clear, FakeSegmenter(np.zeros((h, w), np.float32)))
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_empty_and_full_masks_are_refused_with_one_line():
+    img = Image.new("RGB", (64, 48), (200, 200, 200))
+    with pytest.raises(BadRequest, match="no product found in product.png: the cutout mask is empty") as e:
+        cutout(img, FakeSegmenter(np.zeros((48, 64), np.float32)), what="product.png")
+    assert "\n" not in str(e.value)
+    with pytest.raises(BadRequest, match="covers the whole image"):
+        cutout(img, FakeSegmenter(np.ones((48, 64), np.float32)))
+    tiny = np.zeros((48, 64), np.float32)
+    tiny[10, 10] = 1.0  # one pixel: under 0.5% of the frame
+    with pytest.raises(BadRequest, match="empty"):
+        cutout(img, FakeSegmenter(tiny))
+    with pytest.raises(BadRequest):
+        cutout("not an image", FakeSegmenter(tiny))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------- decontamination
+def _green_excess(rgb: np.ndarray, sel: np.ndarray) -> float:
+    px = rgb[sel].astype(np.float64)
+    return float((px[:, 1] - (px[:, 0] + px[:, 2]) / 2).mean())
+
+
+def test_decontamination_removes_the_green_fringe_and_keeps_the_interior():
+    w, h = 160, 160
+    alpha = soft_disc(w, h, r=50, edge=8.0)
+    rng = np.random.default_rng(1)
+    # a white-ish object with some texture, photographed on a green screen
+    obj = np.clip(235 + rng.normal(0, 8, (h, w, 3)), 0, 255)
+    photo = over(obj, (40, 200, 60), alpha)
+    clean = decontaminate(photo, alpha)
+    assert clean.dtype == np.uint8 and clean.shape == photo.shape
+    interior = alpha >= 0.98
+    assert np.array_equal(clean[interior], photo[interior])
+    band = (alpha > 0.05) & (alpha < 0.95)
+    on_black = lambda rgb: np.round(rgb * alpha[..., None]).astype(np.uint8)  # noqa: E731
+    before, after = _green_excess(on_black(photo), band), _green_excess(on_black(clean), band)
+    assert before > 15 and after < 0.25 * before, (before, after)
+    # uint8 alpha is accepted; shapes are checked
+    assert np.array_equal(decontaminate(photo, np.round(alpha * 255).astype(np.uint8))[interior], photo[interior])
+    with pytest.raises(ValueError):
+        decontaminate(photo, alpha[:10])
+
+
+def test_cutout_decontaminates_its_edges():
+    w, h = 160, 120
+    truth = soft_disc(w, h, edge=6.0)
+    photo = over((250, 250, 250), (40, 200, 60), truth)
+    cut = cutout(Image.fromarray(photo), FakeSegmenter(truth))
+    rgba = np.asarray(cut.rgba)
+    a = rgba[..., 3:4].astype(np.float64) / 255.0
+    band = (cut.alpha > 0.05) & (cut.alpha < 0.95)
+    naive = np.round(photo * a).astype(np.uint8)
+    ours = np.round(rgba[..., :3] * a).astype(np.uint8)
+    assert _green_excess(ours, band) < 0.3 * _green_excess(naive, band)
+    solid = cut.alpha >= 0.98
+    assert np.array_equal(rgba[..., :3][solid], photo[solid])
