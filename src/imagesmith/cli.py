@@ -499,6 +499,19 @@ def eval_cutout(segmenter: Optional[str] = typer.Option(None, "--segmenter", hel
             print(f"{k}: {v}")
 
 
+@eval_app.command("ads")
+def eval_ads(manifests: List[str] = typer.Argument(..., help="manifest.json files or folders holding them"),
+             as_json: bool = typer.Option(False, "--json")):
+    """Layout and legibility statistics over finished ads: mean Occ/Rea, contrast pass rate, file sizes."""
+    from .eval.ads import summarize_ads
+    stats = summarize_ads(manifests)
+    if as_json:
+        print(json.dumps(stats, indent=2))
+    else:
+        for k, v in stats.items():
+            print(f"{k}: {v}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from pydantic import ValidationError
 

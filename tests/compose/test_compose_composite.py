@@ -130,3 +130,14 @@ def test_reflection_mirrors_below():
 def test_size_mismatch_is_a_bug_not_a_silent_resize():
     with pytest.raises(ValueError):
         composite(scene(), fit_product(cutout(), (100, 100)), (0, 0, 50, 50))
+
+
+def test_calm_region_defocuses_only_the_copy_area():
+    from imagesmith.compose.composite import calm_region
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    out = np.asarray(calm_region(noisy, (20, 20, 140, 100))).astype(float)
+    src = np.asarray(noisy).astype(float)
+    inside = (slice(30, 90), slice(30, 130))
+    assert np.abs(np.diff(out[inside], axis=1)).mean() < 0.3 * np.abs(np.diff(src[inside], axis=1)).mean()
+    assert np.array_equal(out[150:, 200:], src[150:, 200:])  # far away: untouched

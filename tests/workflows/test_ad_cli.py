@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagesmith.cli import main
+from test_cli import run_cli
 from test_product_ad import product_photo
 
 
@@ -18,16 +18,6 @@ from test_product_ad import product_photo
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGESMITH_HOME", str(tmp_path / "home"))
     return tmp_path
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cutout_writes_rgba_with_the_product(home, capsys):

@@ -237,3 +237,22 @@ def composite(background: Image.Image, product_rgba: Image.Image, box: Sequence[
         raise AssertionError("product pixels changed although harmonize is off")
     return CompositeResult(image=Image.fromarray(out, "RGB"), protected_mask=protected, preserved=preserved,
                            harmonized=harmonize)
+
+
+def calm_region(image: Image.Image, box, *, sigma_frac: float = 0.02, feather_frac: float = 0.08) -> Image.Image:
+    """Defocus the background inside ``box`` (the copy area), feathered into its surroundings: the
+    photographer's shallow depth of field where the copy goes, so text sits on calm pixels. Blur sigma is
+    ``sigma_frac`` of the image's short side; apply it BEFORE the product is composited (it never touches it)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        return image
+    arr = np.asarray(image.convert("RGB")).astype(np.float32)
+    short = min(image.size)
+    sigma = max(1.0, sigma_frac * short)
+    blurred = cv2.GaussianBlur(arr, (0, 0), sigma)
+    weight = np.zeros(arr.shape[:2], np.float32)
+    weight[y0:y1, x0:x1] = 1.0
+    feather = max(1.0, feather_frac * min(x1 - x0, y1 - y0))
+    weight = np.maximum(cv2.GaussianBlur(weight, (0, 0), feather), weight * 0.9)
+    out = arr * (1 - weight[..., None]) + blurred * weight[..., None]
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))

@@ -188,6 +188,8 @@ class AdRequest(BaseModel):
     shadow_softness: float = Field(0.5, ge=0.0, le=1.0)
     shadow_opacity: float = Field(0.45, ge=0.0, le=1.0)
     reflection: bool = False
+    copy_blur: float = Field(0.02, ge=0.0, le=0.1, description="defocus the scene under the copy: blur sigma "
+                             "as a fraction of the short side (a shallow depth of field); 0 = off")
     harmonize: Literal["off", "edge", "full"] = Field(
         "off", description="off keeps product pixels unchanged (guaranteed); edge/full recolour them")
     segmenter: str | None = Field(None, description="segmenter name (default house-cutout)")

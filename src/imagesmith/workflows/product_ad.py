@@ -203,7 +203,7 @@ class ProductAdStudio:
     # ------------------------------------------------------------------ one ad
     def make_one(self, req: AdRequest, product_path: str, cut, fmt, variation: int, seed: int,
                  out_dir: Path, watch: _Stopwatch, progress: Optional[Callable] = None) -> AdOutput:
-        from ..compose.composite import ShadowSpec, composite, fit_product
+        from ..compose.composite import ShadowSpec, calm_region, composite, fit_product
         from ..compose.html import export_html
         from ..compose.placement import place_product
         from ..compose.typeset import CopySpec, typeset
@@ -222,6 +222,8 @@ class ProductAdStudio:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="imagesmith-ad-") as tmp:
             background = self.paint_background(req, fmt, box, fitted, seed, Path(tmp), progress)
+        if req.copy_blur > 0:
+            background = calm_region(background, placement.copy_area, sigma_frac=req.copy_blur)
         times["generation"] = time.perf_counter() - t
 
         t = time.perf_counter()
