@@ -15,34 +15,11 @@ from imagesmith.models.probe import probe
 from imagesmith.train import common as C
 from imagesmith.train import house_ldm as H
 
-COLOURS = {"red": (1.0, -1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "green": (-1.0, 1.0, -1.0)}
-BACKDROPS = {"white": (1.0, 1.0, 1.0), "black": (-1.0, -1.0, -1.0), "yellow": (1.0, 1.0, -1.0)}
-SHAPES = ("circle", "square", "triangle")
+from fixtures.shapes import BACKDROPS, COLOURS, SHAPES, Shapes as _Shapes  # noqa: E402,F401
 
 
-class Shapes(torch.utils.data.Dataset):
-    """Coloured shapes on plain backdrops, captioned 'a red circle on a white backdrop'."""
-
-    def __init__(self, size: int = 32):
-        self.size = size
-        self.items = [(s, c, b) for s in SHAPES for c in COLOURS for b in BACKDROPS]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        shape, colour, backdrop = self.items[i]
-        n = self.size
-        y, x = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
-        if shape == "circle":
-            mask = x ** 2 + y ** 2 < 0.5 ** 2
-        elif shape == "square":
-            mask = (x.abs() < 0.45) & (y.abs() < 0.45)
-        else:
-            mask = (y < 0.5) & (y > -0.5) & (x.abs() < (y + 0.5) * 0.6)
-        img = torch.tensor(BACKDROPS[backdrop]).view(3, 1, 1).expand(3, n, n).clone()
-        img[:, mask] = torch.tensor(COLOURS[colour]).view(3, 1)
-        return {"image": img, "caption": f"a {colour} {shape} on a {backdrop} backdrop"}
+def Shapes(size: int = 32):
+    return _Shapes(size)
 
 
 def tiny_config(tmp_path: Path, **kw) -> H.HouseLdmConfig:
