@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import math
-import textwrap
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..core.requests import GenerateRequest
+from ..eval.grid import labelled_grid, stack_vertically
 
 # 32 common objects, all named as the captions name them (``house_data.natural_name``)
 SHEET_OBJECTS: tuple[str, ...] = (
@@ -68,39 +66,6 @@ class SheetSettings:
 def generate_one(engine, settings: SheetSettings, prompt: str, seed: int | None = None,
                  model: str | None = None) -> Image.Image:
     return engine.generate(settings.request(prompt, seed, model)).images[0]
-
-
-def labelled_grid(cells: Sequence[tuple[Image.Image, str]], columns: int, *, title: str = "",
-                  cell: int | None = None) -> Image.Image:
-    """Images in a grid, each with its caption beneath (wrapped), an optional title line on top."""
-    size = cell or cells[0][0].size[0]
-    font = ImageFont.load_default(size=11)
-    title_font = ImageFont.load_default(size=14)
-    lines, line_h = 2, 13
-    cw, ch = size + 8, size + 6 + lines * line_h
-    rows = math.ceil(len(cells) / columns)
-    top = 24 if title else 0
-    sheet = Image.new("RGB", (columns * cw, top + rows * ch), "white")
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((6, 4), title, fill=(0, 0, 0), font=title_font)
-    chars = max(10, int(size / 6.2))
-    for i, (im, label) in enumerate(cells):
-        x, y = (i % columns) * cw + 4, top + (i // columns) * ch + 2
-        sheet.paste(im.convert("RGB").resize((size, size), Image.LANCZOS), (x, y))
-        for li, line in enumerate(textwrap.wrap(label, chars)[:lines]):
-            draw.text((x, y + size + 2 + li * line_h), line, fill=(20, 20, 20), font=font)
-    return sheet
-
-
-def stack_vertically(parts: Sequence[Image.Image]) -> Image.Image:
-    w = max(p.size[0] for p in parts)
-    out = Image.new("RGB", (w, sum(p.size[1] for p in parts)), "white")
-    y = 0
-    for p in parts:
-        out.paste(p, (0, y))
-        y += p.size[1]
-    return out
 
 
 def render_sheet(engine, path: str | Path, *, settings: SheetSettings | None = None, model: str | None = None,
