@@ -144,6 +144,22 @@ def test_canvas_geometry():
     assert abs(1080 * s + 2 * ox - 128) < 1e-6 and abs(1920 * s + 2 * oy - 224) < 1e-6
 
 
+@pytest.mark.parametrize("fmt", [(1080, 1350), (1080, 1920), (1200, 628), (728, 90), (1080, 1080)])
+def test_cover_transform_is_the_inverse_of_cover_resize(fmt):
+    """A mark painted on the canvas where cover_transform puts a format point lands on that point after
+    cover_resize: the product the model paints around is where the real product is composited."""
+    from imagesmith.workflows.product_ad import cover_resize
+    canvas = generation_canvas(*fmt, 128)
+    s, ox, oy = cover_transform(canvas, fmt)
+    for fx, fy in ((0.3 * fmt[0], 0.6 * fmt[1]), (0.8 * fmt[0], 0.25 * fmt[1])):
+        img = Image.new("L", canvas, 0)
+        cx, cy = fx * s + ox, fy * s + oy
+        ImageDraw.Draw(img).ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=255)
+        big = np.asarray(cover_resize(img, fmt), np.float32)
+        ys, xs = np.nonzero(big > 128)
+        assert abs(xs.mean() - fx) < fmt[0] * 0.02 and abs(ys.mean() - fy) < fmt[1] * 0.02
+
+
 def test_bad_requests_fail_before_any_work(studio, tmp_path):
     from imagesmith.core.errors import BadRequest
     photo = product_photo(tmp_path / "p.jpg")

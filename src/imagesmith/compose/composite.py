@@ -256,3 +256,33 @@ def calm_region(image: Image.Image, box, *, sigma_frac: float = 0.02, feather_fr
     weight = np.maximum(cv2.GaussianBlur(weight, (0, 0), feather), weight * 0.9)
     out = arr * (1 - weight[..., None]) + blurred * weight[..., None]
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def clear_footprint(image: Image.Image, alpha: np.ndarray, *, grow_frac: float = 0.03,
+                    work_side: int = 256) -> Image.Image:
+    """Paint the scene over where the product stood in a generated background (OpenCV Telea inpainting on
+    a downscaled copy, blended back only inside the grown footprint). The generator saw a low-resolution
+    product there; upscaled, its blurred rim would show as a light or dark halo around the crisp product
+    that is composited on top. ``alpha``: H x W in 0..1 (or 0..255) at the image's size."""
+    a = alpha.astype(np.float32)
+    if a.max() > 1.0:
+        a = a / 255.0
+    solid = (a > 0.02).astype(np.uint8)
+    if not solid.any():
+        return image
+    w, h = image.size
+    grow = max(2, int(round(grow_frac * min(w, h))))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    region = cv2.dilate(solid, kernel)
+    s = min(1.0, work_side / max(w, h))
+    sw, sh = max(8, int(round(w * s))), max(8, int(round(h * s)))
+    arr = np.asarray(image.convert("RGB"))
+    small = cv2.resize(arr, (sw, sh), interpolation=cv2.INTER_AREA)
+    small_mask = cv2.resize(region * 255, (sw, sh), interpolation=cv2.INTER_NEAREST)
+    small_mask = cv2.dilate(small_mask, np.ones((3, 3), np.uint8))
+    filled = cv2.inpaint(small, small_mask, 5, cv2.INPAINT_TELEA)
+    filled = cv2.resize(filled, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), max(1.0, grow / 2))
+    weight = np.maximum(weight, region.astype(np.float32))[..., None]
+    out = arr.astype(np.float32) * (1 - weight) + filled * weight
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))

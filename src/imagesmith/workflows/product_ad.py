@@ -95,7 +95,7 @@ def generation_canvas(fmt_w: int, fmt_h: int, native: int, *, max_aspect: float 
 def cover_transform(src: tuple[int, int], dst: tuple[int, int]) -> tuple[float, float, float]:
     """(scale, offset_x, offset_y) mapping ``dst`` (format) coordinates into ``src`` (canvas) coordinates
     for a centred 'cover' fit: canvas_xy = format_xy * scale + offset."""
-    scale = max(src[0] / dst[0], src[1] / dst[1])
+    scale = min(src[0] / dst[0], src[1] / dst[1])  # the canvas is scaled UP by 1/scale to cover dst
     ox = (src[0] - dst[0] * scale) / 2
     oy = (src[1] - dst[1] * scale) / 2
     return scale, ox, oy
@@ -203,7 +203,7 @@ class ProductAdStudio:
     # ------------------------------------------------------------------ one ad
     def make_one(self, req: AdRequest, product_path: str, cut, fmt, variation: int, seed: int,
                  out_dir: Path, watch: _Stopwatch, progress: Optional[Callable] = None) -> AdOutput:
-        from ..compose.composite import ShadowSpec, calm_region, composite, fit_product
+        from ..compose.composite import ShadowSpec, calm_region, clear_footprint, composite, fit_product
         from ..compose.html import export_html
         from ..compose.placement import place_product
         from ..compose.typeset import CopySpec, typeset
@@ -222,6 +222,10 @@ class ProductAdStudio:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="imagesmith-ad-") as tmp:
             background = self.paint_background(req, fmt, box, fitted, seed, Path(tmp), progress)
+        product_alpha = np.zeros((fmt.height, fmt.width), np.float32)
+        fa = np.asarray(fitted.getchannel("A"), np.float32) / 255.0
+        product_alpha[box[1]:box[3], box[0]:box[2]] = fa[:box[3] - box[1], :box[2] - box[0]]
+        background = clear_footprint(background, product_alpha)
         if req.copy_blur > 0:
             background = calm_region(background, placement.copy_area, sigma_frac=req.copy_blur)
         times["generation"] = time.perf_counter() - t
@@ -234,9 +238,6 @@ class ProductAdStudio:
         times["composite"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        product_alpha = np.zeros((fmt.height, fmt.width), np.float32)
-        fa = np.asarray(fitted.getchannel("A"), np.float32) / 255.0
-        product_alpha[box[1]:box[3], box[0]:box[2]] = fa[:box[3] - box[1], :box[2] - box[0]]
         saliency = saliency_map(comp.image, mask=product_alpha)
         times["analysis"] = time.perf_counter() - t
 
