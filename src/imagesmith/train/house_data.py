@@ -60,6 +60,7 @@ import tempfile
 import textwrap
 import time
 import unicodedata
+from ..core.errors import ImagesmithError
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,11 @@ MIN_SCALE, MAX_SCALE = 0.35, 0.90
 SMALL_BELOW, LARGE_FROM = 0.50, 0.75
 
 
-class HouseDataError(RuntimeError):
-    """The house dataset cannot be built or read (npm missing, integrity mismatch, no index)."""
+class HouseDataError(ImagesmithError, RuntimeError):
+    """The house dataset cannot be built or read (npm missing, integrity mismatch, no index): a user-facing
+    condition, so the CLI prints its one line instead of 'internal error'."""
+
+    code = "house_data"
 
 
 @dataclass(frozen=True)
