@@ -150,14 +150,20 @@ def test_lora_weight_zero_matches_base_and_prompt_sr_rewrites_each_cell(engine, 
 
 
 def test_peak_memory_sees_a_short_lived_allocation():
+    """The sampled peak covers what the process held during the cell, even when the block is freed before
+    the cell ends. (Compared with RSS read inside the cell, not with a fixed +96 MiB: in a long test run the
+    allocator may reuse pages that are already resident.)"""
+    from imagesmith.eval.grid import current_rss_bytes
     with PeakMemory("cpu") as quiet:
         pass
     with PeakMemory("cpu") as busy:
-        block = np.ones(96 * 2**20, np.uint8)  # 96 MiB, touched, alive for several sampling intervals (like
-        time.sleep(0.1)                         # a denoising step's activations); the process's all-time
-        del block                               # peak may already be higher, so ru_maxrss cannot help here
+        block = np.ones(96 * 2**20, np.uint8)  # 96 MiB, touched
+        inside = current_rss_bytes()
+        time.sleep(0.1)                         # alive for several sampling intervals
+        del block
+        after = current_rss_bytes()
     assert quiet.kind == busy.kind == "rss" and quiet.peak_bytes > 0
-    assert busy.peak_bytes >= quiet.peak_bytes + 64 * 2**20
+    assert busy.peak_bytes >= inside >= after - 2**20
 
 
 def test_wrap_label_breaks_lora_sets_after_plus():
