@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagesmith.cli import main
+from test_cli import run_cli
 from imagesmith.core.errors import BadRequest
 from imagesmith.core.requests import GenerateRequest, LoraSpec
 from imagesmith.engine.generate import Engine
@@ -182,16 +182,6 @@ def test_labelled_grid_moved_and_reexported():
 @pytest.fixture
 def env(tiny_home, monkeypatch):
     monkeypatch.setenv("IMAGESMITH_HOME", str(tiny_home.home))
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 TINY = ["--model", "tiny-sd15", "-W", "64", "-H", "64", "--steps", "2", "--seed", "3"]
