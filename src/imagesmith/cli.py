@@ -354,13 +354,8 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
 
 
 def _segmenter(name: Optional[str]):
-    """A segmenter by registry name or path (default: house-cutout)."""
-    from .models.segment import load_segmenter
-    if name is None or name == "house-cutout" or Path(name).expanduser().exists():
-        return load_segmenter(name or "house-cutout")
-    from .core.settings import Settings
-    from .models.house import make_registry
-    return load_segmenter(make_registry(Settings.from_env()).get(name, "segmenter").path)
+    from .models.segment import resolve_segmenter
+    return resolve_segmenter(name)
 
 
 @app.command()

@@ -350,3 +350,15 @@ def load_segmenter(name_or_path: str | Path = HOUSE_CUTOUT_NAME, *, preset: str 
         raise ModelNotFound(f"no segmenter {str(name_or_path)!r}: give 'house-cutout', a .onnx file or a "
                             f"house-cutout folder")
     raise UnsupportedModel(f"{path.name}: a segmenter is 'house-cutout', a .onnx file or a house-cutout folder")
+
+
+def resolve_segmenter(name: str | None = None, registry=None) -> SegmenterBase:
+    """A segmenter by registry name (kind ``segmenter``) or by path; ``None`` is house-cutout. The one lookup
+    the CLI and the ad studio share."""
+    if name is None or str(name) == HOUSE_CUTOUT_NAME or Path(name).expanduser().exists():
+        return load_segmenter(name or HOUSE_CUTOUT_NAME)
+    if registry is None:
+        from ..core.settings import Settings
+        from .house import make_registry
+        registry = make_registry(Settings.from_env())
+    return load_segmenter(registry.get(name, "segmenter").path)

@@ -31,7 +31,6 @@ from ..core.settings import Settings
 
 # on the generation canvas the product must stay as it is (black = keep in the inpainting mask)
 _KEEP_THRESHOLD = 0.5
-STAGES = ("cutout", "generation", "composite", "analysis", "typesetting", "export")
 
 AdProgress = Callable[[int, int, str], None]  # (done, total, label)
 
@@ -148,16 +147,14 @@ class ProductAdStudio:
         return self._engine
 
     def segmenter(self, name: str | None = None):
+        """The segmenter passed in, else ``name`` resolved in the engine's registry (default house-cutout)."""
+        from ..models.segment import resolve_segmenter
         if name is None and self._segmenter is not None:
             return self._segmenter
-        from ..models.segment import load_segmenter
+        seg = resolve_segmenter(name, self.engine.registry if name else None)
         if name is None:
-            self._segmenter = load_segmenter()
-            return self._segmenter
-        if Path(name).expanduser().exists():
-            return load_segmenter(name)
-        entry = self.engine.registry.get(name, "segmenter")
-        return load_segmenter(entry.path if entry.format != "house" or entry.name != "house-cutout" else "house-cutout")
+            self._segmenter = seg
+        return seg
 
     def _native(self, model: str | None) -> int:
         entry = self.engine.registry.get(model, "checkpoint") if model else self.engine._default_checkpoint()
