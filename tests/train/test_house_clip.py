@@ -311,13 +311,19 @@ def test_shipped_model_recognises_held_out_views():
     sims = model.encode_images(images) @ model.encode_texts([H.zero_shot_prompt(n) for n in names]).t()
     top = sims.topk(5, dim=-1).indices.tolist()
     top5 = sum(it["object"] in [names[j] for j in row] for row, it in zip(top, items))
-    assert top5 >= 0.25 * len(items), top5  # measured 0.44 on 1000 views; chance 0.007
+    assert top5 >= 0.8 * len(items), top5  # measured 1.00 on 1000 views (GPU-trained; CPU preview 0.44); chance 0.007
     # classify() ranks the same way over a short label list that holds the right name
     it = items[0]
     labels = [it["object"]] + [n for n in names if n != it["object"]][:: len(names) // 20][:19]
-    ranked = [lbl for lbl, _ in model.classify(images[0], labels, top_k=len(labels))]
+    ranked = model.classify(images[0], labels, top_k=len(labels))
     sub = sims[0, [names.index(lbl) for lbl in labels]]
-    assert ranked == [labels[j] for j in sub.argsort(descending=True).tolist()]
+    assert ranked[0][0] == labels[int(sub.argmax())]
+    # probabilities are the softmax of the same similarities at the learnt scale (far-down labels underflow to
+    # 0, so their order among themselves is arbitrary: compare values, not the order of ties)
+    expected = (float(model.scale()) * sub).softmax(-1)
+    got = dict(ranked)
+    assert all(abs(got[lbl] - float(expected[j])) < 1e-3 for j, lbl in enumerate(labels))
+    assert [p for _, p in ranked] == sorted((p for _, p in ranked), reverse=True)
     # each image prefers its own caption over the next sample's
     own = model.score(images, [it["caption"] for it in items], pairwise=True)
     other = model.score(images, [it["caption"] for it in items[1:] + items[:1]], pairwise=True)

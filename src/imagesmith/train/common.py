@@ -18,6 +18,7 @@ uninterrupted one (on the same device and thread count)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from ..models.cache import pick_device  # noqa: F401  one device rule everywhere (cuda > mps > cpu)
 
 CHECKPOINT_DIR = "checkpoint"
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- seeds, devices
@@ -257,3 +259,133 @@ class Stopwatch:
 def mean(values: Iterable[float]) -> float:
     vals = list(values)
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+# ------------------------------------------------------------------------------------- time budgets
+class TimeBudget:
+    """Train for a wall-clock budget instead of (or as well as) a step count, e.g. on a rented GPU.
+
+    ``progress(step)`` is the fraction of the run done: ``step / total_steps``, or, when ``seconds`` is set,
+    the larger of that and the elapsed fraction of the budget, so a cosine schedule driven by it reaches its
+    floor when the budget runs out whatever the step rate is. ``done(step)`` says when to stop. With a budget
+    an interrupted-and-resumed run is NOT bit-identical to an uninterrupted one (the schedule follows the
+    clock); without one this is the plain step schedule."""
+
+    def __init__(self, total_steps: int, seconds: float | None = None):
+        self.total_steps = max(1, int(total_steps))
+        self.seconds = float(seconds) if seconds else None
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def progress(self, step: int) -> float:
+        p = step / self.total_steps
+        if self.seconds:
+            p = max(p, self.elapsed() / self.seconds)
+        return min(1.0, p)
+
+    def done(self, step: int) -> bool:
+        return step >= self.total_steps or (self.seconds is not None and self.elapsed() >= self.seconds)
+
+    def lr_factor(self, warmup: int, min_ratio: float = 0.1):
+        """A ``LambdaLR`` factor: linear warmup over ``warmup`` steps, then cosine over :meth:`progress`
+        (from where the warmup ended) down to ``min_ratio``."""
+        if self.seconds is None:
+            return warmup_cosine(warmup, self.total_steps, min_ratio)
+        state = {"p0": None}
+
+        def factor(step: int) -> float:
+            if warmup > 0 and step < warmup:
+                return (step + 1) / warmup
+            p = self.progress(step)
+            if state["p0"] is None:
+                state["p0"] = p
+            span = max(1e-9, 1.0 - state["p0"])
+            q = min(1.0, max(0.0, (p - state["p0"]) / span))
+            return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
+        return factor
+
+
+# ------------------------------------------------------------------------------------ parallel data
+class _Picked(torch.utils.data.Dataset):
+    """``dataset`` seen through a list of indices (what a DataLoader worker renders)."""
+
+    def __init__(self, dataset, indices: list[int], keys: tuple[str, ...]):
+        self.dataset, self.indices, self.keys = dataset, indices, keys
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        item = self.dataset[self.indices[k]]
+        return {key: item[key] for key in self.keys}
+
+
+def _as_list(batch):
+    return batch
+
+
+def render_items(dataset, indices: Iterable[int], *, keys: tuple[str, ...], workers: int = 0,
+                 chunk: int = 64) -> Iterable[dict[str, Any]]:
+    """``dataset[i]`` (only ``keys``) for each index, in order. ``workers > 0`` renders in that many
+    worker processes (a ``torch.utils.data.DataLoader``): the items are the same, only faster."""
+    picked = _Picked(dataset, list(indices), keys)
+    if workers <= 0:
+        for k in range(len(picked)):
+            yield picked[k]
+        return
+    loader = torch.utils.data.DataLoader(picked, batch_size=chunk, shuffle=False, num_workers=workers,
+                                         collate_fn=_as_list, prefetch_factor=4, persistent_workers=False)
+    done = 0
+    try:
+        for batch in loader:
+            for item in batch:
+                yield item
+                done += 1
+    except RuntimeError as exc:  # workers that cannot share memory (a tiny /dev/shm): finish in-process
+        log.warning("render workers failed (%s); rendering the remaining %d items in-process", exc,
+                    len(picked) - done)
+        for k in range(done, len(picked)):
+            yield picked[k]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``k`` = the stacked ``keys`` of ``batch_size`` dataset samples for training step ``first + k``;
+    the sample indices come from a generator seeded by (``seed``, step) alone, so a resumed run draws the same
+    batches as an uninterrupted one, and DataLoader workers can render steps ahead of the trainer."""
+
+    def __init__(self, dataset, *, first: int, last: int, batch_size: int, seed: int,
+                 keys: tuple[str, ...] = ("image", "mask")):
+        self.dataset, self.first, self.last = dataset, int(first), int(last)
+        self.batch_size, self.seed, self.keys = int(batch_size), int(seed), keys
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first)
+
+    def indices(self, step: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return torch.randint(len(self.dataset), (self.batch_size,), generator=g).tolist()
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
+        items = [self.dataset[i] for i in self.indices(self.first + k)]
+        return tuple(torch.stack([it[key] for it in items]).float() for key in self.keys)
+
+
+def step_batches(dataset, *, first: int, last: int, batch_size: int, seed: int, workers: int,
+                 keys: tuple[str, ...] = ("image", "mask")) -> Iterable[tuple[torch.Tensor, ...]]:
+    """Iterate :class:`StepBatches` for steps ``first .. last - 1``, rendered by ``workers`` processes
+    (0: in this process)."""
+    ds = StepBatches(dataset, first=first, last=last, batch_size=batch_size, seed=seed, keys=keys)
+    if workers <= 0:
+        yield from (ds[k] for k in range(len(ds)))
+        return
+    done = 0
+    try:
+        for batch in torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                                 prefetch_factor=4, persistent_workers=False):
+            yield batch
+            done += 1
+    except RuntimeError as exc:  # as in render_items
+        log.warning("batch workers failed (%s); rendering the remaining batches in-process", exc)
+        yield from (ds[k] for k in range(done, len(ds)))

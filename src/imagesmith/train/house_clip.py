@@ -81,6 +81,11 @@ class HouseClipConfig(BaseModel):
     logit_scale_init: float = math.log(1 / 0.07)
     # data
     train_samples: int = Field(11808, ge=1)
+    data_workers: int = Field(0, ge=0)
+    """Processes that render the training views; 0 renders in the trainer's process."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop after this many wall seconds of steps (schedule follows the clock, ``common.TimeBudget``);
+    ``steps`` stays the upper bound."""
     """How many dataset samples are rendered and encoded once (the cache); 16 views per house training object."""
     recolour_p: float = Field(0.5, ge=0.0, le=1.0)
     """House dataset: chance that a training view is recoloured (val_views are all recoloured)."""
@@ -185,8 +190,8 @@ def prepare_data(config: HouseClipConfig, dataset, tokenizer, text_encoder, path
     images = torch.zeros(n, 3, config.image_size, config.image_size, dtype=torch.uint8)
     captions, objects = [], []
     bar = C.progress(n, 0, "house-clip render", config.progress)
-    for i in range(n):
-        item = dataset[i]
+    items = C.render_items(dataset, range(n), keys=("image", "caption", "object"), workers=config.data_workers)
+    for i, item in enumerate(items):
         images[i] = _to_uint8(item["image"], config.image_size)
         captions.append(str(item["caption"]))
         objects.append(str(item["object"]))
@@ -230,13 +235,14 @@ def build_model(config: HouseClipConfig) -> HouseClipModel:
     return HouseClipModel(config.arch())
 
 
-def _optim(model: HouseClipModel, config: HouseClipConfig):
+def _optim(model: HouseClipModel, config: HouseClipConfig, budget: C.TimeBudget | None = None):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    budget = budget or C.TimeBudget(config.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, C.warmup_cosine(min(config.warmup_steps, config.steps // 10 or 1), config.steps, min_ratio=0.02))
+        opt, budget.lr_factor(min(config.warmup_steps, config.steps // 10 or 1), min_ratio=0.02))
     return opt, sched
 
 
@@ -297,7 +303,8 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
     model = build_model(config).to(device)
     model.train()
     ema = C.EMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    opt, sched = _optim(model, config)
+    budget = C.TimeBudget(config.steps, config.time_budget_s)
+    opt, sched = _optim(model, config, budget)
     step, watch = 0, C.Stopwatch()
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
@@ -311,9 +318,12 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
     n, n_templates = images.shape[0], prompts.shape[1]
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     bar = C.progress(config.steps, step, "house-clip", config.progress)
-    while step < end:
+    if images.device != device and device.type == "cuda":  # the uint8 views fit on a GPU: no per-step copy
+        images, feats, labels, prompts = images.to(device), feats.to(device), labels.to(device), prompts.to(device)
+    budget.started = time.perf_counter()
+    while step < end and not budget.done(step):
         t0 = time.perf_counter()
-        idx = torch.randint(n, (config.batch_size,), generator=gen)
+        idx = torch.randint(n, (config.batch_size,), generator=gen).to(images.device)
         pixels = augment(images[idx], gen, config.shift).to(device)
         template = int(torch.randint(n_templates, (1,), generator=gen))
         with _autocast(device, config.cpu_bf16):
@@ -334,7 +344,7 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{parts.get('cls_acc', 0):.2f}",
                         img_s=f"{config.batch_size / dt:.0f}")
-        if step % config.save_every == 0 or step == end:
+        if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=model, optimizer=opt, scheduler=sched, generator=gen,
                               wall_seconds=watch.total, ema=ema,
                               extra={"data_timing": data.get("timing"), "classes": len(data["names"])})

@@ -62,6 +62,12 @@ class HouseCutoutConfig(BaseModel):
     widths: tuple[int, ...] = (16, 32, 64, 128)
     steps: int = 1000
     batch_size: int = 16
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop after this many wall seconds (schedule follows the clock, ``common.TimeBudget``); ``steps`` stays
+    the upper bound."""
+    data_workers: int = Field(0, ge=0)
+    """Processes rendering batches ahead of the trainer (``common.step_batches``: batch indices then come
+    from (seed, step), not the trainer's generator); 0 renders each batch in the trainer's process."""
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 1e-4
@@ -171,7 +177,8 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
     net.train()
     ema = C.EMA(net, config.ema_decay) if config.ema_decay > 0 else None
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, C.warmup_cosine(config.warmup_steps, config.steps, 0.02))
+    budget = C.TimeBudget(config.steps, config.time_budget_s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, budget.lr_factor(config.warmup_steps, 0.02))
     step, watch = 0, C.Stopwatch()
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
@@ -183,9 +190,12 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
     losslog.truncate_after(step)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     bar = C.progress(config.steps, step, "house-cutout", config.progress)
-    while step < end:
+    ahead = (C.step_batches(dataset, first=step, last=end, batch_size=config.batch_size, seed=config.seed,
+                            workers=config.data_workers) if config.data_workers else None)
+    budget.started = time.perf_counter()
+    while step < end and not budget.done(step):
         t0 = time.perf_counter()
-        images, masks = _draw(dataset, gen, config.batch_size)
+        images, masks = next(ahead) if ahead is not None else _draw(dataset, gen, config.batch_size)
         images, masks = augment(images, masks, gen, config)
         images, masks = images.to(device), masks.to(device)
         with _autocast(device, config.cpu_bf16):
@@ -204,7 +214,7 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
             losslog.append({"step": step, "loss": loss.item(), **parts, "lr": sched.get_last_lr()[0], "sec": dt})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{config.batch_size / dt:.1f}")
-        if step % config.save_every == 0 or step == end:
+        if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=net, optimizer=opt, scheduler=sched, generator=gen,
                               wall_seconds=watch.total, ema=ema)
     bar.close()

@@ -886,6 +886,18 @@ def _shadow_map(alpha: np.ndarray, box: tuple[int, int, int, int], size: int) ->
     return np.clip(0.55 * contact / max(contact.max(), 1e-6) + 0.22 * drop, 0.0, 0.6)
 
 
+def sample_caption(obj: HouseObject, spec: SampleSpec, bg_phrase: str) -> tuple[str, str]:
+    """(object phrase, caption) of a sample: the object's (recoloured, sized) name put into the spec's
+    template with the backdrop phrase and placement."""
+    phrase = recoloured_name(obj.name, spec.colour) if spec.colour else obj.name
+    if spec.size_word:
+        phrase = f"{spec.size_word} {phrase}"
+    caption = TEMPLATES[spec.template % len(TEMPLATES)].format(
+        obj=with_article(phrase), bg=bg_phrase, prep=backdrop_preposition(spec.backdrop_kind),
+        at=_AT[spec.position], where="," + _AT[spec.position] if spec.position != "centre" else "")
+    return phrase, caption
+
+
 def render_sample(dataset: HouseDataset, spec: SampleSpec, size: int = 128) -> HouseSample:
     """Make one sample: backdrop, (recoloured) object composited with its alpha, shadow, caption."""
     obj = dataset.object(spec.object_key)
@@ -919,12 +931,7 @@ def render_sample(dataset: HouseDataset, spec: SampleSpec, size: int = 128) -> H
     image = Image.fromarray(np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8), "RGB")
     mask = Image.fromarray((a_q * 255.0).round().astype(np.uint8), "L")
 
-    phrase = recoloured_name(obj.name, spec.colour) if spec.colour else obj.name
-    if spec.size_word:
-        phrase = f"{spec.size_word} {phrase}"
-    caption = TEMPLATES[spec.template % len(TEMPLATES)].format(
-        obj=with_article(phrase), bg=bg_phrase, prep=backdrop_preposition(spec.backdrop_kind),
-        at=_AT[spec.position], where="," + _AT[spec.position] if spec.position != "centre" else "")
+    phrase, caption = sample_caption(obj, spec, bg_phrase)
     return HouseSample(image=image, mask=mask, caption=caption, object_key=obj.key, object_name=obj.name,
                        object_phrase=phrase, emoji=obj.emoji, group=obj.group, backdrop_kind=spec.backdrop_kind,
                        backdrop_phrase=bg_phrase, colour=spec.colour, scale=spec.scale, position=spec.position,

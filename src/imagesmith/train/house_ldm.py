@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,18 @@ class HouseLdmConfig(BaseModel):
     latent_cache: int = Field(0, ge=0)
     """Pre-encode this many dataset samples (VAE latent mean/std + text-encoder states) once and train the
     UNet on them, skipping both frozen encoders at every step; 0 encodes each batch on the fly."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop the UNet stage after this many wall seconds of steps (cosine schedule follows the clock, see
+    ``common.TimeBudget``); ``unet_steps`` stays the upper bound. For fixed-length rented-GPU runs."""
+    vae_train: Literal["all", "decoder"] = "all"
+    """``decoder`` fine-tunes only the decoder (and post-quant conv) of the ``init_from`` VAE: its latents and
+    scaling factor stay exactly as they were, so a UNet trained on them keeps working while the pictures it
+    decodes get sharper (what SD's ft-MSE VAE did)."""
+    vae_time_budget_s: float | None = Field(None, gt=0)
+    """The same wall-clock budget for the VAE stage (``vae_steps`` stays the upper bound)."""
+    data_workers: int = Field(0, ge=0)
+    """Processes that render dataset samples (VAE batches, via ``common.step_batches``, whose indices then
+    come from (seed, step); and the latent cache); 0 renders in the trainer's process."""
     # shared
     batch_size: int = 32
     """UNet batch size (the VAE stage uses ``vae_batch_size``)."""
@@ -119,6 +131,8 @@ class HouseLdmConfig(BaseModel):
     """A house-ldm folder (e.g. the shipped one) whose vae/ and unet/ weights start a fresh run instead of
     random ones: continue training across sessions without the optimizer checkpoints. With ``vae_steps: 0``
     the VAE is kept as it is, scaling factor included."""
+    init_parts: tuple[str, ...] = ("vae", "unet")
+    """Which of ``init_from``'s parts to start from: ``[vae]`` keeps its VAE and trains a fresh UNet."""
 
     @model_validator(mode="after")
     def _check(self) -> HouseLdmConfig:
@@ -202,7 +216,7 @@ def _batch(dataset, gen: torch.Generator, size: int, device: torch.device) -> tu
 
 def _init_weights(config: HouseLdmConfig, part: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(fp32 state dict, config.json) of ``config.init_from/part``, or None without init_from. Safetensors only."""
-    if config.init_from is None:
+    if config.init_from is None or part not in config.init_parts:
         return None
     from safetensors.torch import load_file
     folder = Path(config.init_from) / part
@@ -246,10 +260,10 @@ def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float,
     return loss, parts
 
 
-def _optim(params, config: HouseLdmConfig, lr: float, total: int):
+def _optim(params, config: HouseLdmConfig, lr: float, total: int, budget: C.TimeBudget | None = None):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, C.warmup_cosine(min(config.warmup_steps, total // 10 or 1),
-                                                                    total))
+    budget = budget or C.TimeBudget(total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, budget.lr_factor(min(config.warmup_steps, total // 10 or 1)))
     return opt, sched
 
 
@@ -288,10 +302,17 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
     init = _init_weights(config, "vae")
     if init is not None:
         vae.load_state_dict(init[0])
-        if config.vae_steps == 0:
+        if config.vae_steps == 0 or config.vae_train == "decoder":
             vae.register_to_config(scaling_factor=init[1]["scaling_factor"])
+    elif config.vae_train == "decoder":
+        raise ValueError("vae_train: decoder fine-tunes an existing VAE: set init_from")
     vae.train()
-    opt, sched = _optim(vae.parameters(), config, config.vae_lr, config.vae_steps)
+    if config.vae_train == "decoder":
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    budget = C.TimeBudget(config.vae_steps, config.vae_time_budget_s)
+    opt, sched = _optim([p for p in vae.parameters() if p.requires_grad], config, config.vae_lr, config.vae_steps,
+                        budget)
     step, watch = 0, C.Stopwatch()
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
@@ -303,9 +324,15 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
     losslog.truncate_after(step)
     end = config.vae_steps if stop_at is None else min(stop_at, config.vae_steps)
     bar = C.progress(config.vae_steps, step, "house-ldm vae", config.progress)
-    while step < end:
+    ahead = (C.step_batches(dataset, first=step, last=end, batch_size=config.vae_batch_size, seed=config.seed,
+                            workers=config.data_workers, keys=("image",)) if config.data_workers else None)
+    budget.started = time.perf_counter()
+    while step < end and not budget.done(step):
         t0 = time.perf_counter()
-        images, _ = _batch(dataset, gen, config.vae_batch_size, device)
+        if ahead is not None:
+            images = next(ahead)[0].to(device)
+        else:
+            images, _ = _batch(dataset, gen, config.vae_batch_size, device)
         with _autocast(device, config.cpu_bf16):
             loss, parts = vae_loss(vae, images, gen, config.vae_kl_weight, config.vae_grad_weight,
                                    config.vae_chroma_weight)
@@ -319,7 +346,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
         losslog.append({"step": step, "loss": loss.item(), **parts, "lr": sched.get_last_lr()[0], "sec": dt})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{config.vae_batch_size / dt:.1f}")
-        if step % config.save_every == 0 or step == end:
+        if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=vae, optimizer=opt, scheduler=sched, generator=gen,
                               wall_seconds=watch.total)
         if config.sample_every and step % config.sample_every == 0:
@@ -331,7 +358,8 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
                        min(8, len(images)))
     bar.close()
     vae.eval().requires_grad_(False)
-    if step >= config.vae_steps and not (init is not None and config.vae_steps == 0):
+    finished = step >= config.vae_steps or (config.vae_time_budget_s is not None and budget.done(step))
+    if finished and not (init is not None and (config.vae_steps == 0 or config.vae_train == "decoder")):
         vae.register_to_config(scaling_factor=latent_scaling_factor(vae, dataset, config, device))
     return vae
 
@@ -362,7 +390,8 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
         unet.load_state_dict(init[0])
     unet.train()
     ema = C.EMA(unet, config.ema_decay)
-    opt, sched = _optim(unet.parameters(), config, config.unet_lr, config.unet_steps)
+    budget = C.TimeBudget(config.unet_steps, config.time_budget_s)
+    opt, sched = _optim(unet.parameters(), config, config.unet_lr, config.unet_steps, budget)
     noise_sched = DDPMScheduler(**noise_scheduler_config())
     alphas = noise_sched.alphas_cumprod.to(device)
     step, watch = 0, C.Stopwatch()
@@ -379,12 +408,16 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
     cache = None
     if config.latent_cache:
         cache = latent_cache(config, dataset, vae, tokenizer, text_encoder, device, folder / "latent_cache.safetensors")
+        if device.type == "cuda":  # a GPU holds the whole cache: no host gather + copy per step
+            cache = {k: v.to(device) for k, v in cache.items()}
     end = config.unet_steps if stop_at is None else min(stop_at, config.unet_steps)
     bar = C.progress(config.unet_steps, step, "house-ldm unet", config.progress)
-    while step < end:
+    budget.started = time.perf_counter()  # the budget is for steps, not for building the cache
+    while step < end and not budget.done(step):
         t0 = time.perf_counter()
         if cache is not None:
-            idx = torch.randint(cache["mean"].shape[0], (config.batch_size,), generator=gen)
+            idx = torch.randint(cache["mean"].shape[0], (config.batch_size,), generator=gen).to(
+                cache["mean"].device)
             mean, std = cache["mean"][idx].float().to(device), cache["std"][idx].float().to(device)
             eps_z = torch.randn(mean.shape, generator=gen).to(device)
             latents = (mean + std * eps_z) * scale
@@ -419,7 +452,7 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
         losslog.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "sec": dt})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{b / dt:.1f}")
-        if step % config.save_every == 0 or step == end:
+        if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=unet, optimizer=opt, scheduler=sched, generator=gen,
                               wall_seconds=watch.total, ema=ema)
         if config.sample_every and step % config.sample_every == 0:
@@ -447,8 +480,9 @@ def latent_cache(config: HouseLdmConfig, dataset, vae, tokenizer, text_encoder, 
             return load_file(str(path))
     means, stds, texts = [], [], []
     bar = C.progress(n, 0, "house-ldm latent cache", config.progress)
+    stream = C.render_items(dataset, range(n), keys=("image", "caption"), workers=config.data_workers)
     for start in range(0, n, config.batch_size):
-        items = [dataset[i] for i in range(start, min(n, start + config.batch_size))]
+        items = [next(stream) for _ in range(start, min(n, start + config.batch_size))]
         images = torch.stack([it["image"] for it in items]).to(device=device, dtype=torch.float32)
         with _autocast(device, config.cpu_bf16):
             posterior = vae.encode(images).latent_dist
