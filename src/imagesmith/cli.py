@@ -311,6 +311,49 @@ def train_house_cutout(config: Optional[Path] = typer.Option(None, "--config", h
     raise typer.Exit(cutout_main(args))
 
 
+@train_app.command("lora")
+def train_lora_cmd(config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="LoRA training config (see examples/lora/lora.yaml)"),
+                   as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON")):
+    """Train a LoRA on a registered checkpoint or house-ldm; re-run the same command to resume."""
+    from .train.lora import train_lora
+    summary = train_lora(config)
+    if as_json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"{summary['lora']}  (registered: --lora {summary['name']}:1.0)")
+        print(f"{summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
+              f"{summary['wall_seconds']} s; card: {summary['card']}")
+
+
+dataset_app = typer.Typer(no_args_is_help=True, help="Training datasets: check and caption.")
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("check")
+def dataset_check(folder: Path = typer.Argument(..., help="kohya-style folder (image + .txt) or one with metadata.jsonl"),
+                  min_side: int = typer.Option(256, "--min-side", help="flag images smaller than this on a side"),
+                  as_json: bool = typer.Option(False, "--json")):
+    """Find missing or empty captions, unreadable images and size outliers; exit 1 when a problem blocks training."""
+    from .train.lora_data import scan_folder
+    report = scan_folder(folder, min_side=min_side)
+    data = report.to_dict()
+    if as_json:
+        print(json.dumps(data, indent=1))
+    else:
+        print(f"{folder}: {data['images']} usable images ({data['with_repeats']} with repeats), "
+              f"captions from {data['source']}; sides {data['min_side']}-{data['max_side']} px")
+        for line in report.problems:
+            print(f"  problem: {line}")
+        for p, why in report.outliers:
+            print(f"  outlier: {p}: {why}")
+        for p in report.orphan_captions:
+            print(f"  note: {p} has no image")
+        if data["ok"]:
+            print("ok")
+    if not data["ok"]:
+        raise _Exit(f"{len(report.problems)} problem(s) in {folder}: fix them before training", 1)
+
+
 @house_app.command("sheet")
 def house_sheet(output: Path = typer.Option(Path("docs/house-ldm-samples.png"), "-o", "--output"),
                 model: Optional[str] = typer.Option(None, "--model", help="checkpoint (default: house-ldm)"),
