@@ -243,3 +243,14 @@ def test_dataset_check_lists_every_problem(tmp_path, capsys):
     assert [u["file"] for u in report["unreadable"]] == [str(d / "2_blocks" / "broken.png")]
     assert [o["file"] for o in report["size_outliers"]] == [str(d / "2_blocks" / "tiny.png")]
     assert scan_folder(d).problems[0].endswith("no caption (0.txt is missing)")
+
+
+@pytest.mark.parametrize("name", ["lora.yaml", "lora.ko.yaml"])
+def test_example_configs_name_every_key_and_parse(name):
+    path = Path(__file__).resolve().parents[2] / "examples" / "lora" / name
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert set(data) == set(L.LoraTrainConfig.model_fields)  # every key, commented
+    cfg = L.LoraTrainConfig.from_yaml(path)
+    assert cfg.dataset == path.parent / "my-dataset" and cfg.rank == 8
+    english = yaml.safe_load((path.parent / "lora.yaml").read_text(encoding="utf-8"))
+    assert data == english  # the Korean file differs in its comments only
