@@ -354,6 +354,56 @@ def dataset_check(folder: Path = typer.Argument(..., help="kohya-style folder (i
         raise _Exit(f"{len(report.problems)} problem(s) in {folder}: fix them before training", 1)
 
 
+@dataset_app.command("caption")
+def dataset_caption(folder: Path = typer.Argument(..., help="folder of images; captions go beside them as .txt"),
+                    overwrite: bool = typer.Option(False, "--overwrite", help="re-caption images that have a caption"),
+                    trigger: Optional[str] = typer.Option(None, "--trigger", help="put this word first in each caption"),
+                    labels: Optional[Path] = typer.Option(None, "--labels", help="a text file of object names, one a line "
+                                                          "(default: house-clip's 725 training objects)"),
+                    as_json: bool = typer.Option(False, "--json")):
+    """Write captions with imagesmith's own models (house-clip names the object, house-cutout finds the backdrop)."""
+    from .vision.caption import caption_folder
+    names = None
+    if labels is not None:
+        if not labels.is_file():
+            raise _Exit(f"labels file {labels} does not exist")
+        names = [x.strip() for x in labels.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if not names:
+            raise _Exit(f"labels file {labels} is empty")
+    records = caption_folder(folder, overwrite=overwrite, trigger_word=trigger, labels=names, progress=not as_json)
+    if as_json:
+        print(json.dumps(records, indent=1))
+    else:
+        for r in records:
+            print(f"{'wrote' if r['written'] else 'kept '}  {r['file']}: {r.get('caption', r.get('error'))}")
+
+
+@house_app.command("styles")
+def house_styles(styles: Optional[List[str]] = typer.Argument(None, help="fluent-flat, noto, openmoji (default: all)"),
+                 train: bool = typer.Option(False, "--train", help="also train each style's LoRA on house-ldm"),
+                 ship: bool = typer.Option(False, "--ship", help="with --train: copy the LoRAs into the package (maintainers)"),
+                 as_json: bool = typer.Option(False, "--json")):
+    """Build the house style datasets from their npm icon sets (and train the style LoRAs)."""
+    from .core.settings import Settings
+    from .train.house_styles import STYLES, build_style_dataset, train_style
+    chosen = styles or list(STYLES)
+    unknown = [s for s in chosen if s not in STYLES]
+    if unknown:
+        raise _Exit(f"unknown style {unknown[0]!r}; known: {', '.join(STYLES)}")
+    settings = Settings.from_env()
+    results = {}
+    for style in chosen:
+        if train:
+            results[style] = train_style(style, settings, ship=ship)
+        else:
+            results[style] = {"dataset": str(build_style_dataset(style, cache_dir=settings.home / "cache"))}
+    if as_json:
+        print(json.dumps(results, indent=1))
+    else:
+        for style, r in results.items():
+            print(f"{style}: " + (r.get("shipped") or r.get("lora") or r["dataset"]))
+
+
 @house_app.command("sheet")
 def house_sheet(output: Path = typer.Option(Path("docs/house-ldm-samples.png"), "-o", "--output"),
                 model: Optional[str] = typer.Option(None, "--model", help="checkpoint (default: house-ldm)"),

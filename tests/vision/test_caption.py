@@ -1,0 +1,56 @@
+"""`imagesmith dataset caption`: house-clip names the object, house-cutout finds the backdrop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image, ImageDraw
+
+from imagesmith.vision.caption import Captioner, caption_folder
+
+from test_cli import run_cli
+
+
+def disc_on(backdrop: tuple[int, int, int], size: int = 128) -> Image.Image:
+    im = Image.new("RGB", (size, size), backdrop)
+    ImageDraw.Draw(im).ellipse([36, 36, 92, 92], fill=(200, 30, 30))
+    return im
+
+
+def test_backdrop_colour_is_named_from_the_house_palette():
+    cap = Captioner(labels=["red apple", "blue car", "teapot"])
+    assert cap.backdrop_colour(disc_on((244, 244, 242))) == "white"
+    c = cap(disc_on((40, 42, 46)))
+    assert c.backdrop == "charcoal" and c.object in {"red apple", "blue car", "teapot"}
+    assert c.text == f"{'an' if c.object[0] in 'aeiou' else 'a'} {c.object} on a charcoal backdrop"
+
+
+def test_caption_folder_writes_missing_captions_only(tmp_path, capsys):
+    for i in range(2):
+        disc_on((244, 244, 242)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.txt").write_text("kept caption")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red apple\nteapot\n")
+    code, out, err = run_cli(capsys, "dataset", "caption", str(tmp_path), "--trigger", "zz", "--labels", str(labels),
+                             "--json")
+    assert code == 0, err
+    records = {r["file"]: r for r in json.loads(out)}
+    new = records[str(tmp_path / "0.png")]
+    assert new["written"] and new["caption"].startswith("zz, ") and new["caption"].endswith("on a white backdrop")
+    assert (tmp_path / "0.txt").read_text().strip() == new["caption"]
+    assert not records[str(tmp_path / "1.png")]["written"] and (tmp_path / "1.txt").read_text() == "kept caption"
+    code, _, err = run_cli(capsys, "dataset", "caption", str(tmp_path / "nope"))
+    assert code == 2 and "nope does not exist" in err
+
+
+def test_objects_of_held_out_views_are_named():
+    from imagesmith.train.house_data import HouseDataError, HouseSampleDataset, load_house_dataset
+    try:
+        index = load_house_dataset()
+    except (HouseDataError, OSError, ValueError) as exc:
+        pytest.skip(f"house dataset not built: {exc}")
+    ds = HouseSampleDataset(index, "val_views", size=128, seed=3, epoch_length=12)
+    cap = Captioner()
+    hits = sum(cap(ds.sample(i).image).object == ds.sample(i).object_name for i in range(12))
+    assert hits >= 9, hits  # measured 12/12 with the GPU-trained house-clip
