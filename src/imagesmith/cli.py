@@ -587,6 +587,29 @@ def eval_cutout(segmenter: Optional[str] = typer.Option(None, "--segmenter", hel
             print(f"{k}: {v}")
 
 
+@eval_app.command("report")
+def eval_report(config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="prompts, seeds, configurations (see examples/report/house-styles.yaml)"),
+                output: Optional[Path] = typer.Option(None, "-o", "--output", help="report folder (default: the config's output)"),
+                as_json: bool = typer.Option(False, "--json", help="print report.json's summary part")):
+    """Render prompts x seeds under several configurations; write report.html, report.md, report.json."""
+    import time as _time
+
+    from .core.settings import Settings
+    from .eval.report import ReportConfig, run_report
+    cfg = ReportConfig.from_yaml(config)
+    cfg.requests()  # every request is valid: fail before loading anything
+    out = output or cfg.output or Settings.from_env().home / "outputs" / "reports" / _time.strftime("%Y%m%d-%H%M%S")
+    engine = _engine()
+    with _progress_bar(not as_json and sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1",
+                       "report") as on_progress:
+        report = run_report(engine, cfg, out, progress=on_progress)
+    if as_json:
+        print(json.dumps({k: report[k] for k in ("title", "per_configuration", "winners", "summary")}, indent=1))
+    else:
+        print(report["summary"])
+        print(f"{out / 'report.html'}\n{out / 'report.md'}")
+
+
 @eval_app.command("ads")
 def eval_ads(manifests: List[str] = typer.Argument(..., help="manifest.json files or folders holding them"),
              as_json: bool = typer.Option(False, "--json")):
