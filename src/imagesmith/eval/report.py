@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ class ReportConfig(BaseModel):
                 raise ReportConfigError(f"{path}: unknown key '{key}'") from None
             raise ReportConfigError(f"{path}: '{key}': {err['msg']}") from None
         if cfg.output is not None and not cfg.output.is_absolute():
-            cfg = cfg.model_copy(update={"output": path.parent / cfg.output})
+            cfg = cfg.model_copy(update={"output": Path(os.path.normpath(path.parent / cfg.output))})
         if cfg.clip_model is not None and not cfg.clip_model.is_absolute():
             cfg = cfg.model_copy(update={"clip_model": path.parent / cfg.clip_model})
         return cfg
@@ -145,6 +146,11 @@ def run_report(engine, config: ReportConfig, out_dir: Path, *, progress=None) ->
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     images: dict[tuple[str, str, int], Image.Image] = {}
+    warmed: set[str | None] = set()
+    for _, _, _, req in plan:  # load each checkpoint once, untimed: seconds are per image, not per load
+        if req.model not in warmed:
+            engine.generate(req.model_copy(update={"loras": [], "steps": 1, "hires": None}))
+            warmed.add(req.model)
     for k, (c, prompt, seed, req) in enumerate(plan):
         with PeakMemory(engine.device) as mem:
             t0 = time.perf_counter()

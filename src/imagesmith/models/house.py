@@ -27,7 +27,8 @@ It is a stand-in so that `make run` exercises the whole engine offline until the
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "house"
-"""The house models that ship inside the package: checkpoints/house-ldm, house-clip, house-cutout."""
+"""The house models that ship inside the package: checkpoints/house-ldm, house-clip, house-cutout and the
+house style LoRAs in loras/."""
 
 
 def house_dirs(settings: Settings) -> list[Path]:
@@ -44,7 +45,8 @@ def make_registry(settings: Settings):
     except OSError:
         pass
     return Registry(settings, builtin_dirs=house_dirs(settings),
-                    tool_dirs={"clip": [SHIPPED_DIR / "house-clip"], "segmenter": [SHIPPED_DIR / "house-cutout"]})
+                    tool_dirs={"clip": [SHIPPED_DIR / "house-clip"], "segmenter": [SHIPPED_DIR / "house-cutout"]},
+                    builtin_lora_dirs=[SHIPPED_DIR / "loras"])
 
 
 def ensure_placeholder(settings: Settings) -> Path:

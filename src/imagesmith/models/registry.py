@@ -86,9 +86,10 @@ def ncnn_models_dir() -> Path | None:
 
 class Registry:
     def __init__(self, settings: Settings, builtin_dirs: list[Path] | None = None,
-                 tool_dirs: dict[str, list[Path]] | None = None):
+                 tool_dirs: dict[str, list[Path]] | None = None, builtin_lora_dirs: list[Path] | None = None):
         self.settings = settings
         self.builtin_dirs = [Path(p) for p in (builtin_dirs or [])]
+        self.builtin_lora_dirs = [Path(p) for p in (builtin_lora_dirs or [])]
         # kind ('clip', 'segmenter') -> shipped model folders (model.safetensors + config.json each)
         self.tool_dirs = {k: [Path(p) for p in v] for k, v in (tool_dirs or {}).items()}
         self._entries: list[ModelEntry] | None = None
@@ -99,6 +100,8 @@ class Registry:
         entries: list[ModelEntry] = []
         for d in self.builtin_dirs:
             entries.extend(self._scan_dir(d, "checkpoints", builtin=True))
+        for d in self.builtin_lora_dirs:  # the shipped house style LoRAs
+            entries.extend(self._scan_dir(d, "loras", builtin=True))
         for folder, kind in KIND_OF_FOLDER.items():
             seen: set[Path] = set()
             for d in self.settings.model_dirs(folder):
