@@ -78,3 +78,26 @@ def test_example_report_config_is_valid():
         "style-fluent-flat(1.0)", "style-noto(1.0)", "style-openmoji(1.0)", "style-fluent-flat(0.7)+style-noto(0.5)",
         "style-fluent-flat(0.7)+style-openmoji(0.5)", "style-noto(0.7)+style-openmoji(0.5)",
         "style-fluent-flat(0.6)+style-noto(0.4)+style-openmoji(0.4)"]  # document 3's seven mixes
+
+
+def test_a_local_transformers_clip_adds_its_own_score_column(tiny_home, tmp_path):
+    """A user's own CLIP (here a tiny random one saved as a transformers folder) gives a second, named score."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from imagesmith.models.loaders import write_clip_tokenizer
+    folder = tmp_path / "tiny-clip"
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                      vocab_size=49408, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder, safe_serialization=True)
+    write_clip_tokenizer(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    small = dict(CONFIG, prompts=["a red apple"], seeds=[1, 2], configurations=CONFIG["configurations"][:2],
+                 clip_model=str(folder))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(small))
+    report = run_report(Engine(tiny_home, device="cpu"), ReportConfig.from_yaml(path), tmp_path / "out")
+    assert report["clip_backbones"]["clip_score_extra"] == "transformers CLIP (tiny-clip)"
+    assert all(0 <= r["clip_score_extra"] <= 100 for r in report["images"])
+    assert "CLIP score (transformers CLIP (tiny-clip))" in (tmp_path / "out" / "report.md").read_text()
