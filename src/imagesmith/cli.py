@@ -668,6 +668,38 @@ def grid(
         print(f"{result.json_path}")
 
 
+@app.command("serve")
+def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(7860, "--port"),
+          workers: int = typer.Option(1, "--workers", help="worker threads in this process (0: API only; run `imagesmith worker`)")):
+    """Start the HTTP API (/v1 jobs, A1111-compatible /sdapi/v1, OpenAPI at /docs) with its worker(s)."""
+    import threading
+
+    import uvicorn
+
+    from .core.settings import Settings
+    from .serve.app import create_app, default_store
+    from .serve.worker import Worker
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise _Exit("only loopback binding for now: tokens and per-user auth are not built yet")
+    settings = Settings.from_env()
+    store = default_store(settings)
+    for _ in range(workers):
+        threading.Thread(target=Worker(store, settings).run_forever, daemon=True).start()
+    uvicorn.run(create_app(settings, store), host=host, port=port, log_level="info")
+
+
+@app.command("worker")
+def worker_cmd():
+    """Run a worker against the job store (IMAGESMITH_DATABASE_URL, default the home's SQLite)."""
+    from .core.settings import Settings
+    from .serve.app import default_store
+    from .serve.worker import Worker
+    settings = Settings.from_env()
+    w = Worker(default_store(settings), settings)
+    print(f"worker {w.id} on {w.store.url.split('://')[0]}", file=sys.stderr)
+    w.run_forever()
+
+
 def main(argv: list[str] | None = None) -> None:
     from pydantic import ValidationError
 

@@ -1,0 +1,287 @@
+"""The HTTP API: the native ``/v1`` job API (OpenAPI at ``/docs``) and the A1111-compatible ``/sdapi/v1`` routes,
+both on the durable queue (:mod:`.store`), served by worker(s) (:mod:`.worker`).
+
+Clients never name paths: images come in through ``POST /v1/uploads`` (or base64 in A1111 requests), are
+checked (format, bytes, pixels) and stored under the home; requests refer to them by upload id."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from .. import __version__
+from ..core.errors import BadRequest, ImagesmithError, NotFound
+from ..core.settings import Settings
+from .store import JobStore
+from .worker import JOB_TYPES, validate_request
+
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+A1111_TXT2IMG = {"prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name", "scheduler", "seed", "subseed",
+                 "subseed_strength", "batch_size", "n_iter", "width", "height", "enable_hr", "hr_scale",
+                 "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "override_settings", "clip_skip",
+                 "send_images", "save_images", "restore_faces", "tiling", "styles", "sampler_index"}
+
+
+class JobIn(BaseModel):
+    type: str = Field(..., description=", ".join(JOB_TYPES))
+    request: dict[str, Any]
+    priority: int = Field(0, ge=-100, le=100)
+    callback_url: str | None = None
+
+
+def default_store(settings: Settings) -> JobStore:
+    settings.ensure_home()
+    url = os.environ.get("IMAGESMITH_DATABASE_URL") or f"sqlite:///{settings.home / 'jobs.db'}"
+    return JobStore(url)
+
+
+def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0) -> FastAPI:
+    settings = settings or Settings.from_env()
+    settings.ensure_home()
+    store = store or default_store(settings)
+    app = FastAPI(title="imagesmith", version=__version__,
+                  description="Native job API (/v1) and A1111-compatible API (/sdapi/v1) on one durable queue.")
+    app.state.settings, app.state.store = settings, store
+    options: dict[str, Any] = {"sd_model_checkpoint": None}
+
+    def user_of(request: Request) -> str:
+        return "local"  # auth and per-user tokens: not yet (loopback only)
+
+    @app.exception_handler(ImagesmithError)
+    async def _user_error(_: Request, exc: ImagesmithError):
+        return JSONResponse({"error": {"code": exc.code, "message": str(exc)}}, status_code=exc.http_status)
+
+    @app.exception_handler(ValidationError)
+    async def _validation(_: Request, exc: ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return JSONResponse({"error": {"code": "bad_request", "message": f"{where}: {err['msg']}"}}, status_code=422)
+
+    # ---------------------------------------------------------------- operations
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/readyz")
+    def readyz():
+        store.depth()
+        return {"ok": True, "database": store.url.split(":", 1)[0]}
+
+    @app.get("/metrics")
+    def metrics():
+        lines = ["# TYPE imagesmith_jobs gauge"]
+        for status, n in sorted(store.depth().items()):
+            lines.append(f'imagesmith_jobs{{status="{status}"}} {n}')
+        from fastapi.responses import PlainTextResponse
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    # ---------------------------------------------------------------- uploads and files
+    def upload_path(upload_id: str) -> Path:
+        if not UPLOAD_ID.match(upload_id or ""):
+            raise BadRequest(f"not an upload id: {upload_id!r}")
+        path = settings.home / "uploads" / f"{upload_id}.png"
+        if not path.is_file():
+            raise NotFound(f"no upload {upload_id}")
+        return path
+
+    def store_upload(data: bytes) -> str:
+        from ..core.imageio import load_image, save_png_atomic
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise BadRequest(f"upload is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}")
+        image = load_image(data, settings=settings, mode=None, what="upload")
+        upload_id = uuid.uuid4().hex
+        save_png_atomic(image, settings.home / "uploads" / f"{upload_id}.png")
+        return upload_id
+
+    @app.post("/v1/uploads", status_code=201)
+    async def upload(file: UploadFile = File(...)):
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        upload_id = store_upload(data)
+        return {"id": upload_id}
+
+    def resolve_inputs(job_type: str, request: dict) -> dict:
+        request = dict(request)
+        for key in ("init_image", "mask", "image"):
+            if request.get(key) is not None:
+                request[key] = str(upload_path(str(request[key])))
+        return request
+
+    # ---------------------------------------------------------------- jobs
+    def job_view(job: dict) -> dict:
+        files = (job.get("result") or {}).get("files", [])
+        out = {k: job[k] for k in ("id", "type", "status", "priority", "progress", "progress_note", "error",
+                                   "attempts", "created_at", "started_at", "finished_at")}
+        out["files"] = [{"url": f"/v1/jobs/{job['id']}/files/{k}",
+                         **{x: f[x] for x in ("seed", "width", "height", "infotext") if x in f}}
+                        for k, f in enumerate(files)]
+        return out
+
+    def submit(job_type: str, request: dict, user: str, priority: int = 0, key: str | None = None,
+               callback_url: str | None = None) -> dict:
+        normalised, model = validate_request(job_type, resolve_inputs(job_type, request))
+        job, _ = store.submit(job_type, normalised, user=user, priority=priority, idempotency_key=key, model=model,
+                              callback_url=callback_url)
+        return job
+
+    @app.post("/v1/jobs", status_code=202)
+    def create_job(body: JobIn, request: Request, idempotency_key: str | None = Header(None)):
+        job = submit(body.type, body.request, user_of(request), body.priority, idempotency_key, body.callback_url)
+        return {"job_id": job["id"], "status": job["status"]}
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: str, request: Request):
+        return job_view(store.get(job_id, user=user_of(request)))
+
+    @app.get("/v1/jobs")
+    def list_jobs(request: Request, status: str | None = None, limit: int = 50, offset: int = 0):
+        if not 1 <= limit <= 500 or offset < 0:
+            raise BadRequest("limit must be 1..500 and offset >= 0")
+        jobs, total = store.list(user=user_of(request), status=status, limit=limit, offset=offset)
+        return {"jobs": [job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str, request: Request):
+        return job_view(store.cancel(job_id, user=user_of(request)))
+
+    @app.get("/v1/jobs/{job_id}/files/{index}")
+    def job_file(job_id: str, index: int, request: Request):
+        job = store.get(job_id, user=user_of(request))
+        files = (job.get("result") or {}).get("files", [])
+        if not 0 <= index < len(files):
+            raise NotFound(f"job {job_id} has no file {index}")
+        return FileResponse(files[index]["path"], media_type="image/png")  # a path the worker wrote, never the client's
+
+    @app.get("/v1/models")
+    def models():
+        from ..models.house import make_registry
+        return {"models": [{"name": e.name, "kind": e.kind, "arch": e.arch} for e in make_registry(settings).entries()]}
+
+    # ---------------------------------------------------------------- A1111-compatible
+    async def run_sync(job_type: str, request: dict, user: str) -> dict:
+        job = submit(job_type, request, user)
+        end = time.monotonic() + sync_timeout
+        while True:
+            job = store.get(job["id"])
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                break
+            if time.monotonic() > end:
+                raise HTTPException(504, "the job did not finish in time")
+            await asyncio.sleep(0.05)
+        if job["status"] != "succeeded":
+            return JSONResponse({"error": "job " + job["status"], "detail": job["error"]}, status_code=422)
+        return job
+
+    def a1111_request(body: dict) -> dict:
+        req = {k: v for k, v in body.items() if k in ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name",
+                                                     "scheduler", "seed", "batch_size", "width", "height",
+                                                     "denoising_strength", "clip_skip")}
+        if "n_iter" in body:
+            req["batch_count"] = body["n_iter"]
+        if "subseed" in body and body.get("subseed_strength"):
+            req["variation_seed"], req["variation_strength"] = body["subseed"], body["subseed_strength"]
+        model = (body.get("override_settings") or {}).get("sd_model_checkpoint") or options["sd_model_checkpoint"]
+        if model:
+            req["model"] = model
+        if body.get("enable_hr"):
+            req["hires"] = {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_second_pass_steps") if k in body}
+            req["hires"]["hr_denoising_strength"] = body.get("denoising_strength", 0.7)
+        return req
+
+    def a1111_response(job: dict, body: dict) -> dict:
+        files = (job.get("result") or {}).get("files", [])
+        images = [base64.b64encode(Path(f["path"]).read_bytes()).decode() for f in files]
+        info = {"seed": files[0]["seed"] if files else None, "all_seeds": [f.get("seed") for f in files],
+                "infotexts": [f.get("infotext") for f in files], "job_id": job["id"]}
+        import json as _json
+        return {"images": images, "parameters": body, "info": _json.dumps(info)}
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request):
+        body = await request.json()
+        job = await run_sync("generate", a1111_request(body), user_of(request))
+        return job if isinstance(job, JSONResponse) else a1111_response(job, body)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Request):
+        body = await request.json()
+        inits = body.get("init_images") or []
+        if not inits:
+            raise BadRequest("init_images: give one base64 image")
+        req = a1111_request(body)
+        req["init_image"] = store_upload(_b64(inits[0]))
+        job_type = "img2img"
+        if body.get("mask"):
+            req["mask"] = store_upload(_b64(body["mask"]))
+            job_type = "inpaint"
+            if "mask_blur" in body:
+                req["mask_blur"] = body["mask_blur"]
+        job = await run_sync(job_type, req, user_of(request))
+        return job if isinstance(job, JSONResponse) else a1111_response(job, body)
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models():
+        from ..models.house import make_registry
+        return [{"title": e.name, "model_name": e.name, "filename": str(e.path), "hash": None}
+                for e in make_registry(settings).list("checkpoint")]
+
+    @app.get("/sdapi/v1/loras")
+    def loras():
+        from ..models.house import make_registry
+        return [{"name": e.name, "alias": e.name, "path": str(e.path)} for e in make_registry(settings).list("lora")]
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers():
+        from ..core.requests import SAMPLERS
+        return [{"name": s, "aliases": [], "options": {}} for s in SAMPLERS]
+
+    @app.get("/sdapi/v1/options")
+    def get_options():
+        return options
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        body = await request.json()
+        if "sd_model_checkpoint" in body:
+            from ..models.house import make_registry
+            make_registry(settings).get(body["sd_model_checkpoint"], "checkpoint")  # must exist
+            options["sd_model_checkpoint"] = body["sd_model_checkpoint"]
+        return options
+
+    @app.get("/sdapi/v1/progress")
+    def progress(request: Request):
+        running, _ = store.list(user=user_of(request), status="running", limit=1)
+        queued = store.depth().get("queued", 0)
+        p = running[0]["progress"] if running else 0.0
+        return {"progress": p, "eta_relative": 0.0, "state": {"job_count": len(running) + queued,
+                                                              "job": running[0]["id"] if running else ""},
+                "current_image": None}
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt(request: Request):
+        running, _ = store.list(user=user_of(request), status="running", limit=100)
+        for job in running:
+            store.cancel(job["id"])
+        return {"interrupted": len(running)}
+
+    return app
+
+
+def _b64(data: str) -> bytes:
+    if "," in data[:100] and data.startswith("data:"):
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (ValueError, TypeError):
+        raise BadRequest("not valid base64 image data") from None

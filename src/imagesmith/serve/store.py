@@ -1,0 +1,229 @@
+"""The durable job store behind the service: SQLAlchemy over embedded SQLite (WAL) by default, PostgreSQL when
+``IMAGESMITH_DATABASE_URL`` says so.
+
+Queue semantics:
+
+- a job is committed before its id is returned (``submit``); an ``Idempotency-Key`` per user returns the first
+  job again instead of queueing a twin;
+- a worker claims a job with a lease (``claim``): a conditional UPDATE from ``queued`` to ``running`` that only
+  one claimant can win, on SQLite and PostgreSQL alike, preferring jobs for the models it has loaded, then
+  priority, then age; it keeps the lease with ``heartbeat``;
+- a lease that expires (the worker died, even by kill -9) puts the job back in the queue at the next claim;
+- ``complete``/``fail`` only count from the worker holding the lease, once: a job's result is committed once;
+- ``cancel``: a queued job is canceled at once, a running one at its next step (the worker sees
+  ``cancel_requested`` in its heartbeat);
+- per-user limits on queued + running jobs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint, case, create_engine,
+                        event, func, select, update)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from ..core.errors import ImagesmithError, NotFound
+
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+class QueueFull(ImagesmithError):
+    code = "queue_full"
+    http_status = 429
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32))
+    user: Mapped[str] = mapped_column(String(64), default="local")
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request: Mapped[dict] = mapped_column(JSON)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_note: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (UniqueConstraint("user", "idempotency_key", name="uq_jobs_user_idempotency"),
+                      Index("ix_jobs_queue", "status", "priority", "created_at"),
+                      Index("ix_jobs_user", "user", "created_at"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "user": self.user, "status": self.status,
+                "priority": self.priority, "model": self.model, "request": self.request, "result": self.result,
+                "error": self.error, "progress": self.progress, "progress_note": self.progress_note,
+                "attempts": self.attempts, "cancel_requested": self.cancel_requested,
+                "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+class JobStore:
+    """``JobStore(url)``: ``sqlite:///path/jobs.db`` (WAL) or ``postgresql+psycopg://...``."""
+
+    def __init__(self, url: str, *, user_limit: int = 100):
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.user_limit = user_limit
+
+    # ---------------------------------------------------------------- clients
+    def submit(self, type: str, request: dict, *, user: str = "local", priority: int = 0,
+               idempotency_key: str | None = None, model: str | None = None,
+               callback_url: str | None = None) -> tuple[dict, bool]:
+        """(job, created): the job is committed before this returns; a repeated idempotency key gives the
+        first job and ``created`` False."""
+        with self.sessions() as s:
+            if idempotency_key:
+                old = s.scalar(select(JobRow).where(JobRow.user == user, JobRow.idempotency_key == idempotency_key))
+                if old is not None:
+                    return old.to_dict(), False
+            active = s.scalar(select(func.count()).select_from(JobRow).where(
+                JobRow.user == user, JobRow.status.in_(("queued", "running"))))
+            if active >= self.user_limit:
+                raise QueueFull(f"user {user!r} already has {active} jobs queued or running (limit {self.user_limit})")
+            row = JobRow(id=str(uuid.uuid4()), type=type, user=user, status="queued", priority=int(priority),
+                         model=model, request=request, idempotency_key=idempotency_key, callback_url=callback_url,
+                         created_at=time.time(), progress=0.0, attempts=0, cancel_requested=False)
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:  # the same key raced in from another request: return that one
+                s.rollback()
+                old = s.scalar(select(JobRow).where(JobRow.user == user, JobRow.idempotency_key == idempotency_key))
+                return old.to_dict(), False
+            return row.to_dict(), True
+
+    def get(self, job_id: str, *, user: str | None = None) -> dict:
+        with self.sessions() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or (user is not None and row.user != user):
+                raise NotFound(f"no job {job_id}")
+            return row.to_dict()
+
+    def list(self, *, user: str | None = None, status: str | None = None, limit: int = 50,
+             offset: int = 0) -> tuple[list[dict], int]:
+        with self.sessions() as s:
+            q = select(JobRow)
+            if user is not None:
+                q = q.where(JobRow.user == user)
+            if status is not None:
+                q = q.where(JobRow.status == status)
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            rows = s.scalars(q.order_by(JobRow.created_at.desc()).limit(limit).offset(offset)).all()
+            return [r.to_dict() for r in rows], int(total or 0)
+
+    def cancel(self, job_id: str, *, user: str | None = None) -> dict:
+        """Queued: canceled now. Running: canceled at its next step. Finished: unchanged."""
+        job = self.get(job_id, user=user)
+        now = time.time()
+        with self.sessions() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                      .values(status="canceled", finished_at=now, cancel_requested=True))
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+                      .values(cancel_requested=True))
+            s.commit()
+        return self.get(job["id"])
+
+    def depth(self) -> dict[str, int]:
+        with self.sessions() as s:
+            rows = s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+        return {status: int(n) for status, n in rows}
+
+    # ---------------------------------------------------------------- workers
+    def requeue_expired(self, now: float | None = None) -> int:
+        """Jobs whose worker stopped renewing its lease go back to the queue (or to canceled, if asked)."""
+        now = time.time() if now is None else now
+        with self.sessions() as s:
+            s.execute(update(JobRow).where(JobRow.status == "running", JobRow.lease_expires < now,
+                                           JobRow.cancel_requested.is_(True))
+                      .values(status="canceled", lease_owner=None, finished_at=now))
+            n = s.execute(update(JobRow).where(JobRow.status == "running", JobRow.lease_expires < now)
+                          .values(status="queued", lease_owner=None, lease_expires=None)).rowcount
+            s.commit()
+            return int(n or 0)
+
+    def claim(self, worker: str, *, lease_s: float = 30.0, loaded_models: tuple[str, ...] = (),
+              types: tuple[str, ...] | None = None) -> dict | None:
+        """The next job for ``worker`` (its models first, then priority, then age), leased for ``lease_s``."""
+        self.requeue_expired()
+        with self.sessions() as s:
+            q = select(JobRow.id).where(JobRow.status == "queued")
+            if types:
+                q = q.where(JobRow.type.in_(types))
+            affinity = case((JobRow.model.in_(loaded_models), 1), else_=0) if loaded_models else None
+            order = ([affinity.desc()] if affinity is not None else []) + [JobRow.priority.desc(),
+                                                                          JobRow.created_at.asc()]
+            for job_id in s.scalars(q.order_by(*order).limit(8)).all():
+                now = time.time()
+                won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
+                    status="running", lease_owner=worker, lease_expires=now + lease_s, started_at=now,
+                    attempts=JobRow.attempts + 1, progress=0.0)).rowcount
+                s.commit()
+                if won == 1:
+                    return s.get(JobRow, job_id, populate_existing=True).to_dict()
+        return None
+
+    def heartbeat(self, job_id: str, worker: str, *, lease_s: float = 30.0, progress: float | None = None,
+                  note: str | None = None) -> dict | None:
+        """Renew the lease (and record progress); None when the lease is lost (another worker has the job)."""
+        values: dict[str, Any] = {"lease_expires": time.time() + lease_s}
+        if progress is not None:
+            values["progress"] = float(progress)
+        if note is not None:
+            values["progress_note"] = note[:255]
+        with self.sessions() as s:
+            n = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker,
+                                               JobRow.status == "running").values(**values)).rowcount
+            s.commit()
+            return s.get(JobRow, job_id, populate_existing=True).to_dict() if n == 1 else None
+
+    def _finish(self, job_id: str, worker: str, **values: Any) -> bool:
+        with self.sessions() as s:
+            n = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker,
+                                               JobRow.status == "running")
+                          .values(finished_at=time.time(), lease_expires=None, **values)).rowcount
+            s.commit()
+            return n == 1
+
+    def complete(self, job_id: str, worker: str, result: dict) -> bool:
+        """True once: only the lease holder of a running job commits its result."""
+        return self._finish(job_id, worker, status="succeeded", result=result, progress=1.0)
+
+    def fail(self, job_id: str, worker: str, error: str) -> bool:
+        return self._finish(job_id, worker, status="failed", error=error)
+
+    def canceled(self, job_id: str, worker: str) -> bool:
+        return self._finish(job_id, worker, status="canceled", error="canceled")

@@ -1,0 +1,170 @@
+"""A worker: claims jobs from the store, runs them on one Engine, keeps the lease alive, commits results once.
+
+Outputs of an attempt go to ``<outputs>/<user>/<job id>/attempt-<n>/``; the job's result names that folder's
+files only when this worker's ``complete`` wins (a worker that lost its lease deletes its attempt folder), so a
+job that ran twice after a crash still has exactly one set of outputs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import Cancelled, ImagesmithError
+from ..core.progress import CancelToken, ProgressEvent
+from ..core.requests import GenerateRequest
+from ..core.settings import Settings
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+GENERATE_TYPES = ("generate", "img2img", "inpaint")
+JOB_TYPES = (*GENERATE_TYPES, "cutout")
+
+
+def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
+    """(normalised request, model name for affinity); raises pydantic's ValidationError or BadRequest."""
+    from ..core.errors import BadRequest
+    if job_type in GENERATE_TYPES:
+        req = GenerateRequest.model_validate(request)
+        if job_type in ("img2img", "inpaint") and not req.init_image:
+            raise BadRequest(f"a {job_type} job needs request.init_image (an uploaded file id or path)")
+        if job_type == "inpaint" and not req.mask:
+            raise BadRequest("an inpaint job needs request.mask")
+        return req.model_dump(mode="json"), req.model
+    if job_type == "cutout":
+        if not isinstance(request.get("image"), str):
+            raise BadRequest("a cutout job needs request.image (an uploaded file id or path)")
+        return {"image": request["image"]}, None
+    raise BadRequest(f"unknown job type {job_type!r}; known: {', '.join(JOB_TYPES)}")
+
+
+class Worker:
+    def __init__(self, store: JobStore, settings: Settings | None = None, *, engine=None, worker_id: str | None = None,
+                 lease_s: float = 30.0, heartbeat_s: float | None = None):
+        self.store = store
+        self.settings = settings or Settings.from_env()
+        self._engine = engine
+        self.id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s
+        self.heartbeat_s = heartbeat_s or max(0.2, lease_s / 3)
+        self.stopping = threading.Event()
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from ..engine.generate import Engine
+            self._engine = Engine(self.settings)
+        return self._engine
+
+    def loaded_models(self) -> tuple[str, ...]:
+        """Names of the checkpoints this worker's engine has in memory (for model affinity)."""
+        if self._engine is None:
+            return ()
+        paths = {key[1] for key in self._engine.cache.keys() if key and key[0] == "pipeline"}
+        names = [e.name for e in self._engine.registry.list("checkpoint") if str(e.path) in paths]
+        return tuple(dict.fromkeys(names))
+
+    # ---------------------------------------------------------------- loop
+    def run_forever(self, poll_s: float = 0.5) -> None:
+        while not self.stopping.is_set():
+            if not self.run_once():
+                self.stopping.wait(poll_s)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue had none."""
+        job = self.store.claim(self.id, lease_s=self.lease_s, loaded_models=self.loaded_models(), types=JOB_TYPES)
+        if job is None:
+            return False
+        self._run(job)
+        return True
+
+    def _run(self, job: dict) -> None:
+        cancel = CancelToken()
+        state = {"progress": 0.0, "note": "starting", "lost": False}
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_s):
+                row = self.store.heartbeat(job["id"], self.id, lease_s=self.lease_s, progress=state["progress"],
+                                           note=state["note"])
+                if row is None:  # another worker owns it now
+                    state["lost"] = True
+                    cancel.cancel("lease lost")
+                    return
+                if row["cancel_requested"]:
+                    cancel.cancel("canceled")
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job['id'][:8]}", daemon=True)
+        thread.start()
+        folder = self.settings.home / "outputs" / _safe(job["user"]) / job["id"] / f"attempt-{job['attempts']}"
+        try:
+            def on_progress(event: ProgressEvent) -> None:
+                state["progress"] = round(event.fraction, 4)
+                state["note"] = event.phase
+            result = self.execute(job, folder, on_progress, cancel)
+            done.set()
+            thread.join()
+            if not self.store.complete(job["id"], self.id, result):
+                shutil.rmtree(folder, ignore_errors=True)  # someone else's result stands
+        except Cancelled:
+            done.set()
+            thread.join()
+            shutil.rmtree(folder, ignore_errors=True)
+            if not state["lost"]:
+                self.store.canceled(job["id"], self.id)
+        except ImagesmithError as exc:
+            done.set()
+            thread.join()
+            shutil.rmtree(folder, ignore_errors=True)
+            self.store.fail(job["id"], self.id, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not kill the worker
+            log.exception("job %s failed", job["id"])
+            done.set()
+            thread.join()
+            shutil.rmtree(folder, ignore_errors=True)
+            self.store.fail(job["id"], self.id, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+
+    # ---------------------------------------------------------------- job types
+    def execute(self, job: dict, folder: Path, progress: Callable, cancel: CancelToken) -> dict[str, Any]:
+        from ..core.imageio import save_png_atomic
+        folder.mkdir(parents=True, exist_ok=True)
+        if job["type"] in GENERATE_TYPES:
+            from ..core.metadata import write_metadata_chunks
+            req = GenerateRequest.model_validate(job["request"])
+            result = self.engine.generate(req, progress=progress, cancel=cancel)
+            files = []
+            for image, record in zip(result.images, result.records):
+                path = folder / f"{record.index:03d}-{record.seed}.png"
+                save_png_atomic(image, path, text_chunks=write_metadata_chunks(result, record))
+                files.append({"path": str(path), "seed": record.seed, "infotext": record.infotext,
+                              "width": image.width, "height": image.height})
+            return {"files": files, "model": result.model_name, "seconds": round(result.seconds, 3)}
+        if job["type"] == "cutout":
+            from ..core.imageio import load_image
+            from ..vision.cutout import cutout
+            image = load_image(job["request"]["image"], settings=self.settings, mode=None, what="image")
+            cut = cutout(image)
+            path = folder / "cutout.png"
+            save_png_atomic(cut.rgba, path)
+            return {"files": [{"path": str(path), "width": cut.rgba.width, "height": cut.rgba.height}]}
+        raise ImagesmithError(f"unknown job type {job['type']!r}")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64] or "user"
+
+
+def wait_for(store: JobStore, job_id: str, timeout: float = 600.0, poll: float = 0.05) -> dict:
+    """Block until the job is finished (for synchronous endpoints and tests)."""
+    end = time.monotonic() + timeout
+    while True:
+        job = store.get(job_id)
+        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > end:
+            return job
+        time.sleep(poll)

@@ -1,0 +1,133 @@
+"""The HTTP API on tiny models with a real worker thread: native /v1 jobs, uploads, files, errors as JSON 4xx,
+and the A1111-compatible routes driven with requests shaped like a real A1111 client's."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from imagesmith.core.settings import Settings
+from imagesmith.engine.generate import Engine
+from imagesmith.serve.app import create_app
+from imagesmith.serve.store import JobStore
+from imagesmith.serve.worker import Worker
+
+
+@pytest.fixture(scope="module")
+def served(tiny_home, tmp_path_factory):
+    home = tmp_path_factory.mktemp("served")
+    settings = Settings(home=home)
+    settings.ensure_home()
+    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sd15",
+                                                                   target_is_directory=True)
+    store = JobStore(f"sqlite:///{home / 'jobs.db'}")
+    worker = Worker(store, settings, engine=Engine(settings, device="cpu"), lease_s=10)
+    thread = threading.Thread(target=worker.run_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    thread.start()
+    client = TestClient(create_app(settings, store, sync_timeout=120))
+    yield client, store, settings
+    worker.stopping.set()
+    thread.join(10)
+
+
+GEN = {"prompt": "a red apple", "model": "tiny-sd15", "width": 64, "height": 64, "steps": 3, "seed": 5,
+       "sampler_name": "Euler"}
+
+
+def wait(client, job_id, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_native_job_lifecycle_files_and_listing(served):
+    client, store, _ = served
+    r = client.post("/v1/jobs", json={"type": "generate", "request": dict(GEN, batch_size=2)},
+                    headers={"Idempotency-Key": "abc"})
+    assert r.status_code == 202
+    job_id = r.json()["job_id"]
+    assert client.post("/v1/jobs", json={"type": "generate", "request": GEN},
+                       headers={"Idempotency-Key": "abc"}).json()["job_id"] == job_id
+    job = wait(client, job_id)
+    assert job["status"] == "succeeded" and job["progress"] == 1.0 and len(job["files"]) == 2
+    assert [f["seed"] for f in job["files"]] == [5, 6]
+    image = Image.open(io.BytesIO(client.get(job["files"][0]["url"]).content))
+    assert image.size == (64, 64) and "Seed: 5" in image.info.get("parameters", "")
+    listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()
+    assert job_id in [j["id"] for j in listed["jobs"]] and listed["total"] >= 1
+
+
+def test_bad_input_is_a_json_4xx(served):
+    client, _, _ = served
+    for body, status, text in (({"type": "paint", "request": {}}, 422, "unknown job type"),
+                               ({"type": "generate", "request": dict(GEN, steps=0)}, 422, "steps"),
+                               ({"type": "img2img", "request": GEN}, 422, "init_image"),
+                               ({"type": "generate", "request": dict(GEN, init_image="/etc/passwd")}, 422,
+                                "not an upload id")):
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == status and text in r.json()["error"]["message"], r.text
+    r = client.get("/v1/jobs/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.post("/v1/uploads", files={"file": ("x.png", b"not an image", "image/png")})
+    assert r.status_code == 422 and "error" in r.json()
+    assert client.get("/v1/jobs/nope/files/0").status_code == 404
+
+
+def test_upload_then_cutout_job(served):
+    client, _, _ = served
+    im = Image.new("RGB", (96, 96), (240, 240, 240))
+    im.paste((200, 30, 30), (24, 24, 72, 72))
+    upload = client.post("/v1/uploads", files={"file": ("p.png", png(im), "image/png")})
+    assert upload.status_code == 201
+    job = wait(client, client.post("/v1/jobs", json={"type": "cutout", "request": {"image": upload.json()["id"]}}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    cut = Image.open(io.BytesIO(client.get(job["files"][0]["url"]).content))
+    a = np.asarray(cut)[..., 3]
+    assert cut.mode == "RGBA" and a[48, 48] > 200 and a[4, 4] < 30
+
+
+def test_a1111_client_routes(served):
+    client, _, _ = served
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert "tiny-sd15" in [m["title"] for m in models]
+    assert "Euler a" in [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sd15"}).json()["sd_model_checkpoint"] == "tiny-sd15"
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
+    payload = {"prompt": "a red apple", "negative_prompt": "blurry", "seed": 11, "subseed": -1, "subseed_strength": 0,
+               "sampler_name": "Euler a", "batch_size": 1, "n_iter": 2, "steps": 3, "cfg_scale": 7, "width": 64,
+               "height": 64, "restore_faces": False, "tiling": False, "send_images": True, "save_images": False,
+               "override_settings": {}, "styles": []}
+    r = client.post("/sdapi/v1/txt2img", json=payload)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 2 and body["parameters"]["seed"] == 11
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [11, 12] and "Steps: 3" in info["infotexts"][0]
+    first = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert first.size == (64, 64)
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [base64.b64encode(png(first)).decode()], "prompt": "x",
+                                               "denoising_strength": 0.5, "steps": 3, "seed": 3, "width": 64,
+                                               "height": 64})
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (64, 64)
+    assert client.get("/sdapi/v1/progress").json()["progress"] >= 0
+    assert client.get("/healthz").json() == {"ok": True} and client.get("/readyz").json()["ok"]
+    assert 'imagesmith_jobs{status="succeeded"}' in client.get("/metrics").text
