@@ -679,13 +679,39 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
     from .core.settings import Settings
     from .serve.app import create_app, default_store
     from .serve.worker import Worker
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise _Exit("only loopback binding for now: tokens and per-user auth are not built yet")
     settings = Settings.from_env()
     store = default_store(settings)
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    auth = not loopback or os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
     for _ in range(workers):
         threading.Thread(target=Worker(store, settings).run_forever, daemon=True).start()
-    uvicorn.run(create_app(settings, store), host=host, port=port, log_level="info")
+    if auth:
+        print("auth on: every route but /healthz and /readyz needs 'Authorization: Bearer <token>' "
+              "(imagesmith users add NAME; imagesmith tokens create NAME)", file=sys.stderr)
+    uvicorn.run(create_app(settings, store, require_auth=auth), host=host, port=port, log_level="info")
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Service users.")
+app.add_typer(users_app, name="users")
+tokens_app = typer.Typer(no_args_is_help=True, help="Service API tokens (stored hashed).")
+app.add_typer(tokens_app, name="tokens")
+
+
+@users_app.command("add")
+def users_add(name: str, admin: bool = typer.Option(False, "--admin", help="sees every user's jobs and files")):
+    """Add a user to the service's job store."""
+    from .core.settings import Settings
+    from .serve.app import default_store
+    user = default_store(Settings.from_env()).add_user(name, "admin" if admin else "user")
+    print(f"user {user['name']} ({user['role']})")
+
+
+@tokens_app.command("create")
+def tokens_create(user: str):
+    """Create an API token for USER; it is printed once and stored only as a hash."""
+    from .core.settings import Settings
+    from .serve.app import default_store
+    print(default_store(Settings.from_env()).create_token(user))
 
 
 @app.command("worker")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import re
 import time
@@ -47,8 +48,41 @@ def default_store(settings: Settings) -> JobStore:
     return JobStore(url)
 
 
-def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0) -> FastAPI:
+class Unauthorized(ImagesmithError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class RateLimited(ImagesmithError):
+    code = "rate_limited"
+    http_status = 429
+
+
+class _RateLimiter:
+    """Per-user token bucket: ``rate`` requests a minute, bursts up to the same number."""
+
+    def __init__(self, per_minute: int):
+        self.rate = per_minute / 60.0
+        self.capacity = float(per_minute)
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, user: str) -> None:
+        now = time.monotonic()
+        level, last = self.buckets.get(user, (self.capacity, now))
+        level = min(self.capacity, level + (now - last) * self.rate)
+        if level < 1.0:
+            raise RateLimited(f"rate limit: {int(self.capacity)} requests a minute for {user!r}")
+        self.buckets[user] = (level - 1.0, now)
+
+
+def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0,
+               require_auth: bool | None = None, rate_per_minute: int = 600) -> FastAPI:
+    """``require_auth``: every route but the health checks needs ``Authorization: Bearer <token>`` (default:
+    ``IMAGESMITH_AUTH=1``; ``imagesmith serve`` turns it on for any non-loopback address)."""
     settings = settings or Settings.from_env()
+    if require_auth is None:
+        require_auth = os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
+    limiter = _RateLimiter(rate_per_minute)
     settings.ensure_home()
     store = store or default_store(settings)
     app = FastAPI(title="imagesmith", version=__version__,
@@ -56,8 +90,26 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     app.state.settings, app.state.store = settings, store
     options: dict[str, Any] = {"sd_model_checkpoint": None}
 
+    def caller(request: Request) -> dict:
+        header = request.headers.get("authorization", "")
+        who = None
+        if header.lower().startswith("bearer "):
+            who = store.user_for_token(header[7:].strip())
+            if who is None:
+                raise Unauthorized("invalid or revoked token")
+        elif require_auth:
+            raise Unauthorized("this server needs 'Authorization: Bearer <token>' (imagesmith tokens create USER)")
+        who = who or {"name": "local", "role": "admin"}
+        limiter.take(who["name"])
+        return who
+
     def user_of(request: Request) -> str:
-        return "local"  # auth and per-user tokens: not yet (loopback only)
+        return caller(request)["name"]
+
+    def scope_of(request: Request) -> str | None:
+        """Whose jobs a request may see: its user's, or everyone's for an admin."""
+        who = caller(request)
+        return None if who["role"] == "admin" else who["name"]
 
     @app.exception_handler(ImagesmithError)
     async def _user_error(_: Request, exc: ImagesmithError):
@@ -80,7 +132,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return {"ok": True, "database": store.url.split(":", 1)[0]}
 
     @app.get("/metrics")
-    def metrics():
+    def metrics(request: Request):
+        caller(request)
         lines = ["# TYPE imagesmith_jobs gauge"]
         for status, n in sorted(store.depth().items()):
             lines.append(f'imagesmith_jobs{{status="{status}"}} {n}')
@@ -106,7 +159,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return upload_id
 
     @app.post("/v1/uploads", status_code=201)
-    async def upload(file: UploadFile = File(...)):
+    async def upload(request: Request, file: UploadFile = File(...)):
+        caller(request)
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         upload_id = store_upload(data)
         return {"id": upload_id}
@@ -130,6 +184,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     def submit(job_type: str, request: dict, user: str, priority: int = 0, key: str | None = None,
                callback_url: str | None = None) -> dict:
+        if callback_url is not None and not re.match(r"^https?://[^\s]+$", callback_url):
+            raise BadRequest("callback_url must be an http(s) URL")
         normalised, model = validate_request(job_type, resolve_inputs(job_type, request))
         job, _ = store.submit(job_type, normalised, user=user, priority=priority, idempotency_key=key, model=model,
                               callback_url=callback_url)
@@ -142,29 +198,51 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str, request: Request):
-        return job_view(store.get(job_id, user=user_of(request)))
+        return job_view(store.get(job_id, user=scope_of(request)))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request):
+        """Server-sent events: one ``progress`` event per change, then ``done`` with the final job."""
+        from fastapi.responses import StreamingResponse
+        scope = scope_of(request)
+        store.get(job_id, user=scope)  # 404 before the stream starts
+
+        async def stream():
+            last = None
+            while True:
+                job = job_view(store.get(job_id, user=scope))
+                state = (job["status"], job["progress"], job["progress_note"])
+                if state != last:
+                    last = state
+                    kind = "done" if job["status"] in ("succeeded", "failed", "canceled") else "progress"
+                    yield f"event: {kind}\ndata: {json.dumps(job)}\n\n"
+                    if kind == "done":
+                        return
+                await asyncio.sleep(0.1)
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.get("/v1/jobs")
     def list_jobs(request: Request, status: str | None = None, limit: int = 50, offset: int = 0):
         if not 1 <= limit <= 500 or offset < 0:
             raise BadRequest("limit must be 1..500 and offset >= 0")
-        jobs, total = store.list(user=user_of(request), status=status, limit=limit, offset=offset)
+        jobs, total = store.list(user=scope_of(request), status=status, limit=limit, offset=offset)
         return {"jobs": [job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel_job(job_id: str, request: Request):
-        return job_view(store.cancel(job_id, user=user_of(request)))
+        return job_view(store.cancel(job_id, user=scope_of(request)))
 
     @app.get("/v1/jobs/{job_id}/files/{index}")
     def job_file(job_id: str, index: int, request: Request):
-        job = store.get(job_id, user=user_of(request))
+        job = store.get(job_id, user=scope_of(request))
         files = (job.get("result") or {}).get("files", [])
         if not 0 <= index < len(files):
             raise NotFound(f"job {job_id} has no file {index}")
         return FileResponse(files[index]["path"], media_type="image/png")  # a path the worker wrote, never the client's
 
     @app.get("/v1/models")
-    def models():
+    def models(request: Request):
+        caller(request)
         from ..models.house import make_registry
         return {"models": [{"name": e.name, "kind": e.kind, "arch": e.arch} for e in make_registry(settings).entries()]}
 
@@ -204,8 +282,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         images = [base64.b64encode(Path(f["path"]).read_bytes()).decode() for f in files]
         info = {"seed": files[0]["seed"] if files else None, "all_seeds": [f.get("seed") for f in files],
                 "infotexts": [f.get("infotext") for f in files], "job_id": job["id"]}
-        import json as _json
-        return {"images": images, "parameters": body, "info": _json.dumps(info)}
+        return {"images": images, "parameters": body, "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
@@ -231,27 +308,32 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return job if isinstance(job, JSONResponse) else a1111_response(job, body)
 
     @app.get("/sdapi/v1/sd-models")
-    def sd_models():
+    def sd_models(request: Request):
+        caller(request)
         from ..models.house import make_registry
         return [{"title": e.name, "model_name": e.name, "filename": str(e.path), "hash": None}
                 for e in make_registry(settings).list("checkpoint")]
 
     @app.get("/sdapi/v1/loras")
-    def loras():
+    def loras(request: Request):
+        caller(request)
         from ..models.house import make_registry
         return [{"name": e.name, "alias": e.name, "path": str(e.path)} for e in make_registry(settings).list("lora")]
 
     @app.get("/sdapi/v1/samplers")
-    def samplers():
+    def samplers(request: Request):
+        caller(request)
         from ..core.requests import SAMPLERS
         return [{"name": s, "aliases": [], "options": {}} for s in SAMPLERS]
 
     @app.get("/sdapi/v1/options")
-    def get_options():
+    def get_options(request: Request):
+        caller(request)
         return options
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
+        caller(request)
         body = await request.json()
         if "sd_model_checkpoint" in body:
             from ..models.house import make_registry

@@ -17,6 +17,8 @@ Queue semantics:
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 import uuid
 from typing import Any
@@ -74,6 +76,27 @@ class JobRow(Base):
                 "error": self.error, "progress": self.progress, "progress_note": self.progress_note,
                 "attempts": self.attempts, "cancel_requested": self.cancel_requested,
                 "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), default="user")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TokenRow(Base):
+    """API tokens, stored as their SHA-256 (tokens are 256-bit random: a slow hash adds nothing)."""
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -145,6 +168,11 @@ class JobStore:
             rows = s.scalars(q.order_by(JobRow.created_at.desc()).limit(limit).offset(offset)).all()
             return [r.to_dict() for r in rows], int(total or 0)
 
+    def callback_of(self, job_id: str) -> str | None:
+        with self.sessions() as s:
+            row = s.get(JobRow, job_id)
+            return row.callback_url if row is not None else None
+
     def cancel(self, job_id: str, *, user: str | None = None) -> dict:
         """Queued: canceled now. Running: canceled at its next step. Finished: unchanged."""
         job = self.get(job_id, user=user)
@@ -161,6 +189,40 @@ class JobStore:
         with self.sessions() as s:
             rows = s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
         return {status: int(n) for status, n in rows}
+
+    # ---------------------------------------------------------------- users and tokens
+    def add_user(self, name: str, role: str = "user") -> dict:
+        from ..core.errors import BadRequest
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+            raise BadRequest("user names are 1-64 letters, digits, '-', '_' or '.'")
+        if role not in ("user", "admin"):
+            raise BadRequest("role is 'user' or 'admin'")
+        with self.sessions() as s:
+            if s.get(UserRow, name) is not None:
+                raise BadRequest(f"user {name!r} exists")
+            s.add(UserRow(name=name, role=role, created_at=time.time()))
+            s.commit()
+        return {"name": name, "role": role}
+
+    def create_token(self, user: str) -> str:
+        """A new token for ``user``; only its hash is stored, so this is the one time it is seen."""
+        with self.sessions() as s:
+            if s.get(UserRow, user) is None:
+                raise NotFound(f"no user {user!r} (imagesmith users add {user})")
+            token = "ism_" + secrets.token_urlsafe(32)
+            s.add(TokenRow(id=secrets.token_hex(8), user=user, digest=token_digest(token), created_at=time.time(),
+                           revoked=False))
+            s.commit()
+            return token
+
+    def user_for_token(self, token: str) -> dict | None:
+        """``{name, role}`` of a valid token's user, else None."""
+        with self.sessions() as s:
+            row = s.scalar(select(TokenRow).where(TokenRow.digest == token_digest(token), TokenRow.revoked.is_(False)))
+            if row is None:
+                return None
+            user = s.get(UserRow, row.user)
+            return {"name": user.name, "role": user.role} if user is not None else None
 
     # ---------------------------------------------------------------- workers
     def requeue_expired(self, now: float | None = None) -> int:

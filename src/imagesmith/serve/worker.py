@@ -55,6 +55,8 @@ class Worker:
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s or max(0.2, lease_s / 3)
         self.stopping = threading.Event()
+        self.webhooks: list[threading.Thread] = []
+        self.webhook_backoff = 1.0
 
     @property
     def engine(self):
@@ -85,7 +87,29 @@ class Worker:
         self._run(job)
         return True
 
+    def _notify(self, job_id: str) -> None:
+        """The webhook of a finished job (if it has one)."""
+        job = self.store.get(job_id)
+        url = self.store.callback_of(job_id)
+        if url and job["status"] in ("succeeded", "failed", "canceled"):
+            from .webhooks import deliver_async, webhook_secret
+            files = (job.get("result") or {}).get("files", [])
+            payload = {"job_id": job["id"], "status": job["status"], "error": job["error"], "type": job["type"],
+                       "files": [f"/v1/jobs/{job['id']}/files/{k}" for k in range(len(files))],
+                       "finished_at": job["finished_at"]}
+            self.webhooks.append(deliver_async(url, payload, webhook_secret(self.settings.home),
+                                               backoff=self.webhook_backoff))
+
     def _run(self, job: dict) -> None:
+        try:
+            self._run_job(job)
+        finally:
+            try:
+                self._notify(job["id"])
+            except Exception:  # noqa: BLE001 - a webhook must never take the worker down
+                log.exception("webhook of job %s", job["id"])
+
+    def _run_job(self, job: dict) -> None:
         cancel = CancelToken()
         state = {"progress": 0.0, "note": "starting", "lost": False}
         done = threading.Event()

@@ -1,0 +1,117 @@
+"""Tokens (hashed), auth required off loopback, per-user isolation, admin scope, rate limits, server-sent
+progress events and signed, retried webhooks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from fastapi.testclient import TestClient
+
+from imagesmith.core.settings import Settings
+from imagesmith.engine.generate import Engine
+from imagesmith.serve.app import create_app
+from imagesmith.serve.store import JobStore, token_digest
+from imagesmith.serve.webhooks import webhook_secret
+from imagesmith.serve.worker import Worker
+
+from test_cli import run_cli
+
+GEN = {"prompt": "a red apple", "model": "tiny-sd15", "width": 64, "height": 64, "steps": 3, "seed": 5,
+       "sampler_name": "Euler"}
+
+
+@pytest.fixture()
+def home(tiny_home, tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_home()
+    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sd15",
+                                                                   target_is_directory=True)
+    return settings
+
+
+def test_tokens_are_hashed_and_auth_isolates_users(home, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_HOME", str(home.home))
+    assert run_cli(capsys, "users", "add", "ann")[0] == 0
+    assert run_cli(capsys, "users", "add", "root", "--admin")[0] == 0
+    code, out, _ = run_cli(capsys, "tokens", "create", "ann")
+    ann = out.strip()
+    assert code == 0 and ann.startswith("ism_")
+    code, _, err = run_cli(capsys, "tokens", "create", "nobody")
+    assert code == 2 and "no user 'nobody'" in err
+    store = JobStore(f"sqlite:///{home.home / 'jobs.db'}")
+    raw = store.engine.raw_connection()
+    digests = [r[0] for r in raw.execute("select digest from tokens").fetchall()]
+    assert digests == [token_digest(ann)] and ann not in (home.home / "jobs.db").read_bytes().decode("latin-1")
+    root = store.create_token("root")
+    store.add_user("bob")
+    bob = store.create_token("bob")
+    client = TestClient(create_app(home, store, require_auth=True))
+    assert client.get("/healthz").status_code == 200
+    r = client.post("/v1/jobs", json={"type": "generate", "request": GEN})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert client.get("/v1/jobs", headers={"Authorization": "Bearer ism_wrong"}).status_code == 401
+    job = client.post("/v1/jobs", json={"type": "generate", "request": GEN},
+                      headers={"Authorization": f"Bearer {ann}"}).json()["job_id"]
+    assert client.get(f"/v1/jobs/{job}", headers={"Authorization": f"Bearer {ann}"}).status_code == 200
+    assert client.get(f"/v1/jobs/{job}", headers={"Authorization": f"Bearer {bob}"}).status_code == 404
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {bob}"}).json()["total"] == 0
+    assert client.get(f"/v1/jobs/{job}", headers={"Authorization": f"Bearer {root}"}).status_code == 200
+    assert client.post(f"/v1/jobs/{job}/cancel", headers={"Authorization": f"Bearer {bob}"}).status_code == 404
+
+
+def test_rate_limit(home):
+    store = JobStore(f"sqlite:///{home.home / 'jobs.db'}")
+    client = TestClient(create_app(home, store, rate_per_minute=3))
+    codes = [client.get("/v1/jobs").status_code for _ in range(5)]
+    assert codes[:3] == [200, 200, 200] and codes[-1] == 429
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list = []
+    fail_first = 1
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if _Hook.fail_first > 0:
+            _Hook.fail_first -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        _Hook.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_events_stream_and_signed_retried_webhook(home):
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = JobStore(f"sqlite:///{home.home / 'jobs.db'}")
+    worker = Worker(store, home, engine=Engine(home, device="cpu"), lease_s=10)
+    worker.webhook_backoff = 0.05
+    client = TestClient(create_app(home, store))
+    url = f"http://127.0.0.1:{server.server_port}/hook"
+    job = client.post("/v1/jobs", json={"type": "generate", "request": GEN, "callback_url": url}).json()["job_id"]
+    assert client.post("/v1/jobs", json={"type": "generate", "request": GEN,
+                                         "callback_url": "file:///etc/passwd"}).status_code == 422
+    threading.Thread(target=worker.run_once, daemon=True).start()
+    with client.stream("GET", f"/v1/jobs/{job}/events") as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("event:")]
+    assert events[-1] == "event: done" and events.count("event: done") == 1
+    for t in worker.webhooks:
+        t.join(10)
+    server.shutdown()
+    assert len(_Hook.received) == 1  # the 503 was retried once
+    headers, body = _Hook.received[0]
+    payload = json.loads(body)
+    assert payload["job_id"] == job and payload["status"] == "succeeded" and payload["files"]
+    expected = "sha256=" + hmac.new(webhook_secret(home.home).encode(), body, hashlib.sha256).hexdigest()
+    assert headers["X-Imagesmith-Signature"] == expected
