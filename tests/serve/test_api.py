@@ -131,3 +131,26 @@ def test_a1111_client_routes(served):
     assert client.get("/sdapi/v1/progress").json()["progress"] >= 0
     assert client.get("/healthz").json() == {"ok": True} and client.get("/readyz").json()["ok"]
     assert 'imagesmith_jobs{status="succeeded"}' in client.get("/metrics").text
+
+
+def test_ad_job_makes_png_html_and_zip(served):
+    client, _, _ = served
+    product = Image.new("RGBA", (120, 160), (0, 0, 0, 0))
+    product.paste((40, 90, 200, 255), (30, 20, 90, 140))
+    pid = client.post("/v1/uploads", files={"file": ("p.png", png(product), "image/png")}).json()["id"]
+    req = {"products": [pid], "concept": "on a wooden table", "headline": "Fresh drop", "cta": "Shop now",
+           "formats": ["300x250"], "model": "tiny-sd15", "steps": 2, "seed": 4, "upscaler": "Lanczos"}
+    job = wait(client, client.post("/v1/jobs", json={"type": "ad", "request": req}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    kinds = [f["kind"] for f in job["files"]]
+    assert kinds == ["png", "html", "zip"]
+    ad = Image.open(io.BytesIO(client.get(job["files"][0]["url"]).content))
+    assert ad.size == (300, 250)
+    html = client.get(job["files"][1]["url"])
+    assert html.headers["content-type"].startswith("text/html") and "Fresh drop" in html.text
+    z = client.get(job["files"][2]["url"])
+    assert z.headers["content-type"] == "application/zip" and z.content[:2] == b"PK"
+    bad = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, formats=["2:7"])})
+    assert bad.status_code == 422 and "2:7" in bad.json()["error"]["message"]
+    bad = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, brand_color="red")})
+    assert bad.status_code == 422

@@ -170,6 +170,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         for key in ("init_image", "mask", "image"):
             if request.get(key) is not None:
                 request[key] = str(upload_path(str(request[key])))
+        if isinstance(request.get("products"), list):
+            request["products"] = [str(upload_path(str(x))) for x in request["products"]]
         return request
 
     # ---------------------------------------------------------------- jobs
@@ -178,7 +180,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         out = {k: job[k] for k in ("id", "type", "status", "priority", "progress", "progress_note", "error",
                                    "attempts", "created_at", "started_at", "finished_at")}
         out["files"] = [{"url": f"/v1/jobs/{job['id']}/files/{k}",
-                         **{x: f[x] for x in ("seed", "width", "height", "infotext") if x in f}}
+                         **{x: f[x] for x in ("seed", "width", "height", "infotext", "kind", "format", "product")
+                            if x in f}}
                         for k, f in enumerate(files)]
         return out
 
@@ -238,7 +241,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         files = (job.get("result") or {}).get("files", [])
         if not 0 <= index < len(files):
             raise NotFound(f"job {job_id} has no file {index}")
-        return FileResponse(files[index]["path"], media_type="image/png")  # a path the worker wrote, never the client's
+        path = Path(files[index]["path"])  # a path the worker wrote, never the client's
+        media = {".png": "image/png", ".html": "text/html", ".zip": "application/zip", ".jpg": "image/jpeg"}
+        return FileResponse(path, media_type=media.get(path.suffix, "application/octet-stream"),
+                            filename=path.name if path.suffix == ".zip" else None)
 
     @app.get("/v1/models")
     def models(request: Request):

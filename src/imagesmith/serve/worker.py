@@ -25,7 +25,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 GENERATE_TYPES = ("generate", "img2img", "inpaint")
-JOB_TYPES = (*GENERATE_TYPES, "cutout")
+JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad")
 
 
 def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
@@ -42,6 +42,15 @@ def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
         if not isinstance(request.get("image"), str):
             raise BadRequest("a cutout job needs request.image (an uploaded file id or path)")
         return {"image": request["image"]}, None
+    if job_type == "ad":
+        from ..core.requests import AdRequest
+        from ..compose.contrast import parse_hex
+        from ..compose.formats import parse_formats
+        req = AdRequest.model_validate(request)
+        parse_formats(req.formats)  # an unknown format or a bad colour is a 4xx now, not a failed job later
+        if req.brand_color:
+            parse_hex(req.brand_color)
+        return req.model_dump(mode="json"), req.model
     raise BadRequest(f"unknown job type {job_type!r}; known: {', '.join(JOB_TYPES)}")
 
 
@@ -155,6 +164,28 @@ class Worker:
             self.store.fail(job["id"], self.id, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
 
     # ---------------------------------------------------------------- job types
+    def _ad(self, job: dict, folder: Path, progress: Callable, cancel: CancelToken) -> dict[str, Any]:
+        import zipfile
+
+        from ..core.requests import AdRequest
+        from ..workflows.product_ad import ProductAdStudio
+        req = AdRequest.model_validate(job["request"])
+
+        def on_item(done: int, total: int, label: str) -> None:
+            cancel.raise_if_cancelled()
+            progress(ProgressEvent(done, total, label))
+        result = ProductAdStudio(self.engine, settings=self.settings).make(req, folder, progress=on_item)
+        if not result.outputs:
+            raise ImagesmithError("no ad was made: " + "; ".join(f.error for f in result.failures)[:300])
+        archive = folder.parent / f"{folder.name}.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in folder.rglob("*"):
+                if f.is_file():
+                    z.write(f, f.relative_to(folder))
+        files = _ad_files(result) + [{"path": str(archive), "kind": "zip"}]
+        return {"files": files, "manifest": result.manifest_path,
+                "failures": [f.model_dump() for f in result.failures], "seconds": result.seconds}
+
     def execute(self, job: dict, folder: Path, progress: Callable, cancel: CancelToken) -> dict[str, Any]:
         from ..core.imageio import save_png_atomic
         folder.mkdir(parents=True, exist_ok=True)
@@ -177,7 +208,18 @@ class Worker:
             path = folder / "cutout.png"
             save_png_atomic(cut.rgba, path)
             return {"files": [{"path": str(path), "width": cut.rgba.width, "height": cut.rgba.height}]}
+        if job["type"] == "ad":
+            return self._ad(job, folder, progress, cancel)
         raise ImagesmithError(f"unknown job type {job['type']!r}")
+
+
+def _ad_files(result) -> list[dict]:
+    files = []
+    for o in result.outputs:
+        files.append({"path": o.path, "kind": "png", "format": o.format, "width": o.width, "height": o.height,
+                      "seed": o.seed, "product": Path(o.product).name, "occ": o.occ})
+        files.append({"path": o.html_path, "kind": "html", "format": o.format})
+    return files
 
 
 def _safe(name: str) -> str:
