@@ -154,3 +154,29 @@ def test_ad_job_makes_png_html_and_zip(served):
     assert bad.status_code == 422 and "2:7" in bad.json()["error"]["message"]
     bad = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, brand_color="red")})
     assert bad.status_code == 422
+
+
+def test_web_studio_is_served_self_contained(served):
+    import re
+    import shutil
+    import subprocess
+    client, _, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for tab in ("generate", "ad", "gallery", "queue", "models"):
+        assert f'id="{tab}"' in page.text
+    assert 'name="viewport"' in page.text  # phone-sized screens
+    js = client.get("/studio/studio.js")
+    css = client.get("/studio/studio.css")
+    assert js.status_code == 200 and css.status_code == 200
+    # no third-party code or hosts: every URL the studio fetches is this server's API
+    assert not re.search(r"https?://", js.text + css.text + page.text.replace('http-equiv', ''))
+    for route in set(re.findall(r'["`](/(?:v1|sdapi/v1)/[a-z0-9/_-]*)', js.text)):
+        assert route.startswith(("/v1/jobs", "/v1/uploads", "/v1/models", "/sdapi/v1/samplers")), route
+    # job views carry the request, for "reuse parameters"
+    job_id = client.post("/v1/jobs", json={"type": "generate", "request": GEN}).json()["job_id"]
+    assert client.get(f"/v1/jobs/{job_id}").json()["request"]["prompt"] == "a red apple"
+    node = shutil.which("node")
+    if node:  # the script at least parses
+        path = __import__("pathlib").Path(__file__).resolve().parents[2] / "src/imagesmith/serve/static/studio.js"
+        assert subprocess.run([node, "--check", str(path)], capture_output=True).returncode == 0

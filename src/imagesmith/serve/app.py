@@ -121,6 +121,16 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         where = ".".join(str(p) for p in err["loc"])
         return JSONResponse({"error": {"code": "bad_request", "message": f"{where}: {err['msg']}"}}, status_code=422)
 
+    # ---------------------------------------------------------------- web studio
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+    static = Path(__file__).resolve().parent / "static"
+    app.mount("/studio", StaticFiles(directory=static), name="studio")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def studio_page():
+        return (static / "index.html").read_text(encoding="utf-8")
+
     # ---------------------------------------------------------------- operations
     @app.get("/healthz")
     def healthz():
@@ -178,7 +188,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     def job_view(job: dict) -> dict:
         files = (job.get("result") or {}).get("files", [])
         out = {k: job[k] for k in ("id", "type", "status", "priority", "progress", "progress_note", "error",
-                                   "attempts", "created_at", "started_at", "finished_at")}
+                                   "attempts", "created_at", "started_at", "finished_at", "request")}
         out["files"] = [{"url": f"/v1/jobs/{job['id']}/files/{k}",
                          **{x: f[x] for x in ("seed", "width", "height", "infotext", "kind", "format", "product")
                             if x in f}}

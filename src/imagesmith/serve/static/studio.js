@@ -1,0 +1,210 @@
+// imagesmith web studio: plain JavaScript on the /v1 and /sdapi/v1 APIs of the same server (no build step, no
+// third-party code). Progress comes from the job's server-sent events, read with fetch so a token can be sent.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const FORMATS = ["1:1", "4:5", "9:16", "1.91:1", "300x250", "728x90", "300x600", "320x50"];
+const tokenInput = $("#token");
+tokenInput.value = localStorage.getItem("imagesmith-token") || "";
+tokenInput.addEventListener("change", () => localStorage.setItem("imagesmith-token", tokenInput.value.trim()));
+
+function headers(extra = {}) {
+  const t = tokenInput.value.trim();
+  return t ? { ...extra, Authorization: "Bearer " + t } : extra;
+}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  const type = res.headers.get("content-type") || "";
+  const body = type.includes("json") ? await res.json() : await res.text();
+  if (!res.ok) throw new Error((body && body.error && body.error.message) || res.statusText);
+  return body;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "onclick") node.addEventListener("click", v); else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+// ------------------------------------------------------------------------------------------------ tabs
+document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => {
+  document.querySelectorAll("#tabs button").forEach((x) => x.classList.toggle("on", x === b));
+  document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("on", t.id === b.dataset.tab));
+  ({ gallery: loadGallery, queue: loadQueue, models: loadModels }[b.dataset.tab] || (() => {}))();
+}));
+
+// ------------------------------------------------------------------------------------------- progress
+async function follow(jobId, bar, status) {
+  const res = await fetch(`/v1/jobs/${jobId}/events`, { headers: headers() });
+  if (!res.ok) throw new Error("events: " + res.statusText);
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", last = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = block.split("\n").find((l) => l.startsWith("data: "));
+      if (!data) continue;
+      last = JSON.parse(data.slice(6));
+      bar.style.width = Math.round(100 * (last.progress || 0)) + "%";
+      status.textContent = `${last.status} ${Math.round(100 * (last.progress || 0))}% ${last.progress_note || ""}`;
+    }
+  }
+  return last;
+}
+
+// ------------------------------------------------------------------------------------------- generate
+const loraRows = $("#gen-loras");
+let loraNames = [];
+
+function addLora(name = "", weight = 1) {
+  const select = el("select", {}, el("option", { value: "" }, "-"), ...loraNames.map((n) => el("option", { value: n }, n)));
+  select.value = name;
+  const slider = el("input", { type: "range", min: "-1", max: "2", step: "0.05", value: String(weight) });
+  const shown = el("span", {}, String(weight));
+  slider.addEventListener("input", () => { shown.textContent = slider.value; });
+  const row = el("div", { class: "lora" }, select, slider, shown, el("button", { type: "button", onclick: () => row.remove() }, "x"));
+  loraRows.append(row);
+}
+$("#add-lora").addEventListener("click", () => addLora());
+
+function generateRequest(form) {
+  const f = new FormData(form);
+  const num = (k) => (f.get(k) === "" || f.get(k) === null ? undefined : Number(f.get(k)));
+  const req = {
+    prompt: f.get("prompt"), negative_prompt: f.get("negative_prompt"), sampler_name: f.get("sampler_name"),
+    steps: num("steps"), cfg_scale: num("cfg_scale"), seed: num("seed"), batch_size: num("batch_size"),
+    width: num("width"), height: num("height"), model: f.get("model") || undefined,
+    loras: [...loraRows.querySelectorAll(".lora")].map((r) => ({ name: r.querySelector("select").value,
+      weight: Number(r.querySelector("input").value) })).filter((l) => l.name),
+  };
+  if (f.get("hires")) {
+    req.hires = { hr_scale: num("hr_scale"), hr_upscaler: f.get("hr_upscaler"), hr_denoising_strength: num("hr_denoising_strength") };
+  }
+  return req;
+}
+
+function fillForm(req) {
+  const form = $("#gen-form");
+  for (const [k, v] of Object.entries(req)) {
+    const input = form.elements.namedItem(k);
+    if (input && v !== null && typeof v !== "object") input.value = v;
+  }
+  loraRows.innerHTML = "";
+  (req.loras || []).forEach((l) => addLora(l.name, l.weight));
+  form.elements.namedItem("hires").checked = !!req.hires;
+  if (req.hires) for (const [k, v] of Object.entries(req.hires)) { const i = form.elements.namedItem(k); if (i) i.value = v; }
+  document.querySelector('#tabs button[data-tab="generate"]').click();
+}
+
+function figure(file, job) {
+  const img = el("img", { src: file.url, alt: job.request ? job.request.prompt || "" : "", loading: "lazy" });
+  img.addEventListener("click", () => showDetail(file, job));
+  return el("figure", {}, img, el("figcaption", {}, file.seed !== undefined ? `seed ${file.seed}` : file.format || ""));
+}
+
+function showDetail(file, job) {
+  const body = $("#detail-body");
+  body.innerHTML = "";
+  body.append(el("img", { src: file.url }), el("pre", {}, file.infotext || JSON.stringify(job.request, null, 1)),
+    el("a", { href: file.url, download: "" }, "Download"), " ",
+    el("button", { type: "button", onclick: () => { $("#detail").close(); fillForm(job.request); } }, "Reuse parameters"));
+  $("#detail").showModal();
+}
+$("#detail-close").addEventListener("click", () => $("#detail").close());
+
+$("#gen-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const out = $("#gen-out"), status = $("#gen-status");
+  try {
+    const req = generateRequest(e.target);
+    const { job_id } = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ type: "generate", request: req }) });
+    await follow(job_id, $("#gen-bar"), status);
+    const job = await api(`/v1/jobs/${job_id}`);
+    if (job.status !== "succeeded") throw new Error(job.error || job.status);
+    out.innerHTML = "";
+    job.files.forEach((f) => out.append(figure(f, job)));
+  } catch (err) { status.textContent = "error: " + err.message; }
+});
+
+// ------------------------------------------------------------------------------------------- ad studio
+$("#ad-formats").append(...FORMATS.map((f, i) => el("label", { class: "inline" },
+  Object.assign(el("input", { type: "checkbox", value: f }), { checked: i < 4 }), f)));
+
+$("#ad-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const f = new FormData(e.target), out = $("#ad-out"), status = $("#ad-status");
+  try {
+    status.textContent = "uploading";
+    const upload = new FormData();
+    upload.append("file", f.get("product"));
+    const { id } = await api("/v1/uploads", { method: "POST", body: upload });
+    const req = { products: [id], concept: f.get("concept"), headline: f.get("headline"),
+      subline: f.get("subline") || null, cta: f.get("cta") || null, brand_color: f.get("brand_color"),
+      variations: Number(f.get("variations")),
+      formats: [...document.querySelectorAll("#ad-formats input:checked")].map((x) => x.value) };
+    const { job_id } = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ type: "ad", request: req }) });
+    await follow(job_id, $("#ad-bar"), status);
+    const job = await api(`/v1/jobs/${job_id}`);
+    if (job.status !== "succeeded") throw new Error(job.error || job.status);
+    out.innerHTML = "";
+    for (const file of job.files) {
+      if (file.kind === "png") out.append(figure(file, job));
+      else if (file.kind === "html") out.lastChild.append(el("a", { href: file.url, target: "_blank" }, " HTML"));
+      else if (file.kind === "zip") out.append(el("a", { href: file.url, download: "" }, "Download all (zip)"));
+    }
+  } catch (err) { status.textContent = "error: " + err.message; }
+});
+
+// ------------------------------------------------------------------------------- gallery, queue, models
+async function loadGallery() {
+  const out = $("#gallery-out");
+  out.innerHTML = "";
+  const { jobs } = await api("/v1/jobs?status=succeeded&limit=60");
+  for (const job of jobs) job.files.filter((f) => f.kind !== "html" && f.kind !== "zip").forEach((f) => out.append(figure(f, job)));
+}
+
+async function loadQueue() {
+  const table = $("#queue-table");
+  table.innerHTML = "";
+  table.append(el("tr", {}, ...["job", "type", "status", "progress", ""].map((h) => el("th", {}, h))));
+  const { jobs } = await api("/v1/jobs?limit=100");
+  for (const job of jobs) {
+    const cancel = ["queued", "running"].includes(job.status)
+      ? el("button", { type: "button", onclick: async () => { await api(`/v1/jobs/${job.id}/cancel`, { method: "POST" }); loadQueue(); } }, "Cancel")
+      : "";
+    table.append(el("tr", {}, el("td", {}, job.id.slice(0, 8)), el("td", {}, job.type), el("td", {}, job.status),
+      el("td", {}, Math.round(100 * job.progress) + "%"), el("td", {}, cancel)));
+  }
+}
+
+async function loadModels() {
+  const table = $("#models-table");
+  table.innerHTML = "";
+  table.append(el("tr", {}, ...["name", "kind", "architecture"].map((h) => el("th", {}, h))));
+  const { models } = await api("/v1/models");
+  models.forEach((m) => table.append(el("tr", {}, el("td", {}, m.name), el("td", {}, m.kind), el("td", {}, m.arch || ""))));
+}
+
+// ------------------------------------------------------------------------------------------------ start
+(async () => {
+  try {
+    const [{ models }, samplers] = await Promise.all([api("/v1/models"), api("/sdapi/v1/samplers")]);
+    $("#gen-model").append(el("option", { value: "" }, "default"),
+      ...models.filter((m) => m.kind === "checkpoint").map((m) => el("option", { value: m.name }, m.name)));
+    loraNames = models.filter((m) => m.kind === "lora").map((m) => m.name);
+    $("#gen-sampler").append(...samplers.map((s) => el("option", { value: s.name }, s.name)));
+    $("#gen-sampler").value = "DPM++ 2M";
+  } catch (err) { $("#gen-status").textContent = "error: " + err.message; }
+})();
