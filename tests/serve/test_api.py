@@ -130,6 +130,8 @@ def test_a1111_client_routes(served):
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (64, 64)
     assert client.get("/sdapi/v1/progress").json()["progress"] >= 0
     assert client.get("/healthz").json() == {"ok": True} and client.get("/readyz").json()["ok"]
+    listed = client.get("/v1/models").json()["models"]
+    assert {"name": "tiny-sd15", "kind": "checkpoint"}.items() <= next(m for m in listed if m["name"] == "tiny-sd15").items()
     assert 'imagesmith_jobs{status="succeeded"}' in client.get("/metrics").text
 
 

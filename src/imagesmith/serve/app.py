@@ -115,6 +115,12 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     async def _user_error(_: Request, exc: ImagesmithError):
         return JSONResponse({"error": {"code": exc.code, "message": str(exc)}}, status_code=exc.http_status)
 
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception):
+        import logging
+        logging.getLogger(__name__).exception("internal error")
+        return JSONResponse({"error": {"code": "internal", "message": f"{type(exc).__name__}"}}, status_code=500)
+
     @app.exception_handler(ValidationError)
     async def _validation(_: Request, exc: ValidationError):
         err = exc.errors()[0]
@@ -260,7 +266,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     def models(request: Request):
         caller(request)
         from ..models.house import make_registry
-        return {"models": [{"name": e.name, "kind": e.kind, "arch": e.arch} for e in make_registry(settings).entries()]}
+        return {"models": [{"name": e.name, "kind": e.kind, "arch": e.arch} for e in make_registry(settings).list()]}
 
     # ---------------------------------------------------------------- A1111-compatible
     async def run_sync(job_type: str, request: dict, user: str) -> dict:

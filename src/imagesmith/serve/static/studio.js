@@ -32,6 +32,7 @@ function el(tag, attrs = {}, ...children) {
 
 // ------------------------------------------------------------------------------------------------ tabs
 document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => {
+  history.replaceState(null, "", "#" + b.dataset.tab);
   document.querySelectorAll("#tabs button").forEach((x) => x.classList.toggle("on", x === b));
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("on", t.id === b.dataset.tab));
   ({ gallery: loadGallery, queue: loadQueue, models: loadModels }[b.dataset.tab] || (() => {}))();
@@ -199,6 +200,8 @@ async function loadModels() {
 
 // ------------------------------------------------------------------------------------------------ start
 (async () => {
+  const deep = document.querySelector(`#tabs button[data-tab="${location.hash.slice(1)}"]`);  // e.g. /#gallery
+  if (deep) deep.click();
   try {
     const [{ models }, samplers] = await Promise.all([api("/v1/models"), api("/sdapi/v1/samplers")]);
     $("#gen-model").append(el("option", { value: "" }, "default"),
