@@ -16,9 +16,35 @@ from imagesmith.core.errors import NotFound
 from imagesmith.serve.store import JobStore, QueueFull
 
 
-@pytest.fixture()
-def url(tmp_path):
-    return f"sqlite:///{tmp_path / 'jobs.db'}"
+PG = os.environ.get("IMAGESMITH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_schema():
+    """A fresh schema in the local PostgreSQL (the service the machine runs), or None when it is not up."""
+    import uuid
+    try:
+        import psycopg
+        conn = psycopg.connect(PG.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3, autocommit=True)
+    except Exception:  # noqa: BLE001
+        return None, None
+    schema = "t_" + uuid.uuid4().hex[:12]
+    conn.execute(f"create schema {schema}")
+    return conn, schema
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+        return
+    conn, schema = _postgres_schema()
+    if conn is None:
+        pytest.skip("PostgreSQL is not running on loopback")
+    try:
+        yield f"{PG}?options=-csearch_path%3D{schema}"
+    finally:
+        conn.execute(f"drop schema {schema} cascade")
+        conn.close()
 
 
 def test_jobs_survive_a_restart_and_keys_are_idempotent(url):

@@ -111,6 +111,8 @@ class JobStore:
     """``JobStore(url)``: ``sqlite:///path/jobs.db`` (WAL) or ``postgresql+psycopg://...``."""
 
     def __init__(self, url: str, *, user_limit: int = 100):
+        if url.startswith(("postgresql://", "postgres://")):  # the driver imagesmith installs: psycopg 3
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
         self.url = url
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
