@@ -137,3 +137,31 @@ def test_a_worker_killed_with_sigkill_loses_its_job_to_the_next(url, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_schema_comes_from_migrations_and_matches_the_models(url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from imagesmith.serve.store import Base, migrate
+    s = JobStore(url)
+    with s.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert ctx.get_current_revision() == "0001"
+        assert compare_metadata(ctx, Base.metadata) == []  # no model change without a migration
+    assert migrate(s.engine) == "0001"  # idempotent
+
+
+def test_a_database_made_before_migrations_is_stamped(tmp_path):
+    from sqlalchemy import create_engine, inspect
+
+    from imagesmith.serve.store import Base
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(url)
+    Base.metadata.create_all(old)
+    old.dispose()
+    s = JobStore(url)
+    job, _ = s.submit("generate", {"prompt": "x"})
+    assert s.get(job["id"])["status"] == "queued"
+    assert "alembic_version" in inspect(s.engine).get_table_names()

@@ -107,6 +107,27 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+MIGRATIONS = __import__("pathlib").Path(__file__).resolve().parent / "migrations"
+
+
+def migrate(engine) -> str:
+    """Bring the database to the newest schema with Alembic (``serve/migrations``); a database made before
+    migrations existed (tables, no ``alembic_version``) is stamped. Returns the revision."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is None and inspect(conn).has_table("jobs"):
+            command.stamp(cfg, "0001")
+        command.upgrade(cfg, "head")
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 class JobStore:
     """``JobStore(url)``: ``sqlite:///path/jobs.db`` (WAL) or ``postgresql+psycopg://...``."""
 
@@ -120,7 +141,7 @@ class JobStore:
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        migrate(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.user_limit = user_limit
 
