@@ -182,3 +182,22 @@ def test_web_studio_is_served_self_contained(served):
     if node:  # the script at least parses
         path = __import__("pathlib").Path(__file__).resolve().parents[2] / "src/imagesmith/serve/static/studio.js"
         assert subprocess.run([node, "--check", str(path)], capture_output=True).returncode == 0
+
+
+def test_upscale_job_and_websocket_progress(served):
+    client, _, _ = served
+    src = Image.new("RGB", (40, 30), (20, 120, 200))
+    uid = client.post("/v1/uploads", files={"file": ("s.png", png(src), "image/png")}).json()["id"]
+    assert client.post("/v1/jobs", json={"type": "upscale", "request": {"image": uid, "scale": 9}}).status_code == 422
+    job_id = client.post("/v1/jobs", json={"type": "upscale",
+                                           "request": {"image": uid, "scale": 2, "upscaler": "Lanczos"}}).json()["job_id"]
+    with client.websocket_connect(f"/v1/jobs/{job_id}/ws") as ws:
+        messages = []
+        while True:
+            msg = ws.receive_json()
+            messages.append(msg)
+            if msg["status"] in ("succeeded", "failed", "canceled"):
+                break
+    assert messages[-1]["status"] == "succeeded" and messages[-1]["id"] == job_id
+    big = Image.open(io.BytesIO(client.get(messages[-1]["files"][0]["url"]).content))
+    assert big.size == (80, 60)

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
@@ -239,6 +239,38 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
                         return
                 await asyncio.sleep(0.1)
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.websocket("/v1/jobs/{job_id}/ws")
+    async def job_socket(websocket: WebSocket, job_id: str):
+        """The same progress as the SSE route, as JSON messages; the token may come as ?token= (browsers cannot
+        set headers on a WebSocket)."""
+        header = websocket.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else websocket.query_params.get("token")
+        who = store.user_for_token(token) if token else None
+        if (token and who is None) or (require_auth and who is None):
+            await websocket.close(code=4401)
+            return
+        scope = None if who is None or who["role"] == "admin" else who["name"]
+        try:
+            store.get(job_id, user=scope)
+        except NotFound:
+            await websocket.close(code=4404)
+            return
+        await websocket.accept()
+        last = None
+        try:
+            while True:
+                job = job_view(store.get(job_id, user=scope))
+                state = (job["status"], job["progress"], job["progress_note"])
+                if state != last:
+                    last = state
+                    await websocket.send_json(job)
+                    if job["status"] in ("succeeded", "failed", "canceled"):
+                        break
+                await asyncio.sleep(0.1)
+            await websocket.close()
+        except WebSocketDisconnect:
+            pass
 
     @app.get("/v1/jobs")
     def list_jobs(request: Request, status: str | None = None, limit: int = 50, offset: int = 0):

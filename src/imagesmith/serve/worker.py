@@ -25,7 +25,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 GENERATE_TYPES = ("generate", "img2img", "inpaint")
-JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad")
+JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad", "upscale")
 
 
 def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
@@ -42,6 +42,16 @@ def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
         if not isinstance(request.get("image"), str):
             raise BadRequest("a cutout job needs request.image (an uploaded file id or path)")
         return {"image": request["image"]}, None
+    if job_type == "upscale":
+        if not isinstance(request.get("image"), str):
+            raise BadRequest("an upscale job needs request.image (an uploaded file id)")
+        scale = request.get("scale", 4)
+        if not isinstance(scale, (int, float)) or not 1 < float(scale) <= 8:
+            raise BadRequest("request.scale must be a number in (1, 8]")
+        upscaler = str(request.get("upscaler", "R-ESRGAN 4x+"))
+        if upscaler not in ("Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"):
+            raise BadRequest(f"unknown upscaler {upscaler!r}; known: Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B")
+        return {"image": request["image"], "scale": float(scale), "upscaler": upscaler}, None
     if job_type == "ad":
         from ..core.requests import AdRequest
         from ..compose.contrast import parse_hex
@@ -210,6 +220,18 @@ class Worker:
             return {"files": [{"path": str(path), "width": cut.rgba.width, "height": cut.rgba.height}]}
         if job["type"] == "ad":
             return self._ad(job, folder, progress, cancel)
+        if job["type"] == "upscale":
+            from ..core.imageio import load_image
+            image = load_image(job["request"]["image"], settings=self.settings, mode="RGB", what="image")
+            up = self.engine.upscalers().get(job["request"]["upscaler"])
+
+            def tiles(done: int, total: int) -> None:
+                cancel.raise_if_cancelled()
+                progress(ProgressEvent(done, total, "upscale"))
+            big = up.upscale(image, job["request"]["scale"], progress=tiles)
+            path = folder / "upscaled.png"
+            save_png_atomic(big, path)
+            return {"files": [{"path": str(path), "width": big.width, "height": big.height}]}
         raise ImagesmithError(f"unknown job type {job['type']!r}")
 
 
