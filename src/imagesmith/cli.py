@@ -670,7 +670,8 @@ def grid(
 
 @app.command("serve")
 def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(7860, "--port"),
-          workers: int = typer.Option(1, "--workers", help="worker threads in this process (0: API only; run `imagesmith worker`)")):
+          workers: int = typer.Option(1, "--workers", help="worker threads in this process (0: API only; run `imagesmith worker`)"),
+          ray_address: Optional[str] = typer.Option(None, "--ray", help="run the workers as Ray actors: 'auto', 'local' or a cluster address")):
     """Start the HTTP API (/v1 jobs, A1111-compatible /sdapi/v1, OpenAPI at /docs) with its worker(s)."""
     import threading
 
@@ -683,8 +684,13 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
     store = default_store(settings)
     loopback = host in ("127.0.0.1", "localhost", "::1")
     auth = not loopback or os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
-    for _ in range(workers):
-        threading.Thread(target=Worker(store, settings).run_forever, daemon=True).start()
+    if ray_address:
+        from .serve.ray_workers import start_ray_workers
+        actors = start_ray_workers(ray_address, store.url, str(settings.home), max(1, workers))
+        print(f"{len(actors)} Ray worker actor(s) on {ray_address}", file=sys.stderr)
+    else:
+        for _ in range(workers):
+            threading.Thread(target=Worker(store, settings).run_forever, daemon=True).start()
     if auth:
         print("auth on: every route but /healthz and /readyz needs 'Authorization: Bearer <token>' "
               "(imagesmith users add NAME; imagesmith tokens create NAME)", file=sys.stderr)

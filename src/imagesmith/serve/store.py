@@ -74,7 +74,7 @@ class JobRow(Base):
         return {"id": self.id, "type": self.type, "user": self.user, "status": self.status,
                 "priority": self.priority, "model": self.model, "request": self.request, "result": self.result,
                 "error": self.error, "progress": self.progress, "progress_note": self.progress_note,
-                "attempts": self.attempts, "cancel_requested": self.cancel_requested,
+                "attempts": self.attempts, "cancel_requested": self.cancel_requested, "worker": self.lease_owner,
                 "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}
 
 
