@@ -201,3 +201,16 @@ def test_upscale_job_and_websocket_progress(served):
     assert messages[-1]["status"] == "succeeded" and messages[-1]["id"] == job_id
     big = Image.open(io.BytesIO(client.get(messages[-1]["files"][0]["url"]).content))
     assert big.size == (80, 60)
+
+
+def test_grid_job(served):
+    client, _, _ = served
+    req = {"base": dict(GEN, steps=2), "x": {"field": "cfg_scale", "values": [3, 7]},
+           "y": {"field": "seed", "values": [1, 2]}}
+    job = wait(client, client.post("/v1/jobs", json={"type": "grid", "request": req}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    grid = client.get(job["files"][0]["url"])
+    meta = client.get(job["files"][1]["url"]).json()
+    assert grid.headers["content-type"] == "image/png" and len(meta["cells"]) == 4
+    bad = client.post("/v1/jobs", json={"type": "grid", "request": dict(req, x={"field": "steps", "values": [0]})})
+    assert bad.status_code == 422

@@ -290,7 +290,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         if not 0 <= index < len(files):
             raise NotFound(f"job {job_id} has no file {index}")
         path = Path(files[index]["path"])  # a path the worker wrote, never the client's
-        media = {".png": "image/png", ".html": "text/html", ".zip": "application/zip", ".jpg": "image/jpeg"}
+        media = {".png": "image/png", ".html": "text/html", ".zip": "application/zip", ".jpg": "image/jpeg",
+                 ".json": "application/json"}
         return FileResponse(path, media_type=media.get(path.suffix, "application/octet-stream"),
                             filename=path.name if path.suffix == ".zip" else None)
 

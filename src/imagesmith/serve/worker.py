@@ -25,7 +25,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 GENERATE_TYPES = ("generate", "img2img", "inpaint")
-JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad", "upscale")
+JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad", "upscale", "grid")
 
 
 def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
@@ -52,6 +52,13 @@ def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
         if upscaler not in ("Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"):
             raise BadRequest(f"unknown upscaler {upscaler!r}; known: Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B")
         return {"image": request["image"], "scale": float(scale), "upscaler": upscaler}, None
+    if job_type == "grid":
+        from ..eval.grid import GridRequest
+        req = GridRequest.model_validate(request)
+        req.plan()  # every cell's request is valid before the job is queued
+        if req.base.init_image or req.base.mask:
+            raise BadRequest("grid jobs are txt2img sweeps: no init_image or mask")
+        return req.model_dump(mode="json"), req.base.model
     if job_type == "ad":
         from ..core.requests import AdRequest
         from ..compose.contrast import parse_hex
@@ -220,6 +227,16 @@ class Worker:
             return {"files": [{"path": str(path), "width": cut.rgba.width, "height": cut.rgba.height}]}
         if job["type"] == "ad":
             return self._ad(job, folder, progress, cancel)
+        if job["type"] == "grid":
+            from ..eval.grid import GridRequest, run_grid
+            result = run_grid(self.engine, GridRequest.model_validate(job["request"]), folder, progress=progress,
+                              cancel=cancel)
+            grid = result.grid_path
+            from PIL import Image as _Image
+            with _Image.open(grid) as im:
+                size = im.size
+            return {"files": [{"path": str(grid), "kind": "png", "width": size[0], "height": size[1]},
+                              {"path": str(result.json_path), "kind": "json"}], "seconds": round(result.seconds, 3)}
         if job["type"] == "upscale":
             from ..core.imageio import load_image
             image = load_image(job["request"]["image"], settings=self.settings, mode="RGB", what="image")
