@@ -142,7 +142,6 @@ def test_a_worker_killed_with_sigkill_loses_its_job_to_the_next(url, tmp_path):
 def test_schema_comes_from_migrations_and_matches_the_models(url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import create_engine
 
     from imagesmith.serve.store import Base, migrate
     s = JobStore(url)

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image, ImageDraw
 
-from imagesmith.vision.caption import Captioner, caption_folder
+from imagesmith.vision.caption import Captioner
 
 from test_cli import run_cli
 

@@ -59,3 +59,17 @@ class UnsupportedModel(ImagesmithError):
 class Cancelled(ImagesmithError):
     code = "cancelled"
     http_status = 409
+
+
+class Unauthorized(ImagesmithError):
+    """The service needs a valid API token for this route."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class TooManyRequests(ImagesmithError):
+    """A per-user rate or queue limit of the service."""
+
+    code = "rate_limited"
+    http_status = 429

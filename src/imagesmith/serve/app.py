@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import __version__
-from ..core.errors import BadRequest, ImagesmithError, NotFound
+from ..core.errors import BadRequest, ImagesmithError, NotFound, TooManyRequests, Unauthorized
 from ..core.settings import Settings
 from .store import JobStore
 from .worker import JOB_TYPES, validate_request
@@ -48,16 +47,6 @@ def default_store(settings: Settings) -> JobStore:
     return JobStore(url)
 
 
-class Unauthorized(ImagesmithError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class RateLimited(ImagesmithError):
-    code = "rate_limited"
-    http_status = 429
-
-
 class _RateLimiter:
     """Per-user token bucket: ``rate`` requests a minute, bursts up to the same number."""
 
@@ -71,7 +60,7 @@ class _RateLimiter:
         level, last = self.buckets.get(user, (self.capacity, now))
         level = min(self.capacity, level + (now - last) * self.rate)
         if level < 1.0:
-            raise RateLimited(f"rate limit: {int(self.capacity)} requests a minute for {user!r}")
+            raise TooManyRequests(f"rate limit: {int(self.capacity)} requests a minute for {user!r}")
         self.buckets[user] = (level - 1.0, now)
 
 

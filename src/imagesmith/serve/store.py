@@ -28,15 +28,14 @@ from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, Uniq
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from ..core.errors import ImagesmithError, NotFound
+from ..core.errors import NotFound, TooManyRequests
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED = ("succeeded", "failed", "canceled")
 
 
-class QueueFull(ImagesmithError):
+class QueueFull(TooManyRequests):
     code = "queue_full"
-    http_status = 429
 
 
 class Base(DeclarativeBase):
