@@ -237,3 +237,14 @@ def test_pixel_cap(engine, tiny_home):
     capped = Engine(tiny_home.model_copy(update={"max_pixels": 64 * 64}), device="cpu", cache=engine.cache)
     with pytest.raises(BadRequest, match="pixel cap"):
         capped.generate(req(width=128, height=128))
+
+
+def test_midjourney_parameters_in_the_prompt_set_size_seed_and_negative(engine):
+    r = engine.generate(req(prompt="a red apple --ar 2:1 --seed 77 --no blur", width=None, height=None, seed=-1))
+    w, h = r.images[0].size
+    assert abs(w / h - 2) < 0.2 and w % 8 == 0 and h % 8 == 0 and 0.7 < w * h / 64 ** 2 < 1.3  # tiny: 64 px native
+    assert r.records[0].seed == 77
+    info = r.records[0].infotext
+    assert info.startswith("a red apple\nNegative prompt: blur") and "--ar" not in info
+    explicit = engine.generate(req(prompt="a red apple --seed 77", seed=5))
+    assert explicit.records[0].seed == 5  # a seed the request names wins over the prompt's

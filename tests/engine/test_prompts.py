@@ -464,3 +464,15 @@ def test_bert_comma_backtrack_uses_the_wordpiece_comma(bert_tok):
     assert [len(c.tokens) for c in chunks] == [72, 6]  # cut after the comma, the words after it move on
     assert chunks[0].tokens[-1] == bert_tok.convert_tokens_to_ids(",")
     assert bert_tok.decode(list(chunks[1].tokens)) == "dog tree house sky sun moon"
+
+
+def test_midjourney_style_parameters_are_parsed():
+    from imagesmith.core.errors import BadRequest
+    from imagesmith.engine.prompts import aspect_size, extract_prompt_params
+    text, p = extract_prompt_params("a white cat, 3D --ar 9:16 --no text, watermark --seed 42")
+    assert text == "a white cat, 3D" and p.aspect == 9 / 16 and p.seed == 42 and p.no == "text, watermark"
+    assert extract_prompt_params("plain prompt -- not a param")[1].aspect is None
+    assert aspect_size(512, 9 / 16) == (384, 704) and aspect_size(1024, 1.0) == (1024, 1024)
+    for bad in ("x --ar 9x16", "x --ar 1:9", "x --seed -3", "x --no"):
+        with pytest.raises(BadRequest):
+            extract_prompt_params(bad)

@@ -8,6 +8,7 @@ per-step callback (progress, cancel) -> optional hires fix -> result with infote
 from __future__ import annotations
 
 import random
+from typing import Any
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,14 @@ class Engine:
 
     # ------------------------------------------------------------------ resolution
     def _resolve(self, req: GenerateRequest) -> _Job:
+        text, params = P.extract_prompt_params(req.prompt)  # --ar / --seed / --no at the end of the prompt
+        if text != req.prompt:
+            update: dict[str, Any] = {"prompt": text}
+            if params.seed is not None and req.seed < 0:
+                update["seed"] = params.seed
+            if params.no:
+                update["negative_prompt"] = ", ".join(x for x in (req.negative_prompt.strip(), params.no) if x)
+            req = req.model_copy(update=update)
         prompt, tag_loras = P.extract_lora_tags(req.prompt)
         negative, _ = P.extract_lora_tags(req.negative_prompt)
         if req.model and req.model.lower() in self._adopted:
@@ -188,6 +197,9 @@ class Engine:
             init, mask = outpaint_canvas(init, req.outpaint)
         if req.controlnet:
             control = load_image(req.controlnet.image, settings=self.settings, mode="RGB", what="control image")
+        if params.aspect is not None and req.width is None and req.height is None and init is None:
+            w, h = P.aspect_size(self._native_size(entry), params.aspect)
+            req = req.model_copy(update={"width": w, "height": h})
         width, height = self._size(req, entry, init)
         seeds, var_seeds = self._seeds(req)
         return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds)

@@ -232,6 +232,54 @@ def parse_extra_networks(text: str) -> ExtraNetworks:
     return ExtraNetworks(prompt=prompt, loras=tuple(loras), notes=tuple(notes))
 
 
+_MJ_PARAM = re.compile(r"(?:^|\s)--(ar|aspect|seed|no)(?:\s+(.*?))?(?=\s--(?:ar|aspect|seed|no)\b|$)",
+                       re.IGNORECASE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    """Midjourney-style parameters found at the end of a prompt: ``--ar W:H`` (or ``--aspect``), ``--seed N``
+    and ``--no thing, other`` (which joins the negative prompt)."""
+
+    aspect: float | None = None
+    seed: int | None = None
+    no: str | None = None
+
+
+def extract_prompt_params(text: str) -> tuple[str, PromptParams]:
+    """``a cat --ar 9:16 --no dogs --seed 5`` -> (``a cat``, PromptParams(0.5625, 5, 'dogs'))."""
+    found = list(_MJ_PARAM.finditer(text))
+    if not found:
+        return text, PromptParams()
+    values: dict[str, Any] = {}
+    for m in found:
+        key, value = m.group(1).lower(), (m.group(2) or "").strip()
+        if key in ("ar", "aspect"):
+            ar = re.fullmatch(r"(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)", value)
+            if not ar or float(ar.group(2)) == 0 or not 0.25 <= float(ar.group(1)) / float(ar.group(2)) <= 4:
+                raise BadRequest(f"--ar takes W:H with a ratio between 1:4 and 4:1, not {value!r}")
+            values["aspect"] = float(ar.group(1)) / float(ar.group(2))
+        elif key == "seed":
+            if not re.fullmatch(r"\d+", value) or int(value) >= 2 ** 32:
+                raise BadRequest(f"--seed takes a whole number below 2^32, not {value!r}")
+            values["seed"] = int(value)
+        else:
+            if not value:
+                raise BadRequest("--no needs what to leave out: --no text, watermark")
+            values["no"] = ", ".join(x for x in (values.get("no"), value) if x)
+    clean = text[:found[0].start()].rstrip()
+    return clean, PromptParams(**values)
+
+
+def aspect_size(native: int, aspect: float, multiple: int | None = None) -> tuple[int, int]:
+    """(width, height) of about ``native`` x ``native`` pixels with ``aspect`` = width / height, in multiples of
+    64 (of 8 for models under 512 px)."""
+    multiple = multiple or (64 if native >= 512 else 8)
+    w = (native * aspect ** 0.5) / multiple
+    h = (native / aspect ** 0.5) / multiple
+    return max(multiple, round(w) * multiple), max(multiple, round(h) * multiple)
+
+
 def extract_lora_tags(text: str) -> tuple[str, list[LoraSpec]]:
     """``'a cat <lora:style:0.7>'`` -> ``('a cat', [LoraSpec(name='style', weight=0.7)])``.
 
