@@ -354,6 +354,27 @@ def dataset_check(folder: Path = typer.Argument(..., help="kohya-style folder (i
         raise _Exit(f"{len(report.problems)} problem(s) in {folder}: fix them before training", 1)
 
 
+@app.command("describe")
+def describe_cmd(images: List[Path] = typer.Argument(..., help="image files"),
+                 top: int = typer.Option(5, "--top", help="how many tags"),
+                 as_json: bool = typer.Option(False, "--json")):
+    """Describe images offline: a caption usable as a prompt, tags with scores, dominant colours and tone."""
+    from .core.imageio import load_image
+    from .core.settings import Settings
+    from .vision.caption import Captioner, describe
+    settings = Settings.from_env()
+    loaded = [(p, load_image(str(p), settings=settings, mode="RGB", what="image")) for p in images]  # all checked first
+    cap = Captioner()
+    results = [{"file": str(p), **describe(im, top_k=top, captioner=cap)} for p, im in loaded]
+    if as_json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=1))
+        return
+    for r in results:
+        colours = ", ".join(f"{c['hex']} {c['share']:.0%}" for c in r["dominant_colors"][:3])
+        tags = ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["tags"])
+        print(f"{r['file']}: {r['caption']}\n  tags: {tags}\n  colours: {colours}; tone {r['tone']}, brightness {r['brightness']}")
+
+
 @dataset_app.command("caption")
 def dataset_caption(folder: Path = typer.Argument(..., help="folder of images; captions go beside them as .txt"),
                     overwrite: bool = typer.Option(False, "--overwrite", help="re-caption images that have a caption"),

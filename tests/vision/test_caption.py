@@ -54,3 +54,15 @@ def test_objects_of_held_out_views_are_named():
     cap = Captioner()
     hits = sum(cap(ds.sample(i).image).object == ds.sample(i).object_name for i in range(12))
     assert hits >= 9, hits  # measured 12/12 with the GPU-trained house-clip
+
+
+def test_describe_cli_gives_caption_tags_colours_and_tone(tmp_path, capsys):
+    disc_on((40, 42, 46)).save(tmp_path / "a.png")
+    code, out, err = run_cli(capsys, "describe", str(tmp_path / "a.png"), "--json", "--top", "3")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["caption"].endswith("on a charcoal backdrop") and len(d["tags"]) == 3
+    assert d["tags"][0]["label"] == d["object"] and 0 < d["tags"][0]["score"] <= 1
+    assert abs(sum(c["share"] for c in d["dominant_colors"]) - 1) < 0.01 and d["tone"] in ("warm", "cool", "neutral")
+    code, _, err = run_cli(capsys, "describe", str(tmp_path / "missing.png"))
+    assert code == 2 and "missing.png" in err and len(err.strip().splitlines()) == 1

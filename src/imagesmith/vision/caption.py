@@ -93,3 +93,22 @@ def caption_folder(folder: str | Path, *, overwrite: bool = False, trigger_word:
             records.append({"file": str(p), "caption": text, "object_score": round(c.object_score, 4),
                             "written": True})
     return sorted(records, key=lambda r: r["file"])
+
+
+def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None = None) -> dict:
+    """``imagesmith describe``, offline: a caption usable as a prompt (house-clip's object + the backdrop colour
+    named from the house palette), the top house-clip labels with their probabilities as tags, the dominant
+    colours (hex, share), tone and brightness measured on the pixels."""
+    import torch
+
+    from .analyze import brightness, dominant_colors, tone
+    cap = captioner or Captioner()
+    rgb = image.convert("RGB")
+    c = cap(rgb)
+    emb = cap.clip.encode_images([rgb])
+    probs = (float(cap.clip.scale()) * (emb @ cap._label_embeds.t())[0]).softmax(-1)
+    top = torch.topk(probs, min(top_k, len(cap.labels)))
+    tags = [{"label": cap.labels[i], "score": round(float(p), 4)} for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    return {"caption": c.text, "object": c.object, "backdrop": c.backdrop, "tags": tags,
+            "dominant_colors": dominant_colors(rgb, 5), "tone": tone(rgb), "brightness": round(brightness(rgb), 4),
+            "describer": "house-clip + house-cutout + measured colours (offline)"}
