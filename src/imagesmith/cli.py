@@ -354,6 +354,45 @@ def dataset_check(folder: Path = typer.Argument(..., help="kohya-style folder (i
         raise _Exit(f"{len(report.problems)} problem(s) in {folder}: fix them before training", 1)
 
 
+@app.command("classify")
+def classify_cmd(images: List[str] = typer.Argument(..., help="image files; or: train FOLDER --name NAME"),
+                 labels: Optional[str] = typer.Option(None, "--labels", help="comma-separated labels (zero-shot, house-clip)"),
+                 gate: Optional[str] = typer.Option(None, "--gate", help="a trained gate's name"),
+                 name: Optional[str] = typer.Option(None, "--name", help="with train: the gate's name"),
+                 as_json: bool = typer.Option(False, "--json")):
+    """Zero-shot classification (--labels) or a trained gate (--gate); `classify train FOLDER --name N` trains a
+    gate from one sub-folder of images per class."""
+    from .core.imageio import load_image
+    from .core.settings import Settings
+    from .vision.classify import Gate, train_gate, zero_shot
+    settings = Settings.from_env()
+    if images[0] == "train":
+        if len(images) != 2 or not name:
+            raise _Exit("usage: imagesmith classify train FOLDER --name NAME")
+        card = train_gate(images[1], name, settings=settings)
+        if as_json:
+            print(json.dumps(card, indent=1))
+        else:
+            print(f"gate {card['name']}: classes {', '.join(card['classes'])}; held-out accuracy "
+                  f"{card['holdout_accuracy']:.3f} on {card['holdout_images']} images -> {card['path']}")
+        return
+    if (labels is None) == (gate is None):
+        raise _Exit("give --labels 'a,b,c' or --gate NAME")
+    g = Gate(gate, settings) if gate else None  # an unknown gate fails before any image is read
+    loaded = [(p, load_image(p, settings=settings, mode="RGB", what="image")) for p in images]
+    if g is not None:
+        rows = [{"file": p, "label": g(im)[0], "score": g(im)[1], "probabilities": g.probabilities(im)} for p, im in loaded]
+    else:
+        ranked = zero_shot([im for _, im in loaded], labels.split(","))
+        rows = [{"file": p, "label": r[0][0], "score": round(r[0][1], 4),
+                 "probabilities": {k: round(v, 4) for k, v in r}} for (p, _), r in zip(loaded, ranked)]
+    if as_json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
+    else:
+        for r in rows:
+            print(f"{r['file']}: {r['label']} ({r['score']:.3f})")
+
+
 @app.command("describe")
 def describe_cmd(images: List[Path] = typer.Argument(..., help="image files"),
                  top: int = typer.Option(5, "--top", help="how many tags"),
