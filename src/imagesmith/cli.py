@@ -393,6 +393,25 @@ def classify_cmd(images: List[str] = typer.Argument(..., help="image files; or: 
             print(f"{r['file']}: {r['label']} ({r['score']:.3f})")
 
 
+prompt_app = typer.Typer(no_args_is_help=True, help="Prompt helpers.")
+app.add_typer(prompt_app, name="prompt")
+
+
+@prompt_app.command("expand")
+def prompt_expand(request: str = typer.Argument(..., help="a short request, e.g. 'a white cat, 3D'"),
+                  n: int = typer.Option(5, "--n", min=1, max=20, help="how many prompts"),
+                  seed: int = typer.Option(0, "--seed", help="same seed, same prompts"),
+                  as_json: bool = typer.Option(False, "--json")):
+    """Expand a short request into detailed prompts (style, composition, camera, lighting, palette), offline."""
+    from .workflows.prompt_assist import PromptAssistant
+    results = PromptAssistant().expand(request, n=n, seed=seed)
+    if as_json:
+        print(json.dumps(results, indent=1))
+    else:
+        for i, r in enumerate(results, 1):
+            print(f"{i}. {r['prompt']}")
+
+
 @app.command("describe")
 def describe_cmd(images: List[Path] = typer.Argument(..., help="image files"),
                  top: int = typer.Option(5, "--top", help="how many tags"),
