@@ -119,6 +119,7 @@ def generate(
     from_image: Optional[str] = typer.Option(None, "--from", help="regenerate an imagesmith PNG from its metadata"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="file, or folder for several images"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    safety: bool = typer.Option(False, "--safety", help="check the prompt and withhold flagged images (open_nsfw)"),
 ):
     """Generate images (txt2img, img2img with --init-image, inpainting with --mask)."""
     from .core.requests import ControlNetSpec, GenerateRequest, HiresSpec, LoraSpec
@@ -152,6 +153,13 @@ def generate(
         req = GenerateRequest(**fields)
 
     _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it
+    gate = None
+    if safety:
+        from .vision.safety import SafetyGate
+        gate = SafetyGate()
+        verdict = gate.check_prompt(req.prompt)
+        if verdict.flagged:
+            raise _Exit(f"prompt blocked by the safety policy: {verdict.reason}")
     engine = _engine()
     with _progress_bar(not as_json and sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1",
                        "generating") as on_progress:
@@ -159,12 +167,25 @@ def generate(
     if pick is not None:  # --from: the run containing the image was redone; keep that one image
         result.images = [result.images[pick]]
         result.records = [result.records[pick].model_copy(update={"index": 0})]
-    paths = _write_images(result, output)
+    withheld = []
+    if gate is not None:
+        keep = []
+        for image, record in zip(result.images, result.records):
+            verdict = gate.check_image(image)
+            if verdict.flagged:
+                withheld.append({"seed": record.seed, "reason": verdict.reason})
+                print(f"imagesmith: withheld the image of seed {record.seed}: {verdict.reason}", file=sys.stderr)
+            else:
+                keep.append((image, record))
+        result.images, result.records = [k[0] for k in keep], [k[1] for k in keep]
+    paths = _write_images(result, output) if result.images else []
     summary = {
         "images": [{"path": str(p), "seed": r.seed, "variation_seed": r.variation_seed, "infotext": r.infotext}
                    for p, r in zip(paths, result.records)],
         "model": result.model_name, "model_hash": result.model_hash, "seconds": round(result.seconds, 3),
     }
+    if withheld:
+        summary["withheld"] = withheld
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

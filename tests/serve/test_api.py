@@ -214,3 +214,27 @@ def test_grid_job(served):
     assert grid.headers["content-type"] == "image/png" and len(meta["cells"]) == 4
     bad = client.post("/v1/jobs", json={"type": "grid", "request": dict(req, x={"field": "steps", "values": [0]})})
     assert bad.status_code == 422
+
+
+def test_safety_blocks_prompts_and_withholds_or_blurs_images(served, tiny_home):
+    from imagesmith.vision.safety import SafetyGate, SafetyPolicy
+    client, store, settings = served
+    r = client.post("/v1/jobs", json={"type": "generate", "request": dict(GEN, prompt="explicit sexual scene")})
+    assert r.status_code == 422 and "safety policy" in r.json()["error"]["message"]
+    # the served worker runs the default policy: a tiny model's output is not flagged
+    job = wait(client, client.post("/v1/jobs", json={"type": "generate", "request": dict(GEN, seed=10)}).json()["job_id"])
+    assert job["status"] == "succeeded" and len(job["files"]) == 1
+    assert "safety" not in store.get(job["id"])["result"]
+    # a policy that flags everything: withheld, or blurred with the reason in the PNG
+    strict = Worker(store, settings, engine=Engine(settings, device="cpu"),
+                    safety=SafetyGate(SafetyPolicy(image_threshold=0.0)))
+    from imagesmith.core.progress import CancelToken
+    result = strict.execute({"type": "generate", "request": dict(GEN, seed=11)}, settings.home / "strict",
+                            lambda e: None, CancelToken())
+    assert result["files"] == [] and result["safety"]["action"] == "withhold" and result["safety"]["flagged"][0]["seed"] == 11
+    blur = Worker(store, settings, engine=strict.engine,
+                  safety=SafetyGate(SafetyPolicy(image_threshold=0.0, action="blur")))
+    result = blur.execute({"type": "generate", "request": dict(GEN, seed=12)}, settings.home / "blur",
+                          lambda e: None, CancelToken())
+    saved = Image.open(result["files"][0]["path"])
+    assert saved.info["imagesmith-safety"].startswith("blurred: open_nsfw score")

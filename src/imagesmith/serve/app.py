@@ -65,13 +65,16 @@ class _RateLimiter:
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0,
-               require_auth: bool | None = None, rate_per_minute: int = 600) -> FastAPI:
+               require_auth: bool | None = None, rate_per_minute: int = 600, safety=None) -> FastAPI:
     """``require_auth``: every route but the health checks needs ``Authorization: Bearer <token>`` (default:
     ``IMAGESMITH_AUTH=1``; ``imagesmith serve`` turns it on for any non-loopback address)."""
     settings = settings or Settings.from_env()
     if require_auth is None:
         require_auth = os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
     limiter = _RateLimiter(rate_per_minute)
+    if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
+        from ..vision.safety import SafetyGate
+        safety = SafetyGate()  # prompts are checked at submit; the workers check the images
     settings.ensure_home()
     store = store or default_store(settings)
     app = FastAPI(title="imagesmith", version=__version__,
@@ -195,6 +198,12 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         if callback_url is not None and not re.match(r"^https?://[^\s]+$", callback_url):
             raise BadRequest("callback_url must be an http(s) URL")
         normalised, model = validate_request(job_type, resolve_inputs(job_type, request))
+        if safety:
+            text = " ".join(str(x) for x in (normalised.get("prompt"), (normalised.get("base") or {}).get("prompt"),
+                                             normalised.get("concept"), normalised.get("headline")) if x)
+            verdict = safety.check_prompt(text)
+            if verdict.flagged:
+                raise BadRequest(f"prompt blocked by the safety policy: {verdict.reason}")
         job, _ = store.submit(job_type, normalised, user=user, priority=priority, idempotency_key=key, model=model,
                               callback_url=callback_url)
         return job

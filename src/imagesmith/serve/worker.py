@@ -73,7 +73,14 @@ def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
 
 class Worker:
     def __init__(self, store: JobStore, settings: Settings | None = None, *, engine=None, worker_id: str | None = None,
-                 lease_s: float = 30.0, heartbeat_s: float | None = None):
+                 lease_s: float = 30.0, heartbeat_s: float | None = None, safety=None):
+        """``safety``: a :class:`~imagesmith.vision.safety.SafetyGate` for generated images; by default one with
+        the default policy unless ``IMAGESMITH_SAFETY=0``."""
+        import os
+        if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
+            from ..vision.safety import SafetyGate
+            safety = SafetyGate()
+        self.safety = safety or None
         self.store = store
         self.settings = settings or Settings.from_env()
         self._engine = engine
@@ -210,13 +217,25 @@ class Worker:
             from ..core.metadata import write_metadata_chunks
             req = GenerateRequest.model_validate(job["request"])
             result = self.engine.generate(req, progress=progress, cancel=cancel)
-            files = []
+            files, withheld = [], []
             for image, record in zip(result.images, result.records):
+                chunks = write_metadata_chunks(result, record)
+                if self.safety is not None:
+                    verdict = self.safety.check_image(image)
+                    if verdict.flagged:
+                        withheld.append({"seed": record.seed, "reason": verdict.reason, "score": verdict.score})
+                        if self.safety.policy.action == "withhold":
+                            continue
+                        image = self.safety.apply(image)
+                        chunks["imagesmith-safety"] = f"blurred: {verdict.reason}"
                 path = folder / f"{record.index:03d}-{record.seed}.png"
-                save_png_atomic(image, path, text_chunks=write_metadata_chunks(result, record))
+                save_png_atomic(image, path, text_chunks=chunks)
                 files.append({"path": str(path), "seed": record.seed, "infotext": record.infotext,
                               "width": image.width, "height": image.height})
-            return {"files": files, "model": result.model_name, "seconds": round(result.seconds, 3)}
+            out = {"files": files, "model": result.model_name, "seconds": round(result.seconds, 3)}
+            if withheld:
+                out["safety"] = {"action": self.safety.policy.action, "flagged": withheld}
+            return out
         if job["type"] == "cutout":
             from ..core.imageio import load_image
             from ..vision.cutout import cutout
