@@ -12,17 +12,16 @@ stage: the plain diffusers inpainting call on the same pipeline, as a ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from _common import machine, write_report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage_median = {k: round(statistics.median(s.get(k, 0.0) for s in stages), 3) for k in stages[0]}
     report = {
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "device": "cpu",
-                    "cpu_count": __import__("os").cpu_count()},
+        "machine": machine(device="cpu"),
         "workload": "1 product, 1 variation, 4 social formats (1:1, 4:5, 9:16, 1.91:1), house-ldm 20 steps "
                     "DPM++ 2M Karras, R-ESRGAN 4x+",
         "load_seconds": round(load_s, 2),
@@ -142,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "command": "python benchmarks/ad_speed.py --runs %d" % args.runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
     return 0
 
 

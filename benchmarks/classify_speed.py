@@ -7,17 +7,15 @@ three labels and a trained gate, after load, median of N images.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from _common import machine, write_report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/classify_speed.json")
     args = ap.parse_args(argv)
-    import torch
-
     from imagesmith.core.settings import Settings
     from imagesmith.models.house_clip import load_house_clip
     from imagesmith.vision.classify import Gate, train_gate
@@ -55,14 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             gate(im)
             gs.append(time.perf_counter() - t)
-    report = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    report = {"machine": machine(),
               "command": f"python benchmarks/classify_speed.py --n {args.n}",
               "images": f"{args.n} x 512x512 RGB (resized to house-clip's 64 px inside)",
               "zero_shot_3_labels_ms_median": round(1000 * statistics.median(zs), 1),
               "gate_ms_median": round(1000 * statistics.median(gs), 1), "document_3_vgg16_gate_ms": 175}
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
+    write_report(report, args.out, indent=1)
     return 0
 
 

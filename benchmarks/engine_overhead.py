@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,9 +196,7 @@ def main() -> None:
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU comparison")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/engine_overhead.json")
     args = ap.parse_args()
-    report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
-                          "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    report = {"machine": machine(),
               "cpu": None if args.gpu_only else bench_cpu(args.runs)}
     if torch.cuda.is_available():
         report["gpu"] = bench_gpu(max(2, args.runs // 2))

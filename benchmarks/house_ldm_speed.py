@@ -11,16 +11,15 @@ the median seconds per image of each (goal: imagesmith <= 2 s on the 2-core CPU)
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from _common import machine, write_report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "house_ldm_speed",
-        "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__},
+        "machine": machine(),
         "settings": "house-ldm 128x128, 20 steps DPM++ 2M Karras, CFG 5, batch 1, fp32 CPU",
         "load_and_first_image_s": round(first_s, 3),
         "imagesmith_s": [round(x, 3) for x in ours],
@@ -88,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "command": "make bench-house  (.venv/bin/python benchmarks/house_ldm_speed.py)",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report(result, args.out)
     return 0
 
 

@@ -13,22 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from _common import machine, write_report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def make_dataset(folder: Path, n: int = 8) -> Path:
@@ -148,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                       "all_off_ms_median": round(1000 * statistics.median(off), 2),
                       "goal_ms": 50},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
+    write_report(report, args.out, indent=1)
     return 0
 
 
