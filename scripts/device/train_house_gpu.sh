@@ -71,7 +71,7 @@ done
 R1=-; R2=-; R3=-; R4=-
 [ $P4 != 0 ] && { wait $P4; R4=$?; }
 [ $P1 != 0 ] && { wait $P1; R1=$?; }; [ $P2 != 0 ] && { wait $P2; R2=$?; }; [ $P3 != 0 ] && { wait $P3; R3=$?; }
-kill $WD 2>/dev/null
+pkill -P $WD 2>/dev/null; kill $WD 2>/dev/null  # and its sleep, which would hold the output open
 log "exit codes ldm $R1 clip $R2 cutout $R3 vae $R4"
 for f in $MODELS; do echo "== $f"; grep -v "^\s*$" "$RUNS/logs/$f.log" | grep -iv "warn" | tail -n 8; done
 for m in clip cutout; do cp "$RUNS/house-$m/metrics.json" "$RUNS/export/$m-metrics.json" 2>/dev/null; done

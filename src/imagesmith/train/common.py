@@ -93,8 +93,11 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         d = self.current_decay()
-        for name, p in module.named_parameters():
-            self.shadow[name].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        # one fused lerp over all tensors (shadow += (1 - d) * (p - shadow)): a per-parameter loop costs two
+        # kernel launches per tensor, which dominates a small model's step on a GPU
+        names = list(self.shadow)
+        params = dict(module.named_parameters())
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1 - d)
         self.updates += 1
 
     @torch.no_grad()

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
@@ -120,6 +122,23 @@ def colour_share(im: Image.Image, alpha: np.ndarray, colour: str) -> float:
     return float(_colour(colour).matches(hsv).mean())
 
 
+@torch.no_grad()
+def vae_psnr(vae, split: str, *, n: int = 64, size: int = 128, seed: int = 7) -> float:
+    """Mean PSNR (dB) of ``vae`` reconstructing ``n`` held-out samples of ``split`` (``encode().mode()`` then
+    decode, fp32 on the CPU): the ceiling on any picture the UNet on top of it can draw."""
+    from .house_data import HouseSampleDataset, load_house_dataset
+    ds = HouseSampleDataset(load_house_dataset(), split, size=size, seed=seed, epoch_length=n)
+    images = torch.stack([ds[i]["image"] for i in range(n)]).float()
+    ref = next(vae.parameters())
+    vae32 = vae if ref.dtype == torch.float32 and ref.device.type == "cpu" else copy.deepcopy(vae).float().cpu()
+    psnr = []
+    for chunk in images.split(16):
+        rec = vae32.decode(vae32.encode(chunk).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rec - chunk) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        psnr.append(10 * torch.log10(1 / mse))
+    return float(torch.cat(psnr).mean())
+
+
 def evaluate_ldm(engine, clip, *, cutout=None, n: int = 64, settings: SheetSettings | None = None,
                  model: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Held-out metrics of the text-to-image model (see the module docstring). ``clip`` is a house-clip
@@ -158,6 +177,10 @@ def evaluate_ldm(engine, clip, *, cutout=None, n: int = 64, settings: SheetSetti
                       "foreground_mean": float(np.mean([s["foreground"] for s in stats]))},
         "real_heldout": clip_metrics(real),
     }
+    entry = engine.registry.get(model, "checkpoint") if model else engine.registry.default_checkpoint()
+    vae = getattr(engine._pipeline_entry(entry), "vae", None)
+    if vae is not None:
+        out["vae_psnr_db"] = {split: vae_psnr(vae, split, size=st.size) for split in ("val_views", "val_objects")}
     if cutout is not None:
         named = [(im, it["colour"]) for im, it in zip(gen, items) if it["colour"]]
         if named:

@@ -557,7 +557,9 @@ def export_house_pipeline(config: HouseLdmConfig, vae, unet_ema, out_dir: str | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        copy.deepcopy(unet_ema).to("cpu", torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
+        # shards under 20 MB each: no single large blob in git history (tests/house check the shipped folder)
+        copy.deepcopy(unet_ema).to("cpu", torch.float16).save_pretrained(tmp / "unet", safe_serialization=True,
+                                                                        max_shard_size="15MB")
         copy.deepcopy(vae).to("cpu", torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
         sampling_scheduler().save_pretrained(tmp / "scheduler")
         index = {
@@ -614,7 +616,7 @@ the text encoder is the frozen all-MiniLM-L6-v2 from the `{TEXT_ENCODER_NAME}` p
 | UNet training | {u.get('steps')} steps, batch {config.batch_size}, {u.get('wall_seconds')} s, loss {u.get('first_loss')} -> {u.get('last_loss')} |
 | Hardware | {facts.get('hardware')} |
 | Seed | {config.seed} |
-| Config | `src/imagesmith/train/configs/house-ldm.yaml` for the shipped run (its comments record the run's history); VAE chroma loss weight {config.vae_chroma_weight:g}, latent cache {config.latent_cache} samples |
+| Config | `src/imagesmith/train/configs/{'gpu/' if str(facts.get('hardware', '')).startswith('CUDA') else ''}house-ldm.yaml` (its comments record the run's history); VAE chroma loss weight {config.vae_chroma_weight:g}, latent cache {config.latent_cache} samples |
 
 ## Data
 The house dataset (`imagesmith house data`, `imagesmith.train.house_data`): the 3D renders of Microsoft's
