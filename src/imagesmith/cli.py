@@ -120,6 +120,10 @@ def generate(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="file, or folder for several images"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
     safety: bool = typer.Option(False, "--safety", help="check the prompt and withhold flagged images (open_nsfw)"),
+    detailer: Optional[str] = typer.Option(None, "--detailer", help="repaint detected faces at higher resolution "
+                                           "(ADetailer-style): face"),
+    detailer_strength: float = typer.Option(0.4, "--detailer-strength", help="denoising strength of the repaint"),
+    detailer_prompt: str = typer.Option("", "--detailer-prompt", help="added to the prompt for the repaint"),
 ):
     """Generate images (txt2img, img2img with --init-image, inpainting with --mask)."""
     from .core.requests import ControlNetSpec, GenerateRequest, HiresSpec, LoraSpec
@@ -150,6 +154,11 @@ def generate(
                 raise _Exit("--controlnet needs --control-image")
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
                                                   preprocessor=control_preprocessor, weight=control_weight)
+        if detailer is not None:
+            from .workflows.detailer import DETAILERS, DetailerOptions
+            if detailer not in DETAILERS:
+                raise _Exit(f"--detailer takes {', '.join(DETAILERS)}, not {detailer!r}")
+            fields["detailer"] = DetailerOptions(kind=detailer, strength=detailer_strength, prompt=detailer_prompt)
         req = GenerateRequest(**fields)
 
     _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it
@@ -380,12 +389,14 @@ def classify_cmd(images: List[str] = typer.Argument(..., help="image files; or: 
                  labels: Optional[str] = typer.Option(None, "--labels", help="comma-separated labels (zero-shot, house-clip)"),
                  gate: Optional[str] = typer.Option(None, "--gate", help="a trained gate's name"),
                  name: Optional[str] = typer.Option(None, "--name", help="with train: the gate's name"),
+                 imagenet: bool = typer.Option(False, "--imagenet", help="the 1,000 ImageNet classes (EfficientNet-Lite0)"),
+                 top: int = typer.Option(5, "--top", min=1, max=1000, help="with --imagenet: how many classes"),
                  as_json: bool = typer.Option(False, "--json")):
-    """Zero-shot classification (--labels) or a trained gate (--gate); `classify train FOLDER --name N` trains a
-    gate from one sub-folder of images per class."""
+    """Zero-shot classification (--labels), ImageNet classes (--imagenet) or a trained gate (--gate);
+    `classify train FOLDER --name N` trains a gate from one sub-folder of images per class."""
     from .core.imageio import load_image
     from .core.settings import Settings
-    from .vision.classify import Gate, train_gate, zero_shot
+    from .vision.classify import Gate, classify_images, train_gate
     settings = Settings.from_env()
     if images[0] == "train":
         if len(images) != 2 or not name:
@@ -397,16 +408,13 @@ def classify_cmd(images: List[str] = typer.Argument(..., help="image files; or: 
             print(f"gate {card['name']}: classes {', '.join(card['classes'])}; held-out accuracy "
                   f"{card['holdout_accuracy']:.3f} on {card['holdout_images']} images -> {card['path']}")
         return
-    if (labels is None) == (gate is None):
-        raise _Exit("give --labels 'a,b,c' or --gate NAME")
+    if (labels is not None) + (gate is not None) + imagenet != 1:
+        raise _Exit("give one of --labels 'a,b,c', --imagenet or --gate NAME")
     g = Gate(gate, settings) if gate else None  # an unknown gate fails before any image is read
     loaded = [(p, load_image(p, settings=settings, mode="RGB", what="image")) for p in images]
-    if g is not None:
-        rows = [{"file": p, "label": g(im)[0], "score": g(im)[1], "probabilities": g.probabilities(im)} for p, im in loaded]
-    else:
-        ranked = zero_shot([im for _, im in loaded], labels.split(","))
-        rows = [{"file": p, "label": r[0][0], "score": round(r[0][1], 4),
-                 "probabilities": {k: round(v, 4) for k, v in r}} for (p, _), r in zip(loaded, ranked)]
+    found = classify_images([im for _, im in loaded], labels=labels.split(",") if labels is not None else None,
+                            imagenet=imagenet, gate=g, top=top, settings=settings)
+    rows = [{"file": p, **r} for (p, _), r in zip(loaded, found)]
     if as_json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
     else:
@@ -433,25 +441,79 @@ def prompt_expand(request: str = typer.Argument(..., help="a short request, e.g.
             print(f"{i}. {r['prompt']}")
 
 
+@app.command("restyle")
+def restyle_cmd(photo: str = typer.Argument(..., help="the input photo"),
+                gate: Optional[str] = typer.Option(None, "--gate", help="a trained gate the photo must pass"),
+                gate_class: Optional[str] = typer.Option(None, "--gate-class", help="the gate's accepting class "
+                                                         "(default: yes/pass/ok/... when it has one)"),
+                gate_threshold: float = typer.Option(0.5, "--gate-threshold", help="least score of the accepting class"),
+                lora: List[str] = typer.Option([], "--lora", help="style LoRA NAME:WEIGHT, repeatable"),
+                concept: Optional[str] = typer.Option(None, "--concept", help="the new scene, e.g. 'on a marble table'"),
+                strength: Optional[float] = typer.Option(None, "--strength", help="img2img from the photo at this "
+                                                         "denoising strength (default: txt2img)"),
+                seed: int = typer.Option(-1, "--seed", help="-1: random"),
+                model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint (default: house-ldm)"),
+                steps: int = typer.Option(20, "--steps"),
+                cfg: float = typer.Option(5.0, "--cfg", help="CFG scale"),
+                output: Path = typer.Option(..., "--output", "-o", help="output folder (restyled.png, boxes.png, "
+                                            "restyle.json)"),
+                as_json: bool = typer.Option(False, "--json", help="print restyle.json on stdout")):
+    """Gate -> describe -> prompt -> generate -> boxes and labels of the main objects in the new image."""
+    from .core.requests import LoraSpec
+    from .workflows.restyle import RestyleRequest, restyle
+    req = RestyleRequest(photo=photo, gate=gate, gate_class=gate_class, gate_threshold=gate_threshold,
+                         loras=[LoraSpec.parse(x) for x in lora], concept=concept, strength=strength, seed=seed,
+                         model=model, steps=steps, cfg_scale=cfg)
+    if output.exists() and not output.is_dir():
+        raise _Exit(f"output {output} exists and is not a folder")
+    show = not as_json and (sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1")
+    with _progress_bar(show, "restyle") as on_progress:
+        result = restyle(req, engine=_engine(), output=output, progress=on_progress)
+    rec = result.record
+    if as_json:
+        print(json.dumps(rec, indent=1, ensure_ascii=False))
+        return
+    if rec["gate"]:
+        print(f"gate {rec['gate']['gate']}: {rec['gate']['class']} {rec['gate']['score']:.3f} (passed)")
+    print(f"described: {rec['description']['caption']}\nprompt: {rec['prompt']}")
+    for o in rec["objects"]:
+        print(f"  {o['label']} {o['score']:.2f}  box {o['box']}")
+    print(f"{output / 'restyled.png'}  seed={rec['seed']}  {len(rec['objects'])} object(s)\n"
+          f"{output / 'boxes.png'}\n{output / 'restyle.json'}")
+
+
 @app.command("describe")
 def describe_cmd(images: List[Path] = typer.Argument(..., help="image files"),
                  top: int = typer.Option(5, "--top", help="how many tags"),
+                 captioner: Optional[str] = typer.Option(None, "--captioner", help="a local BLIP or VLM (Qwen2-VL) "
+                                                         "folder of safetensors, or a name under models/captioners"),
+                 question: Optional[str] = typer.Option(None, "--question", help="with --captioner: BLIP's text prefix "
+                                                        "(e.g. 'a photography of') or the VLM's instruction"),
                  as_json: bool = typer.Option(False, "--json")):
-    """Describe images offline: a caption usable as a prompt, tags with scores, dominant colours and tone."""
+    """Describe images offline: a caption usable as a prompt, tags with scores, ImageNet classes, dominant colours
+    and tone; with --captioner, the caption comes from your BLIP/VLM weights."""
     from .core.imageio import load_image
     from .core.settings import Settings
     from .vision.caption import Captioner, describe
     settings = Settings.from_env()
     loaded = [(p, load_image(str(p), settings=settings, mode="RGB", what="image")) for p in images]  # all checked first
-    cap = Captioner()
-    results = [{"file": str(p), **describe(im, top_k=top, captioner=cap)} for p, im in loaded]
+    from .vision.caption import TransformersCaptioner
+    from .vision.imagenet import ImageNetClassifier
+    if question and not captioner:
+        raise _Exit("--question steers a model captioner: give --captioner PATH too")
+    model_cap = TransformersCaptioner(captioner, settings=settings) if captioner else None
+    cap, inet = Captioner(), ImageNetClassifier(settings)
+    results = [{"file": str(p), **describe(im, top_k=top, captioner=cap, imagenet=inet, model_captioner=model_cap,
+                                           question=question)} for p, im in loaded]
     if as_json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=1))
         return
     for r in results:
         colours = ", ".join(f"{c['hex']} {c['share']:.0%}" for c in r["dominant_colors"][:3])
         tags = ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["tags"])
-        print(f"{r['file']}: {r['caption']}\n  tags: {tags}\n  colours: {colours}; tone {r['tone']}, brightness {r['brightness']}")
+        inet = ", ".join(f"{t['label']} {t['score']:.2f}" for t in r.get("imagenet", []))
+        print(f"{r['file']}: {r['caption']}\n  tags: {tags}\n  imagenet: {inet}\n  colours: {colours}; "
+              f"tone {r['tone']}, brightness {r['brightness']}")
 
 
 @dataset_app.command("caption")
@@ -830,6 +892,54 @@ def worker_cmd():
     w = Worker(default_store(settings), settings)
     print(f"worker {w.id} on {w.store.url.split('://')[0]}", file=sys.stderr)
     w.run_forever()
+
+
+@app.command("storyboard")
+def storyboard_cmd(
+    script: Path = typer.Argument(..., metavar="SCRIPT.txt", help="script: scene markers (INT./EXT./SCENE/#/씬/장면/1.), "
+                                  "paragraphs or sentences; a first line 'Title: ...' names the sheet"),
+    panels: Optional[int] = typer.Option(None, "--panels", help="merge/split the scenes into exactly N panels"),
+    style: Optional[str] = typer.Option(None, "--style", help="style LoRA shared by every panel, e.g. style-noto"),
+    style_weight: float = typer.Option(0.8, "--style-weight"),
+    seed: int = typer.Option(-1, "--seed", help="-1: random; panel i (1-based) uses seed + i - 1"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint name (default house-ldm)"),
+    steps: int = typer.Option(20, "--steps"),
+    cfg: float = typer.Option(5.0, "--cfg", help="CFG scale"),
+    title: Optional[str] = typer.Option(None, "--title", help="sheet title (default: the script's 'Title:' line)"),
+    output: Path = typer.Option(..., "--output", "-o", help="output folder (panels, storyboard.png/.pdf/.json)"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest on stdout"),
+):
+    """Script -> storyboard: scenes, shots, consistent prompts, one panel each, sheet as PNG + PDF.
+
+    An OpenAI-compatible LLM splits scenes and reviews the logic when IMAGESMITH_LLM_URL is set
+    (IMAGESMITH_LLM_MODEL, IMAGESMITH_LLM_KEY); otherwise rules do it, offline."""
+    from .workflows.storyboard import LLMConfig, StoryboardRequest, storyboard
+    if not script.is_file():
+        raise _Exit(f"script file not found: {script}")
+    try:
+        text = script.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _Exit(f"{script} is not UTF-8 text") from None
+    except OSError as exc:
+        raise _Exit(f"cannot read {script}: {exc.strerror or exc}") from None
+    req = StoryboardRequest(script=text, title=title, panels=panels, style=style, style_weight=style_weight, seed=seed,
+                            model=model, steps=steps, cfg_scale=cfg, output=str(output), llm=LLMConfig.from_env())
+    show = not as_json and (sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1")
+    with _progress_bar(show, "storyboard") as on_progress:
+        def panel_progress(done, total, label):
+            if on_progress:
+                from .core.progress import ProgressEvent
+                on_progress(ProgressEvent(done, total, label))
+        result = storyboard(req, _engine(), progress=panel_progress)
+    logic = result.manifest["review"].get("logic", {})
+    if logic.get("ok") is False:
+        print(f"imagesmith: note: the LLM review doubts the script's logic: {logic.get('notes', '')}", file=sys.stderr)
+    if as_json:
+        print(Path(result.manifest_path).read_text(encoding="utf-8"))
+    else:
+        for p in result.panels:
+            print(f"{Path(result.out_dir) / p.file}  #{p.index} {p.shot}  seed={p.seed}  {p.prompt}")
+        print(f"{result.sheet_png}\n{result.sheet_pdf} ({result.pages} page(s))\n{result.manifest_path}")
 
 
 def main(argv: list[str] | None = None) -> None:

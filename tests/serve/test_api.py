@@ -238,3 +238,70 @@ def test_safety_blocks_prompts_and_withholds_or_blurs_images(served, tiny_home):
                           lambda e: None, CancelToken())
     saved = Image.open(result["files"][0]["path"])
     assert saved.info["imagesmith-safety"].startswith("blurred: open_nsfw score")
+
+
+def test_describe_classify_and_prompt_expand_jobs(served):
+    """The vision workflows as job types: the answer is in the job's result and in result.json."""
+    skimage_data = pytest.importorskip("skimage.data")
+    client, _, _ = served
+    upload = client.post("/v1/uploads", files={"file": ("c.png", png(Image.fromarray(skimage_data.coffee())),
+                                                        "image/png")}).json()["id"]
+    job = wait(client, client.post("/v1/jobs", json={"type": "classify", "request": {
+        "images": [upload], "imagenet": True, "top": 3}}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    row = job["result"]["results"][0]
+    assert row["label"] == "espresso" and len(row["probabilities"]) == 3
+    saved = json.loads(client.get(job["files"][0]["url"]).content)
+    assert saved["results"][0]["label"] == "espresso"
+    job = wait(client, client.post("/v1/jobs", json={"type": "describe", "request": {"image": upload}}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["description"]["caption"].startswith("an espresso")
+    job = wait(client, client.post("/v1/jobs", json={"type": "prompt_expand", "request": {
+        "request": "a white cat, 3D", "n": 3, "seed": 1}}).json()["job_id"])
+    assert job["status"] == "succeeded" and len(job["result"]["prompts"]) == 3
+    assert all(p["prompt"].startswith("a white cat, 3D") for p in job["result"]["prompts"])
+    for bad in ({"type": "classify", "request": {"images": [upload]}},                        # no mode
+                {"type": "classify", "request": {"images": [upload], "gate": "no-such-gate"}},
+                {"type": "describe", "request": {"image": upload, "question": "a photo of"}},  # no captioner
+                {"type": "describe", "request": {"image": upload, "captioner": "/etc"}},
+                {"type": "prompt_expand", "request": {"request": ""}}):
+        r = client.post("/v1/jobs", json=bad)
+        assert 400 <= r.status_code < 500 and "error" in r.json(), (bad, r.text)
+
+
+def test_restyle_job_returns_the_image_boxes_and_objects(served):
+    client, _, _ = served
+    im = Image.new("RGB", (128, 128), (235, 235, 240))
+    im.paste((200, 30, 30), (40, 40, 88, 88))
+    upload = client.post("/v1/uploads", files={"file": ("p.png", png(im), "image/png")}).json()["id"]
+    job = wait(client, client.post("/v1/jobs", json={"type": "restyle", "request": {
+        "photo": upload, "model": "tiny-sd15", "concept": "on a marble table", "steps": 2, "seed": 4,
+        "width": 64, "height": 64, "sampler_name": "Euler"}}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    assert [f.get("kind") for f in job["files"]] == ["png", "png", "json"]
+    out = Image.open(io.BytesIO(client.get(job["files"][0]["url"]).content))
+    assert out.size == (64, 64) and job["result"]["prompt"].endswith("on a marble table")
+    for o in job["result"]["objects"]:
+        x0, y0, x1, y1 = o["box"]
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+    r = client.post("/v1/jobs", json={"type": "restyle", "request": {"photo": upload, "gate": "no-such-gate"}})
+    assert r.status_code == 404 or 400 <= r.status_code < 500, r.text
+
+
+def test_storyboard_job_makes_sheet_pdf_manifest_and_panels(served):
+    client, _, _ = served
+    script = "A red car waits by the house in the rain.\n\nClose on the car: its lights blink twice at night."
+    job = wait(client, client.post("/v1/jobs", json={"type": "storyboard", "request": {
+        "script": script, "model": "tiny-sd15", "steps": 2, "seed": 7, "width": 64, "height": 64,
+        "panel_px": 64, "sampler_name": "Euler"}}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    kinds = [f.get("kind") for f in job["files"]]
+    assert kinds[:3] == ["png", "pdf", "json"] and kinds[3:] == ["png", "png"]
+    assert client.get(job["files"][1]["url"]).content.startswith(b"%PDF")
+    assert [f["seed"] for f in job["files"][3:]] == [7, 8]
+    manifest = json.loads(client.get(job["files"][2]["url"]).content)
+    assert len(manifest["panels"]) == 2 and manifest["panels"][1]["shot"] == "close-up"
+    for bad in ({"script": "too short."}, {"script": script, "output": "/tmp/x"},
+                {"script": script, "llm": {"url": "http://example.com"}}, {"script": script, "style": "no-such-lora"}):
+        r = client.post("/v1/jobs", json={"type": "storyboard", "request": bad})
+        assert 400 <= r.status_code < 500 and "error" in r.json(), (bad, r.text)

@@ -254,3 +254,27 @@ def test_example_configs_name_every_key_and_parse(name):
     assert cfg.dataset == path.parent / "my-dataset" and cfg.rank == 8
     english = yaml.safe_load((path.parent / "lora.yaml").read_text(encoding="utf-8"))
     assert data == english  # the Korean file differs in its comments only
+
+
+def test_sdxl_text_encoder_lora_trains_both_encoders_and_loads(home, tmp_path):
+    """SDXL with train_text_encoder: adapters on both CLIP encoders (kohya lora_te1_/lora_te2_ keys, diffusers
+    text_encoder./text_encoder_2. keys), and the text-encoder part alone changes the picture."""
+    summary = L.LoraTrainer(config(tmp_path, base_model="tiny-sdxl", steps=4, learning_rate=2e-2,
+                                   train_text_encoder=True, output_name="sdxl-te"), home).train()
+    with safe_open(summary["lora"], "pt") as f:
+        keys = list(f.keys())
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    diff = load_file(summary["diffusers"])
+    assert {k.split(".")[0] for k in diff} == {"unet", "text_encoder", "text_encoder_2"}
+    # keep only the text-encoder keys: loading them must still change the output (they were trained, not zero)
+    te_only = {k: v for k, v in load_file(summary["lora"]).items() if k.startswith(("lora_te1_", "lora_te2_"))}
+    from safetensors.torch import save_file
+    save_file(te_only, str(home.models_dir / "loras" / "sdxl-te-only.safetensors"))
+    engine = Engine(home, device="cpu")
+    req = dict(prompt="blkstyle, a red square", model="tiny-sdxl", width=64, height=64, steps=3, seed=3,
+               sampler_name="Euler")
+    base = px(engine.generate(GenerateRequest(**req)).images[0])
+    for name in ("sdxl-te", "sdxl-te-only"):
+        one = px(engine.generate(GenerateRequest(**req, loras=[LoraSpec(name=name, weight=1.0)])).images[0])
+        assert np.abs(one - base).mean() > 0.2, name

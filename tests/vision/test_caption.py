@@ -62,7 +62,8 @@ def test_describe_cli_gives_caption_tags_colours_and_tone(tmp_path, capsys):
     assert code == 0, err
     d = json.loads(out)
     assert d["caption"].endswith("on a charcoal backdrop") and len(d["tags"]) == 3
-    assert d["tags"][0]["label"] == d["object"] and 0 < d["tags"][0]["score"] <= 1
+    named_by = d["tags"][0]["label"] if d["object_source"] == "house-clip" else d["imagenet"][0]["label"]
+    assert named_by == d["object"] and 0 < d["tags"][0]["score"] <= 1 and len(d["imagenet"]) == 3
     assert abs(sum(c["share"] for c in d["dominant_colors"]) - 1) < 0.01 and d["tone"] in ("warm", "cool", "neutral")
     code, _, err = run_cli(capsys, "describe", str(tmp_path / "missing.png"))
     assert code == 2 and "missing.png" in err and len(err.strip().splitlines()) == 1

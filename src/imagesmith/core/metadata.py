@@ -133,7 +133,7 @@ def make_png_chunks(infotext: str, payload: dict[str, Any]) -> dict[str, str]:
 
 def payload_for(result: Any, record: Any) -> dict[str, Any]:
     """The 'imagesmith' JSON of one image of a GenerationResult (record: its ImageRecord)."""
-    return {
+    payload = {
         "request": result.request.model_dump(mode="json"),
         "seed": record.seed,
         "variation_seed": record.variation_seed,
@@ -145,6 +145,9 @@ def payload_for(result: Any, record: Any) -> dict[str, Any]:
         "mode": result.request.mode,
         "version": result.version,
     }
+    if getattr(record, "detailer", None) is not None:
+        payload["detailer"] = record.detailer
+    return payload
 
 
 def write_metadata_chunks(result: Any, record: Any) -> dict[str, str]:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..workflows.detailer import DetailerOptions
+
 SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE",
             "DPM++ 2M SDE", "DDIM", "UniPC", "LCM")
 SCHEDULES = ("normal", "karras", "exponential")
@@ -82,6 +84,7 @@ class GenerateRequest(BaseModel):
 
     hires: HiresSpec | None = None
     controlnet: ControlNetSpec | None = None
+    detailer: DetailerOptions | None = Field(None, description="ADetailer-style face repaint after generation")
 
     @field_validator("sampler_name")
     @classmethod
@@ -139,6 +142,7 @@ class ImageRecord(BaseModel):
     variation_seed: int | None = None
     infotext: str
     index: int = Field(..., description="position in the whole job (batch_count x batch_size)")
+    detailer: dict | None = Field(None, description="what the face detailer did (faces, boxes, options)")
 
 
 class GenerationResult(BaseModel):
@@ -203,3 +207,45 @@ class AdRequest(BaseModel):
     @classmethod
     def _known_schedule(cls, v: str) -> str:
         return GenerateRequest._known_schedule(v)
+
+
+class DescribeRequest(BaseModel):
+    """``imagesmith describe`` / the service's ``describe`` job: caption, tags, ImageNet classes, colours."""
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="an uploaded file id or a path the service may read")
+    top: int = Field(5, ge=1, le=50, description="how many tags")
+    captioner: str | None = Field(None, description="a BLIP/VLM folder or a name under models/captioners")
+    question: str | None = Field(None, max_length=300, description="BLIP's text prefix or the VLM's instruction")
+
+    @model_validator(mode="after")
+    def _question_needs_captioner(self) -> "DescribeRequest":
+        if self.question and not self.captioner:
+            raise ValueError("question steers a model captioner: give captioner too")
+        return self
+
+
+class ClassifyRequest(BaseModel):
+    """``imagesmith classify`` / the ``classify`` job: exactly one of labels (zero-shot), imagenet or gate."""
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(..., min_length=1, max_length=64, description="uploaded file ids or paths")
+    labels: list[str] | None = Field(None, min_length=2, max_length=1000, description="zero-shot labels (house-clip)")
+    imagenet: bool = Field(False, description="the 1,000 ImageNet classes (EfficientNet-Lite0)")
+    gate: str | None = Field(None, description="a trained gate's name")
+    top: int = Field(5, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "ClassifyRequest":
+        if (self.labels is not None) + self.imagenet + (self.gate is not None) != 1:
+            raise ValueError("give exactly one of labels, imagenet or gate")
+        return self
+
+
+class PromptExpandRequest(BaseModel):
+    """``imagesmith prompt expand`` / the ``prompt_expand`` job."""
+    model_config = ConfigDict(extra="forbid")
+
+    request: str = Field(..., min_length=1, max_length=500, description="a short request, e.g. 'a white cat, 3D'")
+    n: int = Field(5, ge=1, le=20)
+    seed: int = Field(0, ge=0, lt=2**32)

@@ -115,18 +115,24 @@ class Engine:
                     cancel.raise_if_cancelled()
                 lo = run * req.batch_size
                 images.extend(self._run_batch(entry, job, lo, counter))
+        details: list[dict | None] = [None] * len(images)
+        if req.detailer is not None:  # after the model lock: the detailer's img2img passes take it again
+            from ..workflows.detailer import detail_images
+            base = job.req.model_copy(update={"model": job.entry.name})
+            images, details = detail_images(self, base, images, job.seeds, progress=progress, cancel=cancel)
         result = GenerationResult(
             images=images, request=req, model_name=job.entry.name,
             model_hash=self._hash(job.entry), vae_name=req.vae, version=__version__,
             lora_hashes={l.name: self._hash_path(l.path, lora=True) for l in job.loras},
         )
         for i, _ in enumerate(images):
-            result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i],
-                                              index=i, infotext=self.infotext(job, result, i)))
+            result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i], index=i,
+                                              infotext=self.infotext(job, result, i, detailer=details[i]),
+                                              detailer=details[i]))
         result.seconds = time.perf_counter() - start
         return result
 
-    def infotext(self, job: _Job, result: GenerationResult, index: int) -> str:
+    def infotext(self, job: _Job, result: GenerationResult, index: int, *, detailer: dict | None = None) -> str:
         req = job.req
         params: dict = {
             "Steps": req.steps,
@@ -154,6 +160,9 @@ class Engine:
             params["ControlNet"] = f"{req.controlnet.model} ({req.controlnet.preprocessor}, {_num(req.controlnet.weight)})"
         if result.lora_hashes:
             params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in result.lora_hashes.items())
+        if detailer is not None:
+            from ..workflows.detailer import infotext_params
+            params.update(infotext_params(detailer))
         params["Version"] = f"imagesmith {__version__}"
         prompt = job.prompt + "".join(f" <lora:{l.name}:{_num(l.weight)}>" for l in job.loras)
         return build_infotext(prompt, job.negative, {k: v for k, v in params.items() if v is not None})

@@ -466,7 +466,7 @@ def encode_prompt_sd(prompt: str, tokenizer: PreTrainedTokenizerBase, text_encod
 def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
                         tokenizers: tuple[PreTrainedTokenizerBase | None, PreTrainedTokenizerBase],
                         text_encoders: tuple[torch.nn.Module | None, torch.nn.Module], clip_skip: int,
-                        device: torch.device | str | None, dtype: torch.dtype | None
+                        device: torch.device | str | None, dtype: torch.dtype | None, *, grad: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     tok1, tok2 = tokenizers
     te1, te2 = text_encoders
@@ -479,7 +479,7 @@ def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
     weights = _chunk_weights(chunks)
     parts: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         for tok, te in ((tok1, te1), (tok2, te2)):
             if te is None:  # e.g. the SDXL refiner: second encoder only
                 continue
@@ -498,17 +498,18 @@ def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
 
 def encode_prompt_sdxl(prompt: str, tokenizers: tuple[Any, Any], text_encoders: tuple[Any, Any], *,
                        clip_skip: int = 1, device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype | None = None, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL ``(prompt_embeds [1, 77*k, h1+h2], pooled [1, proj])``, WebUI style.
 
     Both encoders see the same chunks (made with tokenizer 1; they share CLIP's BPE vocabulary, each keeps its
     own pad id). Per chunk: ``hidden_states[-(clip_skip+1)]`` of each encoder (penultimate at clip_skip 1,
     no final layer norm, as diffusers), weighted, concatenated on the last axis. ``pooled`` is encoder 2's
-    ``text_embeds`` of the first chunk (as WebUI). Encoder 1 may be None (refiner)."""
+    ``text_embeds`` of the first chunk (as WebUI). Encoder 1 may be None (refiner). ``grad``: keep the graph
+    (text-encoder LoRA training)."""
     tok1, tok2 = tokenizers
     chunks = tokenize_chunks(prompt, tok1 if tok1 is not None else tok2)
     return _encode_sdxl_chunks(chunks, (tok1, tok2), (text_encoders[0], text_encoders[1]),
-                               clip_skip, device, dtype)
+                               clip_skip, device, dtype, grad=grad)
 
 
 def pad_to_same_length(cond: torch.Tensor, uncond: torch.Tensor,

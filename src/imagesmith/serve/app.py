@@ -24,7 +24,7 @@ from .. import __version__
 from ..core.errors import BadRequest, ImagesmithError, NotFound, TooManyRequests, Unauthorized
 from ..core.settings import Settings
 from .store import JobStore
-from .worker import JOB_TYPES, validate_request
+from .worker import JOB_TYPES, VISION_TYPES, validate_request
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -175,11 +175,14 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     def resolve_inputs(job_type: str, request: dict) -> dict:
         request = dict(request)
-        for key in ("init_image", "mask", "image"):
+        for key in ("init_image", "mask", "image", "photo"):
             if request.get(key) is not None:
                 request[key] = str(upload_path(str(request[key])))
-        if isinstance(request.get("products"), list):
-            request["products"] = [str(upload_path(str(x))) for x in request["products"]]
+        for key in ("products", "images"):
+            if isinstance(request.get(key), list):
+                request[key] = [str(upload_path(str(x))) for x in request[key]]
+        if isinstance(request.get("captioner"), str) and not re.fullmatch(r"[\w.-]+", request["captioner"]):
+            raise BadRequest("captioner: give the name of a folder under models/captioners, not a path")
         return request
 
     # ---------------------------------------------------------------- jobs
@@ -191,13 +194,15 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
                          **{x: f[x] for x in ("seed", "width", "height", "infotext", "kind", "format", "product")
                             if x in f}}
                         for k, f in enumerate(files)]
+        if job["type"] in (*VISION_TYPES, "restyle") and job.get("result"):  # the answer, not only its files
+            out["result"] = {k: v for k, v in job["result"].items() if k != "files"}
         return out
 
     def submit(job_type: str, request: dict, user: str, priority: int = 0, key: str | None = None,
                callback_url: str | None = None) -> dict:
         if callback_url is not None and not re.match(r"^https?://[^\s]+$", callback_url):
             raise BadRequest("callback_url must be an http(s) URL")
-        normalised, model = validate_request(job_type, resolve_inputs(job_type, request))
+        normalised, model = validate_request(job_type, resolve_inputs(job_type, request), settings)
         if safety:
             text = " ".join(str(x) for x in (normalised.get("prompt"), (normalised.get("base") or {}).get("prompt"),
                                              normalised.get("concept"), normalised.get("headline")) if x)

@@ -6,6 +6,7 @@ job that ran twice after a crash still has exactly one set of outputs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -25,10 +26,12 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 GENERATE_TYPES = ("generate", "img2img", "inpaint")
-JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad", "upscale", "grid")
+VISION_TYPES = ("describe", "classify", "prompt_expand")  # answers in the result JSON (and a result.json file)
+WORKFLOW_TYPES = ("restyle", "storyboard")
+JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad", "upscale", "grid", *VISION_TYPES, *WORKFLOW_TYPES)
 
 
-def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
+def validate_request(job_type: str, request: dict, settings: Settings | None = None) -> tuple[dict, str | None]:
     """(normalised request, model name for affinity); raises pydantic's ValidationError or BadRequest."""
     from ..core.errors import BadRequest
     if job_type in GENERATE_TYPES:
@@ -68,6 +71,31 @@ def validate_request(job_type: str, request: dict) -> tuple[dict, str | None]:
         if req.brand_color:
             parse_hex(req.brand_color)
         return req.model_dump(mode="json"), req.model
+    if job_type == "restyle":
+        from ..workflows.restyle import RestyleRequest
+        req = RestyleRequest.model_validate(request)
+        if req.gate:
+            from ..vision.classify import Gate
+            Gate(req.gate)  # an unknown gate is a 4xx now
+        return req.model_dump(mode="json"), req.model
+    if job_type == "storyboard":
+        from ..workflows.storyboard import StoryboardRequest, plan_storyboard
+        for key in ("output", "llm", "safety"):  # the service picks the folder, the endpoint and keeps safety on
+            if key in request:
+                raise BadRequest(f"storyboard jobs do not take request.{key}")
+        req = StoryboardRequest.model_validate(request)
+        from ..models.house import make_registry
+        plan_storyboard(req, registry=make_registry(settings or Settings.from_env()))  # too short, unsafe, unknown style
+        return req.model_dump(mode="json"), req.model
+    if job_type in VISION_TYPES:
+        from ..core import requests as R
+        model = {"describe": R.DescribeRequest, "classify": R.ClassifyRequest,
+                 "prompt_expand": R.PromptExpandRequest}[job_type]
+        req = model.model_validate(request)
+        if job_type == "classify" and req.gate:
+            from ..vision.classify import Gate
+            Gate(req.gate)  # an unknown gate is a 4xx now
+        return req.model_dump(mode="json"), None
     raise BadRequest(f"unknown job type {job_type!r}; known: {', '.join(JOB_TYPES)}")
 
 
@@ -268,7 +296,61 @@ class Worker:
             path = folder / "upscaled.png"
             save_png_atomic(big, path)
             return {"files": [{"path": str(path), "width": big.width, "height": big.height}]}
+        if job["type"] == "restyle":
+            from ..workflows.restyle import RestyleRequest, restyle
+            done = restyle(RestyleRequest.model_validate(job["request"]), engine=self.engine, output=folder / "restyle",
+                           progress=progress, cancel=cancel)
+            out = folder / "restyle"
+            image = done.image
+            return {"files": [{"path": str(out / "restyled.png"), "kind": "png", "seed": done.record["seed"],
+                               "infotext": done.record["infotext"], "width": image.width, "height": image.height},
+                              {"path": str(out / "boxes.png"), "kind": "png"},
+                              {"path": str(out / "restyle.json"), "kind": "json"}],
+                    "objects": done.record["objects"], "prompt": done.record["prompt"], "gate": done.record["gate"]}
+        if job["type"] == "storyboard":
+            from ..workflows.storyboard import StoryboardRequest, storyboard
+
+            def panels(done: int, total: int, label: str) -> None:
+                cancel.raise_if_cancelled()  # between panels
+                progress(ProgressEvent(done, total, label))
+            req = StoryboardRequest.model_validate({**job["request"], "output": str(folder / "storyboard")})
+            board = storyboard(req, engine=self.engine, progress=panels, safety_gate=self.safety)
+            files = [{"path": board.sheet_png, "kind": "png"}, {"path": board.sheet_pdf, "kind": "pdf"},
+                     {"path": board.manifest_path, "kind": "json"}]
+            files += [{"path": str(Path(board.out_dir) / p.file), "kind": "png", "seed": p.seed}
+                      for p in board.panels]
+            return {"files": files, "pages": board.pages, "seconds": round(board.seconds, 3),
+                    "panels": [{"index": p.index, "shot": p.shot, "prompt": p.prompt, "seed": p.seed}
+                               for p in board.panels]}
+        if job["type"] in VISION_TYPES:
+            answer = self._vision(job["type"], job["request"])
+            path = folder / "result.json"
+            path.write_text(json.dumps(answer, indent=1, ensure_ascii=False), encoding="utf-8")
+            return {**answer, "files": [{"path": str(path), "kind": "json"}]}
         raise ImagesmithError(f"unknown job type {job['type']!r}")
+
+    def _vision(self, job_type: str, request: dict) -> dict[str, Any]:
+        """describe / classify / prompt_expand: the same functions as the CLI commands."""
+        from ..core import requests as R
+        from ..core.imageio import load_image
+        if job_type == "prompt_expand":
+            from ..workflows.prompt_assist import PromptAssistant
+            req = R.PromptExpandRequest.model_validate(request)
+            return {"prompts": PromptAssistant().expand(req.request, n=req.n, seed=req.seed)}
+        if job_type == "classify":
+            from ..vision.classify import classify_images
+            req = R.ClassifyRequest.model_validate(request)
+            images = [load_image(i, settings=self.settings, mode="RGB", what="image") for i in req.images]
+            rows = classify_images(images, labels=req.labels, imagenet=req.imagenet, gate=req.gate, top=req.top,
+                                   settings=self.settings)
+            return {"results": [{"image": i, **r} for i, r in zip(req.images, rows)]}
+        from ..vision.caption import TransformersCaptioner, describe
+        from ..vision.imagenet import ImageNetClassifier
+        req = R.DescribeRequest.model_validate(request)
+        image = load_image(req.image, settings=self.settings, mode="RGB", what="image")
+        model_cap = TransformersCaptioner(req.captioner, settings=self.settings) if req.captioner else None
+        return {"description": describe(image, top_k=req.top, imagenet=ImageNetClassifier(self.settings),
+                                        model_captioner=model_cap, question=req.question)}
 
 
 def _ad_files(result) -> list[dict]:

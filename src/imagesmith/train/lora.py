@@ -181,9 +181,6 @@ class LoraTrainer:
         if config.train_text_encoder and self.arch == "house":
             raise LoraConfigError("train_text_encoder: house-ldm's MiniLM text encoder cannot carry a LoRA that "
                                   "diffusers loads back; train the UNet only (train_text_encoder: false)")
-        if config.train_text_encoder and self.arch == "sdxl":
-            raise LoraConfigError("train_text_encoder: supported for SD1.5-class bases; "
-                                  "SDXL text-encoder LoRAs are not trained yet")
         self.resolution = config.resolution or NATIVE_RESOLUTION.get(self.arch, 512)
         self.dataset = LoraDataset(config.dataset, resolution=self.resolution, bucketing=config.bucketing,
                                    bucket_step=config.bucket_step, trigger_word=config.trigger_word)
@@ -205,12 +202,15 @@ class LoraTrainer:
         parts = {"unet": pipe.unet}
         pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.dropout,
                                          init_lora_weights="gaussian", target_modules=cfg.target_modules))
-        if cfg.train_text_encoder:
-            te = pipe.text_encoder
-            targets = cfg.text_encoder_targets or (BERT_TE_TARGETS if _is_bert(te) else CLIP_TE_TARGETS)
-            te.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.dropout,
-                                      init_lora_weights="gaussian", target_modules=targets))
-            parts["text_encoder"] = te
+        if cfg.train_text_encoder:  # SDXL: both CLIP encoders, as kohya's sdxl_train_network
+            for comp in ("text_encoder", "text_encoder_2"):
+                te = getattr(pipe, comp, None)
+                if te is None:
+                    continue
+                targets = cfg.text_encoder_targets or (BERT_TE_TARGETS if _is_bert(te) else CLIP_TE_TARGETS)
+                te.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.dropout,
+                                          init_lora_weights="gaussian", target_modules=targets))
+                parts[comp] = te
         for module in parts.values():  # adapters train in fp32 whatever the base dtype
             for p in module.parameters():
                 if p.requires_grad:
@@ -252,7 +252,7 @@ class LoraTrainer:
         from ..engine import prompts as P
         pipe = self.pipe
         return P.encode_prompt_sdxl(text, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
-                                    device=self.device, dtype=torch.float32)
+                                    device=self.device, dtype=torch.float32, grad=self.config.train_text_encoder)
 
     @staticmethod
     def _same_length(embeds: list[torch.Tensor], empty) -> list[torch.Tensor]:
@@ -321,9 +321,9 @@ class LoraTrainer:
         holder = _AdapterParams(parts)
         groups = [{"params": [p for k, p in holder.params.items() if holder.names[k][0] == "unet"],
                    "lr": cfg.learning_rate}]
-        if "text_encoder" in parts:
-            groups.append({"params": [p for k, p in holder.params.items() if holder.names[k][0] == "text_encoder"],
-                           "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        te_params = [p for k, p in holder.params.items() if holder.names[k][0].startswith("text_encoder")]
+        if te_params:  # text_encoder, and SDXL's text_encoder_2
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
         opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
         noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config)

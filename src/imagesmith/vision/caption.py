@@ -95,10 +95,13 @@ def caption_folder(folder: str | Path, *, overwrite: bool = False, trigger_word:
     return sorted(records, key=lambda r: r["file"])
 
 
-def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None = None) -> dict:
+def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None = None, imagenet=None,
+             model_captioner: "TransformersCaptioner | None" = None, question: str | None = None) -> dict:
     """``imagesmith describe``, offline: a caption usable as a prompt (house-clip's object + the backdrop colour
-    named from the house palette), the top house-clip labels with their probabilities as tags, the dominant
-    colours (hex, share), tone and brightness measured on the pixels."""
+    named from the house palette), the top house-clip labels with their probabilities as tags, the top ImageNet
+    classes of ``imagenet`` (a :class:`~imagesmith.vision.imagenet.ImageNetClassifier`, when given), the
+    dominant colours (hex, share), tone and brightness measured on the pixels. With ``model_captioner`` (a user's
+    BLIP or VLM) its caption, steered by ``question``, is the caption; the offline one stays as ``house_caption``."""
     import torch
 
     from .analyze import brightness, dominant_colors, tone
@@ -109,6 +112,77 @@ def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None 
     probs = (float(cap.clip.scale()) * (emb @ cap._label_embeds.t())[0]).softmax(-1)
     top = torch.topk(probs, min(top_k, len(cap.labels)))
     tags = [{"label": cap.labels[i], "score": round(float(p), 4)} for p, i in zip(top.values.tolist(), top.indices.tolist())]
-    return {"caption": c.text, "object": c.object, "backdrop": c.backdrop, "tags": tags,
-            "dominant_colors": dominant_colors(rgb, 5), "tone": tone(rgb), "brightness": round(brightness(rgb), 4),
-            "describer": "house-clip + house-cutout + measured colours (offline)"}
+    out = {"caption": c.text, "object": c.object, "backdrop": c.backdrop, "tags": tags,
+           "dominant_colors": dominant_colors(rgb, 5), "tone": tone(rgb), "brightness": round(brightness(rgb), 4),
+           "describer": "house-clip + house-cutout + measured colours (offline)"}
+    if imagenet is not None:
+        from .imagenet import short_label
+        out["imagenet"] = [{"label": short_label(name), "class": name, "score": round(p, 4)}
+                           for name, p in imagenet.classify([rgb], top_k=top_k)[0]]
+        out["describer"] = "house-clip + EfficientNet-Lite0 (ImageNet) + house-cutout + measured colours (offline)"
+        # who names the object: house-clip knows studio shots of ~725 objects and is sure of them in its domain
+        # (>= 0.9 on its own renders); on other photos its softmax is overconfident nonsense, and ImageNet's
+        # top class, when it has some confidence (>= 0.3), names the object better
+        best = out["imagenet"][0]
+        clip_p = tags[0]["score"] if tags else 0.0
+        if best["score"] > clip_p or (best["score"] >= 0.3 and clip_p < 0.9):
+            out["object"], out["object_source"] = best["label"], "imagenet"
+            out["caption"] = f"{cap._article(best['label'])} on a {c.backdrop} backdrop"
+        else:
+            out["object_source"] = "house-clip"
+    if model_captioner is not None:
+        out["house_caption"] = out["caption"]
+        out["caption"] = model_captioner(rgb, question)
+        out["question"] = question
+        out["describer"] = f"{model_captioner.model_type} ({model_captioner.folder.name}) + " + out["describer"]
+    return out
+
+
+class TransformersCaptioner:
+    """A user's transformers captioner or VLM, from a local folder of safetensors weights (never downloaded):
+    BLIP (``BlipForConditionalGeneration``; ``question`` is the text prefix that steers it, as document 3 did with
+    "a photography of") or any image-text-to-text chat model such as Qwen2-VL (``question`` is the instruction).
+    ``path`` is a folder, or a name under ``$IMAGESMITH_HOME/models/captioners/``."""
+
+    DEFAULT_INSTRUCTION = "Describe this image in one sentence, as a prompt for an image generator."
+
+    def __init__(self, path: str | Path, *, settings=None, device: str = "cpu", max_new_tokens: int = 40):
+        from ..core.errors import BadRequest
+        from ..core.settings import Settings
+        settings = settings or Settings.from_env()
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            named = settings.models_dir / "captioners" / str(path)
+            if not named.is_dir():
+                raise BadRequest(f"captioner {path!r} is neither a folder nor a name under {named.parent}")
+            folder = named
+        if not any(folder.glob("*.safetensors")):
+            pickled = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+            raise BadRequest(f"captioner {folder} has no .safetensors weights"
+                             + (f" (refusing pickled {', '.join(sorted(pickled))}: convert to safetensors)"
+                                if pickled else ""))
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        self.folder = folder
+        self.model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+        self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        self.model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True,
+                                                                 use_safetensors=True).eval().to(device)
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, image: Image.Image, question: str | None = None) -> str:
+        import torch
+        rgb = image.convert("RGB")
+        if self.model_type == "blip":
+            inputs = self.processor(images=rgb, text=question or None, return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            return self.processor.decode(out[0], skip_special_tokens=True).strip()
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question or self.DEFAULT_INSTRUCTION}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(images=[rgb], text=[prompt], return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self.processor.decode(new, skip_special_tokens=True).strip()

@@ -140,3 +140,29 @@ class Gate:
         probs = self.probabilities(image)
         best = max(probs, key=probs.get)
         return best, probs[best]
+
+
+def classify_images(images: Sequence[Image.Image], *, labels: Sequence[str] | None = None, imagenet: bool = False,
+                    gate: "Gate | str | None" = None, top: int = 5, settings: Settings | None = None) -> list[dict]:
+    """One row per image: ``label``, ``score`` and ``probabilities`` (the top ones), by exactly one of zero-shot
+    ``labels`` (house-clip), ``imagenet`` (EfficientNet-Lite0) or a trained ``gate`` (a :class:`Gate` or its name).
+    The CLI's ``classify`` and the service's ``classify`` job both run this."""
+    settings = settings or Settings.from_env()
+    if (labels is not None) + bool(imagenet) + (gate is not None) != 1:
+        raise GateError("give exactly one of labels, imagenet or gate")
+    if imagenet:
+        from .imagenet import ImageNetClassifier
+        ranked = ImageNetClassifier(settings).classify(list(images), top_k=top)
+        return [{"label": r[0][0], "score": round(r[0][1], 4), "model": "efficientnet-lite0",
+                 "probabilities": {k: round(v, 4) for k, v in r}} for r in ranked]
+    if gate is not None:
+        g = Gate(gate, settings) if isinstance(gate, str) else gate
+        rows = []
+        for im in images:
+            label, score = g(im)
+            rows.append({"label": label, "score": score, "model": f"gate:{g.card.get('name', 'gate')}",
+                         "probabilities": g.probabilities(im)})
+        return rows
+    ranked = zero_shot(list(images), [s.strip() for s in labels if s.strip()])
+    return [{"label": r[0][0], "score": round(r[0][1], 4), "model": "house-clip",
+             "probabilities": {k: round(v, 4) for k, v in r[:top]}} for r in ranked]

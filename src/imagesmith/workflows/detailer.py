@@ -1,0 +1,270 @@
+"""Face detailer, after A1111's ADetailer: find faces, repaint each at a higher resolution, blend it back.
+
+For every face box (OpenCV's Haar frontal-face cascade, shipped inside opencv-python-headless):
+
+    crop the box plus padding  ->  upscale the crop to the model's working size (512 for SD1, 128 for house-ldm:
+    more pixels than the face had)  ->  img2img through the same engine with the same prompt (plus an optional
+    detailer prompt) at a low denoising strength  ->  downscale back  ->  blend into the image with a feathered
+    mask (the face box, dilated, Gaussian-blurred) that is exactly zero outside the padded box.
+
+So every pixel outside the padded boxes is the input's, bit for bit. Used from generation
+(``GenerateRequest(detailer=DetailerOptions())``, ``imagesmith generate --detailer face``), or on any image:
+
+    from imagesmith.workflows.detailer import DetailerOptions, FaceDetailer
+    image, report = FaceDetailer(engine, DetailerOptions(strength=0.4)).detail(image, request, seed=1)
+
+``report`` says what was done (faces with their boxes, the options); ``infotext_params(report)`` gives the
+ADetailer-style infotext keys (``ADetailer model: face_haar, ADetailer denoising strength: 0.4, ...``)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # core.requests imports this module (GenerateRequest.detailer): no runtime import back
+    from ..core.requests import GenerateRequest
+
+DETAILERS = ("face",)
+HAAR_MODEL = "face_haar"
+HAAR_FILE = "haarcascade_frontalface_default.xml"
+
+
+class DetailerOptions(BaseModel):
+    """What the detailer does; the field names are the API's and the metadata's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["face"] = Field("face", description="what to detect and repaint (Haar frontal faces)")
+    min_neighbors: int = Field(5, ge=1, le=50, description="Haar detection confidence: overlapping detections "
+                               "a face needs (higher = fewer, surer faces)")
+    min_size: int = Field(24, ge=8, le=4096, description="smallest face side in pixels")
+    max_faces: int = Field(4, ge=1, le=32, description="repaint at most this many faces, largest first")
+    padding: float = Field(0.35, ge=0.0, le=2.0, description="context around each face, as a fraction of its "
+                           "size on each side; the repainted crop and the blend stay inside this padded box")
+    dilate: int = Field(4, ge=0, le=64, description="grow the face box by this many pixels before blurring")
+    mask_blur: float = Field(4.0, ge=0.0, le=64.0, description="Gaussian sigma of the blend mask's edge, pixels")
+    strength: float = Field(0.4, ge=0.0, le=1.0, description="denoising strength of the repaint")
+    steps: int | None = Field(None, ge=1, le=150, description="steps of the repaint; default: the request's")
+    size: int | None = Field(None, ge=64, le=2048, description="working size of the repaint's long side; "
+                             "default: the model's native size")
+    prompt: str = Field("", description="added to the image's prompt for the repaint")
+    negative_prompt: str = Field("", description="added to the image's negative prompt for the repaint")
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1/y1 exclusive), image pixels
+    neighbors: int                  # Haar's detection count: its confidence
+
+    @property
+    def area(self) -> int:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+
+# ----------------------------------------------------------------------------------------------- detect
+_CASCADE = None
+
+
+def _cascade():
+    global _CASCADE
+    if _CASCADE is None:
+        import cv2
+        from ..core.errors import MissingModelFile
+        path = Path(cv2.data.haarcascades) / HAAR_FILE
+        cascade = cv2.CascadeClassifier(str(path))
+        if cascade.empty():
+            raise MissingModelFile(f"the face detector needs OpenCV's {HAAR_FILE} (opencv-python-headless<5), "
+                                   f"not found at {path}")
+        _CASCADE = cascade
+    return _CASCADE
+
+
+def detect_faces(image: Image.Image, options: DetailerOptions | None = None) -> list[Face]:
+    """Frontal faces in ``image``, largest first, at most ``options.max_faces``."""
+    import cv2
+    o = options or DetailerOptions()
+    gray = cv2.equalizeHist(cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY))
+    if min(gray.shape) < o.min_size:
+        return []
+    rects, counts = _cascade().detectMultiScale2(gray, scaleFactor=1.1, minNeighbors=o.min_neighbors,
+                                                 minSize=(o.min_size, o.min_size))
+    faces = [Face((int(x), int(y), int(x + w), int(y + h)), int(n)) for (x, y, w, h), n in zip(rects, counts)]
+    faces.sort(key=lambda f: (-f.area, f.box))
+    return faces[: o.max_faces]
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def padded_box(face: tuple[int, int, int, int], size: tuple[int, int], o: DetailerOptions) -> tuple[int, int, int, int]:
+    """The face box grown by ``padding`` (at least enough for the dilated, blurred mask to reach zero inside
+    it), made square where the image allows, clipped to the image."""
+    x0, y0, x1, y1 = face
+    w, h = size
+    pad = max(int(round(o.padding * max(x1 - x0, y1 - y0))), mask_reach(o) + 1)
+    side = max(x1 - x0, y1 - y0) + 2 * pad
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    bx0, by0 = int(math.floor(cx - side / 2)), int(math.floor(cy - side / 2))
+    bx0, by0 = min(bx0, x0 - pad), min(by0, y0 - pad)
+    bx1, by1 = max(bx0 + side, x1 + pad), max(by0 + side, y1 + pad)
+    return max(0, bx0), max(0, by0), min(w, bx1), min(h, by1)
+
+
+def mask_reach(o: DetailerOptions) -> int:
+    """How far past the face box the blend mask is non-zero: dilation + the blur kernel's half width."""
+    return o.dilate + _blur_half(o.mask_blur)
+
+
+def _blur_half(sigma: float) -> int:
+    return int(math.ceil(3 * sigma)) if sigma > 0 else 0
+
+
+def blend_mask(face: tuple[int, int, int, int], box: tuple[int, int, int, int], o: DetailerOptions) -> np.ndarray:
+    """float32 [h, w] in 0..1 over the padded ``box``: 1 on the dilated face box, a Gaussian edge, and exactly 0
+    wherever the kernel does not reach (so at the padded box's border, except where the image's edge clips it:
+    there the face runs on past the edge and the mask stays high)."""
+    import cv2
+    bx0, by0, bx1, by1 = box
+    half = _blur_half(o.mask_blur)
+    # blur on a canvas `half` wider than the box on each side, so the image's edge does not darken the mask
+    m = np.zeros((by1 - by0 + 2 * half, bx1 - bx0 + 2 * half), np.float32)
+    fx0, fy0 = face[0] - o.dilate - bx0 + half, face[1] - o.dilate - by0 + half
+    fx1, fy1 = face[2] + o.dilate - bx0 + half, face[3] + o.dilate - by0 + half
+    m[max(0, fy0):max(0, fy1), max(0, fx0):max(0, fx1)] = 1.0
+    if half:
+        # the kernel's support is exactly `half` pixels: nothing leaks further than dilate + half
+        m = cv2.GaussianBlur(m, (2 * half + 1, 2 * half + 1), o.mask_blur, borderType=cv2.BORDER_CONSTANT)
+        m = m[half:-half, half:-half]
+        m[m < 1e-4] = 0.0
+    return np.clip(m, 0.0, 1.0)
+
+
+def work_size(crop: tuple[int, int], size: int) -> tuple[int, int]:
+    """The repaint's width/height: the crop scaled so its long side is ``size``, multiples of 8."""
+    cw, ch = crop
+    s = size / max(cw, ch)
+    return max(8, int(round(cw * s / 8)) * 8), max(8, int(round(ch * s / 8)) * 8)
+
+
+def blend(original: np.ndarray, repaint: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """uint8 blend; where alpha is 0 the original's pixels are kept exactly."""
+    o = original.astype(np.float32)
+    a = alpha[..., None]
+    mixed = np.clip(np.rint(o * (1 - a) + repaint.astype(np.float32) * a), 0, 255)
+    return np.where(a == 0, o, mixed).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- repaint
+class FaceDetailer:
+    """Detect faces in an image and repaint each with img2img through ``engine`` (an Engine)."""
+
+    def __init__(self, engine, options: DetailerOptions | None = None):
+        self.engine = engine
+        self.options = options or DetailerOptions()
+
+    def working_size(self, request: GenerateRequest) -> int:
+        if self.options.size:
+            return self.options.size
+        eng = self.engine
+        name = request.model
+        if name and name.lower() in eng._adopted:
+            entry = eng._adopted[name.lower()]
+        else:
+            entry = eng.registry.get(name, "checkpoint") if name else eng._default_checkpoint()
+        return eng._native_size(entry)
+
+    def detail(self, image: Image.Image, request: GenerateRequest, *, seed: int, progress=None,
+               cancel=None) -> tuple[Image.Image, dict[str, Any]]:
+        """(detailed image, report). ``request`` gives prompt, model, LoRAs, sampler, CFG, steps; the repaint of
+        face i uses ``seed + i``. No face: the image itself, unchanged, and a report with 0 faces."""
+        from ..core.requests import GenerateRequest
+        o = self.options
+        image = image.convert("RGB")
+        faces = detect_faces(image, o)
+        report: dict[str, Any] = {"model": HAAR_MODEL, "faces": [], "options": o.model_dump(mode="json")}
+        if not faces:
+            return image, report
+        size = self.working_size(request)
+        out = np.array(image)
+        base = request.model_dump(mode="python")
+        with tempfile.TemporaryDirectory(prefix="imagesmith-detailer-") as tmp:
+            for i, face in enumerate(faces):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                box = padded_box(face.box, image.size, o)
+                bx0, by0, bx1, by1 = box
+                crop = Image.fromarray(out[by0:by1, bx0:bx1])
+                tw, th = work_size(crop.size, size)
+                path = Path(tmp) / f"face-{i}.png"
+                crop.resize((tw, th), Image.LANCZOS).save(path)
+                face_seed = (seed + i) % 2**32
+                sub = GenerateRequest.model_validate({
+                    **base,
+                    "prompt": ", ".join(p for p in (request.prompt.strip(), o.prompt.strip()) if p),
+                    "negative_prompt": ", ".join(p for p in (request.negative_prompt.strip(),
+                                                             o.negative_prompt.strip()) if p),
+                    "steps": o.steps or request.steps, "seed": face_seed, "variation_seed": None,
+                    "variation_strength": 0.0, "batch_size": 1, "batch_count": 1, "width": tw, "height": th,
+                    "init_image": str(path), "denoising_strength": o.strength, "mask": None, "outpaint": None,
+                    "hires": None, "controlnet": None, "detailer": None,
+                })
+                if o.strength > 0:
+                    repaint = self.engine.generate(sub, progress=_relabel(progress), cancel=cancel).images[0]
+                else:
+                    repaint = crop.resize((tw, th), Image.LANCZOS)
+                back = np.asarray(repaint.convert("RGB").resize(crop.size, Image.LANCZOS))
+                out[by0:by1, bx0:bx1] = blend(out[by0:by1, bx0:bx1], back, blend_mask(face.box, box, o))
+                report["faces"].append({"box": list(face.box), "padded_box": list(box), "neighbors": face.neighbors,
+                                        "seed": face_seed, "work_size": [tw, th]})
+        return Image.fromarray(out), report
+
+
+def _relabel(progress):
+    if progress is None:
+        return None
+    from ..core.progress import ProgressEvent
+
+    def on_event(event):
+        progress(ProgressEvent(event.step, event.total, "detailer", event.image_index))
+    return on_event
+
+
+def detail_images(engine, request: GenerateRequest, images: list[Image.Image], seeds: list[int], *,
+                  progress=None, cancel=None) -> tuple[list[Image.Image], list[dict[str, Any]]]:
+    """The engine's post-processing step: detail every image of a job (image i with its own seed)."""
+    detailer = FaceDetailer(engine, request.detailer)
+    base = request.model_copy(update={"detailer": None})
+    out, reports = [], []
+    for image, seed in zip(images, seeds):
+        im, rep = detailer.detail(image, base, seed=seed, progress=progress, cancel=cancel)
+        out.append(im)
+        reports.append(rep)
+    return out, reports
+
+
+def infotext_params(report: dict[str, Any] | None) -> dict[str, Any]:
+    """ADetailer's infotext keys for one image's report ({} without one)."""
+    if not report:
+        return {}
+    o = report.get("options", {})
+
+    def num(x):
+        return f"{x:g}" if isinstance(x, (int, float)) else x
+    return {
+        "ADetailer model": report.get("model", HAAR_MODEL),
+        "ADetailer faces": len(report.get("faces", [])),
+        "ADetailer min neighbors": o.get("min_neighbors"),
+        "ADetailer min size": o.get("min_size"),
+        "ADetailer padding": num(o.get("padding")),
+        "ADetailer dilate erode": o.get("dilate"),
+        "ADetailer mask blur": num(o.get("mask_blur")),
+        "ADetailer denoising strength": num(o.get("strength")),
+        "ADetailer steps": o.get("steps"),
+        "ADetailer prompt": o.get("prompt") or None,
+        "ADetailer negative prompt": o.get("negative_prompt") or None,
+    }
