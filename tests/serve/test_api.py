@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -305,3 +306,50 @@ def test_storyboard_job_makes_sheet_pdf_manifest_and_panels(served):
                 {"script": script, "llm": {"url": "http://example.com"}}, {"script": script, "style": "no-such-lora"}):
         r = client.post("/v1/jobs", json={"type": "storyboard", "request": bad})
         assert 400 <= r.status_code < 500 and "error" in r.json(), (bad, r.text)
+
+
+def test_live_preview_of_a_running_job(tmp_path, tiny_home):
+    """The worker turns latents into preview.jpg (approximate colours, no VAE); the API serves it while the job
+    runs (/v1/jobs/{id}/preview, preview_url, A1111's current_image) and not after."""
+    from imagesmith.core.preview import factors_for, latents_preview
+    from imagesmith.core.requests import GenerateRequest
+    from imagesmith.models.house import make_registry
+    from imagesmith.serve.worker import PREVIEW_NAME, job_folder
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_home()
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    client = TestClient(create_app(settings, store, sync_timeout=5))
+    job_id = client.post("/v1/jobs", json={"type": "generate", "request": {"prompt": "a red apple"}}).json()["job_id"]
+    job = store.claim("test-worker", lease_s=30)
+    assert job["id"] == job_id
+    assert client.get(f"/v1/jobs/{job_id}/preview").status_code == 404  # nothing drawn yet
+    # the house model's own latent->RGB fit: a red picture's latents preview as red
+    worker = Worker(store, settings, engine=Engine(settings, device="cpu"))
+    worker.preview_every_s = 0.0
+    write = worker._previewer(job, job_folder(settings, job))
+    assert write is not None
+    entry = make_registry(settings).default_checkpoint()
+    matrix, unit = factors_for(entry.arch, entry.path)
+    pipe = worker.engine._pipeline_entry(entry).value
+    red = torch.zeros(1, 3, 128, 128)
+    red[:, 0] = 0.8
+    red[:, 1:] = -0.8
+    with torch.no_grad():
+        z = pipe.vae.encode(red.to(pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    write(z)
+    path = job_folder(settings, job) / PREVIEW_NAME
+    im = Image.open(path)
+    assert im.format == "JPEG" and im.size == (128, 128)
+    r, g, b = np.asarray(im.convert("RGB"), np.float32).reshape(-1, 3).mean(0)
+    assert r > g + 60 and r > b + 60, (r, g, b)
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["preview_url"] == f"/v1/jobs/{job_id}/preview"
+    got = client.get(view["preview_url"])
+    assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg" and got.content == path.read_bytes()
+    assert base64.b64decode(client.get("/sdapi/v1/progress").json()["current_image"]) == path.read_bytes()
+    assert store.complete(job_id, "test-worker", {"files": []})
+    assert client.get(f"/v1/jobs/{job_id}/preview").status_code == 404
+    assert "preview_url" not in client.get(f"/v1/jobs/{job_id}").json()
+    # SD-family models use the published factors; 16-channel latent spaces get none
+    assert factors_for("sd1")[1] is False and factors_for("flux") is None
+    assert latents_preview(torch.zeros(1, 16, 8, 8), factors_for("sd1")[0]) is None

@@ -24,7 +24,7 @@ from .. import __version__
 from ..core.errors import BadRequest, ImagesmithError, NotFound, TooManyRequests, Unauthorized
 from ..core.settings import Settings
 from .store import JobStore
-from .worker import JOB_TYPES, VISION_TYPES, validate_request
+from .worker import JOB_TYPES, PREVIEW_NAME, VISION_TYPES, job_folder, validate_request
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -194,6 +194,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
                          **{x: f[x] for x in ("seed", "width", "height", "infotext", "kind", "format", "product")
                             if x in f}}
                         for k, f in enumerate(files)]
+        if job["status"] == "running" and preview_path(job) is not None:
+            out["preview_url"] = f"/v1/jobs/{job['id']}/preview"
         if job["type"] in (*VISION_TYPES, "restyle") and job.get("result"):  # the answer, not only its files
             out["result"] = {k: v for k, v in job["result"].items() if k != "files"}
         return out
@@ -294,9 +296,24 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             raise NotFound(f"job {job_id} has no file {index}")
         path = Path(files[index]["path"])  # a path the worker wrote, never the client's
         media = {".png": "image/png", ".html": "text/html", ".zip": "application/zip", ".jpg": "image/jpeg",
-                 ".json": "application/json"}
+                 ".json": "application/json", ".pdf": "application/pdf"}
         return FileResponse(path, media_type=media.get(path.suffix, "application/octet-stream"),
                             filename=path.name if path.suffix == ".zip" else None)
+
+    def preview_path(job: dict) -> Path | None:
+        if job["status"] != "running":
+            return None
+        path = job_folder(settings, job) / PREVIEW_NAME
+        return path if path.is_file() else None
+
+    @app.get("/v1/jobs/{job_id}/preview")
+    def job_preview(job_id: str, request: Request):
+        """The running job's live preview (JPEG, approximate colours from the latents); 404 when there is none."""
+        job = store.get(job_id, user=scope_of(request))
+        path = preview_path(job)
+        if path is None:
+            raise NotFound(f"job {job_id} has no preview now ({job['status']})")
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/models")
     def models(request: Request):
@@ -404,9 +421,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         running, _ = store.list(user=user_of(request), status="running", limit=1)
         queued = store.depth().get("queued", 0)
         p = running[0]["progress"] if running else 0.0
+        current = preview_path(running[0]) if running else None
         return {"progress": p, "eta_relative": 0.0, "state": {"job_count": len(running) + queued,
                                                               "job": running[0]["id"] if running else ""},
-                "current_image": None}
+                "current_image": base64.b64encode(current.read_bytes()).decode() if current else None}
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt(request: Request):

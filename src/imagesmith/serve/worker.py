@@ -118,6 +118,7 @@ class Worker:
         self.stopping = threading.Event()
         self.webhooks: list[threading.Thread] = []
         self.webhook_backoff = 1.0
+        self.preview_every_s = 0.5  # live previews (approximate RGB from the latents) at most this often
 
     @property
     def engine(self):
@@ -187,12 +188,16 @@ class Worker:
                     cancel.cancel("canceled")
         thread = threading.Thread(target=beat, name=f"heartbeat-{job['id'][:8]}", daemon=True)
         thread.start()
-        folder = self.settings.home / "outputs" / _safe(job["user"]) / job["id"] / f"attempt-{job['attempts']}"
+        folder = job_folder(self.settings, job)
+        preview = self._previewer(job, folder)
         try:
             def on_progress(event: ProgressEvent) -> None:
                 state["progress"] = round(event.fraction, 4)
                 state["note"] = event.phase
+                if preview is not None and event.latents is not None:
+                    preview(event.latents)
             result = self.execute(job, folder, on_progress, cancel)
+            (folder / PREVIEW_NAME).unlink(missing_ok=True)  # the result replaces the preview
             done.set()
             thread.join()
             if not self.store.complete(job["id"], self.id, result):
@@ -214,6 +219,37 @@ class Worker:
             thread.join()
             shutil.rmtree(folder, ignore_errors=True)
             self.store.fail(job["id"], self.id, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def _previewer(self, job: dict, folder: Path):
+        """A callable that writes ``preview.jpg`` from latents (throttled), or None for jobs/models without one."""
+        if job["type"] not in (*GENERATE_TYPES, "grid", "restyle", "storyboard"):
+            return None
+        from ..core.preview import factors_for, latents_preview
+        try:
+            name = (job["request"].get("base") or job["request"]).get("model")
+            entry = (self.engine.registry.get(name, "checkpoint") if name
+                     else self.engine.registry.default_checkpoint())
+            found = factors_for(entry.arch, entry.path if Path(str(entry.path)).is_dir() else None)
+        except Exception:  # noqa: BLE001 - no preview is never a reason to fail a job
+            return None
+        if found is None:
+            return None
+        matrix, unit = found
+        last = [0.0]
+
+        def write(latents) -> None:
+            now = time.monotonic()
+            if now - last[0] < self.preview_every_s:
+                return
+            last[0] = now
+            im = latents_preview(latents, matrix, unit_range=unit)
+            if im is None:
+                return
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / (PREVIEW_NAME + ".part")
+            im.save(tmp, "JPEG", quality=80)
+            tmp.replace(folder / PREVIEW_NAME)
+        return write
 
     # ---------------------------------------------------------------- job types
     def _ad(self, job: dict, folder: Path, progress: Callable, cancel: CancelToken) -> dict[str, Any]:
@@ -360,6 +396,14 @@ def _ad_files(result) -> list[dict]:
                       "seed": o.seed, "product": Path(o.product).name, "occ": o.occ})
         files.append({"path": o.html_path, "kind": "html", "format": o.format})
     return files
+
+
+PREVIEW_NAME = "preview.jpg"
+
+
+def job_folder(settings: Settings, job: dict) -> Path:
+    """Where a job's current attempt writes its files (and its live preview)."""
+    return settings.home / "outputs" / _safe(job["user"]) / job["id"] / f"attempt-{job['attempts']}"
 
 
 def _safe(name: str) -> str:

@@ -178,7 +178,7 @@ def evaluate_ldm(engine, clip, *, cutout=None, n: int = 64, settings: SheetSetti
         "real_heldout": clip_metrics(real),
     }
     entry = engine.registry.get(model, "checkpoint") if model else engine.registry.default_checkpoint()
-    vae = getattr(engine._pipeline_entry(entry), "vae", None)
+    vae = getattr(engine._pipeline_entry(entry).value, "vae", None)
     if vae is not None:
         out["vae_psnr_db"] = {split: vae_psnr(vae, split, size=st.size) for split in ("val_views", "val_objects")}
     if cutout is not None:
