@@ -181,3 +181,22 @@ def test_no_product_and_unfittable_copy_are_per_item_failures(studio, tmp_path):
     assert "blank.png" in errors and "product" in errors["blank.png"]
     assert "p.jpg" in errors and "320x50" in errors["p.jpg"]
     assert result.outputs == []
+
+
+def test_ghost_objects_next_to_the_product_are_cleared_props_elsewhere_stay():
+    """A generator that knows the product paints more of it around the real one: matte regions touching the
+    product's footprint are ghosts (cleared with the footprint); a region away from it is a prop and stays."""
+    from imagesmith.workflows.product_ad import ghost_objects
+
+    class FakeSegmenter:
+        def predict(self, image):
+            m = np.zeros((100, 100), np.float32)
+            m[30:70, 20:60] = 1.0   # around/behind the product
+            m[5:15, 85:95] = 1.0    # a prop in the corner
+            return m
+
+    product = np.zeros((100, 100), np.float32)
+    product[40:60, 40:55] = 1.0
+    ghosts = ghost_objects(Image.new("RGB", (100, 100)), product, FakeSegmenter())
+    assert ghosts[35, 25] == 1.0 and ghosts[50, 30] == 1.0  # the ghost, beyond the footprint
+    assert ghosts[10, 90] == 0.0 and ghosts[90, 90] == 0.0  # the prop and the empty floor

@@ -222,7 +222,8 @@ class ProductAdStudio:
         product_alpha = np.zeros((fmt.height, fmt.width), np.float32)
         fa = np.asarray(fitted.getchannel("A"), np.float32) / 255.0
         product_alpha[box[1]:box[3], box[0]:box[2]] = fa[:box[3] - box[1], :box[2] - box[0]]
-        background = clear_footprint(background, product_alpha)
+        ghosts = ghost_objects(background, product_alpha, self.segmenter(req.segmenter))
+        background = clear_footprint(background, np.maximum(product_alpha, ghosts))
         if req.copy_blur > 0:
             background = calm_region(background, placement.copy_area, sigma_frac=req.copy_blur)
         times["generation"] = time.perf_counter() - t
@@ -355,3 +356,27 @@ def _product_pixels(fitted: Image.Image, box, size) -> np.ndarray:
 
 def _safe(name: str) -> str:
     return name.replace(":", "x").replace(".", "_").replace("/", "_")
+
+
+def ghost_objects(background: Image.Image, product_alpha: np.ndarray, segmenter, *, grow_frac: float = 0.06,
+                  threshold: float = 0.25) -> np.ndarray:
+    """Objects the generator painted around the product: regions of the segmenter's matte of the painted scene
+    that touch the product's (grown) footprint. A text-to-image model that knows the product draws more of it
+    in the hole around it (a second, larger sneaker behind the real one); these are cleared with the footprint.
+    Objects elsewhere in the scene are props and stay. Returns an H x W 0/1 float mask."""
+    import cv2
+    matte = np.asarray(segmenter.predict(background.convert("RGB")), np.float32)
+    if matte.max() > 1.0:
+        matte = matte / 255.0
+    if matte.shape != product_alpha.shape:
+        matte = cv2.resize(matte, (product_alpha.shape[1], product_alpha.shape[0]), interpolation=cv2.INTER_LINEAR)
+    solid = (product_alpha > 0.02).astype(np.uint8)
+    grow = max(2, int(round(grow_frac * min(product_alpha.shape))))
+    near = cv2.dilate(solid, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    n, labels = cv2.connectedComponents((matte > threshold).astype(np.uint8))
+    ghosts = np.zeros(product_alpha.shape, np.float32)
+    for k in range(1, n):
+        region = labels == k
+        if (region & (near > 0)).any():
+            ghosts[region] = 1.0
+    return ghosts
