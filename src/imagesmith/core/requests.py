@@ -162,7 +162,22 @@ class GenerationResult(BaseModel):
 AD_POSITIONS = ("auto", "center", "bottom", "left", "right")
 
 
-class AdRequest(BaseModel):
+class CheckedSampling(BaseModel):
+    """Checks a request's ``sampler_name`` and ``scheduler`` against GenerateRequest's vocabulary: the base of
+    the workflow requests (ad, restyle, storyboard) that carry those two fields."""
+
+    @field_validator("sampler_name", check_fields=False)
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        return GenerateRequest._known_sampler(v)
+
+    @field_validator("scheduler", check_fields=False)
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        return GenerateRequest._known_schedule(v)
+
+
+class AdRequest(CheckedSampling):
     """One call of the product-ad studio: product photos x formats x variations.
 
     Field names follow GenerateRequest where they mean the same (seed, steps, cfg_scale, sampler_name,
@@ -197,16 +212,6 @@ class AdRequest(BaseModel):
     harmonize: Literal["off", "edge", "full"] = Field(
         "off", description="off keeps product pixels unchanged (guaranteed); edge/full recolour them")
     segmenter: str | None = Field(None, description="segmenter name (default house-cutout)")
-
-    @field_validator("sampler_name")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        return GenerateRequest._known_sampler(v)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_schedule(cls, v: str) -> str:
-        return GenerateRequest._known_schedule(v)
 
 
 class DescribeRequest(BaseModel):

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import BadRequest, ImagesmithError
-from ..core.requests import GenerateRequest, LoraSpec
+from ..core.requests import CheckedSampling, GenerateRequest, LoraSpec
 
 # class names that mean "accept" in a gate trained from yes/ and no/ (or pass/fail, ...) folders
 PASS_CLASSES = ("yes", "pass", "ok", "accept", "accepted", "good", "true", "positive", "keep", "in")
@@ -41,7 +41,7 @@ class Refused(ImagesmithError):
     http_status = 422
 
 
-class RestyleRequest(BaseModel):
+class RestyleRequest(CheckedSampling):
     model_config = ConfigDict(extra="forbid")
 
     photo: str = Field(..., min_length=1, description="path of the input photo")
@@ -64,16 +64,6 @@ class RestyleRequest(BaseModel):
     min_object_area: float = Field(0.01, ge=0.0, le=1.0, description="drop objects smaller than this image fraction")
     max_objects: int = Field(8, ge=1, le=64)
     segmenter: str | None = Field(None, description="segmenter for the objects (default house-cutout)")
-
-    @field_validator("sampler_name")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        return GenerateRequest._known_sampler(v)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_schedule(cls, v: str) -> str:
-        return GenerateRequest._known_schedule(v)
 
     @property
     def mode(self) -> str:

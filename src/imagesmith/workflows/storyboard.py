@@ -46,10 +46,10 @@ from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import BadRequest
-from ..core.requests import GenerateRequest
+from ..core.requests import CheckedSampling, GenerateRequest
 
 StoryboardProgress = Callable[[int, int, str], None]  # (panels done, panels in all, label)
 
@@ -233,7 +233,7 @@ class LLMConfig(BaseModel):
         return base + "/v1/chat/completions"
 
 
-class StoryboardRequest(BaseModel):
+class StoryboardRequest(CheckedSampling):
     """One storyboard. Generation fields mean what they mean in GenerateRequest."""
 
     model_config = ConfigDict(extra="forbid")
@@ -259,16 +259,6 @@ class StoryboardRequest(BaseModel):
     output: str | None = Field(None, description="output folder; default <home>/outputs/storyboards/<time>")
     safety: bool = Field(True, description="check the script, scenes and prompts with the safety gate")
     llm: LLMConfig | None = Field(None, description="OpenAI-compatible endpoint for scenes and the logic review")
-
-    @field_validator("sampler_name")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        return GenerateRequest._known_sampler(v)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_schedule(cls, v: str) -> str:
-        return GenerateRequest._known_schedule(v)
 
 
 @dataclass(frozen=True)
