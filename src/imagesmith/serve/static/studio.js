@@ -39,7 +39,18 @@ document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("cli
 }));
 
 // ------------------------------------------------------------------------------------------- progress
-async function follow(jobId, bar, status) {
+async function showPreview(url, img) {
+  // the live preview of the running step (a fetch, not <img src>: the API may need the bearer token)
+  const res = await fetch(url, { headers: headers(), cache: "no-store" });
+  if (!res.ok) return;
+  const old = img.src;
+  img.src = URL.createObjectURL(await res.blob());
+  img.hidden = false;
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+}
+
+async function follow(jobId, bar, status, preview = null) {
+  let shownAt = 0;
   const res = await fetch(`/v1/jobs/${jobId}/events`, { headers: headers() });
   if (!res.ok) throw new Error("events: " + res.statusText);
   const reader = res.body.getReader();
@@ -58,8 +69,13 @@ async function follow(jobId, bar, status) {
       last = JSON.parse(data.slice(6));
       bar.style.width = Math.round(100 * (last.progress || 0)) + "%";
       status.textContent = `${last.status} ${Math.round(100 * (last.progress || 0))}% ${last.progress_note || ""}`;
+      if (preview && last.preview_url && Date.now() - shownAt > 400) {
+        shownAt = Date.now();
+        showPreview(last.preview_url, preview).catch(() => {});
+      }
     }
   }
+  if (preview) preview.hidden = true;
   return last;
 }
 
@@ -130,7 +146,7 @@ $("#gen-form").addEventListener("submit", async (e) => {
     const req = generateRequest(e.target);
     const { job_id } = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ type: "generate", request: req }) });
-    await follow(job_id, $("#gen-bar"), status);
+    await follow(job_id, $("#gen-bar"), status, $("#gen-preview"));
     const job = await api(`/v1/jobs/${job_id}`);
     if (job.status !== "succeeded") throw new Error(job.error || job.status);
     out.innerHTML = "";
