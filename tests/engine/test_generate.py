@@ -88,6 +88,16 @@ def test_img2img_strength(engine, tmp_path):
     assert low > 2 * high, (low, high)
 
 
+def test_tiny_strength_still_runs_one_step(engine, tmp_path):
+    """steps x strength below one (0.05 x 4) ran zero steps in diffusers and crashed; WebUI runs one."""
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3))
+    Image.fromarray(ramp).save(tmp_path / "a.png")
+    steps = []
+    out = engine.generate(req(init_image=str(tmp_path / "a.png"), denoising_strength=0.05, steps=4),
+                          progress=lambda e: steps.append(e.step))
+    assert out.images[0].size == (64, 64) and max(steps) == 1
+
+
 def test_inpaint_keeps_unmasked_pixels(engine, tmp_path):
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))

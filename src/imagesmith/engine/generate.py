@@ -395,12 +395,13 @@ class Engine:
             return list(first)
         init = job.init_image.resize((job.width, job.height), Image.LANCZOS) if job.init_image.size != (job.width, job.height) else job.init_image
         if mode == "img2img":
-            out = call_pipeline(pipe, image=init, strength=req.denoising_strength, width=job.width,
-                                height=job.height, **common)
+            out = call_pipeline(pipe, image=init, strength=_one_step_at_least(req.denoising_strength, req.steps),
+                                width=job.width, height=job.height, **common)
             return list(out.images)
         mask = job.mask.resize(init.size, Image.NEAREST) if job.mask.size != init.size else job.mask
         blurred = mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else mask
-        out = call_pipeline(pipe, image=init, mask_image=blurred, strength=req.denoising_strength,
+        out = call_pipeline(pipe, image=init, mask_image=blurred,
+                            strength=_one_step_at_least(req.denoising_strength, req.steps),
                             width=job.width, height=job.height, **common)
         return [keep_unmasked(init, img, blurred) for img in out.images]
 
@@ -444,7 +445,8 @@ class Engine:
             for key in ("prompt", "negative_prompt"):
                 if key in args:
                     args[key] = [args[key]] * n
-        out = call_pipeline(pipe, image=image, strength=hr.hr_denoising_strength, width=width, height=height, **args)
+        strength = _one_step_at_least(hr.hr_denoising_strength, args["num_inference_steps"])
+        out = call_pipeline(pipe, image=image, strength=strength, width=width, height=height, **args)
         return list(out.images)
 
 
@@ -482,3 +484,9 @@ def outpaint_canvas(image: Image.Image, pads: tuple[int, int, int, int]) -> tupl
 
 def _num(x: float) -> str:
     return f"{x:g}"
+
+
+def _one_step_at_least(strength: float, steps: int) -> float:
+    """diffusers runs ``int(steps * strength)`` img2img steps and fails on zero (a tiny strength with few steps);
+    WebUI runs at least one, and so do we (the step counter already counts one)."""
+    return max(float(strength), (1.0 + 1e-6) / max(1, int(steps)))
