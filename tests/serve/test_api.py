@@ -353,3 +353,29 @@ def test_live_preview_of_a_running_job(tmp_path, tiny_home):
     # SD-family models use the published factors; 16-channel latent spaces get none
     assert factors_for("sd1")[1] is False and factors_for("flux") is None
     assert latents_preview(torch.zeros(1, 16, 8, 8), factors_for("sd1")[0]) is None
+
+
+def test_a1111_png_info_upscalers_and_extras(served):
+    """The rest of the A1111 utility routes, shaped as a WebUI client sends them."""
+    client, _, _ = served
+    names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    assert names[0] == "None" and "R-ESRGAN 4x+" in names and "Lanczos" in names
+    body = client.post("/sdapi/v1/txt2img", json={"prompt": "a red apple", "seed": 21, "steps": 2, "width": 64,
+                                                  "height": 64, "sampler_name": "Euler"}).json()
+    made = body["images"][0]  # a PNG with its infotext, as the client received it
+    info = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + made}).json()
+    assert "Seed: 21" in info["info"] and info["items"]["Seed"] == "21" and info["items"]["Steps"] == "2"
+    plain = Image.new("RGB", (32, 24), (10, 200, 30))
+    assert client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(png(plain)).decode()}).json()["info"] == ""
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(png(plain)).decode(),
+                                                           "resize_mode": 0, "upscaling_resize": 2,
+                                                           "upscaler_1": "Lanczos", "show_extras_results": True})
+    assert r.status_code == 200, r.text
+    big = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
+    assert big.size == (64, 48) and np.asarray(big.convert("RGB"))[24, 32].tolist() == [10, 200, 30]
+    for bad in ({"image": "not base64!"}, {}):
+        r = client.post("/sdapi/v1/png-info", json=bad)
+        assert 400 <= r.status_code < 500 and "error" in r.json()
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(png(plain)).decode(),
+                                                           "upscaler_1": "None"})
+    assert 400 <= r.status_code < 500

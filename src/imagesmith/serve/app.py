@@ -395,6 +395,43 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         from ..models.house import make_registry
         return [{"name": e.name, "alias": e.name, "path": str(e.path)} for e in make_registry(settings).list("lora")]
 
+    @app.get("/sdapi/v1/upscalers")
+    def a1111_upscalers(request: Request):
+        caller(request)
+        from ..core.requests import UPSCALERS
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}] + [
+            {"name": n, "model_name": n, "model_path": None, "model_url": None, "scale": 4 if "ESRGAN" in n else 2}
+            for n in UPSCALERS if n != "Latent"]
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(request: Request):
+        """A1111's PNG Info: the infotext and its fields, read from the file's chunks (pixels not decoded)."""
+        caller(request)
+        from ..core.metadata import read_png_metadata
+        body = await request.json()
+        if not isinstance(body.get("image"), str) or not body["image"]:
+            raise BadRequest("image: give a base64 image")
+        meta = read_png_metadata(_b64(body["image"]), settings=settings)
+        return {"info": meta.get("parameters") or "", "items": {k: v for k, v in (meta.get("parsed") or {}).items()},
+                "parameters": meta.get("parsed") or {}, "imagesmith": meta.get("imagesmith")}
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(request: Request):
+        """A1111's Extras upscaling: through the queue as an ``upscale`` job."""
+        body = await request.json()
+        if not isinstance(body.get("image"), str) or not body["image"]:
+            raise BadRequest("image: give a base64 image")
+        upscaler = body.get("upscaler_1") or "R-ESRGAN 4x+"
+        if upscaler in ("None", None):
+            raise BadRequest("upscaler_1: choose an upscaler (GET /sdapi/v1/upscalers)")
+        req = {"image": store_upload(_b64(body["image"])), "scale": body.get("upscaling_resize", 2),
+               "upscaler": upscaler}
+        job = await run_sync("upscale", req, user_of(request))
+        if isinstance(job, JSONResponse):
+            return job
+        path = Path(job["result"]["files"][0]["path"])
+        return {"html_info": "", "image": base64.b64encode(path.read_bytes()).decode()}
+
     @app.get("/sdapi/v1/samplers")
     def samplers(request: Request):
         caller(request)
