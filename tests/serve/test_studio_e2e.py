@@ -1,0 +1,139 @@
+"""The web studio end to end in headless Chromium (Debian's chromium driven by Playwright): generate an image and
+see it with its metadata, make an ad and download its zip, cancel a running job from the queue tab.
+
+A real server (uvicorn on a free loopback port) and a real worker thread run on the tiny models; skipped where
+Playwright or /usr/bin/chromium is missing (`.ci/run` installs chromium when it can)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+playwright_sync = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_home, tmp_path_factory):
+    import uvicorn
+
+    from imagesmith.core.settings import Settings
+    from imagesmith.engine.generate import Engine
+    from imagesmith.serve.app import create_app
+    from imagesmith.serve.store import JobStore
+    from imagesmith.serve.worker import Worker
+    home = tmp_path_factory.mktemp("studio-e2e")
+    settings = Settings(home=home)
+    settings.ensure_home()
+    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(
+        tiny_home.models_dir / "checkpoints" / "tiny-sd15", target_is_directory=True)
+    store = JobStore(f"sqlite:///{home / 'jobs.db'}")
+    worker = Worker(store, settings, engine=Engine(settings, device="cpu"), lease_s=10)
+    wthread = threading.Thread(target=worker.run_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    wthread.start()
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(settings, store), host="127.0.0.1", port=port, log_level="warning"))
+    sthread = threading.Thread(target=srv.run, daemon=True)
+    sthread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", store, home
+    srv.should_exit = True
+    worker.stopping.set()
+    sthread.join(10)
+    wthread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_sync.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, accept_downloads=True)  # a phone
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+def test_generate_shows_the_image_with_its_metadata(server, page):
+    url, _, _ = server
+    page.goto(url + "/")
+    page.wait_for_selector("#gen-model option[value='tiny-sd15']", state="attached")
+    page.select_option("#gen-model", "tiny-sd15")
+    page.fill("textarea[name=prompt]", "a red apple, 빨간 사과")
+    page.fill("input[name=steps]", "3")
+    page.fill("input[name=seed]", "17")
+    page.fill("input[name=width]", "64")
+    page.fill("input[name=height]", "64")
+    page.click("#gen-form button.go")
+    img = page.wait_for_selector("#gen-out img", timeout=60_000)
+    assert page.inner_text("#gen-out figcaption") == "seed 17"
+    img.click()
+    text = page.inner_text("#detail-body pre")
+    assert "a red apple, 빨간 사과" in text and "Steps: 3" in text and "Seed: 17" in text
+    shown = page.evaluate("() => { const i = document.querySelector('#detail-body img'); "
+                          "return [i.complete, i.naturalWidth, i.naturalHeight]; }")
+    assert shown == [True, 64, 64]
+
+
+def test_ad_studio_makes_an_ad_and_the_zip_downloads(server, page, tmp_path):
+    url, _, _ = server
+    product = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
+    product.paste((200, 40, 40, 255), (40, 30, 120, 140))
+    product.save(tmp_path / "product.png")
+    page.goto(url + "/#ad")
+    page.set_input_files("#ad-form input[name=product]", str(tmp_path / "product.png"))
+    page.fill("#ad-form input[name=headline]", "새로운 시작")
+    for box in page.query_selector_all("#ad-formats input"):
+        if box.get_attribute("value") != "300x250":
+            box.uncheck()
+        else:
+            box.check()
+    page.click("#ad-form button.go")
+    link = page.wait_for_selector("#ad-out a[download]", timeout=120_000)
+    assert page.query_selector("#ad-out img") is not None
+    with page.expect_download() as info:
+        link.click()
+    path = info.value.path()
+    with zipfile.ZipFile(path) as z:
+        pngs = [n for n in z.namelist() if n.endswith(".png") and "background" not in n]
+        assert pngs and Image.open(io.BytesIO(z.read(pngs[0]))).size == (300, 250)
+
+
+def test_cancel_a_running_job_from_the_queue_tab(server, page):
+    url, store, _ = server
+    job, _ = store.submit("generate", {"prompt": "a long one", "model": "tiny-sd15", "steps": 150, "width": 256,
+                                    "height": 256, "batch_count": 8, "seed": 1})
+    for _ in range(200):  # wait until the worker runs it
+        if store.get(job["id"])["status"] == "running":
+            break
+        time.sleep(0.05)
+    page.goto(url + "/#queue")
+    row = page.wait_for_selector(f"#queue-table tr:has-text('{job['id'][:8]}') button", timeout=30_000)
+    row.click()
+    for _ in range(400):
+        if store.get(job["id"])["status"] == "canceled":
+            break
+        time.sleep(0.05)
+    assert store.get(job["id"])["status"] == "canceled"
