@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test install bench bench-house clean
+.PHONY: run test install bench bench-house fuzz load soak clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,15 @@ bench: $(STAMP)
 
 bench-house: $(STAMP)
 	$(BIN)/python benchmarks/house_ldm_speed.py
+
+fuzz: $(STAMP)
+	bash scripts/fuzz.sh
+
+load: $(STAMP)
+	$(BIN)/python scripts/load_test.py
+
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py
 
 clean:
 	rm -rf outputs .pytest_cache

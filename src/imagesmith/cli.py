@@ -883,13 +883,14 @@ def tokens_create(user: str):
 
 
 @app.command("worker")
-def worker_cmd():
+def worker_cmd(lease: float = typer.Option(30.0, "--lease", min=1.0, help="seconds a claimed job is leased for; a "
+                                           "dead worker's job runs again after it (heartbeats renew it)")):
     """Run a worker against the job store (IMAGESMITH_DATABASE_URL, default the home's SQLite)."""
     from .core.settings import Settings
     from .serve.app import default_store
     from .serve.worker import Worker
     settings = Settings.from_env()
-    w = Worker(default_store(settings), settings)
+    w = Worker(default_store(settings), settings, lease_s=lease)
     print(f"worker {w.id} on {w.store.url.split('://')[0]}", file=sys.stderr)
     w.run_forever()
 

@@ -379,3 +379,16 @@ def test_a1111_png_info_upscalers_and_extras(served):
     r = client.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(png(plain)).decode(),
                                                            "upscaler_1": "None"})
     assert 400 <= r.status_code < 500
+
+
+def test_malformed_bodies_are_4xx_not_500(served):
+    """What `make fuzz` (schemathesis) found: empty or non-object JSON bodies and non-string images crashed the
+    A1111 routes with 500s."""
+    client, _, _ = served
+    for route in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options", "/sdapi/v1/png-info",
+                  "/sdapi/v1/extra-single-image"):
+        for body in (b"", b"[1, 2]", b"{not json"):
+            r = client.post(route, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "error" in r.json(), (route, body, r.status_code)
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [12345], "prompt": "x"})
+    assert r.status_code == 422

@@ -361,13 +361,13 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
-        body = await request.json()
+        body = await json_object(request)
         job = await run_sync("generate", a1111_request(body), user_of(request))
         return job if isinstance(job, JSONResponse) else a1111_response(job, body)
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(request: Request):
-        body = await request.json()
+        body = await json_object(request)
         inits = body.get("init_images") or []
         if not inits:
             raise BadRequest("init_images: give one base64 image")
@@ -408,7 +408,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         """A1111's PNG Info: the infotext and its fields, read from the file's chunks (pixels not decoded)."""
         caller(request)
         from ..core.metadata import read_png_metadata
-        body = await request.json()
+        body = await json_object(request)
         if not isinstance(body.get("image"), str) or not body["image"]:
             raise BadRequest("image: give a base64 image")
         meta = read_png_metadata(_b64(body["image"]), settings=settings)
@@ -418,7 +418,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     @app.post("/sdapi/v1/extra-single-image")
     async def extra_single_image(request: Request):
         """A1111's Extras upscaling: through the queue as an ``upscale`` job."""
-        body = await request.json()
+        body = await json_object(request)
         if not isinstance(body.get("image"), str) or not body["image"]:
             raise BadRequest("image: give a base64 image")
         upscaler = body.get("upscaler_1") or "R-ESRGAN 4x+"
@@ -446,7 +446,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
         caller(request)
-        body = await request.json()
+        body = await json_object(request)
         if "sd_model_checkpoint" in body:
             from ..models.house import make_registry
             make_registry(settings).get(body["sd_model_checkpoint"], "checkpoint")  # must exist
@@ -473,7 +473,20 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     return app
 
 
+async def json_object(request: Request) -> dict:
+    """The request body as a JSON object, or a 4xx (an empty or malformed body is the client's error, not a 500)."""
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
 def _b64(data: str) -> bytes:
+    if not isinstance(data, str):
+        raise BadRequest("images must be base64 strings")
     if "," in data[:100] and data.startswith("data:"):
         data = data.split(",", 1)[1]
     try:

@@ -119,6 +119,7 @@ class Worker:
         self.webhooks: list[threading.Thread] = []
         self.webhook_backoff = 1.0
         self.preview_every_s = 0.5  # live previews (approximate RGB from the latents) at most this often
+        self._helpers: dict[str, Any] = {}  # vision helpers kept between jobs (see _loaded)
 
     @property
     def engine(self):
@@ -370,9 +371,8 @@ class Worker:
         from ..core import requests as R
         from ..core.imageio import load_image
         if job_type == "prompt_expand":
-            from ..workflows.prompt_assist import PromptAssistant
             req = R.PromptExpandRequest.model_validate(request)
-            return {"prompts": PromptAssistant().expand(req.request, n=req.n, seed=req.seed)}
+            return {"prompts": self._loaded("prompt_assistant").expand(req.request, n=req.n, seed=req.seed)}
         if job_type == "classify":
             from ..vision.classify import classify_images
             req = R.ClassifyRequest.model_validate(request)
@@ -381,12 +381,27 @@ class Worker:
                                    settings=self.settings)
             return {"results": [{"image": i, **r} for i, r in zip(req.images, rows)]}
         from ..vision.caption import TransformersCaptioner, describe
-        from ..vision.imagenet import ImageNetClassifier
         req = R.DescribeRequest.model_validate(request)
         image = load_image(req.image, settings=self.settings, mode="RGB", what="image")
         model_cap = TransformersCaptioner(req.captioner, settings=self.settings) if req.captioner else None
-        return {"description": describe(image, top_k=req.top, imagenet=ImageNetClassifier(self.settings),
-                                        model_captioner=model_cap, question=req.question)}
+        return {"description": describe(image, top_k=req.top, captioner=self._loaded("captioner"),
+                                        imagenet=self._loaded("imagenet"), model_captioner=model_cap,
+                                        question=req.question)}
+
+    def _loaded(self, what: str):
+        """The vision helpers a worker keeps between jobs (each loads an encoder: ~0.2-1 s a time)."""
+        cache = self._helpers
+        if what not in cache:
+            if what == "prompt_assistant":
+                from ..workflows.prompt_assist import PromptAssistant
+                cache[what] = PromptAssistant()
+            elif what == "imagenet":
+                from ..vision.imagenet import ImageNetClassifier
+                cache[what] = ImageNetClassifier(self.settings)
+            elif what == "captioner":
+                from ..vision.caption import Captioner
+                cache[what] = Captioner()
+        return cache[what]
 
 
 def _ad_files(result) -> list[dict]:
