@@ -42,6 +42,14 @@ def test_gate_trains_reports_held_out_accuracy_and_classifies(tmp_path, capsys, 
     assert code == 0, err
     row = json.loads(out)
     assert row["label"] == "yes" and row["score"] > 0.5 and abs(sum(row["probabilities"].values()) - 1) < 1e-3
+    # the gate is registered: `imagesmith models list --kind gate` names it with its classes and accuracy
+    code, out, err = run_cli(capsys, "models", "list", "--kind", "gate", "--json")
+    assert code == 0, err
+    listed = json.loads(out)
+    rows = listed if isinstance(listed, list) else listed.get("models", listed)
+    gate = next(r for r in rows if r["name"] == "red-gate")
+    assert gate["kind"] == "gate" and any("classes: no, yes" in n for n in gate["notes"])
+    assert any(n.startswith("held-out accuracy") for n in gate["notes"])
 
 
 def test_zero_shot_and_bad_inputs(tmp_path, capsys, monkeypatch):

@@ -24,15 +24,15 @@ from ..core.settings import Settings
 from .hashing import HashCache
 from .probe import PICKLE_SUFFIXES, looks_like_pickle, probe
 
-EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "unknown",
-                    "unsafe"]
-KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter")
+EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate",
+                    "unknown", "unsafe"]
+KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate")
 FOLDER_OF_KIND = {"checkpoint": "checkpoints", "vae": "vae", "lora": "loras", "embedding": "embeddings",
                   "upscaler": "upscalers", "controlnet": "controlnet"}
 KIND_OF_FOLDER = {v: k for k, v in FOLDER_OF_KIND.items()}
 _KIND_ALIASES = {**{k: k for k in KINDS}, **KIND_OF_FOLDER, "model": "checkpoint", "models": "checkpoint",
                  "lycoris": "lora", "textual_inversion": "embedding", "upscale": "upscaler",
-                 "segmenters": "segmenter", "cutout": "segmenter", "unsafe": "unsafe"}
+                 "segmenters": "segmenter", "cutout": "segmenter", "gates": "gate", "unsafe": "unsafe"}
 
 BUILTIN_UPSCALERS = {
     "R-ESRGAN 4x+": "realesrgan-x4plus",
@@ -204,6 +204,12 @@ class Registry:
                 for f in sorted(d.rglob("*.onnx")):
                     out.append(ModelEntry(name=f.stem, kind="segmenter", path=f, size_bytes=f.stat().st_size,
                                           format="onnx", rel_path=_rel(f, d), folder_kind="segmenter"))
+        gates = self.settings.models_dir / "gates"  # `imagesmith classify train FOLDER --name N` (vision/classify.py)
+        if gates.is_dir():
+            for f in sorted(gates.glob("*.safetensors")):
+                out.append(ModelEntry(name=f.stem, kind="gate", arch="house-clip", path=f, size_bytes=f.stat().st_size,
+                                      format="single-file", rel_path=f.name, folder_kind="gate",
+                                      notes=_gate_notes(f)))
         return out
 
     def _link_companions(self, entries: list[ModelEntry]) -> None:
@@ -314,3 +320,19 @@ def _rel(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.name
+
+
+def _gate_notes(path: Path) -> list[str]:
+    """A trained gate's classes and held-out accuracy, from its safetensors header (no tensors read)."""
+    import json
+
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            card = json.loads((f.metadata() or {}).get("gate", "{}"))
+    except (OSError, ValueError):
+        return ["unreadable gate file"]
+    notes = [f"classes: {', '.join(card.get('classes', []))}"]
+    if "holdout_accuracy" in card:
+        notes.append(f"held-out accuracy {card['holdout_accuracy']:.3f} on {card.get('holdout_images', '?')} images")
+    return notes
