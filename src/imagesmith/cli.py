@@ -433,7 +433,10 @@ def prompt_expand(request: str = typer.Argument(..., help="a short request, e.g.
                   as_json: bool = typer.Option(False, "--json")):
     """Expand a short request into detailed prompts (style, composition, camera, lighting, palette), offline."""
     from .workflows.prompt_assist import PromptAssistant
-    results = PromptAssistant().expand(request, n=n, seed=seed)
+    from .workflows.storyboard import LLMConfig
+    results = PromptAssistant().expand(request, n=n, seed=seed, llm=LLMConfig.from_env())  # IMAGESMITH_LLM_URL
+    if results and results[0].get("llm_error"):
+        print(f"imagesmith: note: the LLM failed ({results[0]['llm_error']}); offline prompts instead", file=sys.stderr)
     if as_json:
         print(json.dumps(results, indent=1))
     else:

@@ -36,3 +36,49 @@ def test_cli_json(capsys):
     assert code == 0, err
     rows = json.loads(out)
     assert len(rows) == 2 and all(0 <= v["relevance"] <= 1 for r in rows for v in r["added"].values())
+
+
+def test_prompt_expand_uses_a_configured_llm_and_falls_back_offline(capsys, monkeypatch):
+    """With IMAGESMITH_LLM_URL set, an OpenAI-compatible model writes the prompts; a failing one falls back to the
+    offline vocabularies with a note (a fake endpoint on loopback stands in for the LLM)."""
+    import json as _json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from test_cli import run_cli
+    seen = []
+
+    class Fake(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            if body["messages"][1]["content"] == "break":
+                self.send_response(500)
+                self.end_headers()
+                return
+            answer = {"prompts": [f"a white cat, 3D, prompt {i}, studio light" for i in range(3)]}
+            data = _json.dumps({"choices": [{"message": {"content": "```json\n" + _json.dumps(answer) + "\n```"}}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data.encode())
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("IMAGESMITH_LLM_URL", f"http://127.0.0.1:{server.server_port}")
+        code, out, err = run_cli(capsys, "prompt", "expand", "a white cat, 3D", "--n", "3", "--json")
+        assert code == 0, err
+        got = _json.loads(out)
+        assert [g["source"] for g in got] == ["llm"] * 3 and got[2]["prompt"].endswith("prompt 2, studio light")
+        assert seen[0]["messages"][1]["content"] == "a white cat, 3D" and "JSON" in seen[0]["messages"][0]["content"]
+        code, out, err = run_cli(capsys, "prompt", "expand", "break", "--n", "2", "--json")
+        assert code == 0, err
+        got = _json.loads(out)
+        assert [g["source"] for g in got] == ["offline"] * 2 and "HTTPError" in got[0]["llm_error"]
+        assert "the LLM failed" in err
+    finally:
+        server.shutdown()

@@ -372,7 +372,9 @@ class Worker:
         from ..core.imageio import load_image
         if job_type == "prompt_expand":
             req = R.PromptExpandRequest.model_validate(request)
-            return {"prompts": self._loaded("prompt_assistant").expand(req.request, n=req.n, seed=req.seed)}
+            from ..workflows.storyboard import LLMConfig  # the server's own IMAGESMITH_LLM_URL, never the client's
+            return {"prompts": self._loaded("prompt_assistant").expand(req.request, n=req.n, seed=req.seed,
+                                                                      llm=LLMConfig.from_env())}
         if job_type == "classify":
             from ..vision.classify import classify_images
             req = R.ClassifyRequest.model_validate(request)

@@ -49,12 +49,40 @@ class PromptAssistant:
         order = np.argsort(-sims)
         return [(phrases[i], round(float(sims[i]), 4)) for i in order]
 
-    def expand(self, request: str, n: int = 5, seed: int = 0) -> list[dict]:
-        """N prompts (each with the phrases it added and their relevance), reproducible for a seed."""
+    def expand(self, request: str, n: int = 5, seed: int = 0, llm=None) -> list[dict]:
+        """N prompts (each with the phrases it added and their relevance), reproducible for a seed. With ``llm``
+        (a :class:`~imagesmith.workflows.storyboard.LLMConfig`, e.g. ``LLMConfig.from_env()``) an OpenAI-compatible
+        model writes them (document 1's GPT helper); if it fails or answers badly, the offline way does, and
+        each prompt says which (``source``, with ``llm_error`` on a fallback)."""
         request = " ".join(request.split())
         if not request:
             from ..core.errors import BadRequest
             raise BadRequest("give a short request to expand, e.g. 'a white cat, 3D'")
+        llm_error = None
+        if llm is not None:
+            try:
+                return self._expand_llm(request, n, llm)
+            except Exception as exc:  # noqa: BLE001 - an unreachable or confused LLM must not fail the request
+                llm_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        out = self._expand_offline(request, n, seed)
+        if llm_error:
+            for item in out:
+                item["llm_error"] = llm_error
+        return out
+
+    @staticmethod
+    def _expand_llm(request: str, n: int, llm) -> list[dict]:
+        from .storyboard import _chat, _json_object
+        system = ("You write prompts for a text-to-image model. Expand the user's short request into detailed "
+                  "prompts that each name a style, a composition, a camera or lens, the lighting and a colour palette, "
+                  f'as comma-separated phrases. Answer with JSON only: {{"prompts": [{n} strings]}}.')
+        answer = _json_object(_chat(llm, system, request))
+        prompts = [" ".join(str(p).split()) for p in answer.get("prompts", []) if str(p).strip()]
+        if len(prompts) < n:
+            raise ValueError(f"the LLM gave {len(prompts)} prompts, {n} were asked for")
+        return [{"prompt": p, "source": "llm"} for p in prompts[:n]]
+
+    def _expand_offline(self, request: str, n: int, seed: int) -> list[dict]:
         rng = np.random.default_rng(seed)
         ranked = {c: self.ranked(request, c)[: self.top] for c in VOCAB}
         out, seen = [], set()
@@ -70,5 +98,6 @@ class PromptAssistant:
                 continue
             seen.add(key)
             prompt = ", ".join([request] + [p for p, _ in picks.values()])
-            out.append({"prompt": prompt, "added": {c: {"phrase": p, "relevance": s} for c, (p, s) in picks.items()}})
+            out.append({"prompt": prompt, "source": "offline",
+                        "added": {c: {"phrase": p, "relevance": s} for c, (p, s) in picks.items()}})
         return out
