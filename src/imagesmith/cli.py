@@ -433,7 +433,7 @@ def prompt_expand(request: str = typer.Argument(..., help="a short request, e.g.
                   as_json: bool = typer.Option(False, "--json")):
     """Expand a short request into detailed prompts (style, composition, camera, lighting, palette), offline."""
     from .workflows.prompt_assist import PromptAssistant
-    from .workflows.storyboard import LLMConfig
+    from .workflows.llm import LLMConfig
     results = PromptAssistant().expand(request, n=n, seed=seed, llm=LLMConfig.from_env())  # IMAGESMITH_LLM_URL
     if results and results[0].get("llm_error"):
         print(f"imagesmith: note: the LLM failed ({results[0]['llm_error']}); offline prompts instead", file=sys.stderr)

@@ -372,7 +372,7 @@ class Worker:
         from ..core.imageio import load_image
         if job_type == "prompt_expand":
             req = R.PromptExpandRequest.model_validate(request)
-            from ..workflows.storyboard import LLMConfig  # the server's own IMAGESMITH_LLM_URL, never the client's
+            from ..workflows.llm import LLMConfig  # the server's own IMAGESMITH_LLM_URL, never the client's
             return {"prompts": self._loaded("prompt_assistant").expand(req.request, n=req.n, seed=req.seed,
                                                                       llm=LLMConfig.from_env())}
         if job_type == "classify":

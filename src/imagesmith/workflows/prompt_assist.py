@@ -51,7 +51,7 @@ class PromptAssistant:
 
     def expand(self, request: str, n: int = 5, seed: int = 0, llm=None) -> list[dict]:
         """N prompts (each with the phrases it added and their relevance), reproducible for a seed. With ``llm``
-        (a :class:`~imagesmith.workflows.storyboard.LLMConfig`, e.g. ``LLMConfig.from_env()``) an OpenAI-compatible
+        (a :class:`~imagesmith.workflows.llm.LLMConfig`, e.g. ``LLMConfig.from_env()``) an OpenAI-compatible
         model writes them (document 1's GPT helper); if it fails or answers badly, the offline way does, and
         each prompt says which (``source``, with ``llm_error`` on a fallback)."""
         request = " ".join(request.split())
@@ -72,11 +72,11 @@ class PromptAssistant:
 
     @staticmethod
     def _expand_llm(request: str, n: int, llm) -> list[dict]:
-        from .storyboard import _chat, _json_object
+        from .llm import chat, json_object
         system = ("You write prompts for a text-to-image model. Expand the user's short request into detailed "
                   "prompts that each name a style, a composition, a camera or lens, the lighting and a colour palette, "
                   f'as comma-separated phrases. Answer with JSON only: {{"prompts": [{n} strings]}}.')
-        answer = _json_object(_chat(llm, system, request))
+        answer = json_object(chat(llm, system, request))
         prompts = [" ".join(str(p).split()) for p in answer.get("prompts", []) if str(p).strip()]
         if len(prompts) < n:
             raise ValueError(f"the LLM gave {len(prompts)} prompts, {n} were asked for")

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import BadRequest
 from ..core.requests import CheckedSampling, GenerateRequest
+from .llm import LLMConfig, chat, json_object
 
 StoryboardProgress = Callable[[int, int, str], None]  # (panels done, panels in all, label)
 
@@ -197,42 +198,6 @@ _WORD_EN = re.compile(r"[A-Za-z][A-Za-z'\-]*")
 
 
 # ---------------------------------------------------------------------------------------------- models
-class LLMConfig(BaseModel):
-    """An OpenAI-compatible chat endpoint (``POST {url}/v1/chat/completions``)."""
-
-    model_config = ConfigDict(frozen=True)
-    url: str = Field(..., min_length=1, description="base URL, e.g. http://127.0.0.1:8000 (or .../v1)")
-    model: str = Field("default", description="model name sent in the request")
-    key: str | None = Field(None, repr=False, exclude=True, description="bearer token; never written anywhere")
-    timeout: float = Field(60.0, gt=0, le=600)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "LLMConfig | None":
-        """IMAGESMITH_LLM_URL (required to enable), IMAGESMITH_LLM_MODEL, IMAGESMITH_LLM_KEY,
-        IMAGESMITH_LLM_TIMEOUT. None when no URL is set: then the rules do everything."""
-        env = os.environ if env is None else env
-        url = (env.get("IMAGESMITH_LLM_URL") or "").strip()
-        if not url:
-            return None
-        fields: dict = {"url": url, "model": env.get("IMAGESMITH_LLM_MODEL") or "default",
-                        "key": env.get("IMAGESMITH_LLM_KEY") or None}
-        if env.get("IMAGESMITH_LLM_TIMEOUT"):
-            try:
-                fields["timeout"] = float(env["IMAGESMITH_LLM_TIMEOUT"])
-            except ValueError:
-                raise BadRequest(f"IMAGESMITH_LLM_TIMEOUT must be seconds, got {env['IMAGESMITH_LLM_TIMEOUT']!r}") from None
-        return cls(**fields)
-
-    @property
-    def endpoint(self) -> str:
-        base = self.url.rstrip("/")
-        if base.endswith("/chat/completions"):
-            return base
-        if base.endswith("/v1"):
-            return base + "/chat/completions"
-        return base + "/v1/chat/completions"
-
-
 class StoryboardRequest(CheckedSampling):
     """One storyboard. Generation fields mean what they mean in GenerateRequest."""
 
@@ -430,28 +395,6 @@ def fit_panels(scenes: list[Scene], n: int | None) -> list[Scene]:
 
 
 # ---------------------------------------------------------------------------------------------- LLM
-def _chat(cfg: LLMConfig, system: str, user: str) -> str:
-    import urllib.error
-    import urllib.request
-    body = json.dumps({"model": cfg.model, "temperature": 0,
-                       "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
-    headers = {"Content-Type": "application/json"}
-    if cfg.key:
-        headers["Authorization"] = f"Bearer {cfg.key}"
-    req = urllib.request.Request(cfg.endpoint, data=body.encode("utf-8"), headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
-        data = json.loads(resp.read().decode("utf-8"))
-    return data["choices"][0]["message"]["content"]
-
-
-def _json_object(text: str) -> dict:
-    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end < start:
-        raise ValueError("no JSON object in the answer")
-    return json.loads(text[start:end + 1])
-
-
 def _short(exc: Exception) -> str:
     msg = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {msg}"[:200]
@@ -463,7 +406,7 @@ def llm_scenes(script: str, cfg: LLMConfig, panels: int | None) -> list[Scene]:
     system = ("You split a film or comic script into storyboard scenes, in order, one per visual moment. Keep "
               "the script's own words and language; do not add or translate." + want +
               ' Answer with JSON only: {"scenes": [{"heading": "optional place/time", "text": "scene text"}]}')
-    got = _json_object(_chat(cfg, system, script)).get("scenes")
+    got = json_object(chat(cfg, system, script)).get("scenes")
     if not isinstance(got, list) or not got:
         raise ValueError("the answer has no 'scenes' list")
     out = []
@@ -483,7 +426,7 @@ def llm_review(script: str, cfg: LLMConfig) -> dict:
               "and objects, contradictions. Answer with JSON only: "
               '{"ok": true or false, "notes": "one or two short sentences"}')
     try:
-        got = _json_object(_chat(cfg, system, script))
+        got = json_object(chat(cfg, system, script))
         return {"judge": "llm", "model": cfg.model, "ok": bool(got.get("ok", True)),
                 "notes": " ".join(str(got.get("notes", "")).split())[:500]}
     except Exception as exc:  # advisory: a failing judge never blocks the storyboard
