@@ -391,6 +391,9 @@ def classify_cmd(images: List[str] = typer.Argument(..., help="image files; or: 
                  name: Optional[str] = typer.Option(None, "--name", help="with train: the gate's name"),
                  imagenet: bool = typer.Option(False, "--imagenet", help="the 1,000 ImageNet classes (EfficientNet-Lite0)"),
                  top: int = typer.Option(5, "--top", min=1, max=1000, help="with --imagenet: how many classes"),
+                 clip: Optional[str] = typer.Option(None, "--clip", help="zero-shot / gate training on this CLIP: "
+                                                    "house-clip (default), a transformers CLIP folder under "
+                                                    "models/clip/NAME, or a folder path"),
                  as_json: bool = typer.Option(False, "--json")):
     """Zero-shot classification (--labels), ImageNet classes (--imagenet) or a trained gate (--gate);
     `classify train FOLDER --name N` trains a gate from one sub-folder of images per class."""
@@ -401,7 +404,7 @@ def classify_cmd(images: List[str] = typer.Argument(..., help="image files; or: 
     if images[0] == "train":
         if len(images) != 2 or not name:
             raise _Exit("usage: imagesmith classify train FOLDER --name NAME")
-        card = train_gate(images[1], name, settings=settings)
+        card = train_gate(images[1], name, settings=settings, clip=clip)
         if as_json:
             print(json.dumps(card, indent=1))
         else:
@@ -410,10 +413,12 @@ def classify_cmd(images: List[str] = typer.Argument(..., help="image files; or: 
         return
     if (labels is not None) + (gate is not None) + imagenet != 1:
         raise _Exit("give one of --labels 'a,b,c', --imagenet or --gate NAME")
+    if clip is not None and imagenet:
+        raise _Exit("--clip is for zero-shot labels and gates, not --imagenet")
     g = Gate(gate, settings) if gate else None  # an unknown gate fails before any image is read
     loaded = [(p, load_image(p, settings=settings, mode="RGB", what="image")) for p in images]
     found = classify_images([im for _, im in loaded], labels=labels.split(",") if labels is not None else None,
-                            imagenet=imagenet, gate=g, top=top, settings=settings)
+                            imagenet=imagenet, gate=g, top=top, settings=settings, clip=clip)
     rows = [{"file": p, **r} for (p, _), r in zip(loaded, found)]
     if as_json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
@@ -492,6 +497,9 @@ def describe_cmd(images: List[Path] = typer.Argument(..., help="image files"),
                                                          "folder of safetensors, or a name under models/captioners"),
                  question: Optional[str] = typer.Option(None, "--question", help="with --captioner: BLIP's text prefix "
                                                         "(e.g. 'a photography of') or the VLM's instruction"),
+                 clip: Optional[str] = typer.Option(None, "--clip", help="the CLIP that names the object and tags: "
+                                                    "house-clip (default), a transformers CLIP under "
+                                                    "models/clip/NAME, or a folder path"),
                  as_json: bool = typer.Option(False, "--json")):
     """Describe images offline: a caption usable as a prompt, tags with scores, ImageNet classes, dominant colours
     and tone; with --captioner, the caption comes from your BLIP/VLM weights."""
@@ -505,7 +513,7 @@ def describe_cmd(images: List[Path] = typer.Argument(..., help="image files"),
     if question and not captioner:
         raise _Exit("--question steers a model captioner: give --captioner PATH too")
     model_cap = TransformersCaptioner(captioner, settings=settings) if captioner else None
-    cap, inet = Captioner(), ImageNetClassifier(settings)
+    cap, inet = Captioner(clip=clip, settings=settings), ImageNetClassifier(settings)
     results = [{"file": str(p), **describe(im, top_k=top, captioner=cap, imagenet=inet, model_captioner=model_cap,
                                            question=question)} for p, im in loaded]
     if as_json:
@@ -525,6 +533,8 @@ def dataset_caption(folder: Path = typer.Argument(..., help="folder of images; c
                     trigger: Optional[str] = typer.Option(None, "--trigger", help="put this word first in each caption"),
                     labels: Optional[Path] = typer.Option(None, "--labels", help="a text file of object names, one a line "
                                                           "(default: house-clip's 725 training objects)"),
+                    clip: Optional[str] = typer.Option(None, "--clip", help="the CLIP that names the object "
+                                                       "(default house-clip; or a transformers CLIP by name/folder)"),
                     as_json: bool = typer.Option(False, "--json")):
     """Write captions with imagesmith's own models (house-clip names the object, house-cutout finds the backdrop)."""
     from .vision.caption import caption_folder
@@ -535,7 +545,8 @@ def dataset_caption(folder: Path = typer.Argument(..., help="folder of images; c
         names = [x.strip() for x in labels.read_text(encoding="utf-8").splitlines() if x.strip()]
         if not names:
             raise _Exit(f"labels file {labels} is empty")
-    records = caption_folder(folder, overwrite=overwrite, trigger_word=trigger, labels=names, progress=not as_json)
+    records = caption_folder(folder, overwrite=overwrite, trigger_word=trigger, labels=names, progress=not as_json,
+                             clip=clip)
     if as_json:
         print(json.dumps(records, indent=1))
     else:

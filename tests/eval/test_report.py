@@ -82,17 +82,8 @@ def test_example_report_config_is_valid():
 
 def test_a_local_transformers_clip_adds_its_own_score_column(tiny_home, tmp_path):
     """A user's own CLIP (here a tiny random one saved as a transformers folder) gives a second, named score."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from imagesmith.models.loaders import write_clip_tokenizer
-    folder = tmp_path / "tiny-clip"
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                      vocab_size=49408, max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                        image_size=32, patch_size=8), projection_dim=16)
-    CLIPModel(cfg).save_pretrained(folder, safe_serialization=True)
-    write_clip_tokenizer(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    from fixtures.tiny import build_tiny_transformers_clip
+    folder = build_tiny_transformers_clip(tmp_path / "tiny-clip")
     small = dict(CONFIG, prompts=["a red apple"], seeds=[1, 2], configurations=CONFIG["configurations"][:2],
                  clip_model=str(folder))
     path = tmp_path / "r.yaml"

@@ -67,3 +67,31 @@ def test_describe_cli_gives_caption_tags_colours_and_tone(tmp_path, capsys):
     assert abs(sum(c["share"] for c in d["dominant_colors"]) - 1) < 0.01 and d["tone"] in ("warm", "cool", "neutral")
     code, _, err = run_cli(capsys, "describe", str(tmp_path / "missing.png"))
     assert code == 2 and "missing.png" in err and len(err.strip().splitlines()) == 1
+
+
+def test_describe_with_a_users_transformers_clip(tmp_path, capsys, monkeypatch):
+    """--clip NAME: the user's CLIP names the object and scores the tags over house-clip's objects plus the
+    ImageNet classes; the tags are exactly its zero-shot ranking."""
+    from fixtures.tiny import build_tiny_transformers_clip
+    from imagesmith.models.clip import load_clip
+    from imagesmith.vision.caption import Captioner
+    home = tmp_path / "home"
+    monkeypatch.setenv("IMAGESMITH_HOME", str(home))
+    build_tiny_transformers_clip(home / "models" / "clip" / "tiny-clip", processor=False)  # CLIP's own preprocessing
+    disc_on((40, 42, 46)).save(tmp_path / "a.png")
+    code, out, err = run_cli(capsys, "describe", str(tmp_path / "a.png"), "--clip", "tiny-clip", "--json", "--top", "4")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["clip"] == "tiny-clip" and d["describer"].startswith("tiny-clip + ") and len(d["tags"]) == 4
+    cap = Captioner(clip=load_clip("tiny-clip"))
+    assert "tabby" in cap.labels and len(cap.labels) > 1000  # house objects + ImageNet's classes
+    from imagesmith.train.house_data import with_article
+    probs = dict(zip(cap.labels, [p for _, p in sorted(
+        cap.clip.classify(Image.open(tmp_path / "a.png"), [with_article(x) for x in cap.labels], article=False,
+                          top_k=len(cap.labels)), key=lambda r: [with_article(x) for x in cap.labels].index(r[0]))]))
+    fourth = sorted(probs.values(), reverse=True)[3]  # a random CLIP's tags are near-ties: compare scores
+    for t in d["tags"]:
+        assert abs(t["score"] - probs[t["label"]]) < 1e-4 and t["score"] >= fourth - 1e-4
+    capsys.readouterr()  # the in-process loads above print transformers' progress bars
+    code, _, err = run_cli(capsys, "describe", str(tmp_path / "a.png"), "--clip", "missing-clip")
+    assert code != 0 and "no CLIP named 'missing-clip'" in err and len(err.strip().splitlines()) == 1

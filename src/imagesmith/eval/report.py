@@ -102,25 +102,14 @@ class ReportConfig(BaseModel):
         return out
 
 
-class _TransformersClip:
-    """A local transformers CLIP (no hub): cosine of image and text embeddings."""
-
-    def __init__(self, folder: Path):
-        from transformers import CLIPModel, CLIPProcessor
-        if not folder.is_dir():
-            raise ReportConfigError(f"clip_model {folder} is not a folder")
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval()
-        self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
-        self.name = f"transformers CLIP ({folder.name})"
-
-    def cosine(self, image: Image.Image, text: str) -> float:
-        import torch
-        with torch.no_grad():
-            inputs = self.processor(text=[text], images=[image], return_tensors="pt", padding=True)
-            out = self.model(**inputs)
-            a = torch.nn.functional.normalize(out.image_embeds, dim=-1)
-            b = torch.nn.functional.normalize(out.text_embeds, dim=-1)
-            return float((a * b).sum())
+def _extra_clip(folder: Path):
+    """The user's local transformers CLIP (models/clip.py: no hub, safetensors only), named for the report."""
+    from ..models.clip import TransformersClip
+    if not folder.is_dir():
+        raise ReportConfigError(f"clip_model {folder} is not a folder")
+    clip = TransformersClip(folder)
+    clip.name = f"transformers CLIP ({folder.name})"
+    return clip
 
 
 def _clip_score(cos: float) -> float:
@@ -140,7 +129,7 @@ def run_report(engine, config: ReportConfig, out_dir: Path, *, progress=None) ->
     from ..models.house_clip import load_house_clip
     from .grid import PeakMemory
     plan = config.requests()
-    extra = _TransformersClip(config.clip_model) if config.clip_model else None
+    extra = _extra_clip(config.clip_model) if config.clip_model else None
     house_clip = load_house_clip()
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -164,7 +153,7 @@ def run_report(engine, config: ReportConfig, out_dir: Path, *, progress=None) ->
                "seconds": round(seconds, 3), "peak_memory_mb": round(mem.peak_bytes / 2 ** 20, 1),
                "memory_kind": mem.kind, "clip_score_house": _clip_score(cos)}
         if extra is not None:
-            row["clip_score_extra"] = _clip_score(extra.cosine(image, prompt))
+            row["clip_score_extra"] = _clip_score(float(extra.score([image], [prompt])[0, 0]))
         rows.append(row)
         images[(c.name, prompt, seed)] = image
         if progress:

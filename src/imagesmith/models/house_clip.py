@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip import ClipScoring
+
 HOUSE_CLIP_NAME = "house-clip"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -151,18 +153,12 @@ def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, nor
     return F.normalize(pooled.float(), dim=-1) if normalize else pooled.float()
 
 
-def _article(label: str) -> str:
-    """'apple' -> 'an apple'; labels that already start with an article or a number are kept."""
-    low = label.strip().lower()
-    if not low or low.split()[0] in {"a", "an", "the", "some"} or low[0].isdigit():
-        return label
-    return ("an " if low[0] in "aeiou" else "a ") + label
-
-
-class HouseClipModel(nn.Module):
+class HouseClipModel(ClipScoring, nn.Module):
     """The dual encoder. Its registered parameters and buffers (what ``state_dict`` holds and training updates)
     are the image tower, the text head and the logit scale; the frozen MiniLM (``text_model``) and its
     tokenizer are attached beside them, follow ``.to()``, and are never saved."""
+
+    name = HOUSE_CLIP_NAME
 
     def __init__(self, arch: HouseClipArch | None = None, *, tokenizer=None, text_model=None):
         super().__init__()
@@ -266,39 +262,6 @@ class HouseClipModel(nn.Module):
             out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.arch.embed_dim)
 
-    @torch.no_grad()
-    def score(self, images: Sequence, texts: Sequence[str] | str, *, pairwise: bool = False) -> torch.Tensor:
-        """Cosine similarities (CLIP-score style; multiply by 100 and clip at 0 for the paper's CLIPScore):
-        ``[N_images, N_texts]``, or with ``pairwise=True`` the ``[N]`` similarities of image i and text i."""
-        img, txt = self.encode_images(images), self.encode_texts(texts)
-        if pairwise:
-            if len(img) != len(txt):
-                raise ValueError(f"pairwise score needs as many texts as images ({len(img)} != {len(txt)})")
-            return (img * txt).sum(-1)
-        return img @ txt.t()
-
-    @torch.no_grad()
-    def classify(self, image, labels: Sequence[str], template: str = "a photo of {}", top_k: int = 5,
-                 article: bool = True) -> list[tuple[str, float]]:
-        """Zero-shot classification: the ``top_k`` labels with their softmax probabilities (over all labels,
-        at the learnt logit scale). Each label goes into ``template``, with 'a'/'an' put before it when
-        ``article`` and it has none ('apple' -> 'a photo of an apple')."""
-        if not labels:
-            return []
-        prompts = [template.format(_article(lbl) if article else lbl) for lbl in labels]
-        sims = self.score([image], prompts)[0]
-        probs = (float(self.scale()) * sims).softmax(-1)
-        top = probs.topk(min(top_k, len(labels)))
-        return [(labels[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
-
-    @torch.no_grad()
-    def retrieve(self, image, captions: Sequence[str], top_k: int | None = None) -> list[tuple[int, str, float]]:
-        """Captions ranked for ``image``: ``(index, caption, cosine similarity)``, best first."""
-        sims = self.score([image], list(captions))[0]
-        order = sims.argsort(descending=True).tolist()[: top_k or len(captions)]
-        return [(i, captions[i], float(sims[i])) for i in order]
-
-    # ---- saving
     def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float16,
                         extra: dict[str, Any] | None = None) -> Path:
         """``model.safetensors`` (floating tensors in ``dtype``) + ``config.json`` into ``folder``."""

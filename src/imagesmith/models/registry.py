@@ -46,7 +46,7 @@ class ModelEntry(BaseModel):
     arch: str = Field("unknown", description="sd1, sd2, sdxl, sd3, flux or unknown")
     path: Path
     size_bytes: int = 0
-    format: Literal["diffusers", "single-file", "ncnn", "builtin", "house", "onnx"] = "single-file"
+    format: Literal["diffusers", "single-file", "ncnn", "builtin", "house", "onnx", "transformers"] = "single-file"
     builtin: bool = False
     rel_path: str = Field("", description="path inside the kind's folder, posix style")
     folder_kind: str | None = Field(None, description="the kind whose folder it was found in")
@@ -199,6 +199,11 @@ class Registry:
                 if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
                     out.append(ModelEntry(name=d.name, kind=kind, path=d, size_bytes=_folder_size(d), format="house",
                                           builtin=True, rel_path=d.name, folder_kind=kind))
+        from .clip import clip_folders  # a user's transformers CLIPs (models/clip/NAME): --clip NAME
+        for name, d in clip_folders(self.settings).items():
+            out.append(ModelEntry(name=name, kind="clip", arch="clip", path=d, size_bytes=_folder_size(d),
+                                  format="transformers", rel_path=name, folder_kind="clip",
+                                  notes=["transformers CLIP: classify/describe/dataset caption --clip " + name]))
         for d in self.settings.model_dirs("segmenters"):
             if d.is_dir():
                 for f in sorted(d.rglob("*.onnx")):
@@ -332,7 +337,7 @@ def _gate_notes(path: Path) -> list[str]:
             card = json.loads((f.metadata() or {}).get("gate", "{}"))
     except (OSError, ValueError):
         return ["unreadable gate file"]
-    notes = [f"classes: {', '.join(card.get('classes', []))}"]
+    notes = [f"classes: {', '.join(card.get('classes', []))}", f"on {card.get('embedder', 'house-clip')} embeddings"]
     if "holdout_accuracy" in card:
         notes.append(f"held-out accuracy {card['holdout_accuracy']:.3f} on {card.get('holdout_images', '?')} images")
     return notes

@@ -25,13 +25,21 @@ class Caption:
 
 
 class Captioner:
-    def __init__(self, labels: Sequence[str] | None = None, clip=None, segmenter=None):
-        from ..models.house_clip import default_house_clip_dir, load_house_clip
+    """Names the object with a CLIP over a label vocabulary: house-clip's ~725 training objects, plus the 1,000
+    ImageNet classes when ``clip`` is a user's transformers CLIP (a CLIP trained on the web knows them)."""
+
+    def __init__(self, labels: Sequence[str] | None = None, clip=None, segmenter=None, settings=None):
+        from ..models.clip import ClipScoring, clip_name, load_clip
+        from ..models.house_clip import default_house_clip_dir
         from ..models.segment import resolve_segmenter
-        self.clip = clip or load_house_clip()
+        self.clip = clip if isinstance(clip, ClipScoring) else load_clip(clip, settings=settings)
+        self.clip_name = clip_name(self.clip)
         if labels is None:
             path = default_house_clip_dir() / "labels.json"
             labels = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+            if self.clip_name != "house-clip":
+                from .imagenet import classes, short_label
+                labels = list(dict.fromkeys([*labels, *(short_label(c) for c in classes())]))
         if not labels:
             raise ValueError("no labels: give some (--labels) or ship labels.json with house-clip")
         self.labels = list(labels)
@@ -64,7 +72,7 @@ class Captioner:
 
 
 def caption_folder(folder: str | Path, *, overwrite: bool = False, trigger_word: str | None = None,
-                   labels: Sequence[str] | None = None, progress: bool = True) -> list[dict]:
+                   labels: Sequence[str] | None = None, progress: bool = True, clip=None) -> list[dict]:
     """Write ``<image>.txt`` beside each image of ``folder`` (recursive) that has none (all with
     ``overwrite``); returns one record per image: file, caption, written."""
     from tqdm.auto import tqdm
@@ -80,7 +88,7 @@ def caption_folder(folder: str | Path, *, overwrite: bool = False, trigger_word:
     records = [{"file": str(p), "caption": p.with_suffix(".txt").read_text(encoding="utf-8").strip(), "written": False}
                for p in images if p not in todo]
     if todo:
-        cap = Captioner(labels)
+        cap = Captioner(labels, clip=clip)
         for p in tqdm(todo, desc="caption", unit="image", disable=not progress):
             try:
                 with Image.open(p) as im:
@@ -112,24 +120,27 @@ def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None 
     probs = (float(cap.clip.scale()) * (emb @ cap._label_embeds.t())[0]).softmax(-1)
     top = torch.topk(probs, min(top_k, len(cap.labels)))
     tags = [{"label": cap.labels[i], "score": round(float(p), 4)} for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    who = cap.clip_name
     out = {"caption": c.text, "object": c.object, "backdrop": c.backdrop, "tags": tags,
            "dominant_colors": dominant_colors(rgb, 5), "tone": tone(rgb), "brightness": round(brightness(rgb), 4),
-           "describer": "house-clip + house-cutout + measured colours (offline)"}
+           "clip": who, "describer": f"{who} + house-cutout + measured colours (offline)"}
     if imagenet is not None:
         from .imagenet import short_label
         out["imagenet"] = [{"label": short_label(name), "class": name, "score": round(p, 4)}
                            for name, p in imagenet.classify([rgb], top_k=top_k)[0]]
-        out["describer"] = "house-clip + EfficientNet-Lite0 (ImageNet) + house-cutout + measured colours (offline)"
+        out["describer"] = f"{who} + EfficientNet-Lite0 (ImageNet) + house-cutout + measured colours (offline)"
         # who names the object: house-clip knows studio shots of ~725 objects and is sure of them in its domain
         # (>= 0.9 on its own renders); on other photos its softmax is overconfident nonsense, and ImageNet's
-        # top class, when it has some confidence (>= 0.3), names the object better
+        # top class, when it has some confidence (>= 0.3), names the object better. A web-trained CLIP the
+        # user brings knows more than EfficientNet-Lite0: ImageNet only wins where it is surer.
         best = out["imagenet"][0]
         clip_p = tags[0]["score"] if tags else 0.0
-        if best["score"] > clip_p or (best["score"] >= 0.3 and clip_p < 0.9):
+        house = who == "house-clip"
+        if best["score"] > clip_p or (house and best["score"] >= 0.3 and clip_p < 0.9):
             out["object"], out["object_source"] = best["label"], "imagenet"
             out["caption"] = f"{cap._article(best['label'])} on a {c.backdrop} backdrop"
         else:
-            out["object_source"] = "house-clip"
+            out["object_source"] = who
     if model_captioner is not None:
         out["house_caption"] = out["caption"]
         out["caption"] = model_captioner(rgb, question)

@@ -1,6 +1,6 @@
-"""Classification: zero-shot with house-clip over labels you name, and few-shot gates (document 3's "is this a
-desk setup?" VGG16 gate, done the cheap way): a logistic-regression head trained on frozen house-clip image
-embeddings of a folder with one sub-folder per class, saved as safetensors under ``models/gates/`` and used by
+"""Classification: zero-shot with house-clip (or a user's transformers CLIP, ``clip=NAME``) over labels you name,
+and few-shot gates (document 3's "is this a desk setup?" VGG16 gate, done the cheap way): a logistic-regression
+head trained on frozen CLIP image embeddings (house-clip's by default) of a folder with one sub-folder per class, saved as safetensors under ``models/gates/`` and used by
 name (``--gate desk-gate``)."""
 
 from __future__ import annotations
@@ -26,13 +26,20 @@ class GateError(ImagesmithError):
     http_status = 422
 
 
-def zero_shot(images: Sequence[Image.Image], labels: Sequence[str], clip=None) -> list[list[tuple[str, float]]]:
-    """Per image: every label with its probability, best first (house-clip, ``a photo of a/an <label>``)."""
-    from ..models.house_clip import load_house_clip
+def _clip(clip, settings: Settings | None = None):
+    """A CLIP object as given, or the one a name resolves to (None: house-clip); see models/clip.py."""
+    from ..models.clip import ClipScoring, load_clip
+    return clip if isinstance(clip, ClipScoring) else load_clip(clip, settings=settings)
+
+
+def zero_shot(images: Sequence[Image.Image], labels: Sequence[str], clip=None,
+              settings: Settings | None = None) -> list[list[tuple[str, float]]]:
+    """Per image: every label with its probability, best first (``a photo of a/an <label>``), by house-clip or
+    the CLIP ``clip`` names or is."""
     labels = [x.strip() for x in labels if x.strip()]
     if len(labels) < 2:
         raise BadRequest("give at least two labels to choose between")
-    clip = clip or load_house_clip()
+    clip = _clip(clip, settings)
     return [clip.classify(im.convert("RGB"), labels, top_k=len(labels)) for im in images]
 
 
@@ -47,11 +54,13 @@ def _embed(paths: Sequence[Path], clip, settings: Settings) -> torch.Tensor:
 
 
 def train_gate(folder: str | Path, name: str, *, settings: Settings | None = None, holdout: float = 0.2,
-               seed: int = 0, steps: int = 300, weight_decay: float = 1e-3) -> dict:
-    """Train, evaluate on a seeded stratified hold-out, refit on everything, save; returns the gate's card."""
+               seed: int = 0, steps: int = 300, weight_decay: float = 1e-3, clip=None) -> dict:
+    """Train, evaluate on a seeded stratified hold-out, refit on everything, save; returns the gate's card.
+    The head sits on ``clip``'s image embeddings (house-clip by default, or a user's transformers CLIP by name);
+    the card records which, and the gate loads that embedder again."""
     from safetensors.torch import save_file
 
-    from ..models.house_clip import load_house_clip
+    from ..models.clip import clip_name
     settings = settings or Settings.from_env()
     folder = Path(folder)
     if not name or not set(name) <= _NAME_OK:
@@ -67,7 +76,7 @@ def train_gate(folder: str | Path, name: str, *, settings: Settings | None = Non
     if small:
         raise GateError(f"class '{small[0]}' has fewer than 2 images")
     t0 = time.perf_counter()
-    clip = load_house_clip()
+    clip = _clip(clip, settings)
     paths = [p for c in classes for p in files[c]]
     y = torch.tensor([i for i, c in enumerate(classes) for _ in files[c]])
     x = _embed(paths, clip, settings)
@@ -93,7 +102,7 @@ def train_gate(folder: str | Path, name: str, *, settings: Settings | None = Non
     w, b = fit(x[tr], y[tr])
     held = float(((x[te] @ w + b).argmax(-1) == y[te]).float().mean())
     w, b = fit(x, y)  # the shipped head sees every example
-    card = {"name": name, "classes": classes, "embedder": "house-clip", "images": {c: len(files[c]) for c in classes},
+    card = {"name": name, "classes": classes, "embedder": clip_name(clip), "images": {c: len(files[c]) for c in classes},
             "holdout_accuracy": round(held, 4), "holdout_images": int(test.sum()), "seed": seed,
             "train_seconds": round(time.perf_counter() - t0, 2)}
     out = gates_dir(settings) / f"{name}.safetensors"
@@ -125,10 +134,18 @@ class Gate:
         self._clip = clip
 
     @property
+    def embedder(self) -> str:
+        return self.card.get("embedder", "house-clip")
+
+    @property
     def clip(self):
-        if self._clip is None:
-            from ..models.house_clip import load_house_clip
-            self._clip = load_house_clip()
+        if self._clip is None:  # the embedder the head was trained on, by name
+            from ..models.clip import load_clip
+            try:
+                self._clip = load_clip(self.embedder, settings=self.settings)
+            except NotFound as exc:
+                raise NotFound(f"gate {self.card.get('name')!r} was trained on the CLIP {self.embedder!r}, which is "
+                               f"not installed here") from exc
         return self._clip
 
     def probabilities(self, image: Image.Image) -> dict[str, float]:
@@ -143,9 +160,10 @@ class Gate:
 
 
 def classify_images(images: Sequence[Image.Image], *, labels: Sequence[str] | None = None, imagenet: bool = False,
-                    gate: "Gate | str | None" = None, top: int = 5, settings: Settings | None = None) -> list[dict]:
+                    gate: "Gate | str | None" = None, top: int = 5, settings: Settings | None = None,
+                    clip=None) -> list[dict]:
     """One row per image: ``label``, ``score`` and ``probabilities`` (the top ones), by exactly one of zero-shot
-    ``labels`` (house-clip), ``imagenet`` (EfficientNet-Lite0) or a trained ``gate`` (a :class:`Gate` or its name).
+    ``labels`` (house-clip, or the CLIP ``clip`` names), ``imagenet`` (EfficientNet-Lite0) or a trained ``gate`` (a :class:`Gate` or its name).
     The CLI's ``classify`` and the service's ``classify`` job both run this."""
     settings = settings or Settings.from_env()
     if (labels is not None) + bool(imagenet) + (gate is not None) != 1:
@@ -157,12 +175,19 @@ def classify_images(images: Sequence[Image.Image], *, labels: Sequence[str] | No
                  "probabilities": {k: round(v, 4) for k, v in r}} for r in ranked]
     if gate is not None:
         g = Gate(gate, settings) if isinstance(gate, str) else gate
+        if clip is not None and str(clip) != g.embedder:
+            raise GateError(f"gate {g.card.get('name')!r} runs on the CLIP it was trained on ({g.embedder}), "
+                            f"not {clip}")
         rows = []
         for im in images:
             label, score = g(im)
             rows.append({"label": label, "score": score, "model": f"gate:{g.card.get('name', 'gate')}",
                          "probabilities": g.probabilities(im)})
         return rows
-    ranked = zero_shot(list(images), [s.strip() for s in labels if s.strip()])
-    return [{"label": r[0][0], "score": round(r[0][1], 4), "model": "house-clip",
+    from ..models.clip import clip_name
+    if len([x for x in labels if x.strip()]) < 2:
+        raise BadRequest("give at least two labels to choose between")
+    clip = _clip(clip, settings)
+    ranked = zero_shot(list(images), [s.strip() for s in labels if s.strip()], clip=clip)
+    return [{"label": r[0][0], "score": round(r[0][1], 4), "model": clip_name(clip),
              "probabilities": {k: round(v, 4) for k, v in r[:top]}} for r in ranked]
