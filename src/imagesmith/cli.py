@@ -463,6 +463,8 @@ def restyle_cmd(photo: str = typer.Argument(..., help="the input photo"),
                 model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint (default: house-ldm)"),
                 steps: int = typer.Option(20, "--steps"),
                 cfg: float = typer.Option(5.0, "--cfg", help="CFG scale"),
+                clip: Optional[str] = typer.Option(None, "--clip", help="the CLIP that describes and labels: "
+                                                   "house-clip (default) or a transformers CLIP under models/clip/NAME"),
                 output: Path = typer.Option(..., "--output", "-o", help="output folder (restyled.png, boxes.png, "
                                             "restyle.json)"),
                 as_json: bool = typer.Option(False, "--json", help="print restyle.json on stdout")):
@@ -471,7 +473,7 @@ def restyle_cmd(photo: str = typer.Argument(..., help="the input photo"),
     from .workflows.restyle import RestyleRequest, restyle
     req = RestyleRequest(photo=photo, gate=gate, gate_class=gate_class, gate_threshold=gate_threshold,
                          loras=[LoraSpec.parse(x) for x in lora], concept=concept, strength=strength, seed=seed,
-                         model=model, steps=steps, cfg_scale=cfg)
+                         model=model, steps=steps, cfg_scale=cfg, clip=clip)
     if output.exists() and not output.is_dir():
         raise _Exit(f"output {output} exists and is not a folder")
     show = not as_json and (sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1")

@@ -181,3 +181,21 @@ def test_cli_restyle_bad_inputs(env, capsys, tmp_path, args, needle):
     assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("imagesmith: error:") and needle in lines[0], lines
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_restyle_with_a_gate_and_describer_on_a_users_clip(home, engine, parts, tmp_path):
+    """A gate trained on a user's transformers CLIP keeps using that CLIP even when the caller shares its
+    house-clip captioner; --clip makes the user's CLIP describe the photo and label the objects."""
+    from fixtures.tiny import build_tiny_transformers_clip
+    from imagesmith.vision.classify import train_gate
+    root, settings = home
+    build_tiny_transformers_clip(settings.models_dir / "clip" / "tiny-clip")
+    train_gate(make_gate_folder(tmp_path / "gate"), "red-gate-tiny", settings=settings, steps=150, clip="tiny-clip")
+    cap, seg = parts
+    res = restyle(RestyleRequest(photo=str(root / "red.png"), gate="red-gate-tiny", gate_threshold=0.0, **FAST),
+                  engine=engine, captioner=cap, segmenter=seg)
+    assert res.record["gate"]["passed"] and set(res.record["gate"]["probabilities"]) == {"no", "yes"}
+    assert res.record["description"]["clip"] == "house-clip"  # the shared captioner described it
+    res = restyle(RestyleRequest(photo=str(root / "red.png"), clip="tiny-clip", **FAST), engine=engine, segmenter=seg)
+    assert res.record["description"]["clip"] == "tiny-clip"
+    assert res.record["description"]["describer"].startswith("tiny-clip + ")

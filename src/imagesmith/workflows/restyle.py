@@ -64,6 +64,8 @@ class RestyleRequest(CheckedSampling):
     min_object_area: float = Field(0.01, ge=0.0, le=1.0, description="drop objects smaller than this image fraction")
     max_objects: int = Field(8, ge=1, le=64)
     segmenter: str | None = Field(None, description="segmenter for the objects (default house-cutout)")
+    clip: str | None = Field(None, description="the CLIP that describes the photo and labels the objects: house-clip "
+                             "(default; a gate's own CLIP when a gate is given) or a registered transformers CLIP")
 
     @property
     def mode(self) -> str:
@@ -228,8 +230,8 @@ def restyle(request: RestyleRequest, *, engine=None, output: str | os.PathLike[s
     photo = load_image(request.photo, settings=settings, mode="RGB", what="photo")
     gate_result = None
     if gate is not None:
-        if captioner is not None:
-            gate._clip = captioner.clip  # one house-clip for everything
+        if captioner is not None and getattr(captioner, "clip_name", None) == gate.embedder:
+            gate._clip = captioner.clip  # one CLIP for everything
         gate_result = check_gate(gate, photo, accept=request.gate_class, threshold=request.gate_threshold)
         if not gate_result["passed"]:
             others = ", ".join(f"{k} {v:.3f}" for k, v in gate_result["probabilities"].items() if k != gate_result["class"])
@@ -238,7 +240,8 @@ def restyle(request: RestyleRequest, *, engine=None, output: str | os.PathLike[s
     if segmenter is None:
         segmenter = resolve_segmenter(request.segmenter)
     if captioner is None:
-        captioner = Captioner(clip=gate.clip if gate is not None else None, segmenter=segmenter)
+        clip = request.clip or (gate.clip if gate is not None else None)
+        captioner = Captioner(clip=clip, segmenter=segmenter, settings=settings)
     from ..vision.imagenet import ImageNetClassifier
     # ImageNet names the objects of real photos better than house-clip, which knows studio shots (see describe)
     description = describe(photo, captioner=captioner, imagenet=ImageNetClassifier(settings))
