@@ -658,13 +658,28 @@ def cutout(image: str = typer.Argument(..., help="product photo (an RGBA image i
 @app.command()
 def analyze(image: str = typer.Argument(...),
             maps: Optional[Path] = typer.Option(None, "--maps", help="folder for saliency and free-space PNGs"),
+            captioner: Optional[str] = typer.Option(None, "--captioner", help="add a free-text description by your "
+                                                    "VLM (Qwen2-VL) or BLIP weights: a folder or a name under "
+                                                    "models/captioners (never used for placement)"),
+            question: Optional[str] = typer.Option(None, "--question", help="with --captioner: the instruction "
+                                                   "or BLIP prefix"),
             as_json: bool = typer.Option(False, "--json")):
-    """Measure an image: dominant colours, tone, brightness, saliency, free space, copy regions."""
+    """Measure an image: dominant colours, tone, brightness, saliency, free space, copy regions; with
+    --captioner, a VLM's free-text description beside the measurements."""
     from .core.imageio import load_image
     from .core.settings import Settings
     from .vision.analyze import analyze as run_analyze, save_maps
-    src = load_image(image, settings=Settings.from_env(), mode="RGB", what="image")
+    settings = Settings.from_env()
+    if question and not captioner:
+        raise _Exit("--question steers a model captioner: give --captioner PATH too")
+    src = load_image(image, settings=settings, mode="RGB", what="image")
+    describer = None
+    if captioner:
+        from .vision.caption import TransformersCaptioner
+        describer = TransformersCaptioner(captioner, settings=settings)  # a bad folder fails before any work
     analysis, arrays = run_analyze(src)
+    if describer is not None:  # prose rides along; copy regions and placement come from the measured maps only
+        analysis.description = describer(src, question)
     data = analysis.model_dump()
     if maps is not None:
         data["maps"] = save_maps(arrays, maps)
@@ -672,6 +687,8 @@ def analyze(image: str = typer.Argument(...),
         print(json.dumps(data, indent=2))
         return
     print(f"{image}: {analysis.width}x{analysis.height}, tone {analysis.tone}, brightness {analysis.brightness:.2f}")
+    if analysis.description:
+        print(f"description: {analysis.description}")
     print("colours: " + ", ".join(f"{c['hex']} {c['share']:.0%}" for c in analysis.dominant_colors))
     for r in analysis.copy_regions:
         print(f"copy region {r['box']} score {r['score']:.3f}")

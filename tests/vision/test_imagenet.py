@@ -127,3 +127,21 @@ def test_describe_with_a_user_blip_and_a_question(home, photos, tmp_path, capsys
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02.")
     code, _, err = run_cli(capsys, "describe", str(photos / "coffee.jpg"), "--captioner", str(pickled))
     assert code == 2 and "refusing pickled pytorch_model.bin" in err and len(err.strip().splitlines()) == 1
+
+
+def test_analyze_adds_a_user_vlm_description_and_places_nothing_by_it(home, photos, tmp_path, capsys):
+    """analyze --captioner: the description rides beside the measurements; every measured field is the
+    same as without it (placement never depends on prose)."""
+    blip = tiny_blip(tmp_path / "blip")
+    code, out, err = run_cli(capsys, "analyze", str(photos / "coffee.jpg"), "--json")
+    assert code == 0, err
+    plain = json.loads(out)
+    code, out, err = run_cli(capsys, "analyze", str(photos / "coffee.jpg"), "--captioner", str(blip),
+                             "--question", "a photography of", "--json")
+    assert code == 0, err
+    described = json.loads(out)
+    assert described["description"].startswith("a photography of") and plain["description"] is None
+    assert {k: v for k, v in described.items() if k != "description"} == {k: v for k, v in plain.items()
+                                                                          if k != "description"}
+    code, _, err = run_cli(capsys, "analyze", str(photos / "coffee.jpg"), "--question", "what is it?")
+    assert code == 2 and "--captioner" in err
