@@ -524,9 +524,11 @@ def describe_cmd(images: List[Path] = typer.Argument(..., help="image files"),
     for r in results:
         colours = ", ".join(f"{c['hex']} {c['share']:.0%}" for c in r["dominant_colors"][:3])
         tags = ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["tags"])
-        inet = ", ".join(f"{t['label']} {t['score']:.2f}" for t in r.get("imagenet", []))
-        print(f"{r['file']}: {r['caption']}\n  tags: {tags}\n  imagenet: {inet}\n  colours: {colours}; "
-              f"tone {r['tone']}, brightness {r['brightness']}")
+        by_imagenet = r.get("object_source") == "imagenet"  # then the CLIP's ranking is the other opinion
+        other, other_name = (r["clip_tags"], r["clip"]) if by_imagenet else (r.get("imagenet", []), "imagenet")
+        other_line = ", ".join(f"{t['label']} {t['score']:.2f}" for t in other)
+        print(f"{r['file']}: {r['caption']}\n  tags ({r.get('object_source', r['clip'])}): {tags}\n"
+              f"  {other_name}: {other_line}\n  colours: {colours}; tone {r['tone']}, brightness {r['brightness']}")
 
 
 @dataset_app.command("caption")

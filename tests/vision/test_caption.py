@@ -62,8 +62,9 @@ def test_describe_cli_gives_caption_tags_colours_and_tone(tmp_path, capsys):
     assert code == 0, err
     d = json.loads(out)
     assert d["caption"].endswith("on a charcoal backdrop") and len(d["tags"]) == 3
-    named_by = d["tags"][0]["label"] if d["object_source"] == "house-clip" else d["imagenet"][0]["label"]
-    assert named_by == d["object"] and 0 < d["tags"][0]["score"] <= 1 and len(d["imagenet"]) == 3
+    named_by = d["clip_tags"][0]["label"] if d["object_source"] == "house-clip" else d["imagenet"][0]["label"]
+    assert named_by == d["object"] == d["tags"][0]["label"] and 0 < d["tags"][0]["score"] <= 1 and len(d["imagenet"]) == 3
+    assert {t["source"] for t in d["tags"]} == {d["object_source"]} and len(d["clip_tags"]) == 3
     assert abs(sum(c["share"] for c in d["dominant_colors"]) - 1) < 0.01 and d["tone"] in ("warm", "cool", "neutral")
     code, _, err = run_cli(capsys, "describe", str(tmp_path / "missing.png"))
     assert code == 2 and "missing.png" in err and len(err.strip().splitlines()) == 1
@@ -82,7 +83,7 @@ def test_describe_with_a_users_transformers_clip(tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(capsys, "describe", str(tmp_path / "a.png"), "--clip", "tiny-clip", "--json", "--top", "4")
     assert code == 0, err
     d = json.loads(out)
-    assert d["clip"] == "tiny-clip" and d["describer"].startswith("tiny-clip + ") and len(d["tags"]) == 4
+    assert d["clip"] == "tiny-clip" and d["describer"].startswith("tiny-clip + ") and len(d["clip_tags"]) == 4
     cap = Captioner(clip=load_clip("tiny-clip"))
     assert "tabby" in cap.labels and len(cap.labels) > 1000  # house objects + ImageNet's classes
     from imagesmith.train.house_data import with_article
@@ -90,8 +91,8 @@ def test_describe_with_a_users_transformers_clip(tmp_path, capsys, monkeypatch):
         cap.clip.classify(Image.open(tmp_path / "a.png"), [with_article(x) for x in cap.labels], article=False,
                           top_k=len(cap.labels)), key=lambda r: [with_article(x) for x in cap.labels].index(r[0]))]))
     fourth = sorted(probs.values(), reverse=True)[3]  # a random CLIP's tags are near-ties: compare scores
-    for t in d["tags"]:
-        assert abs(t["score"] - probs[t["label"]]) < 1e-4 and t["score"] >= fourth - 1e-4
+    for t in d["clip_tags"]:
+        assert t["source"] == "tiny-clip" and abs(t["score"] - probs[t["label"]]) < 1e-4 and t["score"] >= fourth - 1e-4
     capsys.readouterr()  # the in-process loads above print transformers' progress bars
     code, _, err = run_cli(capsys, "describe", str(tmp_path / "a.png"), "--clip", "missing-clip")
     assert code != 0 and "no CLIP named 'missing-clip'" in err and len(err.strip().splitlines()) == 1

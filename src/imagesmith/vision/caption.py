@@ -106,7 +106,8 @@ def caption_folder(folder: str | Path, *, overwrite: bool = False, trigger_word:
 def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None = None, imagenet=None,
              model_captioner: "TransformersCaptioner | None" = None, question: str | None = None) -> dict:
     """``imagesmith describe``, offline: a caption usable as a prompt (house-clip's object + the backdrop colour
-    named from the house palette), the top house-clip labels with their probabilities as tags, the top ImageNet
+    named from the house palette), tags with their probabilities from whichever model named the object (house-clip's
+    labels, or ImageNet's classes when it is surer; the CLIP ranking is always in ``clip_tags``), the top ImageNet
     classes of ``imagenet`` (a :class:`~imagesmith.vision.imagenet.ImageNetClassifier`, when given), the
     dominant colours (hex, share), tone and brightness measured on the pixels. With ``model_captioner`` (a user's
     BLIP or VLM) its caption, steered by ``question``, is the caption; the offline one stays as ``house_caption``."""
@@ -119,9 +120,10 @@ def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None 
     emb = cap.clip.encode_images([rgb])
     probs = (float(cap.clip.scale()) * (emb @ cap._label_embeds.t())[0]).softmax(-1)
     top = torch.topk(probs, min(top_k, len(cap.labels)))
-    tags = [{"label": cap.labels[i], "score": round(float(p), 4)} for p, i in zip(top.values.tolist(), top.indices.tolist())]
     who = cap.clip_name
-    out = {"caption": c.text, "object": c.object, "backdrop": c.backdrop, "tags": tags,
+    tags = [{"label": cap.labels[i], "score": round(float(p), 4), "source": who}
+            for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    out = {"caption": c.text, "object": c.object, "backdrop": c.backdrop, "tags": tags, "clip_tags": tags,
            "dominant_colors": dominant_colors(rgb, 5), "tone": tone(rgb), "brightness": round(brightness(rgb), 4),
            "clip": who, "describer": f"{who} + house-cutout + measured colours (offline)"}
     if imagenet is not None:
@@ -139,6 +141,8 @@ def describe(image: Image.Image, *, top_k: int = 5, captioner: Captioner | None 
         if best["score"] > clip_p or (house and best["score"] >= 0.3 and clip_p < 0.9):
             out["object"], out["object_source"] = best["label"], "imagenet"
             out["caption"] = f"{cap._article(best['label'])} on a {c.backdrop} backdrop"
+            # the tags follow whoever named the object; the CLIP's own ranking stays in clip_tags
+            out["tags"] = [{"label": t["label"], "score": t["score"], "source": "imagenet"} for t in out["imagenet"]]
         else:
             out["object_source"] = who
     if model_captioner is not None:
