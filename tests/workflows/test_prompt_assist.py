@@ -31,6 +31,21 @@ def test_expansions_are_relevant_distinct_and_reproducible(assistant):
         assistant.expand("   ")
 
 
+def test_midjourney_parameters_stay_at_the_end_of_every_expansion(assistant):
+    """--ar/--no/--seed are not words to expand: each prompt ends with them, and the engine still reads them."""
+    from imagesmith.engine.prompts import extract_prompt_params
+    rows = assistant.expand("a white cat, 3D --ar 9:16 --no blur", n=3, seed=1)
+    plain = assistant.expand("a white cat, 3D", n=3, seed=1)
+    for r, p in zip(rows, plain):
+        assert r["prompt"] == p["prompt"] + " --ar 9:16 --no blur" and r["parameters"] == "--ar 9:16 --no blur"
+        core, params = extract_prompt_params(r["prompt"])
+        assert core == p["prompt"] and params.aspect == 9 / 16 and params.no == "blur"
+    with pytest.raises(BadRequest, match="--ar takes W:H"):
+        assistant.expand("a cat --ar 9:0")
+    with pytest.raises(BadRequest, match="before its --parameters"):
+        assistant.expand("--ar 1:1")
+
+
 def test_cli_json(capsys):
     code, out, err = run_cli(capsys, "prompt", "expand", "a bowl of ramen", "--n", "2", "--json")
     assert code == 0, err

@@ -58,15 +58,28 @@ class PromptAssistant:
         if not request:
             from ..core.errors import BadRequest
             raise BadRequest("give a short request to expand, e.g. 'a white cat, 3D'")
+        # Midjourney-style parameters (--ar 9:16 --no blur --seed 5) are not words to expand: they are checked
+        # here, kept out of the ranking and the LLM's request, and put back at the end of every prompt
+        from ..engine.prompts import extract_prompt_params
+        core, _ = extract_prompt_params(request)
+        params = request[len(core):].strip()
+        if not core.strip():
+            from ..core.errors import BadRequest
+            raise BadRequest("give a short request to expand before its --parameters, e.g. 'a white cat --ar 9:16'")
         llm_error = None
+        out = None
         if llm is not None:
             try:
-                return self._expand_llm(request, n, llm)
+                out = self._expand_llm(core, n, llm)
             except Exception as exc:  # noqa: BLE001 - an unreachable or confused LLM must not fail the request
                 llm_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        out = self._expand_offline(request, n, seed)
-        if llm_error:
-            for item in out:
+        if out is None:
+            out = self._expand_offline(core, n, seed)
+        for item in out:
+            if params:
+                item["prompt"] = f"{item['prompt']} {params}"
+                item["parameters"] = params
+            if llm_error:
                 item["llm_error"] = llm_error
         return out
 
