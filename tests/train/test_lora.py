@@ -97,7 +97,8 @@ def test_training_lowers_the_loss_saves_both_formats_and_registers(home, tmp_pat
 
 
 def test_both_formats_load_change_the_output_and_weight_zero_is_the_base(home, tmp_path):
-    summary = L.LoraTrainer(config(tmp_path, steps=6, learning_rate=2e-2), home).train()
+    # alpha != rank: the kohya file carries it as .alpha, the diffusers file as its adapter metadata
+    summary = L.LoraTrainer(config(tmp_path, steps=6, learning_rate=2e-2, alpha=2), home).train()
     # the diffusers-format file registered under a second name
     (home.models_dir / "loras" / "blocks-diffusers.safetensors").write_bytes(Path(summary["diffusers"]).read_bytes())
     engine = Engine(home, device="cpu")

@@ -1,16 +1,29 @@
-"""``imagesmith train lora CONFIG.yaml``: LoRA fine-tuning of a registered SD1.5/SDXL-class checkpoint or
-house-ldm, built the way diffusers' own LoRA training scripts are: the frozen pipeline's UNet (and optionally
-text encoder) get peft ``LoraConfig`` adapters (``add_adapter``), AdamW over the adapter parameters only, a
-``diffusers.optimization.get_scheduler`` schedule with warmup, the noise scheduler of the model itself
-(epsilon or v-prediction), gradient accumulation and clipping.
+"""``imagesmith train lora CONFIG.yaml``: LoRA fine-tuning of a registered SD1.5/SD2/SDXL-class checkpoint,
+house-ldm, or a FLUX / SD3 (diffusion-transformer) checkpoint, built the way diffusers' own LoRA training scripts
+are: the frozen pipeline's denoiser (and, for SD1.5/SDXL, optionally the text encoders) get peft ``LoraConfig``
+adapters (``add_adapter``), AdamW over the adapter parameters only, a ``diffusers.optimization.get_scheduler``
+schedule with warmup, gradient accumulation and clipping.
+
+What one step optimises is an :class:`Objective`, the one place the model families differ:
+
+- :class:`UnetObjective` (SD1/SD2/SDXL/house-ldm): DDPM noising with the model's own noise schedule, epsilon or
+  v-prediction target (``train_text_to_image_lora.py`` / ``train_text_to_image_lora_sdxl.py``);
+- :class:`FlowMatchObjective` (FLUX, SD3): rectified-flow / flow matching as ``train_dreambooth_lora_flux.py`` and
+  ``train_dreambooth_lora_sd3.py`` do it: timesteps drawn by ``compute_density_for_timestep_sampling`` from the
+  model's ``FlowMatchEulerDiscreteScheduler`` sigmas, ``x_t = (1 - sigma) x_0 + sigma noise``, target
+  ``noise - x_0`` weighted by ``compute_loss_weighting_for_sd3``; FLUX latents packed (``_pack_latents``, image
+  ids, guidance embedding when the transformer has one), SD3 outputs preconditioned (the SD3 script's default);
+  text embeddings from the pipeline's own ``encode_prompt``.
 
 Outputs (``output_name``):
 
 - ``<loras dir>/<output_name>.safetensors``: the LoRA that registers itself (``--lora NAME:W`` works at once):
   kohya/WebUI keys (A1111, Forge, ComfyUI load it) with kohya's ``ss_*`` metadata and the trigger word, for
-  SD1.5/SDXL bases; for house-ldm (no WebUI runs it) the diffusers-format file is the registered one;
-- ``<run dir>/diffusers/pytorch_lora_weights.safetensors`` (diffusers ``load_lora_weights``) and
-  ``<run dir>/<output_name>.kohya.safetensors`` (both formats, always);
+  SD1.5/SDXL bases; for house-ldm (no WebUI runs it) and FLUX/SD3 (what diffusers' ``load_lora_weights`` reads
+  for every FLUX/SD3 width) the diffusers-format file is the registered one;
+- ``<run dir>/diffusers/pytorch_lora_weights.safetensors`` (diffusers ``load_lora_weights``, with the adapter
+  config as ``lora_adapter_metadata`` so alpha survives) and ``<run dir>/<output_name>.kohya.safetensors``
+  (FLUX/SD3: original BFL/MMDiT names with q/k/v fused, see models/lora_keys.py);
 - ``<run dir>/TRAINING_CARD.md`` with the config, dataset, steps, wall time, hardware, ``loss.png`` and the
   sample grids (``samples/step-N.png``).
 
@@ -38,7 +51,9 @@ from .lora_data import LoraDataset
 
 CLIP_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 BERT_TE_TARGETS = ["query", "key", "value"]
-NATIVE_RESOLUTION = {"house": 128, "sd1": 512, "sd2": 768, "sdxl": 1024}
+NATIVE_RESOLUTION = {"house": 128, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+DIT_ARCHS = ("flux", "sd3")
+WEIGHTING_DEFAULT = {"flux": "none", "sd3": "logit_normal"}  # the diffusers scripts' defaults
 
 
 class LoraConfigError(ImagesmithError):
@@ -62,6 +77,12 @@ class LoraTrainConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     train_text_encoder: bool = False
     text_encoder_targets: list[str] | None = None
+    # flow matching (FLUX, SD3): timestep density and loss weighting as diffusers' scripts
+    weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] | None = None
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    guidance_scale: float = Field(3.5, ge=0)
     # optimisation
     learning_rate: float = Field(1e-4, gt=0)
     text_encoder_lr: float | None = Field(None, gt=0)
@@ -161,8 +182,194 @@ def resolve_base(config: LoraTrainConfig, settings: Settings):
     entry = make_registry(settings).get(config.base_model, "checkpoint")
     if entry.arch not in NATIVE_RESOLUTION:
         raise LoraConfigError(f"base_model '{config.base_model}' is {entry.arch}: LoRA training supports "
-                              "SD1.5/SD2/SDXL-class checkpoints and house-ldm")
+                              "SD1.5/SD2/SDXL-class, SD3 and FLUX checkpoints and house-ldm")
     return entry
+
+
+def _arch_of_pipe(pipe) -> str:
+    """The family of a pipeline handed in without a registry entry."""
+    if getattr(pipe, "transformer", None) is not None:
+        return "flux" if "Flux" in type(pipe).__name__ else "sd3"
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
+
+
+def pixel_multiple(pipe, arch: str) -> int:
+    """What image sides must be multiples of: the VAE's downscale, times the transformer's patch (FLUX packs
+    2x2 latent patches; SD3's patch_size)."""
+    vae_sf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    if arch == "flux":
+        return vae_sf * 2
+    if arch == "sd3":
+        return vae_sf * int(getattr(pipe.transformer.config, "patch_size", 2) or 2)
+    return vae_sf
+
+
+# ------------------------------------------------------------------------------------------- objectives
+class Objective:
+    """One training step's loss for a model family: which pipeline component carries the LoRA, the loss of a
+    batch of clean latents, and the pipeline arguments that render a sample."""
+
+    component = "unet"
+    label = "UNet"
+
+    def __init__(self, trainer: LoraTrainer):
+        self.trainer = trainer
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.trainer.pipe, self.component)
+
+    def loss(self, latents: torch.Tensor, captions: list[str], gen: torch.Generator,
+             noise_sched=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_kwargs(self, prompt: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def _forward(self, *args, **kwargs):
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.trainer.config.mixed_precision)
+        device = self.trainer.device
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return self.denoiser(*args, **kwargs)
+
+
+class UnetObjective(Objective):
+    """SD1/SD2/SDXL/house-ldm: DDPM noising with the checkpoint's own schedule; epsilon or v-prediction target."""
+
+    def __init__(self, trainer: LoraTrainer):
+        from diffusers import DDPMScheduler
+        super().__init__(trainer)
+        self.noise_sched = DDPMScheduler.from_config(trainer.pipe.scheduler.config)
+
+    def describe(self) -> str:
+        return f"DDPM {self.noise_sched.config.prediction_type} MSE"
+
+    def loss(self, latents, captions, gen, noise_sched=None):
+        tr = self.trainer
+        noise_sched = noise_sched or self.noise_sched
+        noise = torch.randn(latents.shape, generator=gen).to(tr.device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(tr.device)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        if noise_sched.config.prediction_type == "v_prediction":
+            target = noise_sched.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        cond, pooled = tr.encode(captions)
+        unet_dtype = self.denoiser.dtype
+        kwargs: dict[str, Any] = {}
+        if pooled is not None:
+            h, w = (latents.shape[-2] * tr.vae_scale_factor, latents.shape[-1] * tr.vae_scale_factor)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet_dtype),
+                                           "time_ids": tr._time_ids(latents.shape[0], h, w).to(unet_dtype)}
+        pred = self._forward(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype), **kwargs).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def sample_kwargs(self, prompt):
+        tr = self.trainer
+        (cond, pooled), (unc, upooled) = tr.encode([prompt]), tr.encode([""])
+        cond, unc = tr._same_length([cond, unc], lambda: unc)
+        kw: dict[str, Any] = dict(prompt_embeds=cond, negative_prompt_embeds=unc)
+        if tr.sdxl:
+            kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=upooled)
+        return kw
+
+
+class FlowMatchObjective(Objective):
+    """FLUX and SD3: flow matching on the transformer, as diffusers' train_dreambooth_lora_flux.py /
+    train_dreambooth_lora_sd3.py (see the module docstring). Frozen-text-encoder embeddings are cached by caption."""
+
+    component = "transformer"
+    label = "transformer"
+    CACHE = 512
+
+    def __init__(self, trainer: LoraTrainer):
+        from collections import OrderedDict
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        super().__init__(trainer)
+        cfg = trainer.config
+        self.flux = trainer.arch == "flux"
+        self.scheme = cfg.weighting_scheme or WEIGHTING_DEFAULT[trainer.arch]
+        # the scripts' noise_scheduler_copy: sigmas/timesteps of the checkpoint's scheduler config
+        self.sched = FlowMatchEulerDiscreteScheduler.from_config(trainer.pipe.scheduler.config)
+        self.precondition = not self.flux  # train_dreambooth_lora_sd3.py: --precondition_outputs 1
+        self.guidance = cfg.guidance_scale if self.flux and getattr(
+            self.denoiser.config, "guidance_embeds", False) else None
+        self._cache: OrderedDict[str, tuple] = OrderedDict()
+
+    def describe(self) -> str:
+        extra = f", logit-normal({self.trainer.config.logit_mean:g}, {self.trainer.config.logit_std:g})" \
+            if self.scheme == "logit_normal" else ""
+        return (f"flow matching, timestep density / loss weighting {self.scheme}{extra}"
+                + (f", guidance embedding {self.guidance:g}" if self.guidance is not None else "")
+                + (", preconditioned outputs" if self.precondition else ""))
+
+    @torch.no_grad()
+    def _encode_one(self, caption: str) -> tuple:
+        pipe, dev = self.trainer.pipe, self.trainer.device
+        if self.flux:
+            embeds, pooled, ids = pipe.encode_prompt(prompt=[caption], prompt_2=None, device=dev)
+            return embeds, pooled, ids
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=[caption], prompt_2=None, prompt_3=None, device=dev,
+                                                  do_classifier_free_guidance=False)
+        return embeds, pooled, None
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        out = []
+        for c in captions:
+            if c in self._cache:
+                self._cache.move_to_end(c)
+            else:
+                self._cache[c] = self._encode_one(c)
+                if len(self._cache) > self.CACHE:
+                    self._cache.popitem(last=False)
+            out.append(self._cache[c])
+        return (torch.cat([e for e, _, _ in out]), torch.cat([p for _, p, _ in out]), out[0][2])
+
+    def loss(self, latents, captions, gen, noise_sched=None):
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+        tr, cfg = self.trainer, self.trainer.config
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen).to(tr.device)
+        u = compute_density_for_timestep_sampling(self.scheme, b, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                                                  mode_scale=cfg.mode_scale, generator=gen)
+        n = self.sched.config.num_train_timesteps
+        indices = (u * n).long().clamp(0, n - 1)  # 'mode' can reach u = 1
+        timesteps = self.sched.timesteps[indices].to(tr.device)
+        sigmas = self.sched.sigmas[indices].to(tr.device, torch.float32).view(b, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        embeds, pooled, text_ids = self.encode(captions)
+        dtype = self.denoiser.dtype
+        if self.flux:
+            from diffusers import FluxPipeline
+            _, c, h, w = latents.shape
+            packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+            img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, tr.device, dtype)
+            guidance = torch.full((b,), float(self.guidance), device=tr.device) if self.guidance is not None else None
+            pred = self._forward(hidden_states=packed.to(dtype), timestep=(timesteps / 1000).to(dtype),
+                                 guidance=guidance, pooled_projections=pooled.to(dtype),
+                                 encoder_hidden_states=embeds.to(dtype), txt_ids=text_ids, img_ids=img_ids,
+                                 return_dict=False)[0]
+            vae_sf = tr.vae_scale_factor
+            pred = FluxPipeline._unpack_latents(pred, height=h * vae_sf, width=w * vae_sf, vae_scale_factor=vae_sf)
+        else:
+            pred = self._forward(hidden_states=noisy.to(dtype), timestep=timesteps.to(dtype),
+                                 encoder_hidden_states=embeds.to(dtype), pooled_projections=pooled.to(dtype),
+                                 return_dict=False)[0]
+        pred = pred.float()
+        if self.precondition:  # EDM-style: the model's output read as x_0
+            pred, target = pred * (-sigmas) + noisy, latents
+        else:
+            target = noise - latents
+        weighting = compute_loss_weighting_for_sd3(self.scheme, sigmas=sigmas).float()
+        per_item = (weighting * (pred - target.float()) ** 2).reshape(b, -1).mean(1)
+        return per_item.mean()
+
+    def sample_kwargs(self, prompt):
+        return {"prompt": prompt} if self.flux else {"prompt": prompt, "negative_prompt": ""}
 
 
 class LoraTrainer:
@@ -175,33 +382,56 @@ class LoraTrainer:
         self.settings = settings or Settings.from_env()
         if pipe is None:
             entry = resolve_base(config, self.settings)  # fail on a bad name before reading any image
-        self.arch = entry.arch if entry is not None else "sd1"
+        self.arch = entry.arch if entry is not None else _arch_of_pipe(pipe)
         if entry is not None and is_house_folder(entry.path):
             self.arch = "house"
         if config.train_text_encoder and self.arch == "house":
             raise LoraConfigError("train_text_encoder: house-ldm's MiniLM text encoder cannot carry a LoRA that "
                                   "diffusers loads back; train the UNet only (train_text_encoder: false)")
-        self.resolution = config.resolution or NATIVE_RESOLUTION.get(self.arch, 512)
-        self.dataset = LoraDataset(config.dataset, resolution=self.resolution, bucketing=config.bucketing,
-                                   bucket_step=config.bucket_step, trigger_word=config.trigger_word)
-        self.entry, self.pipe = entry, pipe if pipe is not None else load_pipeline(entry)
-        self.sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
+        if config.train_text_encoder and self.arch in DIT_ARCHS:
+            raise LoraConfigError(f"train_text_encoder: {self.arch.upper()} LoRA training adapts the transformer "
+                                  "only (its CLIP/T5 encoders stay frozen); set train_text_encoder: false")
+        # sides: multiples of the VAE downscale (x the DiT patch); FLUX/SD3 need 16 px before the model loads
+        self.multiple = 16 if self.arch in DIT_ARCHS else 8
+        self._make_dataset()  # a bad dataset fails before the weights load
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+        dtype = amp if amp is not None and self.arch in DIT_ARCHS else torch.float32  # frozen DiT weights in half
+        self.entry, self.pipe = entry, pipe if pipe is not None else load_pipeline(entry, torch_dtype=dtype)
+        self.sdxl = self.arch not in DIT_ARCHS and getattr(self.pipe, "text_encoder_2", None) is not None
+        self.vae_scale_factor = int(getattr(self.pipe, "vae_scale_factor", 8) or 8)
+        if pixel_multiple(self.pipe, self.arch) != self.multiple:
+            self.multiple = pixel_multiple(self.pipe, self.arch)
+            self._make_dataset()
+        self.objective: Objective = FlowMatchObjective(self) if self.arch in DIT_ARCHS else UnetObjective(self)
         self.device = C.pick_device(config.device)
         self.run_dir = Path(config.run_dir or self.settings.home / "runs" / "lora" / config.output_name)
         self.loras_dir = Path(config.output_dir or self.settings.models_dir / "loras")
         self.alpha = float(config.alpha or config.rank)
 
+    def _make_dataset(self) -> None:
+        """Resolution and bucket step rounded to what the model's latents (and DiT patches) need."""
+        cfg, m = self.config, self.multiple
+        wanted = cfg.resolution or NATIVE_RESOLUTION.get(self.arch, 512)
+        self.resolution = max(m, wanted // m * m)
+        self.bucket_step = -(-cfg.bucket_step // m) * m
+        self.dataset = LoraDataset(cfg.dataset, resolution=self.resolution, bucketing=cfg.bucketing,
+                                   bucket_step=self.bucket_step, trigger_word=cfg.trigger_word)
+
     # ---------------------------------------------------------------- set-up
     def _add_adapters(self) -> dict[str, torch.nn.Module]:
         from peft import LoraConfig
         pipe, cfg = self.pipe, self.config
-        for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for comp in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(pipe, comp, None)
             if module is not None:
                 module.requires_grad_(False).to(self.device)
-        parts = {"unet": pipe.unet}
-        pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.dropout,
-                                         init_lora_weights="gaussian", target_modules=cfg.target_modules))
+        denoiser = self.objective.denoiser
+        parts = {self.objective.component: denoiser}
+        try:
+            denoiser.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.dropout,
+                                            init_lora_weights="gaussian", target_modules=cfg.target_modules))
+        except ValueError as exc:  # peft: no module matched
+            raise LoraConfigError(f"target_modules {cfg.target_modules}: {str(exc).splitlines()[0][:200]}") from None
         if cfg.train_text_encoder:  # SDXL: both CLIP encoders, as kohya's sdxl_train_network
             for comp in ("text_encoder", "text_encoder_2"):
                 te = getattr(pipe, comp, None)
@@ -269,33 +499,20 @@ class LoraTrainer:
         return torch.tensor([[h, w, 0, 0, h, w]] * b, dtype=torch.float32, device=self.device)
 
     # ---------------------------------------------------------------- one step
-    def loss(self, pixels: torch.Tensor, captions: list[str], gen: torch.Generator, noise_sched) -> torch.Tensor:
-        pipe = self.pipe
-        with torch.no_grad():
-            vae_dtype = next(pipe.vae.parameters()).dtype
-            posterior = pipe.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
-            eps = torch.randn(posterior.mean.shape, generator=gen).to(self.device, posterior.mean.dtype)
-            latents = (posterior.mean + posterior.std * eps).float()
-            shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-            latents = (latents - shift) * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen).to(self.device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(self.device)
-        noisy = noise_sched.add_noise(latents, noise, t)
-        if noise_sched.config.prediction_type == "v_prediction":
-            target = noise_sched.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        cond, pooled = self.encode(captions)
-        unet_dtype = pipe.unet.dtype
-        kwargs: dict[str, Any] = {}
-        if pooled is not None:
-            h, w = pixels.shape[-2:]
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet_dtype),
-                                           "time_ids": self._time_ids(latents.shape[0], h, w).to(unet_dtype)}
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            pred = pipe.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype), **kwargs).sample
-        return F.mse_loss(pred.float(), target.float())
+    @torch.no_grad()
+    def latents(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Clean latents of a batch: a VAE posterior sample, shifted and scaled as the pipeline expects."""
+        vae = self.pipe.vae
+        vae_dtype = next(vae.parameters()).dtype
+        posterior = vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(self.device, posterior.mean.dtype)
+        latents = (posterior.mean + posterior.std * eps).float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def loss(self, pixels: torch.Tensor, captions: list[str], gen: torch.Generator, noise_sched=None) -> torch.Tensor:
+        """The training loss of one micro-batch (pixels in [-1, 1]); all randomness from ``gen``."""
+        return self.objective.loss(self.latents(pixels, gen), captions, gen, noise_sched)
 
     def _micro_batch(self, m: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         cfg, ds = self.config, self.dataset
@@ -312,21 +529,19 @@ class LoraTrainer:
 
     # ---------------------------------------------------------------- run
     def train(self) -> dict[str, Any]:
-        from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
         cfg = self.config
         total = self.total_steps()
         gen = C.seed_everything(cfg.seed)
         parts = self._add_adapters()
         holder = _AdapterParams(parts)
-        groups = [{"params": [p for k, p in holder.params.items() if holder.names[k][0] == "unet"],
+        groups = [{"params": [p for k, p in holder.params.items() if holder.names[k][0] == self.objective.component],
                    "lr": cfg.learning_rate}]
         te_params = [p for k, p in holder.params.items() if holder.names[k][0].startswith("text_encoder")]
         if te_params:  # text_encoder, and SDXL's text_encoder_2
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
         opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
-        noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self._per_epoch, self._plans = self.dataset.batches_per_epoch(cfg.batch_size), {}
         step, watch = 0, C.Stopwatch()
         log = C.LossLog(self.run_dir / "losses.jsonl")
@@ -349,7 +564,7 @@ class LoraTrainer:
             value = 0.0
             for micro in range(cfg.gradient_accumulation):
                 pixels, captions = self._micro_batch(step * cfg.gradient_accumulation + micro, gen)
-                loss = self.loss(pixels, captions, gen, noise_sched) / cfg.gradient_accumulation
+                loss = self.loss(pixels, captions, gen) / cfg.gradient_accumulation
                 loss.backward()
                 value += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -371,6 +586,7 @@ class LoraTrainer:
         k = max(1, min(10, len(losses) // 4))  # mean of the first / last k steps
         summary = {"name": cfg.output_name, "base_model": cfg.base_model, "arch": self.arch, "steps": step,
                    "images": len(self.dataset.report.samples), "items_with_repeats": len(self.dataset),
+                   "resolution": self.resolution, "bucket_step": self.bucket_step, "objective": self.objective.describe(),
                    "buckets": sorted({f"{w}x{h}" for w, h in self.dataset.bucket_of}),
                    "first_loss": round(C.mean(losses[:k]), 5) if losses else None,
                    "last_loss": round(C.mean(losses[-k:]), 5) if losses else None,
@@ -388,50 +604,80 @@ class LoraTrainer:
 
     def kohya_metadata(self, steps: int) -> dict[str, str]:
         cfg = self.config
-        version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "house": "imagesmith_house_ldm"}
-        return {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+        version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "house": "imagesmith_house_ldm",
+                   "flux": "flux1", "sd3": "sd3"}
+        module = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}.get(self.arch, "networks.lora")
+        return {"ss_network_module": module, "ss_network_dim": str(cfg.rank),
                 "ss_network_alpha": f"{self.alpha:g}", "ss_output_name": cfg.output_name,
                 "ss_base_model_version": version.get(self.arch, self.arch), "ss_steps": str(steps),
                 "ss_resolution": f"({self.resolution}, {self.resolution})", "ss_learning_rate": f"{cfg.learning_rate:g}",
                 "ss_num_train_images": str(len(self.dataset)), "ss_seed": str(cfg.seed),
                 "ss_training_comment": f"trigger word: {cfg.trigger_word}" if cfg.trigger_word else "",
                 "ss_tag_frequency": json.dumps({}), "imagesmith.trigger_word": cfg.trigger_word or "",
-                "imagesmith.base_model": cfg.base_model, "modelspec.title": cfg.output_name}
+                "imagesmith.base_model": cfg.base_model, "imagesmith.arch": self.arch,
+                "modelspec.title": cfg.output_name}
 
     def save(self, parts: dict[str, torch.nn.Module], steps: int) -> dict[str, str]:
-        """Both formats, written atomically; the registered one lands in the loras folder."""
+        """Both formats, written atomically; the registered one lands in the loras folder. The diffusers file
+        is what the pipeline's ``save_lora_weights`` writes (peft keys under ``transformer.`` for FLUX/SD3, as
+        the diffusers scripts save them; with each adapter's LoraConfig as metadata, so alpha != rank loads
+        back right)."""
         from safetensors.torch import save_file
 
-        from ..models.lora_keys import sdxl_unet_module_to_ldm, to_kohya
+        from ..models.lora_keys import NoKohyaName, dit_to_kohya, sdxl_unet_module_to_ldm, to_kohya
         layers = self._peft_layers(parts)
         name = self.config.output_name
         diff_dir = self.run_dir / "diffusers"
         tmp = self.run_dir / ".diffusers.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        type(self.pipe).save_lora_weights(str(tmp), safe_serialization=True,
-                                          **{f"{comp}_lora_layers": _diffusers_layers(comp, st)
-                                             for comp, st in layers.items()})
+        kwargs: dict[str, Any] = {}
+        for comp, st in layers.items():
+            kwargs[f"{comp}_lora_layers"] = st if comp == "transformer" else _diffusers_layers(comp, st)
+            peft_config = getattr(parts[comp], "peft_config", {}).get("default")
+            if peft_config is not None:
+                kwargs[f"{comp}_lora_adapter_metadata"] = peft_config.to_dict()
+        type(self.pipe).save_lora_weights(str(tmp), safe_serialization=True, **kwargs)
         shutil.rmtree(diff_dir, ignore_errors=True)
         tmp.rename(diff_dir)
         diffusers_file = diff_dir / "pytorch_lora_weights.safetensors"
-        kohya = to_kohya(layers, alpha=self.alpha,
-                         unet_name_map=sdxl_unet_module_to_ldm(self.pipe.unet.config) if self.sdxl else None)
-        kohya_file = self.run_dir / f"{name}.kohya.safetensors"
-        save_file(kohya, str(kohya_file), metadata=self.kohya_metadata(steps))
+        kohya_file: Path | None = self.run_dir / f"{name}.kohya.safetensors"
+        self.kohya_note = ""
+        if self.arch in DIT_ARCHS:
+            denoiser = self.objective.denoiser
+            widths = {n: int(m.out_features) for n, m in denoiser.named_modules()
+                      if isinstance(getattr(m, "out_features", None), int)}
+            try:
+                kohya = dit_to_kohya(self.arch, layers["transformer"], alpha=self.alpha, out_features=widths,
+                                     num_layers=int(denoiser.config.num_layers))
+            except NoKohyaName as exc:
+                kohya = None
+                self.kohya_note = f"no kohya file ({exc.args[0]} has no name in the original layout)"
+            except ValueError as exc:
+                kohya = None
+                self.kohya_note = f"no kohya file ({exc})"
+        else:
+            kohya = to_kohya(layers, alpha=self.alpha,
+                             unet_name_map=sdxl_unet_module_to_ldm(self.pipe.unet.config) if self.sdxl else None)
+        if kohya is not None:
+            save_file(kohya, str(kohya_file), metadata=self.kohya_metadata(steps))
+        else:
+            kohya_file.unlink(missing_ok=True)
+            kohya_file = None
         self.loras_dir.mkdir(parents=True, exist_ok=True)
         registered = self.loras_dir / f"{name}.safetensors"
-        source = diffusers_file if self.arch == "house" else kohya_file
+        diffusers_registered = self.arch == "house" or self.arch in DIT_ARCHS
+        source = diffusers_file if diffusers_registered else kohya_file
         part = registered.with_name(registered.name + ".part")
         shutil.copyfile(source, part)
         part.replace(registered)
-        return {"lora": str(registered), "kohya": str(kohya_file), "diffusers": str(diffusers_file),
-                "registered_format": "diffusers" if self.arch == "house" else "kohya"}
+        return {"lora": str(registered), "kohya": str(kohya_file) if kohya_file else None,
+                "diffusers": str(diffusers_file), "registered_format": "diffusers" if diffusers_registered else "kohya"}
 
     @torch.no_grad()
     def render_samples(self, path: Path, seed: int | None = None) -> Path:
         from ..eval.grid import labelled_grid
         pipe, cfg = self.pipe, self.config
-        modules = [m for m in (pipe.unet, pipe.text_encoder) if m is not None]
+        modules = [m for m in (self.objective.denoiser, pipe.text_encoder) if m is not None]
         was = [m.training for m in modules]
         for m in modules:
             m.eval()
@@ -440,11 +686,7 @@ class LoraTrainer:
             g = torch.Generator().manual_seed((cfg.seed if seed is None else seed) + k)
             kw: dict[str, Any] = dict(num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_cfg,
                                       height=self.resolution, width=self.resolution, generator=g)
-            (cond, pooled), (unc, upooled) = self.encode([prompt]), self.encode([""])
-            cond, unc = self._same_length([cond, unc], lambda: unc)
-            kw.update(prompt_embeds=cond, negative_prompt_embeds=unc)
-            if self.sdxl:
-                kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=upooled)
+            kw.update(self.objective.sample_kwargs(prompt))
             images.append(pipe(**kw).images[0])
         for m, w in zip(modules, was):
             m.train(w)
@@ -453,6 +695,10 @@ class LoraTrainer:
                              title=f"{cfg.output_name} ({cfg.trigger_word or 'no trigger'})")
         grid.save(path)
         return path
+
+    def _kohya_layout(self) -> str:
+        return {"flux": ", BFL double_blocks/single_blocks names, q/k/v fused",
+                "sd3": ", MMDiT joint_blocks names, q/k/v fused"}.get(self.arch, "")
 
     def write_card(self, summary: dict[str, Any], losses: list[float]) -> Path:
         plot = loss_plot(losses, self.run_dir / "loss.png") if losses else None
@@ -463,17 +709,21 @@ class LoraTrainer:
                  "| | |", "|---|---|",
                  f"| Trigger word | {cfg.trigger_word or '-'} |",
                  f"| Use | `--lora {cfg.output_name}:1.0` or `<lora:{cfg.output_name}:1>` in a prompt |",
-                 f"| Network | LoRA rank {cfg.rank}, alpha {self.alpha:g}, UNet {', '.join(cfg.target_modules)}"
-                 f"{'; text encoder too' if cfg.train_text_encoder else ''} |",
+                 f"| Network | LoRA rank {cfg.rank}, alpha {self.alpha:g}, {self.objective.label} "
+                 f"{', '.join(cfg.target_modules)}{'; text encoder too' if cfg.train_text_encoder else ''} |",
+                 f"| Objective | {summary['objective']} |",
                  f"| Dataset | {summary['images']} images ({summary['items_with_repeats']} with repeats) from "
-                 f"`{cfg.dataset}`; buckets {', '.join(summary['buckets'])} |",
+                 f"`{cfg.dataset}`; {summary['resolution']} px, buckets {', '.join(summary['buckets'])} "
+                 f"(sides in multiples of {summary['bucket_step']}) |",
                  f"| Training | {summary['steps']} steps x batch {cfg.batch_size} x accumulation "
                  f"{cfg.gradient_accumulation}, AdamW lr {cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup "
                  f"{cfg.warmup_steps}), caption dropout {cfg.caption_dropout:g}, flips {cfg.flip} |",
                  f"| Loss | {summary['first_loss']} -> {summary['last_loss']} (means of the first and last quarter, at most 10 steps each) |",
                  f"| Wall time | {summary['wall_seconds']} s on {summary['hardware']} |",
                  f"| Files | `{summary['lora']}` (registered, {summary['registered_format']} keys); "
-                 f"`{Path(summary['kohya']).name}` (kohya/WebUI); `diffusers/pytorch_lora_weights.safetensors` |",
+                 + (f"`{Path(summary['kohya']).name}` (kohya/WebUI{self._kohya_layout()}); " if summary['kohya']
+                    else f"{getattr(self, 'kohya_note', 'no kohya file')}; ")
+                 + "`diffusers/pytorch_lora_weights.safetensors` |",
                  "", "## Config", "", "```json", cfg.model_dump_json(indent=1), "```", ""]
         if plot:
             lines += ["## Loss", "", "![loss](loss.png)", ""]
