@@ -16,6 +16,7 @@ from imagesmith.core.errors import NotFound
 from imagesmith.serve.store import JobStore, QueueFull
 
 
+HEAD = "0003"  # the newest migration (0002: uploads, 0003: jobs.batch_key)
 PG = os.environ.get("IMAGESMITH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -147,9 +148,9 @@ def test_schema_comes_from_migrations_and_matches_the_models(url):
     s = JobStore(url)
     with s.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-        assert ctx.get_current_revision() == "0001"
+        assert ctx.get_current_revision() == HEAD
         assert compare_metadata(ctx, Base.metadata) == []  # no model change without a migration
-    assert migrate(s.engine) == "0001"  # idempotent
+    assert migrate(s.engine) == HEAD  # idempotent
 
 
 def test_a_database_made_before_migrations_is_stamped(tmp_path):
@@ -164,3 +165,118 @@ def test_a_database_made_before_migrations_is_stamped(tmp_path):
     job, _ = s.submit("generate", {"prompt": "x"})
     assert s.get(job["id"])["status"] == "queued"
     assert "alembic_version" in inspect(s.engine).get_table_names()
+
+
+def _alembic(engine, revision: str) -> None:
+    """Run the store's migrations up to ``revision`` only (a database as an older imagesmith left it)."""
+    from alembic import command
+    from alembic.config import Config
+
+    from imagesmith.serve.store import MIGRATIONS
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def test_upgrade_from_the_previous_head_keeps_jobs_and_adds_uploads_and_batch_keys(url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine, inspect, text
+
+    from imagesmith.serve.store import Base
+    old = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    _alembic(old, "0001")
+    with old.begin() as conn:
+        assert not inspect(conn).has_table("uploads")
+        conn.execute(text('insert into jobs (id, type, "user", status, priority, request, progress, cancel_requested, '
+                          "attempts, created_at) values ('11111111-2222-3333-4444-555555555555', 'generate', 'ann', "
+                          "'queued', 0, '{\"prompt\": \"x\"}', 0, false, 0, 1.0)"))
+    old.dispose()
+    s = JobStore(url)  # the new version starts on the old database
+    with s.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert ctx.get_current_revision() == HEAD and compare_metadata(ctx, Base.metadata) == []
+    job = s.get("11111111-2222-3333-4444-555555555555", user="ann")
+    assert job["request"] == {"prompt": "x"} and job["batch_key"] is None
+    assert s.claim("w1")["id"] == job["id"]
+    assert s.claim_compatible("w1", job, max_jobs=3, max_images=3) == []  # an old job has no key: runs alone
+    s.add_upload("ab" * 16, user="ann", size=10, width=2, height=3)
+    assert s.get_upload("ab" * 16, user="ann")["height"] == 3
+
+
+def test_a_database_of_the_first_schema_made_before_migrations_is_stamped_and_upgraded(tmp_path):
+    """A database as imagesmith made it before Alembic (the 0001 tables, no alembic_version) is stamped 0001 and
+    then upgraded: the uploads table and jobs.batch_key are added, its jobs are kept."""
+    from sqlalchemy import create_engine, inspect, text
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(url)
+    _alembic(old, "0001")
+    with old.begin() as conn:
+        conn.execute(text("drop table alembic_version"))
+        conn.execute(text('insert into jobs (id, type, "user", status, priority, request, progress, cancel_requested, '
+                          "attempts, created_at) values ('j1', 'generate', 'local', 'queued', 0, '{}', 0, 0, 0, 1.0)"))
+    old.dispose()
+    s = JobStore(url)
+    assert s.get("j1")["status"] == "queued"
+    tables = inspect(s.engine).get_table_names()
+    assert "uploads" in tables and "batch_key" in {c["name"] for c in inspect(s.engine).get_columns("jobs")}
+
+
+def test_uploads_belong_to_their_user(url):
+    s = JobStore(url)
+    row = s.add_upload("0f" * 16, user="ann", size=1234, width=40, height=30)
+    assert row["user"] == "ann" and row["size"] == 1234 and (row["width"], row["height"]) == (40, 30)
+    assert row["created_at"] <= time.time()
+    assert s.get_upload("0f" * 16, user="ann")["id"] == "0f" * 16
+    assert s.get_upload("0f" * 16)["user"] == "ann"  # no user: an admin's view
+    with pytest.raises(NotFound):
+        s.get_upload("0f" * 16, user="bob")
+    with pytest.raises(NotFound):
+        s.get_upload("1f" * 16)
+
+
+def test_compatible_jobs_are_claimed_together_in_priority_order(url):
+    s = JobStore(url)
+    head, _ = s.submit("generate", {"prompt": "a"}, batch_key="k1", priority=1)
+    other, _ = s.submit("generate", {"prompt": "b"}, batch_key="k2", priority=1)   # another key
+    low, _ = s.submit("generate", {"prompt": "c"}, batch_key="k1", priority=0)     # lower priority than head
+    two, _ = s.submit("generate", {"prompt": "d", "batch_size": 2}, batch_key="k1", priority=1)
+    urgent, _ = s.submit("generate", {"prompt": "e"}, batch_key="k1", priority=5)
+    same, _ = s.submit("generate", {"prompt": "f"}, batch_key="k1", priority=1)
+    keyless, _ = s.submit("generate", {"prompt": "g"}, priority=1)
+    first = s.claim("w1")
+    assert first["id"] == urgent["id"]  # the claim order is unchanged
+    s.cancel(urgent["id"])
+    s.canceled(urgent["id"], "w1")
+    first = s.claim("w1")
+    assert first["id"] == head["id"]
+    # at most 2 more images: 'two' (2 images, the older) fills them and 'same' is left for now
+    more = s.claim_compatible("w1", first, max_jobs=3, max_images=2, lease_s=30)
+    assert [j["id"] for j in more] == [two["id"]]
+    assert all(j["status"] == "running" and j["worker"] == "w1" and j["attempts"] == 1 for j in more)
+    more = s.claim_compatible("w1", first, max_jobs=3, max_images=1, lease_s=30)
+    assert [j["id"] for j in more] == [same["id"]]
+    assert s.claim_compatible("w1", first, max_jobs=3, max_images=3) == []  # 'low' never rides along
+    assert {s.get(j["id"])["status"] for j in (other, low, keyless)} == {"queued"}
+    assert s.claim_compatible("w1", s.get(keyless["id"]), max_jobs=3, max_images=3) == []
+
+
+def test_every_member_of_a_batch_whose_lease_expires_is_requeued(url):
+    s = JobStore(url)
+    jobs = [s.submit("generate", {"prompt": p}, batch_key="k")[0] for p in "abc"]
+    head = s.claim("w1", lease_s=0.05)
+    batch = [head] + s.claim_compatible("w1", head, max_jobs=3, max_images=3, lease_s=0.05)
+    assert sorted(j["id"] for j in batch) == sorted(j["id"] for j in jobs)
+    time.sleep(0.1)
+    assert s.requeue_expired() == 3
+    assert {s.get(j["id"])["status"] for j in jobs} == {"queued"}
+    head = s.claim("w2", lease_s=30)
+    again = [head] + s.claim_compatible("w2", head, max_jobs=3, max_images=3, lease_s=30)
+    assert sorted(j["id"] for j in again) == sorted(j["id"] for j in jobs)
+    assert all(j["attempts"] == 2 and j["worker"] == "w2" for j in again)
+    for j in jobs:
+        assert s.heartbeat(j["id"], "w1") is None and not s.complete(j["id"], "w1", {"files": ["stale"]})
+        assert s.complete(j["id"], "w2", {"files": ["good"]})
+    assert {s.get(j["id"])["result"]["files"][0] for j in jobs} == {"good"}

@@ -8,6 +8,7 @@ per-step callback (progress, cancel) -> optional hires fix -> result with infote
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 import time
 from dataclasses import dataclass
@@ -131,6 +132,69 @@ class Engine:
                                               detailer=details[i]))
         result.seconds = time.perf_counter() - start
         return result
+
+    def generate_many(self, reqs: Sequence[GenerateRequest], *, progress: ProgressCallback | None = None,
+                      cancel: CancelToken | None = None) -> list[GenerationResult]:
+        """Several txt2img requests in one pipeline call: they may differ in prompt, negative prompt, seed,
+        variation seed and batch size, and must agree on everything else (:meth:`batch_key`). Each request gets
+        its own conditioning, noise and generators per image, so its images are the ones :meth:`generate` makes
+        for it alone (up to float rounding in batched kernels; the service's tests measure it), with its own
+        seeds, records and infotext. Requests that cannot share a call (other settings, or prompts of another
+        number of 75-token chunks) run in as few calls as their differences allow; results keep the order."""
+        start = time.perf_counter()
+        jobs = [self._resolve(r) for r in reqs]
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            key = self.batch_key(job)
+            if key is None:
+                raise BadRequest("only txt2img requests with batch_count 1 and no ControlNet or detailer can be "
+                                 "batched")
+            groups.setdefault(key, []).append(i)
+        counter = StepCounter(sum(self._total_steps(jobs[m[0]]) for m in groups.values()), progress, cancel)
+        images: list[list[Image.Image]] = [[] for _ in jobs]
+        for members in groups.values():
+            head = jobs[members[0]]
+            if progress is not None and self._pipeline_key(head.entry) not in self.cache:
+                progress(ProgressEvent(0, counter.total, f"loading {head.entry.name}"))
+            entry = self._pipeline_entry(head.entry)
+            with entry.use():
+                apply_loras(entry.value, entry.state, head.loras, head.arch)
+                encoded = {i: self._encode(entry.value, jobs[i], for_arch=head.arch) for i in members}
+                shapes: dict[tuple, list[int]] = {}  # conditioning of equal length can share a call
+                for i in members:
+                    shapes.setdefault(_shape_key(encoded[i]), []).append(i)
+                counter.total += self._total_steps(head) * (len(shapes) - 1)
+                for rows in shapes.values():
+                    if cancel is not None:
+                        cancel.raise_if_cancelled()
+                    for i, out in zip(rows, self._run_rows(entry, [jobs[i] for i in rows],
+                                                           [encoded[i] for i in rows], counter)):
+                        images[i] = out
+        results = []
+        hashes: dict[str, str | None] = {}
+        for req, job, imgs in zip(reqs, jobs, images):
+            model_hash = hashes.setdefault(str(job.entry.path), self._hash(job.entry))
+            result = GenerationResult(
+                images=imgs, request=req, model_name=job.entry.name, model_hash=model_hash, vae_name=req.vae,
+                version=__version__, lora_hashes={l.name: self._hash_path(l.path, lora=True) for l in job.loras})
+            for i, _ in enumerate(imgs):
+                result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i], index=i,
+                                                  infotext=self.infotext(job, result, i)))
+            results.append(result)
+        seconds = time.perf_counter() - start
+        for result in results:
+            result.seconds = seconds
+        return results
+
+    def batch_key(self, job: _Job) -> tuple | None:
+        """What resolved requests must share to run in one pipeline call (None: this one runs on its own):
+        model, size, LoRAs and their weights, VAE, sampler, schedule, steps, CFG, clip skip, hires fix."""
+        req = job.req
+        if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
+            return None
+        return (str(job.entry.path), job.arch, job.width, job.height,
+                tuple((adapter_name(l), l.path, l.weight) for l in job.loras), req.vae, req.clip_skip, req.steps,
+                req.cfg_scale, req.sampler_name, req.scheduler, req.hires.model_dump_json() if req.hires else None)
 
     def infotext(self, job: _Job, result: GenerationResult, index: int, *, detailer: dict | None = None) -> str:
         req = job.req
@@ -405,6 +469,33 @@ class Engine:
                             width=job.width, height=job.height, **common)
         return [keep_unmasked(init, img, blurred) for img in out.images]
 
+    def _run_rows(self, entry, jobs: list[_Job], encoded: list[dict], counter: StepCounter) -> list[list[Image.Image]]:
+        """One txt2img call for several requests that share a :meth:`batch_key`: per-image conditioning (each
+        request's own, repeated for its images), per-image noise and generators; the images split back per
+        request."""
+        head = jobs[0]
+        req = head.req
+        sizes = [j.req.batch_size for j in jobs]
+        pipe = self._view(entry, head, "txt2img")
+        hires = req.hires
+        common = dict(num_inference_steps=req.steps, guidance_scale=req.cfg_scale, num_images_per_prompt=1,
+                      generator=[g for j, n in zip(jobs, sizes) for g in self._generators(j, 0, n)],
+                      callback_on_step_end=counter.callback("txt2img", 0),
+                      latents=torch.cat([self._latent_noise(pipe, j, 0, n, head.width, head.height)
+                                         for j, n in zip(jobs, sizes)]))
+        common.update(_stack_rows(encoded, sizes))
+        out = call_pipeline(pipe, width=head.width, height=head.height,
+                            output_type="latent" if hires and hires.hr_upscaler == "Latent" else "pil", **common)
+        images = out.images
+        if hires:
+            images = self._hires_rows(entry, [(j, 0, n) for j, n in zip(jobs, sizes)], images, counter)
+        images = list(images)
+        split, lo = [], 0
+        for n in sizes:
+            split.append(images[lo:lo + n])
+            lo += n
+        return split
+
     def _control_args(self, job: _Job) -> dict:
         from .controlnet import preprocess
         cn = job.req.controlnet
@@ -415,6 +506,12 @@ class Engine:
 
     def _hires(self, entry, job: _Job, lo: int, first, counter: StepCounter) -> list[Image.Image]:
         """WebUI's hires fix: upscale the first pass by hr_scale, then img2img at its own strength."""
+        return self._hires_rows(entry, [(job, lo, job.req.batch_size)], first, counter)
+
+    def _hires_rows(self, entry, rows: list[tuple[_Job, int, int]], first, counter: StepCounter) -> list[Image.Image]:
+        """The hires fix over the images of one or more requests that share a :meth:`batch_key`; ``rows``:
+        (request, its first image index, its image count) in the order of ``first``."""
+        job = rows[0][0]  # the settings every row shares
         req = job.req
         hr = req.hires
         width = int(job.width * hr.hr_scale) // 8 * 8
@@ -422,7 +519,6 @@ class Engine:
         if job.arch == "flux":
             width, height = width // 16 * 16, height // 16 * 16
         pipe = self._view(entry, job, "img2img")
-        n = req.batch_size
         if hr.hr_upscaler == "Latent":
             if hr.hr_denoising_strength == 0:
                 raise BadRequest("the Latent hires upscaler needs a denoising strength above 0")
@@ -435,16 +531,12 @@ class Engine:
             image = [upscaler.upscale(im, hr.hr_scale).resize((width, height), Image.LANCZOS) for im in first]
             if hr.hr_denoising_strength == 0:  # upscale only: no second diffusion pass
                 return image
+        # the conditioning per image (each request's repeated for its images), so one prompt per init image
         args = dict(num_inference_steps=hr.hr_second_pass_steps or req.steps, guidance_scale=req.cfg_scale,
-                    num_images_per_prompt=1 if isinstance(image, list) else n,
-                    generator=self._generators(job, lo, n), callback_on_step_end=counter.callback("hires", lo))
-        args.update(self._encode(pipe, job, for_arch=job.arch))
-        if isinstance(image, list):  # one init image per prompt: repeat the conditioning n times
-            for key in [k for k in args if k.endswith("embeds")]:
-                args[key] = args[key].repeat(n, *([1] * (args[key].dim() - 1)))
-            for key in ("prompt", "negative_prompt"):
-                if key in args:
-                    args[key] = [args[key]] * n
+                    num_images_per_prompt=1, generator=[g for j, lo, n in rows for g in self._generators(j, lo, n)],
+                    callback_on_step_end=counter.callback("hires", rows[0][1]))
+        args.update(_stack_rows([self._encode(pipe, j, for_arch=job.arch) for j, _, _ in rows],
+                                [n for _, _, n in rows]))
         strength = _one_step_at_least(hr.hr_denoising_strength, args["num_inference_steps"])
         out = call_pipeline(pipe, image=image, strength=strength, width=width, height=height, **args)
         return list(out.images)
@@ -490,3 +582,24 @@ def _one_step_at_least(strength: float, steps: int) -> float:
     """diffusers runs ``int(steps * strength)`` img2img steps and fails on zero (a tiny strength with few steps);
     WebUI runs at least one, and so do we (the step counter already counts one)."""
     return max(float(strength), (1.0 + 1e-6) / max(1, int(steps)))
+
+
+def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
+    """Conditioning for one call over several requests: each request's encodings repeated for its images and
+    concatenated (tensors), or its text repeated (SD3/FLUX encode their own); other values (clip skip) are shared."""
+    out: dict[str, Any] = {}
+    for key, first in encoded[0].items():
+        values = [e[key] for e in encoded]
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.cat([v.repeat(n, *([1] * (v.dim() - 1))) for v, n in zip(values, sizes)])
+        elif isinstance(first, str):
+            out[key] = [v for v, n in zip(values, sizes) for _ in range(n)]
+        else:
+            out[key] = first
+    return out
+
+
+def _shape_key(encoded: dict) -> tuple:
+    """Requests whose conditioning has equal shapes (the same number of 75-token chunks) can share a call."""
+    return tuple((k, tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else type(v).__name__)
+                 for k, v in sorted(encoded.items()))

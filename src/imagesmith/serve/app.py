@@ -2,7 +2,9 @@
 both on the durable queue (:mod:`.store`), served by worker(s) (:mod:`.worker`).
 
 Clients never name paths: images come in through ``POST /v1/uploads`` (or base64 in A1111 requests), are
-checked (format, bytes, pixels) and stored under the home; requests refer to them by upload id."""
+checked (format, bytes, pixels) and stored under the home as their uploader's; requests refer to them by upload id,
+and only their owner (or an admin) may use or read them (``GET /v1/files/{id}``, which also serves job outputs by
+their ``file_id``)."""
 
 from __future__ import annotations
 
@@ -24,10 +26,13 @@ from .. import __version__
 from ..core.errors import BadRequest, ImagesmithError, NotFound, TooManyRequests, Unauthorized
 from ..core.settings import Settings
 from .store import JobStore
-from .worker import JOB_TYPES, PREVIEW_NAME, VISION_TYPES, job_folder, validate_request
+from .worker import JOB_TYPES, PREVIEW_NAME, VISION_TYPES, batch_key, job_folder, validate_request
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+OUTPUT_ID = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-(\d{1,5})$")  # job id-index
+MEDIA_TYPES = {".png": "image/png", ".html": "text/html", ".zip": "application/zip", ".jpg": "image/jpeg",
+               ".json": "application/json", ".pdf": "application/pdf"}
 A1111_TXT2IMG = {"prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name", "scheduler", "seed", "subseed",
                  "subseed_strength", "batch_size", "n_iter", "width", "height", "enable_hr", "hr_scale",
                  "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "override_settings", "clip_skip",
@@ -149,38 +154,83 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return PlainTextResponse("\n".join(lines) + "\n")
 
     # ---------------------------------------------------------------- uploads and files
-    def upload_path(upload_id: str) -> Path:
-        if not UPLOAD_ID.match(upload_id or ""):
+    def upload_path(upload_id: str, who: dict) -> Path:
+        """The file of an upload ``who`` may use: their own, or any for an admin. Someone else's upload is
+        "not found", as a missing one is (its existence is not told). An upload stored before uploads had owners
+        (a file with no record) belongs to no one: only an admin may use it."""
+        if not isinstance(upload_id, str) or not UPLOAD_ID.match(upload_id):
             raise BadRequest(f"not an upload id: {upload_id!r}")
+        admin = who["role"] == "admin"
         path = settings.home / "uploads" / f"{upload_id}.png"
+        try:
+            store.get_upload(upload_id, user=None if admin else who["name"])
+        except NotFound:
+            if not (admin and path.is_file()):
+                raise
         if not path.is_file():
             raise NotFound(f"no upload {upload_id}")
         return path
 
-    def store_upload(data: bytes) -> str:
+    def store_upload(data: bytes, who: dict) -> dict:
         from ..core.imageio import load_image, save_png_atomic
         if len(data) > MAX_UPLOAD_BYTES:
             raise BadRequest(f"upload is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}")
         image = load_image(data, settings=settings, mode=None, what="upload")
         upload_id = uuid.uuid4().hex
-        save_png_atomic(image, settings.home / "uploads" / f"{upload_id}.png")
-        return upload_id
+        path = settings.home / "uploads" / f"{upload_id}.png"
+        save_png_atomic(image, path)
+        try:
+            return store.add_upload(upload_id, user=who["name"], size=path.stat().st_size, width=image.width,
+                                    height=image.height)
+        except Exception:
+            path.unlink(missing_ok=True)  # no owner recorded: no file either
+            raise
 
     @app.post("/v1/uploads", status_code=201)
     async def upload(request: Request, file: UploadFile = File(...)):
-        caller(request)
+        who = caller(request)
         data = await file.read(MAX_UPLOAD_BYTES + 1)
-        upload_id = store_upload(data)
-        return {"id": upload_id}
+        row = store_upload(data, who)
+        return {"id": row["id"], "url": f"/v1/files/{row['id']}",
+                **{k: row[k] for k in ("size", "width", "height", "created_at")}}
 
-    def resolve_inputs(job_type: str, request: dict) -> dict:
+    def output_file(job: dict, index: int) -> FileResponse:
+        files = (job.get("result") or {}).get("files", [])
+        if not 0 <= index < len(files):
+            raise NotFound(f"job {job['id']} has no file {index}")
+        path = Path(files[index]["path"])  # a path the worker wrote, never the client's
+        if not path.is_file():
+            raise NotFound(f"job {job['id']} file {index} is gone")
+        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
+                            filename=path.name if path.suffix == ".zip" else None)
+
+    @app.get("/v1/files/{file_id:path}")  # any text, slashes too, reaches the id check (a 422, not a 404)
+    def get_file(file_id: str, request: Request):
+        """An upload's PNG, or a job's output by its ``file_id`` (``<job id>-<n>``): for its owner or an admin;
+        anyone else gets 404, as for a file that does not exist."""
+        who = caller(request)
+        if UPLOAD_ID.match(file_id):
+            return FileResponse(upload_path(file_id, who), media_type="image/png")
+        found = OUTPUT_ID.match(file_id)
+        if found:
+            job = store.get(found[1], user=None if who["role"] == "admin" else who["name"])
+            return output_file(job, int(found[2]))
+        raise BadRequest(f"not a file id: {file_id!r} (an upload id or a job output's file_id)")
+
+    def resolve_inputs(job_type: str, request: dict, who: dict) -> dict:
+        """Upload ids in a request -> their files, each the caller's own (or any, for an admin)."""
         request = dict(request)
         for key in ("init_image", "mask", "image", "photo"):
             if request.get(key) is not None:
-                request[key] = str(upload_path(str(request[key])))
+                request[key] = str(upload_path(request[key], who))
         for key in ("products", "images"):
             if isinstance(request.get(key), list):
-                request[key] = [str(upload_path(str(x))) for x in request[key]]
+                request[key] = [str(upload_path(x, who)) for x in request[key]]
+        if isinstance(request.get("controlnet"), dict) and request["controlnet"].get("image") is not None:
+            request["controlnet"] = {**request["controlnet"],
+                                     "image": str(upload_path(request["controlnet"]["image"], who))}
+        if isinstance(request.get("base"), dict):  # a grid's base request
+            request["base"] = resolve_inputs(job_type, request["base"], who)
         if isinstance(request.get("captioner"), str) and not re.fullmatch(r"[\w.-]+", request["captioner"]):
             raise BadRequest("captioner: give the name of a folder under models/captioners, not a path")
         return request
@@ -190,34 +240,36 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         files = (job.get("result") or {}).get("files", [])
         out = {k: job[k] for k in ("id", "type", "status", "priority", "progress", "progress_note", "error",
                                    "attempts", "created_at", "started_at", "finished_at", "request")}
-        out["files"] = [{"url": f"/v1/jobs/{job['id']}/files/{k}",
+        out["files"] = [{"url": f"/v1/jobs/{job['id']}/files/{k}", "file_id": f"{job['id']}-{k}",
                          **{x: f[x] for x in ("seed", "width", "height", "infotext", "kind", "format", "product")
                             if x in f}}
                         for k, f in enumerate(files)]
+        if (job.get("result") or {}).get("batch"):  # ran in one pipeline call with other jobs
+            out["batch"] = job["result"]["batch"]
         if job["status"] == "running" and preview_path(job) is not None:
             out["preview_url"] = f"/v1/jobs/{job['id']}/preview"
         if job["type"] in (*VISION_TYPES, "restyle") and job.get("result"):  # the answer, not only its files
             out["result"] = {k: v for k, v in job["result"].items() if k != "files"}
         return out
 
-    def submit(job_type: str, request: dict, user: str, priority: int = 0, key: str | None = None,
+    def submit(job_type: str, request: dict, who: dict, priority: int = 0, key: str | None = None,
                callback_url: str | None = None) -> dict:
         if callback_url is not None and not re.match(r"^https?://[^\s]+$", callback_url):
             raise BadRequest("callback_url must be an http(s) URL")
-        normalised, model = validate_request(job_type, resolve_inputs(job_type, request), settings)
+        normalised, model = validate_request(job_type, resolve_inputs(job_type, request, who), settings)
         if safety:
             text = " ".join(str(x) for x in (normalised.get("prompt"), (normalised.get("base") or {}).get("prompt"),
                                              normalised.get("concept"), normalised.get("headline")) if x)
             verdict = safety.check_prompt(text)
             if verdict.flagged:
                 raise BadRequest(f"prompt blocked by the safety policy: {verdict.reason}")
-        job, _ = store.submit(job_type, normalised, user=user, priority=priority, idempotency_key=key, model=model,
-                              callback_url=callback_url)
+        job, _ = store.submit(job_type, normalised, user=who["name"], priority=priority, idempotency_key=key,
+                              model=model, callback_url=callback_url, batch_key=batch_key(job_type, normalised))
         return job
 
     @app.post("/v1/jobs", status_code=202)
     def create_job(body: JobIn, request: Request, idempotency_key: str | None = Header(None)):
-        job = submit(body.type, body.request, user_of(request), body.priority, idempotency_key, body.callback_url)
+        job = submit(body.type, body.request, caller(request), body.priority, idempotency_key, body.callback_url)
         return {"job_id": job["id"], "status": job["status"]}
 
     @app.get("/v1/jobs/{job_id}")
@@ -290,15 +342,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     @app.get("/v1/jobs/{job_id}/files/{index}")
     def job_file(job_id: str, index: int, request: Request):
-        job = store.get(job_id, user=scope_of(request))
-        files = (job.get("result") or {}).get("files", [])
-        if not 0 <= index < len(files):
-            raise NotFound(f"job {job_id} has no file {index}")
-        path = Path(files[index]["path"])  # a path the worker wrote, never the client's
-        media = {".png": "image/png", ".html": "text/html", ".zip": "application/zip", ".jpg": "image/jpeg",
-                 ".json": "application/json", ".pdf": "application/pdf"}
-        return FileResponse(path, media_type=media.get(path.suffix, "application/octet-stream"),
-                            filename=path.name if path.suffix == ".zip" else None)
+        return output_file(store.get(job_id, user=scope_of(request)), index)
 
     def preview_path(job: dict) -> Path | None:
         if job["status"] != "running":
@@ -322,8 +366,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return {"models": [{"name": e.name, "kind": e.kind, "arch": e.arch} for e in make_registry(settings).list()]}
 
     # ---------------------------------------------------------------- A1111-compatible
-    async def run_sync(job_type: str, request: dict, user: str) -> dict:
-        job = submit(job_type, request, user)
+    async def run_sync(job_type: str, request: dict, who: dict) -> dict:
+        job = submit(job_type, request, who)
         end = time.monotonic() + sync_timeout
         while True:
             job = store.get(job["id"])
@@ -362,7 +406,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
         body = await json_object(request)
-        job = await run_sync("generate", a1111_request(body), user_of(request))
+        job = await run_sync("generate", a1111_request(body), caller(request))
         return job if isinstance(job, JSONResponse) else a1111_response(job, body)
 
     @app.post("/sdapi/v1/img2img")
@@ -371,15 +415,16 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         inits = body.get("init_images") or []
         if not inits:
             raise BadRequest("init_images: give one base64 image")
+        who = caller(request)
         req = a1111_request(body)
-        req["init_image"] = store_upload(_b64(inits[0]))
+        req["init_image"] = store_upload(_b64(inits[0]), who)["id"]
         job_type = "img2img"
         if body.get("mask"):
-            req["mask"] = store_upload(_b64(body["mask"]))
+            req["mask"] = store_upload(_b64(body["mask"]), who)["id"]
             job_type = "inpaint"
             if "mask_blur" in body:
                 req["mask_blur"] = body["mask_blur"]
-        job = await run_sync(job_type, req, user_of(request))
+        job = await run_sync(job_type, req, who)
         return job if isinstance(job, JSONResponse) else a1111_response(job, body)
 
     @app.get("/sdapi/v1/sd-models")
@@ -424,9 +469,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         upscaler = body.get("upscaler_1") or "R-ESRGAN 4x+"
         if upscaler in ("None", None):
             raise BadRequest("upscaler_1: choose an upscaler (GET /sdapi/v1/upscalers)")
-        req = {"image": store_upload(_b64(body["image"])), "scale": body.get("upscaling_resize", 2),
+        who = caller(request)
+        req = {"image": store_upload(_b64(body["image"]), who)["id"], "scale": body.get("upscaling_resize", 2),
                "upscaler": upscaler}
-        job = await run_sync("upscale", req, user_of(request))
+        job = await run_sync("upscale", req, who)
         if isinstance(job, JSONResponse):
             return job
         path = Path(job["result"]["files"][0]["path"])

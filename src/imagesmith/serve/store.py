@@ -12,7 +12,11 @@ Queue semantics:
 - ``complete``/``fail`` only count from the worker holding the lease, once: a job's result is committed once;
 - ``cancel``: a queued job is canceled at once, a running one at its next step (the worker sees
   ``cancel_requested`` in its heartbeat);
-- per-user limits on queued + running jobs.
+- per-user limits on queued + running jobs;
+- batching: jobs whose ``batch_key`` is equal (txt2img requests that differ only in prompt, negative prompt,
+  seed and batch size; :func:`~imagesmith.serve.worker.batch_key`) may be claimed together
+  (``claim_compatible``), each with its own lease, heartbeat, cancel and result;
+- uploads have owners (``add_upload``/``get_upload``): another user's upload is not found.
 """
 
 from __future__ import annotations
@@ -64,17 +68,20 @@ class JobRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    batch_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (UniqueConstraint("user", "idempotency_key", name="uq_jobs_user_idempotency"),
                       Index("ix_jobs_queue", "status", "priority", "created_at"),
-                      Index("ix_jobs_user", "user", "created_at"))
+                      Index("ix_jobs_user", "user", "created_at"),
+                      Index("ix_jobs_batch", "batch_key", "status"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "user": self.user, "status": self.status,
                 "priority": self.priority, "model": self.model, "request": self.request, "result": self.result,
                 "error": self.error, "progress": self.progress, "progress_note": self.progress_note,
                 "attempts": self.attempts, "cancel_requested": self.cancel_requested, "worker": self.lease_owner,
-                "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}
+                "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
+                "batch_key": self.batch_key}
 
 
 class UserRow(Base):
@@ -92,6 +99,23 @@ class TokenRow(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Float)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class UploadRow(Base):
+    """An uploaded image (the PNG is ``<home>/uploads/<id>.png``) and the user who owns it."""
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_uploads_user", "user", "created_at"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "user": self.user, "size": self.size, "width": self.width, "height": self.height,
+                "created_at": self.created_at}
 
 
 def token_digest(token: str) -> str:
@@ -147,9 +171,9 @@ class JobStore:
     # ---------------------------------------------------------------- clients
     def submit(self, type: str, request: dict, *, user: str = "local", priority: int = 0,
                idempotency_key: str | None = None, model: str | None = None,
-               callback_url: str | None = None) -> tuple[dict, bool]:
+               callback_url: str | None = None, batch_key: str | None = None) -> tuple[dict, bool]:
         """(job, created): the job is committed before this returns; a repeated idempotency key gives the
-        first job and ``created`` False."""
+        first job and ``created`` False. ``batch_key``: jobs with equal keys may run in one pipeline call."""
         with self.sessions() as s:
             if idempotency_key:
                 old = s.scalar(select(JobRow).where(JobRow.user == user, JobRow.idempotency_key == idempotency_key))
@@ -161,7 +185,8 @@ class JobStore:
                 raise QueueFull(f"user {user!r} already has {active} jobs queued or running (limit {self.user_limit})")
             row = JobRow(id=str(uuid.uuid4()), type=type, user=user, status="queued", priority=int(priority),
                          model=model, request=request, idempotency_key=idempotency_key, callback_url=callback_url,
-                         created_at=time.time(), progress=0.0, attempts=0, cancel_requested=False)
+                         created_at=time.time(), progress=0.0, attempts=0, cancel_requested=False,
+                         batch_key=batch_key)
             s.add(row)
             try:
                 s.commit()
@@ -211,6 +236,24 @@ class JobStore:
         with self.sessions() as s:
             rows = s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
         return {status: int(n) for status, n in rows}
+
+    # ---------------------------------------------------------------- uploads
+    def add_upload(self, upload_id: str, *, user: str, size: int, width: int, height: int) -> dict:
+        """Record an upload (its file is already written) as ``user``'s."""
+        with self.sessions() as s:
+            row = UploadRow(id=upload_id, user=user, size=int(size), width=int(width), height=int(height),
+                            created_at=time.time())
+            s.add(row)
+            s.commit()
+            return row.to_dict()
+
+    def get_upload(self, upload_id: str, *, user: str | None = None) -> dict:
+        """The upload's record; NotFound when there is none or (``user`` given) it is someone else's."""
+        with self.sessions() as s:
+            row = s.get(UploadRow, upload_id)
+            if row is None or (user is not None and row.user != user):
+                raise NotFound(f"no upload {upload_id}")
+            return row.to_dict()
 
     # ---------------------------------------------------------------- users and tokens
     def add_user(self, name: str, role: str = "user") -> dict:
@@ -280,6 +323,37 @@ class JobStore:
                     return s.get(JobRow, job_id, populate_existing=True).to_dict()
         return None
 
+    def claim_compatible(self, worker: str, head: dict, *, max_jobs: int, max_images: int,
+                         lease_s: float = 30.0) -> list[dict]:
+        """More queued jobs to run in one pipeline call with ``head`` (a job this worker has just claimed): the
+        same type and ``batch_key``, in priority then age order, none of lower priority than ``head`` (a batch
+        never lets lower-priority work ahead), at most ``max_jobs`` jobs and ``max_images`` images in all. Each
+        is claimed as ``claim`` does (one claimant, its own lease and attempt count)."""
+        if not head.get("batch_key") or max_jobs < 1 or max_images < 1:
+            return []
+        claimed: list[dict] = []
+        images = 0
+        with self.sessions() as s:
+            q = (select(JobRow.id, JobRow.request).where(
+                JobRow.status == "queued", JobRow.type == head["type"], JobRow.batch_key == head["batch_key"],
+                JobRow.priority >= head["priority"], JobRow.id != head["id"])
+                .order_by(JobRow.priority.desc(), JobRow.created_at.asc()).limit(4 * max_jobs))
+            for job_id, request in s.execute(q).all():
+                n = job_images(request)
+                if images + n > max_images:
+                    continue
+                now = time.time()
+                won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
+                    status="running", lease_owner=worker, lease_expires=now + lease_s, started_at=now,
+                    attempts=JobRow.attempts + 1, progress=0.0)).rowcount
+                s.commit()
+                if won == 1:
+                    claimed.append(s.get(JobRow, job_id, populate_existing=True).to_dict())
+                    images += n
+                    if len(claimed) >= max_jobs or images >= max_images:
+                        break
+        return claimed
+
     def heartbeat(self, job_id: str, worker: str, *, lease_s: float = 30.0, progress: float | None = None,
                   note: str | None = None) -> dict | None:
         """Renew the lease (and record progress); None when the lease is lost (another worker has the job)."""
@@ -311,3 +385,11 @@ class JobStore:
 
     def canceled(self, job_id: str, worker: str) -> bool:
         return self._finish(job_id, worker, status="canceled", error="canceled")
+
+
+def job_images(request: dict) -> int:
+    """How many images a generate request makes (batch_size x batch_count)."""
+    try:
+        return max(1, int(request.get("batch_size") or 1)) * max(1, int(request.get("batch_count") or 1))
+    except (TypeError, ValueError, AttributeError):
+        return 1

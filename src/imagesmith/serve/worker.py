@@ -2,12 +2,20 @@
 
 Outputs of an attempt go to ``<outputs>/<user>/<job id>/attempt-<n>/``; the job's result names that folder's
 files only when this worker's ``complete`` wins (a worker that lost its lease deletes its attempt folder), so a
-job that ran twice after a crash still has exactly one set of outputs."""
+job that ran twice after a crash still has exactly one set of outputs.
+
+Batching: a worker that claims a txt2img ``generate`` job also claims up to ``batch - 1`` queued jobs with the same
+:func:`batch_key` (same model, size, LoRAs, VAE, sampler, steps, CFG, clip skip, hires fix; prompts and seeds may
+differ) and runs them as one pipeline call (:meth:`Engine.generate_many`). Each job keeps its own lease, heartbeat,
+cancel, attempt folder, metadata and result; its result says ``batch: {jobs: K, ...}``. ``batch`` comes from
+``IMAGESMITH_WORKER_BATCH`` (default 4; 1 turns batching off)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -99,12 +107,52 @@ def validate_request(job_type: str, request: dict, settings: Settings | None = N
     raise BadRequest(f"unknown job type {job_type!r}; known: {', '.join(JOB_TYPES)}")
 
 
+def batch_key(job_type: str, request: dict) -> str | None:
+    """The key under which queued jobs may share one pipeline call (None: this job runs on its own). Only
+    txt2img ``generate`` requests with ``batch_count`` 1 and no ControlNet or detailer; the key covers everything
+    that must be equal for one call: model, VAE, LoRAs and their weights (from the list and ``<lora:>`` tags),
+    clip skip, steps, CFG, sampler, schedule, size (and ``--ar``), hires fix. Prompts, negative prompts, seeds,
+    variation seeds and batch sizes may differ. The engine checks compatibility again after resolving the
+    models (:meth:`Engine.batch_key`) and splits what cannot share a call, so a key that is too loose costs
+    another call, never a wrong picture."""
+    if job_type != "generate":
+        return None
+    from ..core.errors import ImagesmithError
+    from ..engine.prompts import extract_lora_tags, extract_prompt_params
+    try:
+        req = GenerateRequest.model_validate(request)
+        text, params = extract_prompt_params(req.prompt)
+        _, tag_loras = extract_lora_tags(text)
+    except (ImagesmithError, ValueError):
+        return None  # it fails when it runs, on its own
+    if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
+        return None
+    loras: dict[str, float] = {}
+    for spec in [*req.loras, *tag_loras]:  # the engine's rule: the last mention of a name wins
+        loras.pop(spec.name, None)
+        loras[spec.name] = spec.weight
+    fields = {"v": 1, "model": req.model, "vae": req.vae, "loras": list(loras.items()), "clip_skip": req.clip_skip,
+              "steps": req.steps, "cfg_scale": req.cfg_scale, "sampler_name": req.sampler_name,
+              "scheduler": req.scheduler, "width": req.width, "height": req.height, "aspect": params.aspect,
+              "hires": req.hires.model_dump(mode="json") if req.hires else None}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def worker_batch() -> int:
+    """``IMAGESMITH_WORKER_BATCH``: most jobs (and images) one batched pipeline call takes; default 4, 1: off."""
+    from ..core.errors import BadRequest
+    raw = os.environ.get("IMAGESMITH_WORKER_BATCH", "4").strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise BadRequest(f"IMAGESMITH_WORKER_BATCH must be a whole number from 1 to 64, not {raw!r}")
+    return int(raw)
+
+
 class Worker:
     def __init__(self, store: JobStore, settings: Settings | None = None, *, engine=None, worker_id: str | None = None,
-                 lease_s: float = 30.0, heartbeat_s: float | None = None, safety=None):
+                 lease_s: float = 30.0, heartbeat_s: float | None = None, safety=None, batch: int | None = None):
         """``safety``: a :class:`~imagesmith.vision.safety.SafetyGate` for generated images; by default one with
-        the default policy unless ``IMAGESMITH_SAFETY=0``."""
-        import os
+        the default policy unless ``IMAGESMITH_SAFETY=0``. ``batch``: most compatible txt2img jobs (and images)
+        run as one pipeline call; default ``IMAGESMITH_WORKER_BATCH`` or 4; 1 turns batching off."""
         if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
             from ..vision.safety import SafetyGate
             safety = SafetyGate()
@@ -120,6 +168,9 @@ class Worker:
         self.webhook_backoff = 1.0
         self.preview_every_s = 0.5  # live previews (approximate RGB from the latents) at most this often
         self._helpers: dict[str, Any] = {}  # vision helpers kept between jobs (see _loaded)
+        self.batch = worker_batch() if batch is None else int(batch)
+        if self.batch < 1:
+            raise ValueError("batch must be at least 1")
 
     @property
     def engine(self):
@@ -143,11 +194,21 @@ class Worker:
                 self.stopping.wait(poll_s)
 
     def run_once(self) -> bool:
-        """Claim and run one job; False when the queue had none."""
+        """Claim and run one job (with the compatible jobs that can share its pipeline call); False when the
+        queue had none."""
         job = self.store.claim(self.id, lease_s=self.lease_s, loaded_models=self.loaded_models(), types=JOB_TYPES)
         if job is None:
             return False
-        self._run(job)
+        batch = [job]
+        if self.batch > 1 and job.get("batch_key"):
+            from .store import job_images
+            batch += self.store.claim_compatible(self.id, job, max_jobs=self.batch - 1,
+                                                 max_images=self.batch - job_images(job["request"]),
+                                                 lease_s=self.lease_s)
+        if len(batch) == 1:
+            self._run(job)
+        else:
+            self._run_batch(batch)
         return True
 
     def _notify(self, job_id: str) -> None:
@@ -221,6 +282,90 @@ class Worker:
             shutil.rmtree(folder, ignore_errors=True)
             self.store.fail(job["id"], self.id, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
 
+    def _run_batch(self, jobs: list[dict]) -> None:
+        """Compatible generate jobs as one pipeline call. Per job: its lease is renewed and its cancel seen by the
+        heartbeat; a job canceled (or whose lease is lost) while the call runs is dropped from the batch at
+        once (canceled now, its images discarded), and the call stops at its next step only when every job has
+        been dropped. Each remaining job's result is committed once, from its own attempt folder. If the call
+        fails, each job still running gets a run on its own, so one job's error is not the others'."""
+        cancel = CancelToken()  # the whole call: set when no job is left
+        state = {"progress": 0.0, "note": "starting"}
+        dropped: dict[str, str] = {}  # job id -> "canceled" | "lost" | "finishing" (the heartbeat leaves it)
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_s):
+                for job in jobs:
+                    with lock:
+                        if job["id"] in dropped:
+                            continue
+                    row = self.store.heartbeat(job["id"], self.id, lease_s=self.lease_s, progress=state["progress"],
+                                               note=state["note"])
+                    if row is None or row["cancel_requested"]:
+                        with lock:  # unless the main thread is finishing it already
+                            if job["id"] not in dropped:
+                                dropped[job["id"]] = "lost" if row is None else "canceled"
+                                if row is not None:
+                                    self.store.canceled(job["id"], self.id)  # canceled now; the others go on
+                with lock:
+                    if len(dropped) == len(jobs):
+                        cancel.cancel("canceled")
+                        return
+        thread = threading.Thread(target=beat, name=f"heartbeat-batch-{jobs[0]['id'][:8]}", daemon=True)
+        thread.start()
+        folders = [job_folder(self.settings, job) for job in jobs]
+        previews = [self._previewer(job, folder) for job, folder in zip(jobs, folders)]
+        reqs = [GenerateRequest.model_validate(job["request"]) for job in jobs]
+        offsets = [sum(r.batch_size for r in reqs[:i]) for i in range(len(reqs))]
+
+        def on_progress(event: ProgressEvent) -> None:
+            state["progress"] = round(event.fraction, 4)
+            state["note"] = event.phase
+            if event.latents is None or getattr(event.latents, "ndim", 0) != 4:
+                return
+            for job, preview, lo in zip(jobs, previews, offsets):
+                if preview is not None and job["id"] not in dropped:
+                    preview(event.latents[lo:lo + 1])
+        failed: Exception | None = None
+        results = None
+        try:
+            results = self.engine.generate_many(reqs, progress=on_progress, cancel=cancel)
+        except Cancelled:
+            pass  # every job was dropped (canceled or lost): nothing to commit
+        except Exception as exc:  # noqa: BLE001 - handled per job below
+            log.warning("a batch of %d jobs failed (%s: %s); running them one by one", len(jobs),
+                        type(exc).__name__, exc)
+            failed = exc
+        # the heartbeat goes on for the jobs not finished yet (a fallback runs them one after another)
+        for k, (job, folder) in enumerate(zip(jobs, folders)):
+            with lock:
+                reason = dropped.setdefault(job["id"], "finishing")
+            try:
+                if reason != "finishing" or results is None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    if reason == "finishing" and failed is not None:
+                        self._run(job)  # on its own: its own error, or its images (and its own webhook)
+                        continue
+                    if reason == "finishing":  # the call stopped with this job still in it: cannot happen
+                        self.store.canceled(job["id"], self.id)
+                else:
+                    (folder / PREVIEW_NAME).unlink(missing_ok=True)  # the result replaces the preview
+                    out = self._save_generation(results[k], folder)
+                    out["batch"] = {"jobs": len(jobs), "images": sum(r.batch_size for r in reqs), "position": k}
+                    if not self.store.complete(job["id"], self.id, out):
+                        shutil.rmtree(folder, ignore_errors=True)  # canceled meanwhile, or another's result stands
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not kill the worker
+                log.exception("job %s failed", job["id"])
+                shutil.rmtree(folder, ignore_errors=True)
+                self.store.fail(job["id"], self.id, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+            try:
+                self._notify(job["id"])
+            except Exception:  # noqa: BLE001 - a webhook must never take the worker down
+                log.exception("webhook of job %s", job["id"])
+        done.set()
+        thread.join()
+
     def _previewer(self, job: dict, folder: Path):
         """A callable that writes ``preview.jpg`` from latents (throttled), or None for jobs/models without one."""
         if job["type"] not in (*GENERATE_TYPES, "grid", "restyle", "storyboard"):
@@ -279,28 +424,8 @@ class Worker:
         from ..core.imageio import save_png_atomic
         folder.mkdir(parents=True, exist_ok=True)
         if job["type"] in GENERATE_TYPES:
-            from ..core.metadata import write_metadata_chunks
             req = GenerateRequest.model_validate(job["request"])
-            result = self.engine.generate(req, progress=progress, cancel=cancel)
-            files, withheld = [], []
-            for image, record in zip(result.images, result.records):
-                chunks = write_metadata_chunks(result, record)
-                if self.safety is not None:
-                    verdict = self.safety.check_image(image)
-                    if verdict.flagged:
-                        withheld.append({"seed": record.seed, "reason": verdict.reason, "score": verdict.score})
-                        if self.safety.policy.action == "withhold":
-                            continue
-                        image = self.safety.apply(image)
-                        chunks["imagesmith-safety"] = f"blurred: {verdict.reason}"
-                path = folder / f"{record.index:03d}-{record.seed}.png"
-                save_png_atomic(image, path, text_chunks=chunks)
-                files.append({"path": str(path), "seed": record.seed, "infotext": record.infotext,
-                              "width": image.width, "height": image.height})
-            out = {"files": files, "model": result.model_name, "seconds": round(result.seconds, 3)}
-            if withheld:
-                out["safety"] = {"action": self.safety.policy.action, "flagged": withheld}
-            return out
+            return self._save_generation(self.engine.generate(req, progress=progress, cancel=cancel), folder)
         if job["type"] == "cutout":
             from ..core.imageio import load_image
             from ..vision.cutout import cutout
@@ -365,6 +490,31 @@ class Worker:
             path.write_text(json.dumps(answer, indent=1, ensure_ascii=False), encoding="utf-8")
             return {**answer, "files": [{"path": str(path), "kind": "json"}]}
         raise ImagesmithError(f"unknown job type {job['type']!r}")
+
+    def _save_generation(self, result, folder: Path) -> dict[str, Any]:
+        """A generation's images as PNGs with their metadata (after the safety check) and the job's result."""
+        from ..core.imageio import save_png_atomic
+        from ..core.metadata import write_metadata_chunks
+        folder.mkdir(parents=True, exist_ok=True)
+        files, withheld = [], []
+        for image, record in zip(result.images, result.records):
+            chunks = write_metadata_chunks(result, record)
+            if self.safety is not None:
+                verdict = self.safety.check_image(image)
+                if verdict.flagged:
+                    withheld.append({"seed": record.seed, "reason": verdict.reason, "score": verdict.score})
+                    if self.safety.policy.action == "withhold":
+                        continue
+                    image = self.safety.apply(image)
+                    chunks["imagesmith-safety"] = f"blurred: {verdict.reason}"
+            path = folder / f"{record.index:03d}-{record.seed}.png"
+            save_png_atomic(image, path, text_chunks=chunks)
+            files.append({"path": str(path), "seed": record.seed, "infotext": record.infotext,
+                          "width": image.width, "height": image.height})
+        out = {"files": files, "model": result.model_name, "seconds": round(result.seconds, 3)}
+        if withheld:
+            out["safety"] = {"action": self.safety.policy.action, "flagged": withheld}
+        return out
 
     def _vision(self, job_type: str, request: dict) -> dict[str, Any]:
         """describe / classify / prompt_expand: the same functions as the CLI commands."""
