@@ -868,7 +868,9 @@ def grid(
 @app.command("serve")
 def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(7860, "--port"),
           workers: int = typer.Option(1, "--workers", help="worker threads in this process (0: API only; run `imagesmith worker`)"),
-          ray_address: Optional[str] = typer.Option(None, "--ray", help="run the workers as Ray actors: 'auto', 'local' or a cluster address")):
+          ray_address: Optional[str] = typer.Option(None, "--ray", help="run the workers as Ray actors: 'auto', 'local' or a cluster address"),
+          batch: Optional[int] = typer.Option(None, "--batch", min=1, max=64, help="most compatible txt2img jobs one "
+                                              "pipeline call takes (default IMAGESMITH_WORKER_BATCH or 4; 1: off)")):
     """Start the HTTP API (/v1 jobs, A1111-compatible /sdapi/v1, OpenAPI at /docs) with its worker(s)."""
     import threading
 
@@ -883,11 +885,11 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
     auth = not loopback or os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
     if ray_address:
         from .serve.ray_workers import start_ray_workers
-        actors = start_ray_workers(ray_address, store.url, str(settings.home), max(1, workers))
+        actors = start_ray_workers(ray_address, store.url, str(settings.home), max(1, workers), batch=batch)
         print(f"{len(actors)} Ray worker actor(s) on {ray_address}", file=sys.stderr)
     else:
         for _ in range(workers):
-            threading.Thread(target=Worker(store, settings).run_forever, daemon=True).start()
+            threading.Thread(target=Worker(store, settings, batch=batch).run_forever, daemon=True).start()
     if auth:
         print("auth on: every route but /healthz and /readyz needs 'Authorization: Bearer <token>' "
               "(imagesmith users add NAME; imagesmith tokens create NAME)", file=sys.stderr)
@@ -919,14 +921,17 @@ def tokens_create(user: str):
 
 @app.command("worker")
 def worker_cmd(lease: float = typer.Option(30.0, "--lease", min=1.0, help="seconds a claimed job is leased for; a "
-                                           "dead worker's job runs again after it (heartbeats renew it)")):
+                                           "dead worker's job runs again after it (heartbeats renew it)"),
+               batch: Optional[int] = typer.Option(None, "--batch", min=1, max=64, help="most compatible txt2img "
+                                                   "jobs one pipeline call takes (default IMAGESMITH_WORKER_BATCH "
+                                                   "or 4; 1: off)")):
     """Run a worker against the job store (IMAGESMITH_DATABASE_URL, default the home's SQLite)."""
     from .core.settings import Settings
     from .serve.app import default_store
     from .serve.worker import Worker
     settings = Settings.from_env()
-    w = Worker(default_store(settings), settings, lease_s=lease)
-    print(f"worker {w.id} on {w.store.url.split('://')[0]}", file=sys.stderr)
+    w = Worker(default_store(settings), settings, lease_s=lease, batch=batch)
+    print(f"worker {w.id} on {w.store.url.split('://')[0]} (batches of up to {w.batch})", file=sys.stderr)
     w.run_forever()
 
 

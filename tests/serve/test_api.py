@@ -270,6 +270,30 @@ def test_describe_classify_and_prompt_expand_jobs(served):
         assert 400 <= r.status_code < 500 and "error" in r.json(), (bad, r.text)
 
 
+def test_vision_jobs_on_a_registered_transformers_clip(served):
+    """classify / describe jobs take ``clip``: a registered CLIP by name, never a path; unknown ones are 404s."""
+    from fixtures.tiny import build_tiny_transformers_clip
+    from imagesmith.models.clip import load_clip
+    client, _, settings = served
+    build_tiny_transformers_clip(settings.models_dir / "clip" / "tiny-clip")
+    im = Image.new("RGB", (64, 64), (220, 40, 40))
+    upload = client.post("/v1/uploads", files={"file": ("r.png", png(im), "image/png")}).json()["id"]
+    job = wait(client, client.post("/v1/jobs", json={"type": "classify", "request": {
+        "images": [upload], "labels": ["apple", "car"], "clip": "tiny-clip"}}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    row = job["result"]["results"][0]
+    expected = dict(load_clip("tiny-clip", settings=settings).classify(im, ["apple", "car"]))
+    assert row["model"] == "tiny-clip" and abs(row["probabilities"]["apple"] - expected["apple"]) < 1e-3
+    job = wait(client, client.post("/v1/jobs", json={"type": "describe", "request": {
+        "image": upload, "clip": "tiny-clip"}}).json()["job_id"])
+    assert job["status"] == "succeeded" and job["result"]["description"]["clip"] == "tiny-clip", job
+    r = client.post("/v1/jobs", json={"type": "classify", "request": {"images": [upload], "labels": ["a", "b"],
+                                                                     "clip": "no-such-clip"}})
+    assert r.status_code == 404 and "no CLIP named 'no-such-clip'" in r.json()["error"]["message"]
+    r = client.post("/v1/jobs", json={"type": "describe", "request": {"image": upload, "clip": "/etc/clip"}})
+    assert 400 <= r.status_code < 500 and "not a path" in r.json()["error"]["message"]
+
+
 def test_restyle_job_returns_the_image_boxes_and_objects(served):
     client, _, _ = served
     im = Image.new("RGB", (128, 128), (235, 235, 240))

@@ -222,6 +222,8 @@ class DescribeRequest(BaseModel):
     top: int = Field(5, ge=1, le=50, description="how many tags")
     captioner: str | None = Field(None, description="a BLIP/VLM folder or a name under models/captioners")
     question: str | None = Field(None, max_length=300, description="BLIP's text prefix or the VLM's instruction")
+    clip: str | None = Field(None, max_length=200, description="the CLIP that names the object and the tags: "
+                             "house-clip (default) or a registered transformers CLIP (models list --kind clip)")
 
     @model_validator(mode="after")
     def _question_needs_captioner(self) -> "DescribeRequest":
@@ -235,10 +237,12 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     images: list[str] = Field(..., min_length=1, max_length=64, description="uploaded file ids or paths")
-    labels: list[str] | None = Field(None, min_length=2, max_length=1000, description="zero-shot labels (house-clip)")
+    labels: list[str] | None = Field(None, min_length=2, max_length=1000, description="zero-shot labels (a CLIP)")
     imagenet: bool = Field(False, description="the 1,000 ImageNet classes (EfficientNet-Lite0)")
     gate: str | None = Field(None, description="a trained gate's name")
     top: int = Field(5, ge=1, le=1000)
+    clip: str | None = Field(None, max_length=200, description="zero-shot on this CLIP: house-clip (default) or a "
+                             "registered transformers CLIP (models list --kind clip); a gate uses its own")
 
     @model_validator(mode="after")
     def _one_mode(self) -> "ClassifyRequest":

@@ -233,6 +233,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             request["base"] = resolve_inputs(job_type, request["base"], who)
         if isinstance(request.get("captioner"), str) and not re.fullmatch(r"[\w.-]+", request["captioner"]):
             raise BadRequest("captioner: give the name of a folder under models/captioners, not a path")
+        if isinstance(request.get("clip"), str) and not re.fullmatch(r"[\w.-]+", request["clip"]):
+            raise BadRequest("clip: give the name of a registered CLIP (models list --kind clip), not a path")
         return request
 
     # ---------------------------------------------------------------- jobs

@@ -17,13 +17,15 @@ def _actor_class():
 
     @ray.remote
     class RayWorker:
-        def __init__(self, database_url: str, home: str, worker_id: str, lease_s: float = 30.0):
+        def __init__(self, database_url: str, home: str, worker_id: str, lease_s: float = 30.0,
+                     batch: int | None = None):
             from ..core.settings import Settings
             from .store import JobStore
             from .worker import Worker
             import threading
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            self.worker = Worker(JobStore(database_url), Settings(home=home), worker_id=worker_id, lease_s=lease_s)
+            self.worker = Worker(JobStore(database_url), Settings(home=home), worker_id=worker_id, lease_s=lease_s,
+                                 batch=batch)
             self.thread = threading.Thread(target=self.worker.run_forever, kwargs={"poll_s": 0.2}, daemon=True)
             self.thread.start()
 
@@ -40,7 +42,7 @@ def _actor_class():
 
 
 def start_ray_workers(address: str, database_url: str, home: str, count: int = 1, *, lease_s: float = 30.0,
-                      init_kwargs: dict | None = None) -> list:
+                      init_kwargs: dict | None = None, batch: int | None = None) -> list:
     """Connect to (``address``) or start (``auto``/``local``) a Ray cluster and start ``count`` worker actors."""
     import ray
     if not ray.is_initialized():
@@ -53,4 +55,4 @@ def start_ray_workers(address: str, database_url: str, home: str, count: int = 1
     gpus = ray.cluster_resources().get("GPU", 0)
     cls = _actor_class()
     options = {"num_gpus": 1} if gpus >= count else {"num_cpus": 1}
-    return [cls.options(**options).remote(database_url, home, f"ray-{i}", lease_s) for i in range(count)]
+    return [cls.options(**options).remote(database_url, home, f"ray-{i}", lease_s, batch) for i in range(count)]

@@ -85,6 +85,7 @@ def validate_request(job_type: str, request: dict, settings: Settings | None = N
         if req.gate:
             from ..vision.classify import Gate
             Gate(req.gate)  # an unknown gate is a 4xx now
+        _check_clip(req.clip, settings)
         return req.model_dump(mode="json"), req.model
     if job_type == "storyboard":
         from ..workflows.storyboard import StoryboardRequest, plan_storyboard
@@ -102,9 +103,24 @@ def validate_request(job_type: str, request: dict, settings: Settings | None = N
         req = model.model_validate(request)
         if job_type == "classify" and req.gate:
             from ..vision.classify import Gate
-            Gate(req.gate)  # an unknown gate is a 4xx now
+            gate = Gate(req.gate, settings)  # an unknown gate is a 4xx now
+            if req.clip is not None and req.clip != gate.embedder:
+                raise BadRequest(f"gate {req.gate!r} runs on the CLIP it was trained on ({gate.embedder}), not "
+                                 f"{req.clip}")
+        _check_clip(getattr(req, "clip", None), settings)
         return req.model_dump(mode="json"), None
     raise BadRequest(f"unknown job type {job_type!r}; known: {', '.join(JOB_TYPES)}")
+
+
+def _check_clip(name: str | None, settings: Settings | None) -> None:
+    """A request's ``clip`` must be house-clip or a registered transformers CLIP, by name (never a path)."""
+    if name is None or name == "house-clip":
+        return
+    from ..models.clip import clip_folders
+    known = clip_folders(settings or Settings.from_env())
+    if name not in known:
+        from ..core.errors import NotFound
+        raise NotFound(f"no CLIP named {name!r}; known: {', '.join(['house-clip', *known])}")
 
 
 def batch_key(job_type: str, request: dict) -> str | None:
@@ -530,15 +546,32 @@ class Worker:
             req = R.ClassifyRequest.model_validate(request)
             images = [load_image(i, settings=self.settings, mode="RGB", what="image") for i in req.images]
             rows = classify_images(images, labels=req.labels, imagenet=req.imagenet, gate=req.gate, top=req.top,
-                                   settings=self.settings)
+                                   settings=self.settings, clip=self._clip(req.clip) if req.labels else None)
             return {"results": [{"image": i, **r} for i, r in zip(req.images, rows)]}
         from ..vision.caption import TransformersCaptioner, describe
         req = R.DescribeRequest.model_validate(request)
         image = load_image(req.image, settings=self.settings, mode="RGB", what="image")
         model_cap = TransformersCaptioner(req.captioner, settings=self.settings) if req.captioner else None
-        return {"description": describe(image, top_k=req.top, captioner=self._loaded("captioner"),
+        return {"description": describe(image, top_k=req.top, captioner=self._captioner(req.clip),
                                         imagenet=self._loaded("imagenet"), model_captioner=model_cap,
                                         question=req.question)}
+
+    def _clip(self, name: str | None):
+        """A CLIP by name, kept between jobs (house-clip for None)."""
+        key = f"clip:{name or 'house-clip'}"
+        if key not in self._helpers:
+            from ..models.clip import load_clip
+            self._helpers[key] = load_clip(name, settings=self.settings)
+        return self._helpers[key]
+
+    def _captioner(self, clip: str | None):
+        if clip in (None, "house-clip"):
+            return self._loaded("captioner")
+        key = f"captioner:{clip}"
+        if key not in self._helpers:
+            from ..vision.caption import Captioner
+            self._helpers[key] = Captioner(clip=self._clip(clip), settings=self.settings)
+        return self._helpers[key]
 
     def _loaded(self, what: str):
         """The vision helpers a worker keeps between jobs (each loads an encoder: ~0.2-1 s a time)."""
