@@ -600,6 +600,8 @@ def house_sheet(output: Path = typer.Option(Path("docs/house-ldm-samples.png"), 
 def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all"),
                n: int = typer.Option(64, "--n", help="held-out samples (ldm)"),
                model: Optional[str] = typer.Option(None, "--model", help="checkpoint for ldm (default: house-ldm)"),
+               steps: int = typer.Option(20, "--steps", min=1, max=150, help="ldm: sampling steps"),
+               cfg: float = typer.Option(5.0, "--cfg", min=0.0, max=30.0, help="ldm: CFG scale"),
                as_json: bool = typer.Option(False, "--json")):
     """Held-out metrics of the house models (val_views / val_objects splits of the house dataset)."""
     from .train import house_eval as E
@@ -622,7 +624,8 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
         from .models.house_clip import load_house_clip
         from .models.segment import load_segmenter
         results["house-ldm"] = E.evaluate_ldm(_engine(), load_house_clip(), cutout=load_segmenter("house-cutout"),
-                                              n=n, model=model, progress=not as_json)
+                                              n=n, model=model, progress=not as_json,
+                                              settings=E.SheetSettings(steps=steps, cfg_scale=cfg))
     print(json.dumps(results, indent=2))
 
 
