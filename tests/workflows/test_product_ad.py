@@ -200,3 +200,26 @@ def test_ghost_objects_next_to_the_product_are_cleared_props_elsewhere_stay():
     ghosts = ghost_objects(Image.new("RGB", (100, 100)), product, FakeSegmenter())
     assert ghosts[35, 25] == 1.0 and ghosts[50, 30] == 1.0  # the ghost, beyond the footprint
     assert ghosts[10, 90] == 0.0 and ghosts[90, 90] == 0.0  # the prop and the empty floor
+
+
+def test_banner_scenes_lose_their_props_but_never_the_table():
+    """For banners (a thin band of a wider painted scene) props are cleared too: compact regions anywhere, up to
+    max_prop_frac of the scene; a region across the scene (a table touching three edges) always stays."""
+    from imagesmith.workflows.product_ad import ghost_objects
+
+    class FakeSegmenter:
+        def predict(self, image):
+            m = np.zeros((100, 200), np.float32)
+            m[20:70, 10:90] = 1.0    # a big painted blob, 20% of the scene, touching no edge
+            m[5:15, 180:195] = 1.0   # a small prop
+            m[85:, :] = 1.0          # the table: left, right and bottom edges
+            return m
+
+    product = np.zeros((100, 200), np.float32)
+    product[40:60, 150:165] = 1.0
+    kept = ghost_objects(Image.new("RGB", (200, 100)), product, FakeSegmenter())
+    assert kept.sum() == 0  # nothing touches the product: without props nothing is cleared
+    cleared = ghost_objects(Image.new("RGB", (200, 100)), product, FakeSegmenter(), props=True, max_prop_frac=0.5)
+    assert cleared[40, 50] == 1.0 and cleared[10, 185] == 1.0 and cleared[95, 100] == 0.0
+    small = ghost_objects(Image.new("RGB", (200, 100)), product, FakeSegmenter(), props=True, max_prop_frac=0.1)
+    assert small[40, 50] == 0.0 and small[10, 185] == 1.0  # the blob is over the size limit

@@ -31,6 +31,7 @@ from ..core.settings import Settings
 
 # on the generation canvas the product must stay as it is (black = keep in the inpainting mask)
 _KEEP_THRESHOLD = 0.5
+_BAND_ASPECT = 3.0  # formats wider (or taller) than this are bands cropped from a scene painted at most 2.5:1
 
 AdProgress = Callable[[int, int, str], None]  # (done, total, label)
 
@@ -192,6 +193,15 @@ class ProductAdStudio:
                               init_image=str(init_path), mask=str(mask_path), denoising_strength=1.0,
                               mask_blur=1)
         painted = self.engine.generate(gen, progress=progress).images[0]
+        if max(fmt.width / fmt.height, fmt.height / fmt.width) > _BAND_ASPECT:
+            # a banner is a thin band cropped from a wider scene: objects the model painted around the small
+            # product are whole in the canvas (and cut by both edges of the band), so they are found and
+            # cleared here, before the crop, where they can still be told from the backdrop
+            from ..compose.composite import clear_footprint
+            props = ghost_objects(painted, np.where(keep, 1.0, 0.0).astype(np.float32),
+                                  self.segmenter(req.segmenter), props=True, max_prop_frac=0.5)
+            if props.any():
+                painted = clear_footprint(painted, props)
         factor = max(fmt.width / painted.width, fmt.height / painted.height)
         if factor > 1.01 and req.upscaler != "Lanczos":
             painted = self.engine.upscalers().get(req.upscaler).upscale(painted, min(4.0, math.ceil(factor)))
@@ -359,11 +369,13 @@ def _safe(name: str) -> str:
 
 
 def ghost_objects(background: Image.Image, product_alpha: np.ndarray, segmenter, *, grow_frac: float = 0.06,
-                  threshold: float = 0.25) -> np.ndarray:
+                  threshold: float = 0.25, props: bool = False, max_prop_frac: float = 0.25) -> np.ndarray:
     """Objects the generator painted around the product: regions of the segmenter's matte of the painted scene
     that touch the product's (grown) footprint. A text-to-image model that knows the product draws more of it
     in the hole around it (a second, larger sneaker behind the real one); these are cleared with the footprint.
-    Objects elsewhere in the scene are props and stay. Returns an H x W 0/1 float mask."""
+    Objects elsewhere in the scene are props and stay, unless ``props``: then compact regions (at most
+    ``max_prop_frac`` of the image, touching at most two edges) go too; a table or a wall is never one.
+    Returns an H x W 0/1 float mask."""
     import cv2
     matte = np.asarray(segmenter.predict(background.convert("RGB")), np.float32)
     if matte.max() > 1.0:
@@ -379,4 +391,8 @@ def ghost_objects(background: Image.Image, product_alpha: np.ndarray, segmenter,
         region = labels == k
         if (region & (near > 0)).any():
             ghosts[region] = 1.0
+        elif props and region.mean() <= max_prop_frac:
+            edges = int(region[0].any()) + int(region[-1].any()) + int(region[:, 0].any()) + int(region[:, -1].any())
+            if edges <= 2:
+                ghosts[region] = 1.0
     return ghosts
