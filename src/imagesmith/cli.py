@@ -725,6 +725,8 @@ def ad(products: List[str] = typer.Argument(..., help="product photos (files or 
                                       "(then its pixels may change; the manifest says so)"),
        harmonize_mode: str = typer.Option("edge", "--harmonize-mode", help="edge (edge band) or full (whole product)"),
        segmenter: Optional[str] = typer.Option(None, "--segmenter"),
+       props: str = typer.Option("auto", "--props", help="objects painted away from the product: auto (cleared in "
+                                 "banners and for house models), keep or clear"),
        output: Path = typer.Option(..., "--output", "-o", help="output folder (manifest.json goes here)"),
        as_json: bool = typer.Option(False, "--json", help="print the manifest on stdout")):
     """Product photos + a concept -> finished ads in every format (PNG + editable HTML + manifest.json)."""
@@ -745,7 +747,7 @@ def ad(products: List[str] = typer.Argument(..., help="product photos (files or 
                   brand_color=brand_color, formats=[f.strip() for f in formats.split(",") if f.strip()],
                   variations=variations, seed=seed, model=model, steps=steps, cfg_scale=cfg, sampler_name=sampler,
                   scheduler=schedule, upscaler=upscaler, position=position, shadow=not no_shadow, reflection=reflection,
-                  harmonize=harmonize_mode if harmonize else "off", segmenter=segmenter)
+                  harmonize=harmonize_mode if harmonize else "off", segmenter=segmenter, props=props)
     if negative is not None:
         fields["negative_prompt"] = negative
     req = AdRequest(**fields)

@@ -223,3 +223,19 @@ def test_banner_scenes_lose_their_props_but_never_the_table():
     assert cleared[40, 50] == 1.0 and cleared[10, 185] == 1.0 and cleared[95, 100] == 0.0
     small = ghost_objects(Image.new("RGB", (200, 100)), product, FakeSegmenter(), props=True, max_prop_frac=0.1)
     assert small[40, 50] == 0.0 and small[10, 185] == 1.0  # the blob is over the size limit
+
+
+def test_props_auto_clears_for_house_models_and_in_banners(studio, tiny_home):
+    """props=auto: the shipped house model's stray objects go everywhere; a user's checkpoint keeps its props
+    except in banners, whose band crop would cut them; keep/clear override both."""
+    from imagesmith.compose.formats import FORMATS
+    from imagesmith.engine.generate import Engine
+    from imagesmith.workflows.product_ad import ProductAdStudio
+    square, band = FORMATS["1:1"], FORMATS["728x90"]
+    base = dict(products=["p.png"], concept="on a table", headline="Hi")
+    assert studio.clear_props(AdRequest(**base), square) and studio.clear_props(AdRequest(**base), band)  # house-ldm
+    user = ProductAdStudio(Engine(tiny_home, device="cpu"))
+    assert not user.clear_props(AdRequest(**base, model="tiny-sd15"), square)
+    assert user.clear_props(AdRequest(**base, model="tiny-sd15"), band)
+    assert not studio.clear_props(AdRequest(**base, props="keep"), band)
+    assert user.clear_props(AdRequest(**base, model="tiny-sd15", props="clear"), square)

@@ -212,6 +212,9 @@ class AdRequest(CheckedSampling):
     harmonize: Literal["off", "edge", "full"] = Field(
         "off", description="off keeps product pixels unchanged (guaranteed); edge/full recolour them")
     segmenter: str | None = Field(None, description="segmenter name (default house-cutout)")
+    props: Literal["auto", "keep", "clear"] = Field(
+        "auto", description="objects the model painted away from the product: clear repaints them as backdrop, "
+        "keep leaves them; auto clears them in banners (cropped from a wider scene) and for house models")
 
 
 class DescribeRequest(BaseModel):

@@ -157,9 +157,19 @@ class ProductAdStudio:
             self._segmenter = seg
         return seg
 
+    def _checkpoint(self, model: str | None):
+        return self.engine.registry.get(model, "checkpoint") if model else self.engine._default_checkpoint()
+
     def _native(self, model: str | None) -> int:
-        entry = self.engine.registry.get(model, "checkpoint") if model else self.engine._default_checkpoint()
-        return self.engine._native_size(entry)
+        return self.engine._native_size(self._checkpoint(model))
+
+    def clear_props(self, req: AdRequest, fmt) -> bool:
+        """Whether objects painted away from the product go (``props``): always in banners under auto, where
+        the band crop cuts them; elsewhere under auto only for the shipped house models, which paint stray
+        emoji-like blobs rather than props a person would keep."""
+        if req.props != "auto":
+            return req.props == "clear"
+        return _is_band(fmt) or bool(self._checkpoint(req.model).builtin)
 
     def paint_background(self, req: AdRequest, fmt, box: tuple[int, int, int, int], product: Image.Image,
                          seed: int, workdir: Path, progress: Optional[Callable] = None) -> Image.Image:
@@ -193,7 +203,7 @@ class ProductAdStudio:
                               init_image=str(init_path), mask=str(mask_path), denoising_strength=1.0,
                               mask_blur=1)
         painted = self.engine.generate(gen, progress=progress).images[0]
-        if max(fmt.width / fmt.height, fmt.height / fmt.width) > _BAND_ASPECT:
+        if _is_band(fmt) and self.clear_props(req, fmt):
             # a banner is a thin band cropped from a wider scene: objects the model painted around the small
             # product are whole in the canvas (and cut by both edges of the band), so they are found and
             # cleared here, before the crop, where they can still be told from the backdrop
@@ -232,7 +242,8 @@ class ProductAdStudio:
         product_alpha = np.zeros((fmt.height, fmt.width), np.float32)
         fa = np.asarray(fitted.getchannel("A"), np.float32) / 255.0
         product_alpha[box[1]:box[3], box[0]:box[2]] = fa[:box[3] - box[1], :box[2] - box[0]]
-        ghosts = ghost_objects(background, product_alpha, self.segmenter(req.segmenter))
+        ghosts = ghost_objects(background, product_alpha, self.segmenter(req.segmenter),
+                               props=self.clear_props(req, fmt) and not _is_band(fmt))  # bands: done on the scene
         background = clear_footprint(background, np.maximum(product_alpha, ghosts))
         if req.copy_blur > 0:
             background = calm_region(background, placement.copy_area, sigma_frac=req.copy_blur)
@@ -366,6 +377,10 @@ def _product_pixels(fitted: Image.Image, box, size) -> np.ndarray:
 
 def _safe(name: str) -> str:
     return name.replace(":", "x").replace(".", "_").replace("/", "_")
+
+
+def _is_band(fmt) -> bool:
+    return max(fmt.width / fmt.height, fmt.height / fmt.width) > _BAND_ASPECT
 
 
 def ghost_objects(background: Image.Image, product_alpha: np.ndarray, segmenter, *, grow_frac: float = 0.06,
