@@ -24,11 +24,9 @@ from imagesmith.serve.worker import Worker
 
 @pytest.fixture(scope="module")
 def served(tiny_home, tmp_path_factory):
+    from fixtures.tiny import home_with_tiny_sd15
     home = tmp_path_factory.mktemp("served")
-    settings = Settings(home=home)
-    settings.ensure_home()
-    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sd15",
-                                                                   target_is_directory=True)
+    settings = home_with_tiny_sd15(home, tiny_home)
     store = JobStore(f"sqlite:///{home / 'jobs.db'}")
     worker = Worker(store, settings, engine=Engine(settings, device="cpu"), lease_s=10)
     thread = threading.Thread(target=worker.run_forever, kwargs={"poll_s": 0.05}, daemon=True)

@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from fastapi.testclient import TestClient
 
-from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.serve.app import create_app
 from imagesmith.serve.store import JobStore, token_digest
@@ -27,10 +26,8 @@ GEN = {"prompt": "a red apple", "model": "tiny-sd15", "width": 64, "height": 64,
 
 @pytest.fixture()
 def home(tiny_home, tmp_path):
-    settings = Settings(home=tmp_path / "home")
-    settings.ensure_home()
-    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sd15",
-                                                                   target_is_directory=True)
+    from fixtures.tiny import home_with_tiny_sd15
+    settings = home_with_tiny_sd15(tmp_path / "home", tiny_home)
     return settings
 
 

@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from imagesmith.core.settings import Settings
 from imagesmith.engine import generate as G
 from imagesmith.engine.generate import Engine
 from imagesmith.serve.app import create_app
@@ -30,11 +29,9 @@ OTHER = dict(BASE, prompt="a red apple", seed=14, steps=3)  # another step count
 
 @pytest.fixture(scope="module")
 def engine(tiny_home, tmp_path_factory):
+    from fixtures.tiny import home_with_tiny_sd15
     home = tmp_path_factory.mktemp("batching")
-    settings = Settings(home=home)
-    settings.ensure_home()
-    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sd15",
-                                                                   target_is_directory=True)
+    settings = home_with_tiny_sd15(home, tiny_home)
     return Engine(settings, device="cpu")
 
 

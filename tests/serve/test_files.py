@@ -11,7 +11,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.serve.app import create_app
 from imagesmith.serve.store import JobStore
@@ -24,10 +23,8 @@ GEN = {"prompt": "a red apple", "model": "tiny-sd15", "width": 64, "height": 64,
 @pytest.fixture()
 def served(tiny_home, tmp_path):
     """An authenticated server with users ann and bob and the admin root, and a worker thread."""
-    settings = Settings(home=tmp_path / "home")
-    settings.ensure_home()
-    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sd15",
-                                                                   target_is_directory=True)
+    from fixtures.tiny import home_with_tiny_sd15
+    settings = home_with_tiny_sd15(tmp_path / "home", tiny_home)
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     tokens = {}
     for name, role in (("ann", "user"), ("bob", "user"), ("root", "admin")):

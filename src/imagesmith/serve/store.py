@@ -196,12 +196,17 @@ class JobStore:
                 return old.to_dict(), False
             return row.to_dict(), True
 
-    def get(self, job_id: str, *, user: str | None = None) -> dict:
+    def _owned(self, table, key: str, user: str | None, what: str) -> dict:
+        """The row ``key`` of ``table`` as a dict; NotFound when there is none or (``user`` given) it is
+        someone else's: another user's job or upload is not told apart from a missing one."""
         with self.sessions() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(table, key)
             if row is None or (user is not None and row.user != user):
-                raise NotFound(f"no job {job_id}")
+                raise NotFound(f"no {what} {key}")
             return row.to_dict()
+
+    def get(self, job_id: str, *, user: str | None = None) -> dict:
+        return self._owned(JobRow, job_id, user, "job")
 
     def list(self, *, user: str | None = None, status: str | None = None, limit: int = 50,
              offset: int = 0) -> tuple[list[dict], int]:
@@ -249,11 +254,7 @@ class JobStore:
 
     def get_upload(self, upload_id: str, *, user: str | None = None) -> dict:
         """The upload's record; NotFound when there is none or (``user`` given) it is someone else's."""
-        with self.sessions() as s:
-            row = s.get(UploadRow, upload_id)
-            if row is None or (user is not None and row.user != user):
-                raise NotFound(f"no upload {upload_id}")
-            return row.to_dict()
+        return self._owned(UploadRow, upload_id, user, "upload")
 
     # ---------------------------------------------------------------- users and tokens
     def add_user(self, name: str, role: str = "user") -> dict:
