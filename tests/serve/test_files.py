@@ -82,6 +82,23 @@ def test_uploads_are_served_to_their_owner_and_admins_only(served):
         assert r.json()["error"]["code"] == "bad_request", bad
 
 
+def test_each_user_lists_their_own_uploads_and_the_admin_all(served):
+    client, _, _, tokens = served
+    ids = {who: [client.post("/v1/uploads", files={"file": ("p.png", png(picture()), "image/png")},
+                             headers=tokens[who]).json()["id"] for _ in range(n)] for who, n in (("ann", 3), ("bob", 1))}
+    page = client.get("/v1/uploads?limit=2", headers=tokens["ann"]).json()
+    assert page["total"] == 3 and len(page["uploads"]) == 2 and page["uploads"][0]["id"] == ids["ann"][-1]  # newest
+    rest = client.get("/v1/uploads?limit=2&offset=2", headers=tokens["ann"]).json()["uploads"]
+    assert {u["id"] for u in page["uploads"] + rest} == set(ids["ann"]) and all(u["user"] == "ann" for u in rest)
+    assert [u["id"] for u in client.get("/v1/uploads", headers=tokens["bob"]).json()["uploads"]] == ids["bob"]
+    everyone = client.get("/v1/uploads", headers=tokens["root"]).json()
+    assert everyone["total"] == 4 and {u["user"] for u in everyone["uploads"]} == {"ann", "bob"}
+    assert all(u["url"] == f"/v1/files/{u['id']}" for u in everyone["uploads"])
+    r = client.get("/v1/uploads?limit=0", headers=tokens["ann"])
+    assert 400 <= r.status_code < 500 and r.json()["error"]["code"] == "bad_request"
+    assert client.get("/v1/uploads").status_code == 401
+
+
 def test_jobs_can_only_use_their_callers_uploads(served):
     client, store, _, tokens = served
     ann_upload = client.post("/v1/uploads", files={"file": ("p.png", png(picture().convert("RGB")), "image/png")},

@@ -331,12 +331,23 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         except WebSocketDisconnect:
             pass
 
-    @app.get("/v1/jobs")
-    def list_jobs(request: Request, status: str | None = None, limit: int = 50, offset: int = 0):
+    def check_page(limit: int, offset: int) -> None:
         if not 1 <= limit <= 500 or offset < 0:
             raise BadRequest("limit must be 1..500 and offset >= 0")
+
+    @app.get("/v1/jobs")
+    def list_jobs(request: Request, status: str | None = None, limit: int = 50, offset: int = 0):
+        check_page(limit, offset)
         jobs, total = store.list(user=scope_of(request), status=status, limit=limit, offset=offset)
         return {"jobs": [job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+
+    @app.get("/v1/uploads")
+    def list_uploads(request: Request, limit: int = 50, offset: int = 0):
+        """The caller's uploads, newest first (an admin sees everyone's, with their owners)."""
+        check_page(limit, offset)
+        rows, total = store.list_uploads(user=scope_of(request), limit=limit, offset=offset)
+        return {"uploads": [{**r, "url": f"/v1/files/{r['id']}"} for r in rows], "total": total, "limit": limit,
+                "offset": offset}
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel_job(job_id: str, request: Request):

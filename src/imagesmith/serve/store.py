@@ -216,9 +216,7 @@ class JobStore:
                 q = q.where(JobRow.user == user)
             if status is not None:
                 q = q.where(JobRow.status == status)
-            total = s.scalar(select(func.count()).select_from(q.subquery()))
-            rows = s.scalars(q.order_by(JobRow.created_at.desc()).limit(limit).offset(offset)).all()
-            return [r.to_dict() for r in rows], int(total or 0)
+            return _page(s, q, JobRow.created_at.desc(), limit, offset)
 
     def callback_of(self, job_id: str) -> str | None:
         with self.sessions() as s:
@@ -251,6 +249,14 @@ class JobStore:
             s.add(row)
             s.commit()
             return row.to_dict()
+
+    def list_uploads(self, *, user: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+        """``user``'s uploads (everyone's for None), newest first, and how many there are."""
+        with self.sessions() as s:
+            q = select(UploadRow)
+            if user is not None:
+                q = q.where(UploadRow.user == user)
+            return _page(s, q, UploadRow.created_at.desc(), limit, offset)
 
     def get_upload(self, upload_id: str, *, user: str | None = None) -> dict:
         """The upload's record; NotFound when there is none or (``user`` given) it is someone else's."""
@@ -386,6 +392,13 @@ class JobStore:
 
     def canceled(self, job_id: str, worker: str) -> bool:
         return self._finish(job_id, worker, status="canceled", error="canceled")
+
+
+def _page(session, query, order, limit: int, offset: int) -> tuple[list[dict], int]:
+    """One page of ``query``'s rows (as dicts) in ``order``, and the count of all of them."""
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.scalars(query.order_by(order).limit(limit).offset(offset)).all()
+    return [r.to_dict() for r in rows], int(total or 0)
 
 
 def job_images(request: dict) -> int:
