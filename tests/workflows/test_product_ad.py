@@ -239,3 +239,16 @@ def test_props_auto_clears_for_house_models_and_in_banners(studio, tiny_home):
     assert user.clear_props(AdRequest(**base, model="tiny-sd15"), band)
     assert not studio.clear_props(AdRequest(**base, props="keep"), band)
     assert user.clear_props(AdRequest(**base, model="tiny-sd15", props="clear"), square)
+
+
+def test_the_decoded_border_is_settled_before_upscaling():
+    """The VAE's darker outer rings would become a sharpened dark line after R-ESRGAN: the two outer rings take
+    the third ring's pixels; everything inside is untouched."""
+    from imagesmith.workflows.product_ad import _settle_border
+    rng = np.random.default_rng(0)
+    a = rng.integers(100, 255, (40, 60, 3)).astype(np.uint8)
+    a[:2], a[-2:], a[:, :2], a[:, -2:] = 20, 20, 20, 20  # a dark frame
+    out = np.asarray(_settle_border(Image.fromarray(a)))
+    assert np.array_equal(out[2:-2, 2:-2], a[2:-2, 2:-2])
+    assert np.array_equal(out[0, 2:-2], a[2, 2:-2]) and np.array_equal(out[:, 1][2:-2], a[:, 2][2:-2])
+    assert out.min() >= 100  # no dark pixel left on the border
