@@ -321,13 +321,9 @@ class JobStore:
             order = ([affinity.desc()] if affinity is not None else []) + [JobRow.priority.desc(),
                                                                           JobRow.created_at.asc()]
             for job_id in s.scalars(q.order_by(*order).limit(8)).all():
-                now = time.time()
-                won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
-                    status="running", lease_owner=worker, lease_expires=now + lease_s, started_at=now,
-                    attempts=JobRow.attempts + 1, progress=0.0)).rowcount
-                s.commit()
-                if won == 1:
-                    return s.get(JobRow, job_id, populate_existing=True).to_dict()
+                job = _try_claim(s, job_id, worker, lease_s)
+                if job is not None:
+                    return job
         return None
 
     def claim_compatible(self, worker: str, head: dict, *, max_jobs: int, max_images: int,
@@ -349,13 +345,9 @@ class JobStore:
                 n = job_images(request)
                 if images + n > max_images:
                     continue
-                now = time.time()
-                won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
-                    status="running", lease_owner=worker, lease_expires=now + lease_s, started_at=now,
-                    attempts=JobRow.attempts + 1, progress=0.0)).rowcount
-                s.commit()
-                if won == 1:
-                    claimed.append(s.get(JobRow, job_id, populate_existing=True).to_dict())
+                job = _try_claim(s, job_id, worker, lease_s)
+                if job is not None:
+                    claimed.append(job)
                     images += n
                     if len(claimed) >= max_jobs or images >= max_images:
                         break
@@ -392,6 +384,17 @@ class JobStore:
 
     def canceled(self, job_id: str, worker: str) -> bool:
         return self._finish(job_id, worker, status="canceled", error="canceled")
+
+
+def _try_claim(session, job_id: str, worker: str, lease_s: float) -> dict | None:
+    """Take one queued job with a conditional UPDATE (exactly one claimant wins, even across processes), with
+    a fresh lease and one more attempt; the job as a dict, or None when another worker got it first."""
+    now = time.time()
+    won = session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
+        status="running", lease_owner=worker, lease_expires=now + lease_s, started_at=now,
+        attempts=JobRow.attempts + 1, progress=0.0)).rowcount
+    session.commit()
+    return session.get(JobRow, job_id, populate_existing=True).to_dict() if won == 1 else None
 
 
 def _page(session, query, order, limit: int, offset: int) -> tuple[list[dict], int]:
