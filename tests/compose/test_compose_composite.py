@@ -141,3 +141,21 @@ def test_calm_region_defocuses_only_the_copy_area():
     inside = (slice(30, 90), slice(30, 130))
     assert np.abs(np.diff(out[inside], axis=1)).mean() < 0.3 * np.abs(np.diff(src[inside], axis=1)).mean()
     assert np.array_equal(out[150:, 200:], src[150:, 200:])  # far away: untouched
+
+
+def test_clearing_fills_a_large_hole_from_all_around_not_from_a_trace_on_its_rim():
+    """A cleared object leaves a trace of its colour on the hole's rim (the matte's fringe). The fill takes the
+    colours around the hole, weighted, so the backdrop closes over it; Telea's rim-marching fill drew the trace
+    across the hole as a faint copy of the object."""
+    from imagesmith.compose.composite import clear_footprint
+    teal, green = (80, 200, 210), (40, 170, 90)
+    im = Image.new("RGB", (200, 200), teal)
+    d = ImageDraw.Draw(im)
+    d.rectangle((60, 42, 140, 47), fill=green)            # the trace, just outside the top rim of the hole
+    d.rectangle((60, 54, 140, 150), fill=(230, 40, 200))  # the object being cleared
+    alpha = np.zeros((200, 200), np.float32)
+    alpha[54:151, 60:141] = 1.0
+    out = np.asarray(clear_footprint(im, alpha), np.float32)
+    inside = out[70:140, 75:125].reshape(-1, 3)
+    assert np.abs(inside - np.array(teal)).max() < 40, inside.mean(0)  # backdrop (Telea: 118 off, green)
+    assert np.array_equal(out[:, :20], np.asarray(im)[:, :20])  # far from the hole nothing changes

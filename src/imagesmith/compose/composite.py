@@ -258,10 +258,37 @@ def calm_region(image: Image.Image, box, *, sigma_frac: float = 0.02, feather_fr
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
+def _fill_from_surroundings(rgb: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Fill ``hole`` (bool H x W) of a uint8 RGB image with the colours around it: normalised convolution (the
+    known pixels' Gaussian-weighted mean) at growing radii, each pixel from the smallest radius that reaches
+    enough known pixels. Smooth, like a studio backdrop, and fed by everything around a large hole; Telea's
+    inpainting marches in from the rim only, so a trace of colour on the rim (the fringe of a cleared object)
+    was drawn across the whole hole as a faint copy of the object."""
+    known = (~hole).astype(np.float32)
+    if known.sum() < 1:
+        return rgb
+    src = rgb.astype(np.float32) * known[..., None]
+    out = rgb.astype(np.float32).copy()
+    todo = hole.copy()
+    side = max(rgb.shape[:2])
+    for sigma in (0.02 * side, 0.05 * side, 0.12 * side, 0.3 * side, 1.0 * side):
+        den = cv2.GaussianBlur(known, (0, 0), max(1.0, sigma))
+        num = cv2.GaussianBlur(src, (0, 0), max(1.0, sigma))
+        ok = todo & (den > 0.15)
+        if sigma >= side:
+            ok = todo & (den > 1e-6)
+        out[ok] = num[ok] / den[ok][:, None]
+        todo &= ~ok
+        if not todo.any():
+            break
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def clear_footprint(image: Image.Image, alpha: np.ndarray, *, grow_frac: float = 0.03,
                     work_side: int = 256) -> Image.Image:
-    """Paint the scene over where the product stood in a generated background (OpenCV Telea inpainting on
-    a downscaled copy, blended back only inside the grown footprint). The generator saw a low-resolution
+    """Paint the scene over where the product stood in a generated background (filled from the surrounding
+    colours on a downscaled copy, see :func:`_fill_from_surroundings`; blended back only inside the grown
+    footprint). The generator saw a low-resolution
     product there; upscaled, its blurred rim would show as a light or dark halo around the crisp product
     that is composited on top. ``alpha``: H x W in 0..1 (or 0..255) at the image's size."""
     a = alpha.astype(np.float32)
@@ -280,7 +307,7 @@ def clear_footprint(image: Image.Image, alpha: np.ndarray, *, grow_frac: float =
     small = cv2.resize(arr, (sw, sh), interpolation=cv2.INTER_AREA)
     small_mask = cv2.resize(region * 255, (sw, sh), interpolation=cv2.INTER_NEAREST)
     small_mask = cv2.dilate(small_mask, np.ones((3, 3), np.uint8))
-    filled = cv2.inpaint(small, small_mask, 5, cv2.INPAINT_TELEA)
+    filled = _fill_from_surroundings(small, small_mask > 0)
     filled = cv2.resize(filled, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
     weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), max(1.0, grow / 2))
     weight = np.maximum(weight, region.astype(np.float32))[..., None]
