@@ -309,7 +309,9 @@ def clear_footprint(image: Image.Image, alpha: np.ndarray, *, grow_frac: float =
     small_mask = cv2.dilate(small_mask, np.ones((3, 3), np.uint8))
     filled = _fill_from_surroundings(small, small_mask > 0)
     filled = cv2.resize(filled, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), max(1.0, grow / 2))
-    weight = np.maximum(weight, region.astype(np.float32))[..., None]
+    # a feather across the region's edge (inside and out), so the filled backdrop fades into the painted one
+    # instead of ending at a contour; the product's own footprint stays fully cleared
+    weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), max(1.0, float(grow)))
+    weight = np.maximum(weight, cv2.dilate(solid, kernel).astype(np.float32))[..., None]
     out = arr.astype(np.float32) * (1 - weight) + filled * weight
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
