@@ -47,6 +47,14 @@ class ClipScoring:
 
     name: str = "clip"
 
+    @staticmethod
+    def _in_batches(items, batch_size: int, features, dim: int) -> torch.Tensor:
+        """``features(batch)`` (unnormalised projections) over ``items`` in batches -> [N, dim] L2-normalised,
+        float32, on the CPU: what every backbone's ``encode_images`` / ``encode_texts`` returns."""
+        out = [F.normalize(features(list(items[i:i + batch_size])).float(), dim=-1).cpu()
+               for i in range(0, len(items), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, dim)
+
     def encode_images(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -137,26 +145,21 @@ class TransformersClip(ClipScoring):
 
     @torch.no_grad()
     def encode_images(self, images: Sequence, batch_size: int = 32) -> torch.Tensor:
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        out = []
-        for start in range(0, len(images), batch_size):
-            batch = [im.convert("RGB") for im in images[start:start + batch_size]]
-            pix = self.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(F.normalize(_features(self.model.get_image_features(pixel_values=pix)), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+        def features(batch):
+            pix = self.image_processor(images=[im.convert("RGB") for im in batch], return_tensors="pt")
+            return _features(self.model.get_image_features(pixel_values=pix["pixel_values"].to(self.device)))
+        return self._in_batches(images if isinstance(images, (list, tuple)) else [images], batch_size, features,
+                                self.embed_dim)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        out = []
-        for start in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
-            feats = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            out.append(F.normalize(_features(feats), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+        def features(batch):
+            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            return _features(self.model.get_text_features(input_ids=enc["input_ids"],
+                                                          attention_mask=enc["attention_mask"]))
+        return self._in_batches([texts] if isinstance(texts, str) else list(texts), batch_size, features,
+                                self.embed_dim)
 
 
 def _features(x) -> torch.Tensor:

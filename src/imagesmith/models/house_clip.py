@@ -240,27 +240,21 @@ class HouseClipModel(ClipScoring, nn.Module):
     @torch.no_grad()
     def encode_images(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:
         """PIL images (or one) -> [N, embed_dim] L2-normalised embeddings (on the CPU, float32)."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        out = []
-        for start in range(0, len(images), batch_size):
-            pix = pil_to_pixels(images[start:start + batch_size], self.arch.image_size).to(self.device)
-            out.append(F.normalize(self.get_image_features(pix).float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.arch.embed_dim)
+        size = self.arch.image_size
+        return self._in_batches(images if isinstance(images, (list, tuple)) else [images], batch_size,
+                                lambda batch: self.get_image_features(pil_to_pixels(batch, size).to(self.device)),
+                                self.arch.embed_dim)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256) -> torch.Tensor:
         """Strings -> [N, embed_dim] L2-normalised embeddings (on the CPU, float32)."""
-        if isinstance(texts, str):
-            texts = [texts]
         tokenizer, _ = self._need_text()
-        out = []
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True, max_length=128,
-                            return_tensors="pt")
-            feats = self.get_text_features(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-            out.append(F.normalize(feats.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.arch.embed_dim)
+
+        def features(batch):
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            return self.get_text_features(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+        return self._in_batches([texts] if isinstance(texts, str) else list(texts), batch_size, features,
+                                self.arch.embed_dim)
 
     def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float16,
                         extra: dict[str, Any] | None = None) -> Path:
