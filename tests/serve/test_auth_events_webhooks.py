@@ -98,10 +98,14 @@ def test_events_stream_and_signed_retried_webhook(home):
     job = client.post("/v1/jobs", json={"type": "generate", "request": GEN, "callback_url": url}).json()["job_id"]
     assert client.post("/v1/jobs", json={"type": "generate", "request": GEN,
                                          "callback_url": "file:///etc/passwd"}).status_code == 422
-    threading.Thread(target=worker.run_once, daemon=True).start()
+    running = threading.Thread(target=worker.run_once, daemon=True)
+    running.start()
     with client.stream("GET", f"/v1/jobs/{job}/events") as stream:
         events = [line for line in stream.iter_lines() if line.startswith("event:")]
     assert events[-1] == "event: done" and events.count("event: done") == 1
+    # "done" is streamed as soon as the job's row says so; the worker starts the webhook just after
+    running.join(60)
+    assert not running.is_alive() and worker.webhooks
     for t in worker.webhooks:
         t.join(10)
     server.shutdown()
