@@ -134,9 +134,12 @@ def test_a_canceled_job_in_a_batch_ends_canceled_and_the_others_succeed(served, 
     worker = Worker(store, settings, engine=engine, batch=4, lease_s=10, heartbeat_s=0.05, safety=False)
     started, go = threading.Event(), threading.Event()
     steps: list[int] = []
+    tokens: list = []  # the cancel token of each call
     real = engine.generate_many
 
     def paused(reqs, *, progress=None, cancel=None):
+        tokens.append(cancel)
+
         def on_step(event):
             steps.append(event.step)
             progress(event)
@@ -176,7 +179,9 @@ def test_a_canceled_job_in_a_batch_ends_canceled_and_the_others_succeed(served, 
         client.post(f"/v1/jobs/{i}/cancel")
     while any(store.get(i)["status"] != "canceled" for i in ids) and time.time() < end + 20:
         time.sleep(0.02)
-    time.sleep(0.2)  # the heartbeat has seen that no job is left and stopped the call
+    while not tokens[-1].cancelled and time.time() < end + 40:  # the heartbeat sees no job is left: stops the call
+        time.sleep(0.02)
+    assert tokens[-1].cancelled
     go.set()
     thread.join(60)
     assert [store.get(i)["status"] for i in ids] == ["canceled", "canceled"]
