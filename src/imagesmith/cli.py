@@ -124,6 +124,8 @@ def generate(
                                            "(ADetailer-style): face"),
     detailer_strength: float = typer.Option(0.4, "--detailer-strength", help="denoising strength of the repaint"),
     detailer_prompt: str = typer.Option("", "--detailer-prompt", help="added to the prompt for the repaint"),
+    ground: bool = typer.Option(True, "--ground/--no-ground", help="house models: draw the nearest known concept "
+                                "for a subject the model was not trained on ('espresso' -> 'cup of coffee')"),
 ):
     """Generate images (txt2img, img2img with --init-image, inpainting with --mask)."""
     from .core.requests import ControlNetSpec, GenerateRequest, HiresSpec, LoraSpec
@@ -138,7 +140,7 @@ def generate(
             sampler_name=sampler, scheduler=schedule, seed=seed, variation_seed=variation_seed,
             variation_strength=variation_strength, batch_size=batch_size, batch_count=batch_count,
             width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
-            mask_blur=mask_blur,
+            mask_blur=mask_blur, ground_concepts=ground,
         )
         if outpaint:
             try:

@@ -56,6 +56,9 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field("", description="WebUI syntax: (word:1.2), [word], BREAK, <lora:name:0.7>")
     negative_prompt: str = ""
+    ground_concepts: bool = Field(True, description="house models: replace a subject the model was not trained "
+                                  "on with the nearest concept it knows ('a cup of espresso' -> 'a cup of coffee'); "
+                                  "reported as 'Concept:' in the infotext. No effect on other models")
     model: str | None = Field(None, description="checkpoint name; default: the default model")
     vae: str | None = Field(None, description="VAE override name (models/vae)")
     loras: list[LoraSpec] = Field(default_factory=list)

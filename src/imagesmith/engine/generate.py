@@ -29,6 +29,7 @@ from ..models.cache import ModelCache, pick_device, pick_dtype
 from ..models.house import ensure_placeholder, make_registry
 from ..models.registry import ModelEntry, Registry
 from . import prompts as P
+from .grounding import ConceptVocabulary, Grounding, mean_pooled
 from .loras import ResolvedLora, adapter_name, apply_loras
 from .samplers import FLOW_ARCHS, make_scheduler
 
@@ -51,6 +52,8 @@ class _Job:
     control_image: Image.Image | None
     seeds: list[int]
     variation_seeds: list[int | None]
+    grounding: Grounding | None = None
+    """The prompt as the model reads it, when concept grounding rewrote its subject (house models)."""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -89,6 +92,7 @@ class Engine:
         self._adopted: dict[str, ModelEntry] = {}
         # encodings are reused across batch runs, hires passes and jobs with the same prompt, model and LoRAs
         self.prompt_encoder = P.PromptEncoder(max_entries=64)
+        self._vocabularies: dict[str, ConceptVocabulary | None] = {}  # model folder -> what it knows
 
     # ------------------------------------------------------------------ public
     def adopt(self, name: str, pipe, arch: str) -> ModelEntry:
@@ -110,6 +114,7 @@ class Engine:
         entry = self._pipeline_entry(job.entry)
         images: list[Image.Image] = []
         with entry.use():
+            self._ground(entry.value, job)
             apply_loras(entry.value, entry.state, job.loras, job.arch)
             for run in range(req.batch_count):
                 if cancel is not None:
@@ -158,6 +163,8 @@ class Engine:
                 progress(ProgressEvent(0, counter.total, f"loading {head.entry.name}"))
             entry = self._pipeline_entry(head.entry)
             with entry.use():
+                for i in members:
+                    self._ground(entry.value, jobs[i])
                 apply_loras(entry.value, entry.state, head.loras, head.arch)
                 encoded = {i: self._encode(entry.value, jobs[i], for_arch=head.arch) for i in members}
                 shapes: dict[tuple, list[int]] = {}  # conditioning of equal length can share a call
@@ -220,6 +227,8 @@ class Engine:
             params.update({"Hires upscale": _num(req.hires.hr_scale), "Hires upscaler": req.hires.hr_upscaler,
                            "Hires steps": req.hires.hr_second_pass_steps or None,
                            "Denoising strength": _num(req.hires.hr_denoising_strength)})
+        if job.grounding is not None:
+            params["Concept"] = job.grounding.note
         if req.controlnet:
             params["ControlNet"] = f"{req.controlnet.model} ({req.controlnet.preprocessor}, {_num(req.controlnet.weight)})"
         if result.lora_hashes:
@@ -397,11 +406,23 @@ class Engine:
         return {"model_key": f"{path}@{stamp}",
                 "loras": [(adapter_name(l), l.weight) for l in job.loras if l.weight != 0]}
 
+    def _ground(self, pipe, job: _Job) -> None:
+        """Concept grounding (``engine.grounding``) for models whose folder ships a concept list (concepts.json):
+        the house models."""
+        if not job.req.ground_concepts or job.arch not in ("sd1", "sd2", "house"):
+            return
+        folder = str(job.entry.path)
+        if folder not in self._vocabularies:
+            self._vocabularies[folder] = ConceptVocabulary.load(folder) if Path(folder).is_dir() else None
+        vocab = self._vocabularies[folder]
+        if vocab is not None:
+            job.grounding = vocab.ground(job.prompt, mean_pooled(pipe.tokenizer, pipe.text_encoder))
+
     def _encode(self, pipe, job: _Job, *, for_arch: str) -> dict:
         req = job.req
         if for_arch in ("sd1", "sd2", "house"):
             cond, uncond = self.prompt_encoder.encode_pair_sd(
-                job.prompt, job.negative, pipe.tokenizer, pipe.text_encoder, clip_skip=req.clip_skip,
+                job.grounding.prompt if job.grounding else job.prompt, job.negative, pipe.tokenizer, pipe.text_encoder, clip_skip=req.clip_skip,
                 device=self.device, dtype=self.dtype, **self._text_key(job))
             return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
         if for_arch == "sdxl":

@@ -643,6 +643,18 @@ def recoloured_name(name: str, colour: str) -> str:
     return f"{colour} {name}"
 
 
+def concept_vocabulary(index: HouseDataset, split: str = "train"):
+    """What a model trained on ``split`` knows, for prompt grounding (``engine.grounding``): the objects' caption
+    names, their CLDR names as aliases where the captions renamed them ('hot beverage' -> 'cup of coffee'), and
+    the colour and size words the captions put before a name."""
+    from ..engine.grounding import ConceptVocabulary
+    objects = index.objects_in(split)
+    names = sorted({o.name for o in objects})
+    aliases = {o.cldr_name: o.name for o in objects if o.cldr_name.lower() != o.name.lower()
+               and o.cldr_name not in names}
+    return ConceptVocabulary(names=names, aliases=aliases, modifiers=frozenset(_COLOUR_WORDS | {"small", "large"}))
+
+
 # ----------------------------------------------------------------------------------------- building
 def _unit_hash(*parts: Any) -> float:
     digest = hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode()).digest()

@@ -545,10 +545,12 @@ def render_samples(config: HouseLdmConfig, vae, unet, tokenizer, text_encoder, p
 
 # ------------------------------------------------------------------------------------------- export
 def export_house_pipeline(config: HouseLdmConfig, vae, unet_ema, out_dir: str | Path, *,
-                          facts: dict[str, Any] | None = None) -> Path:
+                          facts: dict[str, Any] | None = None, vocabulary=None) -> Path:
     """Write the house diffusers folder: unet/ and vae/ (fp16 safetensors), scheduler/, model_index.json
     (with the ``_imagesmith`` marker naming the packaged text encoder; no text_encoder/ or tokenizer/ folder)
-    and MODEL_CARD.md filled from the run's logs. Written to a temporary sibling and renamed into place."""
+    and MODEL_CARD.md filled from the run's logs; with ``vocabulary`` (an ``engine.grounding.ConceptVocabulary``
+    of the training objects) also concepts.json, which turns on prompt grounding. Written to a temporary sibling
+    and renamed into place."""
     import shutil
     import tempfile
 
@@ -574,6 +576,8 @@ def export_house_pipeline(config: HouseLdmConfig, vae, unet_ema, out_dir: str | 
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / "MODEL_CARD.md").write_text(model_card(config, vae, unet_ema, facts or run_facts(config)))
+        if vocabulary is not None:
+            vocabulary.save(tmp, source="objects of the house dataset's train split (imagesmith house data)")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -668,7 +672,11 @@ def run_training(config: HouseLdmConfig, dataset, *, stage: str = "all", export:
         return None
     _, unet_ema = train_unet(config, dataset, vae)
     out = Path(export) if export else Path(config.output_dir) / HOUSE_NAME
-    export_house_pipeline(config, vae, unet_ema, out)
+    from .house_data import HouseDataset, concept_vocabulary
+    vocabulary = None
+    if isinstance(getattr(dataset, "index", None), HouseDataset):  # the house dataset: what the model knows
+        vocabulary = concept_vocabulary(dataset.index, getattr(dataset, "split", "train"))
+    export_house_pipeline(config, vae, unet_ema, out, vocabulary=vocabulary)
     return out
 
 

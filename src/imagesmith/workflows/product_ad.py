@@ -201,7 +201,7 @@ class ProductAdStudio:
                               steps=req.steps, cfg_scale=req.cfg_scale, sampler_name=req.sampler_name,
                               scheduler=req.scheduler, seed=seed, width=cw, height=ch,
                               init_image=str(init_path), mask=str(mask_path), denoising_strength=1.0,
-                              mask_blur=1)
+                              mask_blur=1, ground_concepts=False)  # a scene around the product, not an object
         painted = self.engine.generate(gen, progress=progress).images[0]
         if _is_band(fmt) and self.clear_props(req, fmt):
             # a banner is a thin band cropped from a wider scene: objects the model painted around the small
