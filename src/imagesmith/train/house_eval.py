@@ -55,10 +55,11 @@ class SheetSettings:
         self.steps, self.cfg_scale, self.sampler, self.scheduler = steps, cfg_scale, sampler, scheduler
         self.size, self.seed = size, seed
 
-    def request(self, prompt: str, seed: int | None = None, model: str | None = None) -> GenerateRequest:
+    def request(self, prompt: str, seed: int | None = None, model: str | None = None,
+                ground: bool = True) -> GenerateRequest:
         return GenerateRequest(prompt=prompt, model=model, steps=self.steps, cfg_scale=self.cfg_scale,
                                sampler_name=self.sampler, scheduler=self.scheduler, width=self.size,
-                               height=self.size, seed=self.seed if seed is None else seed)
+                               height=self.size, seed=self.seed if seed is None else seed, ground_concepts=ground)
 
     def describe(self) -> str:
         return (f"{self.size}x{self.size}, {self.steps} steps {self.sampler} {self.scheduler}, "
@@ -66,8 +67,11 @@ class SheetSettings:
 
 
 def generate_one(engine, settings: SheetSettings, prompt: str, seed: int | None = None,
-                 model: str | None = None) -> Image.Image:
-    return engine.generate(settings.request(prompt, seed, model)).images[0]
+                 model: str | None = None, ground: bool = True) -> tuple[Image.Image, str | None]:
+    """One image, and the concept grounding drew instead of the prompt's subject (None: drawn as written)."""
+    from ..core.metadata import parse_infotext
+    result = engine.generate(settings.request(prompt, seed, model, ground))
+    return result.images[0], parse_infotext(result.records[0].infotext).get("Concept")
 
 
 def render_sheet(engine, path: str | Path, *, settings: SheetSettings | None = None, model: str | None = None,
@@ -87,7 +91,11 @@ def render_sheet(engine, path: str | Path, *, settings: SheetSettings | None = N
     for title, items in sections:
         cells = []
         for prompt, seed in items:
-            cells.append((generate_one(engine, st, prompt, seed, model), prompt if seed is None else f"seed {seed}"))
+            image, concept = generate_one(engine, st, prompt, seed, model)
+            label = prompt if seed is None else f"seed {seed}"
+            if concept:  # "a cup of espresso (drawn as cup of coffee)"
+                label += f" (drawn as {concept.split(' -> ')[-1]})"
+            cells.append((image, label))
             bar.update(1)
         parts.append(labelled_grid(cells, columns, title=title))
     bar.close()
@@ -153,7 +161,7 @@ def evaluate_ldm(engine, clip, *, cutout=None, n: int = 64, settings: SheetSetti
     real = [views.sample(i).image for i in range(n)]
     gen = []
     for i, cap in enumerate(tqdm(captions, desc="house-ldm eval", unit="image", disable=not progress)):
-        gen.append(generate_one(engine, st, cap, seed=seed + i, model=model))
+        gen.append(generate_one(engine, st, cap, seed=seed + i, model=model, ground=False)[0])  # the model as is
 
     def clip_metrics(images: list[Image.Image]) -> dict[str, float]:
         sims = clip.score(images, captions)  # [n images, n captions]
