@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -243,6 +244,14 @@ def test_export_load_and_generate_128px(tmp_path, text):
     image = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=2, guidance_scale=5.0,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (128, 128)
+    # plain diffusers with text prompts conditions exactly as the engine (and training) do: masked [PAD]s, 77 tokens
+    cond, uncond = encode_pair_sd("a red circle", "blurry", pipe.tokenizer, pipe.text_encoder, device="cpu",
+                                  dtype=torch.float32)
+    ours = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=2, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    plain = pipe("a red circle", negative_prompt="blurry", num_inference_steps=2, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.abs(ours - plain).max() < 1e-4
 
 
 def test_checkpoint_roundtrip_restores_optimizer_and_rng(tmp_path):

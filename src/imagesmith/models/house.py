@@ -141,6 +141,11 @@ def load_house_pipeline(folder, torch_dtype=None, device: str = "cpu", text_enco
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"), **common)
     scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
     tokenizer, text_encoder = load_text_encoder(text_encoder_path, dtype=dtype)
+    # so that plain diffusers use, pipe("a teapot"), conditions as training did: diffusers pads to the
+    # tokenizer's model_max_length (BERT: 512) and passes the attention mask only when the encoder's config
+    # asks for it; unmasked [PAD]s turn MiniLM's token states into noise
+    tokenizer.model_max_length = 77
+    text_encoder.config.use_attention_mask = True
     pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
