@@ -909,6 +909,66 @@ tokens_app = typer.Typer(no_args_is_help=True, help="Service API tokens (stored 
 app.add_typer(tokens_app, name="tokens")
 
 
+queue_app = typer.Typer(no_args_is_help=True, help="The service's job queue as a whole: pause, resume, export.")
+app.add_typer(queue_app, name="queue")
+
+
+def _queue_line(state: dict) -> str:
+    depth = ", ".join(f"{k} {v}" for k, v in sorted(state["depth"].items())) or "empty"
+    if not state["paused"]:
+        return f"queue running ({depth})"
+    why = f": {state['reason']}" if state.get("reason") else ""
+    return f"queue PAUSED by {state['changed_by']}{why} ({depth}); workers claim nothing until 'imagesmith queue resume'"
+
+
+@queue_app.command("status")
+def queue_status(as_json: bool = typer.Option(False, "--json", help="print the state as JSON")):
+    """Whether the queue is paused, and how many jobs are in each state."""
+    from .core.settings import Settings
+    from .serve.app import default_store
+    state = default_store(Settings.from_env()).queue_state()
+    print(json.dumps(state, indent=2) if as_json else _queue_line(state))
+
+
+@queue_app.command("pause")
+def queue_pause(reason: Optional[str] = typer.Option(None, "--reason", help="shown to whoever looks"),
+                as_json: bool = typer.Option(False, "--json")):
+    """Workers claim nothing until resumed; jobs are still accepted and wait; running jobs finish. Durable."""
+    from .core.settings import Settings
+    from .serve.app import default_store
+    state = default_store(Settings.from_env()).set_paused(True, by=os.environ.get("USER") or "cli", reason=reason)
+    print(json.dumps(state, indent=2) if as_json else _queue_line(state))
+
+
+@queue_app.command("resume")
+def queue_resume(as_json: bool = typer.Option(False, "--json")):
+    """Let workers claim jobs again."""
+    from .core.settings import Settings
+    from .serve.app import default_store
+    state = default_store(Settings.from_env()).set_paused(False, by=os.environ.get("USER") or "cli")
+    print(json.dumps(state, indent=2) if as_json else _queue_line(state))
+
+
+@queue_app.command("export")
+def queue_export(output: Path = typer.Argument(..., help="JSON file to write ('-': stdout)"),
+                 user: Optional[str] = typer.Option(None, "--user", help="only this user's jobs (default: all)")):
+    """Every unfinished job as a JSON document that POST /v1/queue/import takes back (here or on another server)."""
+    from .core.settings import Settings
+    from .serve.app import default_store, export_queue_doc
+    settings = Settings.from_env()
+    doc = export_queue_doc(default_store(settings), settings, user=user)
+    text = json.dumps(doc, indent=1)
+    if str(output) == "-":
+        print(text)
+        return
+    if not output.parent.is_dir() or output.is_dir():
+        raise _Exit(f"cannot write {output}: give a file in an existing folder")
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(output)  # never a partial file
+    print(f"{len(doc['jobs'])} unfinished jobs -> {output}", file=sys.stderr)
+
+
 @users_app.command("add")
 def users_add(name: str, admin: bool = typer.Option(False, "--admin", help="sees every user's jobs and files")):
     """Add a user to the service's job store."""

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from imagesmith.core.errors import NotFound
+from imagesmith.core.errors import BadRequest, NotFound
 from imagesmith.serve.store import JobStore, QueueFull
 
 
-HEAD = "0003"  # the newest migration (0002: uploads, 0003: jobs.batch_key)
+HEAD = "0004"  # the newest migration (0002: uploads, 0003: jobs.batch_key, 0004: queue_state)
 PG = os.environ.get("IMAGESMITH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -281,3 +281,64 @@ def test_every_member_of_a_batch_whose_lease_expires_is_requeued(url):
         assert s.heartbeat(j["id"], "w1") is None and not s.complete(j["id"], "w1", {"files": ["stale"]})
         assert s.complete(j["id"], "w2", {"files": ["good"]})
     assert {s.get(j["id"])["result"]["files"][0] for j in jobs} == {"good"}
+
+
+def test_a_paused_queue_is_claimed_from_by_no_one_and_the_pause_is_durable(url):
+    s = JobStore(url)
+    jobs = [s.submit("generate", {"prompt": p}, batch_key="k")[0] for p in "abc"]
+    head = s.claim("w1")  # running before the pause: it finishes
+    state = s.set_paused(True, by="ann", reason="new GPU driver")
+    assert state["paused"] and state["changed_by"] == "ann" and state["reason"] == "new GPU driver"
+    assert state["depth"] == {"queued": 2, "running": 1}
+    assert s.claim_compatible("w1", head, max_jobs=3, max_images=3) == []  # the rest of a batch waits too
+    late, _ = s.submit("generate", {"prompt": "d"})  # still accepted
+    restarted = JobStore(url)  # a restarted server or another worker sees the same state
+    assert restarted.queue_state()["paused"] and restarted.claim("w2") is None
+    assert s.complete(head["id"], "w1", {"files": []})
+    state = restarted.set_paused(False, by="ann")
+    assert not state["paused"] and state["reason"] is None
+    claimed = [restarted.claim("w2")["id"] for _ in range(3)]
+    assert claimed == [jobs[1]["id"], jobs[2]["id"], late["id"]]
+
+
+def test_export_and_import_keep_ids_priorities_places_and_owners(url, tmp_path):
+    a = JobStore(url)
+    low, _ = a.submit("generate", {"prompt": "low"}, user="ann", priority=-1)
+    old, _ = a.submit("generate", {"prompt": "old"}, user="bob", idempotency_key="k1", callback_url="http://x/h")
+    new, _ = a.submit("upscale", {"image": "x"}, user="ann", priority=5)
+    plain, _ = a.submit("generate", {"prompt": "plain"}, user="ann")
+    assert a.claim("w")["id"] == new["id"]  # running: exported too (it would run again elsewhere)
+    running = new
+    finished = a.claim("w")
+    assert finished["id"] == old["id"] and a.complete(old["id"], "w", {"files": []})
+    doc = a.export_queue()
+    assert doc["format"] == "imagesmith-queue" and [j["id"] for j in doc["jobs"]] == [running["id"], plain["id"], low["id"]]
+    assert [j["id"] for j in a.export_queue(user="bob")["jobs"]] == []
+    b = JobStore(f"sqlite:///{tmp_path / 'other.db'}")  # another server
+    out = b.import_queue(doc)
+    assert sorted(out["imported"]) == sorted(j["id"] for j in doc["jobs"]) and out["existing"] == []
+    copy = {j["id"]: j for j in b.list(limit=10)[0]}
+    assert copy[low["id"]]["priority"] == -1 and copy[low["id"]]["user"] == "ann"
+    assert all(j["status"] == "queued" and j["attempts"] == 0 for j in copy.values())
+    assert [b.claim("w")["id"] for _ in range(3)] == [running["id"], plain["id"], low["id"]]  # same order
+    assert b.import_queue(doc) == {"imported": [], "existing": [j["id"] for j in doc["jobs"]]}  # twice: no twins
+    mine = JobStore(f"sqlite:///{tmp_path / 'third.db'}").import_queue(doc, user="carol")
+    assert len(mine["imported"]) == 3
+
+
+def test_a_bad_export_imports_nothing(url):
+    s = JobStore(url)
+    for doc in ({"jobs": []}, {"format": "imagesmith-queue", "jobs": [{"id": "x/../y", "type": "generate",
+                                                                        "request": {}}]}, [1, 2]):
+        with pytest.raises(BadRequest):
+            s.import_queue(doc)
+    good = {"id": "a1", "type": "generate", "request": {"prompt": "ok"}}
+    bad = {"id": "a2", "type": "generate", "request": {"prompt": "no"}}
+
+    def prepare(job):
+        if job["request"]["prompt"] == "no":
+            raise BadRequest("refused")
+        return job
+    with pytest.raises(BadRequest, match=r"jobs\[1\] \(a2\): refused"):
+        s.import_queue({"format": "imagesmith-queue", "jobs": [good, bad]}, prepare=prepare)
+    assert s.depth() == {}  # the good one was not submitted either

@@ -68,6 +68,13 @@ class Unauthorized(ImagesmithError):
     http_status = 401
 
 
+class Forbidden(ImagesmithError):
+    """The caller is known but may not do this (an admin-only service route)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class TooManyRequests(ImagesmithError):
     """A per-user rate or queue limit of the service."""
 

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile, WebSocket, WebSocketDisconnect
@@ -23,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import __version__
-from ..core.errors import BadRequest, ImagesmithError, NotFound, TooManyRequests, Unauthorized
+from ..core.errors import BadRequest, Forbidden, ImagesmithError, NotFound, TooManyRequests, Unauthorized
 from ..core.settings import Settings
 from .store import JobStore
 from .worker import JOB_TYPES, PREVIEW_NAME, VISION_TYPES, batch_key, job_folder, validate_request
@@ -44,6 +45,37 @@ class JobIn(BaseModel):
     request: dict[str, Any]
     priority: int = Field(0, ge=-100, le=100)
     callback_url: str | None = None
+
+
+def map_inputs(request: dict, fn: Callable[[Any], Any]) -> dict:
+    """``request`` with ``fn`` applied to each of its input images (upload ids, or the files they became)."""
+    request = dict(request)
+    for key in ("init_image", "mask", "image", "photo"):
+        if request.get(key) is not None:
+            request[key] = fn(request[key])
+    for key in ("products", "images"):
+        if isinstance(request.get(key), list):
+            request[key] = [fn(x) for x in request[key]]
+    if isinstance(request.get("controlnet"), dict) and request["controlnet"].get("image") is not None:
+        request["controlnet"] = {**request["controlnet"], "image": fn(request["controlnet"]["image"])}
+    if isinstance(request.get("base"), dict):  # a grid's base request
+        request["base"] = map_inputs(request["base"], fn)
+    return request
+
+
+def export_queue_doc(store: JobStore, settings: Settings, *, user: str | None = None) -> dict:
+    """``store.export_queue`` with each upload file the workers would read turned back into its upload id
+    (what a client sends, and what ``POST /v1/queue/import`` resolves again)."""
+    uploads = settings.home / "uploads"
+
+    def upload_id_of(value):
+        path = Path(value) if isinstance(value, str) else None
+        if path is not None and path.parent == uploads and UPLOAD_ID.match(path.stem):
+            return path.stem
+        return value
+    doc = store.export_queue(user=user)
+    doc["jobs"] = [{**j, "request": map_inputs(j["request"], upload_id_of)} for j in doc["jobs"]]
+    return doc
 
 
 def default_store(settings: Settings) -> JobStore:
@@ -219,18 +251,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     def resolve_inputs(job_type: str, request: dict, who: dict) -> dict:
         """Upload ids in a request -> their files, each the caller's own (or any, for an admin)."""
-        request = dict(request)
-        for key in ("init_image", "mask", "image", "photo"):
-            if request.get(key) is not None:
-                request[key] = str(upload_path(request[key], who))
-        for key in ("products", "images"):
-            if isinstance(request.get(key), list):
-                request[key] = [str(upload_path(x, who)) for x in request[key]]
-        if isinstance(request.get("controlnet"), dict) and request["controlnet"].get("image") is not None:
-            request["controlnet"] = {**request["controlnet"],
-                                     "image": str(upload_path(request["controlnet"]["image"], who))}
-        if isinstance(request.get("base"), dict):  # a grid's base request
-            request["base"] = resolve_inputs(job_type, request["base"], who)
+        request = map_inputs(request, lambda x: str(upload_path(x, who)))
         if isinstance(request.get("captioner"), str) and not re.fullmatch(r"[\w.-]+", request["captioner"]):
             raise BadRequest("captioner: give the name of a folder under models/captioners, not a path")
         if isinstance(request.get("clip"), str) and not re.fullmatch(r"[\w.-]+", request["clip"]):
@@ -254,8 +275,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             out["result"] = {k: v for k, v in job["result"].items() if k != "files"}
         return out
 
-    def submit(job_type: str, request: dict, who: dict, priority: int = 0, key: str | None = None,
-               callback_url: str | None = None) -> dict:
+    def checked(job_type: str, request: dict, who: dict, callback_url: str | None) -> tuple[dict, str | None]:
+        """(normalised request, model) of a job ``who`` may submit: valid, its uploads theirs, its prompt allowed."""
         if callback_url is not None and not re.match(r"^https?://[^\s]+$", callback_url):
             raise BadRequest("callback_url must be an http(s) URL")
         normalised, model = validate_request(job_type, resolve_inputs(job_type, request, who), settings)
@@ -265,9 +286,63 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             verdict = safety.check_prompt(text)
             if verdict.flagged:
                 raise BadRequest(f"prompt blocked by the safety policy: {verdict.reason}")
+        return normalised, model
+
+    def submit(job_type: str, request: dict, who: dict, priority: int = 0, key: str | None = None,
+               callback_url: str | None = None) -> dict:
+        normalised, model = checked(job_type, request, who, callback_url)
         job, _ = store.submit(job_type, normalised, user=who["name"], priority=priority, idempotency_key=key,
                               model=model, callback_url=callback_url, batch_key=batch_key(job_type, normalised))
         return job
+
+    # ---------------------------------------------------------------- the queue as a whole
+    def admin(request: Request) -> dict:
+        who = caller(request)
+        if who["role"] != "admin":
+            raise Forbidden("only an admin may pause, resume or import into the whole queue")
+        return who
+
+    @app.get("/v1/queue")
+    def queue_state(request: Request):
+        """Whether the queue is paused (who paused it, when, why) and how many jobs are in each state."""
+        caller(request)
+        return store.queue_state()
+
+    @app.post("/v1/queue/pause")
+    async def pause_queue(request: Request):
+        """Admin: workers claim nothing until resumed; new jobs are still accepted and wait; running ones finish.
+        Body (optional): ``{"reason": "..."}``."""
+        who = admin(request)
+        body = await json_object(request) if await request.body() else {}
+        reason = body.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+            raise BadRequest("reason must be a string of at most 500 characters")
+        return store.set_paused(True, by=who["name"], reason=reason)
+
+    @app.post("/v1/queue/resume")
+    def resume_queue(request: Request):
+        return store.set_paused(False, by=admin(request)["name"])
+
+    @app.get("/v1/queue/export")
+    def export_queue(request: Request):
+        """The caller's unfinished jobs (an admin's: everyone's) as a document ``POST /v1/queue/import`` takes."""
+        return export_queue_doc(store, settings, user=scope_of(request))
+
+    @app.post("/v1/queue/import")
+    async def import_queue(request: Request):
+        """Submit an export's jobs again, each keeping its id, priority and place. A user's import makes every job
+        theirs; an admin's keeps each job's owner. Every request is validated again (uploads must be here and
+        the caller's; prompts pass the safety policy) before any job is submitted."""
+        who = caller(request)
+        body = await json_object(request)
+
+        def prepare(job: dict) -> dict:
+            callback = job.get("callback_url")
+            normalised, model = checked(job["type"], job["request"], who, callback if callback else None)
+            return {**job, "request": normalised, "model": model, "batch_key": batch_key(job["type"], normalised)}
+        out = store.import_queue(body, user=None if who["role"] == "admin" else who["name"], prepare=prepare)
+        return {"imported": len(out["imported"]), "existing": len(out["existing"]),
+                "imported_ids": out["imported"], "existing_ids": out["existing"]}
 
     @app.post("/v1/jobs", status_code=202)
     def create_job(body: JobIn, request: Request, idempotency_key: str | None = Header(None)):

@@ -16,15 +16,20 @@ Queue semantics:
 - batching: jobs whose ``batch_key`` is equal (txt2img requests that differ only in prompt, negative prompt,
   seed and batch size; :func:`~imagesmith.serve.worker.batch_key`) may be claimed together
   (``claim_compatible``), each with its own lease, heartbeat, cancel and result;
-- uploads have owners (``add_upload``/``get_upload``): another user's upload is not found.
+- uploads have owners (``add_upload``/``get_upload``): another user's upload is not found;
+- the queue can be paused (``set_paused``): nothing is claimed, submissions still wait, running jobs finish;
+  its unfinished jobs export to a JSON document (``export_queue``) that ``import_queue`` submits again, here or
+  on another server, each job keeping its id, priority and place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint, case, create_engine,
@@ -32,7 +37,7 @@ from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, Uniq
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from ..core.errors import NotFound, TooManyRequests
+from ..core.errors import BadRequest, NotFound, TooManyRequests
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED = ("succeeded", "failed", "canceled")
@@ -118,6 +123,23 @@ class UploadRow(Base):
                 "created_at": self.created_at}
 
 
+class QueueStateRow(Base):
+    """Whether workers may claim jobs (``paused``: jobs are still accepted and wait; running ones finish)."""
+    __tablename__ = "queue_state"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    changed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+QUEUE = "default"
+EXPORT_FORMAT = "imagesmith-queue"
+EXPORT_FIELDS = ("id", "type", "user", "status", "priority", "model", "request", "idempotency_key", "callback_url",
+                 "batch_key", "created_at")
+"""What a queue export keeps of each unfinished job: enough to submit it again, here or on another server."""
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -171,10 +193,15 @@ class JobStore:
     # ---------------------------------------------------------------- clients
     def submit(self, type: str, request: dict, *, user: str = "local", priority: int = 0,
                idempotency_key: str | None = None, model: str | None = None,
-               callback_url: str | None = None, batch_key: str | None = None) -> tuple[dict, bool]:
+               callback_url: str | None = None, batch_key: str | None = None, job_id: str | None = None,
+               created_at: float | None = None) -> tuple[dict, bool]:
         """(job, created): the job is committed before this returns; a repeated idempotency key gives the
-        first job and ``created`` False. ``batch_key``: jobs with equal keys may run in one pipeline call."""
+        first job and ``created`` False. ``batch_key``: jobs with equal keys may run in one pipeline call.
+        ``job_id`` and ``created_at`` re-submit an exported job as it was (its place in the queue kept); a job with
+        that id already here is returned with ``created`` False."""
         with self.sessions() as s:
+            if job_id is not None and (old := s.get(JobRow, job_id)) is not None:
+                return old.to_dict(), False
             if idempotency_key:
                 old = s.scalar(select(JobRow).where(JobRow.user == user, JobRow.idempotency_key == idempotency_key))
                 if old is not None:
@@ -183,16 +210,18 @@ class JobStore:
                 JobRow.user == user, JobRow.status.in_(("queued", "running"))))
             if active >= self.user_limit:
                 raise QueueFull(f"user {user!r} already has {active} jobs queued or running (limit {self.user_limit})")
-            row = JobRow(id=str(uuid.uuid4()), type=type, user=user, status="queued", priority=int(priority),
-                         model=model, request=request, idempotency_key=idempotency_key, callback_url=callback_url,
-                         created_at=time.time(), progress=0.0, attempts=0, cancel_requested=False,
-                         batch_key=batch_key)
+            row = JobRow(id=job_id or str(uuid.uuid4()), type=type, user=user, status="queued",
+                         priority=int(priority), model=model, request=request, idempotency_key=idempotency_key,
+                         callback_url=callback_url, created_at=time.time() if created_at is None else created_at,
+                         progress=0.0, attempts=0, cancel_requested=False, batch_key=batch_key)
             s.add(row)
             try:
                 s.commit()
-            except IntegrityError:  # the same key raced in from another request: return that one
+            except IntegrityError:  # the same key (or id) raced in from another request: return that one
                 s.rollback()
-                old = s.scalar(select(JobRow).where(JobRow.user == user, JobRow.idempotency_key == idempotency_key))
+                old = s.get(JobRow, job_id) if job_id is not None else None
+                old = old or s.scalar(select(JobRow).where(JobRow.user == user,
+                                                           JobRow.idempotency_key == idempotency_key))
                 return old.to_dict(), False
             return row.to_dict(), True
 
@@ -296,6 +325,72 @@ class JobStore:
             user = s.get(UserRow, row.user)
             return {"name": user.name, "role": user.role} if user is not None else None
 
+    # ---------------------------------------------------------------- the queue as a whole
+    def queue_state(self) -> dict[str, Any]:
+        """``{paused, changed_at, changed_by, reason, depth}``."""
+        with self.sessions() as s:
+            row = s.get(QueueStateRow, QUEUE)
+            state = {"paused": bool(row and row.paused), "changed_at": row and row.changed_at,
+                     "changed_by": row and row.changed_by, "reason": row and row.reason}
+        return {**state, "depth": self.depth()}
+
+    def set_paused(self, paused: bool, *, by: str = "local", reason: str | None = None) -> dict[str, Any]:
+        """Pause (workers claim nothing; submissions are still accepted and wait; running jobs finish) or
+        resume the queue. Durable: a restarted server or worker keeps the state."""
+        with self.sessions() as s:
+            row = s.get(QueueStateRow, QUEUE) or QueueStateRow(name=QUEUE)
+            row.paused, row.changed_at, row.changed_by = paused, time.time(), by
+            row.reason = reason if paused else None
+            s.add(row)
+            s.commit()
+        return self.queue_state()
+
+    @staticmethod
+    def _paused(session) -> bool:
+        return bool(session.scalar(select(QueueStateRow.paused).where(QueueStateRow.name == QUEUE)))
+
+    def export_queue(self, *, user: str | None = None) -> dict[str, Any]:
+        """The unfinished jobs (queued, and running ones, which would run again elsewhere) of ``user`` (None:
+        everyone's), in claim order, as a JSON-able document :meth:`import_queue` takes back."""
+        with self.sessions() as s:
+            q = select(JobRow).where(JobRow.status.in_(("queued", "running")))
+            if user is not None:
+                q = q.where(JobRow.user == user)
+            rows = s.scalars(q.order_by(JobRow.priority.desc(), JobRow.created_at.asc())).all()
+            jobs = [{k: v for k, v in r.to_dict().items() if k in EXPORT_FIELDS} for r in rows]
+        return {"format": EXPORT_FORMAT, "version": 1, "exported_at": time.time(), "jobs": jobs}
+
+    def import_queue(self, doc: Any, *, user: str | None = None,
+                     prepare: Callable[[dict], dict] | None = None) -> dict[str, list[str]]:
+        """Submit the jobs of an :meth:`export_queue` document again, each with its id, priority and age (so
+        they keep their places). ``user``: every job becomes this user's (None keeps each job's owner: an admin's
+        import). ``prepare(job) -> job`` may check and normalise each job first (the service re-validates the
+        request, uploads and safety); every job is checked before any is submitted, so a bad document imports
+        nothing. Returns ``{"imported": ids, "existing": ids}`` (ids already here are left as they are)."""
+        if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or not isinstance(doc.get("jobs"), list):
+            raise BadRequest(f"not a queue export: expected {{'format': '{EXPORT_FORMAT}', 'jobs': [...]}}")
+        jobs = []
+        for k, job in enumerate(doc["jobs"]):
+            if not isinstance(job, dict) or not isinstance(job.get("type"), str) \
+                    or not isinstance(job.get("request"), dict) or not isinstance(job.get("id"), str) \
+                    or not re.fullmatch(r"[\w-]{1,36}", job["id"]):
+                raise BadRequest(f"jobs[{k}]: needs an id (up to 36 letters, digits, '-' or '_'), a type and a request")
+            job = {**job, "user": user or str(job.get("user") or "local")}
+            try:
+                jobs.append(prepare(job) if prepare else job)
+            except BadRequest as exc:
+                raise BadRequest(f"jobs[{k}] ({job['id']}): {exc}") from None
+        out: dict[str, list[str]] = {"imported": [], "existing": []}
+        for job in jobs:
+            created_at = job.get("created_at")
+            row, created = self.submit(
+                job["type"], job["request"], user=job["user"], priority=int(job.get("priority") or 0),
+                idempotency_key=job.get("idempotency_key"), model=job.get("model"),
+                callback_url=job.get("callback_url"), batch_key=job.get("batch_key"), job_id=job["id"],
+                created_at=float(created_at) if isinstance(created_at, (int, float)) else None)
+            out["imported" if created else "existing"].append(row["id"])
+        return out
+
     # ---------------------------------------------------------------- workers
     def requeue_expired(self, now: float | None = None) -> int:
         """Jobs whose worker stopped renewing its lease go back to the queue (or to canceled, if asked)."""
@@ -314,6 +409,8 @@ class JobStore:
         """The next job for ``worker`` (its models first, then priority, then age), leased for ``lease_s``."""
         self.requeue_expired()
         with self.sessions() as s:
+            if self._paused(s):
+                return None
             q = select(JobRow.id).where(JobRow.status == "queued")
             if types:
                 q = q.where(JobRow.type.in_(types))
@@ -337,6 +434,8 @@ class JobStore:
         claimed: list[dict] = []
         images = 0
         with self.sessions() as s:
+            if self._paused(s):  # paused since the head was claimed: it runs alone, the rest wait
+                return []
             q = (select(JobRow.id, JobRow.request).where(
                 JobRow.status == "queued", JobRow.type == head["type"], JobRow.batch_key == head["batch_key"],
                 JobRow.priority >= head["priority"], JobRow.id != head["id"])

@@ -194,6 +194,16 @@ async function loadGallery() {
 
 async function loadQueue() {
   const table = $("#queue-table");
+  const state = await api("/v1/queue");
+  const line = $("#queue-state");
+  const toggle = el("button", { type: "button", id: "queue-toggle", onclick: async () => {
+    try { await api(state.paused ? "/v1/queue/resume" : "/v1/queue/pause", { method: "POST" }); }
+    catch (err) { line.append(" (" + err.message + ")"); return; }  // e.g. not an admin
+    loadQueue();
+  } }, state.paused ? "Resume queue" : "Pause queue");
+  line.replaceChildren(state.paused
+    ? `Paused by ${state.changed_by}${state.reason ? ": " + state.reason : ""}: new jobs wait; running jobs finish. `
+    : "Queue running. ", toggle);
   table.innerHTML = "";
   table.append(el("tr", {}, ...["job", "type", "status", "progress", ""].map((h) => el("th", {}, h))));
   const { jobs } = await api("/v1/jobs?limit=100");
