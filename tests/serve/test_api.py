@@ -173,7 +173,7 @@ def test_web_studio_is_served_self_contained(served):
     # no third-party code or hosts: every URL the studio fetches is this server's API
     assert not re.search(r"https?://", js.text + css.text + page.text.replace('http-equiv', ''))
     for route in set(re.findall(r'["`](/(?:v1|sdapi/v1)/[a-z0-9/_-]*)', js.text)):
-        assert route.startswith(("/v1/jobs", "/v1/uploads", "/v1/models", "/sdapi/v1/samplers")), route
+        assert route.startswith(("/v1/jobs", "/v1/uploads", "/v1/models", "/v1/queue", "/sdapi/v1/samplers")), route
     # job views carry the request, for "reuse parameters"
     job_id = client.post("/v1/jobs", json={"type": "generate", "request": GEN}).json()["job_id"]
     assert client.get(f"/v1/jobs/{job_id}").json()["request"]["prompt"] == "a red apple"
