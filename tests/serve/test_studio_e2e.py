@@ -137,3 +137,14 @@ def test_cancel_a_running_job_from_the_queue_tab(server, page):
             break
         time.sleep(0.05)
     assert store.get(job["id"])["status"] == "canceled"
+
+
+def test_pause_and_resume_the_queue_from_the_queue_tab(server, page):
+    url, store, _ = server
+    page.goto(url + "/#queue")
+    page.wait_for_selector("#queue-toggle:has-text('Pause queue')", timeout=30_000).click()
+    page.wait_for_selector("#queue-state:has-text('Paused by local')", timeout=30_000)
+    assert store.queue_state()["paused"] is True
+    page.click("#queue-toggle:has-text('Resume queue')")
+    page.wait_for_selector("#queue-toggle:has-text('Pause queue')", timeout=30_000)
+    assert store.queue_state()["paused"] is False
