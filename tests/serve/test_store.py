@@ -328,8 +328,12 @@ def test_export_and_import_keep_ids_priorities_places_and_owners(url, tmp_path):
 
 def test_a_bad_export_imports_nothing(url):
     s = JobStore(url)
+    one = {"id": "a0", "type": "generate", "request": {}}
     for doc in ({"jobs": []}, {"format": "imagesmith-queue", "jobs": [{"id": "x/../y", "type": "generate",
-                                                                        "request": {}}]}, [1, 2]):
+                                                                        "request": {}}]}, [1, 2],
+                {"format": "imagesmith-queue", "jobs": [dict(one, priority="high")]},
+                {"format": "imagesmith-queue", "jobs": [dict(one, priority=1000)]},
+                {"format": "imagesmith-queue", "jobs": [dict(one, callback_url=5)]}):
         with pytest.raises(BadRequest):
             s.import_queue(doc)
     good = {"id": "a1", "type": "generate", "request": {"prompt": "ok"}}

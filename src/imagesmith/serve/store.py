@@ -375,6 +375,14 @@ class JobStore:
                     or not isinstance(job.get("request"), dict) or not isinstance(job.get("id"), str) \
                     or not re.fullmatch(r"[\w-]{1,36}", job["id"]):
                 raise BadRequest(f"jobs[{k}]: needs an id (up to 36 letters, digits, '-' or '_'), a type and a request")
+            kinds = {"priority": int, "created_at": (int, float), "user": str, "model": str, "callback_url": str,
+                     "idempotency_key": str, "batch_key": str}
+            for field, kind in kinds.items():
+                value = job.get(field)
+                if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                    raise BadRequest(f"jobs[{k}].{field}: wrong type {type(value).__name__}")
+            if not -100 <= int(job.get("priority") or 0) <= 100:
+                raise BadRequest(f"jobs[{k}].priority must be between -100 and 100")
             job = {**job, "user": user or str(job.get("user") or "local")}
             try:
                 jobs.append(prepare(job) if prepare else job)
