@@ -333,7 +333,10 @@ def test_a_bad_export_imports_nothing(url):
                                                                         "request": {}}]}, [1, 2],
                 {"format": "imagesmith-queue", "jobs": [dict(one, priority="high")]},
                 {"format": "imagesmith-queue", "jobs": [dict(one, priority=1000)]},
-                {"format": "imagesmith-queue", "jobs": [dict(one, callback_url=5)]}):
+                {"format": "imagesmith-queue", "jobs": [dict(one, callback_url=5)]},
+                {"format": "imagesmith-queue", "jobs": [dict(one, user="a/b")]},
+                {"format": "imagesmith-queue", "jobs": [dict(one, user="x" * 65)]},
+                {"format": "imagesmith-queue", "jobs": [dict(one, idempotency_key="k" * 256)]}):
         with pytest.raises(BadRequest):
             s.import_queue(doc)
     good = {"id": "a1", "type": "generate", "request": {"prompt": "ok"}}
@@ -343,6 +346,9 @@ def test_a_bad_export_imports_nothing(url):
         if job["request"]["prompt"] == "no":
             raise BadRequest("refused")
         return job
+    too_long = dict(bad, request={"prompt": "ok"}, idempotency_key="k" * 300)
+    with pytest.raises(BadRequest, match=r"jobs\[1\]: idempotency_key is longer"):
+        s.import_queue({"format": "imagesmith-queue", "jobs": [good, too_long]})
     with pytest.raises(BadRequest, match=r"jobs\[1\] \(a2\): refused"):
         s.import_queue({"format": "imagesmith-queue", "jobs": [good, bad]}, prepare=prepare)
     assert s.depth() == {}  # the good one was not submitted either

@@ -140,6 +140,14 @@ EXPORT_FIELDS = ("id", "type", "user", "status", "priority", "model", "request",
 """What a queue export keeps of each unfinished job: enough to submit it again, here or on another server."""
 
 
+def _check_lengths(**values: str | None) -> None:
+    """What the columns hold at most (PostgreSQL refuses longer values with an error, SQLite keeps them)."""
+    most = {"idempotency_key": 255, "model": 255, "batch_key": 64, "user": 64}
+    for field, value in values.items():
+        if value is not None and len(value) > most[field]:
+            raise BadRequest(f"{field} is longer than {most[field]} characters")
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -199,6 +207,7 @@ class JobStore:
         first job and ``created`` False. ``batch_key``: jobs with equal keys may run in one pipeline call.
         ``job_id`` and ``created_at`` re-submit an exported job as it was (its place in the queue kept); a job with
         that id already here is returned with ``created`` False."""
+        _check_lengths(idempotency_key=idempotency_key, model=model, batch_key=batch_key, user=user)
         with self.sessions() as s:
             if job_id is not None and (old := s.get(JobRow, job_id)) is not None:
                 return old.to_dict(), False
@@ -384,6 +393,12 @@ class JobStore:
             if not -100 <= int(job.get("priority") or 0) <= 100:
                 raise BadRequest(f"jobs[{k}].priority must be between -100 and 100")
             job = {**job, "user": user or str(job.get("user") or "local")}
+            if not all(c.isalnum() or c in "-_." for c in job["user"]):
+                raise BadRequest(f"jobs[{k}].user: user names are 1-64 letters, digits, '-', '_' or '.'")
+            try:
+                _check_lengths(**{f: job.get(f) for f in ("idempotency_key", "model", "batch_key", "user")})
+            except BadRequest as exc:
+                raise BadRequest(f"jobs[{k}]: {exc}") from None
             try:
                 jobs.append(prepare(job) if prepare else job)
             except BadRequest as exc:
