@@ -182,8 +182,8 @@ class ConceptVocabulary:
             if any(self._familiar(" ".join(head[k:])) for k in range(1, len(head))):
                 return None  # its head noun is known ("a ripe banana"): the model reads it as written
             concept, similarity = self.nearest(core, embed)
-            if similarity < min_similarity:
-                return None
+            if similarity < min_similarity or re.search(rf"\b{re.escape(concept.lower())}s?\b", core.lower()):
+                return None  # nothing near enough, or the model already reads it ("a pair of sunglasses")
         if concept.lower() == core.lower():
             return None
         c0, c1 = start + tokens[i].start(), start + tokens[-1].end()

@@ -93,8 +93,8 @@ def render_sheet(engine, path: str | Path, *, settings: SheetSettings | None = N
         for prompt, seed in items:
             image, concept = generate_one(engine, st, prompt, seed, model)
             label = prompt if seed is None else f"seed {seed}"
-            if concept:  # "a cup of espresso (drawn as cup of coffee)"
-                label += f" (drawn as {concept.split(' -> ')[-1]})"
+            if concept:  # "a cup of espresso -> cup of coffee"
+                label += f" -> {concept.split(' -> ')[-1]}"
             cells.append((image, label))
             bar.update(1)
         parts.append(labelled_grid(cells, columns, title=title))
