@@ -140,6 +140,11 @@ EXPORT_FIELDS = ("id", "type", "user", "status", "priority", "model", "request",
 """What a queue export keeps of each unfinished job: enough to submit it again, here or on another server."""
 
 
+def _check_user_name(name: str) -> None:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        raise BadRequest("user names are 1-64 letters, digits, '-', '_' or '.'")
+
+
 def _check_lengths(**values: str | None) -> None:
     """What the columns hold at most (PostgreSQL refuses longer values with an error, SQLite keeps them)."""
     most = {"idempotency_key": 255, "model": 255, "batch_key": 64, "user": 64}
@@ -302,9 +307,7 @@ class JobStore:
 
     # ---------------------------------------------------------------- users and tokens
     def add_user(self, name: str, role: str = "user") -> dict:
-        from ..core.errors import BadRequest
-        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-            raise BadRequest("user names are 1-64 letters, digits, '-', '_' or '.'")
+        _check_user_name(name)
         if role not in ("user", "admin"):
             raise BadRequest("role is 'user' or 'admin'")
         with self.sessions() as s:
@@ -393,9 +396,8 @@ class JobStore:
             if not -100 <= int(job.get("priority") or 0) <= 100:
                 raise BadRequest(f"jobs[{k}].priority must be between -100 and 100")
             job = {**job, "user": user or str(job.get("user") or "local")}
-            if not all(c.isalnum() or c in "-_." for c in job["user"]):
-                raise BadRequest(f"jobs[{k}].user: user names are 1-64 letters, digits, '-', '_' or '.'")
             try:
+                _check_user_name(job["user"])
                 _check_lengths(**{f: job.get(f) for f in ("idempotency_key", "model", "batch_key", "user")})
             except BadRequest as exc:
                 raise BadRequest(f"jobs[{k}]: {exc}") from None
