@@ -604,8 +604,12 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
                model: Optional[str] = typer.Option(None, "--model", help="checkpoint for ldm (default: house-ldm)"),
                steps: int = typer.Option(20, "--steps", min=1, max=150, help="ldm: sampling steps"),
                cfg: float = typer.Option(5.0, "--cfg", min=0.0, max=30.0, help="ldm: CFG scale"),
+               sheet_seeds: int = typer.Option(4, "--sheet-seeds", min=0, max=16,
+                                               help="ldm: seeds per bare sheet prompt for the 'sheet' metrics "
+                                               "(recognition and seed variety); 0 skips them"),
                as_json: bool = typer.Option(False, "--json")):
-    """Held-out metrics of the house models (val_views / val_objects splits of the house dataset)."""
+    """Held-out metrics of the house models (val_views / val_objects splits of the house dataset); for ldm
+    also the sample sheet's bare prompts ("a teapot") over several seeds."""
     from .train import house_eval as E
     if which not in ("ldm", "clip", "cutout", "all"):
         raise _Exit(f"which must be ldm, clip, cutout or all, not {which!r}")
@@ -625,9 +629,13 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
     if which in ("ldm", "all"):
         from .models.house_clip import load_house_clip
         from .models.segment import load_segmenter
-        results["house-ldm"] = E.evaluate_ldm(_engine(), load_house_clip(), cutout=load_segmenter("house-cutout"),
-                                              n=n, model=model, progress=not as_json,
-                                              settings=E.SheetSettings(steps=steps, cfg_scale=cfg))
+        engine, clip, st = _engine(), load_house_clip(), E.SheetSettings(steps=steps, cfg_scale=cfg)
+        results["house-ldm"] = E.evaluate_ldm(engine, clip, cutout=load_segmenter("house-cutout"), n=n, model=model,
+                                              progress=not as_json, settings=st)
+        if sheet_seeds:
+            results["house-ldm"]["sheet"] = E.sheet_metrics(engine, clip, settings=st, model=model,
+                                                            seeds=tuple(range(1, sheet_seeds + 1)),
+                                                            progress=not as_json)
     print(json.dumps(results, indent=2))
 
 

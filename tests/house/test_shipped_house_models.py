@@ -132,3 +132,25 @@ def test_house_ldm_objects_are_recognisable(drawn):
     clip = load_house_clip()
     hits = [w in [lab for lab, _ in clip.classify(im, labels, top_k=5)] for im, w in zip(images, wanted)]
     assert sum(hits) >= 4, hits
+
+
+def test_sheet_metrics_measure_recognition_and_seed_variety(engine):
+    """`imagesmith house eval ldm`'s 'sheet' block on two bare prompts x 2 seeds at 6 steps: the numbers are
+    in range, the seeds differ, and a 'model' that ignores the seed (every seed drawn with seed 1) has none."""
+    from imagesmith.models.house_clip import load_house_clip
+    from imagesmith.train.house_eval import SheetSettings, sheet_metrics
+    clip = load_house_clip()
+    st = SheetSettings(steps=6)
+    out = sheet_metrics(engine, clip, settings=st, prompts=("a red apple", "a pair of sunglasses", "a unicorn cake"),
+                        seeds=(1, 2), progress=False)
+    assert out["prompts"] == 2  # "a unicorn cake" names no training object: left out
+    assert 0.0 <= out["object_top5"] <= 1.0 and out["object_top5"] in (0.0, 0.5, 1.0)
+    assert out["seed_rms"] > 0.01 and out["seed_embed"] > 0.0
+
+    class SeedBlind:  # the same picture whatever the seed
+        registry = engine.registry
+
+        def generate(self, req):
+            return engine.generate(req.model_copy(update={"seed": 1}))
+    same = sheet_metrics(SeedBlind(), clip, settings=st, prompts=("a red apple",), seeds=(1, 2), progress=False)
+    assert same["seed_rms"] == 0.0 and abs(same["seed_embed"]) < 1e-5

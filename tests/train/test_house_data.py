@@ -166,6 +166,25 @@ def test_captions_name_the_object_and_the_backdrop(house):
     assert seen_colour
 
 
+def test_short_captions_drop_the_backdrop_and_keep_the_images(house):
+    full = H.HouseSampleDataset(house, "train", size=SIZE, seed=0, epoch_length=60)
+    short = H.HouseSampleDataset(house, "train", size=SIZE, seed=0, epoch_length=60, short_caption_p=0.5)
+    changed = 0
+    for i in range(len(full)):
+        a, b = full.sample(i), short.sample(i)
+        assert a.image.tobytes() == b.image.tobytes() and a.mask.tobytes() == b.mask.tobytes()
+        assert b.object_phrase in b.caption, b.caption  # the object (with its colour and size words) stays
+        if b.caption != a.caption:
+            changed += 1
+            assert a.backdrop_phrase in a.caption and a.backdrop_phrase not in b.caption, (a.caption, b.caption)
+            if b.position == "centre":
+                assert not any(w in b.caption for w in (" on the left", " on the right", " at the bottom"))
+    assert 15 <= changed <= 45, changed  # about half of 60
+    assert short.sample(7).caption == short.sample(7).caption  # deterministic
+    with pytest.raises(ValueError):
+        H.HouseSampleDataset(house, "train", size=SIZE, short_caption_p=1.5)
+
+
 def test_recoloured_sample_names_its_new_colour_and_shows_it(house):
     apple = _by_name(house, "red apple")
     base = dict(object_key=apple.key, backdrop_kind="linen", backdrop_seed=7, scale=0.8, position="centre",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from imagesmith.engine.prompts import encode_pair_sd, encode_prompt_sd
@@ -109,6 +110,23 @@ def test_unet_training_lowers_diffusion_loss(tmp_path, shapes, trained_vae, text
     raw, avg = dict(unet.named_parameters()), dict(ema_unet.named_parameters())
     assert any(not torch.equal(raw[k], avg[k]) for k in raw)
     assert not any(p.requires_grad for p in ema_unet.parameters())
+
+
+def test_min_snr_weighting_discounts_near_clean_timesteps():
+    torch.manual_seed(0)
+    noise = torch.randn(2, 4, 8, 8)
+    err = torch.randn(1, 4, 8, 8)
+    pred = noise + torch.cat([err, err])  # the same error at a clean (SNR 99) and a noisy (SNR 0.25) step
+    alpha_bar = torch.tensor([0.99, 0.2])
+    plain = H.diffusion_loss(pred, noise, alpha_bar)
+    assert torch.isclose(plain, F.mse_loss(pred, noise))
+    assert torch.isclose(H.diffusion_loss(pred, noise, alpha_bar, 5.0), plain)  # equal errors: same mean
+    pred_clean_wrong = noise.clone()
+    pred_clean_wrong[0] += err[0]  # error only at the clean step: weight 5/99 of the noisy step's (1)
+    weighted = H.diffusion_loss(pred_clean_wrong, noise, alpha_bar, 5.0)
+    expected = (5 / 99) * err.pow(2).mean() / (5 / 99 + 1)
+    assert torch.isclose(weighted, expected, rtol=1e-4)
+    assert weighted < 0.1 * H.diffusion_loss(pred_clean_wrong, noise, alpha_bar)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, shapes, trained_vae, text):

@@ -62,7 +62,7 @@ import time
 import unicodedata
 from ..core.errors import ImagesmithError
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -176,6 +176,10 @@ TEMPLATES: tuple[str, ...] = (
     "{bg} with {obj}{at}",
 )
 _AT = MappingProxyType({"centre": "", "left": " on the left", "right": " on the right", "bottom": " at the bottom"})
+# captions that leave the backdrop (and often the placement) unsaid: what people type ("a teapot"). Trained on,
+# they make an unnamed backdrop or placement free, so that seeds vary it instead of the model guessing one.
+SHORT_TEMPLATES: tuple[str, ...] = ("{obj}{at}", "a photo of {obj}{at}", "a 3D render of {obj}{at}",
+                                    "product photo of {obj}{at}", "{obj}{at}, product shot")
 
 # CLDR short names -> what a person would call the render (keys: the cleaned CLDR name)
 NAME_OVERRIDES = MappingProxyType({
@@ -910,6 +914,13 @@ def sample_caption(obj: HouseObject, spec: SampleSpec, bg_phrase: str) -> tuple[
     return phrase, caption
 
 
+def short_caption(phrase: str, position: str, rng: np.random.Generator) -> str:
+    """A caption of the object phrase alone ('a small blue apple', 'a photo of a teapot on the left'): no
+    backdrop; a non-centre placement said half the time."""
+    at = _AT[position] if rng.random() < 0.5 else ""
+    return SHORT_TEMPLATES[int(rng.integers(0, len(SHORT_TEMPLATES)))].format(obj=with_article(phrase), at=at)
+
+
 def render_sample(dataset: HouseDataset, spec: SampleSpec, size: int = 128) -> HouseSample:
     """Make one sample: backdrop, (recoloured) object composited with its alpha, shadow, caption."""
     obj = dataset.object(spec.object_key)
@@ -986,11 +997,14 @@ class HouseSampleDataset(torch.utils.data.Dataset):
     ``caption`` and the structured fields (``object``, ``emoji``, ``group``, ``backdrop``, ``backdrop_phrase``,
     ``colour`` ('' for natural), ``scale``, ``position``). ``ds.sample(i)`` gives the :class:`HouseSample`.
 
+    With ``short_caption_p`` that share of the captions (drawn per sample from its own stream) says the object
+    alone, without the backdrop (:func:`short_caption`).
+
     Sample ``i`` depends only on (index, split, seed, i, size). Objects are visited in seeded shuffled rounds,
     so every object of the split appears once per ``len(objects)`` consecutive indices."""
 
     def __init__(self, index: HouseDataset | Path | str, split: str = "train", size: int = 128, seed: int = 0,
-                 epoch_length: int | None = None, recolour_p: float = 0.3):
+                 epoch_length: int | None = None, recolour_p: float = 0.3, short_caption_p: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
         self.index = index if isinstance(index, HouseDataset) else load_house_dataset(
@@ -999,6 +1013,9 @@ class HouseSampleDataset(torch.utils.data.Dataset):
         self.size = int(size)
         self.seed = int(seed)
         self.recolour_p = float(recolour_p)
+        if not 0.0 <= short_caption_p <= 1.0:
+            raise ValueError(f"short_caption_p must be in [0, 1], not {short_caption_p}")
+        self.short_caption_p = float(short_caption_p)
         objs = self.index.objects_in(split)
         if split == "val_views":
             held_colours = {c for _, c in self.index.held_out_combos}
@@ -1022,7 +1039,12 @@ class HouseSampleDataset(torch.utils.data.Dataset):
                          recolour_p=self.recolour_p)
 
     def sample(self, i: int) -> HouseSample:
-        return render_sample(self.index, self.spec(i), self.size)
+        s = render_sample(self.index, self.spec(i), self.size)
+        if self.short_caption_p:  # its own stream: the images and the other captions stay as without it
+            rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], i, 0x5407])
+            if rng.random() < self.short_caption_p:
+                s = replace(s, caption=short_caption(s.object_phrase, s.position, rng))
+        return s
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.sample(int(i))

@@ -147,6 +147,47 @@ def vae_psnr(vae, split: str, *, n: int = 64, size: int = 128, seed: int = 7) ->
     return float(torch.cat(psnr).mean())
 
 
+def sheet_metrics(engine, clip, *, settings: SheetSettings | None = None, model: str | None = None,
+                  prompts: tuple[str, ...] = SHEET_OBJECTS, seeds: tuple[int, ...] = (1, 2, 3, 4),
+                  progress: bool = True) -> dict[str, Any]:
+    """What the sample sheet's first section shows, measured: the bare prompts people type ("a teapot": no
+    backdrop, no placement) over several seeds.
+
+    - ``object_top5``: share of images whose object is in house-clip's zero-shot top 5 over the names of
+      every training object (house-clip's ``labels.json``; the prompt without its article is the label);
+    - ``seed_rms``: mean pairwise RMS pixel difference (0..1) between the seeds of one prompt;
+    - ``seed_embed``: mean pairwise 1 - cosine of their house-clip image embeddings (0: the same picture).
+    Different seeds should differ: nothing in a bare prompt fixes the backdrop or the placement."""
+    import json
+
+    from ..models.house_clip import default_house_clip_dir
+    from .house_data import with_article
+    st = settings or SheetSettings()
+    labels = json.loads((default_house_clip_dir() / "labels.json").read_text())  # the training objects' names
+    wanted = [p.split(" ", 1)[1] if p.split(" ", 1)[0] in ("a", "an") else p for p in prompts]
+    wanted = [w.removeprefix("pair of ") if w not in labels else w for w in wanted]  # "a pair of sunglasses"
+    keep = [(p, w) for p, w in zip(prompts, wanted) if w in labels]
+    text = clip.encode_texts([f"a photo of {with_article(lbl)}" for lbl in labels])
+    hits, rms, emb = [], [], []
+    bar = tqdm(total=len(keep) * len(seeds), desc="sheet metrics", unit="image", disable=not progress)
+    for prompt, label in keep:
+        images = []
+        for seed in seeds:
+            images.append(generate_one(engine, st, prompt, seed=seed, model=model, ground=False)[0])
+            bar.update(1)
+        feats = clip.encode_images(images)
+        top = (feats @ text.t()).topk(5, dim=1).indices
+        hits += [labels.index(label) in row.tolist() for row in top]
+        px = [np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images]
+        for i in range(len(images)):
+            for j in range(i + 1, len(images)):
+                rms.append(float(np.sqrt(((px[i] - px[j]) ** 2).mean())))
+                emb.append(float(1.0 - feats[i] @ feats[j]))
+    bar.close()
+    return {"prompts": len(keep), "seeds": list(seeds), "settings": st.describe(),
+            "object_top5": float(np.mean(hits)), "seed_rms": float(np.mean(rms)), "seed_embed": float(np.mean(emb))}
+
+
 def evaluate_ldm(engine, clip, *, cutout=None, n: int = 64, settings: SheetSettings | None = None,
                  model: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Held-out metrics of the text-to-image model (see the module docstring). ``clip`` is a house-clip
