@@ -11,26 +11,13 @@
 # stage's own budget is in the house-ldm config). MODELS picks the trainers (default "ldm clip cutout").
 # EXTRA="ldm.key=value clip.key=value ..." overrides config keys (e.g. ldm.device=cpu for a dry run here).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MODELS=${MODELS:-ldm clip cutout}
 LDM_S=${LDM_S:-300}; CLIP_S=${CLIP_S:-300}; CUT_S=${CUT_S:-360}
-PY=${PY:-python3}
 RUNS=${RUNS:-runs/gpu}
-T0=$(date +%s)
-log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
-if [ -z "${NO_WHL:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 IMAGESMITH_HOME=$PWD/.dev/home OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+case " $MODELS " in *" ldm "*|*" clip "*) MINILM=1;; esac
+. scripts/device/env.sh   # wheels, PYTHONPATH, IMAGESMITH_HOME, log(); with MINILM=1 the MiniLM in /tmp/minilm
 mkdir -p "$RUNS/logs"
-df -h /dev/shm /tmp | tail -2; nproc; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 $PY -c "import torch, diffusers, transformers, imagesmith.train.house_ldm, imagesmith.train.house_clip, imagesmith.train.house_cutout; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" || exit 4
-case " $MODELS " in *" ldm "*|*" clip "*)
-  $PY scripts/device/pack_minilm.py unpack .dev/minilm /tmp/minilm --check ${CHECK:-2000} || exit 5
-  log "MiniLM unpacked";; esac
 for m in $MODELS; do
   $PY - "$m" <<PYEOF || exit 6
 import sys, yaml

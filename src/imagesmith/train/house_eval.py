@@ -44,7 +44,7 @@ SHEET_COLOURS: tuple[str, ...] = (
     "a blue apple", "a green apple", "a purple umbrella", "a yellow umbrella", "a pink teapot",
     "a blue sneaker", "a red car", "a green balloon",
 )
-SHEET_SEED_PROMPT = "a cupcake on a white backdrop"
+SHEET_SEED_PROMPT = "a cupcake"  # nothing said of backdrop or placement: seeds should vary them
 
 
 class SheetSettings:
