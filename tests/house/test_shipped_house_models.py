@@ -144,7 +144,7 @@ def test_sheet_metrics_measure_recognition_and_seed_variety(engine):
     out = sheet_metrics(engine, clip, settings=st, prompts=("a red apple", "a pair of sunglasses", "a unicorn cake"),
                         seeds=(1, 2), progress=False)
     assert out["prompts"] == 2  # "a unicorn cake" names no training object: left out
-    assert 0.0 <= out["object_top5"] <= 1.0 and out["object_top5"] in (0.0, 0.5, 1.0)
+    assert 0.0 <= out["object_top5"] <= 1.0 and (out["object_top5"] * 4).is_integer()  # 2 prompts x 2 seeds
     assert out["seed_rms"] > 0.01 and out["seed_embed"] > 0.0
 
     class SeedBlind:  # the same picture whatever the seed
