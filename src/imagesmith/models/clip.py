@@ -81,13 +81,19 @@ class ClipScoring:
         """Zero-shot classification: the ``top_k`` labels with their softmax probabilities (over all labels,
         at the learnt logit scale). Each label goes into ``template``, with 'a'/'an' put before it when
         ``article`` and it has none ('apple' -> 'a photo of an apple')."""
+        return self.classify_many([image], labels, template, top_k, article)[0]
+
+    @torch.no_grad()
+    def classify_many(self, images: Sequence, labels: Sequence[str], template: str = "a photo of {}",
+                      top_k: int = 5, article: bool = True) -> list[list[tuple[str, float]]]:
+        """:meth:`classify` for each of ``images``, the label prompts encoded once."""
         if not labels:
-            return []
+            return [[] for _ in images]
         prompts = [template.format(with_article(lbl) if article else lbl) for lbl in labels]
-        sims = self.score([image], prompts)[0]
-        probs = (float(self.scale()) * sims).softmax(-1)
-        top = probs.topk(min(top_k, len(labels)))
-        return [(labels[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        probs = (float(self.scale()) * self.score(list(images), prompts)).softmax(-1)
+        top = probs.topk(min(top_k, len(labels)), dim=-1)
+        return [[(labels[i], float(p)) for p, i in zip(vals, idx)]
+                for vals, idx in zip(top.values.tolist(), top.indices.tolist())]
 
     @torch.no_grad()
     def retrieve(self, image, captions: Sequence[str], top_k: int | None = None) -> list[tuple[int, str, float]]:

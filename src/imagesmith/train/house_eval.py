@@ -161,13 +161,11 @@ def sheet_metrics(engine, clip, *, settings: SheetSettings | None = None, model:
     import json
 
     from ..models.house_clip import default_house_clip_dir
-    from .house_data import with_article
     st = settings or SheetSettings()
     labels = json.loads((default_house_clip_dir() / "labels.json").read_text())  # the training objects' names
     wanted = [p.split(" ", 1)[1] if p.split(" ", 1)[0] in ("a", "an") else p for p in prompts]
     wanted = [w.removeprefix("pair of ") if w not in labels else w for w in wanted]  # "a pair of sunglasses"
     keep = [(p, w) for p, w in zip(prompts, wanted) if w in labels]
-    text = clip.encode_texts([f"a photo of {with_article(lbl)}" for lbl in labels])
     hits, rms, emb = [], [], []
     bar = tqdm(total=len(keep) * len(seeds), desc="sheet metrics", unit="image", disable=not progress)
     for prompt, label in keep:
@@ -176,8 +174,7 @@ def sheet_metrics(engine, clip, *, settings: SheetSettings | None = None, model:
             images.append(generate_one(engine, st, prompt, seed=seed, model=model, ground=False)[0])
             bar.update(1)
         feats = clip.encode_images(images)
-        top = (feats @ text.t()).topk(5, dim=1).indices
-        hits += [labels.index(label) in row.tolist() for row in top]
+        hits += [label in [lab for lab, _ in top] for top in clip.classify_many(images, labels, top_k=5)]
         px = [np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images]
         for i in range(len(images)):
             for j in range(i + 1, len(images)):
@@ -210,10 +207,8 @@ def evaluate_ldm(engine, clip, *, cutout=None, n: int = 64, settings: SheetSetti
         own = np.diag(sims)
         shuffled = sims[np.arange(n), (np.arange(n) + n // 2) % n]  # each image vs another image's caption
         rank = (sims > own[:, None]).sum(axis=1)
-        top5 = []
-        for im, it in zip(images, items):
-            top = [lab for lab, _ in clip.classify(im, labels, top_k=5)]
-            top5.append(it["object"] in top)
+        top5 = [it["object"] in [lab for lab, _ in top]
+                for it, top in zip(items, clip.classify_many(images, labels, top_k=5))]
         return {"clip_score": float(own.mean()), "own_over_shuffled": float((own > shuffled).mean()),
                 "caption_r1": float((rank == 0).mean()), "caption_r5": float((rank < 5).mean()),
                 "object_top5": float(np.mean(top5))}
