@@ -50,6 +50,51 @@ def test_time_budget_progress_done_and_schedule(monkeypatch):
     assert C.TimeBudget(20).lr_factor(2)(11) == pytest.approx(C.warmup_cosine(2, 20)(11))
 
 
+def test_time_budget_carries_over_a_resume(monkeypatch):
+    """An interrupted budgeted run resumed from its checkpoint gets what is left of the budget, and its cosine
+    goes on from where it was instead of restarting at the top."""
+    clock = Clock()
+    monkeypatch.setattr(C.time, "perf_counter", clock)
+    whole = C.TimeBudget(10 ** 6, seconds=100)
+    f_whole = whole.lr_factor(warmup=2, min_ratio=0.1)
+    first = C.TimeBudget(10 ** 6, seconds=100)
+    f_first = first.lr_factor(warmup=2, min_ratio=0.1)
+    clock.t = 10.0
+    assert f_first(2) == f_whole(2) == pytest.approx(1.0)  # the cosine starts at 10 s
+    clock.t = 40.0
+    saved = {"extra": first.state()}
+    assert saved["extra"]["budget_seconds"] == pytest.approx(40.0) and saved["extra"]["budget_p0"] == 0.1
+    # a new process, later: building caches takes 500 s of clock, which does not count
+    clock.t = 1000.0
+    resumed = C.TimeBudget(10 ** 6, seconds=100)
+    f_resumed = resumed.lr_factor(warmup=2, min_ratio=0.1)
+    resumed.restore(saved)
+    clock.t = 1500.0
+    resumed.start()
+    assert resumed.elapsed() == pytest.approx(40.0) and not resumed.done(3)
+    clock.t = 1530.0  # 70 s of steps in all
+    lr_resumed = f_resumed(3)
+    clock.t = 70.0
+    assert lr_resumed == pytest.approx(f_whole(3)) and lr_resumed < 0.5  # where an unbroken run would be
+    clock.t = 1560.0
+    assert resumed.done(4) and f_resumed(4) == pytest.approx(0.1)
+    # a checkpoint written before budgets were saved: a fresh budget, as before
+    old = C.TimeBudget(10, seconds=5)
+    old.restore({"extra": {}})
+    assert old.spent == 0.0 and old.p0 is None
+
+
+def test_cutout_resume_continues_the_time_budget(tmp_path):
+    cfg = cutout_config(tmp_path, steps=100000, time_budget_s=3600.0, data_workers=0)
+    HC.train(cfg, Blobs(10 ** 6, 32), stop_at=3)
+    state = json.loads((cfg.output_dir / C.CHECKPOINT_DIR / "state.json").read_text())
+    first = state["extra"]["budget_seconds"]
+    assert state["step"] == 3 and first > 0
+    HC.train(cfg, Blobs(10 ** 6, 32), stop_at=5)
+    state = json.loads((cfg.output_dir / C.CHECKPOINT_DIR / "state.json").read_text())
+    assert state["step"] == 5 and state["extra"]["budget_seconds"] > first  # accumulated, not restarted
+
+
 def test_render_items_in_workers_equals_in_process():
     ds = Shapes(16)
     serial = list(C.render_items(ds, [5, 0, 7, 7, 3], keys=("image", "caption")))
@@ -72,7 +117,7 @@ def test_step_batches_depend_on_the_step_only():
 
 
 def test_cutout_stops_at_its_time_budget_with_a_checkpoint(tmp_path):
-    cfg = cutout_config(tmp_path, steps=100000, time_budget_s=2.0, data_workers=1)
+    cfg = cutout_config(tmp_path, steps=100000, time_budget_s=2.0, data_workers=1, warmup_steps=0)
     HC.train(cfg, Blobs(10 ** 6, 32))
     state = json.loads((cfg.output_dir / C.CHECKPOINT_DIR / "state.json").read_text())
     assert 0 < state["step"] < 100000

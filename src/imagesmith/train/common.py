@@ -272,15 +272,36 @@ class TimeBudget:
     the larger of that and the elapsed fraction of the budget, so a cosine schedule driven by it reaches its
     floor when the budget runs out whatever the step rate is. ``done(step)`` says when to stop. With a budget
     an interrupted-and-resumed run is NOT bit-identical to an uninterrupted one (the schedule follows the
-    clock); without one this is the plain step schedule."""
+    clock); without one this is the plain step schedule.
+
+    The budget is for the whole run, across interruptions: a trainer saves :meth:`state` in its checkpoint's
+    ``extra`` and hands the loaded checkpoint to :meth:`restore`, so a resumed run gets only what is left of the
+    budget and its cosine carries on from where it was (a fresh budget would restart the cosine at the top)."""
 
     def __init__(self, total_steps: int, seconds: float | None = None):
         self.total_steps = max(1, int(total_steps))
         self.seconds = float(seconds) if seconds else None
+        self.spent = 0.0  # seconds of steps before this process (restored from a checkpoint)
+        self.p0: float | None = None  # progress where the cosine began (end of warmup)
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        """Start the clock: call right before the first step (data caches built before it do not count)."""
         self.started = time.perf_counter()
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.spent + time.perf_counter() - self.started
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (its ``extra``) so :meth:`restore` can continue the budget."""
+        return {"budget_seconds": self.elapsed(), "budget_p0": self.p0}
+
+    def restore(self, checkpoint_state: dict[str, Any]) -> None:
+        """Continue from a loaded checkpoint's ``state.json`` (older checkpoints without the keys: a fresh
+        budget, as before)."""
+        extra = checkpoint_state.get("extra") or {}
+        self.spent = float(extra.get("budget_seconds", 0.0))
+        self.p0 = extra.get("budget_p0")
 
     def progress(self, step: int) -> float:
         p = step / self.total_steps
@@ -296,16 +317,15 @@ class TimeBudget:
         (from where the warmup ended) down to ``min_ratio``."""
         if self.seconds is None:
             return warmup_cosine(warmup, self.total_steps, min_ratio)
-        state = {"p0": None}
 
         def factor(step: int) -> float:
             if warmup > 0 and step < warmup:
                 return (step + 1) / warmup
             p = self.progress(step)
-            if state["p0"] is None:
-                state["p0"] = p
-            span = max(1e-9, 1.0 - state["p0"])
-            q = min(1.0, max(0.0, (p - state["p0"]) / span))
+            if self.p0 is None:
+                self.p0 = p
+            span = max(1e-9, 1.0 - self.p0)
+            q = min(1.0, max(0.0, (p - self.p0) / span))
             return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
         return factor
 

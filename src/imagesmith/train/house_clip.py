@@ -309,6 +309,7 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
         state = C.load_checkpoint(folder, model=model, optimizer=opt, scheduler=sched, generator=gen, ema=ema)
+        budget.restore(state)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -320,7 +321,7 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
     bar = C.progress(config.steps, step, "house-clip", config.progress)
     if images.device != device and device.type == "cuda":  # the uint8 views fit on a GPU: no per-step copy
         images, feats, labels, prompts = images.to(device), feats.to(device), labels.to(device), prompts.to(device)
-    budget.started = time.perf_counter()
+    budget.start()
     while step < end and not budget.done(step):
         t0 = time.perf_counter()
         idx = torch.randint(n, (config.batch_size,), generator=gen).to(images.device)
@@ -347,7 +348,8 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=model, optimizer=opt, scheduler=sched, generator=gen,
                               wall_seconds=watch.total, ema=ema,
-                              extra={"data_timing": data.get("timing"), "classes": len(data["names"])})
+                              extra={"data_timing": data.get("timing"), "classes": len(data["names"]),
+                                     **budget.state()})
     bar.close()
     model.attach_text_encoder(tokenizer, text_encoder)
     out = ema_model(model, ema)

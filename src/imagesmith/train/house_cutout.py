@@ -183,6 +183,7 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
         state = C.load_checkpoint(folder, model=net, optimizer=opt, scheduler=sched, generator=gen, ema=ema)
+        budget.restore(state)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -192,7 +193,7 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
     bar = C.progress(config.steps, step, "house-cutout", config.progress)
     ahead = (C.step_batches(dataset, first=step, last=end, batch_size=config.batch_size, seed=config.seed,
                             workers=config.data_workers) if config.data_workers else None)
-    budget.started = time.perf_counter()
+    budget.start()
     while step < end and not budget.done(step):
         t0 = time.perf_counter()
         images, masks = next(ahead) if ahead is not None else _draw(dataset, gen, config.batch_size)
@@ -216,7 +217,7 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{config.batch_size / dt:.1f}")
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=net, optimizer=opt, scheduler=sched, generator=gen,
-                              wall_seconds=watch.total, ema=ema)
+                              wall_seconds=watch.total, ema=ema, extra=budget.state())
     bar.close()
     return shipped_network(net, ema)
 

@@ -324,6 +324,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
         state = C.load_checkpoint(folder, model=vae, optimizer=opt, scheduler=sched, generator=gen)
+        budget.restore(state)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -333,7 +334,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
     bar = C.progress(config.vae_steps, step, "house-ldm vae", config.progress)
     ahead = (C.step_batches(dataset, first=step, last=end, batch_size=config.vae_batch_size, seed=config.seed,
                             workers=config.data_workers, keys=("image",)) if config.data_workers else None)
-    budget.started = time.perf_counter()
+    budget.start()
     while step < end and not budget.done(step):
         t0 = time.perf_counter()
         if ahead is not None:
@@ -355,7 +356,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{config.vae_batch_size / dt:.1f}")
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=vae, optimizer=opt, scheduler=sched, generator=gen,
-                              wall_seconds=watch.total)
+                              wall_seconds=watch.total, extra=budget.state())
         if config.sample_every and step % config.sample_every == 0:
             with torch.no_grad():
                 vae.eval()
@@ -405,6 +406,7 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
         state = C.load_checkpoint(folder, model=unet, optimizer=opt, scheduler=sched, generator=gen, ema=ema)
+        budget.restore(state)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -419,7 +421,7 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
             cache = {k: v.to(device) for k, v in cache.items()}
     end = config.unet_steps if stop_at is None else min(stop_at, config.unet_steps)
     bar = C.progress(config.unet_steps, step, "house-ldm unet", config.progress)
-    budget.started = time.perf_counter()  # the budget is for steps, not for building the cache
+    budget.start()  # the budget is for steps, not for building the cache
     while step < end and not budget.done(step):
         t0 = time.perf_counter()
         if cache is not None:
@@ -461,7 +463,7 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{b / dt:.1f}")
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=unet, optimizer=opt, scheduler=sched, generator=gen,
-                              wall_seconds=watch.total, ema=ema)
+                              wall_seconds=watch.total, ema=ema, extra=budget.state())
         if config.sample_every and step % config.sample_every == 0:
             ema_unet = ema_copy(unet, ema)
             render_samples(config, vae, ema_unet, tokenizer, text_encoder, folder / f"samples-{step:07d}.png")
