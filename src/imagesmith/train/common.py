@@ -171,8 +171,10 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 def save_checkpoint(folder: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-                    wall_seconds: float, ema: EMA | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``folder/checkpoint`` atomically (see the module docstring) and return it."""
+                    wall_seconds: float, ema: EMA | None = None, extra: dict[str, Any] | None = None,
+                    budget: TimeBudget | None = None) -> Path:
+    """Write ``folder/checkpoint`` atomically (see the module docstring) and return it. A ``budget`` keeps its
+    :meth:`TimeBudget.state` in ``extra`` so :func:`load_checkpoint` can continue it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / CHECKPOINT_DIR
@@ -191,7 +193,7 @@ def save_checkpoint(folder: Path, *, step: int, model: torch.nn.Module, optimize
         sched = scheduler.state_dict()  # LambdaLR keeps None for plain-function lambdas: JSON-safe
         state = {"step": step, "wall_seconds": wall_seconds, "optimizer": opt_meta, "scheduler": sched,
                  "ema_updates": ema.updates if ema is not None else None, "python_random": _py_random_state(),
-                 "extra": extra or {}}
+                 "extra": {**(extra or {}), **(budget.state() if budget is not None else {})}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         old = folder / (CHECKPOINT_DIR + ".old")
         if target.exists():
@@ -218,8 +220,9 @@ def has_checkpoint(folder: Path) -> bool:
 
 def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-                    ema: EMA | None = None) -> dict[str, Any]:
-    """Restore everything :func:`save_checkpoint` wrote into the given objects; returns ``state.json``."""
+                    ema: EMA | None = None, budget: TimeBudget | None = None) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote into the given objects (a ``budget`` continues where it
+    was); returns ``state.json``."""
     ckpt = Path(folder) / CHECKPOINT_DIR
     state = json.loads((ckpt / "state.json").read_text())
     device = next(model.parameters()).device
@@ -236,6 +239,8 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
         torch.cuda.set_rng_state(rng["torch_cuda"])
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
+    if budget is not None:
+        budget.restore(state)
     return state
 
 
@@ -274,9 +279,10 @@ class TimeBudget:
     an interrupted-and-resumed run is NOT bit-identical to an uninterrupted one (the schedule follows the
     clock); without one this is the plain step schedule.
 
-    The budget is for the whole run, across interruptions: a trainer saves :meth:`state` in its checkpoint's
-    ``extra`` and hands the loaded checkpoint to :meth:`restore`, so a resumed run gets only what is left of the
-    budget and its cosine carries on from where it was (a fresh budget would restart the cosine at the top)."""
+    The budget is for the whole run, across interruptions: a trainer passes it to :func:`save_checkpoint` and
+    :func:`load_checkpoint` (``budget=``), which keep :meth:`state` in the checkpoint's ``extra`` and
+    :meth:`restore` it, so a resumed run gets only what is left of the budget and its cosine carries on from
+    where it was (a fresh budget would restart the cosine at the top)."""
 
     def __init__(self, total_steps: int, seconds: float | None = None):
         self.total_steps = max(1, int(total_steps))

@@ -308,8 +308,8 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
     step, watch = 0, C.Stopwatch()
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
-        state = C.load_checkpoint(folder, model=model, optimizer=opt, scheduler=sched, generator=gen, ema=ema)
-        budget.restore(state)
+        state = C.load_checkpoint(folder, model=model, optimizer=opt, scheduler=sched, generator=gen,
+                                  ema=ema, budget=budget)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -348,8 +348,8 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=model, optimizer=opt, scheduler=sched, generator=gen,
                               wall_seconds=watch.total, ema=ema,
-                              extra={"data_timing": data.get("timing"), "classes": len(data["names"]),
-                                     **budget.state()})
+                              extra={"data_timing": data.get("timing"), "classes": len(data["names"])},
+                              budget=budget)
     bar.close()
     model.attach_text_encoder(tokenizer, text_encoder)
     out = ema_model(model, ema)

@@ -182,8 +182,8 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
     step, watch = 0, C.Stopwatch()
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
-        state = C.load_checkpoint(folder, model=net, optimizer=opt, scheduler=sched, generator=gen, ema=ema)
-        budget.restore(state)
+        state = C.load_checkpoint(folder, model=net, optimizer=opt, scheduler=sched, generator=gen,
+                                  ema=ema, budget=budget)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -217,7 +217,7 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{config.batch_size / dt:.1f}")
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=net, optimizer=opt, scheduler=sched, generator=gen,
-                              wall_seconds=watch.total, ema=ema, extra=budget.state())
+                              wall_seconds=watch.total, ema=ema, budget=budget)
     bar.close()
     return shipped_network(net, ema)
 

@@ -323,8 +323,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
     step, watch = 0, C.Stopwatch()
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
-        state = C.load_checkpoint(folder, model=vae, optimizer=opt, scheduler=sched, generator=gen)
-        budget.restore(state)
+        state = C.load_checkpoint(folder, model=vae, optimizer=opt, scheduler=sched, generator=gen, budget=budget)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -356,7 +355,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{config.vae_batch_size / dt:.1f}")
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=vae, optimizer=opt, scheduler=sched, generator=gen,
-                              wall_seconds=watch.total, extra=budget.state())
+                              wall_seconds=watch.total, budget=budget)
         if config.sample_every and step % config.sample_every == 0:
             with torch.no_grad():
                 vae.eval()
@@ -405,8 +404,8 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
     step, watch = 0, C.Stopwatch()
     losslog = C.LossLog(folder / "losses.jsonl")
     if config.resume and C.has_checkpoint(folder):
-        state = C.load_checkpoint(folder, model=unet, optimizer=opt, scheduler=sched, generator=gen, ema=ema)
-        budget.restore(state)
+        state = C.load_checkpoint(folder, model=unet, optimizer=opt, scheduler=sched, generator=gen,
+                                  ema=ema, budget=budget)
         step, watch = state["step"], C.Stopwatch(state["wall_seconds"])
     elif losslog.records:
         losslog.path.unlink()
@@ -463,7 +462,7 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{b / dt:.1f}")
         if step % config.save_every == 0 or step == end or budget.done(step):
             C.save_checkpoint(folder, step=step, model=unet, optimizer=opt, scheduler=sched, generator=gen,
-                              wall_seconds=watch.total, ema=ema, extra=budget.state())
+                              wall_seconds=watch.total, ema=ema, budget=budget)
         if config.sample_every and step % config.sample_every == 0:
             ema_unet = ema_copy(unet, ema)
             render_samples(config, vae, ema_unet, tokenizer, text_encoder, folder / f"samples-{step:07d}.png")
