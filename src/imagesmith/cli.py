@@ -639,6 +639,41 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
     print(json.dumps(results, indent=2))
 
 
+@house_app.command("objects")
+def house_objects(output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                                        help="write the report (ranks per object) as JSON here"),
+                  weights: Optional[Path] = typer.Option(None, "--weights", help="write hard-object visit weights "
+                                                         "(the object_weights training key) as JSON here"),
+                  model: Optional[str] = typer.Option(None, "--model", help="checkpoint (default: house-ldm)"),
+                  seeds: int = typer.Option(1, "--seeds", min=1, max=16, help="images per object (seeds 1..N)"),
+                  steps: int = typer.Option(20, "--steps", min=1, max=150),
+                  cfg: float = typer.Option(5.0, "--cfg", min=0.0, max=30.0),
+                  as_json: bool = typer.Option(False, "--json")):
+    """Draw every training object from its bare name and rank it with house-clip: which objects the model
+    draws badly (and, with --weights, a curriculum that visits them more often in the next fine-tune)."""
+    import numpy as np
+
+    from .core.imageio import write_json_atomic
+    from .models.house_clip import load_house_clip
+    from .train import house_eval as E
+    for path in (output, weights):
+        if path is not None and not path.parent.is_dir():
+            raise _Exit(f"{path.parent}: no such folder")
+    st = E.SheetSettings(steps=steps, cfg_scale=cfg)
+    report = E.object_recognition(_engine(), load_house_clip(), settings=st, model=model,
+                                  seeds=tuple(range(1, seeds + 1)), progress=not as_json)
+    if output is not None:
+        write_json_atomic(output, report)
+    summary = {k: v for k, v in report.items() if k != "ranks"}
+    if weights is not None:
+        w = E.hard_object_weights(report)
+        write_json_atomic(weights, dict(sorted(w.items())))
+        summary["weights"] = {str(k): sum(1 for v in w.values() if v == k) for k in sorted(set(w.values()))}
+    worst = sorted(report["ranks"].items(), key=lambda kv: -float(np.mean(kv[1])))[:10]
+    summary["worst"] = [name for name, _ in worst]
+    print(json.dumps(summary) if as_json else json.dumps(summary, indent=2))
+
+
 def _segmenter(name: Optional[str]):
     from .models.segment import resolve_segmenter
     return resolve_segmenter(name)

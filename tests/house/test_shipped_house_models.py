@@ -7,6 +7,8 @@ prompt. ``test_checks_fail_on_broken_images`` shows the same checks reject noise
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -154,3 +156,21 @@ def test_sheet_metrics_measure_recognition_and_seed_variety(engine):
             return engine.generate(req.model_copy(update={"seed": 1}))
     same = sheet_metrics(SeedBlind(), clip, settings=st, prompts=("a red apple",), seeds=(1, 2), progress=False)
     assert same["seed_rms"] == 0.0 and abs(same["seed_embed"]) < 1e-5
+
+
+def test_object_recognition_ranks_each_object_and_weights_the_hard_ones(engine):
+    """`imagesmith house objects`: each object drawn from its bare name and ranked by house-clip among all
+    object names; the curriculum weights follow the ranks (missed top 5 -> 3, outside top 1 -> 2, else 1)."""
+    from imagesmith.models.house_clip import load_house_clip
+    from imagesmith.train.house_eval import SheetSettings, hard_object_weights, object_recognition
+    clip = load_house_clip()
+    labels = json.loads((SHIPPED_DIR / "house-clip" / "labels.json").read_text())
+    report = object_recognition(engine, clip, settings=SheetSettings(steps=6), names=["red apple", "teapot"],
+                                seeds=(1, 2), progress=False)
+    assert set(report["ranks"]) == {"red apple", "teapot"} and report["objects"] == 2
+    assert all(len(r) == 2 and all(0 <= x < len(labels) for x in r) for r in report["ranks"].values())
+    assert report["top5"] == np.mean([x < 5 for r in report["ranks"].values() for x in r])
+    with pytest.raises(ValueError, match="not training objects"):
+        object_recognition(engine, clip, names=["unicorn cake"], progress=False)
+    w = hard_object_weights({"ranks": {"a": [0, 0], "b": [0, 3], "c": [2, 40], "d": [9, 7], "e": [1, 1]}})
+    assert w == {"a": 1, "b": 1, "c": 3, "d": 3, "e": 2}  # b: first half the time is enough

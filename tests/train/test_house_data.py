@@ -330,3 +330,27 @@ def test_concept_vocabulary_lists_what_a_split_teaches(house, tmp_path):
     assert held_out and not held_out & set(vocab.names)  # a held-out object is never claimed as known
     vocab.save(tmp_path)
     assert type(vocab).load(tmp_path).names == sorted(train, key=str.lower)
+
+
+def test_object_weights_give_an_object_more_visits_per_round(house):
+    """A curriculum: weight 3 makes an object three of every round's visits; no weights leaves the rounds as
+    they were; weights that are not whole numbers in range, or name objects outside the split, are refused."""
+    plain = H.HouseSampleDataset(house, "train", size=64, seed=2, epoch_length=60)
+    n = len(plain.objects)
+    assert n >= 2
+    heavy = plain.objects[0].name
+    weighted = H.HouseSampleDataset(house, "train", size=64, seed=2, epoch_length=60, object_weights={heavy: 3})
+    assert len(weighted.visits) == n + 2
+    rounds = len(weighted.visits)
+    for start in range(0, 60 - rounds + 1, rounds):  # every whole round: 3 visits of heavy, 1 of each other object
+        names = [house.object(weighted.spec(i).object_key).name for i in range(start, start + rounds)]
+        assert names.count(heavy) == 3 * sum(o.name == heavy for o in plain.objects)
+        assert all(names.count(o.name) >= 1 for o in plain.objects)
+    seen = [house.object(weighted.spec(i).object_key).name for i in range(60)]
+    before = [house.object(plain.spec(i).object_key).name for i in range(60)].count(heavy)
+    assert seen.count(heavy) >= 3 * (60 // rounds) and seen.count(heavy) > before  # 3/(n+2) of the visits, was 1/n
+    again = H.HouseSampleDataset(house, "train", size=64, seed=2, epoch_length=60, object_weights={})
+    assert [again.spec(i) for i in range(12)] == [plain.spec(i) for i in range(12)]
+    for bad in ({heavy: 0}, {heavy: 1.5}, {heavy: True}, {"no such object": 2}):
+        with pytest.raises(ValueError):
+            H.HouseSampleDataset(house, "train", size=64, object_weights=bad)

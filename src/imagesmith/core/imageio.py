@@ -22,6 +22,7 @@ so a reader never sees a partial PNG, even when the writer dies half way.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import secrets
@@ -314,6 +315,23 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike[str], *,
 
 _NUMBERED = re.compile(r"^(\d{5,})-")
 _OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")
+
+
+def write_json_atomic(path: str | os.PathLike[str], data) -> None:
+    """Write JSON through a temporary file in the same folder, renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fp:
+            json.dump(data, fp, indent=2, ensure_ascii=False, default=str)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BadRequest(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink(missing_ok=True)
 
 
 def output_paths(output: str | os.PathLike[str] | None, count: int, default_dir: str | os.PathLike[str],

@@ -45,7 +45,6 @@ import os
 import random
 import re
 import resource
-import secrets
 import sys
 import textwrap
 import threading
@@ -61,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .. import __version__
 from ..core.errors import BadRequest, ImagesmithError
-from ..core.imageio import save_png_atomic
+from ..core.imageio import save_png_atomic, write_json_atomic
 from ..core.metadata import write_metadata_chunks
 from ..core.progress import CancelToken, ProgressCallback, ProgressEvent
 from ..core.requests import GenerateRequest, LoraSpec
@@ -720,22 +719,6 @@ class GridResult(BaseModel):
     seconds: float
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder, renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fp:
-            json.dump(data, fp, indent=2, ensure_ascii=False, default=str)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BadRequest(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink(missing_ok=True)
-
-
 def check_names(engine: "Engine", plan: GridPlan) -> None:
     """Every model and LoRA a cell names exists, before the first cell runs (BadRequest otherwise)."""
     registry = getattr(engine, "registry", None)
@@ -815,7 +798,7 @@ def run_grid(engine: "Engine", req: GridRequest, out_dir: str | os.PathLike[str]
     grid_path = save_png_atomic(stack_vertically(pictures) if len(pictures) > 1 else pictures[0], out / "grid.png")
     result = GridResult(grid_path=grid_path, panel_paths=panel_paths, json_path=out / "grid.json", layout=layout,
                         cells=cells, device=str(device), seconds=time.perf_counter() - start)
-    _write_json_atomic(result.json_path, {
+    write_json_atomic(result.json_path, {
         "version": __version__,
         "axes": {a.name: a.to_json() for a in (plan.x, plan.y, plan.z) if a is not None},
         "base": plan.base.model_dump(mode="json"),

@@ -1001,10 +1001,15 @@ class HouseSampleDataset(torch.utils.data.Dataset):
     alone, without the backdrop (:func:`short_caption`).
 
     Sample ``i`` depends only on (index, split, seed, i, size). Objects are visited in seeded shuffled rounds,
-    so every object of the split appears once per ``len(objects)`` consecutive indices."""
+    so every object of the split appears once per ``len(objects)`` consecutive indices.
+
+    ``object_weights`` (object name -> whole number of visits per round, 1 for names it leaves out) makes a
+    curriculum: an object of weight 3 appears three times in every round (``house_eval.hard_object_weights``
+    gives the objects the model draws badly more visits). Without it the rounds are exactly as before."""
 
     def __init__(self, index: HouseDataset | Path | str, split: str = "train", size: int = 128, seed: int = 0,
-                 epoch_length: int | None = None, recolour_p: float = 0.3, short_caption_p: float = 0.0):
+                 epoch_length: int | None = None, recolour_p: float = 0.3, short_caption_p: float = 0.0,
+                 object_weights: dict[str, int] | None = None):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
         self.index = index if isinstance(index, HouseDataset) else load_house_dataset(
@@ -1023,6 +1028,15 @@ class HouseSampleDataset(torch.utils.data.Dataset):
         self.objects: tuple[HouseObject, ...] = tuple(objs)
         if not self.objects:
             raise HouseDataError(f"split {split!r} has no objects")
+        weights = dict(object_weights or {})
+        bad = {k: v for k, v in weights.items() if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 100}
+        if bad:
+            raise ValueError(f"object weights must be whole numbers from 1 to 100: {dict(list(bad.items())[:3])}")
+        unknown = set(weights) - {o.name for o in self.objects}
+        if unknown:
+            raise ValueError(f"object weights name objects not in split {split!r}: {', '.join(sorted(unknown)[:5])}")
+        # the round: each object's index as many times as its weight
+        self.visits: tuple[int, ...] = tuple(k for k, o in enumerate(self.objects) for _ in range(weights.get(o.name, 1)))
         self.epoch_length = int(epoch_length) if epoch_length is not None else 10 * len(self.objects)
 
     def __len__(self) -> int:
@@ -1031,10 +1045,10 @@ class HouseSampleDataset(torch.utils.data.Dataset):
     def spec(self, i: int) -> SampleSpec:
         if not 0 <= i < self.epoch_length:
             raise IndexError(i)
-        n = len(self.objects)
+        n = len(self.visits)
         code = _SPLIT_CODES[self.split]
         order = np.random.default_rng([self.seed, code, i // n, 0x0B1EC7]).permutation(n)
-        obj = self.objects[int(order[i % n])]
+        obj = self.objects[self.visits[int(order[i % n])]]
         return draw_spec(self.index, self.split, obj, np.random.default_rng([self.seed, code, i]),
                          recolour_p=self.recolour_p)
 

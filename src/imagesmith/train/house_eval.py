@@ -233,3 +233,48 @@ def evaluate_ldm(engine, clip, *, cutout=None, n: int = 64, settings: SheetSetti
             out["generated"]["named_colour_shows"] = float(np.mean([s > 0.3 for s in shares]))
             out["generated"]["named_colour_n"] = len(named)
     return out
+
+
+def object_recognition(engine, clip, *, settings: SheetSettings | None = None, model: str | None = None,
+                       names: list[str] | None = None, seeds: tuple[int, ...] = (1,),
+                       progress: bool = True) -> dict[str, Any]:
+    """How well the model draws each training object from its bare name ("a teapot"): for every object, the
+    rank of its own name in house-clip's zero-shot ranking over all object names (0 = first), per seed.
+
+    The report is what :func:`hard_object_weights` turns into a training curriculum (objects the model draws
+    badly are visited more often in the next fine-tune); ``names`` defaults to every training object."""
+    import json
+
+    from ..models.house_clip import default_house_clip_dir
+    from .house_data import with_article
+    st = settings or SheetSettings()
+    labels = json.loads((default_house_clip_dir() / "labels.json").read_text())
+    names = sorted(set(names if names is not None else labels))
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        raise ValueError(f"not training objects of house-clip: {', '.join(unknown[:5])}")
+    images = []
+    bar = tqdm(total=len(names) * len(seeds), desc="objects", unit="image", disable=not progress)
+    for name in names:
+        for seed in seeds:
+            images.append(generate_one(engine, st, with_article(name), seed=seed, model=model, ground=False)[0])
+            bar.update(1)
+    bar.close()
+    ranked = iter(clip.classify_many(images, labels, top_k=len(labels)))  # the label prompts encoded once
+    ranks = {name: [[lab for lab, _ in next(ranked)].index(name) for _ in seeds] for name in names}
+    flat = [r for rs in ranks.values() for r in rs]
+    return {"settings": st.describe(), "seeds": list(seeds), "objects": len(names),
+            "top1": float(np.mean([r == 0 for r in flat])), "top5": float(np.mean([r < 5 for r in flat])),
+            "ranks": ranks}
+
+
+def hard_object_weights(report: dict[str, Any], *, missed: int = 3, weak: int = 2) -> dict[str, int]:
+    """Integer visit weights from an :func:`object_recognition` report: an object whose name misses
+    house-clip's top 5 on average gets ``missed`` visits per round, one outside the top 1 gets ``weak``,
+    the rest 1 (what ``HouseSampleDataset(object_weights=...)`` and the ``object_weights`` training key take)."""
+    out = {}
+    for name, rs in report["ranks"].items():
+        miss = float(np.mean([r >= 5 for r in rs]))
+        first = float(np.mean([r == 0 for r in rs]))
+        out[name] = missed if miss >= 0.5 else weak if first < 0.5 else 1
+    return out

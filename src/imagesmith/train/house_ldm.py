@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -134,6 +135,9 @@ class HouseLdmConfig(BaseModel):
     log_every: int = 1
     progress: bool = True
     text_encoder_path: Path | None = None
+    object_weights: Path | None = None
+    """A JSON file of object name -> visits per round (``imagesmith house objects --weights FILE``): a
+    curriculum that shows the objects the current model draws badly more often. None: every object once."""
     init_from: Path | None = None
     """A house-ldm folder (e.g. the shipped one) whose vae/ and unet/ weights start a fresh run instead of
     random ones: continue training across sessions without the optimizer checkpoints. With ``vae_steps: 0``
@@ -496,6 +500,8 @@ def latent_cache(config: HouseLdmConfig, dataset, vae, tokenizer, text_encoder, 
     stamp = f"{n}:{sum(float(p.double().sum()) for p in vae.parameters()):.12e}"  # the VAE these latents are of
     if config.short_caption_p:  # and the captions they were made with
         stamp += f":short={config.short_caption_p:g}"
+    if config.object_weights:  # and the objects' visits
+        stamp += ":weights=" + hashlib.sha256(Path(config.object_weights).read_bytes()).hexdigest()[:16]
     if path.is_file():
         with safe_open(str(path), "pt") as f:
             fresh = (f.metadata() or {}).get("vae") == stamp
@@ -678,8 +684,10 @@ def house_dataset(config: HouseLdmConfig):
     from .house_data import HouseSampleDataset, load_house_dataset
     index = load_house_dataset()
     n = len(index.objects_in("train"))
+    weights = json.loads(Path(config.object_weights).read_text()) if config.object_weights else None
     return HouseSampleDataset(index, "train", size=config.image_size, seed=config.seed,
-                              epoch_length=max(10 * n, config.latent_cache), short_caption_p=config.short_caption_p)
+                              epoch_length=max(10 * n, config.latent_cache), short_caption_p=config.short_caption_p,
+                              object_weights=weights)
 
 
 def _load_dataset(spec: str, config: HouseLdmConfig):
