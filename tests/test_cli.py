@@ -165,3 +165,26 @@ def test_upscale_command(env, capsys, tmp_path):
     assert Image.open(tmp_path / "u.png").size == (32, 32)
     code, _, err = run_cli(capsys, "upscale", str(tmp_path / "s.png"), "--upscaler", "nope", "-o", str(tmp_path / "x.png"))
     assert code != 0 and not (tmp_path / "x.png").exists()
+
+
+def test_model_by_path_draws_the_same_as_by_name(env, capsys, tmp_path, tiny_models):
+    """`--model PATH` takes a checkpoint folder outside the model folders (a fresh training export)."""
+    import shutil
+    export = tmp_path / "my-export"
+    shutil.copytree(tiny_models.paths["tiny-sd15"], export)
+    (tmp_path / "pickled.ckpt").write_bytes(b"\x80\x04K\x01.")
+    images = []
+    for ref in ("tiny-sd15", str(export)):
+        out = tmp_path / f"{len(images)}.png"
+        code, _, err = run_cli(capsys, "generate", "a pear", "--seed", "5", *TINY, "--model", ref, "-o", str(out))
+        assert code == 0, err
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(images[0], images[1]) and images[0].std() > 0
+    assert "Model: my-export" in Image.open(tmp_path / "1.png").text["parameters"]
+    for ref, needle in ((str(tmp_path / "no-such-export"), "no such file"), (str(tmp_path / "pickled.ckpt"), "pickle"),
+                        (str(tmp_path), "not a diffusers model folder")):
+        out = tmp_path / "never.png"
+        code, _, err = run_cli(capsys, "generate", "a pear", *TINY, "--model", ref, "-o", str(out))
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert code != 0 and len(lines) == 1 and needle in lines[0], err
+        assert not out.exists()

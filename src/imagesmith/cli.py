@@ -66,6 +66,17 @@ def _engine():
     return Engine()
 
 
+def _checkpoint_ref(engine, model: Optional[str]) -> Optional[str]:
+    """`--model` takes a registered name or a path to a checkpoint file or diffusers folder (a training
+    export); a path is listed in the engine's registry and its resolved form returned as the name to use."""
+    if not model:
+        return model
+    path = Path(model).expanduser()
+    if not (model.startswith(("/", "./", "../", "~")) or path.exists()):
+        return model
+    return engine.registry.add_path(path, "checkpoint").rel_path
+
+
 def _check_output(output: Optional[Path], count: int) -> None:
     from .core.imageio import output_paths
     if output is not None:
@@ -88,7 +99,7 @@ def _write_images(result, output: Optional[Path], stem: str = "image") -> list[P
 def generate(
     prompt: str = typer.Argument("", help="prompt in WebUI syntax: (word:1.2), [word], BREAK, <lora:name:0.7>"),
     negative: str = typer.Option("", "--negative", "-n", help="negative prompt"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint name (imagesmith models list)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint name (imagesmith models list) or path to a checkpoint file or diffusers folder"),
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE override"),
     lora: List[str] = typer.Option([], "--lora", help="NAME:WEIGHT, repeatable"),
     clip_skip: int = typer.Option(1, "--clip-skip", help="1 = last layer, 2 = penultimate (WebUI meaning)"),
@@ -172,6 +183,8 @@ def generate(
         if verdict.flagged:
             raise _Exit(f"prompt blocked by the safety policy: {verdict.reason}")
     engine = _engine()
+    if req.model != (ref := _checkpoint_ref(engine, req.model)):
+        req = req.model_copy(update={"model": ref})
     with _progress_bar(not as_json and sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1",
                        "generating") as on_progress:
         result = engine.generate(req, progress=on_progress)
@@ -588,20 +601,21 @@ def house_styles(styles: Optional[List[str]] = typer.Argument(None, help="fluent
 
 @house_app.command("sheet")
 def house_sheet(output: Path = typer.Option(Path("docs/house-ldm-samples.png"), "-o", "--output"),
-                model: Optional[str] = typer.Option(None, "--model", help="checkpoint (default: house-ldm)"),
+                model: Optional[str] = typer.Option(None, "--model", help="checkpoint name or folder path (default: house-ldm)"),
                 steps: int = typer.Option(20, "--steps"), cfg_scale: float = typer.Option(5.0, "--cfg-scale"),
                 sampler: str = typer.Option("DPM++ 2M", "--sampler"), schedule: str = typer.Option("karras", "--scheduler"),
                 seed: int = typer.Option(1, "--seed")):
     """Draw the house-ldm sample sheet: 32 objects, outside wording, backdrops, colours, seeds."""
     from .train.house_eval import SheetSettings, render_sheet
     st = SheetSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, scheduler=schedule, seed=seed)
-    print(render_sheet(_engine(), output, settings=st, model=model))
+    engine = _engine()
+    print(render_sheet(engine, output, settings=st, model=_checkpoint_ref(engine, model)))
 
 
 @house_app.command("eval")
 def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all"),
                n: int = typer.Option(64, "--n", help="held-out samples (ldm)"),
-               model: Optional[str] = typer.Option(None, "--model", help="checkpoint for ldm (default: house-ldm)"),
+               model: Optional[str] = typer.Option(None, "--model", help="checkpoint for ldm name or folder path (default: house-ldm)"),
                steps: int = typer.Option(20, "--steps", min=1, max=150, help="ldm: sampling steps"),
                cfg: float = typer.Option(5.0, "--cfg", min=0.0, max=30.0, help="ldm: CFG scale"),
                sheet_seeds: int = typer.Option(4, "--sheet-seeds", min=0, max=16,
@@ -630,6 +644,7 @@ def house_eval(which: str = typer.Argument("ldm", help="ldm, clip, cutout or all
         from .models.house_clip import load_house_clip
         from .models.segment import load_segmenter
         engine, clip, st = _engine(), load_house_clip(), E.SheetSettings(steps=steps, cfg_scale=cfg)
+        model = _checkpoint_ref(engine, model)
         results["house-ldm"] = E.evaluate_ldm(engine, clip, cutout=load_segmenter("house-cutout"), n=n, model=model,
                                               progress=not as_json, settings=st)
         if sheet_seeds:
@@ -644,7 +659,7 @@ def house_objects(output: Optional[Path] = typer.Option(None, "-o", "--output",
                                                         help="write the report (ranks per object) as JSON here"),
                   weights: Optional[Path] = typer.Option(None, "--weights", help="write hard-object visit weights "
                                                          "(the object_weights training key) as JSON here"),
-                  model: Optional[str] = typer.Option(None, "--model", help="checkpoint (default: house-ldm)"),
+                  model: Optional[str] = typer.Option(None, "--model", help="checkpoint name or folder path (default: house-ldm)"),
                   seeds: int = typer.Option(1, "--seeds", min=1, max=16, help="images per object (seeds 1..N)"),
                   steps: int = typer.Option(20, "--steps", min=1, max=150),
                   cfg: float = typer.Option(5.0, "--cfg", min=0.0, max=30.0),
@@ -660,7 +675,8 @@ def house_objects(output: Optional[Path] = typer.Option(None, "-o", "--output",
         if path is not None and not path.parent.is_dir():
             raise _Exit(f"{path.parent}: no such folder")
     st = E.SheetSettings(steps=steps, cfg_scale=cfg)
-    report = E.object_recognition(_engine(), load_house_clip(), settings=st, model=model,
+    engine = _engine()
+    report = E.object_recognition(engine, load_house_clip(), settings=st, model=_checkpoint_ref(engine, model),
                                   seeds=tuple(range(1, seeds + 1)), progress=not as_json)
     if output is not None:
         write_json_atomic(output, report)

@@ -249,3 +249,22 @@ def test_house_tools_and_user_onnx_segmenters_are_registered(tmp_path):
     assert r.get("isnet-general-use", "segmenters").path.suffix == ".onnx"
     with pytest.raises(ModelNotFound, match="Known: isnet-general-use"):
         r.get("birefnet", "segmenter")
+
+
+def test_add_path_lists_a_file_outside_the_folders_and_keeps_it_across_scans(tmp_path, tiny_home, tiny_models):
+    reg = Registry(tiny_home)
+    single = tmp_path / "exports" / "mine.safetensors"
+    single.parent.mkdir()
+    shutil.copy(tiny_models.paths["tiny-sd15-single"], single)
+    entry = reg.add_path(single)
+    assert (entry.name, entry.kind, entry.arch, entry.rel_path) == ("mine", "checkpoint", "sd1", single.resolve().as_posix())
+    reg.scan()  # a re-scan (get() does one on a miss) must not forget it
+    assert reg.get(entry.rel_path, "checkpoint").path == single.resolve()
+    assert entry.companion == tiny_models.paths["tiny-sd15"]  # the single file borrows its arch's tokenizer/VAE folder
+    with pytest.raises(ModelNotFound, match="no such file"):
+        reg.add_path(tmp_path / "missing.safetensors")
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(pickle.dumps({"a": 1}))
+    reg.add_path(bad)
+    with pytest.raises(UnsafeModelFile):
+        reg.get(bad.resolve().as_posix(), "checkpoint")

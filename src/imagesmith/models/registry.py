@@ -93,6 +93,7 @@ class Registry:
         # kind ('clip', 'segmenter') -> shipped model folders (model.safetensors + config.json each)
         self.tool_dirs = {k: [Path(p) for p in v] for k, v in (tool_dirs or {}).items()}
         self._entries: list[ModelEntry] | None = None
+        self._paths: list[tuple[Path, str]] = []  # files/folders named by path (add_path), kept across scans
         self.hashes = HashCache(settings)
 
     # ------------------------------------------------------------------ scanning
@@ -112,6 +113,7 @@ class Registry:
                 entries.extend(self._scan_dir(d, folder))
         entries.extend(self._builtin_upscalers())
         entries.extend(self._tools())
+        entries.extend(self._path_entry(p, kind) for p, kind in self._paths)
         self._link_companions(entries)
         self._entries = entries
         return entries
@@ -155,6 +157,29 @@ class Registry:
                         notes=["pickle format: refused, never loaded; convert it to .safetensors"]))
         out.sort(key=lambda e: e.rel_path.lower())
         return out
+
+    def add_path(self, path: Path, kind: str = "checkpoint") -> ModelEntry:
+        """List a model file or diffusers folder that lies outside the model folders (a fresh training
+        export: `--model ./my-export`). The entry's rel_path is the resolved path, so `get(str(resolved))`
+        finds it. A pickle-format file is listed as unsafe and refused by get(), like one in a folder."""
+        kind = normalize_kind(kind) or "checkpoint"
+        path = Path(path).expanduser().resolve()
+        if not (path.is_file() or path.is_dir()):
+            raise ModelNotFound(f"{path}: no such file or folder")
+        if path.is_dir() and not _is_diffusers_folder(path):
+            raise ModelNotFound(f"{path} is a folder but not a diffusers model folder (no model_index.json or config.json)")
+        if (path, kind) not in self._paths:
+            self._paths.append((path, kind))
+        if self._entries is None:
+            self.scan()  # lists it, companions linked
+        else:
+            self._entries = [e for e in self._entries if e.rel_path != path.as_posix()] + [self._path_entry(path, kind)]
+            self._link_companions(self._entries)
+        return next(e for e in reversed(self._entries) if e.rel_path == path.as_posix())
+
+    def _path_entry(self, path: Path, kind: str) -> ModelEntry:
+        entry = self._entry(path, path.parent, kind, builtin=False)
+        return entry.model_copy(update={"rel_path": path.as_posix()})
 
     def _entry(self, path: Path, root: Path, folder_kind: str, builtin: bool) -> ModelEntry:
         try:
