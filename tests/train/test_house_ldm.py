@@ -324,3 +324,18 @@ device: cpu
     assert H.is_house_folder(tmp_path / "house-ldm")
     card = (tmp_path / "house-ldm" / "MODEL_CARD.md").read_text()
     assert "| VAE training | 2 steps, batch 2" in card and "| UNet training | 2 steps, batch 2" in card
+
+
+@pytest.mark.parametrize("name", sorted(p.relative_to(Path(H.__file__).parent / "configs").as_posix()
+                                        for p in (Path(H.__file__).parent / "configs").rglob("house-ldm*.yaml")))
+def test_shipped_house_ldm_configs_parse_and_their_files_ship(name):
+    """The documented `--config` runs must work from a fresh clone: every file a config names is in the repo."""
+    root = Path(H.__file__).resolve().parents[3]
+    cfg = H.HouseLdmConfig.from_yaml(Path(H.__file__).parent / "configs" / name)
+    assert cfg.image_size == 128 and cfg.latent_size == 16
+    if cfg.init_from:
+        assert (root / cfg.init_from / "model_index.json").is_file(), cfg.init_from
+    if cfg.object_weights:
+        weights = json.loads((root / cfg.object_weights).read_text())
+        assert len(weights) > 500 and all(isinstance(v, int) and 1 <= v <= 3 for v in weights.values())
+        assert sum(v > 1 for v in weights.values()) > 0  # a curriculum, not a uniform list
