@@ -147,3 +147,35 @@ def test_decoder_only_finetune_keeps_the_encoder_and_scaling_factor(tmp_path):
     assert all(torch.equal(after[k], start[k]) for k in enc)
     assert any(not torch.allclose(after[k], start[k]) for k in dec)
     assert tuned.config.scaling_factor == 0.6  # the latents are the shipped ones: not re-measured
+
+
+def test_progress_bar_total_follows_the_time_budget(monkeypatch):
+    """With a seconds budget the bar's total is where the budget will stop at the measured step rate (its ETA
+    is the budget's end), not the step ceiling; without one it is the step count."""
+    clock = Clock()
+    monkeypatch.setattr(C.time, "perf_counter", clock)
+    b = C.TimeBudget(100_000, seconds=100)
+    bar = C.progress(100_000, 0, "t", enabled=True, budget=b)
+    b.start()
+    for _ in range(50):  # 50 steps in 10 s: 5 steps/s, 90 s left -> 50 + 450
+        clock.t += 0.2
+        bar.update(1)
+    assert bar.total == 500 and bar.n == 50
+    clock.t += 80.0  # a slow stretch: 90 s in, 50 steps -> the estimate falls to 50 + 10 s x 50/90
+    bar.update(0)
+    assert bar.total == 55
+    bar.close()
+    # a resumed run (40 s of the budget spent before) estimates from this process's rate only
+    clock.t = 1000.0
+    r = C.TimeBudget(100_000, seconds=100)
+    r.restore({"extra": {"budget_seconds": 40.0, "budget_p0": 0.1}})
+    rbar = C.progress(100_000, 300, "t", enabled=True, budget=r)
+    r.start()
+    clock.t += 10.0
+    rbar.update(20)  # 2 steps/s, 50 s left -> 320 + 100
+    assert rbar.total == 420
+    rbar.close()
+    plain = C.progress(1000, 0, "t", enabled=True)
+    plain.update(10)
+    assert plain.total == 1000
+    plain.close()

@@ -318,7 +318,7 @@ def train_house_clip(config: HouseClipConfig, dataset, *, text=None, stop_at: in
     images, feats, labels, prompts = data["images"], data["text"], data["labels"], data["prompts"]
     n, n_templates = images.shape[0], prompts.shape[1]
     end = config.steps if stop_at is None else min(stop_at, config.steps)
-    bar = C.progress(config.steps, step, "house-clip", config.progress)
+    bar = C.progress(config.steps, step, "house-clip", config.progress, budget)
     if images.device != device and device.type == "cuda":  # the uint8 views fit on a GPU: no per-step copy
         images, feats, labels, prompts = images.to(device), feats.to(device), labels.to(device), prompts.to(device)
     budget.start()

@@ -190,7 +190,7 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
         losslog = C.LossLog(folder / "losses.jsonl")
     losslog.truncate_after(step)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
-    bar = C.progress(config.steps, step, "house-cutout", config.progress)
+    bar = C.progress(config.steps, step, "house-cutout", config.progress, budget)
     ahead = (C.step_batches(dataset, first=step, last=end, batch_size=config.batch_size, seed=config.seed,
                             workers=config.data_workers) if config.data_workers else None)
     budget.start()

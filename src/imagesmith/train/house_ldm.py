@@ -334,7 +334,7 @@ def train_vae(config: HouseLdmConfig, dataset, *, stop_at: int | None = None):
         losslog = C.LossLog(folder / "losses.jsonl")
     losslog.truncate_after(step)
     end = config.vae_steps if stop_at is None else min(stop_at, config.vae_steps)
-    bar = C.progress(config.vae_steps, step, "house-ldm vae", config.progress)
+    bar = C.progress(config.vae_steps, step, "house-ldm vae", config.progress, budget)
     ahead = (C.step_batches(dataset, first=step, last=end, batch_size=config.vae_batch_size, seed=config.seed,
                             workers=config.data_workers, keys=("image",)) if config.data_workers else None)
     budget.start()
@@ -423,7 +423,7 @@ def train_unet(config: HouseLdmConfig, dataset, vae, *, stop_at: int | None = No
         if device.type == "cuda":  # a GPU holds the whole cache: no host gather + copy per step
             cache = {k: v.to(device) for k, v in cache.items()}
     end = config.unet_steps if stop_at is None else min(stop_at, config.unet_steps)
-    bar = C.progress(config.unet_steps, step, "house-ldm unet", config.progress)
+    bar = C.progress(config.unet_steps, step, "house-ldm unet", config.progress, budget)
     budget.start()  # the budget is for steps, not for building the cache
     while step < end and not budget.done(step):
         t0 = time.perf_counter()
