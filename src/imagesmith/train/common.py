@@ -245,7 +245,7 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
 
 
 # ------------------------------------------------------------------------------------------ progress
-def progress(total: int, initial: int, desc: str, enabled: bool = True, budget: "TimeBudget | None" = None):
+def progress(total: int, initial: int, desc: str, enabled: bool = True, budget: TimeBudget | None = None):
     """A tqdm bar (steps, it/s shown by tqdm; the trainer adds loss and images/s as postfix).
 
     With a ``budget`` that has seconds, the bar's total is the step count the budget will reach at this
@@ -257,11 +257,7 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True, budget: 
         plain_update = bar.update
 
         def update(n: int = 1):
-            run_s = budget.elapsed() - budget.spent  # seconds of steps in this process
-            done = bar.n + n - initial
-            if done > 0 and run_s > 0:
-                left = max(0.0, budget.seconds - budget.elapsed())
-                bar.total = int(min(total, bar.n + n + left * done / run_s))
+            bar.total = budget.final_step(bar.n + n, initial) or bar.total
             return plain_update(n)
         bar.update = update
     return bar
@@ -329,6 +325,15 @@ class TimeBudget:
         if self.seconds:
             p = max(p, self.elapsed() / self.seconds)
         return min(1.0, p)
+
+    def final_step(self, step: int, first: int) -> int | None:
+        """The step this budget will stop at, from the rate of this process (steps ``first``..``step`` over the
+        seconds since :meth:`start`), never past ``total_steps``; None without seconds or before a step."""
+        run_s = self.elapsed() - self.spent
+        if not self.seconds or step <= first or run_s <= 0:
+            return None
+        left = max(0.0, self.seconds - self.elapsed())
+        return int(min(self.total_steps, step + left * (step - first) / run_s))
 
     def done(self, step: int) -> bool:
         return step >= self.total_steps or (self.seconds is not None and self.elapsed() >= self.seconds)
