@@ -89,6 +89,40 @@ def bench_cpu(runs: int) -> dict:
         }
 
 
+def bench_sampling_loop(steps: int = 20, repeats: int = 5) -> dict:
+    """What the sampling layer's loop itself costs per step, apart from the network: samplers run on the house
+    model's latent shape (1x4x16x16) with a denoiser that does no work (returns 0.9 x), so the time is the
+    sampler's arithmetic, its noise streams and the progress callback. Goal: < 2 ms per step."""
+    from imagesmith.core.progress import StepCounter
+    from imagesmith.engine.sampling import ksampler as K
+    from imagesmith.engine.sampling.model_sampling import DiscreteModelSampling
+
+    class Idle:
+        last_uncond = None
+
+        def __call__(self, x, sigma):
+            return x * 0.9
+
+    ms = DiscreteModelSampling.scaled_linear()
+    out = {}
+    for sampler, schedule in (("euler", "normal"), ("euler_ancestral", "normal"), ("dpmpp_2m", "karras"),
+                              ("dpmpp_2m_sde", "exponential"), ("dpmpp_sde", "karras"), ("uni_pc", "karras"),
+                              ("deis", "karras"), ("lms", "karras")):
+        sigmas = K.plan_sigmas(ms, sampler, schedule, steps)
+        noise = K.initial_noise("comfy", (1, 4, 16, 16), [1])
+        times = []
+        for _ in range(repeats):
+            counter = StepCounter(steps, None, None)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                K.sample(Idle(), ms, sampler, sigmas, noise=noise, seed=1,
+                         callback=lambda i, x, d, s: counter.step("txt2img", 0, x))
+            times.append((time.perf_counter() - t0) / steps * 1000)
+        out[sampler] = round(statistics.median(times), 3)
+    return {"case": f"house latent 1x4x16x16, {steps} steps, idle denoiser, CPU", "ms_per_step": out,
+            "goal_ms_per_step": 2.0}
+
+
 def build_full_size(arch: str, device: str, dtype: torch.dtype, workdir: Path):
     """A full-size random-weight pipeline of `arch` ("sdxl" or "flux") from the shipped configs, built
     directly on `device` in `dtype`. FLUX's T5 tokenizer is a small sentencepiece model trained here
@@ -197,7 +231,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/engine_overhead.json")
     args = ap.parse_args()
     report = {"machine": machine(),
-              "cpu": None if args.gpu_only else bench_cpu(args.runs)}
+              "cpu": None if args.gpu_only else bench_cpu(args.runs),
+              "sampling_loop": None if args.gpu_only else bench_sampling_loop()}
     if torch.cuda.is_available():
         report["gpu"] = bench_gpu(max(2, args.runs // 2))
         for arch, r in report["gpu"].items():
@@ -209,6 +244,8 @@ def main() -> None:
     if c:
         print(f"imagesmith {c['imagesmith_median_s']:.3f}s  diffusers {c['diffusers_median_s']:.3f}s  "
               f"ratio {c['ratio']:.3f} (goal <= 1.05)  peak RSS {c['peak_rss_mb']:.0f} MB")
+    if report.get("sampling_loop"):
+        print("sampling loop, ms per step:", report["sampling_loop"]["ms_per_step"])
     print(f"written to {args.out}")
 
 

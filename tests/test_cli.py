@@ -48,14 +48,16 @@ def test_generate_json_and_info_round_trip(env, capsys, tmp_path):
     assert code == 0 and json.loads(stdout)["imagesmith"]["seed"] == 11
 
 
-def test_from_regenerates_identical_pixels_from_a_batch(env, capsys, tmp_path):
+@pytest.mark.parametrize("sampler,noise,pick", [("Euler a", "a1111-cpu", 2), ("DPM++ 2M SDE", "comfy", 3),
+                                               ("dpmpp_sde", "a1111-cpu", 1)])
+def test_from_regenerates_identical_pixels_from_a_batch(env, capsys, tmp_path, sampler, noise, pick):
     folder = tmp_path / "batch"
     code, _, err = run_cli(capsys, "generate", "a pear", "--seed", "20", "--batch-size", "2", "--batch-count", "2",
-                           "--sampler", "Euler a", *TINY, "-o", str(folder))
+                           "--sampler", sampler, "--noise", noise, *TINY, "-o", str(folder))
     assert code == 0, err
     files = sorted(folder.glob("*.png"))
     assert len(files) == 4
-    third = files[2]
+    third = files[pick]
     code, _, err = run_cli(capsys, "generate", "--from", str(third), "-o", str(tmp_path / "again.png"))
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(third)), np.asarray(Image.open(tmp_path / "again.png")))

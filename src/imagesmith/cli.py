@@ -105,9 +105,14 @@ def generate(
     clip_skip: int = typer.Option(1, "--clip-skip", help="1 = last layer, 2 = penultimate (WebUI meaning)"),
     steps: int = typer.Option(20, "--steps"),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale"),
-    sampler: str = typer.Option("Euler a", "--sampler", help="WebUI sampler name, e.g. 'DPM++ 2M'"),
-    schedule: str = typer.Option("normal", "--schedule", "--scheduler", help="normal, karras, exponential"),
-    seed: int = typer.Option(-1, "--seed", help="-1: random"),
+    sampler: str = typer.Option("Euler a", "--sampler", "--sampler-name", help="A1111 or ComfyUI sampler name, e.g. "
+                                "'DPM++ 2M' or dpmpp_2m (imagesmith samplers lists them)"),
+    schedule: str = typer.Option("automatic", "--schedule", "--scheduler", help="schedule type, e.g. Karras, "
+                                 "sgm_uniform, 'Align Your Steps'; automatic: the sampler's default"),
+    noise: str = typer.Option("a1111-cpu", "--noise", help="a1111-cpu, a1111-gpu or comfy: whose noise to draw"),
+    ensd: int = typer.Option(0, "--ensd", "--eta-noise-seed-delta", help="A1111's eta noise seed delta"),
+    sgm_noise: bool = typer.Option(False, "--sgm-noise-multiplier", help="A1111's SGM noise multiplier"),
+    seed: int = typer.Option(-1, "--seed", help="-1: random; 0 .. 2^64-1"),
     variation_seed: Optional[int] = typer.Option(None, "--variation-seed"),
     variation_strength: float = typer.Option(0.0, "--variation-strength"),
     batch_size: int = typer.Option(1, "--batch-size"),
@@ -148,7 +153,8 @@ def generate(
         fields = dict(
             prompt=prompt, negative_prompt=negative, model=model, vae=vae,
             loras=[LoraSpec.parse(x) for x in lora], clip_skip=clip_skip, steps=steps, cfg_scale=cfg,
-            sampler_name=sampler, scheduler=schedule, seed=seed, variation_seed=variation_seed,
+            sampler_name=sampler, scheduler=schedule, noise=noise, eta_noise_seed_delta=ensd,
+            sgm_noise_multiplier=sgm_noise, seed=seed, variation_seed=variation_seed,
             variation_strength=variation_strength, batch_size=batch_size, batch_count=batch_count,
             width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
             mask_blur=mask_blur, ground_concepts=ground,
@@ -229,11 +235,47 @@ def _request_from_png(path: str):
         raise _Exit(f"{path} has no imagesmith metadata to regenerate from")
     req = GenerateRequest(**data["request"])
     pos = data.get("index", 0) % req.batch_size
-    first_seed = (data["seed"] - pos) % 2**32
+    # A1111 noise: image i of a run has seed + i; ComfyUI noise: the whole run shares one seed
+    first_seed = data["seed"] if req.noise == "comfy" else (data["seed"] - pos) % 2**64
     update = {"seed": first_seed, "batch_count": 1}
     if data.get("variation_seed") is not None:
-        update["variation_seed"] = (data["variation_seed"] - pos) % 2**32
+        update["variation_seed"] = (data["variation_seed"] - pos) % 2**64
     return req.model_copy(update=update), pos
+
+
+@app.command()
+def samplers(as_json: bool = typer.Option(False, "--json", help="machine-readable list")):
+    """Samplers and schedule types (A1111 and ComfyUI names), and which combine."""
+    import json as _json
+
+    from .core.sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES
+    from .engine.sampling.ksampler import available_samplers
+
+    ready = set(available_samplers())
+    rows = [{"name": s.name, "label": s.label, "aliases": list(s.aliases), "automatic_schedule": s.automatic,
+             "noise": s.noise or "none", "flow_models": s.flow, "cfg_pp": s.cfg_pp, "comfyui": s.comfy,
+             "implemented": s.name in ready,
+             "schedules": [c.name for c in SCHEDULE_NAMES if s.flow or c.flow] } for s in SAMPLER_NAMES]
+    schedules = [{"name": c.name, "label": c.label, "comfyui": c.comfy, "a1111": c.a1111,
+                  "flow_models": c.flow} for c in SCHEDULE_NAMES]
+    if as_json:
+        typer.echo(_json.dumps({"samplers": rows, "schedules": schedules}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title="Samplers (any works with any schedule, on epsilon/v models; 'flow' = also SD3/FLUX)")
+    for col in ("A1111 label", "ComfyUI name", "Automatic schedule", "noise", "flow"):
+        t.add_column(col)
+    for r in rows:
+        if r["implemented"]:
+            t.add_row(r["label"], r["name"], r["automatic_schedule"], r["noise"], "yes" if r["flow_models"] else "no")
+    Console().print(t)
+    t2 = Table(title="Schedule types")
+    for col in ("A1111 label", "ComfyUI name", "in ComfyUI", "flow models"):
+        t2.add_column(col)
+    for c in schedules:
+        t2.add_row(c["label"], c["name"], "yes" if c["comfyui"] else "no", "yes" if c["flow_models"] else "no")
+    Console().print(t2)
 
 
 @app.command()

@@ -48,11 +48,18 @@ def test_sdxl_img2img_and_lora(engine, tmp_path):
     assert r.images[0].size == (64, 64)
 
 
-def test_flow_models_reject_unsupported_sampler(engine):
+def test_flow_models_run_every_sampler_but_refuse_what_cannot_work(engine):
     from imagesmith.core.errors import BadRequest
-    with pytest.raises(BadRequest, match="not available for flux"):
+    for sampler, schedule in (("LMS", "karras"), ("DPM++ 2M SDE", "exponential"), ("uni_pc", "beta")):
+        image = engine.generate(GenerateRequest(prompt="x", model="tiny-flux", width=64, height=64, steps=3, seed=1,
+                                                sampler_name=sampler, scheduler=schedule)).images[0]
+        assert np.asarray(image).std() > 1
+    with pytest.raises(BadRequest, match="epsilon/v-prediction models only"):
         engine.generate(GenerateRequest(prompt="x", model="tiny-flux", width=64, height=64, steps=2,
-                                        sampler_name="LMS"))
+                                        sampler_name="PLMS"))
+    with pytest.raises(BadRequest, match="SD1.5/SDXL only"):
+        engine.generate(GenerateRequest(prompt="x", model="tiny-sd3", width=64, height=64, steps=2,
+                                        scheduler="Align Your Steps"))
 
 
 def test_vae_override(engine):

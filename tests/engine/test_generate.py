@@ -8,7 +8,7 @@ from PIL import Image
 
 from imagesmith.core.errors import BadRequest, Cancelled, ModelNotFound
 from imagesmith.core.progress import CancelToken
-from imagesmith.core.requests import SAMPLERS, GenerateRequest, HiresSpec, LoraSpec
+from imagesmith.core.requests import GenerateRequest, HiresSpec, LoraSpec
 from imagesmith.engine.generate import Engine
 
 
@@ -57,13 +57,6 @@ def test_variation_seed(engine):
     assert np.array_equal(px(base), px(zero))
     assert np.abs(px(some) - px(base)).mean() > 0.5
     assert np.abs(px(full) - px(other)).max() <= 2  # strength 1 is the variation seed's own noise
-
-
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_every_sampler_runs(engine, sampler):
-    r = engine.generate(req(sampler_name=sampler, steps=3))
-    assert r.images[0].size == (64, 64)
-    assert f"Sampler: {sampler}" in r.records[0].infotext
 
 
 def test_schedules_change_the_result(engine):

@@ -65,16 +65,18 @@ def assert_same_pixels(batched: np.ndarray, solo: np.ndarray) -> None:
 
 
 class _Calls:
-    """Counts the engine's diffusers calls and the images (rows of latents) each one made."""
+    """Counts the engine's sampling runs and the images (rows of latents) each one made; a hires pass is a run
+    of its own, recorded as minus its rows."""
 
     def __init__(self, monkeypatch):
         self.rows: list[int] = []
-        real = G.call_pipeline
+        real = G.K.sample
 
-        def counted(pipe, **kwargs):
-            self.rows.append(int(kwargs["latents"].shape[0]) if kwargs.get("latents") is not None else -1)
-            return real(pipe, **kwargs)
-        monkeypatch.setattr(G, "call_pipeline", counted)
+        def counted(denoiser, ms, sampler, sigmas, **kwargs):
+            rows = int(kwargs["noise"].shape[0])
+            self.rows.append(-rows if kwargs.get("latent") is not None else rows)
+            return real(denoiser, ms, sampler, sigmas, **kwargs)
+        monkeypatch.setattr(G.K, "sample", counted)
 
 
 def test_compatible_jobs_share_one_call_and_match_their_solo_runs(served, engine, monkeypatch):
@@ -239,7 +241,7 @@ def test_the_engine_splits_a_batch_only_where_the_conditioning_differs_in_length
     solo = [engine.generate(r) for r in reqs]
     calls = _Calls(monkeypatch)
     many = engine.generate_many(reqs)
-    assert calls.rows == [3, -1, 1, -1]  # requests 1 and 3 (three images) together, then the long prompt
+    assert calls.rows == [3, -3, 1, -1]  # requests 1 and 3 (three images) together, then the long prompt
     for a, b in zip(solo, many):
         assert [r.seed for r in a.records] == [r.seed for r in b.records]
         assert [r.infotext for r in a.records] == [r.infotext for r in b.records]

@@ -54,6 +54,14 @@ class StepCounter:
         self.progress = progress
         self.cancel = cancel
 
+    def step(self, phase: str, image_index: int = 0, latents=None) -> None:
+        """One sampler step done: report it, then honour a cancel (the sampling layer calls this per step)."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(ProgressEvent(self.done, self.total, phase, image_index, latents))
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+
     def callback(self, phase: str, image_index: int = 0):
         def on_step_end(pipe, step, timestep, callback_kwargs):
             self.done += 1

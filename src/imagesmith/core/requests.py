@@ -9,9 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..workflows.detailer import DetailerOptions
 
-SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE",
-            "DPM++ 2M SDE", "DDIM", "UniPC", "LCM")
-SCHEDULES = ("normal", "karras", "exponential")
+from .sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES, canonical_schedule, split_sampler
+
+SAMPLERS = tuple(s.label for s in SAMPLER_NAMES)
+SCHEDULES = tuple(s.name for s in SCHEDULE_NAMES)
+NOISE_MODES = ("a1111-cpu", "a1111-gpu", "comfy")
 UPSCALERS = ("Latent", "Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B")
 
 
@@ -66,11 +68,21 @@ class GenerateRequest(BaseModel):
 
     steps: int = Field(20, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    sampler_name: str = Field("Euler a", description=", ".join(SAMPLERS))
-    scheduler: str = Field("normal", description="schedule type: " + ", ".join(SCHEDULES))
+    sampler_name: str = Field("Euler a", description="A1111 or ComfyUI name: " + ", ".join(SAMPLERS)
+                              + "; A1111's combined names ('DPM++ 2M Karras') carry their schedule")
+    scheduler: str = Field("automatic", description="schedule type, A1111 or ComfyUI name: " + ", ".join(SCHEDULES)
+                           + "; automatic = the sampler's own default, as in A1111")
+    noise: Literal["a1111-cpu", "a1111-gpu", "comfy"] = Field(
+        "a1111-cpu", description="how the noise is drawn, to reproduce another tool's images: a1111-cpu (image i "
+        "from seed + i on the CPU, A1111's 'CPU' RNG source), a1111-gpu (the same on the CUDA device), comfy (one "
+        "draw over the whole batch, ComfyUI's; img2img strength then means ComfyUI's denoise)")
+    eta_noise_seed_delta: int = Field(0, ge=0, lt=2**32, description="A1111's ENSD: offsets the seed of the "
+                                      "sampler's own noise (ancestral/SDE) in a1111 noise modes")
+    sgm_noise_multiplier: bool = Field(False, description="A1111's 'SGM noise multiplier': scale the start noise by "
+                                       "sqrt(1 + sigma^2) as SDXL's reference code (and ComfyUI) do")
 
-    seed: int = Field(-1, ge=-1, lt=2**32, description="-1: random")
-    variation_seed: int | None = Field(None, ge=-1, lt=2**32, description="WebUI subseed")
+    seed: int = Field(-1, ge=-1, lt=2**64, description="-1: random; 64-bit seeds as in ComfyUI")
+    variation_seed: int | None = Field(None, ge=-1, lt=2**64, description="WebUI subseed")
     variation_strength: float = Field(0.0, ge=0.0, le=1.0, description="WebUI subseed_strength")
     batch_size: int = Field(1, ge=1, le=16, description="images per run")
     batch_count: int = Field(1, ge=1, le=100, description="runs (WebUI n_iter)")
@@ -92,18 +104,19 @@ class GenerateRequest(BaseModel):
     @field_validator("sampler_name")
     @classmethod
     def _known_sampler(cls, v: str) -> str:
-        for s in SAMPLERS:
-            if v.lower() == s.lower():
-                return s
-        raise ValueError(f"unknown sampler {v!r}; choose one of: {', '.join(SAMPLERS)}")
+        try:
+            split_sampler(v)
+        except Exception as e:  # BadRequest -> pydantic's ValueError, one clear line
+            raise ValueError(str(e)) from None
+        return v
 
     @field_validator("scheduler")
     @classmethod
     def _known_schedule(cls, v: str) -> str:
-        v = v.lower()
-        if v not in SCHEDULES:
-            raise ValueError(f"unknown schedule {v!r}; choose one of: {', '.join(SCHEDULES)}")
-        return v
+        try:
+            return canonical_schedule(v)
+        except Exception as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("width", "height")
     @classmethod

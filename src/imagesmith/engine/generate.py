@@ -31,8 +31,12 @@ from ..models.registry import ModelEntry, Registry
 from . import prompts as P
 from .grounding import ConceptVocabulary, Grounding, mean_pooled
 from .loras import ResolvedLora, adapter_name, apply_loras
-from .samplers import FLOW_ARCHS, make_scheduler
+from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
+from .sampling import ksampler as K
+from .sampling.denoisers import Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, UNetDenoiser
+from .sampling.model_sampling import FlowModelSampling, from_scheduler_config
 
+FLOW_ARCHS = ("sd3", "flux")
 NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 
 
@@ -199,16 +203,21 @@ class Engine:
         req = job.req
         if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
             return None
+        sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler)
+        if req.noise == "comfy" and SAMPLERS_BY_NAME[sampler].noise is not None:
+            return None  # ComfyUI's sampler noise is one stream over the batch: another batch, other images
         return (str(job.entry.path), job.arch, job.width, job.height,
                 tuple((adapter_name(l), l.path, l.weight) for l in job.loras), req.vae, req.clip_skip, req.steps,
-                req.cfg_scale, req.sampler_name, req.scheduler, req.hires.model_dump_json() if req.hires else None)
+                req.cfg_scale, sampler, schedule, req.noise, req.eta_noise_seed_delta, req.sgm_noise_multiplier,
+                req.hires.model_dump_json() if req.hires else None)
 
     def infotext(self, job: _Job, result: GenerationResult, index: int, *, detailer: dict | None = None) -> str:
         req = job.req
+        sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler)
         params: dict = {
             "Steps": req.steps,
-            "Sampler": req.sampler_name,
-            "Schedule type": req.scheduler.capitalize() if req.scheduler != "normal" else None,
+            "Sampler": sampler_label(sampler),
+            "Schedule type": schedule_label(schedule),
             "CFG scale": _num(req.cfg_scale),
             "Seed": job.seeds[index],
             "Size": f"{job.width}x{job.height}",
@@ -223,6 +232,12 @@ class Engine:
             "Batch size": req.batch_size if req.batch_size > 1 else None,
             "Batch pos": index % req.batch_size if req.batch_size > 1 else None,
         }
+        if req.noise != "a1111-cpu":
+            params["Noise"] = req.noise  # imagesmith's key; A1111's own 'RNG' key means its CPU/GPU/NV source
+        if req.eta_noise_seed_delta:
+            params["ENSD"] = req.eta_noise_seed_delta
+        if req.sgm_noise_multiplier:
+            params["SGM noise multiplier"] = "True"
         if req.hires:
             params.update({"Hires upscale": _num(req.hires.hr_scale), "Hires upscaler": req.hires.hr_upscaler,
                            "Hires steps": req.hires.hr_second_pass_steps or None,
@@ -315,25 +330,28 @@ class Engine:
     def _seeds(req: GenerateRequest) -> tuple[list[int], list[int | None]]:
         n = req.batch_size * req.batch_count
         seed = req.seed if req.seed >= 0 else random.randrange(2**32)
-        seeds = [(seed + i) % 2**32 for i in range(n)]
+        if req.noise == "comfy":  # ComfyUI: one seed per run (one noise draw over its batch), + 1 per run
+            seeds = [(seed + i // req.batch_size) % 2**64 for i in range(n)]
+        else:  # A1111: seed + i per image
+            seeds = [(seed + i) % 2**64 for i in range(n)]
         if req.variation_strength > 0:
             vs = req.variation_seed if req.variation_seed is not None and req.variation_seed >= 0 else random.randrange(2**32)
-            var = [(vs + i) % 2**32 for i in range(n)]
+            var = [(vs + i) % 2**64 for i in range(n)]
         else:
             var = [None] * n
         return seeds, var
 
     def _total_steps(self, job: _Job) -> int:
+        """Sampler steps the job will report: txt2img runs `steps`; img2img A1111's int(strength x steps) + 1, or
+        ComfyUI's `steps` (noise comfy); the hires pass likewise at its own strength."""
         req = job.req
-        per_image = req.steps
-        if req.init_image:
-            per_image = max(1, int(req.steps * req.denoising_strength))
-        if req.hires:
-            hs = req.hires.hr_second_pass_steps or req.steps
-            if req.hires.hr_denoising_strength > 0:
-                per_image += max(1, int(hs * req.hires.hr_denoising_strength))
-        if req.sampler_name in ("Heun", "DPM2", "DPM2 a", "DPM++ SDE") and job.arch not in FLOW_ARCHS:
-            per_image = per_image * 2 - 1  # second-order samplers call the model twice per step
+
+        def partial(steps: int, strength: float) -> int:
+            return steps if req.noise == "comfy" else int(min(strength, 0.999) * steps) + 1
+
+        per_image = partial(req.steps, req.denoising_strength) if req.init_image else req.steps
+        if req.hires and req.hires.hr_denoising_strength > 0:
+            per_image += partial(req.hires.hr_second_pass_steps or req.steps, req.hires.hr_denoising_strength)
         return per_image * req.batch_count
 
     # ------------------------------------------------------------------ models
@@ -380,25 +398,6 @@ class Engine:
         return self._upscalers
 
     # ------------------------------------------------------------------ running
-    def _view(self, entry, job: _Job, mode: str):
-        """A per-request pipeline over the shared components: own scheduler, optional VAE and
-        ControlNet. `from_pipe` shares modules, so this costs no weights."""
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
-        base = entry.value
-        req = job.req
-        extra = {"scheduler": make_scheduler(req.sampler_name, req.scheduler, dict(base.scheduler.config), job.arch)}
-        if req.vae:
-            extra["vae"] = self._component("vae", req.vae)
-        if req.controlnet:
-            if job.arch not in ("sd1", "sd2", "sdxl", "house"):
-                raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL models, not {job.arch}")
-            extra["controlnet"] = self._component("controlnet", req.controlnet.model)
-        auto = {"txt2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
-                "inpaint": AutoPipelineForInpainting}[mode]
-        pipe = auto.from_pipe(base, **extra)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
     def _text_key(self, job: _Job) -> dict:
         """What identifies the text encoder's weights: the model file (and its mtime) plus active LoRAs."""
         path = Path(job.entry.path)
@@ -439,136 +438,219 @@ class Engine:
             out["clip_skip"] = req.clip_skip - 1
         return out
 
-    def _latent_noise(self, pipe, job: _Job, lo: int, n: int, width: int, height: int) -> torch.Tensor:
-        req = job.req
-        vae_sf = getattr(pipe, "vae_scale_factor", 8)
-        if job.arch == "flux":
-            channels = pipe.transformer.config.in_channels // 4
-            shape = (channels, 2 * (height // (vae_sf * 2)), 2 * (width // (vae_sf * 2)))
-        else:
-            denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
-            channels = getattr(denoiser.config, "out_channels", None) or denoiser.config.in_channels
-            shape = (channels, height // vae_sf, width // vae_sf)
-        noise = torch.stack([image_noise(shape, job.seeds[i], job.variation_seeds[i], req.variation_strength)
-                             for i in range(lo, lo + n)])
-        if job.arch == "flux":
-            noise = pipe._pack_latents(noise, n, shape[0], shape[1], shape[2])
-        return noise.to(self.device, self.dtype)
-
-    def _generators(self, job: _Job, lo: int, n: int) -> list[torch.Generator]:
-        # scheduler noise (ancestral/SDE samplers) and img2img noise, seeded per image on the CPU
-        return [torch.Generator("cpu").manual_seed(job.seeds[i]) for i in range(lo, lo + n)]
-
     def _run_batch(self, entry, job: _Job, lo: int, counter: StepCounter) -> list[Image.Image]:
-        req = job.req
-        n = req.batch_size
-        mode = req.mode
-        pipe = self._view(entry, job, mode)
-        common = dict(num_inference_steps=req.steps, guidance_scale=req.cfg_scale, num_images_per_prompt=n,
-                      generator=self._generators(job, lo, n), callback_on_step_end=counter.callback(mode, lo))
-        common.update(self._encode(pipe, job, for_arch=job.arch))
-        if job.control_image is not None:
-            common.update(self._control_args(job))
-        hires = req.hires if mode == "txt2img" else None
-        if mode == "txt2img":
-            common["latents"] = self._latent_noise(pipe, job, lo, n, job.width, job.height)
-            out = call_pipeline(pipe, width=job.width, height=job.height,
-                       output_type="latent" if hires and hires.hr_upscaler == "Latent" else "pil", **common)
-            first = out.images
-            if hires:
-                return self._hires(entry, job, lo, first, counter)
-            return list(first)
-        init = job.init_image.resize((job.width, job.height), Image.LANCZOS) if job.init_image.size != (job.width, job.height) else job.init_image
-        if mode == "img2img":
-            out = call_pipeline(pipe, image=init, strength=_one_step_at_least(req.denoising_strength, req.steps),
-                                width=job.width, height=job.height, **common)
-            return list(out.images)
-        mask = job.mask.resize(init.size, Image.NEAREST) if job.mask.size != init.size else job.mask
-        blurred = mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else mask
-        out = call_pipeline(pipe, image=init, mask_image=blurred,
-                            strength=_one_step_at_least(req.denoising_strength, req.steps),
-                            width=job.width, height=job.height, **common)
-        return [keep_unmasked(init, img, blurred) for img in out.images]
+        return self._ksample_rows(entry, [(job, lo, job.req.batch_size)],
+                                  [self._encode(entry.value, job, for_arch=job.arch)], counter)
 
     def _run_rows(self, entry, jobs: list[_Job], encoded: list[dict], counter: StepCounter) -> list[list[Image.Image]]:
-        """One txt2img call for several requests that share a :meth:`batch_key`: per-image conditioning (each
-        request's own, repeated for its images), per-image noise and generators; the images split back per
-        request."""
-        head = jobs[0]
-        req = head.req
+        """One sampling run for several requests that share a :meth:`batch_key`: per-image conditioning (each
+        request's own, repeated for its images), per-image noise; the images split back per request."""
         sizes = [j.req.batch_size for j in jobs]
-        pipe = self._view(entry, head, "txt2img")
-        hires = req.hires
-        common = dict(num_inference_steps=req.steps, guidance_scale=req.cfg_scale, num_images_per_prompt=1,
-                      generator=[g for j, n in zip(jobs, sizes) for g in self._generators(j, 0, n)],
-                      callback_on_step_end=counter.callback("txt2img", 0),
-                      latents=torch.cat([self._latent_noise(pipe, j, 0, n, head.width, head.height)
-                                         for j, n in zip(jobs, sizes)]))
-        common.update(_stack_rows(encoded, sizes))
-        out = call_pipeline(pipe, width=head.width, height=head.height,
-                            output_type="latent" if hires and hires.hr_upscaler == "Latent" else "pil", **common)
-        images = out.images
-        if hires:
-            images = self._hires_rows(entry, [(j, 0, n) for j, n in zip(jobs, sizes)], images, counter)
-        images = list(images)
+        images = self._ksample_rows(entry, [(j, 0, n) for j, n in zip(jobs, sizes)], encoded, counter)
         split, lo = [], 0
         for n in sizes:
             split.append(images[lo:lo + n])
             lo += n
         return split
 
-    def _control_args(self, job: _Job) -> dict:
-        from .controlnet import preprocess
-        cn = job.req.controlnet
-        image = preprocess(job.control_image, cn).resize((job.width, job.height), Image.LANCZOS)
-        key = "control_image" if job.req.mode != "txt2img" else "image"
-        return {key: image, "controlnet_conditioning_scale": cn.weight,
-                "control_guidance_start": cn.guidance_start, "control_guidance_end": cn.guidance_end}
-
-    def _hires(self, entry, job: _Job, lo: int, first, counter: StepCounter) -> list[Image.Image]:
-        """WebUI's hires fix: upscale the first pass by hr_scale, then img2img at its own strength."""
-        return self._hires_rows(entry, [(job, lo, job.req.batch_size)], first, counter)
-
-    def _hires_rows(self, entry, rows: list[tuple[_Job, int, int]], first, counter: StepCounter) -> list[Image.Image]:
-        """The hires fix over the images of one or more requests that share a :meth:`batch_key`; ``rows``:
-        (request, its first image index, its image count) in the order of ``first``."""
-        job = rows[0][0]  # the settings every row shares
+    # ------------------------------------------------------------------ the sampling layer (SD1/SD2/SDXL/house)
+    def _ksample_rows(self, entry, rows: list[tuple[_Job, int, int]], encoded: list[dict],
+                      counter: StepCounter) -> list[Image.Image]:
+        """txt2img / img2img / inpainting (and the hires fix) of one or more requests that share a batch key, on
+        imagesmith's sampling layer: the request's sampler over its schedule, with the noise it names."""
+        job = rows[0][0]
         req = job.req
-        hr = req.hires
+        pipe = entry.value
+        if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house"):
+            raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL models, not {job.arch}")
+        vae = self._component("vae", req.vae) if req.vae else pipe.vae
+        mode = req.mode
+        init_latent = mask = concat = None
+        if mode != "txt2img":
+            init = job.init_image.resize((job.width, job.height), Image.LANCZOS) \
+                if job.init_image.size != (job.width, job.height) else job.init_image
+            n = sum(k for _, _, k in rows)
+            init_latent = self._vae_encode(vae, [init] * n)
+            if mode == "inpaint":
+                m = job.mask.resize(init.size, Image.NEAREST) if job.mask.size != init.size else job.mask
+                blurred = m.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else m
+                pixel_mask = torch.from_numpy(np.asarray(blurred.convert("L"), dtype=np.float32) / 255.0)[None, None]
+                mask = torch.nn.functional.interpolate(pixel_mask, size=init_latent.shape[-2:], mode="bilinear")
+                mask = mask.repeat(n, 1, 1, 1)
+                if getattr(pipe, "unet", None) is not None and pipe.unet.config.in_channels == 9:  # inpainting UNet: mask and masked image as extra inputs
+                    keep = torch.from_numpy(np.asarray(init.convert("RGB"), dtype=np.float32) / 255.0)
+                    keep = keep.permute(2, 0, 1)[None] * (pixel_mask[0] < 0.5)
+                    masked = self._vae_encode_tensor(vae, keep * 2 - 1).repeat(n, 1, 1, 1)
+                    concat = torch.cat([mask, masked], dim=1)
+                    mask = None
+        strength = req.denoising_strength if mode != "txt2img" else None
+        latents = self._ksample(pipe, rows, encoded, counter, mode, job.width, job.height, req.steps,
+                                latent=init_latent, strength=strength, mask=mask, concat=concat)
+        hires = req.hires if mode == "txt2img" else None
+        if hires:
+            return self._ksample_hires(entry, pipe, vae, rows, encoded, counter, latents)
+        images = self._vae_decode(vae, latents)
+        if mode == "inpaint":
+            images = [keep_unmasked(init, im, blurred) for im in images]
+        return images
+
+    def _ksample_hires(self, entry, pipe, vae, rows, encoded, counter, latents) -> list[Image.Image]:
+        """A1111's hires fix on the sampling layer: upscale the first pass (in latent space, or decoded and
+        upscaled in pixels), then img2img at the hires strength."""
+        job = rows[0][0]
+        hr = job.req.hires
         width = int(job.width * hr.hr_scale) // 8 * 8
         height = int(job.height * hr.hr_scale) // 8 * 8
+        vae_sf = getattr(pipe, "vae_scale_factor", 8)
         if job.arch == "flux":
             width, height = width // 16 * 16, height // 16 * 16
-        pipe = self._view(entry, job, "img2img")
         if hr.hr_upscaler == "Latent":
             if hr.hr_denoising_strength == 0:
                 raise BadRequest("the Latent hires upscaler needs a denoising strength above 0")
             if job.arch in FLOW_ARCHS:
                 raise BadRequest("the Latent hires upscaler works with SD1/SD2/SDXL; use Lanczos or R-ESRGAN 4x+ for this model")
-            vae_sf = getattr(pipe, "vae_scale_factor", 8)
-            image = torch.nn.functional.interpolate(first, size=(height // vae_sf, width // vae_sf), mode="bilinear")
+            up = torch.nn.functional.interpolate(latents, size=(height // vae_sf, width // vae_sf), mode="bilinear")
         else:
             upscaler = self.upscalers().get(hr.hr_upscaler)
-            image = [upscaler.upscale(im, hr.hr_scale).resize((width, height), Image.LANCZOS) for im in first]
+            images = [upscaler.upscale(im, hr.hr_scale).resize((width, height), Image.LANCZOS)
+                      for im in self._vae_decode(vae, latents)]
             if hr.hr_denoising_strength == 0:  # upscale only: no second diffusion pass
-                return image
-        # the conditioning per image (each request's repeated for its images), so one prompt per init image
-        args = dict(num_inference_steps=hr.hr_second_pass_steps or req.steps, guidance_scale=req.cfg_scale,
-                    num_images_per_prompt=1, generator=[g for j, lo, n in rows for g in self._generators(j, lo, n)],
-                    callback_on_step_end=counter.callback("hires", rows[0][1]))
-        args.update(_stack_rows([self._encode(pipe, j, for_arch=job.arch) for j, _, _ in rows],
-                                [n for _, _, n in rows]))
-        strength = _one_step_at_least(hr.hr_denoising_strength, args["num_inference_steps"])
-        out = call_pipeline(pipe, image=image, strength=strength, width=width, height=height, **args)
-        return list(out.images)
+                return images
+            up = self._vae_encode(vae, images)
+        out = self._ksample(pipe, rows, encoded, counter, "hires", width, height,
+                            hr.hr_second_pass_steps or job.req.steps, latent=up,
+                            strength=hr.hr_denoising_strength)
+        return self._vae_decode(vae, out)
 
+    def _ksample(self, pipe, rows, encoded, counter: StepCounter, phase: str, width: int, height: int, steps: int, *,
+                 latent: torch.Tensor | None = None, strength: float | None = None, mask: torch.Tensor | None = None,
+                 concat: torch.Tensor | None = None) -> torch.Tensor:
+        job = rows[0][0]
+        req = job.req
+        ms = self._model_sampling(pipe, job, width, height)
+        sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler, flow=ms.is_flow)
+        family = "sdxl" if job.arch == "sdxl" else "sd1"
+        comfy = req.noise == "comfy"
+        if strength is None:
+            sigmas = K.plan_sigmas(ms, sampler, schedule, steps, family=family)
+        elif comfy:
+            sigmas = K.plan_sigmas(ms, sampler, schedule, steps, denoise=max(strength, 1e-4), family=family)
+        else:
+            sigmas = K.a1111_img2img_sigmas(ms, sampler, schedule, steps, strength, family=family)
+        shape = self._latent_shape(pipe, job, width, height)
+        seeds = [j.seeds[i] for j, lo, n in rows for i in range(lo, lo + n)]
+        if comfy:  # one draw per request over its images (ComfyUI's batch noise)
+            noise = torch.cat([K.initial_noise("comfy", (n,) + shape, [j.seeds[lo]]) for j, lo, n in rows])
+        elif req.variation_strength > 0 or req.noise == "a1111-cpu":
+            noise = torch.stack([image_noise(shape, j.seeds[i], j.variation_seeds[i], j.req.variation_strength)
+                                 for j, lo, n in rows for i in range(lo, lo + n)])
+        else:
+            noise = K.initial_noise(req.noise, (len(seeds),) + shape, seeds, device=self.device)
+        denoiser = self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat)
+        first = rows[0][1]
 
-def call_pipeline(pipe, **kwargs):
-    """Call a diffusers pipeline with the arguments its __call__ accepts (img2img pipelines of SD take
-    no width/height, FLUX takes no negative embeddings, ...). Unknown keys are dropped, by design."""
-    import inspect
-    accepted = inspect.signature(pipe.__call__).parameters
-    return pipe(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+        def on_step(i, x, denoised, sigma):
+            counter.step(phase, first, denoised)  # previews show the current x0 estimate (as A1111's and ComfyUI's)
+
+        with torch.inference_mode():
+            return K.sample(denoiser, ms, sampler, sigmas.to(torch.float32), noise=noise, latent=latent,
+                            seed=job.seeds[first], noise_mode=req.noise, seeds=seeds,
+                            eta_noise_seed_delta=req.eta_noise_seed_delta, denoise_mask=mask, callback=on_step,
+                            sgm_noise_multiplier=req.sgm_noise_multiplier)
+
+    def _model_sampling(self, pipe, job: _Job, width: int, height: int):
+        config = dict(pipe.scheduler.config)
+        if job.arch == "flux":  # FLUX shifts time by e^mu, mu growing with the image's token count (diffusers')
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+            tokens = (height // 16) * (width // 16)
+            mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+            if not config.get("use_dynamic_shifting"):
+                return FlowModelSampling(shift=float(config.get("shift", 1.0)), multiplier=1.0, timesteps=10000)
+            return FlowModelSampling(mu=float(mu), multiplier=1.0, timesteps=10000)
+        return from_scheduler_config(config, arch=job.arch)
+
+    @staticmethod
+    def _latent_shape(pipe, job: _Job, width: int, height: int) -> tuple[int, int, int]:
+        vae_sf = getattr(pipe, "vae_scale_factor", 8)
+        if job.arch == "flux":
+            return (pipe.transformer.config.in_channels // 4, height // vae_sf, width // vae_sf)
+        net = getattr(pipe, "unet", None) or pipe.transformer
+        return (getattr(net.config, "out_channels", None) or net.config.in_channels, height // vae_sf, width // vae_sf)
+
+    def _denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int, n: int, concat):
+        req = job.req
+        sizes = [k for _, _, k in rows]
+        if job.arch == "sd3":
+            conds, unconds = [], []
+            for (j, _, k), e in zip(rows, encoded):
+                pe, ne, pp, npool = pipe.encode_prompt(e["prompt"], None, None, device=self.device,
+                                                       do_classifier_free_guidance=True,
+                                                       negative_prompt=e.get("negative_prompt", ""),
+                                                       clip_skip=e.get("clip_skip"))
+                conds.append(Conditioning(pe.repeat(k, 1, 1), {"pooled": pp.repeat(k, 1)}))
+                unconds.append(Conditioning(ne.repeat(k, 1, 1), {"pooled": npool.repeat(k, 1)}))
+            cond, uncond = _cat_conditioning(conds), _cat_conditioning(unconds)
+            return SD3Denoiser(pipe.transformer, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale)
+        if job.arch == "flux":
+            conds = []
+            for (j, _, k), e in zip(rows, encoded):
+                pe, pp, txt_ids = pipe.encode_prompt(e["prompt"], None, device=self.device)
+                conds.append(Conditioning(pe.repeat(k, 1, 1), {"pooled": pp.repeat(k, 1), "txt_ids": txt_ids}))
+            cond = _cat_conditioning(conds, keep=("txt_ids",))
+            vae_sf = pipe.vae_scale_factor
+            h, w = height // vae_sf, width // vae_sf
+            img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
+            guidance = req.cfg_scale if pipe.transformer.config.guidance_embeds else None
+            return FluxDenoiser(pipe.transformer, ms, cond, guidance,
+                                pack=lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], h, w),
+                                unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
+        cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
+        control = self._control_spec(job, ms, n) if job.control_image is not None else None
+        return UNetDenoiser(pipe.unet, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
+                            control=control, concat=concat)
+
+    def _conditioning(self, pipe, rows, encoded: list[dict], width: int, height: int):
+        """Each request's text conditioning repeated for its images; SDXL's pooled embeddings and size ids."""
+        sizes = [n for _, _, n in rows]
+        stacked = _stack_rows(encoded, sizes)
+        added_c = added_u = None
+        if "pooled_prompt_embeds" in stacked:
+            total = sum(sizes)
+            ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(total, 1)
+            added_c = {"text_embeds": stacked["pooled_prompt_embeds"], "time_ids": ids}
+            added_u = {"text_embeds": stacked["negative_pooled_prompt_embeds"], "time_ids": ids}
+        return (Conditioning(stacked["prompt_embeds"], added_c),
+                Conditioning(stacked["negative_prompt_embeds"], added_u))
+
+    def _control_spec(self, job: _Job, ms, n: int) -> ControlSpec:
+        from .controlnet import preprocess
+        cn = job.req.controlnet
+        model = self._component("controlnet", cn.model)
+        image = preprocess(job.control_image, cn).convert("RGB").resize((job.width, job.height), Image.LANCZOS)
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].repeat(n, 1, 1, 1)
+        return ControlSpec(model, tensor, cn.weight, sigma_start=ms.percent_to_sigma(cn.guidance_start),
+                           sigma_end=ms.percent_to_sigma(cn.guidance_end))
+
+    def _vae_encode(self, vae, images: list[Image.Image]) -> torch.Tensor:
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])
+        return self._vae_encode_tensor(vae, torch.from_numpy(arr).permute(0, 3, 1, 2))
+
+    def _vae_encode_tensor(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """The latent of images in [-1, 1]: the posterior's mode (ComfyUI's; no random draw), scaled."""
+        with torch.inference_mode():
+            dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            return (dist.mode().float().cpu() - shift) * vae.config.scaling_factor
+
+    def _vae_decode(self, vae, latents: torch.Tensor) -> list[Image.Image]:
+        with torch.inference_mode():
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
+        pixels = (pixels.float().cpu() / 2 + 0.5).clamp(0, 1)
+        arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arr]
+
 
 
 def keep_unmasked(original: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:
@@ -599,12 +681,6 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def _one_step_at_least(strength: float, steps: int) -> float:
-    """diffusers runs ``int(steps * strength)`` img2img steps and fails on zero (a tiny strength with few steps);
-    WebUI runs at least one, and so do we (the step counter already counts one)."""
-    return max(float(strength), (1.0 + 1e-6) / max(1, int(steps)))
-
-
 def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
     """Conditioning for one call over several requests: each request's encodings repeated for its images and
     concatenated (tensors), or its text repeated (SD3/FLUX encode their own); other values (clip skip) are shared."""
@@ -618,6 +694,14 @@ def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
         else:
             out[key] = first
     return out
+
+
+def _cat_conditioning(parts: list[Conditioning], keep: tuple[str, ...] = ()) -> Conditioning:
+    """Concatenate per-request conditioning along the batch; `keep` names added entries shared by all (FLUX's
+    text position ids)."""
+    added = {k: (parts[0].added[k] if k in keep else torch.cat([p.added[k] for p in parts]))
+             for k in parts[0].added}
+    return Conditioning(torch.cat([p.embeds for p in parts]), added)
 
 
 def _shape_key(encoded: dict) -> tuple:

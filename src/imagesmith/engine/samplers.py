@@ -1,5 +1,6 @@
-"""WebUI sampler names -> diffusers schedulers, built with `from_config` on the model's own scheduler
-config so prediction type, betas and timestep spacing stay the model's."""
+"""The diffusers schedulers nearest to imagesmith's samplers: the baseline that benchmarks (plain diffusers,
+same work) compare the engine against. The engine itself never uses them; it samples on engine.sampling.
+A1111 sampler names -> diffusers schedulers, built with `from_config` on the model's own scheduler config."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from dataclasses import dataclass, field
 import diffusers
 
 from ..core.errors import BadRequest
-from ..core.requests import SAMPLERS, SCHEDULES
+from ..core.requests import SAMPLERS
+from ..core.sampling_names import resolve_sampling, sampler_label
+
+SCHEDULES = ("normal", "karras", "exponential")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ def samplers_for(arch: str) -> list[str]:
 
 def make_scheduler(sampler_name: str, schedule: str, base_config: dict, arch: str):
     """A fresh scheduler for one request (schedulers hold per-run state, so never share one)."""
+    name, schedule = resolve_sampling(sampler_name, schedule, flow=arch in FLOW_ARCHS)
+    sampler_name = sampler_label(name)
+    if schedule == "simple":
+        schedule = "normal"  # diffusers' flow schedulers space sigmas like ComfyUI's simple
     table = _FLOW if arch in FLOW_ARCHS else _DIFFUSION
     spec = table.get(sampler_name)
     if spec is None:
@@ -63,7 +71,7 @@ def make_scheduler(sampler_name: str, schedule: str, base_config: dict, arch: st
                          f"choose one of: {', '.join(samplers_for(arch))}")
     if schedule not in spec.schedules:
         raise BadRequest(f"sampler {sampler_name!r} supports schedule {', '.join(spec.schedules)} "
-                         f"only, not {schedule!r}")
+                         f"only on {arch} models, not {schedule!r} (SD3/FLUX still run on diffusers' schedulers)")
     cls = getattr(diffusers, spec.cls)
     kwargs = dict(spec.kwargs)
     if schedule == "karras":

@@ -569,8 +569,18 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     @app.get("/sdapi/v1/samplers")
     def samplers(request: Request):
         caller(request)
-        from ..core.requests import SAMPLERS
-        return [{"name": s, "aliases": [], "options": {}} for s in SAMPLERS]
+        from ..core.sampling_names import SAMPLER_NAMES
+        # A1111's shape; ComfyUI's name is an alias, so a client may send either
+        return [{"name": s.label, "aliases": [s.name, *s.aliases],
+                 "options": {"scheduler": s.automatic} if s.automatic != "normal" else {}} for s in SAMPLER_NAMES]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers(request: Request):
+        caller(request)
+        from ..core.sampling_names import SCHEDULE_NAMES
+        return [{"name": s.name, "label": s.label, "aliases": None, "default_rho": 7.0 if s.name == "karras" else -1,
+                 "need_inner_model": s.name in ("normal", "uniform", "simple", "sgm_uniform", "ddim_uniform", "beta")}
+                for s in SCHEDULE_NAMES]
 
     @app.get("/sdapi/v1/options")
     def get_options(request: Request):

@@ -143,13 +143,21 @@ def batch_key(job_type: str, request: dict) -> str | None:
         return None  # it fails when it runs, on its own
     if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
         return None
+    from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling
+    try:
+        sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler)
+    except ImagesmithError:
+        return None
+    if req.noise == "comfy" and SAMPLERS_BY_NAME[sampler].noise is not None:
+        return None  # ComfyUI's sampler noise is one stream over its batch (Engine.batch_key)
     loras: dict[str, float] = {}
     for spec in [*req.loras, *tag_loras]:  # the engine's rule: the last mention of a name wins
         loras.pop(spec.name, None)
         loras[spec.name] = spec.weight
     fields = {"v": 1, "model": req.model, "vae": req.vae, "loras": list(loras.items()), "clip_skip": req.clip_skip,
-              "steps": req.steps, "cfg_scale": req.cfg_scale, "sampler_name": req.sampler_name,
-              "scheduler": req.scheduler, "width": req.width, "height": req.height, "aspect": params.aspect,
+              "steps": req.steps, "cfg_scale": req.cfg_scale, "sampler_name": sampler,
+              "scheduler": schedule, "noise": req.noise, "ensd": req.eta_noise_seed_delta,
+              "sgm_noise_multiplier": req.sgm_noise_multiplier, "width": req.width, "height": req.height, "aspect": params.aspect,
               "hires": req.hires.model_dump(mode="json") if req.hires else None}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
 

@@ -1,0 +1,141 @@
+"""Denoisers over diffusers networks: x0 estimates with classifier-free guidance, for the samplers.
+
+`UNetDenoiser` wraps an SD1/SD2/SDXL (or house) UNet: the model's own prediction type through ModelSampling,
+the timestep as ComfyUI feeds it (the nearest entry of the model's table), CFG in x0 space (ComfyUI's), SDXL's
+added conditioning, an optional ControlNet active over a sigma range, and the extra input channels of
+inpainting UNets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model_sampling import ModelSampling
+
+
+@dataclass
+class Conditioning:
+    """One side of CFG for a whole batch: text embeddings [B, T, D] and SDXL's added conditioning."""
+    embeds: torch.Tensor
+    added: dict | None = None
+
+    @staticmethod
+    def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
+        added = None if a.added is None else {k: torch.cat([a.added[k], b.added[k]]) for k in a.added}
+        return Conditioning(torch.cat([a.embeds, b.embeds]), added)
+
+
+@dataclass
+class ControlSpec:
+    model: torch.nn.Module
+    image: torch.Tensor
+    """[B, 3, H, W] in [0, 1], one per image of the batch"""
+    scale: float = 1.0
+    sigma_start: float = float("inf")
+    """active while sigma_end <= sigma <= sigma_start"""
+    sigma_end: float = 0.0
+
+
+class UNetDenoiser:
+    def __init__(self, unet, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
+                 *, control: ControlSpec | None = None, concat: torch.Tensor | None = None):
+        self.unet, self.ms, self.cond, self.uncond, self.cfg = unet, ms, cond, uncond, float(cfg_scale)
+        self.control = control
+        self.concat = concat  # inpainting UNets: [mask, masked-image latents] per image
+        self.dtype = next(unet.parameters()).dtype
+        self.device = next(unet.parameters()).device
+        self.last_uncond: torch.Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        guided = self.uncond is not None and self.cfg != 1.0
+        n = x.shape[0]
+        xin = self.ms.model_input(sigma, x)
+        if self.concat is not None:
+            xin = torch.cat([xin, self.concat.to(xin)], dim=1)
+        t = self.ms.timestep_for_network(sigma)
+        cond = Conditioning.cat(self.uncond, self.cond) if guided else self.cond
+        if guided:
+            xin, t = torch.cat([xin, xin]), torch.cat([t, t])
+        out = self._net(xin.to(self.device, self.dtype), t.to(self.device), cond, sigma[0]).float().to(x.device)
+        if guided:
+            s2 = torch.cat([sigma, sigma])
+            both = self.ms.denoised(s2, out, torch.cat([x, x]))
+            uncond, cond_x0 = both[:n], both[n:]
+            self.last_uncond = uncond
+            return uncond + (cond_x0 - uncond) * self.cfg
+        self.last_uncond = None
+        return self.ms.denoised(sigma, out, x)
+
+    def _net(self, xin, t, cond: Conditioning, sigma) -> torch.Tensor:
+        kwargs = {"encoder_hidden_states": cond.embeds.to(self.device, self.dtype)}
+        if cond.added is not None:
+            kwargs["added_cond_kwargs"] = {k: v.to(self.device, self.dtype) for k, v in cond.added.items()}
+        c = self.control
+        if c is not None and c.sigma_end <= float(sigma) <= c.sigma_start and c.scale != 0:
+            image = c.image.to(self.device, self.dtype)
+            if image.shape[0] != xin.shape[0]:
+                image = image.repeat(xin.shape[0] // image.shape[0], 1, 1, 1)
+            ctrl_kwargs = dict(kwargs)
+            down, mid = c.model(xin[:, :4] if xin.shape[1] > 4 else xin, t, controlnet_cond=image,
+                                conditioning_scale=c.scale, return_dict=False, **ctrl_kwargs)
+            kwargs["down_block_additional_residuals"] = down
+            kwargs["mid_block_additional_residual"] = mid
+        return self.unet(xin, t, return_dict=False, **kwargs)[0]
+
+
+class SD3Denoiser:
+    """SD3's MMDiT: predicts the flow velocity (noise - x0) at timestep 1000 sigma; CFG in x0 space.
+    `cond.added` holds {"pooled": [B, P]}."""
+
+    def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None,
+                 cfg_scale: float):
+        self.net, self.ms, self.cond, self.uncond, self.cfg = transformer, ms, cond, uncond, float(cfg_scale)
+        self.dtype = next(transformer.parameters()).dtype
+        self.device = next(transformer.parameters()).device
+        self.last_uncond = None
+
+    def __call__(self, x, sigma):
+        guided = self.uncond is not None and self.cfg != 1.0
+        n = x.shape[0]
+        cond = Conditioning.cat(self.uncond, self.cond) if guided else self.cond
+        xin, s = (torch.cat([x, x]), torch.cat([sigma, sigma])) if guided else (x, sigma)
+        out = self.net(hidden_states=xin.to(self.device, self.dtype), timestep=self.ms.timestep(s).to(self.device),
+                       encoder_hidden_states=cond.embeds.to(self.device, self.dtype),
+                       pooled_projections=cond.added["pooled"].to(self.device, self.dtype),
+                       return_dict=False)[0].float().to(x.device)
+        both = self.ms.denoised(s, out, xin)
+        if guided:
+            self.last_uncond = both[:n]
+            return both[:n] + (both[n:] - both[:n]) * self.cfg
+        self.last_uncond = None
+        return both
+
+
+class FluxDenoiser:
+    """FLUX's transformer on 2x2-packed latents: the samplers see the plain [B, C, H, W] latent; guidance is
+    the distilled guidance embedding (FLUX dev), not CFG. `cond.added` holds {"pooled", "txt_ids"}."""
+
+    def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, guidance: float | None, pack, unpack,
+                 img_ids: torch.Tensor):
+        self.net, self.ms, self.cond, self.guidance = transformer, ms, cond, guidance
+        self.pack, self.unpack, self.img_ids = pack, unpack, img_ids
+        self.dtype = next(transformer.parameters()).dtype
+        self.device = next(transformer.parameters()).device
+        self.last_uncond = None
+
+    def __call__(self, x, sigma):
+        n = x.shape[0]
+        packed = self.pack(x).to(self.device, self.dtype)
+        g = None
+        if self.guidance is not None:
+            g = torch.full((n,), float(self.guidance), device=self.device, dtype=torch.float32)
+        out = self.net(hidden_states=packed, timestep=self.ms.timestep(sigma).to(self.device, self.dtype),
+                       guidance=g, pooled_projections=self.cond.added["pooled"].to(self.device, self.dtype),
+                       encoder_hidden_states=self.cond.embeds.to(self.device, self.dtype),
+                       txt_ids=self.cond.added["txt_ids"].to(self.device), img_ids=self.img_ids.to(self.device),
+                       return_dict=False)[0]
+        v = self.unpack(out.float()).to(x.device)
+        return self.ms.denoised(sigma, v, x)
