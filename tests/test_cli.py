@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imagesmith.cli import main
@@ -61,6 +62,21 @@ def test_from_regenerates_identical_pixels_from_a_batch(env, capsys, tmp_path, s
     code, _, err = run_cli(capsys, "generate", "--from", str(third), "-o", str(tmp_path / "again.png"))
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(third)), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_latents_are_written_for_comparison_with_other_tools(env, capsys, tmp_path):
+    from safetensors import safe_open
+    out = tmp_path / "lat.safetensors"
+    code, _, err = run_cli(capsys, "generate", "a pear", "--seed", "5", "--batch-size", "2", "--noise", "comfy",
+                           "--sampler", "euler", "--scheduler", "normal", *TINY, "-o", str(tmp_path / "imgs"),
+                           "--latents", str(out))
+    assert code == 0, err
+    with safe_open(str(out), "pt") as f:
+        lat = f.get_tensor("latents")
+        assert f.metadata()["noise"] == "comfy" and f.metadata()["seeds"] == "5,5"
+    assert tuple(lat.shape) == (2, 4, 8, 8) and lat.dtype == torch.float32 and lat.std() > 0.05
+    code, _, err = run_cli(capsys, "generate", "x", *TINY, "--latents", str(tmp_path / "lat.pt"))
+    assert code != 0 and "--latents needs a .safetensors file" in err and not (tmp_path / "lat.pt").exists()
 
 
 def test_seed_determinism_across_processes(env, tmp_path):

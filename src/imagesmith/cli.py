@@ -105,6 +105,7 @@ def generate(
     clip_skip: int = typer.Option(1, "--clip-skip", help="1 = last layer, 2 = penultimate (WebUI meaning)"),
     steps: int = typer.Option(20, "--steps"),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale"),
+    cfg_rescale: float = typer.Option(0.0, "--cfg-rescale", help="CFG rescale phi (0.7 for v-prediction models)"),
     sampler: str = typer.Option("Euler a", "--sampler", "--sampler-name", help="A1111 or ComfyUI sampler name, e.g. "
                                 "'DPM++ 2M' or dpmpp_2m (imagesmith samplers lists them)"),
     schedule: str = typer.Option("automatic", "--schedule", "--scheduler", help="schedule type, e.g. Karras, "
@@ -134,6 +135,8 @@ def generate(
     control_weight: float = typer.Option(1.0, "--control-weight"),
     from_image: Optional[str] = typer.Option(None, "--from", help="regenerate an imagesmith PNG from its metadata"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="file, or folder for several images"),
+    latents_out: Optional[Path] = typer.Option(None, "--latents", help="also write the final latents (before the "
+                                               "VAE) to this .safetensors file, to compare with another tool's"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
     safety: bool = typer.Option(False, "--safety", help="check the prompt and withhold flagged images (open_nsfw)"),
     detailer: Optional[str] = typer.Option(None, "--detailer", help="repaint detected faces at higher resolution "
@@ -153,7 +156,7 @@ def generate(
         fields = dict(
             prompt=prompt, negative_prompt=negative, model=model, vae=vae,
             loras=[LoraSpec.parse(x) for x in lora], clip_skip=clip_skip, steps=steps, cfg_scale=cfg,
-            sampler_name=sampler, scheduler=schedule, noise=noise, eta_noise_seed_delta=ensd,
+            cfg_rescale=cfg_rescale, sampler_name=sampler, scheduler=schedule, noise=noise, eta_noise_seed_delta=ensd,
             sgm_noise_multiplier=sgm_noise, seed=seed, variation_seed=variation_seed,
             variation_strength=variation_strength, batch_size=batch_size, batch_count=batch_count,
             width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
@@ -181,6 +184,8 @@ def generate(
         req = GenerateRequest(**fields)
 
     _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it
+    if latents_out is not None and (latents_out.suffix != ".safetensors" or not latents_out.parent.is_dir()):
+        raise _Exit(f"--latents needs a .safetensors file in an existing folder, got {latents_out}")
     gate = None
     if safety:
         from .vision.safety import SafetyGate
@@ -209,6 +214,14 @@ def generate(
                 keep.append((image, record))
         result.images, result.records = [k[0] for k in keep], [k[1] for k in keep]
     paths = _write_images(result, output) if result.images else []
+    if latents_out is not None and result.latents is not None:
+        from safetensors.torch import save_file
+        rows = result.latents[pick:pick + 1] if pick is not None else result.latents
+        tmp = latents_out.with_name(latents_out.name + ".part")
+        save_file({"latents": rows.contiguous()}, str(tmp), metadata={
+            "sampler": req.sampler_name, "scheduler": req.scheduler, "noise": req.noise,
+            "seeds": ",".join(str(r.seed) for r in result.records)})
+        tmp.replace(latents_out)  # never a half-written file
     summary = {
         "images": [{"path": str(p), "seed": r.seed, "variation_seed": r.variation_seed, "infotext": r.infotext}
                    for p, r in zip(paths, result.records)],

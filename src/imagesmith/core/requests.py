@@ -68,6 +68,9 @@ class GenerateRequest(BaseModel):
 
     steps: int = Field(20, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    cfg_rescale: float = Field(0.0, ge=0.0, le=1.0, description="CFG rescale phi (Lin et al. 2023; A1111's CFG "
+                               "Rescale, ComfyUI's RescaleCFG): 0.7 keeps v-prediction models from burning at high "
+                               "CFG; SD1/SD2/SDXL models")
     sampler_name: str = Field("Euler a", description="A1111 or ComfyUI name: " + ", ".join(SAMPLERS)
                               + "; A1111's combined names ('DPM++ 2M Karras') carry their schedule")
     scheduler: str = Field("automatic", description="schedule type, A1111 or ComfyUI name: " + ", ".join(SCHEDULES)
@@ -173,6 +176,9 @@ class GenerationResult(BaseModel):
     vae_name: str | None = None
     version: str
     seconds: float = 0.0
+    latents: object = Field(None, exclude=True, description="the final latents before the VAE, [N, C, h, w] "
+                            "float32 on the CPU, one row per image (before any face detailer pass); None for an "
+                            "upscale-only hires fix")
 
 
 AD_POSITIONS = ("auto", "center", "bottom", "left", "right")

@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,8 @@ class _Job:
     variation_seeds: list[int | None]
     grounding: Grounding | None = None
     """The prompt as the model reads it, when concept grounding rewrote its subject (house models)."""
+    latents: list = field(default_factory=list)
+    """The final latents of each run (before the VAE), in image order."""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -134,6 +136,7 @@ class Engine:
             images=images, request=req, model_name=job.entry.name,
             model_hash=self._hash(job.entry), vae_name=req.vae, version=__version__,
             lora_hashes={l.name: self._hash_path(l.path, lora=True) for l in job.loras},
+            latents=torch.cat(job.latents) if job.latents else None,
         )
         for i, _ in enumerate(images):
             result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i], index=i,
@@ -187,7 +190,8 @@ class Engine:
             model_hash = hashes.setdefault(str(job.entry.path), self._hash(job.entry))
             result = GenerationResult(
                 images=imgs, request=req, model_name=job.entry.name, model_hash=model_hash, vae_name=req.vae,
-                version=__version__, lora_hashes={l.name: self._hash_path(l.path, lora=True) for l in job.loras})
+                version=__version__, lora_hashes={l.name: self._hash_path(l.path, lora=True) for l in job.loras},
+                latents=torch.cat(job.latents) if job.latents else None)
             for i, _ in enumerate(imgs):
                 result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i], index=i,
                                                   infotext=self.infotext(job, result, i)))
@@ -208,7 +212,8 @@ class Engine:
             return None  # ComfyUI's sampler noise is one stream over the batch: another batch, other images
         return (str(job.entry.path), job.arch, job.width, job.height,
                 tuple((adapter_name(l), l.path, l.weight) for l in job.loras), req.vae, req.clip_skip, req.steps,
-                req.cfg_scale, sampler, schedule, req.noise, req.eta_noise_seed_delta, req.sgm_noise_multiplier,
+                req.cfg_scale, req.cfg_rescale, sampler, schedule, req.noise, req.eta_noise_seed_delta,
+                req.sgm_noise_multiplier,
                 req.hires.model_dump_json() if req.hires else None)
 
     def infotext(self, job: _Job, result: GenerationResult, index: int, *, detailer: dict | None = None) -> str:
@@ -232,6 +237,8 @@ class Engine:
             "Batch size": req.batch_size if req.batch_size > 1 else None,
             "Batch pos": index % req.batch_size if req.batch_size > 1 else None,
         }
+        if req.cfg_rescale:
+            params["CFG rescale"] = _num(req.cfg_rescale)
         if req.noise != "a1111-cpu":
             params["Noise"] = req.noise  # imagesmith's key; A1111's own 'RNG' key means its CPU/GPU/NV source
         if req.eta_noise_seed_delta:
@@ -463,6 +470,8 @@ class Engine:
         pipe = entry.value
         if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house"):
             raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL models, not {job.arch}")
+        if req.cfg_rescale and job.arch in FLOW_ARCHS:
+            raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
         mode = req.mode
         init_latent = mask = concat = None
@@ -489,6 +498,7 @@ class Engine:
         hires = req.hires if mode == "txt2img" else None
         if hires:
             return self._ksample_hires(entry, pipe, vae, rows, encoded, counter, latents)
+        _keep_latents(rows, latents)
         images = self._vae_decode(vae, latents)
         if mode == "inpaint":
             images = [keep_unmasked(init, im, blurred) for im in images]
@@ -520,6 +530,7 @@ class Engine:
         out = self._ksample(pipe, rows, encoded, counter, "hires", width, height,
                             hr.hr_second_pass_steps or job.req.steps, latent=up,
                             strength=hr.hr_denoising_strength)
+        _keep_latents(rows, out)
         return self._vae_decode(vae, out)
 
     def _ksample(self, pipe, rows, encoded, counter: StepCounter, phase: str, width: int, height: int, steps: int, *,
@@ -580,7 +591,6 @@ class Engine:
 
     def _denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int, n: int, concat):
         req = job.req
-        sizes = [k for _, _, k in rows]
         if job.arch == "sd3":
             conds, unconds = [], []
             for (j, _, k), e in zip(rows, encoded):
@@ -608,7 +618,7 @@ class Engine:
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
         control = self._control_spec(job, ms, n) if job.control_image is not None else None
         return UNetDenoiser(pipe.unet, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
-                            control=control, concat=concat)
+                            control=control, concat=concat, cfg_rescale=req.cfg_rescale)
 
     def _conditioning(self, pipe, rows, encoded: list[dict], width: int, height: int):
         """Each request's text conditioning repeated for its images; SDXL's pooled embeddings and size ids."""
@@ -694,6 +704,14 @@ def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
         else:
             out[key] = first
     return out
+
+
+def _keep_latents(rows, latents: torch.Tensor) -> None:
+    """File each request's slice of a run's final latents with the request (GenerationResult.latents)."""
+    lo = 0
+    for job, _, n in rows:
+        job.latents.append(latents[lo:lo + n].detach().float().cpu())
+        lo += n
 
 
 def _cat_conditioning(parts: list[Conditioning], keep: tuple[str, ...] = ()) -> Conditioning:

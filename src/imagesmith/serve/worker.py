@@ -155,7 +155,7 @@ def batch_key(job_type: str, request: dict) -> str | None:
         loras.pop(spec.name, None)
         loras[spec.name] = spec.weight
     fields = {"v": 1, "model": req.model, "vae": req.vae, "loras": list(loras.items()), "clip_skip": req.clip_skip,
-              "steps": req.steps, "cfg_scale": req.cfg_scale, "sampler_name": sampler,
+              "steps": req.steps, "cfg_scale": req.cfg_scale, "cfg_rescale": req.cfg_rescale, "sampler_name": sampler,
               "scheduler": schedule, "noise": req.noise, "ensd": req.eta_noise_seed_delta,
               "sgm_noise_multiplier": req.sgm_noise_multiplier, "width": req.width, "height": req.height, "aspect": params.aspect,
               "hires": req.hires.model_dump(mode="json") if req.hires else None}

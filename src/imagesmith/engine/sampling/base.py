@@ -71,3 +71,31 @@ def ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
     sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
     sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
     return sigma_down, sigma_up
+
+
+def at(x: torch.Tensor, sigma) -> torch.Tensor:
+    """A sigma as the [batch] tensor the denoiser takes."""
+    return sigma * x.new_ones([x.shape[0]])
+
+
+def uncond_of(model, denoised: torch.Tensor) -> torch.Tensor:
+    """The unconditional x0 estimate of the model's last call (the CFG++ samplers step with it); at CFG 1 the
+    model makes none, and the guided estimate is the unconditional one."""
+    u = getattr(model, "last_uncond", None)
+    return denoised if u is None else u
+
+
+def gaussian_stream(x: torch.Tensor, ctx: SamplerContext) -> NoiseSampler:
+    """The fresh draws of ancestral samplers: ctx.noise_sampler when given, else the run's seeded stream."""
+    from .noise import gaussian_noise_sampler  # noqa: PLC0415 - noise imports this module
+    return ctx.noise_sampler if ctx.noise_sampler is not None else gaussian_noise_sampler(x, ctx.seed)
+
+
+def registry(table: dict):
+    """A decorator factory that files sampler functions in `table` under their ComfyUI name."""
+    def register(name: str):
+        def add(fn):
+            table[name] = fn
+            return fn
+        return add
+    return register

@@ -39,8 +39,9 @@ class ControlSpec:
 
 class UNetDenoiser:
     def __init__(self, unet, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
-                 *, control: ControlSpec | None = None, concat: torch.Tensor | None = None):
+                 *, control: ControlSpec | None = None, concat: torch.Tensor | None = None, cfg_rescale: float = 0.0):
         self.unet, self.ms, self.cond, self.uncond, self.cfg = unet, ms, cond, uncond, float(cfg_scale)
+        self.cfg_rescale = float(cfg_rescale)
         self.control = control
         self.concat = concat  # inpainting UNets: [mask, masked-image latents] per image
         self.dtype = next(unet.parameters()).dtype
@@ -65,6 +66,8 @@ class UNetDenoiser:
             both = self.ms.denoised(s2, out, torch.cat([x, x]))
             uncond, cond_x0 = both[:n], both[n:]
             self.last_uncond = uncond
+            if self.cfg_rescale > 0:
+                return rescaled_cfg(x, sigma, cond_x0, uncond, self.cfg, self.cfg_rescale)
             return uncond + (cond_x0 - uncond) * self.cfg
         self.last_uncond = None
         return self.ms.denoised(sigma, out, x)
@@ -84,6 +87,23 @@ class UNetDenoiser:
             kwargs["down_block_additional_residuals"] = down
             kwargs["mid_block_additional_residual"] = mid
         return self.unet(xin, t, return_dict=False, **kwargs)[0]
+
+
+def rescaled_cfg(x, sigma, cond_x0, uncond_x0, scale: float, phi: float) -> torch.Tensor:
+    """CFG with the rescale of Lin et al. 2023 ("Common diffusion noise schedules and sample steps are flawed",
+    section 3.4; A1111's CFG Rescale, ComfyUI's RescaleCFG): guide in v space, then pull the guided v's standard
+    deviation back toward the conditional one's by `phi`, which stops high CFG from burning v-prediction
+    models' colours. x0 estimates in, x0 estimate out."""
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    root = (s ** 2 + 1.0) ** 0.5
+    xs = x / (s ** 2 + 1.0)
+    v_c = (xs - cond_x0) * root / s
+    v_u = (xs - uncond_x0) * root / s
+    v_cfg = v_u + scale * (v_c - v_u)
+    dims = tuple(range(1, x.ndim))
+    v_rescaled = v_cfg * (v_c.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True))
+    v = phi * v_rescaled + (1.0 - phi) * v_cfg
+    return xs - v * s / root
 
 
 class SD3Denoiser:

@@ -35,38 +35,15 @@ import math
 import numpy as np
 import torch
 
-from .base import SamplerContext, ancestral_step, to_d
-from .noise import gaussian_noise_sampler
+from .base import SamplerContext, ancestral_step, at, gaussian_stream, registry, to_d, uncond_of
 
 SAMPLERS: dict = {}
-
-
-def _register(name: str):
-    def deco(fn):
-        SAMPLERS[name] = fn
-        return fn
-    return deco
+_register = registry(SAMPLERS)
 
 
 # ================================================================================================ helpers
-def _at(x: torch.Tensor, sigma) -> torch.Tensor:
-    """sigma as the [batch] tensor the denoiser takes."""
-    return sigma * x.new_ones([x.shape[0]])
-
-
-def _uncond(model, denoised: torch.Tensor) -> torch.Tensor:
-    """The unconditional x0 estimate of the last call (the CFG++ samplers step with it); at CFG 1 the model
-    makes none and the guided estimate is the unconditional one."""
-    u = getattr(model, "last_uncond", None)
-    return denoised if u is None else u
-
-
 def _noise_scale(ctx: SamplerContext) -> float:
     return float(getattr(ctx.model_sampling, "noise_scale", 1.0))
-
-
-def _gaussian_stream(x: torch.Tensor, ctx: SamplerContext):
-    return ctx.noise_sampler if ctx.noise_sampler is not None else gaussian_noise_sampler(x, ctx.seed)
 
 
 def _f(v) -> float:
@@ -100,7 +77,7 @@ def sample_lms(model, x, sigmas, ctx: SamplerContext):
     s = [_f(v) for v in sigmas.detach().cpu().to(torch.float32)]
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
-        denoised = model(x, _at(x, sigmas[i]))
+        denoised = model(x, at(x, sigmas[i]))
         ctx.report(i, x, denoised, sigmas[i])
         ds.append(to_d(x, sigmas[i], denoised))
         del ds[:-order]
@@ -180,7 +157,7 @@ def _ipndm(model, x, sigmas, ctx: SamplerContext, variable: bool):
     ds: list[torch.Tensor] = []  # newest last
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         d = (x - denoised) / sigma
         ds.append(d)
@@ -294,7 +271,7 @@ def sample_deis(model, x, sigmas, ctx: SamplerContext):
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         d = (x - denoised) / sigma
         ds.append(d)
@@ -313,13 +290,13 @@ def _res_multistep(model, x, sigmas, ctx: SamplerContext, eta: float, cfg_pp: bo
     """Refined exponential solver, 2nd-order multistep (Zhang et al. 2023, arXiv 2308.02157) in t = -log sigma
     on the data prediction; optional ancestral noise (eta) and CFG++ (Chung et al. 2024)."""
     s_noise = float(ctx.opt("s_noise", 1.0)) * _noise_scale(ctx)
-    noise_sampler = _gaussian_stream(x, ctx) if eta > 0 else None
+    noise_sampler = gaussian_stream(x, ctx) if eta > 0 else None
     old_denoised = None
     old_sigma_down = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
-        uncond = _uncond(model, denoised) if cfg_pp else denoised
+        denoised = model(x, at(x, sigma))
+        uncond = uncond_of(model, denoised) if cfg_pp else denoised
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta=eta)
         ctx.report(i, x, denoised, sigma)
         if sigma_down == 0 or old_denoised is None:
@@ -382,8 +359,8 @@ def _gradient_estimation(model, x, sigmas, ctx: SamplerContext, cfg_pp: bool):
     old_d = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
-        d = to_d(x, sigma, _uncond(model, denoised) if cfg_pp else denoised)
+        denoised = model(x, at(x, sigma))
+        d = to_d(x, sigma, uncond_of(model, denoised) if cfg_pp else denoised)
         ctx.report(i, x, denoised, sigma)
         dt = sigma_next - sigma
         if sigma_next == 0:
@@ -449,7 +426,7 @@ def _sa_solver(model, x, sigmas, ctx: SamplerContext, use_pece: bool):
     if len(sigmas) <= 1:
         return x
     ms = ctx.model_sampling
-    noise_sampler = _gaussian_stream(x, ctx)
+    noise_sampler = gaussian_stream(x, ctx)
     s_noise = float(ctx.opt("s_noise", 1.0)) * _noise_scale(ctx)
     pred_order = int(ctx.opt("predictor_order", 3))
     corr_order = int(ctx.opt("corrector_order", 4))
@@ -481,7 +458,7 @@ def _sa_solver(model, x, sigmas, ctx: SamplerContext, use_pece: bool):
     noise = None
     preds: list[torch.Tensor] = []
     for i in range(n):
-        denoised = model(x_pred, _at(x_pred, sigmas[i]))
+        denoised = model(x_pred, at(x_pred, sigmas[i]))
         ctx.report(i, x_pred, denoised, sigmas[i])
         preds.append(denoised)
         del preds[:-keep]
@@ -500,7 +477,7 @@ def _sa_solver(model, x, sigmas, ctx: SamplerContext, use_pece: bool):
             if noise is not None:
                 x = x + noise
             if use_pece:
-                denoised = model(x, _at(x, sigmas[i]))
+                denoised = model(x, at(x, sigmas[i]))
                 preds[-1] = denoised
 
         # predictor: Adams-Bashforth-like step to the next sigma, with SDE noise inside the chosen interval
@@ -578,7 +555,7 @@ def _unipc(model, x, sigmas, ctx: SamplerContext, variant: str):
         float32 alpha and std above, as ComfyUI computes it (at small sigmas this differs from D by ~1e-5)."""
         s = sig[i].to(dev)
         z_ve = z * (s * s + 1.0) ** 0.5
-        eps = (z_ve - model(z_ve, _at(z, s))) / s
+        eps = (z_ve - model(z_ve, at(z, s))) / s
         return (z - std[i].to(dev) * eps) / alpha[i].to(dev)
 
     def step(z, hist, i_t, k, correct):
@@ -660,14 +637,14 @@ def sample_plms(model, x, sigmas, ctx: SamplerContext):
     old_eps: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         eps = (x - denoised) / sigma
         k = len(old_eps) + 1
         if k == 1:
             if sigma_next > 0:
                 x_euler = x + (sigma_next - sigma) * eps
-                eps_next = (x_euler - model(x_euler, _at(x, sigma_next))) / sigma_next
+                eps_next = (x_euler - model(x_euler, at(x, sigma_next))) / sigma_next
                 eps_prime = (eps + eps_next) / 2
             else:
                 eps_prime = eps

@@ -20,42 +20,20 @@ import math
 
 import torch
 
-from .base import SamplerContext, ancestral_step, to_d
-from .noise import brownian_noise_sampler, gaussian_noise_sampler
+from .base import SamplerContext, ancestral_step, at, gaussian_stream, registry, to_d, uncond_of
+from .noise import brownian_noise_sampler
 from .schedules import karras_sigmas
 
 SAMPLERS: dict = {}
-
-
-def _register(name: str):
-    def add(fn):
-        SAMPLERS[name] = fn
-        return fn
-    return add
+_register = registry(SAMPLERS)
 
 
 # ================================================================================================ helpers
-def _at(x: torch.Tensor, sigma) -> torch.Tensor:
-    """A sigma as the [batch] tensor the denoiser takes."""
-    return sigma * x.new_ones([x.shape[0]])
-
-
-def _gaussian(x: torch.Tensor, ctx: SamplerContext):
-    """The stream of fresh draws for ancestral samplers (ctx.noise_sampler when given)."""
-    return ctx.noise_sampler if ctx.noise_sampler is not None else gaussian_noise_sampler(x, ctx.seed)
-
-
 def _brownian(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplerContext):
     """Brownian increments over [smallest positive sigma, largest sigma] for SDE samplers."""
     if ctx.noise_sampler is not None:
         return ctx.noise_sampler
     return brownian_noise_sampler(x, sigmas[sigmas > 0].min(), sigmas.max(), ctx.seed)
-
-
-def _uncond(model, denoised: torch.Tensor) -> torch.Tensor:
-    """The unconditional x0 estimate of the last call (the guided one when the call made none: CFG 1)."""
-    uncond = getattr(model, "last_uncond", None)
-    return denoised if uncond is None else uncond
 
 
 def _snr_safe(sigmas: torch.Tensor, ms, percent: float = 1e-4) -> torch.Tensor:
@@ -116,7 +94,7 @@ class _Churn:
             return x, sigma
         sigma_hat = sigma * (gamma + 1)
         if self.noise is None:
-            self.noise = _gaussian(self.x, self.ctx)
+            self.noise = gaussian_stream(self.x, self.ctx)
         x = x + self.noise(sigma, sigma_hat) * self.s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
         return x, sigma_hat
 
@@ -129,7 +107,7 @@ def sample_euler(model, x, sigmas, ctx: SamplerContext):
     churn = _Churn(x, sigmas, ctx)
     for i in range(len(sigmas) - 1):
         x, sigma_hat = churn(x, sigmas[i])
-        denoised = model(x, _at(x, sigma_hat))
+        denoised = model(x, at(x, sigma_hat))
         ctx.report(i, x, denoised, sigmas[i])
         x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
     return x
@@ -140,11 +118,11 @@ def sample_euler_ancestral(model, x, sigmas, ctx: SamplerContext):
     """Ancestral Euler ("Euler a", k-diffusion): an Euler step down to sigma_down, then fresh noise back up
     to the next sigma. Rectified-flow models use the flow form of the split. Options: eta (1), s_noise (1)."""
     eta, s_noise = ctx.opt("eta", 1.0), ctx.opt("s_noise", 1.0)
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     flow = ctx.model_sampling.is_flow
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         if flow:
             if sigma_next == 0:
@@ -169,25 +147,31 @@ def _heun_correct(model, x, d, sigma_hat, sigma_next):
     """One Heun (trapezoidal) step from sigma_hat to sigma_next given the slope d at the start."""
     dt = sigma_next - sigma_hat
     x_euler = x + d * dt
-    d_next = to_d(x_euler, sigma_next, model(x_euler, _at(x, sigma_next)))
+    d_next = to_d(x_euler, sigma_next, model(x_euler, at(x, sigma_next)))
     return x + (d + d_next) / 2 * dt
+
+
+def _two_stage(model, x, sigmas, ctx: SamplerContext, second):
+    """The loop Heun and DPM2 share: (churn,) one evaluation, then `second(model, x, d, sigma, sigma_next)`
+    for the step, except Euler on the step to sigma 0."""
+    churn = _Churn(x, sigmas, ctx)
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = churn(x, sigmas[i])
+        denoised = model(x, at(x, sigma_hat))
+        ctx.report(i, x, denoised, sigmas[i])
+        d = to_d(x, sigma_hat, denoised)
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigma_hat)
+        else:
+            x = second(model, x, d, sigma_hat, sigmas[i + 1])
+    return x
 
 
 @_register("heun")
 def sample_heun(model, x, sigmas, ctx: SamplerContext):
     """Heun's second-order method (Karras et al. 2022, Algorithm 2); the last step to sigma 0 is Euler.
     Options: s_churn, s_tmin, s_tmax, s_noise."""
-    churn = _Churn(x, sigmas, ctx)
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = churn(x, sigmas[i])
-        denoised = model(x, _at(x, sigma_hat))
-        ctx.report(i, x, denoised, sigmas[i])
-        d = to_d(x, sigma_hat, denoised)
-        if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigma_hat)
-        else:
-            x = _heun_correct(model, x, d, sigma_hat, sigmas[i + 1])
-    return x
+    return _two_stage(model, x, sigmas, ctx, _heun_correct)
 
 
 @_register("heunpp2")
@@ -199,7 +183,7 @@ def sample_heunpp2(model, x, sigmas, ctx: SamplerContext):
     s_end = sigmas[-1]
     for i in range(len(sigmas) - 1):
         x, sigma_hat = churn(x, sigmas[i])
-        denoised = model(x, _at(x, sigma_hat))
+        denoised = model(x, at(x, sigma_hat))
         ctx.report(i, x, denoised, sigmas[i])
         d = to_d(x, sigma_hat, denoised)
         dt = sigmas[i + 1] - sigma_hat
@@ -207,13 +191,13 @@ def sample_heunpp2(model, x, sigmas, ctx: SamplerContext):
             x = x + d * dt
             continue
         x_2 = x + d * dt
-        d_2 = to_d(x_2, sigmas[i + 1], model(x_2, _at(x, sigmas[i + 1])))
+        d_2 = to_d(x_2, sigmas[i + 1], model(x_2, at(x, sigmas[i + 1])))
         if sigmas[i + 2] == s_end:
             w2 = sigmas[i + 1] / (2 * sigmas[0])
             slope = d * (1 - w2) + d_2 * w2
         else:
             x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
-            d_3 = to_d(x_3, sigmas[i + 2], model(x_3, _at(x, sigmas[i + 2])))
+            d_3 = to_d(x_3, sigmas[i + 2], model(x_3, at(x, sigmas[i + 2])))
             w2 = sigmas[i + 1] / (3 * sigmas[0])
             w3 = sigmas[i + 2] / (3 * sigmas[0])
             slope = (1 - w2 - w3) * d + w2 * d_2 + w3 * d_3
@@ -227,7 +211,7 @@ def _dpm2_step(model, x, d, sigma, sigma_to):
     with the midpoint's slope."""
     sigma_mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
     x_mid = x + d * (sigma_mid - sigma)
-    d_mid = to_d(x_mid, sigma_mid, model(x_mid, _at(x, sigma_mid)))
+    d_mid = to_d(x_mid, sigma_mid, model(x_mid, at(x, sigma_mid)))
     return x + d_mid * (sigma_to - sigma)
 
 
@@ -235,17 +219,7 @@ def _dpm2_step(model, x, d, sigma, sigma_to):
 def sample_dpm_2(model, x, sigmas, ctx: SamplerContext):
     """DPM2 (k-diffusion): DPM-Solver-2 (Lu et al. 2022) steps in the Karras ODE, Euler on the last step.
     ComfyUI runs it on a schedule without its next-to-last sigma. Options: s_churn, s_tmin, s_tmax, s_noise."""
-    churn = _Churn(x, sigmas, ctx)
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = churn(x, sigmas[i])
-        denoised = model(x, _at(x, sigma_hat))
-        ctx.report(i, x, denoised, sigmas[i])
-        d = to_d(x, sigma_hat, denoised)
-        if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigma_hat)
-        else:
-            x = _dpm2_step(model, x, d, sigma_hat, sigmas[i + 1])
-    return x
+    return _two_stage(model, x, sigmas, ctx, _dpm2_step)
 
 
 @_register("dpm_2_ancestral")
@@ -253,11 +227,11 @@ def sample_dpm_2_ancestral(model, x, sigmas, ctx: SamplerContext):
     """Ancestral DPM2 ("DPM2 a"): a DPM-Solver-2 step down to sigma_down plus fresh noise (the flow form of
     the split on rectified-flow models). Options: eta (1), s_noise (1)."""
     eta, s_noise = ctx.opt("eta", 1.0), ctx.opt("s_noise", 1.0)
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     flow = ctx.model_sampling.is_flow
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         if flow:
             sigma_down, rescale, renoise = _rf_ancestral_split(sigma, sigma_next, eta)
         else:
@@ -288,12 +262,12 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, ctx: SamplerContext):
 
 def _dpmpp_2s_ancestral_ve(model, x, sigmas, ctx, cfg_pp: bool):
     eta, s_noise = ctx.opt("eta", 1.0), ctx.opt("s_noise", 1.0)
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         # CFG++ steps with the unconditional estimate and adds the guidance back at the end
-        target = _uncond(model, denoised) if cfg_pp else denoised
+        target = uncond_of(model, denoised) if cfg_pp else denoised
         guidance = denoised - target
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         ctx.report(i, x, denoised, sigma)
@@ -304,8 +278,8 @@ def _dpmpp_2s_ancestral_ve(model, x, sigmas, ctx, cfg_pp: bool):
             h = t_next - t
             s = t + h / 2
             x_mid = (s.neg().exp() / t.neg().exp()) * x - (-h / 2).expm1() * target
-            mid = model(x_mid, _at(x, s.neg().exp()))
-            mid = _uncond(model, mid) if cfg_pp else mid
+            mid = model(x_mid, at(x, s.neg().exp()))
+            mid = uncond_of(model, mid) if cfg_pp else mid
             x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * mid
         if sigma_next > 0:
             x = x + noise(sigma, sigma_next) * s_noise * sigma_up
@@ -316,13 +290,13 @@ def _dpmpp_2s_ancestral_ve(model, x, sigmas, ctx, cfg_pp: bool):
 
 def _dpmpp_2s_ancestral_rf(model, x, sigmas, ctx, cfg_pp: bool):
     eta, s_noise = ctx.opt("eta", 1.0), ctx.opt("s_noise", 1.0)
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     lam = lambda s: ((1 - s) / s).log()  # noqa: E731 - the flow half log-SNR, as ComfyUI computes it here
     sig = lambda l: (l.exp() + 1) ** -1  # noqa: E731
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
-        target = _uncond(model, denoised) if cfg_pp else denoised
+        denoised = model(x, at(x, sigma))
+        target = uncond_of(model, denoised) if cfg_pp else denoised
         guidance = denoised - target
         sigma_down, rescale, renoise = _rf_ancestral_split(sigma, sigma_next, eta)
         ctx.report(i, x, denoised, sigma)
@@ -336,8 +310,8 @@ def _dpmpp_2s_ancestral_rf(model, x, sigmas, ctx, cfg_pp: bool):
                 sigma_mid = sig(lam_i + (lam_down - lam_i) / 2)
             keep = sigma_mid / sigma
             u = keep * x + (1 - keep) * target
-            mid = model(u, _at(x, sigma_mid))
-            mid = _uncond(model, mid) if cfg_pp else mid
+            mid = model(u, at(x, sigma_mid))
+            mid = uncond_of(model, mid) if cfg_pp else mid
             keep = sigma_down / sigma
             x = keep * x + (1 - keep) * mid
         if sigma_next > 0 and eta > 0:
@@ -361,7 +335,7 @@ def sample_dpmpp_sde(model, x, sigmas, ctx: SamplerContext):
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         if sigma_next == 0:
             x = denoised
@@ -376,7 +350,7 @@ def sample_dpmpp_sde(model, x, sigmas, ctx: SamplerContext):
         x_mid = _dpmpp_first_order(x, denoised, lam_s, lam_to, alpha_s, alpha_mid)
         if eta > 0 and s_noise > 0:
             x_mid = x_mid + alpha_mid * noise(sigma, sigma_mid) * s_noise * up
-        denoised_mid = model(x_mid, _at(x, sigma_mid))
+        denoised_mid = model(x_mid, at(x, sigma_mid))
 
         lam_to, up = _ancestral_target(lam_s, lam_t, eta)
         mixed = (1 - fac) * denoised + fac * denoised_mid
@@ -393,7 +367,7 @@ def sample_dpmpp_2m(model, x, sigmas, ctx: SamplerContext):
     old_denoised = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
         h = t_next - t
@@ -422,7 +396,7 @@ def _dpmpp_multistep_sde(model, x, sigmas, ctx: SamplerContext, order: int, solv
     h = h_1 = h_2 = None  # the current and previous two step sizes in lambda
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         if sigma_next == 0:
             x = denoised
@@ -484,10 +458,10 @@ def sample_dpmpp_3m_sde(model, x, sigmas, ctx: SamplerContext):
 def sample_ddpm(model, x, sigmas, ctx: SamplerContext):
     """DDPM ancestral sampling (Ho et al. 2020): the posterior mean of x_{t-1} given x_t and the predicted
     noise plus the posterior noise, in the variance-preserving scale x / sqrt(1 + sigma^2)."""
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         eps = (x - denoised) / sigma
         x_vp = x / torch.sqrt(1.0 + sigma ** 2.0)
@@ -508,14 +482,14 @@ def sample_lcm(model, x, sigmas, ctx: SamplerContext):
     the next sigma with the model's own forward noising. Options: s_noise (1), s_noise_end (= s_noise; the
     multiplier is interpolated linearly over the steps), noise_clip_std (0 = off; clamps the fresh noise
     to that many standard deviations)."""
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     ms = ctx.model_sampling
     n = max(1, len(sigmas) - 1)
     s_start = float(ctx.opt("s_noise", 1.0))
     s_end = float(ctx.opt("s_noise_end", s_start))
     clip = float(ctx.opt("noise_clip_std", 0.0))
     for i in range(len(sigmas) - 1):
-        denoised = model(x, _at(x, sigmas[i]))
+        denoised = model(x, at(x, sigmas[i]))
         ctx.report(i, x, denoised, sigmas[i])
         x = denoised
         if sigmas[i + 1] > 0:
@@ -537,7 +511,7 @@ def sample_er_sde(model, x, sigmas, ctx: SamplerContext):
     form in er_lambda = sigma / alpha with the noise scaler l * (e^(l^0.3) + 10); up to third order from the
     previous x0 estimates, the integrals by a 200-point Riemann sum. Options: s_noise (1), max_stage (3)."""
     s_noise, max_stage = ctx.opt("s_noise", 1.0), int(ctx.opt("max_stage", 3))
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     ms = ctx.model_sampling
 
     def scaler(v):
@@ -549,7 +523,7 @@ def sample_er_sde(model, x, sigmas, ctx: SamplerContext):
     er = ms.half_log_snr(sigmas).neg().exp()  # sigma / alpha
     old_denoised = old_slope = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, _at(x, sigmas[i]))
+        denoised = model(x, at(x, sigmas[i]))
         ctx.report(i, x, denoised, sigmas[i])
         stage = min(max_stage, i + 1)
         if sigmas[i + 1] == 0:
@@ -608,13 +582,13 @@ def sample_seeds_2(model, x, sigmas, ctx: SamplerContext):
     r, solver_type = ctx.opt("r", 0.5), ctx.opt("solver_type", "phi_1")
     if solver_type not in ("phi_1", "phi_2"):
         raise ValueError("solver_type must be 'phi_1' or 'phi_2'")
-    draw = _gaussian(x, ctx)
+    draw = gaussian_stream(x, ctx)
     ms = ctx.model_sampling
     inject = eta > 0 and s_noise > 0
     sigmas = _snr_safe(sigmas, ms)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         if sigma_next == 0:
             x = denoised
@@ -630,7 +604,7 @@ def sample_seeds_2(model, x, sigmas, ctx: SamplerContext):
         x_1 = sigma_1 / sigma * (-r * h * eta).exp() * x - alpha_1 * _h_phi_1(-r * h_eta) * denoised
         if inject:
             x_1 = x_1 + path.advance(-r * h * eta, sigma, sigma_1) * sigma_1
-        denoised_1 = model(x_1, _at(x, sigma_1))
+        denoised_1 = model(x_1, at(x, sigma_1))
 
         if solver_type == "phi_1":
             combined = torch.lerp(denoised, denoised_1, 1 / (2 * r))
@@ -650,13 +624,13 @@ def sample_seeds_3(model, x, sigmas, ctx: SamplerContext):
     Options: eta (1), s_noise (1), r_1 (1/3), r_2 (2/3)."""
     eta, s_noise = ctx.opt("eta", 1.0), ctx.opt("s_noise", 1.0)
     r_1, r_2 = ctx.opt("r_1", 1.0 / 3), ctx.opt("r_2", 2.0 / 3)
-    draw = _gaussian(x, ctx)
+    draw = gaussian_stream(x, ctx)
     ms = ctx.model_sampling
     inject = eta > 0 and s_noise > 0
     sigmas = _snr_safe(sigmas, ms)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         if sigma_next == 0:
             x = denoised
@@ -673,14 +647,14 @@ def sample_seeds_3(model, x, sigmas, ctx: SamplerContext):
         x_1 = sigma_1 / sigma * (-r_1 * h * eta).exp() * x - alpha_1 * _h_phi_1(-r_1 * h_eta) * denoised
         if inject:
             x_1 = x_1 + path.advance(-r_1 * h * eta, sigma, sigma_1) * sigma_1
-        denoised_1 = model(x_1, _at(x, sigma_1))
+        denoised_1 = model(x_1, at(x, sigma_1))
 
         a2 = r_2 / r_1 * _h_phi_2(-r_2 * h_eta)
         a1 = _h_phi_1(-r_2 * h_eta) - a2
         x_2 = sigma_2 / sigma * (-r_2 * h * eta).exp() * x - alpha_2 * (a1 * denoised + a2 * denoised_1)
         if inject:
             x_2 = x_2 + path.advance((r_1 - r_2) * h * eta, sigma_1, sigma_2) * sigma_2
-        denoised_2 = model(x_2, _at(x, sigma_2))
+        denoised_2 = model(x_2, at(x, sigma_2))
 
         b3 = _h_phi_2(-h_eta) / r_2
         b1 = _h_phi_1(-h_eta) - b3
@@ -707,17 +681,17 @@ def sample_euler_cfg_pp(model, x, sigmas, ctx: SamplerContext):
 
 def _euler_cfg_pp(model, x, sigmas, ctx: SamplerContext, eta: float, s_noise: float):
     ms = ctx.model_sampling
-    noise = _gaussian(x, ctx) if eta > 0 and s_noise > 0 else None
+    noise = gaussian_stream(x, ctx) if eta > 0 and s_noise > 0 else None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(i, x, denoised, sigma)
         if sigma_next == 0:
             x = denoised
             continue
         alpha_s = sigma * ms.half_log_snr(sigma).exp()
         alpha_t = sigma_next * ms.half_log_snr(sigma_next).exp()
-        eps = to_d(x, sigma, alpha_s * _uncond(model, denoised))  # the unconditional noise estimate
+        eps = to_d(x, sigma, alpha_s * uncond_of(model, denoised))  # the unconditional noise estimate
         sigma_down, sigma_up = ancestral_step(sigma / alpha_s, sigma_next / alpha_t, eta)
         x = alpha_t * denoised + alpha_t * sigma_down * eps
         if noise is not None:
@@ -742,8 +716,8 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, ctx: SamplerContext):
     old_uncond = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _at(x, sigma))
-        uncond = _uncond(model, denoised)
+        denoised = model(x, at(x, sigma))
+        uncond = uncond_of(model, denoised)
         ctx.report(i, x, denoised, sigma)
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
         h = t_next - t
@@ -834,7 +808,7 @@ def sample_dpm_fast(model, x, sigmas, ctx: SamplerContext):
     if len(sigmas) <= 1:
         return x
     eta, s_noise = ctx.opt("eta", 0.0), ctx.opt("s_noise", 1.0)
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     sigma_min, sigma_max = _dpm_bounds(sigmas)
     solver = _DPMSolver(model, x)
     t_start, t_end = solver.t(torch.as_tensor(sigma_max)), solver.t(torch.as_tensor(sigma_min))
@@ -892,7 +866,7 @@ def sample_dpm_adaptive(model, x, sigmas, ctx: SamplerContext):
     if order not in (2, 3):
         raise ValueError("dpm_adaptive order must be 2 or 3")
     eta, s_noise = ctx.opt("eta", 0.0), ctx.opt("s_noise", 1.0)
-    noise = _gaussian(x, ctx)
+    noise = gaussian_stream(x, ctx)
     sigma_min, sigma_max = _dpm_bounds(sigmas)
     solver = _DPMSolver(model, x)
     t_start, t_end = solver.t(torch.as_tensor(sigma_max)), solver.t(torch.as_tensor(sigma_min))
@@ -978,10 +952,10 @@ def sample_restart(model, x, sigmas, ctx: SamplerContext):
         if last is not None and last < sigma:
             # forward-noise from `last` up to `sigma`: x_hi = (alpha_hi / alpha_lo) x_lo + fresh noise
             if noise is None:
-                noise = _gaussian(x, ctx)
+                noise = gaussian_stream(x, ctx)
             grow = _alpha(ms, sigma) / _alpha(ms, last)
             x = grow * x + noise(last, sigma) * s_noise * (sigma ** 2 - grow ** 2 * last ** 2) ** 0.5
-        denoised = model(x, _at(x, sigma))
+        denoised = model(x, at(x, sigma))
         ctx.report(step, x, denoised, sigma)
         d = to_d(x, sigma, denoised)
         if sigma_next == 0:
