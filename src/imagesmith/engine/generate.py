@@ -239,8 +239,10 @@ class Engine:
         }
         if req.cfg_rescale:
             params["CFG rescale"] = _num(req.cfg_rescale)
-        if req.noise != "a1111-cpu":
-            params["Noise"] = req.noise  # imagesmith's key; A1111's own 'RNG' key means its CPU/GPU/NV source
+        if req.noise == "a1111-cpu":
+            params["RNG"] = "CPU"  # A1111 writes its RNG source when it is not its default (GPU)
+        elif req.noise == "comfy":
+            params["Noise"] = "comfy"  # imagesmith's key: ComfyUI's one-draw batch noise
         if req.eta_noise_seed_delta:
             params["ENSD"] = req.eta_noise_seed_delta
         if req.sgm_noise_multiplier:

@@ -87,7 +87,10 @@ def test_comfy_noise_draws_once_over_the_batch(engine):
     # image 1 is not seed + 1 (A1111's way)
     a1111 = engine.generate(req(seed=8, sampler_name="Euler", noise="comfy")).images[0]
     assert psnr(batch.images[1], a1111) < 40
-    assert "Noise: comfy" in batch.records[0].infotext
+    assert "Noise: comfy" in batch.records[0].infotext and "RNG:" not in batch.records[0].infotext
+    # ComfyUI's seed is the run's: both images of the batch record it
+    assert [r.seed for r in batch.records] == [7, 7]
+    assert "RNG: CPU" in engine.generate(req(sampler_name="Euler")).records[0].infotext  # A1111's key
 
 
 def test_img2img_strength_a1111_and_comfy(engine, tmp_path):
@@ -203,3 +206,19 @@ def test_v_prediction_model_same_image_as_diffusers(engine, tiny_models):
     assert psnr(ours.images[0], theirs) >= 45
     eps_model = engine.generate(req(sampler_name="Euler", scheduler="normal", noise="comfy")).images[0]
     assert psnr(ours.images[0], eps_model) < 40  # the prediction type was honoured, not ignored
+
+
+def test_samplers_command_lists_every_sampler_and_schedule(capsys):
+    import json
+
+    from imagesmith.cli import main
+    try:
+        main(["samplers", "--json"])
+    except SystemExit as exc:
+        assert not exc.code
+    data = json.loads(capsys.readouterr().out)
+    names = {s["name"]: s for s in data["samplers"]}
+    assert len(names) == 41 and all(s["implemented"] for s in names.values())
+    assert names["dpmpp_2m"]["label"] == "DPM++ 2M" and names["dpmpp_2m"]["automatic_schedule"] == "karras"
+    assert names["plms"]["flow_models"] is False and names["euler"]["flow_models"] is True
+    assert [s["name"] for s in data["schedules"]][:2] == ["automatic", "normal"] and len(data["schedules"]) == 13
