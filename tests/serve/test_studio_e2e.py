@@ -7,8 +7,6 @@ Playwright or /usr/bin/chromium is missing (`.ci/run` installs chromium when it 
 from __future__ import annotations
 
 import io
-import socket
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -21,43 +19,11 @@ playwright_sync = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_home, tmp_path_factory):
-    import uvicorn
-
-    from imagesmith.core.settings import Settings
-    from imagesmith.engine.generate import Engine
-    from imagesmith.serve.app import create_app
-    from imagesmith.serve.store import JobStore
-    from imagesmith.serve.worker import Worker
-    home = tmp_path_factory.mktemp("studio-e2e")
-    settings = Settings(home=home)
-    settings.ensure_home()
-    (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(
-        tiny_home.models_dir / "checkpoints" / "tiny-sd15", target_is_directory=True)
-    store = JobStore(f"sqlite:///{home / 'jobs.db'}")
-    worker = Worker(store, settings, engine=Engine(settings, device="cpu"), lease_s=10)
-    wthread = threading.Thread(target=worker.run_forever, kwargs={"poll_s": 0.05}, daemon=True)
-    wthread.start()
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings, store), host="127.0.0.1", port=port, log_level="warning"))
-    sthread = threading.Thread(target=srv.run, daemon=True)
-    sthread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store, home
-    srv.should_exit = True
-    worker.stopping.set()
-    sthread.join(10)
-    wthread.join(10)
+    from fixtures.live import live_server
+    with live_server(tiny_home, tmp_path_factory.mktemp("studio-e2e")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

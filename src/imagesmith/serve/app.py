@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     app = FastAPI(title="imagesmith", version=__version__,
                   description="Native job API (/v1) and A1111-compatible API (/sdapi/v1) on one durable queue.")
     app.state.settings, app.state.store = settings, store
-    options: dict[str, Any] = {"sd_model_checkpoint": None}
+    options: dict[str, Any] = {"sd_model_checkpoint": _default_checkpoint_name(settings)}
 
     def caller(request: Request) -> dict:
         header = request.headers.get("authorization", "")
@@ -134,6 +134,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     def user_of(request: Request) -> str:
         return caller(request)["name"]
+
+    from .a1111_lists import a1111_lists_router
+    app.include_router(a1111_lists_router(settings, lambda request: caller(request)))
 
     def scope_of(request: Request) -> str | None:
         """Whose jobs a request may see: its user's, or everyone's for an admin."""
@@ -476,9 +479,27 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             req["batch_count"] = body["n_iter"]
         if "subseed" in body and body.get("subseed_strength"):
             req["variation_seed"], req["variation_strength"] = body["subseed"], body["subseed_strength"]
-        model = (body.get("override_settings") or {}).get("sd_model_checkpoint") or options["sd_model_checkpoint"]
+        overrides = body.get("override_settings") or {}
+        if not isinstance(overrides, dict):
+            raise BadRequest("override_settings must be an object")
+        model = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
         if model:
             req["model"] = model
+        # per-request A1111 settings that decide the picture (A1111 applies them to this request only)
+        if "eta_noise_seed_delta" in overrides:
+            req["eta_noise_seed_delta"] = overrides["eta_noise_seed_delta"]
+        if "randn_source" in overrides:
+            source = str(overrides["randn_source"]).upper()
+            if source not in ("CPU", "GPU"):
+                raise BadRequest(f"randn_source {overrides['randn_source']!r}: imagesmith draws A1111's CPU or GPU "
+                                 f"noise (NV is not emulated)")
+            req["noise"] = "a1111-cpu" if source == "CPU" else "a1111-gpu"
+        if "CLIP_stop_at_last_layers" in overrides:
+            req["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
+        if overrides.get("sd_vae") not in (None, "Automatic", "None"):
+            req["vae"] = overrides["sd_vae"]
+        if body.get("restore_faces"):  # A1111's face restoration -> imagesmith's face detailer
+            req["detailer"] = {"kind": "face"}
         if body.get("enable_hr"):
             req["hires"] = {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_second_pass_steps") if k in body}
             req["hires"]["hr_denoising_strength"] = body.get("denoising_strength", 0.7)
@@ -615,6 +636,15 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return {"interrupted": len(running)}
 
     return app
+
+
+def _default_checkpoint_name(settings: Settings) -> str | None:
+    """The checkpoint a job without a model runs on, as A1111's options name it from the start."""
+    try:
+        from ..models.house import make_registry
+        return make_registry(settings).default_checkpoint().name
+    except Exception:  # no checkpoint yet: the engine builds the house placeholder on first need
+        return None
 
 
 async def json_object(request: Request) -> dict:

@@ -1,0 +1,94 @@
+"""The most used A1111 client, `webuiapi` (0.9.17 from PyPI), against a live `imagesmith serve`: the calls it
+makes with its own defaults (sampler 'Euler a', schedule 'Automatic'), and the listings it reads at connect
+time. First slice of the real-client suite (issue 'The A1111 API that real clients use')."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+webuiapi = pytest.importorskip("webuiapi")
+
+
+@pytest.fixture(scope="module")
+def api(tiny_home, tmp_path_factory):
+    from fixtures.live import live_server
+    with live_server(tiny_home, tmp_path_factory.mktemp("webuiapi")) as (url, _, _home):
+        host, port = url.rsplit(":", 1)
+        client = webuiapi.WebUIApi(host=host.removeprefix("http://"), port=int(port), sampler="Euler a", steps=3)
+        # options name the real default checkpoint from the start (was: null), and the client can switch it
+        assert client.util_get_current_model() == "house-ldm"
+        client.util_set_model("tiny-sd15")
+        yield client
+
+
+def test_txt2img_with_the_clients_defaults(api):
+    """The client sends scheduler 'Automatic' and sampler 'Euler a' (both were refused before)."""
+    r = api.txt2img(prompt="a red apple", seed=11, width=64, height=64, batch_size=2, n_iter=1, cfg_scale=5)
+    assert len(r.images) == 2 and all(im.size == (64, 64) for im in r.images)
+    assert r.info["all_seeds"] == [11, 12]
+    assert "Sampler: Euler a, Schedule type: Normal" in r.info["infotexts"][0]  # Automatic = Euler a's own
+    assert "Model: tiny-sd15" in r.info["infotexts"][0]
+    again = api.txt2img(prompt="a red apple", seed=11, width=64, height=64, cfg_scale=5)
+    # image 0 of the batch alone: the same noise; batched kernels may round one level apart
+    assert np.abs(np.asarray(again.image, np.int16) - np.asarray(r.images[0], np.int16)).max() <= 2
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("DPM++ 2M", "Karras"), ("Euler a", "Karras"),
+                                               ("DPM++ SDE", "Automatic"), ("DPM++ 2M Karras", "Automatic"),
+                                               ("UniPC", "SGM Uniform"), ("LMS", "Align Your Steps")])
+def test_any_sampler_with_any_schedule_type(api, sampler, scheduler):
+    r = api.txt2img(prompt="a pear", seed=3, width=64, height=64, sampler_name=sampler, scheduler=scheduler)
+    assert r.image.size == (64, 64)
+
+
+def test_img2img_and_inpainting(api):
+    init = Image.fromarray((np.indices((64, 64)).sum(0) % 255).astype(np.uint8)).convert("RGB")
+    r = api.img2img(images=[init], prompt="a pear", seed=5, width=64, height=64, denoising_strength=0.5)
+    assert r.image.size == (64, 64)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    r = api.img2img(images=[init], mask_image=mask, prompt="a pear", seed=5, width=64, height=64,
+                    denoising_strength=0.8, mask_blur=0)
+    out = np.asarray(r.image.convert("RGB"), np.int16)
+    assert np.array_equal(out[:8, :8], np.asarray(init, np.int16)[:8, :8])  # outside the mask: the input
+
+
+def test_png_info_reads_the_infotext_back(api):
+    r = api.txt2img(prompt="a lemon", seed=21, width=64, height=64)
+    info = api.png_info(r.image)
+    assert "Seed: 21" in info.info and "a lemon" in info.info
+
+
+def test_the_listings_the_client_reads(api):
+    assert "Euler a" in api.util_get_sampler_names() and "DPM++ 2M SDE" in api.util_get_sampler_names()
+    schedulers = api.get_schedulers()
+    assert [s["label"] for s in schedulers][:2] == ["Automatic", "Normal"]
+    assert {"Karras", "SGM Uniform", "Align Your Steps", "KL Optimal", "Beta", "Polyexponential"} <= \
+        {s["label"] for s in schedulers}
+    assert api.util_get_current_model() == "tiny-sd15"
+    assert "tiny-sd15" in api.util_get_model_names()
+    # the client returns whatever JSON comes back, a 404's {"detail": "Not Found"} included: check the shapes
+    assert isinstance(api.get_cmd_flags()["api"], bool)
+    assert set(api.get_embeddings()) == {"loaded", "skipped"}
+    assert api.get_hypernetworks() == [] and api.get_prompt_styles() == []
+    assert isinstance(api.get_face_restorers(), list) and isinstance(api.get_sd_vae(), list)
+    assert {m["name"] for m in api.get_realesrgan_models()} == {"R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"}
+    assert api.get_memory()["ram"]["total"] > 0
+    assert {u["name"] for u in api.get_upscalers()} >= {"None", "Lanczos", "R-ESRGAN 4x+"}
+    assert api.refresh_checkpoints() is None  # A1111 answers null
+
+
+def test_override_settings_that_decide_the_picture(api):
+    plain = api.txt2img(prompt="a plum", seed=9, width=64, height=64, sampler_name="Euler a")
+    ensd = api.txt2img(prompt="a plum", seed=9, width=64, height=64, sampler_name="Euler a",
+                       override_settings={"eta_noise_seed_delta": 31337})
+    assert "ENSD: 31337" in ensd.info["infotexts"][0]
+    assert np.abs(np.asarray(plain.image, np.int16) - np.asarray(ensd.image, np.int16)).mean() > 0.5
+    skip = api.txt2img(prompt="a plum", seed=9, width=64, height=64, override_settings={"CLIP_stop_at_last_layers": 2})
+    assert "Clip skip: 2" in skip.info["infotexts"][0]
+    with pytest.raises(RuntimeError, match="NV is not emulated"):
+        api.txt2img(prompt="a plum", seed=9, width=64, height=64, override_settings={"randn_source": "NV"})
