@@ -61,6 +61,26 @@ def test_tokens_are_hashed_and_auth_isolates_users(home, capsys, monkeypatch):
     assert client.post(f"/v1/jobs/{job}/cancel", headers={"Authorization": f"Bearer {bob}"}).status_code == 404
 
 
+def test_http_basic_auth_as_a1111_api_auth_clients_send_it(home):
+    """A1111's --api-auth clients (webuiapi's set_auth, Open WebUI's AUTOMATIC1111_API_AUTH) speak HTTP Basic
+    only: the user's name with a token as the password works wherever a Bearer token does."""
+    import base64
+    store = JobStore(f"sqlite:///{home.home / 'jobs-basic.db'}")
+    store.add_user("ann")
+    ann = store.create_token("ann")
+    store.add_user("bob")
+    client = TestClient(create_app(home, store, require_auth=True))
+
+    def basic(user, password):
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    assert client.get("/sdapi/v1/samplers", headers=basic("ann", ann)).status_code == 200
+    assert client.get("/v1/jobs", headers=basic("ann", ann)).json()["total"] == 0
+    assert client.get("/sdapi/v1/samplers", headers=basic("bob", ann)).status_code == 401  # not bob's token
+    assert client.get("/sdapi/v1/samplers", headers=basic("ann", "ism_wrong")).status_code == 401
+    assert client.get("/sdapi/v1/samplers", headers={"Authorization": "Basic !!!"}).status_code == 401
+    assert client.get("/sdapi/v1/samplers").status_code == 401
+
+
 def test_rate_limit(home):
     store = JobStore(f"sqlite:///{home.home / 'jobs.db'}")
     client = TestClient(create_app(home, store, rate_per_minute=3))

@@ -29,7 +29,9 @@ def test_txt2img_with_the_clients_defaults(api):
     """The client sends scheduler 'Automatic' and sampler 'Euler a' (both were refused before)."""
     r = api.txt2img(prompt="a red apple", seed=11, width=64, height=64, batch_size=2, n_iter=1, cfg_scale=5)
     assert len(r.images) == 2 and all(im.size == (64, 64) for im in r.images)
-    assert r.info["all_seeds"] == [11, 12]
+    assert r.info["all_seeds"] == [11, 12] and r.info["seed"] == 11 and r.info["all_subseeds"] == [-1, -1]
+    assert (r.info["width"], r.info["height"], r.info["steps"], r.info["cfg_scale"]) == (64, 64, 3, 5)
+    assert r.info["all_prompts"] == ["a red apple"] * 2 and r.info["index_of_first_image"] == 0
     assert "Sampler: Euler a, Schedule type: Normal" in r.info["infotexts"][0]  # Automatic = Euler a's own
     assert "Model: tiny-sd15" in r.info["infotexts"][0]
     again = api.txt2img(prompt="a red apple", seed=11, width=64, height=64, cfg_scale=5)

@@ -126,8 +126,11 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             who = store.user_for_token(header[7:].strip())
             if who is None:
                 raise Unauthorized("invalid or revoked token")
+        elif header.lower().startswith("basic "):  # A1111's --api-auth: the user's name, a token as the password
+            who = _basic_auth_user(store, header[6:].strip())
         elif require_auth:
-            raise Unauthorized("this server needs 'Authorization: Bearer <token>' (imagesmith tokens create USER)")
+            raise Unauthorized("this server needs 'Authorization: Bearer <token>' or HTTP Basic with a token as the "
+                               "password (imagesmith tokens create USER)")
         who = who or {"name": "local", "role": "admin"}
         limiter.take(who["name"])
         return who
@@ -508,8 +511,29 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     def a1111_response(job: dict, body: dict) -> dict:
         files = (job.get("result") or {}).get("files", [])
         images = [base64.b64encode(Path(f["path"]).read_bytes()).decode() for f in files]
-        info = {"seed": files[0]["seed"] if files else None, "all_seeds": [f.get("seed") for f in files],
-                "infotexts": [f.get("infotext") for f in files], "job_id": job["id"]}
+        seeds = [f.get("seed") for f in files]
+        req = job.get("request") or {}
+        n = len(files)
+        subseed = req.get("variation_seed") if req.get("variation_strength") else -1
+        width, height = req.get("width"), req.get("height")
+        if files and (width is None or height is None):  # the model's native size: read it off the file
+            from PIL import Image
+            with Image.open(files[0]["path"]) as im:
+                width, height = im.size
+        # A1111's info JSON (processing.Processed.js()): what clients read the seeds and infotexts from
+        info = {"prompt": body.get("prompt", ""), "all_prompts": [body.get("prompt", "")] * n,
+                "negative_prompt": body.get("negative_prompt", ""),
+                "all_negative_prompts": [body.get("negative_prompt", "")] * n,
+                "seed": seeds[0] if seeds else None, "all_seeds": seeds,
+                "subseed": subseed, "all_subseeds": [subseed] * n,
+                "subseed_strength": req.get("variation_strength", 0.0),
+                "width": width, "height": height, "sampler_name": req.get("sampler_name"),
+                "scheduler": req.get("scheduler"), "cfg_scale": req.get("cfg_scale"), "steps": req.get("steps"),
+                "batch_size": req.get("batch_size", 1), "clip_skip": req.get("clip_skip", 1),
+                "denoising_strength": req.get("denoising_strength") if req.get("init_image") else None,
+                "restore_faces": bool(req.get("detailer")), "styles": body.get("styles") or [],
+                "index_of_first_image": 0, "infotexts": [f.get("infotext") for f in files], "job_id": job["id"],
+                "version": f"imagesmith {__version__}"}
         return {"images": images, "parameters": body, "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
@@ -636,6 +660,19 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return {"interrupted": len(running)}
 
     return app
+
+
+def _basic_auth_user(store: JobStore, credentials: str) -> dict:
+    """HTTP Basic as A1111's ``--api-auth`` clients send it: ``user:token``; the token decides, and its user must
+    be the name given."""
+    try:
+        name, _, token = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise Unauthorized("malformed Basic credentials") from None
+    who = store.user_for_token(token.strip())
+    if who is None or (name and name != who["name"]):
+        raise Unauthorized("invalid Basic credentials: give your user name and an imagesmith token as the password")
+    return who
 
 
 def _default_checkpoint_name(settings: Settings) -> str | None:
