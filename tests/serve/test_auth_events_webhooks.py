@@ -107,7 +107,8 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
-def test_events_stream_and_signed_retried_webhook(home):
+def test_events_stream_and_signed_retried_webhook(home, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_WEBHOOK_ALLOW", "127.0.0.1")  # the test's receiver is on loopback
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     store = JobStore(f"sqlite:///{home.home / 'jobs.db'}")
@@ -135,3 +136,52 @@ def test_events_stream_and_signed_retried_webhook(home):
     assert payload["job_id"] == job and payload["status"] == "succeeded" and payload["files"]
     expected = "sha256=" + hmac.new(webhook_secret(home.home).encode(), body, hashlib.sha256).hexdigest()
     assert headers["X-Imagesmith-Signature"] == expected
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:5432/", "http://127.1.2.3/", "http://10.0.0.1/", "http://172.16.5.4/", "http://192.168.1.1/",
+    "http://169.254.169.254/latest/meta-data/", "http://100.64.0.1/", "http://0.0.0.0/", "http://224.0.0.1/",
+    "http://240.0.0.1/", "http://[::1]/", "http://[::]/", "http://[fe80::1]/", "http://[fc00::1]/",
+    "http://[ff02::1]/", "http://[::ffff:127.0.0.1]/", "http://[::ffff:10.0.0.1]/", "http://localhost:8188/hook",
+])
+def test_webhooks_to_non_public_addresses_are_refused_at_submit(home, target):
+    """Loopback, private, link-local (cloud metadata), CGNAT, unspecified, multicast, reserved, IPv6 forms and
+    IPv4-mapped IPv6, and a DNS name that resolves to 127.0.0.1: a 422 at submit, nothing queued."""
+    store = JobStore(f"sqlite:///{home.home / 'jobs-ssrf.db'}")
+    client = TestClient(create_app(home, store))
+    r = client.post("/v1/jobs", json={"type": "generate", "request": GEN, "callback_url": target})
+    assert r.status_code == 422 and "non-public address" in r.json()["error"]["message"]
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_the_allow_list_and_no_redirects(home, monkeypatch):
+    from imagesmith.core.errors import BadRequest
+    from imagesmith.serve.webhooks import allowed_networks, deliver, resolve_target
+    assert resolve_target("http://8.8.8.8/x", allow=[])[3] == "8.8.8.8"  # a public address needs no lookup
+    assert resolve_target("http://10.1.2.3/", allow=allowed_networks("10.0.0.0/8"))[3] == "10.1.2.3"
+    with pytest.raises(BadRequest, match="not an address"):
+        allowed_networks("intranet")
+
+    class Redirect(BaseHTTPRequestHandler):
+        hits: list = []
+
+        def do_POST(self):
+            Redirect.hits.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("IMAGESMITH_WEBHOOK_ALLOW", "127.0.0.1")
+    try:
+        assert deliver(f"http://127.0.0.1:{server.server_port}/hook", {"status": "succeeded"}, "s", backoff=0) is False
+    finally:
+        server.shutdown()
+    assert Redirect.hits == ["/hook"]  # one POST; the redirect was not followed, nor retried
+    monkeypatch.delenv("IMAGESMITH_WEBHOOK_ALLOW")
+    # at delivery the name is checked again: a target that is no longer allowed is dropped, not retried
+    assert deliver("http://127.0.0.1:9/hook", {"status": "failed"}, "s", attempts=3, backoff=0) is False

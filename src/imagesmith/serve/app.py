@@ -283,8 +283,11 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     def checked(job_type: str, request: dict, who: dict, callback_url: str | None) -> tuple[dict, str | None]:
         """(normalised request, model) of a job ``who`` may submit: valid, its uploads theirs, its prompt allowed."""
-        if callback_url is not None and not re.match(r"^https?://[^\s]+$", callback_url):
-            raise BadRequest("callback_url must be an http(s) URL")
+        if callback_url is not None:
+            if not re.match(r"^https?://[^\s]+$", callback_url):
+                raise BadRequest("callback_url must be an http(s) URL")
+            from .webhooks import resolve_target
+            resolve_target(callback_url)  # a loopback/private/link-local target is refused here, at submit
         normalised, model = validate_request(job_type, resolve_inputs(job_type, request, who), settings)
         if safety:
             text = " ".join(str(x) for x in (normalised.get("prompt"), (normalised.get("base") or {}).get("prompt"),
