@@ -94,3 +94,40 @@ def test_override_settings_that_decide_the_picture(api):
     assert "Clip skip: 2" in skip.info["infotexts"][0]
     with pytest.raises(RuntimeError, match="NV is not emulated"):
         api.txt2img(prompt="a plum", seed=9, width=64, height=64, override_settings={"randn_source": "NV"})
+
+
+def _edges_image() -> Image.Image:
+    im = Image.new("RGB", (64, 64), "black")
+    im.paste((255, 255, 255), (16, 16, 48, 48))
+    return im
+
+
+def test_the_controlnet_extension_api(api):
+    """The sd-webui-controlnet routes and units as webuiapi sends them (alwayson_scripts.ControlNet.args)."""
+    assert api.controlnet_version() == 2
+    assert api.controlnet_model_list() == ["tiny-controlnet"]
+    assert api.controlnet_module_list() == ["none", "canny"]
+    detected = api.controlnet_detect([_edges_image()], module="canny", threshold_a=100, threshold_b=200)
+    edges = np.asarray(detected.images[0].convert("L"))
+    assert edges.max() == 255 and edges[32, 32] == 0 and edges[16, 16:48].max() == 255  # the square's outline
+    unit = webuiapi.ControlNetUnit(image=_edges_image(), module="canny", model="tiny-controlnet [a1b2c3d4]",
+                                   weight=0.8, threshold_a=100, threshold_b=200)
+    plain = api.txt2img(prompt="a box", seed=4, width=64, height=64)
+    guided = api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=[unit])
+    assert 'ControlNet: "tiny-controlnet (canny, 0.8)"' in guided.info["infotexts"][0]  # A1111 quotes values with commas
+    assert np.abs(np.asarray(plain.image, np.int16) - np.asarray(guided.image, np.int16)).mean() > 0.5
+    init = _edges_image()
+    r = api.img2img(images=[init], prompt="a box", seed=4, width=64, height=64, denoising_strength=0.6,
+                    controlnet_units=[unit])
+    assert 'ControlNet: "tiny-controlnet' in r.info["infotexts"][0]
+
+
+@pytest.mark.parametrize("units,needle", [
+    ([dict(module="depth_midas")], "not available in imagesmith; available: none, canny"),
+    ([{}, {}], "one ControlNet unit per request"),
+])
+def test_controlnet_units_imagesmith_cannot_run_are_a_422(api, units, needle):
+    made = [webuiapi.ControlNetUnit(image=_edges_image(), model="tiny-controlnet", **u) for u in units]
+    with pytest.raises(RuntimeError) as err:
+        api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=made)
+    assert err.value.args[0] == 422 and needle in err.value.args[1]

@@ -138,8 +138,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     def user_of(request: Request) -> str:
         return caller(request)["name"]
 
+    from .a1111_controlnet import controlnet_router, controlnet_unit
     from .a1111_lists import a1111_lists_router
     app.include_router(a1111_lists_router(settings, lambda request: caller(request)))
+    app.include_router(controlnet_router(settings, lambda request: caller(request), lambda r: json_object(r)))
 
     def scope_of(request: Request) -> str | None:
         """Whose jobs a request may see: its user's, or everyone's for an admin."""
@@ -477,7 +479,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             return JSONResponse({"error": "job " + job["status"], "detail": job["error"]}, status_code=422)
         return job
 
-    def a1111_request(body: dict) -> dict:
+    def a1111_request(body: dict, who: dict) -> dict:
         req = {k: v for k, v in body.items() if k in ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name",
                                                      "scheduler", "seed", "batch_size", "width", "height",
                                                      "denoising_strength", "clip_skip")}
@@ -504,6 +506,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             req["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
         if overrides.get("sd_vae") not in (None, "Automatic", "None"):
             req["vae"] = overrides["sd_vae"]
+        unit = controlnet_unit(body, lambda data: store_upload(data, who)["id"])
+        if unit is not None:
+            req["controlnet"] = unit
         if body.get("restore_faces"):  # A1111's face restoration -> imagesmith's face detailer
             req["detailer"] = {"kind": "face"}
         if body.get("enable_hr"):
@@ -542,7 +547,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
         body = await json_object(request)
-        job = await run_sync("generate", a1111_request(body), caller(request))
+        who = caller(request)
+        job = await run_sync("generate", a1111_request(body, who), who)
         return job if isinstance(job, JSONResponse) else a1111_response(job, body)
 
     @app.post("/sdapi/v1/img2img")
@@ -552,7 +558,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         if not inits:
             raise BadRequest("init_images: give one base64 image")
         who = caller(request)
-        req = a1111_request(body)
+        req = a1111_request(body, who)
         req["init_image"] = store_upload(_b64(inits[0]), who)["id"]
         job_type = "img2img"
         if body.get("mask"):

@@ -1,0 +1,121 @@
+"""The ControlNet extension's API (sd-webui-controlnet), which most ControlNet-using A1111 clients go through:
+`/controlnet/version`, `model_list`, `module_list`, `detect`, and its units in `alwayson_scripts` of txt2img and
+img2img, mapped onto the engine's ControlNet (one unit; the preprocessors imagesmith runs: canny and none).
+A module imagesmith cannot run is a 422 naming what it can, never a silent skip."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from typing import Callable
+
+from fastapi import APIRouter, Request
+
+from ..core.errors import BadRequest
+from ..core.settings import Settings
+
+MODULES = {"none": "none", "canny": "canny"}  # A1111 module name -> imagesmith preprocessor
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"
+
+
+def controlnet_router(settings: Settings, caller: Callable[[Request], dict], read_json) -> APIRouter:
+    router = APIRouter(prefix="/controlnet", tags=["a1111"])
+
+    @router.get("/version")
+    def version(request: Request):
+        caller(request)
+        return {"version": 2}
+
+    @router.get("/model_list")
+    def model_list(request: Request):
+        caller(request)
+        from ..models.house import make_registry
+        return {"model_list": [e.name for e in make_registry(settings).list("controlnet")]}
+
+    @router.get("/module_list")
+    def module_list(request: Request):
+        caller(request)
+        return {"module_list": list(MODULES), "module_detail": {
+            "none": {"model_free": False, "sliders": []},
+            "canny": {"model_free": False, "sliders": [
+                {"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
+                {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}}
+
+    @router.post("/detect")
+    async def detect(request: Request):
+        """The preprocessor alone, as the extension's Preview: images in, detected maps out (base64 PNG)."""
+        caller(request)
+        body = await read_json(request)
+        module = _module(body.get("controlnet_module", "none"))
+        images = body.get("controlnet_input_images") or body.get("controlnet_images") or []
+        if not isinstance(images, list) or not images:
+            raise BadRequest("controlnet_input_images: give one or more base64 images")
+        from ..core.imageio import load_image
+        from ..core.requests import ControlNetSpec
+        from ..engine.controlnet import preprocess
+        low, high = _thresholds(body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b"))
+        spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high)
+        out = []
+        for data in images:
+            image = load_image(_b64(data), settings=settings, mode="RGB", what="controlnet input image")
+            buf = io.BytesIO()
+            preprocess(image, spec).save(buf, format="PNG")
+            out.append(base64.b64encode(buf.getvalue()).decode())
+        return {"images": out, "info": "Success"}
+
+    return router
+
+
+def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:
+    """The engine's `controlnet` request field from A1111's `alwayson_scripts` (ControlNet units), or None."""
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise BadRequest("alwayson_scripts must be an object")
+    entry = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    if entry is None:
+        return None
+    args = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
+        raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
+    units = [a for a in args if a.get("enabled", True) and (a.get("model") not in (None, "", "None"))]
+    if not units:
+        return None
+    if len(units) > 1:
+        raise BadRequest(f"imagesmith runs one ControlNet unit per request; {len(units)} are enabled")
+    unit = units[0]
+    image = unit.get("image") or unit.get("input_image")
+    if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+        image = image.get("image")
+    if not isinstance(image, str) or not image:
+        raise BadRequest("the ControlNet unit needs an image (base64)")
+    low, high = _thresholds(unit.get("threshold_a"), unit.get("threshold_b"))
+    return {"model": _HASH_SUFFIX.sub("", str(unit["model"])), "image": upload(_b64(image)),
+            "preprocessor": _module(unit.get("module", "none")), "weight": unit.get("weight", 1.0),
+            "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
+            "canny_low": low, "canny_high": high}
+
+
+def _module(name) -> str:
+    key = str(name).strip().lower()
+    if key not in MODULES:
+        raise BadRequest(f"ControlNet module {name!r} is not available in imagesmith; available: "
+                         f"{', '.join(MODULES)}")
+    return MODULES[key]
+
+
+def _thresholds(a, b) -> tuple[int, int]:
+    """The canny thresholds from the extension's threshold_a/b; its 'unset' value (-1 or 64 from clients that
+    send a default) keeps A1111's canny defaults where it is out of range."""
+    def clean(v, default):
+        try:
+            v = int(v)
+        except (TypeError, ValueError):
+            return default
+        return v if 1 <= v <= 255 else default
+    return clean(a, 100), clean(b, 200)
+
+
+def _b64(data) -> bytes:
+    from .app import _b64 as decode
+    return decode(data)
