@@ -7,6 +7,7 @@ per-step callback (progress, cancel) -> optional hires fix -> result with infote
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -650,13 +651,13 @@ class Engine:
 
     def _vae_encode_tensor(self, vae, pixels: torch.Tensor) -> torch.Tensor:
         """The latent of images in [-1, 1]: the posterior's mode (ComfyUI's; no random draw), scaled."""
-        with torch.inference_mode():
+        with torch.inference_mode(), _vae_precision(vae):
             dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             return (dist.mode().float().cpu() - shift) * vae.config.scaling_factor
 
     def _vae_decode(self, vae, latents: torch.Tensor) -> list[Image.Image]:
-        with torch.inference_mode():
+        with torch.inference_mode(), _vae_precision(vae):
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
         pixels = (pixels.float().cpu() / 2 + 0.5).clamp(0, 1)
@@ -706,6 +707,21 @@ def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
         else:
             out[key] = first
     return out
+
+
+@contextlib.contextmanager
+def _vae_precision(vae):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): run it in fp32 for the call, then back, as
+    diffusers' pipelines do. The caller holds the model's lock; a VAE override shared by two models' concurrent
+    jobs would see the fp32 weights for that call, which changes nothing but memory."""
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(dtype=torch.float32)
+        try:
+            yield
+        finally:
+            vae.to(dtype=torch.float16)
+    else:
+        yield
 
 
 def _keep_latents(rows, latents: torch.Tensor) -> None:

@@ -222,3 +222,17 @@ def test_samplers_command_lists_every_sampler_and_schedule(capsys):
     assert names["dpmpp_2m"]["label"] == "DPM++ 2M" and names["dpmpp_2m"]["automatic_schedule"] == "karras"
     assert names["plms"]["flow_models"] is False and names["euler"]["flow_models"] is True
     assert [s["name"] for s in data["schedules"]][:2] == ["automatic", "normal"] and len(data["schedules"]) == 13
+
+
+def test_an_fp16_vae_that_asks_for_upcasting_runs_in_fp32_and_goes_back(engine):
+    """SDXL's VAE overflows in fp16 (force_upcast in its config): decode and encode run in fp32, and the shared
+    module is fp16 again afterwards."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, force_upcast=True).to(torch.float16)
+    seen = []
+    vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    images = engine._vae_decode(vae, torch.randn(1, 4, 8, 8))
+    assert seen == [torch.float32] and vae.dtype == torch.float16 and images[0].size == (8, 8)
+    latent = engine._vae_encode(vae, images)
+    assert latent.dtype == torch.float32 and torch.isfinite(latent).all() and vae.dtype == torch.float16
