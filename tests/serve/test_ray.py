@@ -43,8 +43,12 @@ def test_ray_actors_run_jobs_with_model_affinity(tiny_models, tmp_path):
         loaded = {m: st["id"] for st in statuses for m in st["loaded_models"]}
         assert set(loaded) == {"tiny-sd15", "tiny-sdxl"} and all(st["alive"] for st in statuses)
         assert loaded["tiny-sd15"] != loaded["tiny-sdxl"]  # the two actors shared the work
+        # submitted while the queue is paused: otherwise an idle actor can claim the first job before its own
+        # model's job exists (a race this test once lost in a fresh clone), and affinity has nothing to choose
+        store.set_paused(True, reason="test: submit the whole batch first")
         more = {k: {m: store.submit("generate", dict(base, model=m, seed=k), model=m)[0]["id"]
                     for m in ("tiny-sd15", "tiny-sdxl")} for k in range(2, 5)}
+        store.set_paused(False)
         done = wait([i for row in more.values() for i in row.values()])
         assert all(j["status"] == "succeeded" for j in done)
         for model, job_id in more[2].items():  # both idle: each claims the job of the model it holds first
