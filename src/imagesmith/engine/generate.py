@@ -482,7 +482,7 @@ class Engine:
             init = job.init_image.resize((job.width, job.height), Image.LANCZOS) \
                 if job.init_image.size != (job.width, job.height) else job.init_image
             n = sum(k for _, _, k in rows)
-            init_latent = self._vae_encode(vae, [init] * n)
+            init_latent = self._vae_encode(vae, [init]).repeat(n, 1, 1, 1)  # one encode, every image of the batch
             if mode == "inpaint":
                 m = job.mask.resize(init.size, Image.NEAREST) if job.mask.size != init.size else job.mask
                 blurred = m.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else m
@@ -575,12 +575,12 @@ class Engine:
     def _model_sampling(self, pipe, job: _Job, width: int, height: int):
         config = dict(pipe.scheduler.config)
         if job.arch == "flux":  # FLUX shifts time by e^mu, mu growing with the image's token count (diffusers')
+            if not config.get("use_dynamic_shifting"):
+                return FlowModelSampling(shift=float(config.get("shift", 1.0)), multiplier=1.0, timesteps=10000)
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
             tokens = (height // 16) * (width // 16)
             mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                                  config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-            if not config.get("use_dynamic_shifting"):
-                return FlowModelSampling(shift=float(config.get("shift", 1.0)), multiplier=1.0, timesteps=10000)
             return FlowModelSampling(mu=float(mu), multiplier=1.0, timesteps=10000)
         return from_scheduler_config(config, arch=job.arch)
 

@@ -25,21 +25,19 @@ NoiseMode = Literal["comfy", "a1111-cpu", "a1111-gpu"]
 NOISE_MODES = ("comfy", "a1111-cpu", "a1111-gpu")
 
 
+_FUNCTIONS = {**_SINGLE, **_MULTI}
+# ComfyUI's and (with eta 0) A1111's DDIM is Euler on the DDIM timesteps; its CFG++ form likewise
+_FUNCTIONS.update(ddim=_FUNCTIONS["euler"], ddim_cfg_pp=_FUNCTIONS["euler_cfg_pp"])
+
+
 def sampler_function(name: str):
-    fns = {**_SINGLE, **_MULTI}
-    if name == "ddim":
-        return fns["euler"]  # ComfyUI's and (with eta 0) A1111's DDIM is Euler on the DDIM timesteps
-    if name == "ddim_cfg_pp":
-        return fns["euler_cfg_pp"]
-    if name not in fns:
+    if name not in _FUNCTIONS:
         raise BadRequest(f"sampler {name!r} is not implemented")
-    return fns[name]
+    return _FUNCTIONS[name]
 
 
 def available_samplers() -> list[str]:
-    fns = {**_SINGLE, **_MULTI}
-    return [s.name for s in SAMPLERS_BY_NAME.values() if s.name in fns or s.name in ("ddim", "ddim_cfg_pp")
-            and "euler" in fns]
+    return [s.name for s in SAMPLERS_BY_NAME.values() if s.name in _FUNCTIONS]
 
 
 # ------------------------------------------------------------------------------------------------ sigmas
@@ -179,8 +177,7 @@ def sample(denoiser: Denoiser, ms: ModelSampling, sampler: str, sigmas: torch.Te
             noise_sampler = a1111_noise_sampler(x, seeds, eta_noise_seed_delta)
         elif spec.noise == "brownian":
             positive = sigmas[sigmas > 0]
-            noise_sampler = brownian_noise_sampler(x, positive.min(), sigmas.max(), [_seed64(s) for s in seeds],
-                                                   transform=_brownian_transform(sampler, ms))
+            noise_sampler = brownian_noise_sampler(x, positive.min(), sigmas.max(), [_seed64(s) for s in seeds])
     model = _Inpaint(denoiser, ms, latent, noise, denoise_mask) if denoise_mask is not None else denoiser
     ctx = SamplerContext(model_sampling=ms, seed=seed, callback=callback, noise_sampler=noise_sampler,
                          options=dict(options or {}))
@@ -190,7 +187,3 @@ def sample(denoiser: Denoiser, ms: ModelSampling, sampler: str, sigmas: torch.Te
         last = torch.tensor(0.001)  # ComfyUI's UniPC ends on 0.001 (it edits the sigma list), and scales by it
     return ms.inverse_noise_scaling(last, out)
 
-
-def _brownian_transform(sampler: str, ms: ModelSampling):
-    """The time variable of each SDE sampler's Brownian tree, as its own default noise sampler uses it."""
-    return lambda s: s
