@@ -75,6 +75,10 @@ class GenerateRequest(BaseModel):
                               + "; A1111's combined names ('DPM++ 2M Karras') carry their schedule")
     scheduler: str = Field("automatic", description="schedule type, A1111 or ComfyUI name: " + ", ".join(SCHEDULES)
                            + "; automatic = the sampler's own default, as in A1111")
+    performance: Literal["quality", "fast", "turbo"] | None = Field(
+        None, description="quality (lossless), fast (+ fp8 on Ada/Hopper GPUs), turbo (+ step caching); None: the "
+        "server's default (IMAGESMITH_PERFORMANCE). A mode the device cannot run falls back to the nearest that "
+        "works, and the infotext says so")
     noise: Literal["a1111-cpu", "a1111-gpu", "comfy"] = Field(
         "a1111-cpu", description="how the noise is drawn, to reproduce another tool's images: a1111-cpu (image i "
         "from seed + i on the CPU, A1111's 'CPU' RNG source), a1111-gpu (the same on the CUDA device), comfy (one "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -15,6 +16,19 @@ def _env_paths(value: str | None) -> list[Path]:
     if not value:
         return []
     return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'1024x1024,832x1216' -> [(1024, 1024), (832, 1216)]; a malformed entry is a ValueError naming it."""
+    sizes = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        w, sep, h = part.lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit() or int(w) < 64 or int(h) < 64:
+            raise ValueError(f"resolution bucket {part!r} is not WIDTHxHEIGHT (each at least 64)")
+        sizes.append((int(w), int(h)))
+    return sizes
 
 
 class Settings(BaseModel):
@@ -30,6 +44,19 @@ class Settings(BaseModel):
     vram_budget_bytes: int | None = Field(None, description="IMAGESMITH_VRAM_BUDGET_GB: loaded-model VRAM budget")
     cpu_offload: bool = Field(False, description="IMAGESMITH_CPU_OFFLOAD=1: model CPU offload on GPU")
     vae_tiling: bool = Field(False, description="IMAGESMITH_VAE_TILING=1: decode in tiles")
+    performance: Literal["quality", "fast", "turbo"] = Field(
+        "quality", description="IMAGESMITH_PERFORMANCE: the default performance mode of requests that name none "
+        "(quality: lossless; fast: + fp8 on Ada/Hopper; turbo: + step caching)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="IMAGESMITH_COMPILE: regional torch.compile (auto: on CUDA with Triton, off on CPU)")
+    cuda_graphs: bool = Field(False, description="IMAGESMITH_CUDA_GRAPHS=1: compile with CUDA graphs "
+                              "(reduce-overhead); more memory, fewer kernel launches")
+    lora_max_rank: int | None = Field(None, ge=1, description="IMAGESMITH_LORA_MAX_RANK: hot-swap LoRAs into "
+                                      "fixed slots padded to this rank, so a compiled model never recompiles "
+                                      "when LoRAs or their weights change")
+    warmup_sizes: list[tuple[int, int]] = Field(
+        default_factory=list, description="IMAGESMITH_WARMUP_SIZES: WxH,WxH resolution buckets the service "
+        "compiles and warms at start (e.g. 1024x1024,832x1216)")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -51,6 +78,14 @@ class Settings(BaseModel):
                 values[key] = int(float(env[name]) * 1024**3)
         values["cpu_offload"] = env.get("IMAGESMITH_CPU_OFFLOAD", "") in ("1", "true", "yes")
         values["vae_tiling"] = env.get("IMAGESMITH_VAE_TILING", "") in ("1", "true", "yes")
+        for key, name in (("performance", "IMAGESMITH_PERFORMANCE"), ("compile", "IMAGESMITH_COMPILE")):
+            if env.get(name):
+                values[key] = env[name].strip().lower()
+        values["cuda_graphs"] = env.get("IMAGESMITH_CUDA_GRAPHS", "") in ("1", "true", "yes")
+        if env.get("IMAGESMITH_LORA_MAX_RANK"):
+            values["lora_max_rank"] = int(env["IMAGESMITH_LORA_MAX_RANK"])
+        if env.get("IMAGESMITH_WARMUP_SIZES"):
+            values["warmup_sizes"] = parse_sizes(env["IMAGESMITH_WARMUP_SIZES"])
         values.update(overrides)
         return cls(**values)
 

@@ -8,6 +8,7 @@ per-step callback (progress, cancel) -> optional hires fix -> result with infote
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -32,10 +33,14 @@ from ..models.registry import ModelEntry, Registry
 from . import prompts as P
 from .grounding import ConceptVocabulary, Grounding, mean_pooled
 from .loras import ResolvedLora, adapter_name, apply_loras
+from . import performance as perf
 from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
 from .sampling import ksampler as K
 from .sampling.denoisers import Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, UNetDenoiser
 from .sampling.model_sampling import FlowModelSampling, from_scheduler_config
+from .sampling.step_cache import StepCache
+
+log = logging.getLogger("imagesmith.engine")
 
 FLOW_ARCHS = ("sd3", "flux")
 NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
@@ -61,6 +66,12 @@ class _Job:
     """The prompt as the model reads it, when concept grounding rewrote its subject (house models)."""
     latents: list = field(default_factory=list)
     """The final latents of each run (before the VAE), in image order."""
+    plan: perf.Plan | None = None
+    """The performance plan the job runs with (set under the model's lock)."""
+    net: Any = None
+    """The denoiser network the job runs: the pipeline's own, or its fp8 copy."""
+    cache_stats: list = field(default_factory=list)
+    """(reused, calls) of each sampling run under turbo's step cache."""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -95,6 +106,7 @@ class Engine:
         self.cache = cache or ModelCache(self.settings)
         self.device = pick_device(device or self.settings.device)
         self.dtype = pick_dtype(self.device)
+        self.capabilities = perf.Capabilities.detect(self.device)
         self._upscalers = None
         self._adopted: dict[str, ModelEntry] = {}
         # encodings are reused across batch runs, hires passes and jobs with the same prompt, model and LoRAs
@@ -122,7 +134,7 @@ class Engine:
         images: list[Image.Image] = []
         with entry.use():
             self._ground(entry.value, job)
-            apply_loras(entry.value, entry.state, job.loras, job.arch)
+            self._prepare_model(entry, job, [])
             for run in range(req.batch_count):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
@@ -173,7 +185,7 @@ class Engine:
             with entry.use():
                 for i in members:
                     self._ground(entry.value, jobs[i])
-                apply_loras(entry.value, entry.state, head.loras, head.arch)
+                self._prepare_model(entry, head, [jobs[i] for i in members])
                 encoded = {i: self._encode(entry.value, jobs[i], for_arch=head.arch) for i in members}
                 shapes: dict[tuple, list[int]] = {}  # conditioning of equal length can share a call
                 for i in members:
@@ -214,7 +226,7 @@ class Engine:
         return (str(job.entry.path), job.arch, job.width, job.height,
                 tuple((adapter_name(l), l.path, l.weight) for l in job.loras), req.vae, req.clip_skip, req.steps,
                 req.cfg_scale, req.cfg_rescale, sampler, schedule, req.noise, req.eta_noise_seed_delta,
-                req.sgm_noise_multiplier,
+                req.sgm_noise_multiplier, req.performance or self.settings.performance,
                 req.hires.model_dump_json() if req.hires else None)
 
     def infotext(self, job: _Job, result: GenerationResult, index: int, *, detailer: dict | None = None) -> str:
@@ -256,6 +268,10 @@ class Engine:
             params["Concept"] = job.grounding.note
         if req.controlnet:
             params["ControlNet"] = f"{req.controlnet.model} ({req.controlnet.preprocessor}, {_num(req.controlnet.weight)})"
+        if job.plan is not None:
+            reused = sum(r for r, _ in job.cache_stats)
+            calls = sum(c for _, c in job.cache_stats)
+            params["Performance"] = job.plan.infotext(reused=reused if job.cache_stats else None, calls=calls)
         if result.lora_hashes:
             params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in result.lora_hashes.items())
         if detailer is not None:
@@ -363,6 +379,43 @@ class Engine:
         if req.hires and req.hires.hr_denoising_strength > 0:
             per_image += partial(req.hires.hr_second_pass_steps or req.steps, req.hires.hr_denoising_strength)
         return per_image * req.batch_count
+
+    # ------------------------------------------------------------------ performance
+    def plan_for(self, req: GenerateRequest, *, has_loras: bool = False) -> perf.Plan:
+        """The performance plan of a request on this engine's device (``engine.performance``)."""
+        offload = self.settings.cpu_offload and self.device.type == "cuda"
+        return perf.plan(req.performance or self.settings.performance, self.capabilities,
+                         compile_setting="off" if offload else self.settings.compile,
+                         cuda_graphs=self.settings.cuda_graphs, has_loras=has_loras,
+                         hotswap=self.settings.lora_max_rank is not None)
+
+    def _prepare_model(self, entry, head: _Job, members: list[_Job]) -> None:
+        """Under the model's lock: the request's LoRAs made active, then its performance plan applied; every
+        job of the call runs the same network."""
+        pipe = entry.value
+        p = self.plan_for(head.req, has_loras=bool(head.loras))
+        for note in p.notes:
+            log.warning("performance %s: %s", p.requested, note)
+        if head.loras:
+            perf.unfuse_for_lora(pipe, entry.state)
+        apply_loras(pipe, entry.state, head.loras, head.arch, hotswap_rank=self.settings.lora_max_rank)
+        net = perf.prepare(pipe, entry.state, p)
+        for job in members or [head]:
+            job.plan, job.net = p, net
+
+    def warm_up(self, model: str | None = None, sizes: Sequence[tuple[int, int]] | None = None, *,
+                performance: str | None = None, steps: int = 2, cfg_scale: float = 5.0) -> list[dict]:
+        """Run a short generation at each resolution bucket (default: IMAGESMITH_WARMUP_SIZES) so that
+        torch.compile's graphs for those shapes exist before the first real request. Returns the seconds each
+        took."""
+        out = []
+        for width, height in (sizes if sizes is not None else self.settings.warmup_sizes):
+            t0 = time.perf_counter()
+            self.generate(GenerateRequest(prompt="warm-up", model=model, width=width, height=height, steps=steps,
+                                          cfg_scale=cfg_scale, seed=0, performance=performance))
+            out.append({"size": f"{width}x{height}", "seconds": round(time.perf_counter() - t0, 3)})
+            log.info("warmed up %sx%s in %.1f s", width, height, out[-1]["seconds"])
+        return out
 
     # ------------------------------------------------------------------ models
     def _pipeline_entry(self, entry: ModelEntry):
@@ -561,16 +614,21 @@ class Engine:
         else:
             noise = K.initial_noise(req.noise, (len(seeds),) + shape, seeds, device=self.device)
         denoiser = self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat)
+        if job.plan is not None and job.plan.step_cache is not None:
+            denoiser = StepCache(denoiser, sigmas, threshold=job.plan.step_cache)
         first = rows[0][1]
 
         def on_step(i, x, denoised, sigma):
             counter.step(phase, first, denoised)  # previews show the current x0 estimate (as A1111's and ComfyUI's)
 
         with torch.inference_mode():
-            return K.sample(denoiser, ms, sampler, sigmas.to(torch.float32), noise=noise, latent=latent,
-                            seed=job.seeds[first], noise_mode=req.noise, seeds=seeds,
-                            eta_noise_seed_delta=req.eta_noise_seed_delta, denoise_mask=mask, callback=on_step,
-                            sgm_noise_multiplier=req.sgm_noise_multiplier)
+            out = K.sample(denoiser, ms, sampler, sigmas.to(torch.float32), noise=noise, latent=latent,
+                           seed=job.seeds[first], noise_mode=req.noise, seeds=seeds,
+                           eta_noise_seed_delta=req.eta_noise_seed_delta, denoise_mask=mask, callback=on_step,
+                           sgm_noise_multiplier=req.sgm_noise_multiplier)
+        if isinstance(denoiser, StepCache):
+            job.cache_stats.append((denoiser.reused, denoiser.calls))
+        return out
 
     def _model_sampling(self, pipe, job: _Job, width: int, height: int):
         config = dict(pipe.scheduler.config)
@@ -604,7 +662,7 @@ class Engine:
                 conds.append(Conditioning(pe.repeat(k, 1, 1), {"pooled": pp.repeat(k, 1)}))
                 unconds.append(Conditioning(ne.repeat(k, 1, 1), {"pooled": npool.repeat(k, 1)}))
             cond, uncond = _cat_conditioning(conds), _cat_conditioning(unconds)
-            return SD3Denoiser(pipe.transformer, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale)
+            return SD3Denoiser(job.net or pipe.transformer, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale)
         if job.arch == "flux":
             conds = []
             for (j, _, k), e in zip(rows, encoded):
@@ -615,12 +673,12 @@ class Engine:
             h, w = height // vae_sf, width // vae_sf
             img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
             guidance = req.cfg_scale if pipe.transformer.config.guidance_embeds else None
-            return FluxDenoiser(pipe.transformer, ms, cond, guidance,
+            return FluxDenoiser(job.net or pipe.transformer, ms, cond, guidance,
                                 pack=lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], h, w),
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
         control = self._control_spec(job, ms, n) if job.control_image is not None else None
-        return UNetDenoiser(pipe.unet, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
+        return UNetDenoiser(job.net or pipe.unet, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
                             control=control, concat=concat, cfg_rescale=req.cfg_rescale)
 
     def _conditioning(self, pipe, rows, encoded: list[dict], width: int, height: int):
