@@ -135,17 +135,18 @@ def bench_arch(arch: str, args, clock: Clock, workdir: Path, save, out: dict):
         return pipe(prompt=PROMPT, width=case["size"], height=case["size"], num_inference_steps=case["steps"],
                     guidance_scale=case["cfg"], generator=g).images[0]
 
-    _, first = timed(plain)
-    reset_peak()
-    times = [timed(plain)[1] for _ in range(runs)]
-    out["diffusers"] = {"s_per_image": round(statistics.median(times), 3), "first_call_s": round(first, 2),
-                        "runs_s": [round(t, 3) for t in times], "peak_vram_gb": peak_gb()}
-    print(f"[{arch}] diffusers {out['diffusers']['s_per_image']} s/image", flush=True)
-    save()
+    if args.baseline:
+        _, first = timed(plain)
+        reset_peak()
+        times = [timed(plain)[1] for _ in range(runs)]
+        out["diffusers"] = {"s_per_image": round(statistics.median(times), 3), "first_call_s": round(first, 2),
+                            "runs_s": [round(t, 3) for t in times], "peak_vram_gb": peak_gb()}
+        print(f"[{arch}] diffusers {out['diffusers']['s_per_image']} s/image", flush=True)
+        save()
 
     images = {}
     need = {"quality": 20 if args.dry_run else 150, "fast": 20 if args.dry_run else 150, "turbo": 10 if args.dry_run else 40}
-    for mode in ("quality", "fast", "turbo"):
+    for mode in args.modes.split(","):
         if clock.left() < need[mode]:
             out["modes"][mode] = {"skipped": f"{clock.left():.0f} s of the budget left"}
             continue
@@ -167,7 +168,7 @@ def bench_arch(arch: str, args, clock: Clock, workdir: Path, save, out: dict):
                 "peak_vram_gb": peak_gb(), "mode_run": p.mode, "features": p.features(), "notes": list(p.notes),
                 "performance_infotext": (re.findall(r'Performance: ("[^"]*"|[^,]*)', info) or [None])[0],
                 "graphs_compiled": graphs() - g0,
-                "ratio_vs_diffusers": round(steady / out["diffusers"]["s_per_image"], 3),
+                "ratio_vs_diffusers": round(steady / out["diffusers"]["s_per_image"], 3) if args.baseline else None,
             }
             if mode != "quality" and "quality" in images:
                 out["modes"][mode]["psnr_vs_quality_db"] = psnr(images["quality"], image)
@@ -193,7 +194,7 @@ def bench_lora_switch(engine, pipe, req, args, clock: Clock, workdir: Path, save
     IMAGESMITH_LORA_MAX_RANK does) against hot-swap slots."""
     from imagesmith.core.requests import LoraSpec
 
-    if clock.left() < (15 if args.dry_run else 120):
+    if clock.left() < (15 if args.dry_run else 60):
         return {"skipped": f"{clock.left():.0f} s of the budget left"}
     rank = 16
     loras = engine.settings.models_dir / "loras"
@@ -270,6 +271,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gpu_modes.json")
     ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: tests the script, measures nothing")
     ap.add_argument("--archs", default="sdxl,flux")
+    ap.add_argument("--modes", default="quality,fast,turbo")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip plain diffusers")
+    ap.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA switch section")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per case (default 2 on a GPU, 1 dry)")
     ap.add_argument("--budget-s", type=float, default=440, help="skip sections that would run past this")
     ap.add_argument("--images", type=Path, default=None, help="keep each mode's image here (GPU runs)")
@@ -304,7 +308,7 @@ def main() -> None:
                 out.update({"error": f"{type(exc).__name__}: {str(exc)[:400]}", "trace": traceback.format_exc()[-3000:]})
                 print(f"[{arch}] FAILED: {exc}", flush=True)
             save()
-        if "sdxl" in kept:  # last: LoRA switches recompile, and must not eat FLUX's share of the budget
+        if "sdxl" in kept and args.lora:  # last: LoRA switches recompile, and must not eat FLUX's share of the budget
             engine, pipe, req = kept["sdxl"]
             out = report["archs"]["sdxl"]
             out["lora_switch"] = bench_lora_switch(engine, pipe, req, args, clock, workdir, save, out)

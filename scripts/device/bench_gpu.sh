@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import torch, diffusers, torchao; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'torchao', torchao.__version__)" || exit 4
 mkdir -p "$OUT/img"
 $PY benchmarks/gpu_modes.py --out "$OUT/gpu_modes.json" --budget-s "${BUDGET_S:-430}" --images "$OUT/img" \
-  ${ARCHS:+--archs $ARCHS} 2>&1 | grep --line-buffered -v "Loading\|it/s\]$" | tee "$OUT/gpu_modes.log"
+  ${ARCHS:+--archs $ARCHS} ${MODES:+--modes $MODES} ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "Loading\|it/s\]$" | tee "$OUT/gpu_modes.log"
 rc=${PIPESTATUS[0]}
 log "gpu_modes exit $rc"
 exit $rc

@@ -106,6 +106,10 @@ def generate(
     steps: int = typer.Option(20, "--steps"),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale"),
     cfg_rescale: float = typer.Option(0.0, "--cfg-rescale", help="CFG rescale phi (0.7 for v-prediction models)"),
+    performance: Optional[str] = typer.Option(None, "--performance", help="quality (lossless), fast (+ fp8 on "
+                                              "Ada/Hopper, FLUX/SD3), turbo (+ step caching); default: "
+                                              "IMAGESMITH_PERFORMANCE or quality. imagesmith info lists what each "
+                                              "changes on this machine"),
     sampler: str = typer.Option("Euler a", "--sampler", "--sampler-name", help="A1111 or ComfyUI sampler name, e.g. "
                                 "'DPM++ 2M' or dpmpp_2m (imagesmith samplers lists them)"),
     schedule: str = typer.Option("automatic", "--schedule", "--scheduler", help="schedule type, e.g. Karras, "
@@ -160,7 +164,7 @@ def generate(
             sgm_noise_multiplier=sgm_noise, seed=seed, variation_seed=variation_seed,
             variation_strength=variation_strength, batch_size=batch_size, batch_count=batch_count,
             width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
-            mask_blur=mask_blur, ground_concepts=ground,
+            mask_blur=mask_blur, ground_concepts=ground, performance=performance,
         )
         if outpaint:
             try:
@@ -291,12 +295,52 @@ def samplers(as_json: bool = typer.Option(False, "--json", help="machine-readabl
     Console().print(t2)
 
 
+def _machine_info(settings, as_json: bool) -> None:
+    from .engine import performance as perf
+    from .models.cache import pick_device
+    caps = perf.Capabilities.detect(pick_device(settings.device))
+    modes = {}
+    for mode in perf.MODES:
+        p = perf.plan(mode, caps, compile_setting=settings.compile, cuda_graphs=settings.cuda_graphs,
+                      hotswap=settings.lora_max_rank is not None)
+        flux = perf.plan(mode, caps, compile_setting=settings.compile, cuda_graphs=settings.cuda_graphs,
+                         hotswap=settings.lora_max_rank is not None, arch="flux")
+        unet = perf.plan(mode, caps, compile_setting=settings.compile, cuda_graphs=settings.cuda_graphs,
+                         hotswap=settings.lora_max_rank is not None, arch="sdxl")
+        modes[mode] = {"description": perf.DESCRIPTIONS[mode],
+                       "flux_sd3": {"runs": flux.mode, "features": flux.features(), "notes": list(flux.notes)},
+                       "unet_models": {"runs": unet.mode, "features": unet.features(), "notes": list(unet.notes)},
+                       "default": mode == settings.performance}
+    report = {"capabilities": caps.describe(), "performance_modes": modes,
+              "lora_hotswap_max_rank": settings.lora_max_rank, "warmup_sizes": [f"{w}x{h}" for w, h in settings.warmup_sizes]}
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    c = report["capabilities"]
+    print(f"device: {c['device']} ({c['name']}{', compute ' + c['compute_capability'] if c['compute_capability'] else ''})"
+          f"  fp8: {'yes' if c['fp8'] else 'no'}  flash-attention 3: {'yes' if c['flash_attention_3'] else 'no'}"
+          f"  torch.compile: {'yes' if c['torch_compile'] else 'no'}")
+    for mode, m in modes.items():
+        print(f"\n{mode}{' (default)' if m['default'] else ''}: {m['description']}")
+        for label, key in (("FLUX/SD3", "flux_sd3"), ("SD1/SD2/SDXL", "unet_models")):
+            x = m[key]
+            print(f"  {label}: runs {x['runs']} with {', '.join(x['features'])}")
+            for note in x["notes"]:
+                print(f"    - {note}")
+    print(f"\nLoRA hot-swap: {'slots of rank ' + str(settings.lora_max_rank) if settings.lora_max_rank else 'off (IMAGESMITH_LORA_MAX_RANK)'}"
+          f"; warm-up sizes: {', '.join(report['warmup_sizes']) or 'none (IMAGESMITH_WARMUP_SIZES)'}")
+
+
 @app.command()
-def info(image: str = typer.Argument(..., help="a PNG made by imagesmith or A1111"),
+def info(image: Optional[str] = typer.Argument(None, help="a PNG made by imagesmith or A1111; none: this machine"),
          as_json: bool = typer.Option(False, "--json")):
-    """Print the generation parameters stored in an image."""
+    """Print the generation parameters stored in an image; without one, this machine's device and what each
+    performance mode changes on it."""
     from .core.metadata import read_png_metadata
     from .core.settings import Settings
+    if image is None:
+        _machine_info(Settings.from_env(), as_json)
+        return
     meta = read_png_metadata(image, settings=Settings.from_env())
     if as_json:
         print(json.dumps(meta, indent=2, default=str))

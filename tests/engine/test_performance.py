@@ -62,6 +62,9 @@ def test_modes_the_device_cannot_run_fall_back_with_a_reason():
     lora = perf.plan("fast", H200, has_loras=True)
     assert not lora.fp8 and not lora.fuse_qkv and any("LoRA" in n for n in lora.notes)
     assert not perf.plan("quality", H200, hotswap=True).fuse_qkv
+    unet = perf.plan("fast", H200, arch="sdxl")  # measured slower than bf16 on SDXL's UNet
+    assert unet.mode == "quality" and not unet.fp8 and any("sdxl" in n for n in unet.notes)
+    assert perf.plan("fast", H200, arch="flux").fp8 and not perf.plan("turbo", H200, arch="sd1").fp8
     with pytest.raises(BadRequest, match="not one of"):
         perf.plan("ludicrous", H200)
 
@@ -162,6 +165,26 @@ def test_warm_up_runs_each_bucket(engine):
     assert [d["size"] for d in done] == ["64x64", "64x96"] and all(d["seconds"] > 0 for d in done)
 
 
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_fused_qkv_and_channels_last_keep_the_pixels(arch, tmp_path):
+    """quality's lossless changes (what a GPU gets) applied on the CPU: the same image, up to float rounding."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import tiny
+    pipe = tiny.build_sdxl(0) if arch == "sdxl" else tiny.build_flux(0, tmp_path)
+    e = Engine(Settings(home=tmp_path / "home"), device="cpu")
+    e.adopt("m", pipe, arch)
+    r = GenerateRequest(prompt="a cup", model="m", width=64, height=64, steps=4, seed=2, sampler_name="Euler")
+    before = px(e.generate(r).images[0])
+    entry = e._pipeline_entry(e._adopted["m"])
+    perf.prepare(pipe, entry.state, perf.Plan("quality", "quality", fuse_qkv=True, channels_last=True))
+    assert entry.state["performance"]["fused"] and entry.state["performance"]["channels_last"]
+    after = px(e.generate(r).images[0])
+    assert np.abs(before - after).max() <= 2
+    perf.unfuse_for_lora(pipe, entry.state)  # a LoRA's adapters need the separate projections back
+    assert not entry.state["performance"]["fused"]
+    assert np.abs(px(e.generate(r).images[0]) - before).max() <= 2
+
+
 def test_compile_regions_compiles_the_repeated_blocks(tiny_home):
     e = Engine(tiny_home, device="cpu")
     entry = e._pipeline_entry(e.registry.get("tiny-sd15", "checkpoint"))
@@ -206,3 +229,18 @@ def test_gpu_bench_dry_run(tmp_path):
         assert r["modes"]["turbo"]["psnr_vs_quality_db"] > 10
     lora = report["archs"]["sdxl"]["lora_switch"]
     assert lora["hotswap"]["new_adapters"] == 0 and lora["hotswap"]["switch_s"] > 0
+
+
+def test_worker_warms_the_configured_buckets_before_its_first_job(tiny_home, tmp_path):
+    from fixtures.tiny import home_with_tiny_sd15
+    from imagesmith.serve.store import JobStore
+    from imagesmith.serve.worker import Worker
+    settings = home_with_tiny_sd15(tmp_path / "home", tiny_home).model_copy(update={"warmup_sizes": [(64, 64)]})
+    worker = Worker(JobStore(f"sqlite:///{tmp_path / 'jobs.db'}"), settings, engine=Engine(settings, device="cpu"))
+    done = worker.warm_up()
+    assert [d["size"] for d in done] == ["64x64"]
+    assert worker.loaded_models()  # the default model is loaded (and, on a GPU, compiled) before any job
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory while compiling")
+    worker.engine.warm_up = boom  # a failing warm-up is logged; the worker still serves
+    assert worker.warm_up() == []

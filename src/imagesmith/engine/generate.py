@@ -381,19 +381,19 @@ class Engine:
         return per_image * req.batch_count
 
     # ------------------------------------------------------------------ performance
-    def plan_for(self, req: GenerateRequest, *, has_loras: bool = False) -> perf.Plan:
+    def plan_for(self, req: GenerateRequest, *, has_loras: bool = False, arch: str | None = None) -> perf.Plan:
         """The performance plan of a request on this engine's device (``engine.performance``)."""
         offload = self.settings.cpu_offload and self.device.type == "cuda"
         return perf.plan(req.performance or self.settings.performance, self.capabilities,
                          compile_setting="off" if offload else self.settings.compile,
                          cuda_graphs=self.settings.cuda_graphs, has_loras=has_loras,
-                         hotswap=self.settings.lora_max_rank is not None)
+                         hotswap=self.settings.lora_max_rank is not None, arch=arch)
 
     def _prepare_model(self, entry, head: _Job, members: list[_Job]) -> None:
         """Under the model's lock: the request's LoRAs made active, then its performance plan applied; every
         job of the call runs the same network."""
         pipe = entry.value
-        p = self.plan_for(head.req, has_loras=bool(head.loras))
+        p = self.plan_for(head.req, has_loras=bool(head.loras), arch=head.arch)
         for note in p.notes:
             log.warning("performance %s: %s", p.requested, note)
         if head.loras:

@@ -32,6 +32,11 @@ log = logging.getLogger("imagesmith.performance")
 Mode = Literal["quality", "fast", "turbo"]
 MODES: tuple[str, ...] = ("quality", "fast", "turbo")
 CompileSetting = Literal["auto", "on", "off"]
+FP8_ARCHS = ("flux", "sd3")
+"""Where fp8 pays. On SDXL's UNet at 1024x1024 torchao's dynamic fp8 made a step slower, not faster (H200,
+2026-12-04: 2.73 s per image against 1.77 s in quality; benchmarks/results/gpu_modes.json): its linear layers are
+too small for the fp8 products to beat the cost of quantizing activations on the fly. UNet models run `fast` as
+`quality` and `turbo` without fp8, and say so."""
 STEP_CACHE_THRESHOLD = 0.12
 """turbo's default: accumulated predicted relative change of the x0 estimate allowed before a step is computed"""
 
@@ -120,7 +125,8 @@ class Plan:
 
 
 def plan(requested: str, caps: Capabilities, *, compile_setting: CompileSetting = "auto", cuda_graphs: bool = False,
-         has_loras: bool = False, hotswap: bool = False, step_cache: float = STEP_CACHE_THRESHOLD) -> Plan:
+         has_loras: bool = False, hotswap: bool = False, step_cache: float = STEP_CACHE_THRESHOLD,
+         arch: str | None = None) -> Plan:
     """The plan for `requested` on `caps`: every feature the mode names that the device can run; the others
     switched off with a note that says why and what runs instead. QKV fusion is skipped for requests with LoRAs
     and on servers that hot-swap LoRAs (`hotswap`): adapters sit on the unfused projections."""
@@ -144,6 +150,8 @@ def plan(requested: str, caps: Capabilities, *, compile_setting: CompileSetting 
                    else f"it needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper); this is {caps.name}"
                    + (f" ({'.'.join(map(str, caps.capability))})" if caps.capability else ""))
             notes.append(f"fp8 is off: {why}")
+        elif arch is not None and arch not in FP8_ARCHS:
+            notes.append(f"fp8 is off for {arch} UNets: measured slower than bf16 there (engine.performance.FP8_ARCHS)")
         elif has_loras:
             notes.append("fp8 is off for requests with LoRAs: their adapters sit on the bf16/fp16 weights")
         else:

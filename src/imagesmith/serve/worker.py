@@ -212,7 +212,19 @@ class Worker:
         return tuple(dict.fromkeys(names))
 
     # ---------------------------------------------------------------- loop
+    def warm_up(self) -> list[dict]:
+        """Compile and warm the default model at the server's resolution buckets (IMAGESMITH_WARMUP_SIZES)
+        before the first job, so no user waits for torch.compile. A failure is logged, never fatal."""
+        if not self.settings.warmup_sizes:
+            return []
+        try:
+            return self.engine.warm_up(None, self.settings.warmup_sizes)
+        except Exception as exc:  # a broken default model must not stop the worker from serving others
+            log.warning("warm-up failed: %s", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            return []
+
     def run_forever(self, poll_s: float = 0.5) -> None:
+        self.warm_up()
         while not self.stopping.is_set():
             if not self.run_once():
                 self.stopping.wait(poll_s)
