@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from imagesmith.serve.store import JobStore
     home = Path(tempfile.mkdtemp(prefix="imagesmith-soak-"))
-    env = {**os.environ, "IMAGESMITH_HOME": str(home), "IMAGESMITH_SAFETY": "0"}
+    # the soak kills healthy workers on purpose (one job has taken 8 attempts): lift the poison-job cap
+    env = {**os.environ, "IMAGESMITH_HOME": str(home), "IMAGESMITH_SAFETY": "0", "IMAGESMITH_MAX_ATTEMPTS": "1000"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

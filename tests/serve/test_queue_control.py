@@ -102,3 +102,24 @@ def test_queue_cli(home, capsys, monkeypatch, tmp_path):
     assert code != 0 and "existing folder" in err and not (tmp_path / "missing").exists()
     code, out, _ = run_cli(capsys, "queue", "resume")
     assert code == 0 and "running" in out and store.claim("w")["id"] == job["id"]
+
+
+def test_requeue_is_for_admins_and_answers_404_and_409(home):
+    store = JobStore(f"sqlite:///{home.home / 'jobs.db'}", max_attempts=1)
+    store.add_user("root", "admin")
+    store.add_user("ann")
+    root, ann = store.create_token("root"), store.create_token("ann")
+    client = TestClient(create_app(home, store, require_auth=True))
+    as_root, as_ann = ({"Authorization": f"Bearer {t}"} for t in (root, ann))
+    job, _ = store.submit("generate", {"prompt": "x"}, user="ann")
+    assert client.post(f"/v1/queue/jobs/{job['id']}/requeue", headers=as_root).status_code == 409  # queued
+    store.claim("w", lease_s=0.01)
+    import time
+    time.sleep(0.05)
+    store.requeue_expired()
+    assert store.get(job["id"])["status"] == "failed"
+    assert client.post(f"/v1/queue/jobs/{job['id']}/requeue", headers=as_ann).status_code == 403
+    r = client.post(f"/v1/queue/jobs/{job['id']}/requeue", headers=as_root)
+    assert r.status_code == 200 and r.json()["status"] == "queued"
+    missing = client.post("/v1/queue/jobs/nope/requeue", headers=as_root)
+    assert missing.status_code == 404 and "error" in missing.json()

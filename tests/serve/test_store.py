@@ -352,3 +352,39 @@ def test_a_bad_export_imports_nothing(url):
     with pytest.raises(BadRequest, match=r"jobs\[1\] \(a2\): refused"):
         s.import_queue({"format": "imagesmith-queue", "jobs": [good, bad]}, prepare=prepare)
     assert s.depth() == {}  # the good one was not submitted either
+
+
+def test_a_poison_job_that_kills_its_worker_fails_after_max_attempts_and_the_queue_moves_on(url):
+    """Each worker process claims the job and dies by SIGKILL (an OOM kill, a native crash); after max_attempts
+    lost workers the job ends failed with the reason and the next worker gets the job behind it."""
+    s = JobStore(url, max_attempts=3)
+    poison, _ = s.submit("generate", {"prompt": "crash"}, priority=5)
+    behind, _ = s.submit("generate", {"prompt": "fine"})
+    code = textwrap.dedent(f"""
+        import os, signal
+        from imagesmith.serve.store import JobStore
+        j = JobStore({url!r}, max_attempts=3).claim("w%d" % os.getpid(), lease_s=0.3)
+        print(j["id"], flush=True)
+        if j["request"]["prompt"] == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    claimed = []
+    for _ in range(4):
+        time.sleep(0.4)  # the dead worker's lease runs out
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        claimed.append((proc.stdout.strip(), proc.returncode))
+    assert claimed[:3] == [(poison["id"], -signal.SIGKILL)] * 3
+    assert claimed[3] == (behind["id"], 0)  # the queue behind it moves
+    dead = s.get(poison["id"])
+    assert dead["status"] == "failed" and dead["attempts"] == 3 and "worker lost 3 times" in dead["error"]
+    assert s.claim("w9") is None  # never claimed again
+    again = s.requeue(poison["id"])  # an admin gives it another round
+    assert again["status"] == "queued" and again["attempts"] == 0 and again["error"] is None
+    with pytest.raises(NotFound):
+        s.requeue("nope")
+    from imagesmith.core.errors import Conflict
+    with pytest.raises(Conflict, match="queued"):
+        s.requeue(poison["id"])
+    with pytest.raises(ValueError):
+        JobStore(url, max_attempts=0)

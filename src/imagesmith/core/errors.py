@@ -61,6 +61,12 @@ class Cancelled(ImagesmithError):
     http_status = 409
 
 
+class Conflict(ImagesmithError):
+    """The resource is in a state that does not allow the change (HTTP 409)."""
+    code = "conflict"
+    http_status = 409
+
+
 class Unauthorized(ImagesmithError):
     """The service needs a valid API token for this route."""
 

@@ -310,7 +310,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     def admin(request: Request) -> dict:
         who = caller(request)
         if who["role"] != "admin":
-            raise Forbidden("only an admin may pause, resume or import into the whole queue")
+            raise Forbidden("only an admin may pause, resume, requeue or import into the whole queue")
         return who
 
     @app.get("/v1/queue")
@@ -333,6 +333,13 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     @app.post("/v1/queue/resume")
     def resume_queue(request: Request):
         return store.set_paused(False, by=admin(request)["name"])
+
+    @app.post("/v1/queue/jobs/{job_id}/requeue")
+    def requeue_job(job_id: str, request: Request):
+        """Admin: a failed or canceled job (a poison job that lost its worker IMAGESMITH_MAX_ATTEMPTS times, say)
+        back to the queue with its attempts reset. 404 for an unknown id, 409 for a job in another state."""
+        admin(request)
+        return store.requeue(job_id)
 
     @app.get("/v1/queue/export")
     def export_queue(request: Request):

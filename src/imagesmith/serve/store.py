@@ -25,6 +25,7 @@ Queue semantics:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
@@ -37,7 +38,7 @@ from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, Uniq
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from ..core.errors import BadRequest, NotFound, TooManyRequests
+from ..core.errors import BadRequest, Conflict, NotFound, TooManyRequests
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED = ("succeeded", "failed", "canceled")
@@ -189,7 +190,7 @@ def migrate(engine) -> str:
 class JobStore:
     """``JobStore(url)``: ``sqlite:///path/jobs.db`` (WAL) or ``postgresql+psycopg://...``."""
 
-    def __init__(self, url: str, *, user_limit: int = 100):
+    def __init__(self, url: str, *, user_limit: int = 100, max_attempts: int | None = None):
         if url.startswith(("postgresql://", "postgres://")):  # the driver imagesmith installs: psycopg 3
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         self.url = url
@@ -202,6 +203,11 @@ class JobStore:
         migrate(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.user_limit = user_limit
+        # a job whose worker dies this many times (OOM kill, segfault) fails instead of killing workers forever
+        self.max_attempts = int(max_attempts if max_attempts is not None
+                                else os.environ.get("IMAGESMITH_MAX_ATTEMPTS", "3"))
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts (IMAGESMITH_MAX_ATTEMPTS) must be at least 1")
 
     # ---------------------------------------------------------------- clients
     def submit(self, type: str, request: dict, *, user: str = "local", priority: int = 0,
@@ -418,12 +424,19 @@ class JobStore:
 
     # ---------------------------------------------------------------- workers
     def requeue_expired(self, now: float | None = None) -> int:
-        """Jobs whose worker stopped renewing its lease go back to the queue (or to canceled, if asked)."""
+        """Jobs whose worker stopped renewing its lease go back to the queue (or to canceled, if asked); a job
+        whose workers were lost `max_attempts` times ends failed, never to be claimed again (a poison job:
+        ``requeue`` gives it another round)."""
         now = time.time() if now is None else now
         with self.sessions() as s:
             s.execute(update(JobRow).where(JobRow.status == "running", JobRow.lease_expires < now,
                                            JobRow.cancel_requested.is_(True))
                       .values(status="canceled", lease_owner=None, finished_at=now))
+            s.execute(update(JobRow).where(JobRow.status == "running", JobRow.lease_expires < now,
+                                           JobRow.attempts >= self.max_attempts)
+                      .values(status="failed", lease_owner=None, lease_expires=None, finished_at=now,
+                              error=f"worker lost {self.max_attempts} times (IMAGESMITH_MAX_ATTEMPTS="
+                                    f"{self.max_attempts}): the job may crash its worker; an admin can requeue it"))
             n = s.execute(update(JobRow).where(JobRow.status == "running", JobRow.lease_expires < now)
                           .values(status="queued", lease_owner=None, lease_expires=None)).rowcount
             s.commit()
@@ -476,6 +489,20 @@ class JobStore:
                     if len(claimed) >= max_jobs or images >= max_images:
                         break
         return claimed
+
+    def requeue(self, job_id: str) -> dict:
+        """A failed or canceled job back to the queue with its attempts reset (admin: a poison job retried)."""
+        with self.sessions() as s:
+            n = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(("failed", "canceled")))
+                          .values(status="queued", attempts=0, error=None, lease_owner=None, lease_expires=None,
+                                  finished_at=None, cancel_requested=False, progress=0.0)).rowcount
+            s.commit()
+            row = s.get(JobRow, job_id, populate_existing=True)
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        if n != 1:
+            raise Conflict(f"job {job_id} is {row.status}: only failed or canceled jobs can be requeued")
+        return row.to_dict()
 
     def heartbeat(self, job_id: str, worker: str, *, lease_s: float = 30.0, progress: float | None = None,
                   note: str | None = None) -> dict | None:
