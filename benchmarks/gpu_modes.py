@@ -94,6 +94,11 @@ def build(arch: str, dry: bool, device: str, workdir: Path):
     return pipe
 
 
+def model_entry(engine, name: str):
+    """The cache entry (pipeline and its per-model state) of an adopted model."""
+    return engine._pipeline_entry(engine._adopted[name.lower()])
+
+
 def write_lora(pipe, path: Path, seed: int, rank: int) -> Path:
     """A random LoRA of `rank` on the UNet's attention projections (diffusers/peft format)."""
     from diffusers import StableDiffusionXLPipeline
@@ -182,8 +187,7 @@ def bench_arch(arch: str, args, clock: Clock, workdir: Path, save, out: dict):
             print(f"[{arch}] {mode} FAILED: {exc}", flush=True)
         save()
 
-    events = next((e.state.get("performance", {}).get("events") for k, e in engine.cache._entries.items()
-                   if name in k[1]), None) if hasattr(engine.cache, "_entries") else None
+    events = model_entry(engine, name).state.get("performance", {}).get("events")
     if events:
         out["prepare_events_s"] = events
     return engine, pipe, req
@@ -218,7 +222,7 @@ def bench_lora_switch(engine, pipe, req, args, clock: Clock, workdir: Path, save
                                   "graphs_first_lora": g1 - g0, "graphs_on_switch": graphs() - g1}
         save()
         # 2. hot-swap slots: the adapters go, the server declares a maximum rank, LoRAs swap into slot0
-        entry = next(e for k, e in engine.cache._entries.items() if "bench-sdxl" in k[1])
+        entry = model_entry(engine, "bench-sdxl")
         with entry.use():
             pipe.delete_adapters(list(entry.state.get("lora_adapters", {})))
             entry.state["lora_adapters"] = {}

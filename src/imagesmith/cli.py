@@ -299,18 +299,14 @@ def _machine_info(settings, as_json: bool) -> None:
     from .engine import performance as perf
     from .models.cache import pick_device
     caps = perf.Capabilities.detect(pick_device(settings.device))
-    modes = {}
-    for mode in perf.MODES:
+    def planned(mode: str, arch: str) -> dict:
         p = perf.plan(mode, caps, compile_setting=settings.compile, cuda_graphs=settings.cuda_graphs,
-                      hotswap=settings.lora_max_rank is not None)
-        flux = perf.plan(mode, caps, compile_setting=settings.compile, cuda_graphs=settings.cuda_graphs,
-                         hotswap=settings.lora_max_rank is not None, arch="flux")
-        unet = perf.plan(mode, caps, compile_setting=settings.compile, cuda_graphs=settings.cuda_graphs,
-                         hotswap=settings.lora_max_rank is not None, arch="sdxl")
-        modes[mode] = {"description": perf.DESCRIPTIONS[mode],
-                       "flux_sd3": {"runs": flux.mode, "features": flux.features(), "notes": list(flux.notes)},
-                       "unet_models": {"runs": unet.mode, "features": unet.features(), "notes": list(unet.notes)},
-                       "default": mode == settings.performance}
+                      hotswap=settings.lora_max_rank is not None, arch=arch)
+        return {"runs": p.mode, "features": p.features(), "notes": list(p.notes)}
+
+    modes = {mode: {"description": perf.DESCRIPTIONS[mode], "flux_sd3": planned(mode, "flux"),
+                    "unet_models": planned(mode, "sdxl"), "default": mode == settings.performance}
+             for mode in perf.MODES}
     report = {"capabilities": caps.describe(), "performance_modes": modes,
               "lora_hotswap_max_rank": settings.lora_max_rank, "warmup_sizes": [f"{w}x{h}" for w, h in settings.warmup_sizes]}
     if as_json:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..workflows.detailer import DetailerOptions
 
+from .settings import PerformanceMode
 from .sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES, canonical_schedule, split_sampler
 
 SAMPLERS = tuple(s.label for s in SAMPLER_NAMES)
@@ -75,7 +76,7 @@ class GenerateRequest(BaseModel):
                               + "; A1111's combined names ('DPM++ 2M Karras') carry their schedule")
     scheduler: str = Field("automatic", description="schedule type, A1111 or ComfyUI name: " + ", ".join(SCHEDULES)
                            + "; automatic = the sampler's own default, as in A1111")
-    performance: Literal["quality", "fast", "turbo"] | None = Field(
+    performance: PerformanceMode | None = Field(
         None, description="quality (lossless), fast (+ fp8 on Ada/Hopper GPUs), turbo (+ step caching); None: the "
         "server's default (IMAGESMITH_PERFORMANCE). A mode the device cannot run falls back to the nearest that "
         "works, and the infotext says so")

@@ -9,6 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+PerformanceMode = Literal["quality", "fast", "turbo"]
+"""The engine's performance modes (engine.performance says what each changes)."""
+
 MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscalers", "controlnet", "segmenters")
 
 
@@ -44,7 +47,7 @@ class Settings(BaseModel):
     vram_budget_bytes: int | None = Field(None, description="IMAGESMITH_VRAM_BUDGET_GB: loaded-model VRAM budget")
     cpu_offload: bool = Field(False, description="IMAGESMITH_CPU_OFFLOAD=1: model CPU offload on GPU")
     vae_tiling: bool = Field(False, description="IMAGESMITH_VAE_TILING=1: decode in tiles")
-    performance: Literal["quality", "fast", "turbo"] = Field(
+    performance: PerformanceMode = Field(
         "quality", description="IMAGESMITH_PERFORMANCE: the default performance mode of requests that name none "
         "(quality: lossless; fast: + fp8 on Ada/Hopper; turbo: + step caching)")
     compile: Literal["auto", "on", "off"] = Field(

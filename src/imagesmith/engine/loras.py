@@ -101,7 +101,8 @@ def _set_scale(module, slot: str, value: float) -> None:
 
 def _apply_slots(pipe, state: dict, loras: list[ResolvedLora], rank: int) -> None:
     slots: list[str | None] = state.setdefault("lora_slots", [])
-    base: dict[str, list[float]] = state.setdefault("lora_slot_scales", {})
+    base: dict[str, list[float]] = state.setdefault("lora_slot_scales", {})  # each layer's scale at weight 1
+    layers: dict[str, list] = state.setdefault("lora_slot_layers", {})  # the slot's LoRA layers, found at load
 
     def load(i: int, lora: ResolvedLora, hotswap: bool) -> None:
         name = f"slot{i}"
@@ -124,14 +125,15 @@ def _apply_slots(pipe, state: dict, loras: list[ResolvedLora], rank: int) -> Non
                              f"slot {i} (IMAGESMITH_LORA_MAX_RANK={rank}: a LoRA must target the same layers as "
                              f"the slot's first and have rank <= {rank}): {first}") from None
         slots[i] = lora.path
-        base[name] = [float(m.scaling[name]) for m in _lora_layers(pipe) if name in m.scaling]
+        layers[name] = [m for m in _lora_layers(pipe) if name in m.scaling]
+        base[name] = [float(m.scaling[name]) for m in layers[name]]
         if refreshed:
             activate()
 
     def activate() -> None:
         pipe.set_adapters([f"slot{i}" for i in range(len(slots))])
         for name in base:  # set_adapters wrote plain floats: back to tensors, which compiled graphs read
-            for module, value in zip([m for m in _lora_layers(pipe) if name in m.scaling], base[name]):
+            for module, value in zip(layers[name], base[name]):
                 module.scaling[name] = torch.tensor(value, device=module.weight.device)
 
     if len(loras) > len(slots):
@@ -148,5 +150,5 @@ def _apply_slots(pipe, state: dict, loras: list[ResolvedLora], rank: int) -> Non
             load(i, lora, hotswap=True)
     weights = {f"slot{i}": (loras[i].weight if i < len(loras) else 0.0) for i in range(len(slots))}
     for name, w in weights.items():
-        for module, value in zip([m for m in _lora_layers(pipe) if name in m.scaling], base.get(name, [])):
+        for module, value in zip(layers[name], base[name]):
             _set_scale(module, name, value * w)

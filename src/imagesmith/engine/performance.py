@@ -21,16 +21,16 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from ..core.errors import BadRequest
+from ..core.settings import PerformanceMode
 
 log = logging.getLogger("imagesmith.performance")
 
-Mode = Literal["quality", "fast", "turbo"]
-MODES: tuple[str, ...] = ("quality", "fast", "turbo")
+MODES: tuple[str, ...] = get_args(PerformanceMode)
 CompileSetting = Literal["auto", "on", "off"]
 FP8_ARCHS = ("flux", "sd3")
 """Where fp8 pays. On SDXL's UNet at 1024x1024 torchao's dynamic fp8 made a step slower, not faster (H200,
@@ -112,7 +112,7 @@ class Plan:
     def infotext(self, *, reused: int | None = None, calls: int = 0) -> str | None:
         """The infotext's `Performance:` value: None for a plain quality run (lossless; nothing to say).
         `reused`/`calls`: the step cache's count of reused model evaluations."""
-        lossy = [f for f in ("fp8",) if getattr(self, f)]
+        lossy = ["fp8"] if self.fp8 else []
         if self.step_cache is not None:
             lossy.append(f"step cache {self.step_cache:g}"
                          + (f": {reused} of {calls} evaluations reused" if reused is not None else ""))
