@@ -1048,13 +1048,21 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
         from .serve.ray_workers import start_ray_workers
         actors = start_ray_workers(ray_address, store.url, str(settings.home), max(1, workers), batch=batch)
         print(f"{len(actors)} Ray worker actor(s) on {ray_address}", file=sys.stderr)
-    else:
-        for _ in range(workers):
-            threading.Thread(target=Worker(store, settings, batch=batch).run_forever, daemon=True).start()
+    local = [Worker(store, settings, batch=batch) for _ in range(0 if ray_address else workers)]
+    threads = [threading.Thread(target=w.run_forever, daemon=True) for w in local]
+    for t in threads:
+        t.start()
     if auth:
         print("auth on: every route but /healthz and /readyz needs 'Authorization: Bearer <token>' "
               "(imagesmith users add NAME; imagesmith tokens create NAME)", file=sys.stderr)
+    # uvicorn takes SIGTERM/SIGINT while it runs (stops accepting, answers what is in flight), then restores these
+    # handlers and raises the signal again: so the workers hear it after the HTTP side has stopped
+    _stop_gracefully_on_signals(local)
     uvicorn.run(create_app(settings, store, require_auth=auth), host=host, port=port, log_level="info")
+    for w in local:
+        w.shutdown()
+    for t in threads:
+        t.join(timeout=120)
 
 
 users_app = typer.Typer(no_args_is_help=True, help="Service users.")
@@ -1153,7 +1161,22 @@ def worker_cmd(lease: float = typer.Option(30.0, "--lease", min=1.0, help="secon
     settings = Settings.from_env()
     w = Worker(default_store(settings), settings, lease_s=lease, batch=batch)
     print(f"worker {w.id} on {w.store.url.split('://')[0]} (batches of up to {w.batch})", file=sys.stderr)
+    _stop_gracefully_on_signals([w])
     w.run_forever()
+    print(f"worker {w.id} stopped", file=sys.stderr)
+
+
+def _stop_gracefully_on_signals(workers: list) -> None:
+    """SIGTERM/SIGINT: each worker finishes its current step, hands its job back to the queue and stops."""
+    import signal
+
+    def stop(signum, frame) -> None:
+        print(f"{signal.Signals(signum).name}: stopping after the current step; running jobs go back to the queue",
+              file=sys.stderr)
+        for w in workers:
+            w.shutdown()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 @app.command("storyboard")

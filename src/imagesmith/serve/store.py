@@ -490,6 +490,18 @@ class JobStore:
                         break
         return claimed
 
+    def release(self, job_id: str, worker: str) -> bool:
+        """The lease holder hands a running job back to the queue at once (a graceful shutdown): queued again
+        now rather than when the lease runs out, and the attempt does not count towards ``max_attempts``."""
+        with self.sessions() as s:
+            n = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker,
+                                               JobRow.status == "running")
+                          .values(status="queued", lease_owner=None, lease_expires=None, progress=0.0,
+                                  progress_note="returned to the queue: its worker shut down",
+                                  attempts=JobRow.attempts - 1)).rowcount
+            s.commit()
+            return n == 1
+
     def requeue(self, job_id: str) -> dict:
         """A failed or canceled job back to the queue with its attempts reset (admin: a poison job retried)."""
         with self.sessions() as s:

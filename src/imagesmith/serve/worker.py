@@ -32,6 +32,7 @@ from ..core.settings import Settings
 from .store import JobStore
 
 log = logging.getLogger(__name__)
+SHUTDOWN = "worker shutting down"
 
 GENERATE_TYPES = ("generate", "img2img", "inpaint")
 VISION_TYPES = ("describe", "classify", "prompt_expand")  # answers in the result JSON (and a result.json file)
@@ -188,6 +189,8 @@ class Worker:
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s or max(0.2, lease_s / 3)
         self.stopping = threading.Event()
+        self._running: set[CancelToken] = set()  # the tokens of the job(s) running now (shutdown sets them)
+        self._running_lock = threading.Lock()
         self.webhooks: list[threading.Thread] = []
         self.webhook_backoff = 1.0
         self.preview_every_s = 0.5  # live previews (approximate RGB from the latents) at most this often
@@ -223,8 +226,27 @@ class Worker:
             log.warning("warm-up failed: %s", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
             return []
 
+    def shutdown(self) -> None:
+        """A graceful stop (SIGTERM): claim nothing more; the running job(s) stop at their next step and go
+        back to the queue at once (``JobStore.release``), not counted as an attempt; ``run_forever`` returns."""
+        self.stopping.set()
+        with self._running_lock:
+            for token in self._running:
+                token.cancel(SHUTDOWN)
+
+    def _track(self, token: CancelToken) -> None:
+        with self._running_lock:
+            self._running.add(token)
+        if self.stopping.is_set():  # shut down between the claim and now
+            token.cancel(SHUTDOWN)
+
+    def _untrack(self, token: CancelToken) -> None:
+        with self._running_lock:
+            self._running.discard(token)
+
     def run_forever(self, poll_s: float = 0.5) -> None:
-        self.warm_up()
+        if not self.stopping.is_set():
+            self.warm_up()
         while not self.stopping.is_set():
             if not self.run_once():
                 self.stopping.wait(poll_s)
@@ -271,6 +293,13 @@ class Worker:
 
     def _run_job(self, job: dict) -> None:
         cancel = CancelToken()
+        self._track(cancel)
+        try:
+            self._run_tracked(job, cancel)
+        finally:
+            self._untrack(cancel)
+
+    def _run_tracked(self, job: dict, cancel: CancelToken) -> None:
         state = {"progress": 0.0, "note": "starting", "lost": False}
         done = threading.Event()
 
@@ -304,7 +333,11 @@ class Worker:
             done.set()
             thread.join()
             shutil.rmtree(folder, ignore_errors=True)
-            if not state["lost"]:
+            if state["lost"]:
+                pass
+            elif cancel.reason == SHUTDOWN:
+                self.store.release(job["id"], self.id)
+            else:
                 self.store.canceled(job["id"], self.id)
         except ImagesmithError as exc:
             done.set()
@@ -365,14 +398,17 @@ class Worker:
                     preview(event.latents[lo:lo + 1])
         failed: Exception | None = None
         results = None
+        self._track(cancel)
         try:
             results = self.engine.generate_many(reqs, progress=on_progress, cancel=cancel)
         except Cancelled:
-            pass  # every job was dropped (canceled or lost): nothing to commit
+            pass  # every job was dropped (canceled or lost), or the worker is shutting down: nothing to commit
         except Exception as exc:  # noqa: BLE001 - handled per job below
             log.warning("a batch of %d jobs failed (%s: %s); running them one by one", len(jobs),
                         type(exc).__name__, exc)
             failed = exc
+        finally:
+            self._untrack(cancel)
         # the heartbeat goes on for the jobs not finished yet (a fallback runs them one after another)
         for k, (job, folder) in enumerate(zip(jobs, folders)):
             with lock:
@@ -383,8 +419,11 @@ class Worker:
                     if reason == "finishing" and failed is not None:
                         self._run(job)  # on its own: its own error, or its images (and its own webhook)
                         continue
-                    if reason == "finishing":  # the call stopped with this job still in it: cannot happen
-                        self.store.canceled(job["id"], self.id)
+                    if reason == "finishing":  # the call stopped with this job still in it: a shutdown
+                        if cancel.reason == SHUTDOWN:
+                            self.store.release(job["id"], self.id)
+                        else:
+                            self.store.canceled(job["id"], self.id)
                 else:
                     (folder / PREVIEW_NAME).unlink(missing_ok=True)  # the result replaces the preview
                     out = self._save_generation(results[k], folder)
