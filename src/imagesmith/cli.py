@@ -181,7 +181,7 @@ def generate(
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
                                                   preprocessor=control_preprocessor, weight=control_weight)
         if detailer is not None:
-            from .workflows.detailer import DETAILERS, DetailerOptions
+            from .core.requests import DETAILERS, DetailerOptions
             if detailer not in DETAILERS:
                 raise _Exit(f"--detailer takes {', '.join(DETAILERS)}, not {detailer!r}")
             fields["detailer"] = DetailerOptions(kind=detailer, strength=detailer_strength, prompt=detailer_prompt)

@@ -86,3 +86,8 @@ class TooManyRequests(ImagesmithError):
 
     code = "rate_limited"
     http_status = 429
+
+
+class DatasetError(ImagesmithError):
+    code = "bad_dataset"
+    http_status = 422

@@ -21,6 +21,7 @@ so a reader never sees a partial PNG, even when the writer dies half way.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -67,6 +68,9 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"icns", "ICNS"),
     (b"P1", "PNM"), (b"P2", "PNM"), (b"P3", "PNM"), (b"P4", "PNM"), (b"P5", "PNM"), (b"P6", "PNM"),
 )
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+"""Image files a folder of images (a dataset, a batch) is read from."""
 
 
 def _sniff(head: bytes) -> str | None:
@@ -372,3 +376,15 @@ def output_paths(output: str | os.PathLike[str] | None, count: int, default_dir:
                 start = max(start, int(m.group(1)) + 1)
     tags = [str(s) for s in seeds] if seeds is not None else [stem] * count
     return [folder / f"{start + i:05d}-{tag}.png" for i, tag in enumerate(tags)]
+
+
+def decode_base64(data: str) -> bytes:
+    """An image sent as base64 (A1111's API; a data: URL prefix allowed) -> its bytes; BadRequest otherwise."""
+    if not isinstance(data, str):
+        raise BadRequest("images must be base64 strings")
+    if "," in data[:100] and data.startswith("data:"):
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (ValueError, TypeError):
+        raise BadRequest("not valid base64 image data") from None

@@ -7,7 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..workflows.detailer import DetailerOptions
 
 from .settings import PerformanceMode
 from .sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES, canonical_schedule, split_sampler
@@ -16,6 +15,32 @@ SAMPLERS = tuple(s.label for s in SAMPLER_NAMES)
 SCHEDULES = tuple(s.name for s in SCHEDULE_NAMES)
 NOISE_MODES = ("a1111-cpu", "a1111-gpu", "comfy")
 UPSCALERS = ("Latent", "Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B")
+
+
+DETAILERS = ("face",)
+"""What the face detailer can detect and repaint (engine.detailer)."""
+
+
+class DetailerOptions(BaseModel):
+    """What the detailer does; the field names are the API's and the metadata's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["face"] = Field("face", description="what to detect and repaint (Haar frontal faces)")
+    min_neighbors: int = Field(5, ge=1, le=50, description="Haar detection confidence: overlapping detections "
+                               "a face needs (higher = fewer, surer faces)")
+    min_size: int = Field(24, ge=8, le=4096, description="smallest face side in pixels")
+    max_faces: int = Field(4, ge=1, le=32, description="repaint at most this many faces, largest first")
+    padding: float = Field(0.35, ge=0.0, le=2.0, description="context around each face, as a fraction of its "
+                           "size on each side; the repainted crop and the blend stay inside this padded box")
+    dilate: int = Field(4, ge=0, le=64, description="grow the face box by this many pixels before blurring")
+    mask_blur: float = Field(4.0, ge=0.0, le=64.0, description="Gaussian sigma of the blend mask's edge, pixels")
+    strength: float = Field(0.4, ge=0.0, le=1.0, description="denoising strength of the repaint")
+    steps: int | None = Field(None, ge=1, le=150, description="steps of the repaint; default: the request's")
+    size: int | None = Field(None, ge=64, le=2048, description="working size of the repaint's long side; "
+                             "default: the model's native size")
+    prompt: str = Field("", description="added to the image's prompt for the repaint")
+    negative_prompt: str = Field("", description="added to the image's negative prompt for the repaint")
 
 
 class LoraSpec(BaseModel):

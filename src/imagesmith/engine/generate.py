@@ -142,7 +142,7 @@ class Engine:
                 images.extend(self._run_batch(entry, job, lo, counter))
         details: list[dict | None] = [None] * len(images)
         if req.detailer is not None:  # after the model lock: the detailer's img2img passes take it again
-            from ..workflows.detailer import detail_images
+            from .detailer import detail_images
             base = job.req.model_copy(update={"model": job.entry.name})
             images, details = detail_images(self, base, images, job.seeds, progress=progress, cancel=cancel)
         result = GenerationResult(
@@ -275,7 +275,7 @@ class Engine:
         if result.lora_hashes:
             params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in result.lora_hashes.items())
         if detailer is not None:
-            from ..workflows.detailer import infotext_params
+            from .detailer import infotext_params
             params.update(infotext_params(detailer))
         params["Version"] = f"imagesmith {__version__}"
         prompt = job.prompt + "".join(f" <lora:{l.name}:{_num(l.weight)}>" for l in job.loras)

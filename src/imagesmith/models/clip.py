@@ -20,97 +20,19 @@ folder holding only pickle weights (``pytorch_model.bin``) is refused by name.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..core.errors import BadRequest, NotFound
 from ..core.settings import Settings
+from .house import CLIP_TOKENIZER_DIR
+from .probe import refuse_pickles_in
+from .registry import CLIP_FOLDER, clip_folders, is_transformers_clip
+from .scoring import ClipScoring, with_article
 
 HOUSE_CLIP = "house-clip"
-CLIP_FOLDER = "clip"  # $IMAGESMITH_HOME/models/clip/<name>/
-
-
-def with_article(label: str) -> str:
-    """'apple' -> 'an apple'; labels that already start with an article or a number are kept."""
-    low = label.strip().lower()
-    if not low or low.split()[0] in {"a", "an", "the", "some"} or low[0].isdigit():
-        return label
-    return ("an " if low[0] in "aeiou" else "a ") + label
-
-
-class ClipScoring:
-    """Scoring on top of ``encode_images``, ``encode_texts`` and ``scale``, shared by every backbone."""
-
-    name: str = "clip"
-
-    @staticmethod
-    def _in_batches(items, batch_size: int, features, dim: int) -> torch.Tensor:
-        """``features(batch)`` (unnormalised projections) over ``items`` in batches -> [N, dim] L2-normalised,
-        float32, on the CPU: what every backbone's ``encode_images`` / ``encode_texts`` returns."""
-        out = [F.normalize(features(list(items[i:i + batch_size])).float(), dim=-1).cpu()
-               for i in range(0, len(items), batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, dim)
-
-    def encode_images(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def scale(self) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def score(self, images: Sequence, texts: Sequence[str] | str, *, pairwise: bool = False) -> torch.Tensor:
-        """Cosine similarities (CLIP-score style; multiply by 100 and clip at 0 for the paper's CLIPScore):
-        ``[N_images, N_texts]``, or with ``pairwise=True`` the ``[N]`` similarities of image i and text i."""
-        img, txt = self.encode_images(images), self.encode_texts(texts)
-        if pairwise:
-            if len(img) != len(txt):
-                raise ValueError(f"pairwise score needs as many texts as images ({len(img)} != {len(txt)})")
-            return (img * txt).sum(-1)
-        return img @ txt.t()
-
-    @torch.no_grad()
-    def classify(self, image, labels: Sequence[str], template: str = "a photo of {}", top_k: int = 5,
-                 article: bool = True) -> list[tuple[str, float]]:
-        """Zero-shot classification: the ``top_k`` labels with their softmax probabilities (over all labels,
-        at the learnt logit scale). Each label goes into ``template``, with 'a'/'an' put before it when
-        ``article`` and it has none ('apple' -> 'a photo of an apple')."""
-        return self.classify_many([image], labels, template, top_k, article)[0]
-
-    @torch.no_grad()
-    def classify_many(self, images: Sequence, labels: Sequence[str], template: str = "a photo of {}",
-                      top_k: int = 5, article: bool = True) -> list[list[tuple[str, float]]]:
-        """:meth:`classify` for each of ``images``, the label prompts encoded once."""
-        if not labels:
-            return [[] for _ in images]
-        prompts = [template.format(with_article(lbl) if article else lbl) for lbl in labels]
-        probs = (float(self.scale()) * self.score(list(images), prompts)).softmax(-1)
-        top = probs.topk(min(top_k, len(labels)), dim=-1)
-        return [[(labels[i], float(p)) for p, i in zip(vals, idx)]
-                for vals, idx in zip(top.values.tolist(), top.indices.tolist())]
-
-    @torch.no_grad()
-    def retrieve(self, image, captions: Sequence[str], top_k: int | None = None) -> list[tuple[int, str, float]]:
-        """Captions ranked for ``image``: ``(index, caption, cosine similarity)``, best first."""
-        sims = self.score([image], list(captions))[0]
-        order = sims.argsort(descending=True).tolist()[: top_k or len(captions)]
-        return [(i, captions[i], float(sims[i])) for i in order]
-
-
-def is_transformers_clip(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "clip"
-    except (OSError, ValueError):
-        return False
 
 
 class TransformersClip(ClipScoring):
@@ -119,11 +41,10 @@ class TransformersClip(ClipScoring):
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
-        from .loaders import CLIP_TOKENIZER_DIR, _refuse_pickles_in
         folder = Path(folder)
         if not is_transformers_clip(folder):
             raise BadRequest(f"{folder} is not a transformers CLIP folder (config.json with model_type 'clip')")
-        _refuse_pickles_in(folder)
+        refuse_pickles_in(folder)
         if not any(folder.glob("*.safetensors")):
             raise NotFound(f"{folder} holds no .safetensors weights")
         self.folder = folder
@@ -177,17 +98,6 @@ def _features(x) -> torch.Tensor:
         if isinstance(v, torch.Tensor):
             return v.float()
     raise TypeError(f"unexpected CLIP feature output {type(x).__name__}")
-
-
-def clip_folders(settings: Settings) -> dict[str, Path]:
-    """Transformers CLIP folders the user put under ``models/clip/`` (home first, then extra model paths)."""
-    found: dict[str, Path] = {}
-    for root in settings.model_dirs(CLIP_FOLDER):
-        if root.is_dir():
-            for d in sorted(root.iterdir()):
-                if d.is_dir() and d.name not in found and is_transformers_clip(d):
-                    found[d.name] = d
-    return found
 
 
 def load_clip(name: str | Path | None = None, *, settings: Settings | None = None,

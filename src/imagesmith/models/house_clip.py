@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import ClipScoring
+from .scoring import ClipScoring
 
 HOUSE_CLIP_NAME = "house-clip"
 WEIGHTS_NAME = "model.safetensors"
@@ -151,6 +151,23 @@ def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, nor
     mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
     pooled = (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
     return F.normalize(pooled.float(), dim=-1) if normalize else pooled.float()
+
+
+@torch.no_grad()
+def pooled_features(texts: Sequence[str], tokenizer, text_encoder, batch: int = 128) -> torch.Tensor:
+    """[N, 384] mean-pooled, L2-normalised MiniLM sentence embeddings (float32), batched in length order so
+    padding stays short."""
+    device = next(text_encoder.parameters()).device
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.zeros(len(texts), text_encoder.config.hidden_size)
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out[idx] = mean_pool(hidden, mask).cpu()
+    return out
 
 
 class HouseClipModel(ClipScoring, nn.Module):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..core.errors import MissingModelFile, UnsupportedModel
-from .probe import embedded_configs, probe, read_header, refuse_pickle
+from .probe import embedded_configs, probe, read_header, refuse_pickle, refuse_pickles_in
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 CLIP_TOKENIZER_DIR = CONFIGS_DIR / "tokenizers" / "clip"
@@ -260,17 +260,6 @@ def assemble_config_folder(dest: Path, arch: str, header=None) -> Path:
 
 
 # ================================================================================= safety of folders
-def _refuse_pickles_in(folder: Path) -> None:
-    """A diffusers folder whose weights are only pickles (.bin/.ckpt/.pt/.pth) is refused by name;
-    loading always passes use_safetensors=True as well."""
-    from .probe import PICKLE_SUFFIXES
-    for d in [folder, *[p for p in folder.iterdir() if p.is_dir()]]:
-        files = [p for p in d.iterdir() if p.is_file()]
-        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
-        if pickles and not any(p.suffix == ".safetensors" for p in files):
-            refuse_pickle(pickles[0])
-
-
 def _variant(folder: Path) -> str | None:
     """'fp16' when a folder only has *.fp16.safetensors weights (diffusers repos' variant files)."""
     weights = [p.name for p in folder.rglob("*.safetensors")]
@@ -303,7 +292,7 @@ def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: st
     if path.is_dir():
         from .house import is_house_folder, load_house_pipeline  # house-ldm: packaged MiniLM text encoder
         if is_house_folder(path):
-            _refuse_pickles_in(path)
+            refuse_pickles_in(path)
             pipe = load_house_pipeline(path, torch_dtype, "cpu")
         else:
             pipe = _load_folder(entry, arch, torch_dtype)
@@ -326,7 +315,7 @@ def _sd_kwargs(arch: str) -> dict:
 
 def _load_folder(entry, arch: str, torch_dtype):
     path = Path(entry.path)
-    _refuse_pickles_in(path)
+    refuse_pickles_in(path)
     cls = _pipeline_cls(arch)
     common = dict(local_files_only=True, dtype=torch_dtype, use_safetensors=True, variant=_variant(path))
     if (path / "model_index.json").is_file():
@@ -361,7 +350,7 @@ def _with_companion(entry, arch: str, parts: dict[str, Any], torch_dtype):
     index = _json(Path(companion) / "model_index.json")
     if slot and isinstance(index.get(slot), list) and index[slot][0] is not None and slot not in kwargs:
         kwargs[slot] = resolve_t5_tokenizer(entry, arch)
-    _refuse_pickles_in(Path(companion))
+    refuse_pickles_in(Path(companion))
     try:
         return cls.from_pretrained(str(companion), local_files_only=True, dtype=torch_dtype,
                                    use_safetensors=True, variant=_variant(Path(companion)), **kwargs)
@@ -482,7 +471,7 @@ def load_vae(entry, torch_dtype: torch.dtype = torch.float32):
     if entry.kind == "unsafe":
         refuse_pickle(path)
     if path.is_dir():
-        _refuse_pickles_in(path)
+        refuse_pickles_in(path)
         sub = "vae" if (path / "model_index.json").is_file() else None
         return AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True, dtype=torch_dtype,
                                              use_safetensors=True).eval()
@@ -513,7 +502,7 @@ def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
     if entry.kind == "unsafe":
         refuse_pickle(path)
     if path.is_dir():
-        _refuse_pickles_in(path)
+        refuse_pickles_in(path)
         return ControlNetModel.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype,
                                                use_safetensors=True).eval()
     refuse_pickle(path)

@@ -68,6 +68,16 @@ def refuse_pickle(path: str | Path) -> None:
             f"isolated environment) and put the .safetensors file in {path.parent}.")
 
 
+def refuse_pickles_in(folder: Path) -> None:
+    """A diffusers folder whose weights are only pickles (.bin/.ckpt/.pt/.pth) is refused by name;
+    loading always passes use_safetensors=True as well."""
+    for d in [folder, *[p for p in folder.iterdir() if p.is_dir()]]:
+        files = [p for p in d.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            refuse_pickle(pickles[0])
+
+
 # ------------------------------------------------------------------------------------------ headers
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Tensor names, shapes, dtypes and metadata of a .safetensors file, from its JSON header."""

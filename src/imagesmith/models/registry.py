@@ -13,6 +13,7 @@ are case-insensitive. The registry scans lazily and re-scans on `scan()`."""
 from __future__ import annotations
 
 import difflib
+import json
 import importlib.util
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,29 @@ BUILTIN_UPSCALERS = {
     "R-ESRGAN 4x+": "realesrgan-x4plus",
     "R-ESRGAN 4x+ Anime6B": "realesrgan-x4plus-anime",
 }
+
+CLIP_FOLDER = "clip"  # $IMAGESMITH_HOME/models/clip/<name>/
+
+
+def is_transformers_clip(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "clip"
+    except (OSError, ValueError):
+        return False
+
+
+def clip_folders(settings: Settings) -> dict[str, Path]:
+    """Transformers CLIP folders the user put under ``models/clip/`` (home first, then extra model paths)."""
+    found: dict[str, Path] = {}
+    for root in settings.model_dirs(CLIP_FOLDER):
+        if root.is_dir():
+            for d in sorted(root.iterdir()):
+                if d.is_dir() and d.name not in found and is_transformers_clip(d):
+                    found[d.name] = d
+    return found
 
 
 class ModelEntry(BaseModel):
@@ -224,7 +248,6 @@ class Registry:
                 if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
                     out.append(ModelEntry(name=d.name, kind=kind, path=d, size_bytes=_folder_size(d), format="house",
                                           builtin=True, rel_path=d.name, folder_kind=kind))
-        from .clip import clip_folders  # a user's transformers CLIPs (models/clip/NAME): --clip NAME
         for name, d in clip_folders(self.settings).items():
             out.append(ModelEntry(name=name, kind="clip", arch="clip", path=d, size_bytes=_folder_size(d),
                                   format="transformers", rel_path=name, folder_kind="clip",

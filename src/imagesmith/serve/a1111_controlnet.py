@@ -13,6 +13,7 @@ from typing import Callable
 from fastapi import APIRouter, Request
 
 from ..core.errors import BadRequest
+from ..core.imageio import decode_base64
 from ..core.settings import Settings
 
 MODULES = {"none": "none", "canny": "canny"}  # A1111 module name -> imagesmith preprocessor
@@ -58,7 +59,7 @@ def controlnet_router(settings: Settings, caller: Callable[[Request], dict], rea
         spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high)
         out = []
         for data in images:
-            image = load_image(_b64(data), settings=settings, mode="RGB", what="controlnet input image")
+            image = load_image(decode_base64(data), settings=settings, mode="RGB", what="controlnet input image")
             buf = io.BytesIO()
             preprocess(image, spec).save(buf, format="PNG")
             out.append(base64.b64encode(buf.getvalue()).decode())
@@ -90,7 +91,7 @@ def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:
     if not isinstance(image, str) or not image:
         raise BadRequest("the ControlNet unit needs an image (base64)")
     low, high = _thresholds(unit.get("threshold_a"), unit.get("threshold_b"))
-    return {"model": _HASH_SUFFIX.sub("", str(unit["model"])), "image": upload(_b64(image)),
+    return {"model": _HASH_SUFFIX.sub("", str(unit["model"])), "image": upload(decode_base64(image)),
             "preprocessor": _module(unit.get("module", "none")), "weight": unit.get("weight", 1.0),
             "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
             "canny_low": low, "canny_high": high}
@@ -114,8 +115,3 @@ def _thresholds(a, b) -> tuple[int, int]:
             return default
         return v if 1 <= v <= 255 else default
     return clean(a, 100), clean(b, 200)
-
-
-def _b64(data) -> bytes:
-    from .app import _b64 as decode
-    return decode(data)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .. import __version__
 from ..core.errors import BadRequest, Forbidden, ImagesmithError, NotFound, TooManyRequests, Unauthorized
+from ..core.imageio import decode_base64
 from ..core.settings import Settings
 from .store import JobStore
 from .worker import JOB_TYPES, PREVIEW_NAME, VISION_TYPES, batch_key, job_folder, validate_request
@@ -566,10 +567,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             raise BadRequest("init_images: give one base64 image")
         who = caller(request)
         req = a1111_request(body, who)
-        req["init_image"] = store_upload(_b64(inits[0]), who)["id"]
+        req["init_image"] = store_upload(decode_base64(inits[0]), who)["id"]
         job_type = "img2img"
         if body.get("mask"):
-            req["mask"] = store_upload(_b64(body["mask"]), who)["id"]
+            req["mask"] = store_upload(decode_base64(body["mask"]), who)["id"]
             job_type = "inpaint"
             if "mask_blur" in body:
                 req["mask_blur"] = body["mask_blur"]
@@ -605,7 +606,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         body = await json_object(request)
         if not isinstance(body.get("image"), str) or not body["image"]:
             raise BadRequest("image: give a base64 image")
-        meta = read_png_metadata(_b64(body["image"]), settings=settings)
+        meta = read_png_metadata(decode_base64(body["image"]), settings=settings)
         return {"info": meta.get("parameters") or "", "items": {k: v for k, v in (meta.get("parsed") or {}).items()},
                 "parameters": meta.get("parsed") or {}, "imagesmith": meta.get("imagesmith")}
 
@@ -619,7 +620,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         if upscaler in ("None", None):
             raise BadRequest("upscaler_1: choose an upscaler (GET /sdapi/v1/upscalers)")
         who = caller(request)
-        req = {"image": store_upload(_b64(body["image"]), who)["id"], "scale": body.get("upscaling_resize", 2),
+        req = {"image": store_upload(decode_base64(body["image"]), who)["id"], "scale": body.get("upscaling_resize", 2),
                "upscaler": upscaler}
         job = await run_sync("upscale", req, who)
         if isinstance(job, JSONResponse):
@@ -709,14 +710,3 @@ async def json_object(request: Request) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
-
-
-def _b64(data: str) -> bytes:
-    if not isinstance(data, str):
-        raise BadRequest("images must be base64 strings")
-    if "," in data[:100] and data.startswith("data:"):
-        data = data.split(",", 1)[1]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (ValueError, TypeError):
-        raise BadRequest("not valid base64 image data") from None

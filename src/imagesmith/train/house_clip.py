@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..models.house import TEXT_ENCODER_NAME, TEXT_ENCODER_PACKAGE, load_text_encoder, minilm_dir
 from ..models.house_clip import (HOUSE_CLIP_NAME, HouseClipArch, HouseClipModel, clip_loss, default_house_clip_dir,
-                                 load_house_clip, mean_pool)
+                                 load_house_clip, pooled_features)
 from . import common as C
 
 log = logging.getLogger(__name__)
@@ -142,23 +142,6 @@ def text_encoder_dir(config: HouseClipConfig | None = None) -> Path:
     if config is not None and config.text_encoder_path is not None:
         return Path(config.text_encoder_path)
     return minilm_dir()
-
-
-@torch.no_grad()
-def pooled_features(texts: Sequence[str], tokenizer, text_encoder, batch: int = 128) -> torch.Tensor:
-    """[N, 384] mean-pooled, L2-normalised MiniLM sentence embeddings (float32), batched in length order so
-    padding stays short."""
-    device = next(text_encoder.parameters()).device
-    texts = list(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.zeros(len(texts), text_encoder.config.hidden_size)
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        out[idx] = mean_pool(hidden, mask).cpu()
-    return out
 
 
 def _to_uint8(image: torch.Tensor, size: int) -> torch.Tensor:

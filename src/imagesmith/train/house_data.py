@@ -61,6 +61,7 @@ import textwrap
 import time
 import unicodedata
 from ..core.errors import ImagesmithError
+from ..core.phrases import with_article  # noqa: F401 - used here and by the house trainers
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -252,9 +253,6 @@ NAME_OVERRIDES = MappingProxyType({
 })
 
 # nouns used without an article ('bacon strips on a wooden table')
-_MASS_NOUNS = frozenset({"sushi", "broccoli", "fire", "fog", "bricks", "glasses", "sunglasses", "goggles", "jeans",
-                         "shorts", "skis", "maracas", "chains", "headphones", "dice"})
-_SINGULAR_S = ("ss", "us", "is", "ous")
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -515,22 +513,7 @@ def _exclusion(group: str, subgroup: str, name: str) -> str | None:
     return None
 
 
-def with_article(phrase: str) -> str:
-    """'apple' -> 'an apple', 'small blue apple' -> 'a small blue apple', 'cherries' -> 'cherries'."""
-    words = phrase.split()
-    last = words[-1].lower() if words else ""
-    head = phrase.split(" of ")[0].split()[-1].lower() if " of " in phrase else last
-    if head in _MASS_NOUNS or (head.endswith("s") and not head.endswith(_SINGULAR_S)):
-        return phrase
-    first = phrase.lower()
-    if first.startswith(("uni", "use", "euro", "one", "ufo")):
-        return "a " + phrase
-    if first.startswith(("hour", "honest", "x-ray", "8", "11 ", "18 ")) or first[:1] in "aeiou":
-        return "an " + phrase
-    return "a " + phrase
 
-
-# ------------------------------------------------------------------------------------------- colour
 def _hsv(rgb01: np.ndarray) -> np.ndarray:
     """Float RGB in 0..1 (..., 3) -> HSV with H in degrees [0, 360), S and V in 0..1."""
     flat = np.ascontiguousarray(rgb01.reshape(-1, 1, 3), dtype=np.float32)

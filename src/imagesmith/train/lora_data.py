@@ -17,15 +17,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..core.errors import ImagesmithError
+from ..core.errors import DatasetError
+from ..core.imageio import IMAGE_EXTS
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 
-class DatasetError(ImagesmithError):
-    code = "bad_dataset"
-    http_status = 422
+
 
 
 @dataclass

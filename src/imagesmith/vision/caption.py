@@ -44,12 +44,12 @@ class Captioner:
             raise ValueError("no labels: give some (--labels) or ship labels.json with house-clip")
         self.labels = list(labels)
         self.segmenter = segmenter or resolve_segmenter(None)
-        from ..train.house_data import with_article
+        from ..core.phrases import with_article
         self._article = with_article
         self._label_embeds = self.clip.encode_texts([f"a photo of {with_article(n)}" for n in self.labels])
 
     def backdrop_colour(self, image: Image.Image) -> str:
-        from ..train.backdrops import BACKDROP_COLOURS
+        from .colours import BACKDROP_COLOURS
         rgb = np.asarray(image.convert("RGB"), np.float32)
         alpha = np.asarray(self.segmenter.predict(image.convert("RGB")), np.float32)
         if alpha.max() > 1.0:
@@ -77,7 +77,8 @@ def caption_folder(folder: str | Path, *, overwrite: bool = False, trigger_word:
     ``overwrite``); returns one record per image: file, caption, written."""
     from tqdm.auto import tqdm
 
-    from ..train.lora_data import IMAGE_EXTS, DatasetError
+    from ..core.errors import DatasetError
+    from ..core.imageio import IMAGE_EXTS
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"dataset folder {folder} does not exist")

@@ -44,7 +44,7 @@ class SafetyGate:
         if self._encoder is None:
             from ..models.house import load_text_encoder
             self._encoder = load_text_encoder()
-        from ..train.house_clip import pooled_features
+        from ..models.house_clip import pooled_features
         return pooled_features(texts, *self._encoder).float().numpy()
 
     def check_prompt(self, text: str) -> SafetyVerdict:

@@ -32,7 +32,7 @@ VOCAB: dict[str, tuple[str, ...]] = {
 class PromptAssistant:
     def __init__(self, top: int = 4):
         from ..models.house import load_text_encoder
-        from ..train.house_clip import pooled_features
+        from ..models.house_clip import pooled_features
         self._tok, self._enc = load_text_encoder()
         self._pool = pooled_features
         self.top = top

@@ -101,7 +101,7 @@ def check_gate(gate, image: Image.Image, *, accept: str | None, threshold: float
 
 def build_prompt(description: dict, concept: str | None) -> str:
     """The object the photo shows, in the concept's scene; without a concept the description's caption."""
-    from ..train.house_data import with_article
+    from ..core.phrases import with_article
     concept = " ".join((concept or "").split())
     if not concept:
         return description["caption"]

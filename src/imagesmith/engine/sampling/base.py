@@ -9,8 +9,8 @@ from typing import Callable, Protocol
 import torch
 
 from .model_sampling import ModelSampling
+from .noise import NoiseSampler, gaussian_noise_sampler
 
-NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(sigma, sigma_next) -> unit-variance noise shaped like the latent."""
 
 
@@ -87,7 +87,6 @@ def uncond_of(model, denoised: torch.Tensor) -> torch.Tensor:
 
 def gaussian_stream(x: torch.Tensor, ctx: SamplerContext) -> NoiseSampler:
     """The fresh draws of ancestral samplers: ctx.noise_sampler when given, else the run's seeded stream."""
-    from .noise import gaussian_noise_sampler  # noqa: PLC0415 - noise imports this module
     return ctx.noise_sampler if ctx.noise_sampler is not None else gaussian_noise_sampler(x, ctx.seed)
 
 

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
-from .base import NoiseSampler
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""`noise(sigma, sigma_next) -> tensor like x`: a sampler's fresh draws."""
 
 
 def gaussian_noise_sampler(x: torch.Tensor, seed: int | None, *, offset: int = 0) -> NoiseSampler:

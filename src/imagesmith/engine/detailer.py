@@ -10,7 +10,7 @@ For every face box (OpenCV's Haar frontal-face cascade, shipped inside opencv-py
 So every pixel outside the padded boxes is the input's, bit for bit. Used from generation
 (``GenerateRequest(detailer=DetailerOptions())``, ``imagesmith generate --detailer face``), or on any image:
 
-    from imagesmith.workflows.detailer import DetailerOptions, FaceDetailer
+    from imagesmith.engine.detailer import DetailerOptions, FaceDetailer
     image, report = FaceDetailer(engine, DetailerOptions(strength=0.4)).detail(image, request, seed=1)
 
 ``report`` says what was done (faces with their boxes, the options); ``infotext_params(report)`` gives the
@@ -22,40 +22,14 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:  # core.requests imports this module (GenerateRequest.detailer): no runtime import back
-    from ..core.requests import GenerateRequest
-
-DETAILERS = ("face",)
+from ..core.requests import DetailerOptions, GenerateRequest
 HAAR_MODEL = "face_haar"
 HAAR_FILE = "haarcascade_frontalface_default.xml"
-
-
-class DetailerOptions(BaseModel):
-    """What the detailer does; the field names are the API's and the metadata's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["face"] = Field("face", description="what to detect and repaint (Haar frontal faces)")
-    min_neighbors: int = Field(5, ge=1, le=50, description="Haar detection confidence: overlapping detections "
-                               "a face needs (higher = fewer, surer faces)")
-    min_size: int = Field(24, ge=8, le=4096, description="smallest face side in pixels")
-    max_faces: int = Field(4, ge=1, le=32, description="repaint at most this many faces, largest first")
-    padding: float = Field(0.35, ge=0.0, le=2.0, description="context around each face, as a fraction of its "
-                           "size on each side; the repainted crop and the blend stay inside this padded box")
-    dilate: int = Field(4, ge=0, le=64, description="grow the face box by this many pixels before blurring")
-    mask_blur: float = Field(4.0, ge=0.0, le=64.0, description="Gaussian sigma of the blend mask's edge, pixels")
-    strength: float = Field(0.4, ge=0.0, le=1.0, description="denoising strength of the repaint")
-    steps: int | None = Field(None, ge=1, le=150, description="steps of the repaint; default: the request's")
-    size: int | None = Field(None, ge=64, le=2048, description="working size of the repaint's long side; "
-                             "default: the model's native size")
-    prompt: str = Field("", description="added to the image's prompt for the repaint")
-    negative_prompt: str = Field("", description="added to the image's negative prompt for the repaint")
 
 
 @dataclass(frozen=True)

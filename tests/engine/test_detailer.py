@@ -10,8 +10,9 @@ from PIL import Image
 
 from imagesmith.core.requests import GenerateRequest
 from imagesmith.engine.generate import Engine
-from imagesmith.workflows import detailer as D
-from imagesmith.workflows.detailer import DetailerOptions, FaceDetailer, detect_faces
+from imagesmith.engine import detailer as D
+from imagesmith.core.requests import DetailerOptions
+from imagesmith.engine.detailer import FaceDetailer, detect_faces
 
 from test_cli import TINY, run_cli
 
