@@ -269,6 +269,22 @@ class AdRequest(CheckedSampling):
         "keep leaves them; auto clears them in banners (cropped from a wider scene) and for house models")
 
 
+class CutoutRequest(BaseModel):
+    """Background removal of one image."""
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="an uploaded file id (the service) or a path (Python)")
+
+
+class UpscaleRequest(BaseModel):
+    """One image made larger by an upscaler."""
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="an uploaded file id (the service) or a path (Python)")
+    scale: float = Field(4.0, gt=1, le=8, description="how many times larger, in (1, 8]")
+    upscaler: Literal["Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"] = "R-ESRGAN 4x+"
+
+
 class DescribeRequest(BaseModel):
     """``imagesmith describe`` / the service's ``describe`` job: caption, tags, ImageNet classes, colours."""
     model_config = ConfigDict(extra="forbid")

@@ -28,7 +28,8 @@ from ..core.errors import BadRequest, Forbidden, ImagesmithError, NotFound, TooM
 from ..core.imageio import decode_base64
 from ..core.settings import Settings
 from .store import JobStore
-from .worker import JOB_TYPES, PREVIEW_NAME, VISION_TYPES, batch_key, job_folder, validate_request
+from .jobs import JOB_TYPES, JOBS, openapi_body, validate_request
+from .worker import PREVIEW_NAME, batch_key, job_folder
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -280,7 +281,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             out["batch"] = job["result"]["batch"]
         if job["status"] == "running" and preview_path(job) is not None:
             out["preview_url"] = f"/v1/jobs/{job['id']}/preview"
-        if job["type"] in (*VISION_TYPES, "restyle") and job.get("result"):  # the answer, not only its files
+        if getattr(JOBS.get(job["type"]), "answers", False) and job.get("result"):  # the answer, not only its files
             out["result"] = {k: v for k, v in job["result"].items() if k != "files"}
         return out
 
@@ -676,6 +677,16 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
             store.cancel(job["id"])
         return {"interrupted": len(running)}
 
+    def openapi_with_job_types() -> dict:
+        """The generated document, with POST /v1/jobs' body shown as what it is: one request schema per job type,
+        chosen by ``type`` (serve.jobs), instead of an untyped ``request`` object."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            body, named = openapi_body()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(named)
+            schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"] = body
+        return app.openapi_schema
+    app.openapi = openapi_with_job_types  # type: ignore[method-assign]
     return app
 
 

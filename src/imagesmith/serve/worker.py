@@ -29,100 +29,11 @@ from ..core.errors import Cancelled, ImagesmithError
 from ..core.progress import CancelToken, ProgressEvent
 from ..core.requests import GenerateRequest
 from ..core.settings import Settings
+from .jobs import JOB_TYPES, JOBS, spec
 from .store import JobStore
 
 log = logging.getLogger(__name__)
 SHUTDOWN = "worker shutting down"
-
-GENERATE_TYPES = ("generate", "img2img", "inpaint")
-VISION_TYPES = ("describe", "classify", "prompt_expand")  # answers in the result JSON (and a result.json file)
-WORKFLOW_TYPES = ("restyle", "storyboard")
-JOB_TYPES = (*GENERATE_TYPES, "cutout", "ad", "upscale", "grid", *VISION_TYPES, *WORKFLOW_TYPES)
-
-
-def validate_request(job_type: str, request: dict, settings: Settings | None = None) -> tuple[dict, str | None]:
-    """(normalised request, model name for affinity); raises pydantic's ValidationError or BadRequest."""
-    from ..core.errors import BadRequest
-    if job_type in GENERATE_TYPES:
-        req = GenerateRequest.model_validate(request)
-        if job_type in ("img2img", "inpaint") and not req.init_image:
-            raise BadRequest(f"a {job_type} job needs request.init_image (an uploaded file id or path)")
-        if job_type == "inpaint" and not req.mask:
-            raise BadRequest("an inpaint job needs request.mask")
-        return req.model_dump(mode="json"), req.model
-    if job_type == "cutout":
-        if not isinstance(request.get("image"), str):
-            raise BadRequest("a cutout job needs request.image (an uploaded file id or path)")
-        return {"image": request["image"]}, None
-    if job_type == "upscale":
-        if not isinstance(request.get("image"), str):
-            raise BadRequest("an upscale job needs request.image (an uploaded file id)")
-        scale = request.get("scale", 4)
-        if not isinstance(scale, (int, float)) or not 1 < float(scale) <= 8:
-            raise BadRequest("request.scale must be a number in (1, 8]")
-        upscaler = str(request.get("upscaler", "R-ESRGAN 4x+"))
-        if upscaler not in ("Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"):
-            raise BadRequest(f"unknown upscaler {upscaler!r}; known: Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B")
-        return {"image": request["image"], "scale": float(scale), "upscaler": upscaler}, None
-    if job_type == "grid":
-        from ..eval.grid import GridRequest
-        req = GridRequest.model_validate(request)
-        req.plan()  # every cell's request is valid before the job is queued
-        if req.base.init_image or req.base.mask:
-            raise BadRequest("grid jobs are txt2img sweeps: no init_image or mask")
-        return req.model_dump(mode="json"), req.base.model
-    if job_type == "ad":
-        from ..core.requests import AdRequest
-        from ..compose.contrast import parse_hex
-        from ..compose.formats import parse_formats
-        req = AdRequest.model_validate(request)
-        parse_formats(req.formats)  # an unknown format or a bad colour is a 4xx now, not a failed job later
-        if req.brand_color:
-            parse_hex(req.brand_color)
-        return req.model_dump(mode="json"), req.model
-    if job_type == "restyle":
-        from ..workflows.restyle import RestyleRequest
-        req = RestyleRequest.model_validate(request)
-        if req.gate:
-            from ..vision.classify import Gate
-            Gate(req.gate)  # an unknown gate is a 4xx now
-        _check_clip(req.clip, settings)
-        return req.model_dump(mode="json"), req.model
-    if job_type == "storyboard":
-        from ..workflows.storyboard import StoryboardRequest, plan_storyboard
-        for key in ("output", "llm", "safety"):  # the service picks the folder, the endpoint and keeps safety on
-            if key in request:
-                raise BadRequest(f"storyboard jobs do not take request.{key}")
-        req = StoryboardRequest.model_validate(request)
-        from ..models.house import make_registry
-        plan_storyboard(req, registry=make_registry(settings or Settings.from_env()))  # too short, unsafe, unknown style
-        return req.model_dump(mode="json"), req.model
-    if job_type in VISION_TYPES:
-        from ..core import requests as R
-        model = {"describe": R.DescribeRequest, "classify": R.ClassifyRequest,
-                 "prompt_expand": R.PromptExpandRequest}[job_type]
-        req = model.model_validate(request)
-        if job_type == "classify" and req.gate:
-            from ..vision.classify import Gate
-            gate = Gate(req.gate, settings)  # an unknown gate is a 4xx now
-            if req.clip is not None and req.clip != gate.embedder:
-                raise BadRequest(f"gate {req.gate!r} runs on the CLIP it was trained on ({gate.embedder}), not "
-                                 f"{req.clip}")
-        _check_clip(getattr(req, "clip", None), settings)
-        return req.model_dump(mode="json"), None
-    raise BadRequest(f"unknown job type {job_type!r}; known: {', '.join(JOB_TYPES)}")
-
-
-def _check_clip(name: str | None, settings: Settings | None) -> None:
-    """A request's ``clip`` must be house-clip or a registered transformers CLIP, by name (never a path)."""
-    if name is None or name == "house-clip":
-        return
-    from ..models.clip import clip_folders
-    known = clip_folders(settings or Settings.from_env())
-    if name not in known:
-        from ..core.errors import NotFound
-        raise NotFound(f"no CLIP named {name!r}; known: {', '.join(['house-clip', *known])}")
-
 
 def batch_key(job_type: str, request: dict) -> str | None:
     """The key under which queued jobs may share one pipeline call (None: this job runs on its own). Only
@@ -152,9 +63,9 @@ def batch_key(job_type: str, request: dict) -> str | None:
     if req.noise == "comfy" and SAMPLERS_BY_NAME[sampler].noise is not None:
         return None  # ComfyUI's sampler noise is one stream over its batch (Engine.batch_key)
     loras: dict[str, float] = {}
-    for spec in [*req.loras, *tag_loras]:  # the engine's rule: the last mention of a name wins
-        loras.pop(spec.name, None)
-        loras[spec.name] = spec.weight
+    for lora in [*req.loras, *tag_loras]:  # the engine's rule: the last mention of a name wins
+        loras.pop(lora.name, None)
+        loras[lora.name] = lora.weight
     fields = {"v": 1, "model": req.model, "vae": req.vae, "loras": list(loras.items()), "clip_skip": req.clip_skip,
               "steps": req.steps, "cfg_scale": req.cfg_scale, "cfg_rescale": req.cfg_rescale, "sampler_name": sampler,
               "scheduler": schedule, "noise": req.noise, "ensd": req.eta_noise_seed_delta,
@@ -443,7 +354,7 @@ class Worker:
 
     def _previewer(self, job: dict, folder: Path):
         """A callable that writes ``preview.jpg`` from latents (throttled), or None for jobs/models without one."""
-        if job["type"] not in (*GENERATE_TYPES, "grid", "restyle", "storyboard"):
+        if not getattr(JOBS.get(job["type"]), "preview", False):
             return None
         from ..core.preview import factors_for, latents_preview
         try:
@@ -496,75 +407,9 @@ class Worker:
                 "failures": [f.model_dump() for f in result.failures], "seconds": result.seconds}
 
     def execute(self, job: dict, folder: Path, progress: Callable, cancel: CancelToken) -> dict[str, Any]:
-        from ..core.imageio import save_png_atomic
+        """Run one job into its attempt folder (serve.jobs: each type's run)."""
         folder.mkdir(parents=True, exist_ok=True)
-        if job["type"] in GENERATE_TYPES:
-            req = GenerateRequest.model_validate(job["request"])
-            return self._save_generation(self.engine.generate(req, progress=progress, cancel=cancel), folder)
-        if job["type"] == "cutout":
-            from ..core.imageio import load_image
-            from ..vision.cutout import cutout
-            image = load_image(job["request"]["image"], settings=self.settings, mode=None, what="image")
-            cut = cutout(image)
-            path = folder / "cutout.png"
-            save_png_atomic(cut.rgba, path)
-            return {"files": [{"path": str(path), "width": cut.rgba.width, "height": cut.rgba.height}]}
-        if job["type"] == "ad":
-            return self._ad(job, folder, progress, cancel)
-        if job["type"] == "grid":
-            from ..eval.grid import GridRequest, run_grid
-            result = run_grid(self.engine, GridRequest.model_validate(job["request"]), folder, progress=progress,
-                              cancel=cancel)
-            grid = result.grid_path
-            from PIL import Image as _Image
-            with _Image.open(grid) as im:
-                size = im.size
-            return {"files": [{"path": str(grid), "kind": "png", "width": size[0], "height": size[1]},
-                              {"path": str(result.json_path), "kind": "json"}], "seconds": round(result.seconds, 3)}
-        if job["type"] == "upscale":
-            from ..core.imageio import load_image
-            image = load_image(job["request"]["image"], settings=self.settings, mode="RGB", what="image")
-            up = self.engine.upscalers().get(job["request"]["upscaler"])
-
-            def tiles(done: int, total: int) -> None:
-                cancel.raise_if_cancelled()
-                progress(ProgressEvent(done, total, "upscale"))
-            big = up.upscale(image, job["request"]["scale"], progress=tiles)
-            path = folder / "upscaled.png"
-            save_png_atomic(big, path)
-            return {"files": [{"path": str(path), "width": big.width, "height": big.height}]}
-        if job["type"] == "restyle":
-            from ..workflows.restyle import RestyleRequest, restyle
-            done = restyle(RestyleRequest.model_validate(job["request"]), engine=self.engine, output=folder / "restyle",
-                           progress=progress, cancel=cancel)
-            out = folder / "restyle"
-            image = done.image
-            return {"files": [{"path": str(out / "restyled.png"), "kind": "png", "seed": done.record["seed"],
-                               "infotext": done.record["infotext"], "width": image.width, "height": image.height},
-                              {"path": str(out / "boxes.png"), "kind": "png"},
-                              {"path": str(out / "restyle.json"), "kind": "json"}],
-                    "objects": done.record["objects"], "prompt": done.record["prompt"], "gate": done.record["gate"]}
-        if job["type"] == "storyboard":
-            from ..workflows.storyboard import StoryboardRequest, storyboard
-
-            def panels(done: int, total: int, label: str) -> None:
-                cancel.raise_if_cancelled()  # between panels
-                progress(ProgressEvent(done, total, label))
-            req = StoryboardRequest.model_validate({**job["request"], "output": str(folder / "storyboard")})
-            board = storyboard(req, engine=self.engine, progress=panels, safety_gate=self.safety)
-            files = [{"path": board.sheet_png, "kind": "png"}, {"path": board.sheet_pdf, "kind": "pdf"},
-                     {"path": board.manifest_path, "kind": "json"}]
-            files += [{"path": str(Path(board.out_dir) / p.file), "kind": "png", "seed": p.seed}
-                      for p in board.panels]
-            return {"files": files, "pages": board.pages, "seconds": round(board.seconds, 3),
-                    "panels": [{"index": p.index, "shot": p.shot, "prompt": p.prompt, "seed": p.seed}
-                               for p in board.panels]}
-        if job["type"] in VISION_TYPES:
-            answer = self._vision(job["type"], job["request"])
-            path = folder / "result.json"
-            path.write_text(json.dumps(answer, indent=1, ensure_ascii=False), encoding="utf-8")
-            return {**answer, "files": [{"path": str(path), "kind": "json"}]}
-        raise ImagesmithError(f"unknown job type {job['type']!r}")
+        return spec(job["type"]).run(self, job, folder, progress, cancel)
 
     def _save_generation(self, result, folder: Path) -> dict[str, Any]:
         """A generation's images as PNGs with their metadata (after the safety check) and the job's result."""
