@@ -69,3 +69,23 @@ def test_flags_are_where_they_belong():
     assert {n for n, s in JOBS.items() if s.answers} == {"describe", "classify", "prompt_expand", "restyle"}
     assert {n for n, s in JOBS.items() if s.preview} == {"generate", "img2img", "inpaint", "grid", "restyle",
                                                          "storyboard"}
+
+
+def test_unknown_ids_are_404_on_every_route_that_takes_one(client):
+    """Every route with an id in its path answers a well-formed id that does not exist with a 404 JSON error (a new
+    route is covered as soon as it exists)."""
+    import re
+    import uuid
+    ids = {"job_id": str(uuid.uuid4()), "upload_id": uuid.uuid4().hex, "index": "0"}
+    checked = 0
+    for route in client.app.routes:
+        path = getattr(route, "path", "")
+        if "{" not in path:
+            continue
+        url = path.replace("{file_id:path}", f"{uuid.uuid4()}-0")
+        url = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: ids.get(m[1], "nope"), url)
+        for method in sorted((getattr(route, "methods", None) or set()) - {"HEAD"}):
+            r = client.request(method, url, json={})
+            assert r.status_code == 404 and "error" in r.json(), (method, path, r.status_code, r.text[:200])
+            checked += 1
+    assert checked >= 7
