@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers import StableDiffusionInpaintPipeline
         from imagesmith.core.requests import GenerateRequest
         from imagesmith.engine.prompts import encode_pair_sd
-        from imagesmith.engine.samplers import make_scheduler
+        from diffusers_baseline import make_scheduler
         from imagesmith.models.house import HOUSE_NAME, SHIPPED_DIR, load_house_pipeline
         init = Image.new("RGB", (128, 128), (128, 128, 128))
         mask = Image.new("L", (128, 128), 255)

@@ -51,7 +51,7 @@ def bench_cpu(runs: int) -> dict:
     from imagesmith.core.requests import GenerateRequest
     from imagesmith.core.settings import Settings
     from imagesmith.engine.generate import Engine
-    from imagesmith.engine.samplers import make_scheduler
+    from diffusers_baseline import make_scheduler
 
     with tempfile.TemporaryDirectory() as home:
         t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from imagesmith.core.settings import Settings
     from imagesmith.engine.generate import Engine
     from imagesmith.engine.prompts import encode_pair_sd
-    from imagesmith.engine.samplers import make_scheduler
+    from diffusers_baseline import make_scheduler
     from imagesmith.models.house import HOUSE_NAME, SHIPPED_DIR, load_house_pipeline
 
     prompt = "a teapot on a wooden table"

@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imagesmith.cli import main
+from fixtures.cli import TINY, run_cli
 
-TINY = ["--model", "tiny-sd15", "-W", "64", "-H", "64", "--steps", "3"]
 
 
 @pytest.fixture
@@ -24,14 +23,6 @@ def env(tiny_home, monkeypatch):
     return {**os.environ, "IMAGESMITH_HOME": str(tiny_home.home)}
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_json_and_info_round_trip(env, capsys, tmp_path):

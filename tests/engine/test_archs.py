@@ -43,9 +43,19 @@ def test_single_file_equals_folder(engine):
 
 def test_sdxl_img2img_and_lora(engine, tmp_path):
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
-    r = engine.generate(GenerateRequest(prompt="x", model="tiny-sdxl", init_image=str(tmp_path / "red.png"),
-                                        denoising_strength=0.5, steps=4, seed=1, sampler_name="Euler"))
-    assert r.images[0].size == (64, 64)
+
+    def run(weight: float | None):
+        loras = [] if weight is None else [LoraSpec(name="tiny-lora-sdxl-peft", weight=weight)]
+        return engine.generate(GenerateRequest(prompt="x", model="tiny-sdxl", init_image=str(tmp_path / "red.png"),
+                                               denoising_strength=0.5, steps=4, seed=1, sampler_name="Euler",
+                                               loras=loras))
+    plain, zero, one = run(None), run(0.0), run(1.0)
+    assert plain.images[0].size == (64, 64)
+    assert np.array_equal(px(plain.images[0]), px(zero.images[0]))  # weight 0: exactly the base model
+    assert np.abs(px(one.images[0]) - px(plain.images[0])).mean() > 1  # the SDXL LoRA acts on img2img
+    assert "Lora hashes: \"tiny-lora-sdxl-peft: " in one.records[0].infotext
+    # img2img at strength 0.5 keeps some of the init image's red (the tiny random VAE is a poor painter)
+    assert px(plain.images[0])[..., 0].mean() > px(plain.images[0])[..., 2].mean() + 8
 
 
 def test_flow_models_run_every_sampler_but_refuse_what_cannot_work(engine):

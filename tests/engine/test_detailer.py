@@ -14,7 +14,7 @@ from imagesmith.engine import detailer as D
 from imagesmith.core.requests import DetailerOptions
 from imagesmith.engine.detailer import FaceDetailer, detect_faces
 
-from test_cli import TINY, run_cli
+from fixtures.cli import TINY, run_cli
 
 # skimage.data.astronaut(): Eileen Collins' NASA portrait (public domain), 512x512, shipped inside the wheel
 ASTRONAUT_FACE = (170, 60, 280, 170)  # x0, y0, x1, y1 around her face, by eye

@@ -168,7 +168,6 @@ def test_warm_up_runs_each_bucket(engine):
 @pytest.mark.parametrize("arch", ["sdxl", "flux"])
 def test_fused_qkv_and_channels_last_keep_the_pixels(arch, tmp_path):
     """quality's lossless changes (what a GPU gets) applied on the CPU: the same image, up to float rounding."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from fixtures import tiny
     pipe = tiny.build_sdxl(0) if arch == "sdxl" else tiny.build_flux(0, tmp_path)
     e = Engine(Settings(home=tmp_path / "home"), device="cpu")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 from imagesmith.core.errors import BadRequest
 from imagesmith.core.requests import GenerateRequest, LoraSpec
 from imagesmith.engine.generate import Engine

@@ -11,7 +11,7 @@ import yaml
 from imagesmith.engine.generate import Engine
 from imagesmith.eval.report import ReportConfig, run_report
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 CONFIG = {
     "title": "tiny check",

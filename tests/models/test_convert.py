@@ -93,7 +93,7 @@ def test_sd2_openclip_single_file_round_trip(tmp_path):
                                 attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
     te = tiny._clip(32)
     pipe = StableDiffusionPipeline(unet=unet, vae=tiny._vae(64), text_encoder=te, tokenizer=tiny._clip_tokenizer(),
-                                   scheduler=DDIMScheduler(prediction_type="v_prediction"), safety_checker=None,
+                                   scheduler=DDIMScheduler(prediction_type="v_prediction", steps_offset=1, clip_sample=False), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     path = convert.export_single_file(pipe, "sd2", tmp_path / "sd2.safetensors")
     header = read_header(path)

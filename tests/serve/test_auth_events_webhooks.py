@@ -18,7 +18,7 @@ from imagesmith.serve.store import JobStore, token_digest
 from imagesmith.serve.webhooks import webhook_secret
 from imagesmith.serve.worker import Worker
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 GEN = {"prompt": "a red apple", "model": "tiny-sd15", "width": 64, "height": 64, "steps": 3, "seed": 5,
        "sampler_name": "Euler"}

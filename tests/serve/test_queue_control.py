@@ -15,7 +15,7 @@ from imagesmith.serve.app import create_app
 from imagesmith.serve.store import JobStore
 from imagesmith.serve.worker import Worker
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 GEN = {"prompt": "a red apple", "model": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "seed": 5,
        "sampler_name": "Euler"}

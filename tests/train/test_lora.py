@@ -22,7 +22,7 @@ from imagesmith.models.lora_keys import from_kohya, sdxl_unet_module_to_ldm, to_
 from imagesmith.train import lora as L
 from imagesmith.train.lora_data import LoraDataset, make_buckets, scan_folder
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 COLOURS = {"red": (220, 40, 30), "blue": (30, 60, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
 

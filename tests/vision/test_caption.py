@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from imagesmith.vision.caption import Captioner
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 
 def disc_on(backdrop: tuple[int, int, int], size: int = 128) -> Image.Image:

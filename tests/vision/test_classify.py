@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 
 def shape(colour, kind: str, seed: int, size: int = 96) -> Image.Image:

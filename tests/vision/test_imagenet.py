@@ -13,7 +13,7 @@ from PIL import Image
 
 from imagesmith.models.legacy_pth import UnsafePickle, read_legacy_state_dict
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 skimage_data = pytest.importorskip("skimage.data")
 

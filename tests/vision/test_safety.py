@@ -8,7 +8,7 @@ from PIL import Image
 
 from imagesmith.vision.safety import SafetyGate, SafetyPolicy
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 from test_product_ad import product_photo
 
 

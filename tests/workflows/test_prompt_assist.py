@@ -9,7 +9,7 @@ import pytest
 from imagesmith.core.errors import BadRequest
 from imagesmith.workflows.prompt_assist import VOCAB, PromptAssistant
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_prompt_expand_uses_a_configured_llm_and_falls_back_offline(capsys, monk
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from test_cli import run_cli
+    from fixtures.cli import run_cli
     seen = []
 
     class Fake(BaseHTTPRequestHandler):

@@ -14,7 +14,7 @@ from imagesmith.engine.generate import Engine
 from imagesmith.models.house_clip import default_house_clip_dir
 from imagesmith.workflows.restyle import Refused, RestyleRequest, find_objects, restyle
 
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 LABELS = set(json.loads((default_house_clip_dir() / "labels.json").read_text(encoding="utf-8")))
 FAST = dict(steps=3, seed=11)

@@ -18,7 +18,7 @@ from imagesmith.core.errors import BadRequest
 from imagesmith.workflows.storyboard import (
     KO_EN, LLMConfig, Scene, StoryboardRequest, detect_shot, find_characters, fit_panels, plan_storyboard,
     render_sheet, review_length, split_scenes, trigger_word, _fonts)
-from test_cli import run_cli
+from fixtures.cli import run_cli
 
 EN = """Title: Milo's Rainy Morning
 

@@ -141,6 +141,26 @@ def test_every_sampler_with_every_schedule_runs_on_sd15(engine):
     assert len(seen) == len(SCHEDULE_NAMES) - 1
 
 
+def test_each_sampler_name_runs_its_own_algorithm(engine):
+    """On one schedule every sampler in the list makes its own latents, except the pairs that are one algorithm by
+    definition (ComfyUI's DDIM is Euler; DDIM CFG++ is Euler CFG++; they differ only in their default schedule):
+    a name wired to another sampler's function fails here. Each function's numbers are ComfyUI's (test_oracle)."""
+    from imagesmith.core.sampling_names import SAMPLER_NAMES
+    # the only names expected to give the same numbers here; A1111's Restart adds its restarts from 20 steps on
+    same = {"ddim": "euler", "ddim_cfg_pp": "euler_cfg_pp", "restart": "heun"}
+    latents = {s.name: engine.generate(req(sampler_name=s.name, scheduler="karras", steps=6)).latents
+               for s in SAMPLER_NAMES}
+    for name, twin in same.items():
+        assert torch.equal(latents[name], latents[twin]), (name, twin)
+    distinct = [n for n in latents if n not in same]
+    for i, a in enumerate(distinct):
+        for b in distinct[i + 1:]:
+            assert not torch.allclose(latents[a], latents[b], atol=1e-6), (a, b)
+    assert len(distinct) >= 35
+    at20 = {n: engine.generate(req(sampler_name=n, scheduler="karras", steps=20)).latents for n in ("heun", "restart")}
+    assert not torch.allclose(at20["heun"], at20["restart"], atol=1e-6)
+
+
 def test_the_result_carries_the_latents_before_the_vae(engine):
     r = engine.generate(req(batch_size=2, batch_count=2, sampler_name="Euler", steps=4))
     assert tuple(r.latents.shape) == (4, 4, 8, 8)

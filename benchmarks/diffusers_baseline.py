@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import diffusers
 
-from ..core.errors import BadRequest
-from ..core.requests import SAMPLERS
-from ..core.sampling_names import resolve_sampling, sampler_label
+from imagesmith.core.errors import BadRequest
+from imagesmith.core.requests import SAMPLERS
+from imagesmith.core.sampling_names import resolve_sampling, sampler_label
 
 SCHEDULES = ("normal", "karras", "exponential")
 
