@@ -35,6 +35,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 SHUTDOWN = "worker shutting down"
 
+
 def batch_key(job_type: str, request: dict) -> str | None:
     """The key under which queued jobs may share one pipeline call (None: this job runs on its own). Only
     txt2img ``generate`` requests with ``batch_count`` 1 and no ControlNet or detailer; the key covers everything
