@@ -123,3 +123,46 @@ def test_requeue_is_for_admins_and_answers_404_and_409(home):
     assert r.status_code == 200 and r.json()["status"] == "queued"
     missing = client.post("/v1/queue/jobs/nope/requeue", headers=as_root)
     assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_a1111_options_are_per_user_durable_and_defaults_for_their_requests(home, tiny_home):
+    """POST /sdapi/v1/options is the caller's own (another user's options are untouched), survives a restart of the
+    API (a new app on the same database), and its picture-deciding values apply to that user's later requests."""
+    import json as _json
+    (home.models_dir / "checkpoints" / "tiny-sdxl").symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sdxl",
+                                                              target_is_directory=True)
+    db = f"sqlite:///{home.home / 'jobs.db'}"
+    store = JobStore(db)
+    store.add_user("ann")
+    store.add_user("bob")
+    ann, bob = ({"Authorization": f"Bearer {store.create_token(u)}"} for u in ("ann", "bob"))
+    client = TestClient(create_app(home, store, require_auth=True, sync_timeout=120))
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl", "CLIP_stop_at_last_layers": 2,
+                                               "eta_noise_seed_delta": 31337, "show_progressbar": True}, headers=ann)
+    assert r.status_code == 200 and r.json()["sd_model_checkpoint"] == "tiny-sdxl" and r.json()["show_progressbar"]
+    for bad in ({"sd_model_checkpoint": "nope"}, {"CLIP_stop_at_last_layers": 0}, {"randn_source": "NV"},
+                {"eta_noise_seed_delta": -1}, {"sd_vae": "no-such-vae"}):
+        r = client.post("/sdapi/v1/options", json=bad, headers=ann)
+        assert 400 <= r.status_code < 500 and "error" in r.json(), bad
+    assert client.get("/sdapi/v1/options", headers=ann).json()["CLIP_stop_at_last_layers"] == 2  # nothing half-saved
+    assert client.get("/sdapi/v1/options", headers=bob).json()["sd_model_checkpoint"] != "tiny-sdxl"
+    restarted = TestClient(create_app(home, JobStore(db), require_auth=True, sync_timeout=120))
+    assert restarted.get("/sdapi/v1/options", headers=ann).json()["eta_noise_seed_delta"] == 31337
+    from imagesmith.engine.generate import Engine
+    from imagesmith.serve.worker import Worker
+    import threading
+    worker = Worker(JobStore(db), home, engine=Engine(home, device="cpu"), lease_s=30)
+    thread = threading.Thread(target=worker.run_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    thread.start()
+    try:
+        body = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 1}
+        info = _json.loads(restarted.post("/sdapi/v1/txt2img", json=body, headers=ann).json()["info"])["infotexts"][0]
+        assert "Model: tiny-sdxl" in info and "Clip skip: 2" in info and "ENSD: 31337" in info
+        mine = {**body, "override_settings": {"CLIP_stop_at_last_layers": 1}}  # the request's own setting wins
+        info = _json.loads(restarted.post("/sdapi/v1/txt2img", json=mine, headers=ann).json()["info"])["infotexts"][0]
+        assert "Clip skip" not in info and "Model: tiny-sdxl" in info
+        info = _json.loads(restarted.post("/sdapi/v1/txt2img", json=body, headers=bob).json()["info"])["infotexts"][0]
+        assert "Model: tiny-sdxl" not in info and "ENSD" not in info  # bob's requests: the server's defaults
+    finally:
+        worker.stopping.set()
+        thread.join(10)

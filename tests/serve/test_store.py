@@ -16,7 +16,7 @@ from imagesmith.core.errors import BadRequest, NotFound
 from imagesmith.serve.store import JobStore, QueueFull
 
 
-HEAD = "0004"  # the newest migration (0002: uploads, 0003: jobs.batch_key, 0004: queue_state)
+HEAD = "0005"  # the newest migration (0002: uploads, 0003: jobs.batch_key, 0004: queue_state, 0005: a1111_options)
 PG = os.environ.get("IMAGESMITH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     app = FastAPI(title="imagesmith", version=__version__,
                   description="Native job API (/v1) and A1111-compatible API (/sdapi/v1) on one durable queue.")
     app.state.settings, app.state.store = settings, store
-    options: dict[str, Any] = {"sd_model_checkpoint": _default_checkpoint_name(settings)}
+    default_options: dict[str, Any] = {"sd_model_checkpoint": _default_checkpoint_name(settings)}
 
     def caller(request: Request) -> dict:
         header = request.headers.get("authorization", "")
@@ -499,7 +499,11 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         overrides = body.get("override_settings") or {}
         if not isinstance(overrides, dict):
             raise BadRequest("override_settings must be an object")
-        model = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
+        # the caller's saved options (POST /sdapi/v1/options) under this request's own settings, as in A1111
+        saved = {k: v for k, v in {**default_options, **store.a1111_options(who["name"])}.items()
+                 if k in A1111_OPTIONS and not (k == "CLIP_stop_at_last_layers" and "clip_skip" in body)}
+        overrides = {**saved, **overrides}
+        model = overrides.get("sd_model_checkpoint")
         if model:
             req["model"] = model
         # per-request A1111 settings that decide the picture (A1111 applies them to this request only)
@@ -647,18 +651,17 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
 
     @app.get("/sdapi/v1/options")
     def get_options(request: Request):
-        caller(request)
-        return options
+        """The caller's A1111 options: the server's defaults under what they have set (kept per user, durable)."""
+        return {**default_options, **store.a1111_options(user_of(request))}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
-        caller(request)
+        """Set the caller's options. The ones that decide a picture (A1111_OPTIONS) are checked and become that
+        user's defaults for later txt2img/img2img requests; other A1111 options are kept and echoed back."""
+        who = caller(request)
         body = await json_object(request)
-        if "sd_model_checkpoint" in body:
-            from ..models.house import make_registry
-            make_registry(settings).get(body["sd_model_checkpoint"], "checkpoint")  # must exist
-            options["sd_model_checkpoint"] = body["sd_model_checkpoint"]
-        return options
+        check_a1111_options(body, settings)
+        return {**default_options, **store.set_a1111_options(who["name"], body)}
 
     @app.get("/sdapi/v1/progress")
     def progress(request: Request):
@@ -701,6 +704,31 @@ def _basic_auth_user(store: JobStore, credentials: str) -> dict:
     if who is None or (name and name != who["name"]):
         raise Unauthorized("invalid Basic credentials: give your user name and an imagesmith token as the password")
     return who
+
+
+A1111_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "randn_source")
+"""The A1111 options that decide a picture: a user's saved values are their defaults (override_settings wins)."""
+
+
+def check_a1111_options(options: dict, settings: Settings) -> None:
+    """BadRequest for a picture-deciding option with a value imagesmith cannot use (before anything is saved)."""
+    from ..models.house import make_registry
+    if "sd_model_checkpoint" in options:
+        make_registry(settings).get(str(options["sd_model_checkpoint"]), "checkpoint")  # must exist
+    vae = options.get("sd_vae")
+    if vae not in (None, "Automatic", "None"):
+        make_registry(settings).get(str(vae), "vae")
+    clip = options.get("CLIP_stop_at_last_layers")
+    if clip is not None and (not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12):
+        raise BadRequest("CLIP_stop_at_last_layers must be a whole number from 1 to 12")
+    ensd = options.get("eta_noise_seed_delta")
+    if ensd is not None and (not isinstance(ensd, int) or isinstance(ensd, bool) or ensd < 0):
+        raise BadRequest("eta_noise_seed_delta must be a whole number >= 0")
+    source = options.get("randn_source")
+    if source is not None and str(source).upper() not in ("CPU", "GPU"):
+        raise BadRequest(f"randn_source {source!r}: imagesmith draws A1111's CPU or GPU noise (NV is not emulated)")
+    if len(json.dumps(options, default=str)) > 65536:
+        raise BadRequest("options: at most 64 KB of JSON")
 
 
 def _default_checkpoint_name(settings: Settings) -> str | None:

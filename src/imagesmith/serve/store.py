@@ -124,6 +124,14 @@ class UploadRow(Base):
                 "created_at": self.created_at}
 
 
+class A1111OptionsRow(Base):
+    """A user's A1111 options (``POST /sdapi/v1/options``): their defaults for later requests."""
+    __tablename__ = "a1111_options"
+    user: Mapped[str] = mapped_column(String(64), primary_key=True)
+    options: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class QueueStateRow(Base):
     """Whether workers may claim jobs (``paused``: jobs are still accepted and wait; running ones finish)."""
     __tablename__ = "queue_state"
@@ -351,6 +359,22 @@ class JobStore:
             state = {"paused": bool(row and row.paused), "changed_at": row and row.changed_at,
                      "changed_by": row and row.changed_by, "reason": row and row.reason}
         return {**state, "depth": self.depth()}
+
+    def a1111_options(self, user: str) -> dict[str, Any]:
+        """The A1111 options ``user`` has set (empty when none)."""
+        with self.sessions() as s:
+            row = s.get(A1111OptionsRow, user)
+            return dict(row.options) if row is not None else {}
+
+    def set_a1111_options(self, user: str, updates: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``updates`` into ``user``'s A1111 options (durable; other users' are untouched); the result."""
+        with self.sessions() as s:
+            row = s.get(A1111OptionsRow, user) or A1111OptionsRow(user=user, options={})
+            row.options = {**(row.options or {}), **updates}
+            row.updated_at = time.time()
+            s.add(row)
+            s.commit()
+            return dict(row.options)
 
     def set_paused(self, paused: bool, *, by: str = "local", reason: str | None = None) -> dict[str, Any]:
         """Pause (workers claim nothing; submissions are still accepted and wait; running jobs finish) or
