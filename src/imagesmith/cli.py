@@ -301,6 +301,7 @@ def _machine_info(settings, as_json: bool) -> None:
     caps = perf.Capabilities.detect(pick_device(settings.device))
     def planned(mode: str, arch: str) -> dict:
         p = perf.plan(mode, caps, compile_setting=settings.compile, cuda_graphs=settings.cuda_graphs,
+                      compile_scope=settings.compile_scope,
                       hotswap=settings.lora_max_rank is not None, arch=arch)
         return {"runs": p.mode, "features": p.features(), "notes": list(p.notes)}
 

@@ -46,6 +46,25 @@ def test_plan_on_a_hopper_gpu_turns_everything_on():
     assert fa3.attention == "flash3" and "flash-attention-3" in fa3.features()
 
 
+def test_compile_scope_is_regional_unless_asked_whole():
+    q = perf.plan("quality", H200, arch="sdxl")
+    assert q.compile and not q.compile_whole and "compile" in q.features()
+    whole = perf.plan("quality", H200, compile_scope="whole", cuda_graphs=True, arch="sdxl")
+    assert whole.compile_whole and whole.cuda_graphs and {"compile-whole", "cuda-graphs"} <= set(whole.features())
+    assert "compile" not in whole.features()
+    assert not perf.plan("quality", CPU, compile_scope="whole").compile_whole  # nothing compiled on the CPU
+    settings = Settings.from_env(home=Path("/tmp/x"))
+    assert settings.compile_scope == "auto"
+
+
+def test_compile_scope_from_the_environment(monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_COMPILE_SCOPE", "Whole")
+    assert Settings.from_env().compile_scope == "whole"
+    monkeypatch.setenv("IMAGESMITH_COMPILE_SCOPE", "everything")
+    with pytest.raises(ValueError):
+        Settings.from_env()
+
+
 def test_modes_the_device_cannot_run_fall_back_with_a_reason():
     f = perf.plan("fast", A100)  # no fp8 before compute capability 8.9
     assert f.mode == "quality" and not f.fp8 and f.compile
@@ -214,7 +233,8 @@ def test_lora_hotswap_slots_match_plain_adapters(tiny_home):
 def test_gpu_bench_dry_run(tmp_path):
     """The device script's Python half on tiny models on the CPU: every section runs and reports."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_modes.py"), "--dry-run", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_modes.py"), "--dry-run", "--out", str(out),
+                           "--flux-modes", "quality@eager,quality,fast,turbo"],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -226,6 +246,12 @@ def test_gpu_bench_dry_run(tmp_path):
             assert r["modes"][mode]["s_per_image"] > 0, (arch, mode, r["modes"][mode])
         assert r["modes"]["fast"]["mode_run"] == "quality"  # no fp8 on a CPU
         assert r["modes"]["turbo"]["psnr_vs_quality_db"] > 10
+        assert r["modes"]["quality"]["per_step_s"] > 0 and r["modes"]["quality"]["vae_decode_s"] > 0
+    eager = report["archs"]["flux"]["modes"]["quality@eager"]  # a variant: its own model and server settings
+    assert eager["s_per_image"] > 0 and "compile" not in eager["features"]
+    assert report["archs"]["flux"]["modes"]["turbo"]["psnr_reference"] == "quality@eager"
+    sweep = report["samplers_on_device"]  # CPU against CPU here: the code path, not the GPU's numbers
+    assert sweep["summary"]["errors"] == 0 and sweep["summary"]["agree"] == sweep["summary"]["cases"] >= 3
     lora = report["archs"]["sdxl"]["lora_switch"]
     assert lora["hotswap"]["new_adapters"] == 0 and lora["hotswap"]["switch_s"] > 0
 

@@ -52,6 +52,9 @@ class Settings(BaseModel):
         "(quality: lossless; fast: + fp8 on Ada/Hopper; turbo: + step caching)")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="IMAGESMITH_COMPILE: regional torch.compile (auto: on CUDA with Triton, off on CPU)")
+    compile_scope: Literal["auto", "regional", "whole"] = Field(
+        "auto", description="IMAGESMITH_COMPILE_SCOPE: compile the denoiser's repeated blocks (regional: fast to "
+        "compile) or the whole network (whole: slower to compile, fuses everything); auto picks per architecture")
     cuda_graphs: bool = Field(False, description="IMAGESMITH_CUDA_GRAPHS=1: compile with CUDA graphs "
                               "(reduce-overhead); more memory, fewer kernel launches")
     lora_max_rank: int | None = Field(None, ge=1, description="IMAGESMITH_LORA_MAX_RANK: hot-swap LoRAs into "
@@ -81,7 +84,8 @@ class Settings(BaseModel):
                 values[key] = int(float(env[name]) * 1024**3)
         values["cpu_offload"] = env.get("IMAGESMITH_CPU_OFFLOAD", "") in ("1", "true", "yes")
         values["vae_tiling"] = env.get("IMAGESMITH_VAE_TILING", "") in ("1", "true", "yes")
-        for key, name in (("performance", "IMAGESMITH_PERFORMANCE"), ("compile", "IMAGESMITH_COMPILE")):
+        for key, name in (("performance", "IMAGESMITH_PERFORMANCE"), ("compile", "IMAGESMITH_COMPILE"),
+                          ("compile_scope", "IMAGESMITH_COMPILE_SCOPE")):
             if env.get(name):
                 values[key] = env[name].strip().lower()
         values["cuda_graphs"] = env.get("IMAGESMITH_CUDA_GRAPHS", "") in ("1", "true", "yes")

@@ -386,7 +386,8 @@ class Engine:
         offload = self.settings.cpu_offload and self.device.type == "cuda"
         return perf.plan(req.performance or self.settings.performance, self.capabilities,
                          compile_setting="off" if offload else self.settings.compile,
-                         cuda_graphs=self.settings.cuda_graphs, has_loras=has_loras,
+                         cuda_graphs=self.settings.cuda_graphs, compile_scope=self.settings.compile_scope,
+                         has_loras=has_loras,
                          hotswap=self.settings.lora_max_rank is not None, arch=arch)
 
     def _prepare_model(self, entry, head: _Job, members: list[_Job]) -> None:
@@ -613,6 +614,8 @@ class Engine:
                                  for j, lo, n in rows for i in range(lo, lo + n)])
         else:
             noise = K.initial_noise(req.noise, (len(seeds),) + shape, seeds, device=self.device)
+        if self.device.type != "cpu":  # the sampler's arithmetic runs beside the network: no copy, no sync per step
+            noise, latent, mask, concat = (None if t is None else t.to(self.device) for t in (noise, latent, mask, concat))
         denoiser = self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat)
         if job.plan is not None and job.plan.step_cache is not None:
             denoiser = StepCache(denoiser, sigmas, threshold=job.plan.step_cache)

@@ -32,6 +32,10 @@ log = logging.getLogger("imagesmith.performance")
 
 MODES: tuple[str, ...] = get_args(PerformanceMode)
 CompileSetting = Literal["auto", "on", "off"]
+CompileScope = Literal["auto", "regional", "whole"]
+WHOLE_COMPILE_ARCHS: tuple[str, ...] = ()
+"""Architectures that `IMAGESMITH_COMPILE_SCOPE=auto` compiles whole rather than block by block (see
+benchmarks/results/gpu_modes.json for the measurement behind the choice)."""
 FP8_ARCHS = ("flux", "sd3")
 """Where fp8 pays. On SDXL's UNet at 1024x1024 torchao's dynamic fp8 made a step slower, not faster (H200,
 2026-12-04: 2.73 s per image against 1.77 s in quality; benchmarks/results/gpu_modes.json): its linear layers are
@@ -95,6 +99,8 @@ class Plan:
     fuse_qkv: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_whole: bool = False
+    """the whole denoiser is one compiled graph (ResNets, up/down-samplers included), not only its repeated blocks"""
     cuda_graphs: bool = False
     fp8: bool = False
     step_cache: float | None = None
@@ -103,7 +109,9 @@ class Plan:
     def features(self) -> list[str]:
         out = ["flash-attention-3" if self.attention == "flash3" else "sdpa"]
         out += [name for name, on in (("fused-qkv", self.fuse_qkv), ("channels-last", self.channels_last),
-                                      ("compile", self.compile), ("cuda-graphs", self.cuda_graphs),
+                                      ("compile", self.compile and not self.compile_whole),
+                                      ("compile-whole", self.compile and self.compile_whole),
+                                      ("cuda-graphs", self.cuda_graphs),
                                       ("fp8", self.fp8)) if on]
         if self.step_cache is not None:
             out.append(f"step-cache {self.step_cache:g}")
@@ -125,7 +133,8 @@ class Plan:
 
 
 def plan(requested: str, caps: Capabilities, *, compile_setting: CompileSetting = "auto", cuda_graphs: bool = False,
-         has_loras: bool = False, hotswap: bool = False, step_cache: float = STEP_CACHE_THRESHOLD,
+         compile_scope: CompileScope = "auto", has_loras: bool = False, hotswap: bool = False,
+         step_cache: float = STEP_CACHE_THRESHOLD,
          arch: str | None = None) -> Plan:
     """The plan for `requested` on `caps`: every feature the mode names that the device can run; the others
     switched off with a note that says why and what runs instead. QKV fusion is skipped for requests with LoRAs
@@ -160,8 +169,10 @@ def plan(requested: str, caps: Capabilities, *, compile_setting: CompileSetting 
     if requested == "fast" and not fp8:
         mode = "quality"
         notes.append("running quality, the nearest mode that works here")
+    whole = compile_scope == "whole" or (compile_scope == "auto" and arch in WHOLE_COMPILE_ARCHS)
     return Plan(requested=requested, mode=mode, attention=attention, fuse_qkv=gpu and not has_loras and not hotswap,
-                channels_last=gpu, compile=compiled, cuda_graphs=compiled and cuda_graphs and gpu, fp8=fp8,
+                channels_last=gpu, compile=compiled, compile_whole=compiled and whole,
+                cuda_graphs=compiled and cuda_graphs and gpu, fp8=fp8,
                 step_cache=step_cache if requested == "turbo" else None, notes=tuple(notes))
 
 
@@ -205,7 +216,7 @@ def prepare(pipe, state: dict, p: Plan) -> torch.nn.Module:
             applied["fp8_net"] = fp8_net
         net = fp8_net
     if p.compile and id(net) not in applied["compiled"]:
-        _timed(applied, "compile-wrap", lambda: compile_regions(net, cuda_graphs=p.cuda_graphs))
+        _timed(applied, "compile-wrap", lambda: compile_regions(net, cuda_graphs=p.cuda_graphs, whole=p.compile_whole))
         applied["compiled"].add(id(net))
     return net
 
@@ -235,14 +246,15 @@ def quantize_fp8(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-def compile_regions(net: torch.nn.Module, *, cuda_graphs: bool = False, **extra) -> None:
+def compile_regions(net: torch.nn.Module, *, cuda_graphs: bool = False, whole: bool = False, **extra) -> None:
     """Regional compilation: each repeated block (diffusers' ``_repeated_blocks``: UNet transformer blocks, FLUX's
     double and single blocks) compiled once and reused, which compiles in a fraction of whole-model time; a
-    model without declared blocks is compiled whole."""
+    model without declared blocks, or `whole`, is compiled as one graph (longer to compile; the ResNets and
+    samplers between the blocks are fused too, and CUDA graphs then cover a whole call)."""
     kwargs = {"fullgraph": True, "dynamic": False, **extra}
     if cuda_graphs:
         kwargs["mode"] = "reduce-overhead"
-    if getattr(net, "_repeated_blocks", None) and hasattr(net, "compile_repeated_blocks"):
+    if not whole and getattr(net, "_repeated_blocks", None) and hasattr(net, "compile_repeated_blocks"):
         net.compile_repeated_blocks(**kwargs)
     else:
         net.compile(**kwargs)

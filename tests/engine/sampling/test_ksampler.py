@@ -92,3 +92,24 @@ def test_a1111_ancestral_noise_without_ensd_repeats_the_initial_noise():
 def test_bad_ranges(steps, denoise, needle):
     with pytest.raises(BadRequest, match=needle):
         K.plan_sigmas(MS, "euler", "karras", steps, denoise=denoise)
+
+
+def test_a_0d_sigma_stays_a_scalar_beside_latents_on_any_device():
+    """Samplers keep sigmas as 0-d CPU tensors while the latents sit on the GPU; a 0-d tensor broadcasts from
+    the CPU, a [1, 1, 1, 1] one does not. The H200 run that found this: benchmarks/results/gpu_modes.json."""
+    from imagesmith.engine.sampling.base import append_dims, to_d
+    from imagesmith.engine.sampling.model_sampling import _append_dims
+    sigma = torch.tensor(2.5)
+    assert append_dims(sigma, 4).shape == () and _append_dims(sigma, 4).shape == ()
+    assert append_dims(torch.ones(3), 4).shape == (3, 1, 1, 1)
+    x, d = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.allclose(to_d(x, sigma, d), (x - d) / 2.5)
+    assert torch.allclose(to_d(x, sigma * torch.ones(2), d), (x - d) / 2.5)
+
+
+def test_brownian_increments_come_back_where_the_latents_are():
+    from imagesmith.engine.sampling.noise import brownian_noise_sampler
+    x = torch.zeros(2, 4, 8, 8, dtype=torch.float64)
+    draw = brownian_noise_sampler(x, 0.1, 10.0, [1, 2])
+    w = draw(torch.tensor(5.0), torch.tensor(4.0))
+    assert w.shape == x.shape and w.device == x.device and w.std() > 0.5

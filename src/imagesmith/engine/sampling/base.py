@@ -55,6 +55,10 @@ SamplerFn = Callable[[Denoiser, torch.Tensor, torch.Tensor, SamplerContext], tor
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """`x` with trailing singleton dimensions up to `ndim`; a 0-d tensor stays 0-d (it broadcasts as it is, and
+    a 0-d CPU sigma may meet CUDA latents, which a [1, 1, 1, 1] CPU tensor may not)."""
+    if x.ndim == 0:
+        return x
     return x[(...,) + (None,) * (ndim - x.ndim)]
 
 

@@ -25,6 +25,10 @@ class Conditioning:
         added = None if a.added is None else {k: torch.cat([a.added[k], b.added[k]]) for k in a.added}
         return Conditioning(torch.cat([a.embeds, b.embeds]), added)
 
+    def to(self, device, dtype) -> "Conditioning":
+        added = None if self.added is None else {k: v.to(device, dtype) for k, v in self.added.items()}
+        return Conditioning(self.embeds.to(device, dtype), added)
+
 
 @dataclass
 class ControlSpec:
@@ -40,12 +44,17 @@ class ControlSpec:
 class UNetDenoiser:
     def __init__(self, unet, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
                  *, control: ControlSpec | None = None, concat: torch.Tensor | None = None, cfg_rescale: float = 0.0):
-        self.unet, self.ms, self.cond, self.uncond, self.cfg = unet, ms, cond, uncond, float(cfg_scale)
-        self.cfg_rescale = float(cfg_rescale)
-        self.control = control
-        self.concat = concat  # inpainting UNets: [mask, masked-image latents] per image
         self.dtype = next(unet.parameters()).dtype
         self.device = next(unet.parameters()).device
+        self.unet, self.ms, self.cfg = unet, ms, float(cfg_scale)
+        # moved to the network's device and dtype once, not at every step
+        self.cond = cond.to(self.device, self.dtype)
+        self.uncond = None if uncond is None else uncond.to(self.device, self.dtype)
+        self.both = Conditioning.cat(self.uncond, self.cond) if self.uncond is not None else None
+        self.cfg_rescale = float(cfg_rescale)
+        self.control = control
+        self.control_image = None if control is None else control.image.to(self.device, self.dtype)
+        self.concat = concat  # inpainting UNets: [mask, masked-image latents] per image
         self.last_uncond: torch.Tensor | None = None
         self.calls = 0
 
@@ -57,7 +66,7 @@ class UNetDenoiser:
         if self.concat is not None:
             xin = torch.cat([xin, self.concat.to(xin)], dim=1)
         t = self.ms.timestep_for_network(sigma)
-        cond = Conditioning.cat(self.uncond, self.cond) if guided else self.cond
+        cond = self.both if guided else self.cond
         if guided:
             xin, t = torch.cat([xin, xin]), torch.cat([t, t])
         out = self._net(xin.to(self.device, self.dtype), t.to(self.device), cond, sigma[0]).float().to(x.device)
@@ -78,7 +87,7 @@ class UNetDenoiser:
             kwargs["added_cond_kwargs"] = {k: v.to(self.device, self.dtype) for k, v in cond.added.items()}
         c = self.control
         if c is not None and c.sigma_end <= float(sigma) <= c.sigma_start and c.scale != 0:
-            image = c.image.to(self.device, self.dtype)
+            image = self.control_image
             if image.shape[0] != xin.shape[0]:
                 image = image.repeat(xin.shape[0] // image.shape[0], 1, 1, 1)
             ctrl_kwargs = dict(kwargs)

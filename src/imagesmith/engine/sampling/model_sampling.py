@@ -204,6 +204,8 @@ class FlowModelSampling(ModelSampling):
 
 def _append_dims(x, ndim: int) -> torch.Tensor:
     x = _to_tensor(x)
+    if x.ndim == 0:  # broadcasts as it is, on any device (see base.append_dims)
+        return x
     return x[(...,) + (None,) * (ndim - x.ndim)]
 
 

@@ -48,12 +48,13 @@ class _Brownian:
             w0 = w0[0]
         else:
             seeds = [seeds]
+        self.device = x.device  # the increments go where the latents are; the trees live on the CPU
         t0, t1, w0 = t0.detach().cpu(), t1.detach().cpu(), w0.detach().cpu()
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=_wrap_seed(s)) for s in seeds]
 
     def __call__(self, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
         t0, t1, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
-        device, dtype = t0.device, t0.dtype
+        device, dtype = self.device, t0.dtype
         t0, t1 = t0.detach().cpu().float(), t1.detach().cpu().float()
         with warnings.catch_warnings():  # torchsde warns when a float32 query sits an ulp outside its float64 ends
             warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
