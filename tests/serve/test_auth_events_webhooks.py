@@ -88,6 +88,57 @@ def test_rate_limit(home):
     assert codes[:3] == [200, 200, 200] and codes[-1] == 429
 
 
+def test_the_websocket_has_the_same_caller_as_http_rate_limit_included(home):
+    """One dependency names the caller of HTTP and WebSocket routes: the socket takes a Bearer header, HTTP Basic
+    or ?token=, is refused (4401) without one on a server that requires auth, and counts against the same rate
+    limit as the user's HTTP calls (4429 past it)."""
+    import base64
+
+    from starlette.websockets import WebSocketDisconnect
+    store = JobStore(f"sqlite:///{home.home / 'jobs-ws.db'}")
+    store.add_user("ann")
+    ann = store.create_token("ann")
+    client = TestClient(create_app(home, store, require_auth=True, rate_per_minute=4))
+    job = client.post("/v1/jobs", json={"type": "generate", "request": GEN},
+                      headers={"Authorization": f"Bearer {ann}"}).json()["job_id"]  # 1st call of ann's 4
+    store.cancel(job)
+
+    def close_code(url, headers=None):
+        try:
+            with client.websocket_connect(url, headers=headers or {}) as ws:
+                return ws.receive_json()["status"]
+        except WebSocketDisconnect as exc:
+            return exc.code
+    assert close_code(f"/v1/jobs/{job}/ws") == 4401
+    assert close_code(f"/v1/jobs/{job}/ws?token=ism_wrong") == 4401
+    assert close_code(f"/v1/jobs/{job}/ws?token={ann}") == "canceled"  # 2nd
+    basic = "Basic " + base64.b64encode(f"ann:{ann}".encode()).decode()
+    assert close_code(f"/v1/jobs/{job}/ws", {"Authorization": basic}) == "canceled"  # 3rd
+    assert close_code(f"/v1/jobs/{job}/ws", {"Authorization": f"Bearer {ann}"}) == "canceled"  # 4th
+    assert close_code(f"/v1/jobs/{job}/ws?token={ann}") == 4429  # the same bucket as HTTP
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {ann}"}).status_code == 429
+    assert client.get(f"/v1/jobs/{job}?token={ann}").status_code == 401  # ?token= is for WebSockets only
+
+
+def test_every_route_but_health_needs_a_caller(home):
+    """No route forgets the caller check (each router's routes are listed from the OpenAPI document)."""
+    import re
+    store = JobStore(f"sqlite:///{home.home / 'jobs-open.db'}")
+    client = TestClient(create_app(home, store, require_auth=True))
+    open_routes = {"/healthz", "/readyz"}
+    checked = 0
+    for path, operations in client.app.openapi()["paths"].items():
+        url = re.sub(r"\{(\w+)\}", "0", path)
+        for method in operations:
+            r = client.request(method.upper(), url, json={})
+            if path in open_routes:
+                assert r.status_code == 200, path
+            else:
+                assert r.status_code == 401, (method, path, r.status_code)
+                checked += 1
+    assert checked >= 40
+
+
 class _Hook(BaseHTTPRequestHandler):
     received: list = []
     fail_first = 1

@@ -10,62 +10,59 @@ import io
 import re
 from typing import Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
-from ..core.errors import BadRequest
-from ..core.imageio import decode_base64
-from ..core.settings import Settings
+from ...core.errors import BadRequest
+from ...core.imageio import decode_base64
+from .context import Svc, caller, json_object
 
 MODULES = {"none": "none", "canny": "canny"}  # A1111 module name -> imagesmith preprocessor
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"
 
 
-def controlnet_router(settings: Settings, caller: Callable[[Request], dict], read_json) -> APIRouter:
-    router = APIRouter(prefix="/controlnet", tags=["a1111"])
+router = APIRouter(prefix="/controlnet", tags=["a1111"], dependencies=[Depends(caller)])
 
-    @router.get("/version")
-    def version(request: Request):
-        caller(request)
-        return {"version": 2}
 
-    @router.get("/model_list")
-    def model_list(request: Request):
-        caller(request)
-        from ..models.house import make_registry
-        return {"model_list": [e.name for e in make_registry(settings).list("controlnet")]}
+@router.get("/version")
+def version():
+    return {"version": 2}
 
-    @router.get("/module_list")
-    def module_list(request: Request):
-        caller(request)
-        return {"module_list": list(MODULES), "module_detail": {
-            "none": {"model_free": False, "sliders": []},
-            "canny": {"model_free": False, "sliders": [
-                {"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
-                {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}}
 
-    @router.post("/detect")
-    async def detect(request: Request):
-        """The preprocessor alone, as the extension's Preview: images in, detected maps out (base64 PNG)."""
-        caller(request)
-        body = await read_json(request)
-        module = _module(body.get("controlnet_module", "none"))
-        images = body.get("controlnet_input_images") or body.get("controlnet_images") or []
-        if not isinstance(images, list) or not images:
-            raise BadRequest("controlnet_input_images: give one or more base64 images")
-        from ..core.imageio import load_image
-        from ..core.requests import ControlNetSpec
-        from ..engine.controlnet import preprocess
-        low, high = _thresholds(body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b"))
-        spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high)
-        out = []
-        for data in images:
-            image = load_image(decode_base64(data), settings=settings, mode="RGB", what="controlnet input image")
-            buf = io.BytesIO()
-            preprocess(image, spec).save(buf, format="PNG")
-            out.append(base64.b64encode(buf.getvalue()).decode())
-        return {"images": out, "info": "Success"}
+@router.get("/model_list")
+def model_list(svc: Svc):
+    from ...models.house import make_registry
+    return {"model_list": [e.name for e in make_registry(svc.settings).list("controlnet")]}
 
-    return router
+
+@router.get("/module_list")
+def module_list():
+    return {"module_list": list(MODULES), "module_detail": {
+        "none": {"model_free": False, "sliders": []},
+        "canny": {"model_free": False, "sliders": [
+            {"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
+            {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}}
+
+
+@router.post("/detect")
+async def detect(request: Request, svc: Svc):
+    """The preprocessor alone, as the extension's Preview: images in, detected maps out (base64 PNG)."""
+    body = await json_object(request)
+    module = _module(body.get("controlnet_module", "none"))
+    images = body.get("controlnet_input_images") or body.get("controlnet_images") or []
+    if not isinstance(images, list) or not images:
+        raise BadRequest("controlnet_input_images: give one or more base64 images")
+    from ...core.imageio import load_image
+    from ...core.requests import ControlNetSpec
+    from ...engine.controlnet import preprocess
+    low, high = _thresholds(body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b"))
+    spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high)
+    out = []
+    for data in images:
+        image = load_image(decode_base64(data), settings=svc.settings, mode="RGB", what="controlnet input image")
+        buf = io.BytesIO()
+        preprocess(image, spec).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return {"images": out, "info": "Success"}
 
 
 def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:

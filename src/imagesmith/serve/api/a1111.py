@@ -1,0 +1,254 @@
+"""The A1111-compatible API (``/sdapi/v1``) that real clients call unchanged (webuiapi, Open WebUI, SillyTavern):
+txt2img and img2img through the same queue as every job (waiting for the result, as A1111 does), the lists,
+PNG Info, Extras upscaling, progress and interrupt, and each user's durable options. The list routes and the
+ControlNet extension's routes are their own routers (:mod:`.a1111_lists`, :mod:`.a1111_controlnet`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ... import __version__
+from ...core.errors import BadRequest
+from ...core.imageio import decode_base64
+from ...core.settings import Settings
+from .a1111_controlnet import controlnet_unit
+from .context import Caller, Services, Svc, json_object
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+
+A1111_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "randn_source")
+"""The A1111 options that decide a picture: a user's saved values are their defaults (override_settings wins)."""
+
+
+@router.post("/txt2img")
+async def txt2img(request: Request, svc: Svc, who: Caller):
+    body = await json_object(request)
+    job = await svc.run_sync("generate", a1111_request(svc, body, who), who)
+    return job if isinstance(job, JSONResponse) else a1111_response(job, body)
+
+
+@router.post("/img2img")
+async def img2img(request: Request, svc: Svc, who: Caller):
+    body = await json_object(request)
+    inits = body.get("init_images") or []
+    if not inits:
+        raise BadRequest("init_images: give one base64 image")
+    req = a1111_request(svc, body, who)
+    req["init_image"] = svc.store_upload(decode_base64(inits[0]), who)["id"]
+    job_type = "img2img"
+    if body.get("mask"):
+        req["mask"] = svc.store_upload(decode_base64(body["mask"]), who)["id"]
+        job_type = "inpaint"
+        if "mask_blur" in body:
+            req["mask_blur"] = body["mask_blur"]
+    job = await svc.run_sync(job_type, req, who)
+    return job if isinstance(job, JSONResponse) else a1111_response(job, body)
+
+
+@router.get("/sd-models")
+def sd_models(svc: Svc, _: Caller):
+    from ...models.house import make_registry
+    return [{"title": e.name, "model_name": e.name, "filename": str(e.path), "hash": None}
+            for e in make_registry(svc.settings).list("checkpoint")]
+
+
+@router.get("/loras")
+def loras(svc: Svc, _: Caller):
+    from ...models.house import make_registry
+    return [{"name": e.name, "alias": e.name, "path": str(e.path)} for e in make_registry(svc.settings).list("lora")]
+
+
+@router.get("/upscalers")
+def upscalers(_: Caller):
+    from ...core.requests import UPSCALERS
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}] + [
+        {"name": n, "model_name": n, "model_path": None, "model_url": None, "scale": 4 if "ESRGAN" in n else 2}
+        for n in UPSCALERS if n != "Latent"]
+
+
+@router.post("/png-info")
+async def png_info(request: Request, svc: Svc, _: Caller):
+    """A1111's PNG Info: the infotext and its fields, read from the file's chunks (pixels not decoded)."""
+    from ...core.metadata import read_png_metadata
+    body = await json_object(request)
+    if not isinstance(body.get("image"), str) or not body["image"]:
+        raise BadRequest("image: give a base64 image")
+    meta = read_png_metadata(decode_base64(body["image"]), settings=svc.settings)
+    return {"info": meta.get("parameters") or "", "items": {k: v for k, v in (meta.get("parsed") or {}).items()},
+            "parameters": meta.get("parsed") or {}, "imagesmith": meta.get("imagesmith")}
+
+
+@router.post("/extra-single-image")
+async def extra_single_image(request: Request, svc: Svc, who: Caller):
+    """A1111's Extras upscaling: through the queue as an ``upscale`` job."""
+    body = await json_object(request)
+    if not isinstance(body.get("image"), str) or not body["image"]:
+        raise BadRequest("image: give a base64 image")
+    upscaler = body.get("upscaler_1") or "R-ESRGAN 4x+"
+    if upscaler in ("None", None):
+        raise BadRequest("upscaler_1: choose an upscaler (GET /sdapi/v1/upscalers)")
+    req = {"image": svc.store_upload(decode_base64(body["image"]), who)["id"],
+           "scale": body.get("upscaling_resize", 2), "upscaler": upscaler}
+    job = await svc.run_sync("upscale", req, who)
+    if isinstance(job, JSONResponse):
+        return job
+    path = Path(job["result"]["files"][0]["path"])
+    return {"html_info": "", "image": base64.b64encode(path.read_bytes()).decode()}
+
+
+@router.get("/samplers")
+def samplers(_: Caller):
+    from ...core.sampling_names import SAMPLER_NAMES
+    # A1111's shape; ComfyUI's name is an alias, so a client may send either
+    return [{"name": s.label, "aliases": [s.name, *s.aliases],
+             "options": {"scheduler": s.automatic} if s.automatic != "normal" else {}} for s in SAMPLER_NAMES]
+
+
+@router.get("/schedulers")
+def schedulers(_: Caller):
+    from ...core.sampling_names import SCHEDULE_NAMES
+    return [{"name": s.name, "label": s.label, "aliases": None, "default_rho": 7.0 if s.name == "karras" else -1,
+             "need_inner_model": s.name in ("normal", "uniform", "simple", "sgm_uniform", "ddim_uniform", "beta")}
+            for s in SCHEDULE_NAMES]
+
+
+@router.get("/options")
+def get_options(svc: Svc, who: Caller):
+    """The caller's A1111 options: the server's defaults under what they have set (kept per user, durable)."""
+    return {**svc.a1111_defaults, **svc.store.a1111_options(who["name"])}
+
+
+@router.post("/options")
+async def set_options(request: Request, svc: Svc, who: Caller):
+    """Set the caller's options. The ones that decide a picture (A1111_OPTIONS) are checked and become that
+    user's defaults for later txt2img/img2img requests; other A1111 options are kept and echoed back."""
+    body = await json_object(request)
+    check_a1111_options(body, svc.settings)
+    return {**svc.a1111_defaults, **svc.store.set_a1111_options(who["name"], body)}
+
+
+@router.get("/progress")
+def progress(svc: Svc, who: Caller):
+    running, _ = svc.store.list(user=who["name"], status="running", limit=1)
+    queued = svc.store.depth().get("queued", 0)
+    p = running[0]["progress"] if running else 0.0
+    current = svc.preview_path(running[0]) if running else None
+    return {"progress": p, "eta_relative": 0.0, "state": {"job_count": len(running) + queued,
+                                                          "job": running[0]["id"] if running else ""},
+            "current_image": base64.b64encode(current.read_bytes()).decode() if current else None}
+
+
+@router.post("/interrupt")
+def interrupt(svc: Svc, who: Caller):
+    running, _ = svc.store.list(user=who["name"], status="running", limit=100)
+    for job in running:
+        svc.store.cancel(job["id"])
+    return {"interrupted": len(running)}
+
+
+# ---------------------------------------------------------------------------------------------- mapping
+def a1111_request(svc: Services, body: dict, who: dict) -> dict:
+    """An A1111 txt2img/img2img body as imagesmith's generate request (uploads made for its images)."""
+    req = {k: v for k, v in body.items() if k in ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name",
+                                                 "scheduler", "seed", "batch_size", "width", "height",
+                                                 "denoising_strength", "clip_skip")}
+    if "n_iter" in body:
+        req["batch_count"] = body["n_iter"]
+    if "subseed" in body and body.get("subseed_strength"):
+        req["variation_seed"], req["variation_strength"] = body["subseed"], body["subseed_strength"]
+    overrides = body.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise BadRequest("override_settings must be an object")
+    # the caller's saved options (POST /sdapi/v1/options) under this request's own settings, as in A1111
+    saved = {k: v for k, v in {**svc.a1111_defaults, **svc.store.a1111_options(who["name"])}.items()
+             if k in A1111_OPTIONS and not (k == "CLIP_stop_at_last_layers" and "clip_skip" in body)}
+    overrides = {**saved, **overrides}
+    model = overrides.get("sd_model_checkpoint")
+    if model:
+        req["model"] = model
+    # per-request A1111 settings that decide the picture (A1111 applies them to this request only)
+    if "eta_noise_seed_delta" in overrides:
+        req["eta_noise_seed_delta"] = overrides["eta_noise_seed_delta"]
+    if "randn_source" in overrides:
+        source = str(overrides["randn_source"]).upper()
+        if source not in ("CPU", "GPU"):
+            raise BadRequest(f"randn_source {overrides['randn_source']!r}: imagesmith draws A1111's CPU or GPU "
+                             f"noise (NV is not emulated)")
+        req["noise"] = "a1111-cpu" if source == "CPU" else "a1111-gpu"
+    if "CLIP_stop_at_last_layers" in overrides:
+        req["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
+    if overrides.get("sd_vae") not in (None, "Automatic", "None"):
+        req["vae"] = overrides["sd_vae"]
+    unit = controlnet_unit(body, lambda data: svc.store_upload(data, who)["id"])
+    if unit is not None:
+        req["controlnet"] = unit
+    if body.get("restore_faces"):  # A1111's face restoration -> imagesmith's face detailer
+        req["detailer"] = {"kind": "face"}
+    if body.get("enable_hr"):
+        req["hires"] = {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_second_pass_steps") if k in body}
+        req["hires"]["hr_denoising_strength"] = body.get("denoising_strength", 0.7)
+    return req
+
+
+def a1111_response(job: dict, body: dict) -> dict:
+    files = (job.get("result") or {}).get("files", [])
+    images = [base64.b64encode(Path(f["path"]).read_bytes()).decode() for f in files]
+    seeds = [f.get("seed") for f in files]
+    req = job.get("request") or {}
+    n = len(files)
+    subseed = req.get("variation_seed") if req.get("variation_strength") else -1
+    width, height = req.get("width"), req.get("height")
+    if files and (width is None or height is None):  # the model's native size: read it off the file
+        from PIL import Image
+        with Image.open(files[0]["path"]) as im:
+            width, height = im.size
+    # A1111's info JSON (processing.Processed.js()): what clients read the seeds and infotexts from
+    info = {"prompt": body.get("prompt", ""), "all_prompts": [body.get("prompt", "")] * n,
+            "negative_prompt": body.get("negative_prompt", ""),
+            "all_negative_prompts": [body.get("negative_prompt", "")] * n,
+            "seed": seeds[0] if seeds else None, "all_seeds": seeds,
+            "subseed": subseed, "all_subseeds": [subseed] * n,
+            "subseed_strength": req.get("variation_strength", 0.0),
+            "width": width, "height": height, "sampler_name": req.get("sampler_name"),
+            "scheduler": req.get("scheduler"), "cfg_scale": req.get("cfg_scale"), "steps": req.get("steps"),
+            "batch_size": req.get("batch_size", 1), "clip_skip": req.get("clip_skip", 1),
+            "denoising_strength": req.get("denoising_strength") if req.get("init_image") else None,
+            "restore_faces": bool(req.get("detailer")), "styles": body.get("styles") or [],
+            "index_of_first_image": 0, "infotexts": [f.get("infotext") for f in files], "job_id": job["id"],
+            "version": f"imagesmith {__version__}"}
+    return {"images": images, "parameters": body, "info": json.dumps(info)}
+
+
+def check_a1111_options(options: dict, settings: Settings) -> None:
+    """BadRequest for a picture-deciding option with a value imagesmith cannot use (before anything is saved)."""
+    from ...models.house import make_registry
+    if "sd_model_checkpoint" in options:
+        make_registry(settings).get(str(options["sd_model_checkpoint"]), "checkpoint")  # must exist
+    vae = options.get("sd_vae")
+    if vae not in (None, "Automatic", "None"):
+        make_registry(settings).get(str(vae), "vae")
+    clip = options.get("CLIP_stop_at_last_layers")
+    if clip is not None and (not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12):
+        raise BadRequest("CLIP_stop_at_last_layers must be a whole number from 1 to 12")
+    ensd = options.get("eta_noise_seed_delta")
+    if ensd is not None and (not isinstance(ensd, int) or isinstance(ensd, bool) or ensd < 0):
+        raise BadRequest("eta_noise_seed_delta must be a whole number >= 0")
+    source = options.get("randn_source")
+    if source is not None and str(source).upper() not in ("CPU", "GPU"):
+        raise BadRequest(f"randn_source {source!r}: imagesmith draws A1111's CPU or GPU noise (NV is not emulated)")
+    if len(json.dumps(options, default=str)) > 65536:
+        raise BadRequest("options: at most 64 KB of JSON")
+
+
+def default_checkpoint_name(settings: Settings) -> str | None:
+    """The checkpoint a job without a model runs on, as A1111's options name it from the start."""
+    try:
+        from ...models.house import make_registry
+        return make_registry(settings).default_checkpoint().name
+    except Exception:  # no checkpoint yet: the engine builds the house placeholder on first need
+        return None

@@ -1,0 +1,103 @@
+"""The A1111 routes that list or refresh things (`/sdapi/v1/cmd-flags`, `embeddings`, `hypernetworks`,
+`face-restorers`, `realesrgan-models`, `prompt-styles`, `memory`, `sd-vae`, `refresh-*`), as an APIRouter with the
+caller checked on every route, in A1111 1.10's shapes: real clients (webuiapi, Open WebUI) call them at connect
+time and treat a 404 as a dead server."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import APIRouter, Depends
+
+from .context import Svc, caller
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(caller)])
+
+
+def registry(svc):
+    from ...models.house import make_registry
+    return make_registry(svc.settings)
+
+
+@router.get("/cmd-flags")
+def cmd_flags(svc: Svc):
+    # the flags clients read to decide what to show; imagesmith's API is always on, never --nowebui-only
+    models = svc.settings.models_dir
+    return {"api": True, "nowebui": False, "listen": False, "port": None, "data_dir": str(svc.settings.home),
+            "ckpt_dir": str(models / "checkpoints"), "lora_dir": str(models / "lora"),
+            "vae_dir": str(models / "vae"), "embeddings_dir": str(models / "embeddings"),
+            "hypernetwork_dir": None, "medvram": False, "lowvram": False, "xformers": False,
+            "disable_safe_unpickle": False, "api_auth": None}
+
+
+@router.get("/embeddings")
+def embeddings(svc: Svc):
+    loaded = {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                       "vectors": None} for e in registry(svc).list("embedding")}
+    return {"loaded": loaded, "skipped": {}}
+
+
+@router.get("/hypernetworks")
+def hypernetworks():
+    return []  # a format imagesmith does not run (and A1111 itself has deprecated)
+
+
+@router.get("/face-restorers")
+def face_restorers():
+    # restore_faces runs imagesmith's face detailer (an img2img repaint of detected faces)
+    return [{"name": "imagesmith face detailer", "cmd_dir": None}]
+
+
+@router.get("/realesrgan-models")
+def realesrgan_models():
+    from ...core.requests import UPSCALERS
+    return [{"name": n, "path": None, "scale": 4} for n in UPSCALERS if "ESRGAN" in n]
+
+
+@router.get("/prompt-styles")
+def prompt_styles():
+    return []
+
+
+@router.get("/sd-vae")
+def sd_vae(svc: Svc):
+    return [{"model_name": e.name, "filename": str(e.path)} for e in registry(svc).list("vae")]
+
+
+@router.get("/memory")
+def memory_info():
+    return {"ram": _ram(), "cuda": _cuda()}
+
+
+def _refresh(svc: Svc):
+    registry(svc).scan()
+    return None
+
+
+for _name in ("checkpoints", "loras", "vae", "embeddings"):
+    router.add_api_route(f"/refresh-{_name}", _refresh, methods=["POST"], name=f"refresh_{_name}")
+
+
+def _ram() -> dict:
+    """RAM in bytes, from /proc/meminfo (A1111 reports psutil's figures under the same keys)."""
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+    except OSError:
+        return {"error": "unavailable"}
+    total, free = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
+    return {"free": free, "used": total - free, "total": total}
+
+
+def _cuda() -> dict:
+    import torch
+    if not torch.cuda.is_available():
+        return {"error": "no CUDA device"}
+    free, total = torch.cuda.mem_get_info()
+    return {"system": {"free": free, "used": total - free, "total": total},
+            "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+            "reserved": {"current": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_reserved()},
+            "events": {"retries": 0, "oom": 0}, "pid": os.getpid()}
