@@ -83,18 +83,6 @@ def _check_output(output: Optional[Path], count: int) -> None:
         output_paths(output, count, output, "image")
 
 
-def _write_images(result, output: Optional[Path], stem: str = "image") -> list[Path]:
-    from .core.imageio import output_paths, save_png_atomic
-    from .core.metadata import write_metadata_chunks
-    from .core.settings import Settings
-    default_dir = Settings.from_env().home / "outputs"
-    paths = output_paths(output, len(result.images), default_dir, stem,
-                         seeds=[r.seed for r in result.records])
-    for image, record, path in zip(result.images, result.records, paths):
-        save_png_atomic(image, path, text_chunks=write_metadata_chunks(result, record))
-    return paths
-
-
 @app.command()
 def generate(
     prompt: str = typer.Argument("", help="prompt in WebUI syntax: (word:1.2), [word], BREAK, <lora:name:0.7>"),
@@ -142,7 +130,8 @@ def generate(
     latents_out: Optional[Path] = typer.Option(None, "--latents", help="also write the final latents (before the "
                                                "VAE) to this .safetensors file, to compare with another tool's"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
-    safety: bool = typer.Option(False, "--safety", help="check the prompt and withhold flagged images (open_nsfw)"),
+    safety: bool = typer.Option(False, "--safety", help="check the prompt and the images (open_nsfw); flagged images are withheld or blurred "
+                                "(IMAGESMITH_SAFETY_ACTION)"),
     detailer: Optional[str] = typer.Option(None, "--detailer", help="repaint detected faces at higher resolution "
                                            "(ADetailer-style): face"),
     detailer_strength: float = typer.Option(0.4, "--detailer-strength", help="denoising strength of the repaint"),
@@ -192,8 +181,9 @@ def generate(
         raise _Exit(f"--latents needs a .safetensors file in an existing folder, got {latents_out}")
     gate = None
     if safety:
+        from .core.settings import Settings
         from .vision.safety import SafetyGate
-        gate = SafetyGate()
+        gate = SafetyGate.from_settings(Settings.from_env())
         verdict = gate.check_prompt(req.prompt)
         if verdict.flagged:
             raise _Exit(f"prompt blocked by the safety policy: {verdict.reason}")
@@ -206,18 +196,14 @@ def generate(
     if pick is not None:  # --from: the run containing the image was redone; keep that one image
         result.images = [result.images[pick]]
         result.records = [result.records[pick].model_copy(update={"index": 0})]
-    withheld = []
-    if gate is not None:
-        keep = []
-        for image, record in zip(result.images, result.records):
-            verdict = gate.check_image(image)
-            if verdict.flagged:
-                withheld.append({"seed": record.seed, "reason": verdict.reason})
-                print(f"imagesmith: withheld the image of seed {record.seed}: {verdict.reason}", file=sys.stderr)
-            else:
-                keep.append((image, record))
-        result.images, result.records = [k[0] for k in keep], [k[1] for k in keep]
-    paths = _write_images(result, output) if result.images else []
+    from .core.outputs import flagged, save_result
+    from .core.settings import Settings
+    saved = save_result(result, output, default_dir=Settings.from_env().home / "outputs", gate=gate)
+    for s in saved:
+        if s.flag is not None:
+            what = "withheld" if s.path is None else "blurred"
+            print(f"imagesmith: {what} the image of seed {s.seed}: {s.flag['reason']}", file=sys.stderr)
+    withheld = flagged(saved)
     if latents_out is not None and result.latents is not None:
         from safetensors.torch import save_file
         rows = result.latents[pick:pick + 1] if pick is not None else result.latents
@@ -227,8 +213,8 @@ def generate(
             "seeds": ",".join(str(r.seed) for r in result.records)})
         tmp.replace(latents_out)  # never a half-written file
     summary = {
-        "images": [{"path": str(p), "seed": r.seed, "variation_seed": r.variation_seed, "infotext": r.infotext}
-                   for p, r in zip(paths, result.records)],
+        "images": [{"path": str(s.path), "seed": r.seed, "variation_seed": r.variation_seed, "infotext": r.infotext}
+                   for s, r in zip(saved, result.records) if s.path is not None],
         "model": result.model_name, "model_hash": result.model_hash, "seconds": round(result.seconds, 3),
     }
     if withheld:
@@ -238,7 +224,7 @@ def generate(
     else:
         for item in summary["images"]:
             print(f"{item['path']}  seed={item['seed']}")
-        print(f"{len(paths)} image(s) in {result.seconds:.1f}s with {result.model_name}")
+        print(f"{len(summary['images'])} image(s) in {result.seconds:.1f}s with {result.model_name}")
 
 
 def _request_from_png(path: str):

@@ -47,6 +47,9 @@ class Settings(BaseModel):
     vram_budget_bytes: int | None = Field(None, description="IMAGESMITH_VRAM_BUDGET_GB: loaded-model VRAM budget")
     cpu_offload: bool = Field(False, description="IMAGESMITH_CPU_OFFLOAD=1: model CPU offload on GPU")
     vae_tiling: bool = Field(False, description="IMAGESMITH_VAE_TILING=1: decode in tiles")
+    safety_action: Literal["withhold", "blur"] = Field(
+        "withhold", description="IMAGESMITH_SAFETY_ACTION: what the safety gate does with a flagged output image, "
+        "wherever it is saved (CLI --safety, every job of the service)")
     performance: PerformanceMode = Field(
         "quality", description="IMAGESMITH_PERFORMANCE: the default performance mode of requests that name none "
         "(quality: lossless; fast: + fp8 on Ada/Hopper; turbo: + step caching)")
@@ -85,7 +88,8 @@ class Settings(BaseModel):
         values["cpu_offload"] = env.get("IMAGESMITH_CPU_OFFLOAD", "") in ("1", "true", "yes")
         values["vae_tiling"] = env.get("IMAGESMITH_VAE_TILING", "") in ("1", "true", "yes")
         for key, name in (("performance", "IMAGESMITH_PERFORMANCE"), ("compile", "IMAGESMITH_COMPILE"),
-                          ("compile_scope", "IMAGESMITH_COMPILE_SCOPE")):
+                          ("compile_scope", "IMAGESMITH_COMPILE_SCOPE"),
+                          ("safety_action", "IMAGESMITH_SAFETY_ACTION")):
             if env.get(name):
                 values[key] = env[name].strip().lower()
         values["cuda_graphs"] = env.get("IMAGESMITH_CUDA_GRAPHS", "") in ("1", "true", "yes")

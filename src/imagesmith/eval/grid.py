@@ -39,7 +39,6 @@ used by the house-model sample sheet (``train.house_eval``).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import random
@@ -61,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .. import __version__
 from ..core.errors import BadRequest, ImagesmithError
 from ..core.imageio import save_png_atomic, write_json_atomic
-from ..core.metadata import write_metadata_chunks
+from ..core.outputs import save_image
 from ..core.progress import CancelToken, ProgressCallback, ProgressEvent
 from ..core.requests import GenerateRequest, LoraSpec
 
@@ -706,6 +705,8 @@ class GridCell(BaseModel):
     memory_kind: MemoryKind = Field(..., description="vram: peak CUDA allocation; rss: peak process RSS")
     prompt: str
     loras: list[LoraSpec] = Field(default_factory=list)
+    safety: dict | None = Field(None, description="the safety gate's verdict when it flagged the cell (service "
+                                "grids): the cell and its place in the grid are blurred or a grey 'withheld' tile")
 
 
 class GridResult(BaseModel):
@@ -752,10 +753,11 @@ def _cell_progress(progress: ProgressCallback, index: int, n: int) -> ProgressCa
 
 
 def run_grid(engine: "Engine", req: GridRequest, out_dir: str | os.PathLike[str], *,
-             progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> GridResult:
+             progress: ProgressCallback | None = None, cancel: CancelToken | None = None, gate=None) -> GridResult:
     """Generate every cell of ``req`` (see the module docstring) into ``out_dir``:
     ``cells/NNNN-xI-yJ-zK.png`` (with generation metadata), ``grid.png`` (z panels stacked under their
-    headers; also ``grid-zK.png`` per panel when there is a z axis) and ``grid.json``.
+    headers; also ``grid-zK.png`` per panel when there is a z axis) and ``grid.json``. Cells are written through
+    the one save path (core.outputs); `gate`: the safety gate (the service's), applied to every cell.
     ``progress`` gets ProgressEvent(cells done, cell count, phase) during the run."""
     start = time.perf_counter()
     plan = req.plan()
@@ -778,12 +780,13 @@ def run_grid(engine: "Engine", req: GridRequest, out_dir: str | os.PathLike[str]
             seconds = time.perf_counter() - t0
         image, record = result.images[0], result.records[0]
         path = out / "cells" / f"{cell.index:04d}-x{cell.xi}-y{cell.yi}-z{cell.zi}.png"
-        save_png_atomic(image, path, text_chunks=write_metadata_chunks(result, record))
-        images[(cell.xi, cell.yi, cell.zi)] = image
+        saved = save_image(image, path, result=result, record=record, gate=gate, placeholder=True)
+        images[(cell.xi, cell.yi, cell.zi)] = saved.image
         x, y, z = plan.labels(cell)
         cells.append(GridCell(index=cell.index, xi=cell.xi, yi=cell.yi, zi=cell.zi, x=x, y=y, z=z, path=str(path),
                               seed=record.seed, seconds=seconds, peak_memory_bytes=mem.peak_bytes,
-                              memory_kind=mem.kind, prompt=cell.request.prompt, loras=list(cell.request.loras)))
+                              memory_kind=mem.kind, prompt=cell.request.prompt, loras=list(cell.request.loras),
+                              safety=saved.flag))
     if progress is not None:
         progress(ProgressEvent(n, n, "drawing the grid"))
     columns, rows, panels = plan.shape

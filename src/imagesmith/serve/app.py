@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         require_auth = os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
     if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
         from ..vision.safety import SafetyGate
-        safety = SafetyGate()  # prompts are checked at submit; the workers check the images
+        safety = SafetyGate.from_settings(settings)  # prompts are checked at submit; the workers check the images
     settings.ensure_home()
     store = store or default_store(settings)
     app = FastAPI(title="imagesmith", version=__version__,

@@ -146,7 +146,8 @@ def _run_grid(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]:
     from PIL import Image
 
     from ..eval.grid import GridRequest, run_grid
-    result = run_grid(w.engine, GridRequest.model_validate(job["request"]), folder, progress=progress, cancel=cancel)
+    result = run_grid(w.engine, GridRequest.model_validate(job["request"]), folder, progress=progress, cancel=cancel,
+                      gate=w.safety)
     with Image.open(result.grid_path) as im:
         size = im.size
     return {"files": [{"path": str(result.grid_path), "kind": "png", "width": size[0], "height": size[1]},
@@ -171,7 +172,7 @@ def _run_restyle(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]
     from ..workflows.restyle import RestyleRequest, restyle
     out = folder / "restyle"
     done = restyle(RestyleRequest.model_validate(job["request"]), engine=w.engine, output=out, progress=progress,
-                   cancel=cancel)
+                   cancel=cancel, safety_gate=w.safety)
     image = done.image
     return {"files": [{"path": str(out / "restyled.png"), "kind": "png", "seed": done.record["seed"],
                        "infotext": done.record["infotext"], "width": image.width, "height": image.height},

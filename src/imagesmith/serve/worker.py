@@ -90,12 +90,12 @@ class Worker:
         """``safety``: a :class:`~imagesmith.vision.safety.SafetyGate` for generated images; by default one with
         the default policy unless ``IMAGESMITH_SAFETY=0``. ``batch``: most compatible txt2img jobs (and images)
         run as one pipeline call; default ``IMAGESMITH_WORKER_BATCH`` or 4; 1 turns batching off."""
+        self.settings = settings or Settings.from_env()
         if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
             from ..vision.safety import SafetyGate
-            safety = SafetyGate()
+            safety = SafetyGate.from_settings(self.settings)
         self.safety = safety or None
         self.store = store
-        self.settings = settings or Settings.from_env()
         self._engine = engine
         self.id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = lease_s
@@ -413,28 +413,15 @@ class Worker:
         return spec(job["type"]).run(self, job, folder, progress, cancel)
 
     def _save_generation(self, result, folder: Path) -> dict[str, Any]:
-        """A generation's images as PNGs with their metadata (after the safety check) and the job's result."""
-        from ..core.imageio import save_png_atomic
-        from ..core.metadata import write_metadata_chunks
+        """A generation's images through the one save path (core.outputs: metadata, the safety gate's policy,
+        WebUI naming) and the job's result."""
+        from ..core.outputs import flagged, save_result
         folder.mkdir(parents=True, exist_ok=True)
-        files, withheld = [], []
-        for image, record in zip(result.images, result.records):
-            chunks = write_metadata_chunks(result, record)
-            if self.safety is not None:
-                verdict = self.safety.check_image(image)
-                if verdict.flagged:
-                    withheld.append({"seed": record.seed, "reason": verdict.reason, "score": verdict.score})
-                    if self.safety.policy.action == "withhold":
-                        continue
-                    image = self.safety.apply(image)
-                    chunks["imagesmith-safety"] = f"blurred: {verdict.reason}"
-            path = folder / f"{record.index:03d}-{record.seed}.png"
-            save_png_atomic(image, path, text_chunks=chunks)
-            files.append({"path": str(path), "seed": record.seed, "infotext": record.infotext,
-                          "width": image.width, "height": image.height})
-        out = {"files": files, "model": result.model_name, "seconds": round(result.seconds, 3)}
-        if withheld:
-            out["safety"] = {"action": self.safety.policy.action, "flagged": withheld}
+        saved = save_result(result, folder, default_dir=folder, gate=self.safety)
+        out = {"files": [s.file_entry() for s in saved if s.path is not None], "model": result.model_name,
+               "seconds": round(result.seconds, 3)}
+        if any(s.flag for s in saved):
+            out["safety"] = {"action": self.safety.policy.action, "flagged": flagged(saved)}
         return out
 
     def _vision(self, job_type: str, request: dict) -> dict[str, Any]:

@@ -40,6 +40,11 @@ class SafetyGate:
         self._concepts = None
         self._nsfw = None
 
+    @classmethod
+    def from_settings(cls, settings) -> "SafetyGate":
+        """The default policy with the deployment's action (IMAGESMITH_SAFETY_ACTION: withhold or blur)."""
+        return cls(SafetyPolicy(action=settings.safety_action))
+
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self._encoder is None:
             from ..models.house import load_text_encoder

@@ -187,7 +187,7 @@ def side_by_side(left: Image.Image, right: Image.Image, *, height: int = 512, ga
 def _write_folder(output: Path, files: dict[str, Any]) -> None:
     """Write every file into a temporary sibling folder, then move it into place: the output folder appears
     complete or not at all (an existing folder gets the new files replaced one by one, each atomically)."""
-    from ..core.imageio import save_png_atomic
+    from ..core.outputs import save_image
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise BadRequest(f"output {output} exists and is not a folder")
@@ -197,7 +197,7 @@ def _write_folder(output: Path, files: dict[str, Any]) -> None:
         tmp.mkdir()
         for name, (content, chunks) in files.items():
             if isinstance(content, Image.Image):
-                save_png_atomic(content, tmp / name, text_chunks=chunks)
+                save_image(content, tmp / name, chunks=chunks)  # screened already, before the boxes were drawn
             else:
                 (tmp / name).write_text(content, encoding="utf-8")
         if not output.exists():
@@ -213,11 +213,14 @@ def _write_folder(output: Path, files: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- the recipe
 def restyle(request: RestyleRequest, *, engine=None, output: str | os.PathLike[str] | None = None, captioner=None,
-            segmenter=None, progress=None, cancel=None) -> RestyleResult:
+            segmenter=None, progress=None, cancel=None, safety_gate=None) -> RestyleResult:
     """Run the whole recipe; write the output folder when ``output`` is given. Raises Refused when the gate
-    says no, NotFound for an unknown gate/model/LoRA, BadImage for a bad photo: all before anything is written."""
+    says no, NotFound for an unknown gate/model/LoRA, BadImage for a bad photo: all before anything is written.
+    `safety_gate`: the service's safety gate; a flagged result is blurred or withheld (a grey tile) by its policy,
+    as every output (core.outputs)."""
     from ..core.imageio import load_image
     from ..core.metadata import write_metadata_chunks
+    from ..core.outputs import safety_chunks, screen
     from ..models.segment import resolve_segmenter
     from ..vision.caption import Captioner, describe
     from ..vision.classify import Gate
@@ -259,6 +262,8 @@ def restyle(request: RestyleRequest, *, engine=None, output: str | os.PathLike[s
     image, rec = generation.images[0], generation.records[0]
     objects = find_objects(image, segmenter, captioner, min_area=request.min_object_area,
                            max_objects=request.max_objects)
+    seen = screen(image, safety_gate, placeholder=True)
+    image = seen.image
     boxes = draw_boxes(image, objects)
     record = {
         "photo": str(request.photo),
@@ -279,9 +284,11 @@ def restyle(request: RestyleRequest, *, engine=None, output: str | os.PathLike[s
         "files": {"image": "restyled.png", "boxes": "boxes.png", "json": "restyle.json"},
         "seconds": round(generation.seconds, 3),
     }
+    if seen.flag is not None:
+        record["safety"] = seen.flag
     if output is not None:
         _write_folder(Path(output), {
-            "restyled.png": (image, write_metadata_chunks(generation, rec)),
+            "restyled.png": (image, {**write_metadata_chunks(generation, rec), **safety_chunks(seen.flag)}),
             "boxes.png": (boxes, {}),
             "restyle.json": (json.dumps(record, indent=1, ensure_ascii=False) + "\n", None),
         })

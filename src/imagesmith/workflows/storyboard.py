@@ -935,13 +935,15 @@ def storyboard(request: StoryboardRequest, engine=None, *, progress: Optional[St
 
     Nothing is written unless every panel rendered; bad input raises BadRequest (or ModelNotFound for an
     unknown style/model) before any model is loaded."""
-    from ..core.imageio import save_png_atomic
-    from ..core.metadata import write_metadata_chunks
+    from ..core.outputs import save_image, screen
     from ..core.requests import LoraSpec
     start = time.perf_counter()
     if engine is None:
         from ..engine.generate import Engine
         engine = Engine()
+    if request.safety and safety_gate is None:  # one gate for the texts and the panels
+        from ..vision.safety import SafetyGate
+        safety_gate = SafetyGate.from_settings(engine.settings)
     out = Path(request.output).expanduser() if request.output else (
         engine.settings.home / "outputs" / "storyboards" / time.strftime("%Y%m%d-%H%M%S"))
     _check_out_dir(out, create_parent=False)  # cheap checks first: no model is loaded for a bad request
@@ -951,6 +953,7 @@ def storyboard(request: StoryboardRequest, engine=None, *, progress: Optional[St
     _check_out_dir(out, create_parent=True)
     loras = [LoraSpec(name=plan.style["lora"], weight=request.style_weight)] if plan.style else []
     images: list[Image.Image] = []
+    screened = []
     results = []
     total = len(plan.panels)
     if progress:
@@ -961,7 +964,9 @@ def storyboard(request: StoryboardRequest, engine=None, *, progress: Optional[St
                                sampler_name=request.sampler_name, scheduler=request.scheduler, seed=p.seed,
                                width=request.width, height=request.height)
         res = engine.generate(greq)
-        images.append(res.images[0])
+        seen = screen(res.images[0], safety_gate if request.safety else None, placeholder=True)
+        screened.append(seen)
+        images.append(seen.image)  # the sheet shows what the panel file holds
         results.append(res)
         if progress:
             progress(p.index, total, f"panel {p.index}/{total}")
@@ -998,10 +1003,10 @@ def storyboard(request: StoryboardRequest, engine=None, *, progress: Optional[St
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a folder like any other (mkdtemp makes it 0700)
-        for p, image, res in zip(plan.panels, images, results):
+        for p, seen, res in zip(plan.panels, screened, results):
             p.file = f"panel-{p.index:02d}.png"
-            save_png_atomic(image, tmp / p.file, text_chunks=write_metadata_chunks(res, res.records[0]))
-            manifest["panels"].append(p.model_dump())
+            save_image(seen.image, tmp / p.file, result=res, record=res.records[0], screened=seen)
+            manifest["panels"].append({**p.model_dump(), **({"safety": seen.flag} if seen.flag else {})})
         sheet.save(tmp / "storyboard.png", format="PNG", optimize=True)
         pages[0].save(tmp / "storyboard.pdf", format="PDF", save_all=True, append_images=pages[1:],
                       resolution=144.0, title=plan.title, producer=f"imagesmith {first.version}")
