@@ -1035,7 +1035,9 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
         from .serve.ray_workers import start_ray_workers
         actors = start_ray_workers(ray_address, store.url, str(settings.home), max(1, workers), batch=batch)
         print(f"{len(actors)} Ray worker actor(s) on {ray_address}", file=sys.stderr)
-    local = [Worker(store, settings, batch=batch) for _ in range(0 if ray_address else workers)]
+    from .models.cache import ModelCache
+    cache = ModelCache(settings)  # one per process: the worker threads load each model once, together
+    local = [Worker(store, settings, batch=batch, cache=cache) for _ in range(0 if ray_address else workers)]
     threads = [threading.Thread(target=w.run_forever, daemon=True) for w in local]
     for t in threads:
         t.start()

@@ -49,12 +49,19 @@ def pick_dtype(device: torch.device) -> torch.dtype:
 
 
 def modules_of(obj: Any) -> list[torch.nn.Module]:
+    """The torch modules a cached value holds: itself, a pipeline's components, or (vision helpers: captioners,
+    classifiers, CLIPs) the modules among its attributes, one level down, tuples and lists included."""
     if isinstance(obj, torch.nn.Module):
         return [obj]
     components = getattr(obj, "components", None)
     if isinstance(components, dict):
         return [m for m in components.values() if isinstance(m, torch.nn.Module)]
-    return []
+    found: list[torch.nn.Module] = []
+    for value in getattr(obj, "__dict__", {}).values():
+        for item in (value if isinstance(value, (tuple, list)) else (value,)):
+            if isinstance(item, torch.nn.Module):
+                found.append(item)
+    return found
 
 
 def model_bytes(obj: Any) -> int:
@@ -115,6 +122,7 @@ class ModelCache:
             vram = int(torch.cuda.get_device_properties(0).total_memory * 0.85)
         self.vram_budget = vram or 0
         self._entries: "OrderedDict[tuple, CacheEntry]" = OrderedDict()
+        self._loading: dict[tuple, threading.Event] = {}  # keys being loaded right now: one load per key
         self._lock = threading.RLock()
         self.stats = CacheStats()
 
@@ -131,30 +139,43 @@ class ModelCache:
     # -- the one entry point
     def get(self, key: tuple, loader: Callable[[], Any], *, device: torch.device | str = "cpu",
             pin: bool = False) -> CacheEntry:
-        """The warm entry for `key`, or load it with `loader()` (which returns a model on `device`)."""
+        """The warm entry for `key`, or load it with `loader()` (which returns a model on `device`). A miss loads
+        once: callers asking for the same key meanwhile wait for that load (threads of one process share this
+        cache), and load it themselves only if it failed."""
         device = str(device)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self.stats.hits += 1
-                self._entries.move_to_end(key)
-                entry.last_used = time.monotonic()
-                if entry.device != device:  # was offloaded to RAM: bring it back
-                    self._make_room(entry.size_bytes, device, exclude=key)
-                    _move(entry.value, device)
-                    entry.device = device
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self.stats.hits += 1
+                    self._entries.move_to_end(key)
+                    entry.last_used = time.monotonic()
+                    if entry.device != device:  # was offloaded to RAM: bring it back
+                        self._make_room(entry.size_bytes, device, exclude=key)
+                        _move(entry.value, device)
+                        entry.device = device
+                    return entry
+                pending = self._loading.get(key)
+                if pending is None:
+                    self.stats.misses += 1
+                    done = self._loading[key] = threading.Event()
+                    break
+            pending.wait()  # another thread is loading it: take its result (or try again if it failed)
+        try:
+            start = time.perf_counter()
+            value = loader()
+            size = model_bytes(value)
+            with self._lock:
+                self._make_room(size, device, exclude=key)
+                entry = CacheEntry(key=key, value=value, size_bytes=size, device=device, pinned=pin)
+                self._entries[key] = entry
+                self.stats.loads += 1
+                self.stats.load_seconds += time.perf_counter() - start
                 return entry
-            self.stats.misses += 1
-        start = time.perf_counter()
-        value = loader()
-        size = model_bytes(value)
-        with self._lock:
-            self._make_room(size, device, exclude=key)
-            entry = CacheEntry(key=key, value=value, size_bytes=size, device=device, pinned=pin)
-            self._entries[key] = entry
-            self.stats.loads += 1
-            self.stats.load_seconds += time.perf_counter() - start
-            return entry
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+            done.set()
 
     def evict(self, key: tuple) -> None:
         with self._lock:

@@ -86,10 +86,13 @@ def worker_batch() -> int:
 
 class Worker:
     def __init__(self, store: JobStore, settings: Settings | None = None, *, engine=None, worker_id: str | None = None,
-                 lease_s: float = 30.0, heartbeat_s: float | None = None, safety=None, batch: int | None = None):
+                 lease_s: float = 30.0, heartbeat_s: float | None = None, safety=None, batch: int | None = None,
+                 cache=None):
         """``safety``: a :class:`~imagesmith.vision.safety.SafetyGate` for generated images; by default one with
         the default policy unless ``IMAGESMITH_SAFETY=0``. ``batch``: most compatible txt2img jobs (and images)
-        run as one pipeline call; default ``IMAGESMITH_WORKER_BATCH`` or 4; 1 turns batching off."""
+        run as one pipeline call; default ``IMAGESMITH_WORKER_BATCH`` or 4; 1 turns batching off. ``cache``: the
+        process's :class:`~imagesmith.models.cache.ModelCache`, shared by the worker threads of one process (``serve
+        --workers N``), so a model is loaded once per process, not once per thread."""
         self.settings = settings or Settings.from_env()
         if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
             from ..vision.safety import SafetyGate
@@ -106,7 +109,7 @@ class Worker:
         self.webhooks: list[threading.Thread] = []
         self.webhook_backoff = 1.0
         self.preview_every_s = 0.5  # live previews (approximate RGB from the latents) at most this often
-        self._helpers: dict[str, Any] = {}  # vision helpers kept between jobs (see _loaded)
+        self._cache = cache
         self.batch = worker_batch() if batch is None else int(batch)
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
@@ -115,7 +118,7 @@ class Worker:
     def engine(self):
         if self._engine is None:
             from ..engine.generate import Engine
-            self._engine = Engine(self.settings)
+            self._engine = Engine(self.settings, cache=self._cache)
         return self._engine
 
     def loaded_models(self) -> tuple[str, ...]:
@@ -450,35 +453,37 @@ class Worker:
 
     def _clip(self, name: str | None):
         """A CLIP by name, kept between jobs (house-clip for None)."""
-        key = f"clip:{name or 'house-clip'}"
-        if key not in self._helpers:
+        def load():
             from ..models.clip import load_clip
-            self._helpers[key] = load_clip(name, settings=self.settings)
-        return self._helpers[key]
+            return load_clip(name, settings=self.settings)
+        return self._helper(f"clip:{name or 'house-clip'}", load)
 
     def _captioner(self, clip: str | None):
         if clip in (None, "house-clip"):
             return self._loaded("captioner")
-        key = f"captioner:{clip}"
-        if key not in self._helpers:
+
+        def load():
             from ..vision.caption import Captioner
-            self._helpers[key] = Captioner(clip=self._clip(clip), settings=self.settings)
-        return self._helpers[key]
+            return Captioner(clip=self._clip(clip), settings=self.settings)
+        return self._helper(f"captioner:{clip}", load)
 
     def _loaded(self, what: str):
         """The vision helpers a worker keeps between jobs (each loads an encoder: ~0.2-1 s a time)."""
-        cache = self._helpers
-        if what not in cache:
+        def load():
             if what == "prompt_assistant":
                 from ..workflows.prompt_assist import PromptAssistant
-                cache[what] = PromptAssistant()
-            elif what == "imagenet":
+                return PromptAssistant()
+            if what == "imagenet":
                 from ..vision.imagenet import ImageNetClassifier
-                cache[what] = ImageNetClassifier(self.settings)
-            elif what == "captioner":
-                from ..vision.caption import Captioner
-                cache[what] = Captioner()
-        return cache[what]
+                return ImageNetClassifier(self.settings)
+            from ..vision.caption import Captioner
+            return Captioner()
+        return self._helper(what, load)
+
+    def _helper(self, name: str, load):
+        """Vision models live in the engine's model cache beside the checkpoints: one memory manager (RAM
+        budget, least recently used out) and one load per process however many worker threads ask."""
+        return self.engine.cache.get(("vision", name), load, device="cpu").value
 
 
 def _ad_files(result) -> list[dict]:
