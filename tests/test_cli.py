@@ -197,3 +197,28 @@ def test_model_by_path_draws_the_same_as_by_name(env, capsys, tmp_path, tiny_mod
         lines = [l for l in err.strip().splitlines() if l.strip()]
         assert code != 0 and len(lines) == 1 and needle in lines[0], err
         assert not out.exists()
+
+
+def test_generate_flags_are_the_api_field_names_with_webui_aliases(env, capsys, tmp_path):
+    """Every scalar field of GenerateRequest (what the API and A1111 clients send) is a flag of `generate` under
+    its own name; the WebUI-style short names stay as aliases and mean the same."""
+    import typer.main
+
+    from imagesmith.cli import app
+    from imagesmith.core.requests import GenerateRequest
+    command = typer.main.get_command(app).commands["generate"]
+    flags = {name for p in command.params if p.param_type_name == "option" for name in p.opts + p.secondary_opts}
+    nested = {"prompt", "loras", "hires", "controlnet", "detailer", "outpaint", "init_image", "mask", "variation_seed"}
+    missing = [f for f in GenerateRequest.model_fields if f not in nested and "--" + f.replace("_", "-") not in flags]
+    assert not missing, missing
+    for alias in ("--cfg", "--sampler", "--strength", "--hires", "--hires-steps", "--hires-strength", "--upscaler",
+                  "--negative", "-n", "--ensd", "--schedule", "--ground"):
+        assert alias in flags, alias
+    common = ["generate", "a lemon", *TINY, "--seed", "3", "--json"]
+    long = run_cli(capsys, *common, "--cfg-scale", "5", "--sampler-name", "Euler", "--negative-prompt", "blur",
+                   "-o", str(tmp_path / "long.png"))
+    short = run_cli(capsys, *common, "--cfg", "5", "--sampler", "Euler", "-n", "blur", "-o", str(tmp_path / "short.png"))
+    assert long[0] == short[0] == 0
+    a = json.loads(long[1])["images"][0]["infotext"]
+    assert a == json.loads(short[1])["images"][0]["infotext"] and "CFG scale: 5" in a and "Negative prompt: blur" in a
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "long.png")), np.asarray(Image.open(tmp_path / "short.png")))
