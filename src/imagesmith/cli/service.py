@@ -41,6 +41,13 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
     threads = [threading.Thread(target=w.run_forever, daemon=True) for w in local]
     for t in threads:
         t.start()
+    from ..serve.retention import Policy, run_periodically
+    if Policy.from_settings(settings).active:
+        interval = float(os.environ.get("IMAGESMITH_RETENTION_INTERVAL_S", "3600"))
+        threading.Thread(target=run_periodically, args=(settings, store, threading.Event()),
+                         kwargs={"interval_s": interval}, daemon=True).start()
+        print(f"retention on: every {interval:g} s (imagesmith admin retention --dry-run shows what it deletes)",
+              file=sys.stderr)
     if auth:
         print("auth on: every route but /healthz and /readyz needs 'Authorization: Bearer <token>' "
               "(imagesmith users add NAME; imagesmith tokens create NAME)", file=sys.stderr)
@@ -166,3 +173,67 @@ def _stop_gracefully_on_signals(workers: list) -> None:
             w.shutdown()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+admin_app = typer.Typer(no_args_is_help=True, help="Service administration: disk use per user, retention.")
+app.add_typer(admin_app, name="admin")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@admin_app.command("disk")
+def admin_disk(as_json: bool = typer.Option(False, "--json", help="machine-readable")):
+    """Disk used per user: job output folders and uploads."""
+    from ..core.settings import Settings
+    from ..serve.app import default_store
+    from ..serve.retention import disk_use
+    settings = Settings.from_env()
+    use = disk_use(settings, default_store(settings))
+    if as_json:
+        print(json.dumps(use, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"disk use under {settings.home}")
+    for col in ("user", "jobs", "outputs", "uploads", "upload files", "total"):
+        table.add_column(col, justify="left" if col == "user" else "right")
+    for user, r in use["users"].items():
+        table.add_row(user, str(r["jobs"]), _size(r["outputs_bytes"]), str(r["uploads"]), _size(r["uploads_bytes"]),
+                      _size(r["total_bytes"]))
+    Console().print(table)
+    orphans = use["unowned_output_folders"]
+    if orphans["count"]:
+        print(f"{orphans['count']} output folder(s) without a job row: {_size(orphans['bytes'])}")
+
+
+@admin_app.command("retention")
+def admin_retention(max_age_days: Optional[float] = typer.Option(None, "--max-age-days",
+                                                                 help="default IMAGESMITH_RETENTION_DAYS"),
+                    max_gb_per_user: Optional[float] = typer.Option(None, "--max-gb-per-user",
+                                                                    help="default IMAGESMITH_RETENTION_GB_PER_USER"),
+                    dry_run: bool = typer.Option(False, "--dry-run", help="say what would go; delete nothing"),
+                    as_json: bool = typer.Option(False, "--json", help="machine-readable report")):
+    """Delete finished jobs' outputs and unused uploads (with their rows) by age, and per user oldest first down
+    to a size cap. Queued and running jobs, and the uploads they will read, are never touched."""
+    from ..core.settings import Settings
+    from ..serve.app import default_store
+    from ..serve.retention import Policy, apply_retention
+    settings = Settings.from_env()
+    policy = Policy.make(max_age_days if max_age_days is not None else settings.retention_days,
+                         max_gb_per_user if max_gb_per_user is not None else settings.retention_gb_per_user)
+    if not policy.active:
+        raise _Exit("no policy: give --max-age-days and/or --max-gb-per-user (or set IMAGESMITH_RETENTION_DAYS, "
+                    "IMAGESMITH_RETENTION_GB_PER_USER)")
+    report = apply_retention(settings, default_store(settings), policy, dry_run=dry_run)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    print(f"{verb} {len(report['deleted_jobs'])} job(s) and {len(report['deleted_uploads'])} upload(s): "
+          f"{_size(report['freed_bytes'])}")

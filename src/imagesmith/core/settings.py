@@ -50,6 +50,10 @@ class Settings(BaseModel):
     safety_action: Literal["withhold", "blur"] = Field(
         "withhold", description="IMAGESMITH_SAFETY_ACTION: what the safety gate does with a flagged output image, "
         "wherever it is saved (CLI --safety, every job of the service)")
+    retention_days: float | None = Field(None, gt=0, description="IMAGESMITH_RETENTION_DAYS: finished jobs' "
+                                         "outputs and uploads older than this are deleted (with their rows)")
+    retention_gb_per_user: float | None = Field(None, gt=0, description="IMAGESMITH_RETENTION_GB_PER_USER: past "
+                                                "this, a user's oldest finished outputs and uploads are deleted")
     performance: PerformanceMode = Field(
         "quality", description="IMAGESMITH_PERFORMANCE: the default performance mode of requests that name none "
         "(quality: lossless; fast: + fp8 on Ada/Hopper; turbo: + step caching)")
@@ -93,6 +97,10 @@ class Settings(BaseModel):
             if env.get(name):
                 values[key] = env[name].strip().lower()
         values["cuda_graphs"] = env.get("IMAGESMITH_CUDA_GRAPHS", "") in ("1", "true", "yes")
+        for key, name in (("retention_days", "IMAGESMITH_RETENTION_DAYS"),
+                          ("retention_gb_per_user", "IMAGESMITH_RETENTION_GB_PER_USER")):
+            if env.get(name):
+                values[key] = float(env[name])
         if env.get("IMAGESMITH_LORA_MAX_RANK"):
             values["lora_max_rank"] = int(env["IMAGESMITH_LORA_MAX_RANK"])
         if env.get("IMAGESMITH_WARMUP_SIZES"):

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint, case, create_engine,
-                        event, func, select, update)
+                        delete, event, func, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -318,6 +318,46 @@ class JobStore:
     def get_upload(self, upload_id: str, *, user: str | None = None) -> dict:
         """The upload's record; NotFound when there is none or (``user`` given) it is someone else's."""
         return self._owned(UploadRow, upload_id, user, "upload")
+
+    # ---------------------------------------------------------------- retention
+    def finished_jobs(self, *, user: str | None = None) -> list[dict]:
+        """Finished jobs (succeeded, failed, canceled), oldest finish first: what a retention policy may delete."""
+        with self.sessions() as s:
+            q = select(JobRow).where(JobRow.status.in_(("succeeded", "failed", "canceled")))
+            if user is not None:
+                q = q.where(JobRow.user == user)
+            return [r.to_dict() for r in s.scalars(q.order_by(JobRow.finished_at, JobRow.created_at))]
+
+    def unfinished_requests(self) -> list[dict]:
+        """The requests of queued and running jobs (their upload files must stay)."""
+        with self.sessions() as s:
+            return list(s.scalars(select(JobRow.request).where(JobRow.status.in_(("queued", "running")))))
+
+    def all_uploads(self, *, user: str | None = None) -> list[dict]:
+        """Every upload (``user``'s), oldest first."""
+        with self.sessions() as s:
+            q = select(UploadRow)
+            if user is not None:
+                q = q.where(UploadRow.user == user)
+            return [r.to_dict() for r in s.scalars(q.order_by(UploadRow.created_at))]
+
+    def delete_finished(self, job_ids: list[str]) -> int:
+        """Delete these jobs' rows, if they are still finished (a requeued job is kept). Returns how many."""
+        if not job_ids:
+            return 0
+        with self.sessions() as s:
+            n = s.execute(delete(JobRow).where(JobRow.id.in_(job_ids),
+                                               JobRow.status.in_(("succeeded", "failed", "canceled")))).rowcount
+            s.commit()
+            return int(n or 0)
+
+    def delete_uploads(self, upload_ids: list[str]) -> int:
+        if not upload_ids:
+            return 0
+        with self.sessions() as s:
+            n = s.execute(delete(UploadRow).where(UploadRow.id.in_(upload_ids))).rowcount
+            s.commit()
+            return int(n or 0)
 
     # ---------------------------------------------------------------- users and tokens
     def add_user(self, name: str, role: str = "user") -> dict:
