@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test install bench bench-house fuzz load soak clean
+.PHONY: run test install bench bench-house fuzz load soak long-run clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,9 @@ load: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python scripts/soak.py
+
+long-run: $(STAMP)
+	$(BIN)/python scripts/long_run.py
 
 clean:
 	rm -rf outputs .pytest_cache

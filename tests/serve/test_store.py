@@ -388,3 +388,20 @@ def test_a_poison_job_that_kills_its_worker_fails_after_max_attempts_and_the_que
         s.requeue(poison["id"])
     with pytest.raises(ValueError):
         JobStore(url, max_attempts=0)
+
+
+def test_processes_starting_together_on_a_fresh_database_all_come_up(tmp_path):
+    """`serve` and `worker` started at once on a new SQLite file used to race in the migrations (the loser died
+    with 'table alembic_version already exists'); they take turns now."""
+    import subprocess
+    import sys
+    import time
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    start = time.time() + 2.0
+    code = ("import sys, time; from imagesmith.serve.store import JobStore, migrate; "
+            f"time.sleep(max(0, {start} - time.time())); s = JobStore({url!r}); print(migrate(s.engine))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-400:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1

@@ -31,6 +31,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint, case, create_engine,
@@ -177,22 +178,55 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 MIGRATIONS = __import__("pathlib").Path(__file__).resolve().parent / "migrations"
 
 
-def migrate(engine) -> str:
+def migrate(engine, *, attempts: int = 20) -> str:
     """Bring the database to the newest schema with Alembic (``serve/migrations``); a database made before
-    migrations existed (tables, no ``alembic_version``) is stamped. Returns the revision."""
+    migrations existed (tables, no ``alembic_version``) is stamped. Returns the revision.
+
+    Processes that start together on a fresh database (``serve`` and ``worker``) take turns: on PostgreSQL an
+    advisory lock held for the migration's transaction; on SQLite (whose DDL pysqlite commits statement by
+    statement) an exclusive lock on a file beside the database."""
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import inspect
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        current = MigrationContext.configure(conn).get_current_revision()
-        if current is None and inspect(conn).has_table("jobs"):
-            command.stamp(cfg, "0001")
-        command.upgrade(cfg, "head")
-        return MigrationContext.configure(conn).get_current_revision()
+    for attempt in range(attempts):
+        try:
+            with _sqlite_migration_lock(engine), engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7274631)"))  # 'imagesmith migrate'
+                cfg.attributes["connection"] = conn
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current is None and inspect(conn).has_table("jobs"):
+                    command.stamp(cfg, "0001")
+                command.upgrade(cfg, "head")
+                return MigrationContext.configure(conn).get_current_revision()
+        except DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 + 0.1 * attempt)  # another process is migrating: let it finish
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _sqlite_migration_lock(engine):
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: one process per database there
+        yield
+        return
+    with open(f"{path}.migrate.lock", "a") as fp:
+        fcntl.flock(fp, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fp, fcntl.LOCK_UN)
 
 
 class JobStore:
