@@ -54,6 +54,33 @@ def requests():
                "width": size, "height": size, "steps": 4, "seed": i, "sampler_name": "Euler a" if i % 2 else "DPM++ 2M"}
 
 
+def call(method, url: str, **kw):
+    """One API call; a 429 (the server's per-user rate limit) is waited out, as a well-behaved client does."""
+    while True:
+        r = method(url, **kw)
+        if r.status_code != 429:
+            r.raise_for_status()
+            return r
+        time.sleep(1.0)
+
+
+def wait_done(client, job_id: str) -> dict:
+    """The job's final state, from its server-sent events (`event: done` carries the job)."""
+    import json
+    while True:
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+            if r.status_code == 429:
+                time.sleep(1.0)
+                continue
+            r.raise_for_status()
+            kind = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind == "done":
+                    return json.loads(line[6:])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=1000)
@@ -90,14 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while done < args.jobs:
             while len(pending) < args.window and done + len(pending) < args.jobs:
-                r = client.post("/v1/jobs", json={"type": "generate", "request": next(gen)})
-                r.raise_for_status()
+                r = call(client.post, "/v1/jobs", json={"type": "generate", "request": next(gen)})
                 pending.append(r.json()["job_id"])
-            job = client.get(f"/v1/jobs/{pending[0]}").json()
-            if job["status"] not in ("succeeded", "failed", "canceled"):
-                time.sleep(0.02)
-                continue
-            pending.pop(0)
+            job = wait_done(client, pending.pop(0))  # one server-sent event stream per job: 2 requests a job
             done += 1
             failed += job["status"] != "succeeded"
             if done % args.every == 0:

@@ -131,3 +131,62 @@ def test_controlnet_units_imagesmith_cannot_run_are_a_422(api, units, needle):
     with pytest.raises(RuntimeError) as err:
         api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=made)
     assert err.value.args[0] == 422 and needle in err.value.args[1]
+
+
+# webuiapi's txt2img has `alwayson_scripts={}` as a mutable default and writes its ControlNet and ADetailer units
+# into it, so every later call of the same process resends them (a client bug real users meet): the tests below pass
+# a fresh dict.
+
+
+def test_prompt_styles_as_a1111_applies_them(api):
+    """styles.csv under the home, managed through prompt-styles, applied as A1111 does: '{prompt}' takes the prompt
+    in its place, other text is appended after a comma; the negative prompt the same way."""
+    import httpx
+    styles = [{"name": "studio", "prompt": "studio photo of {prompt}, soft light", "negative_prompt": "blurry"},
+              {"name": "film", "prompt": "35mm film grain", "negative_prompt": ""}]
+    for s in styles:
+        assert httpx.post(f"{api.baseurl}/prompt-styles", json=s).status_code == 200
+    assert [s["name"] for s in api.get_prompt_styles()] == ["studio", "film"]
+    r = api.txt2img(alwayson_scripts={}, prompt="a red apple", negative_prompt="text", styles=["studio", "film"], seed=4, width=64,
+                    height=64)
+    assert r.info["all_prompts"] == ["studio photo of a red apple, soft light, 35mm film grain"]
+    assert r.info["all_negative_prompts"] == ["text, blurry"] and r.info["prompt"] == "a red apple"
+    assert r.info["infotexts"][0].startswith("studio photo of a red apple, soft light, 35mm film grain\n")
+    with pytest.raises(RuntimeError) as err:  # webuiapi raises on a non-200, with the body
+        api.txt2img(alwayson_scripts={}, prompt="x", styles=["noir"], width=64, height=64)
+    assert "422" in str(err.value) and "noir" in str(err.value) and "studio, film" in str(err.value)
+    for s in styles:
+        assert httpx.delete(f"{api.baseurl}/prompt-styles/{s['name']}").status_code == 200
+    assert api.get_prompt_styles() == []
+
+
+def test_adetailer_args_drive_the_face_detailer(api):
+    """webuiapi's ADetailer units (alwayson_scripts) run imagesmith's face detailer; the client found 'adetailer'
+    in /scripts at connect time, so it sends [False] when no unit is given (no detailer then)."""
+    assert api.has_adetailer
+    unit = webuiapi.ADetailer(ad_model="face_yolov8n.pt", ad_prompt="smiling", ad_denoising_strength=0.3)
+    r = api.txt2img(alwayson_scripts={}, prompt="a portrait", seed=6, width=64, height=64, adetailer=[unit])
+    info = r.info["infotexts"][0]
+    assert "ADetailer model: face_haar" in info and "ADetailer denoising strength: 0.3" in info
+    assert "ADetailer" not in api.txt2img(alwayson_scripts={}, prompt="a portrait", seed=6, width=64, height=64).info["infotexts"][0]
+    with pytest.raises(RuntimeError) as err:
+        api.txt2img(alwayson_scripts={}, prompt="a hand", width=64, height=64, adetailer=[webuiapi.ADetailer(ad_model="hand_yolov8n.pt")])
+    assert "422" in str(err.value) and "hand_yolov8n.pt" in str(err.value) and "face_yolov8n.pt" in str(err.value)
+
+
+def test_send_images_extras_batch_skip_and_the_error_shape(api):
+    import httpx
+    r = api.txt2img(alwayson_scripts={}, prompt="a plum", seed=2, width=64, height=64, send_images=False)
+    assert r.images == [] and r.info["all_seeds"] == [2]  # the info still comes back
+    tiles = [Image.new("RGB", (16, 12), c) for c in ((200, 10, 10), (10, 200, 10))]
+    out = api.extra_batch_images(tiles, upscaler_1="Lanczos", upscaling_resize=2)
+    assert [im.size for im in out.images] == [(32, 24), (32, 24)]
+    assert [np.asarray(im.convert("RGB"))[12, 16].tolist() for im in out.images] == [[200, 10, 10], [10, 200, 10]]
+    assert api.skip() == {"interrupted": 0}
+    assert api.get_latent_upscale_modes() == [{"name": "Latent"}]
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "sampler_name": "Nope", "width": 64, "height": 64})
+    body = bad.json()
+    assert bad.status_code == 422 and set(body) >= {"error", "detail", "body", "errors"}  # A1111's error shape
+    assert "Nope" in body["detail"] and "Euler a" in body["detail"]
+    native = httpx.get(api.baseurl.replace("/sdapi/v1", "/v1/jobs/nope"))
+    assert native.status_code == 404 and set(native.json()["error"]) == {"code", "message"}  # native shape kept

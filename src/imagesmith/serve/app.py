@@ -17,9 +17,11 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..core.errors import ImagesmithError
@@ -30,6 +32,7 @@ from .jobs import openapi_body
 from .store import JobStore
 
 __all__ = ["create_app", "default_store", "export_queue_doc"]
+A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0,
@@ -51,20 +54,34 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
                                   require_auth=require_auth, safety=safety, sync_timeout=sync_timeout,
                                   a1111_defaults={"sd_model_checkpoint": a1111.default_checkpoint_name(settings)})
 
+    def error(request: Request, status: int, code: str, message: str, kind: str) -> JSONResponse:
+        """The native error shape, or on the A1111 routes A1111's own (``{"error", "detail", "body", "errors"}``,
+        what its clients parse)."""
+        if request.url.path.startswith(A1111_PREFIXES):
+            return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, "code": code},
+                                status_code=status)
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
     @app.exception_handler(ImagesmithError)
-    async def _user_error(_: Request, exc: ImagesmithError):
-        return JSONResponse({"error": {"code": exc.code, "message": str(exc)}}, status_code=exc.http_status)
+    async def _user_error(request: Request, exc: ImagesmithError):
+        return error(request, exc.http_status, exc.code, str(exc), type(exc).__name__)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception):
+    async def _internal(request: Request, exc: Exception):
         logging.getLogger(__name__).exception("internal error")
-        return JSONResponse({"error": {"code": "internal", "message": f"{type(exc).__name__}"}}, status_code=500)
+        return error(request, 500, "internal", type(exc).__name__, type(exc).__name__)
 
     @app.exception_handler(ValidationError)
-    async def _validation(_: Request, exc: ValidationError):
+    async def _validation(request: Request, exc: ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return JSONResponse({"error": {"code": "bad_request", "message": f"{where}: {err['msg']}"}}, status_code=422)
+        return error(request, 422, "bad_request", f"{where}: {err['msg']}", "ValidationError")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if request.url.path.startswith(A1111_PREFIXES):
+            return error(request, exc.status_code, "http", str(exc.detail), "HTTPException")
+        return await http_exception_handler(request, exc)
 
     app.mount("/studio", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="studio")
     for module in (ops, files, jobs, queue, a1111, a1111_lists, a1111_controlnet):

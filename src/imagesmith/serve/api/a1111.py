@@ -17,7 +17,7 @@ from ...core.errors import BadRequest
 from ...core.imageio import decode_base64
 from ...core.settings import Settings
 from .a1111_controlnet import controlnet_unit
-from .context import Caller, Services, Svc, json_object
+from .context import Admin, Caller, Services, Svc, json_object
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
@@ -30,6 +30,30 @@ async def txt2img(request: Request, svc: Svc, who: Caller):
     body = await json_object(request)
     job = await svc.run_sync("generate", a1111_request(svc, body, who), who)
     return job if isinstance(job, JSONResponse) else a1111_response(job, body)
+
+
+@router.get("/prompt-styles")
+def prompt_styles(svc: Svc, _: Caller):
+    """The styles of ``styles.csv`` under the home (A1111's file and format)."""
+    from ...core.styles import load_styles, styles_path
+    return [s.as_dict() for s in load_styles(styles_path(svc.settings.home)).values()]
+
+
+@router.post("/prompt-styles")
+async def put_prompt_style(request: Request, svc: Svc, _: Admin):
+    """Admin: add or replace one style (``{"name", "prompt", "negative_prompt"}``; ``{prompt}`` in a style's text
+    places the request's prompt there). A1111 edits styles in its UI; this is that, for a server."""
+    from ...core.styles import check_style, put_style, styles_path
+    body = await json_object(request)
+    style = check_style(body.get("name"), body.get("prompt", ""), body.get("negative_prompt", ""))
+    return [s.as_dict() for s in put_style(styles_path(svc.settings.home), style).values()]
+
+
+@router.delete("/prompt-styles/{name}")
+def delete_prompt_style(name: str, svc: Svc, _: Admin):
+    from ...core.styles import delete_style, styles_path
+    delete_style(styles_path(svc.settings.home), name)
+    return {"deleted": name}
 
 
 @router.post("/img2img")
@@ -89,9 +113,7 @@ async def extra_single_image(request: Request, svc: Svc, who: Caller):
     body = await json_object(request)
     if not isinstance(body.get("image"), str) or not body["image"]:
         raise BadRequest("image: give a base64 image")
-    upscaler = body.get("upscaler_1") or "R-ESRGAN 4x+"
-    if upscaler in ("None", None):
-        raise BadRequest("upscaler_1: choose an upscaler (GET /sdapi/v1/upscalers)")
+    upscaler = _extras_upscaler(body)
     req = {"image": svc.store_upload(decode_base64(body["image"]), who)["id"],
            "scale": body.get("upscaling_resize", 2), "upscaler": upscaler}
     job = await svc.run_sync("upscale", req, who)
@@ -151,6 +173,42 @@ def interrupt(svc: Svc, who: Caller):
     return {"interrupted": len(running)}
 
 
+@router.post("/skip")
+def skip(svc: Svc, who: Caller):
+    """A1111 skips the image being drawn and goes on with the batch; an imagesmith job is one unit, so skip ends
+    the caller's running job at its next step (as interrupt does) and the queue goes on with the next."""
+    return interrupt(svc, who)
+
+
+@router.post("/extra-batch-images")
+async def extra_batch_images(request: Request, svc: Svc, who: Caller):
+    """A1111's Extras on several images (``imageList``: ``[{"data": base64, "name": ...}]``): one upscale job each,
+    in order; the answer lists the upscaled images in the same order."""
+    body = await json_object(request)
+    items = body.get("imageList")
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise BadRequest("imageList: give a list of {\"data\": base64 image, \"name\": ...}")
+    if len(items) > 64:
+        raise BadRequest("imageList: at most 64 images a call")
+    upscaler = _extras_upscaler(body)
+    ids = [svc.store_upload(decode_base64(i.get("data") or ""), who)["id"] for i in items]  # all checked first
+    images = []
+    for upload_id in ids:
+        job = await svc.run_sync("upscale", {"image": upload_id, "scale": body.get("upscaling_resize", 2),
+                                             "upscaler": upscaler}, who)
+        if isinstance(job, JSONResponse):
+            return job
+        images.append(base64.b64encode(Path(job["result"]["files"][0]["path"]).read_bytes()).decode())
+    return {"html_info": "", "images": images}
+
+
+def _extras_upscaler(body: dict) -> str:
+    upscaler = body.get("upscaler_1") or "R-ESRGAN 4x+"
+    if upscaler in ("None", None):
+        raise BadRequest("upscaler_1: choose an upscaler (GET /sdapi/v1/upscalers)")
+    return upscaler
+
+
 # ---------------------------------------------------------------------------------------------- mapping
 def a1111_request(svc: Services, body: dict, who: dict) -> dict:
     """An A1111 txt2img/img2img body as imagesmith's generate request (uploads made for its images)."""
@@ -184,20 +242,72 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
         req["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
     if overrides.get("sd_vae") not in (None, "Automatic", "None"):
         req["vae"] = overrides["sd_vae"]
+    if body.get("styles"):
+        from ...core.styles import apply_styles, load_styles, styles_path
+        req["prompt"], req["negative_prompt"] = apply_styles(
+            req.get("prompt", ""), req.get("negative_prompt", ""), body["styles"],
+            load_styles(styles_path(svc.settings.home)))
     unit = controlnet_unit(body, lambda data: svc.store_upload(data, who)["id"])
     if unit is not None:
         req["controlnet"] = unit
     if body.get("restore_faces"):  # A1111's face restoration -> imagesmith's face detailer
         req["detailer"] = {"kind": "face"}
+    detailer = adetailer_unit(body)
+    if detailer is not None:
+        req["detailer"] = detailer
     if body.get("enable_hr"):
         req["hires"] = {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_second_pass_steps") if k in body}
         req["hires"]["hr_denoising_strength"] = body.get("denoising_strength", 0.7)
     return req
 
 
+ADETAILER_FACE_MODELS = ("face_yolov8n.pt", "face_yolov8s.pt", "face_yolov8m.pt", "face_yolov9c.pt",
+                         "mediapipe_face_full", "mediapipe_face_short", "mediapipe_face_mesh",
+                         "mediapipe_face_mesh_eyes_only")
+
+
+def adetailer_unit(body: dict) -> dict | None:
+    """The engine's `detailer` field from ADetailer's `alwayson_scripts` args (``[enabled, {ad_model, ...}, ...]``,
+    webuiapi's shape), or None. Face models map onto imagesmith's face detailer with their prompt, strength, mask
+    blur, dilation and steps; hand and person models are a 422 naming what runs."""
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise BadRequest("alwayson_scripts must be an object")
+    entry = next((v for k, v in scripts.items() if k.lower() == "adetailer"), None)
+    args = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(args, list) or not args:
+        return None
+    if isinstance(args[0], bool):  # ADetailer's first arg: enabled; then (skip img2img) flag in newer versions
+        if not args[0]:
+            return None
+        args = args[1:]
+        if args and isinstance(args[0], bool):
+            args = args[1:]
+    units = [a for a in args if isinstance(a, dict) and a.get("ad_model") not in (None, "", "None")
+             and a.get("ad_tab_enable", True)]
+    if not units:
+        return None
+    if len(units) > 1:
+        raise BadRequest(f"imagesmith runs one ADetailer unit per request; {len(units)} are enabled")
+    u = units[0]
+    model = str(u["ad_model"])
+    if model not in ADETAILER_FACE_MODELS and "face" not in model.lower():
+        raise BadRequest(f"ADetailer model {model!r} is not available: imagesmith's detailer repaints faces "
+                         f"({', '.join(ADETAILER_FACE_MODELS)})")
+    out = {"kind": "face", "strength": u.get("ad_denoising_strength", 0.4), "prompt": u.get("ad_prompt", ""),
+           "negative_prompt": u.get("ad_negative_prompt", ""), "mask_blur": u.get("ad_mask_blur", 4),
+           "dilate": max(0, int(u.get("ad_dilate_erode", 4) or 0))}
+    if u.get("ad_use_steps"):
+        out["steps"] = u.get("ad_steps")
+    if u.get("ad_use_inpaint_width_height"):
+        out["size"] = max(int(u.get("ad_inpaint_width", 512)), int(u.get("ad_inpaint_height", 512)))
+    return out
+
+
 def a1111_response(job: dict, body: dict) -> dict:
     files = (job.get("result") or {}).get("files", [])
-    images = [base64.b64encode(Path(f["path"]).read_bytes()).decode() for f in files]
+    send = body.get("send_images", True) is not False  # A1111: send_images false answers without the images
+    images = [base64.b64encode(Path(f["path"]).read_bytes()).decode() for f in files] if send else []
     seeds = [f.get("seed") for f in files]
     req = job.get("request") or {}
     n = len(files)
@@ -208,9 +318,9 @@ def a1111_response(job: dict, body: dict) -> dict:
         with Image.open(files[0]["path"]) as im:
             width, height = im.size
     # A1111's info JSON (processing.Processed.js()): what clients read the seeds and infotexts from
-    info = {"prompt": body.get("prompt", ""), "all_prompts": [body.get("prompt", "")] * n,
+    info = {"prompt": body.get("prompt", ""), "all_prompts": [req.get("prompt", "")] * n,  # styles applied
             "negative_prompt": body.get("negative_prompt", ""),
-            "all_negative_prompts": [body.get("negative_prompt", "")] * n,
+            "all_negative_prompts": [req.get("negative_prompt", "")] * n,
             "seed": seeds[0] if seeds else None, "all_seeds": seeds,
             "subseed": subseed, "all_subseeds": [subseed] * n,
             "subseed_strength": req.get("variation_strength", 0.0),

@@ -1,5 +1,5 @@
 """The A1111 routes that list or refresh things (`/sdapi/v1/cmd-flags`, `embeddings`, `hypernetworks`,
-`face-restorers`, `realesrgan-models`, `prompt-styles`, `memory`, `sd-vae`, `refresh-*`), as an APIRouter with the
+`face-restorers`, `realesrgan-models`, `latent-upscale-modes`, `scripts`, `memory`, `sd-vae`, `refresh-*`), as an APIRouter with the
 caller checked on every route, in A1111 1.10's shapes: real clients (webuiapi, Open WebUI) call them at connect
 time and treat a 404 as a dead server."""
 
@@ -54,9 +54,16 @@ def realesrgan_models():
     return [{"name": n, "path": None, "scale": 4} for n in UPSCALERS if "ESRGAN" in n]
 
 
-@router.get("/prompt-styles")
-def prompt_styles():
-    return []
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes():
+    return [{"name": "Latent"}]  # the latent hires upscaler imagesmith runs (bilinear); A1111's others are not
+
+
+@router.get("/scripts")
+def scripts():
+    # the always-on scripts whose args imagesmith reads (ADetailer's map onto its face detailer); webuiapi reads
+    # this at connect time to decide what it sends
+    return {"txt2img": ["adetailer"], "img2img": ["adetailer"]}
 
 
 @router.get("/sd-vae")

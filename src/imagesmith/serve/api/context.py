@@ -218,8 +218,10 @@ class Services:
             if time.monotonic() > end:
                 raise HTTPException(504, "the job did not finish in time")
             await asyncio.sleep(0.05)
-        if job["status"] != "succeeded":
-            return JSONResponse({"error": "job " + job["status"], "detail": job["error"]}, status_code=422)
+        if job["status"] != "succeeded":  # A1111's error shape: these are the A1111 routes' waits
+            detail = job["error"] or f"the job was {job['status']}"
+            return JSONResponse({"error": "Job" + job["status"].capitalize(), "detail": detail, "body": "",
+                                 "errors": detail, "code": f"job_{job['status']}"}, status_code=422)
         return job
 
     def job_view(self, job: dict) -> dict:
