@@ -183,6 +183,10 @@ def test_send_images_extras_batch_skip_and_the_error_shape(api):
     assert [im.size for im in out.images] == [(32, 24), (32, 24)]
     assert [np.asarray(im.convert("RGB"))[12, 16].tolist() for im in out.images] == [[200, 10, 10], [10, 200, 10]]
     assert api.skip() == {"interrupted": 0}
+    wide = api.txt2img(alwayson_scripts={}, prompt="a plum", seed=2, width=96, height=64, seed_resize_from_w=64,
+                       seed_resize_from_h=64)
+    assert wide.image.size == (96, 64) and (wide.info["seed_resize_from_w"], wide.info["seed_resize_from_h"]) == (64, 64)
+    assert "Seed resize from: 64x64" in wide.info["infotexts"][0]
     assert api.get_latent_upscale_modes() == [{"name": "Latent"}]
     bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "sampler_name": "Nope", "width": 64, "height": 64})
     body = bad.json()

@@ -38,6 +38,9 @@ def generate(
     seed: int = typer.Option(-1, "--seed", help="-1: random; 0 .. 2^64-1"),
     variation_seed: Optional[int] = typer.Option(None, "--variation-seed"),
     variation_strength: float = typer.Option(0.0, "--variation-strength"),
+    seed_resize_from_w: int = typer.Option(0, "--seed-resize-from-w", help="A1111's resize seed from: draw the "
+                                           "seed's noise as for this width (keeps a composition across sizes)"),
+    seed_resize_from_h: int = typer.Option(0, "--seed-resize-from-h", help="... and this height"),
     batch_size: int = typer.Option(1, "--batch-size"),
     batch_count: int = typer.Option(1, "--batch-count"),
     width: Optional[int] = typer.Option(None, "--width", "-W"),
@@ -81,7 +84,8 @@ def generate(
             loras=[LoraSpec.parse(x) for x in lora], clip_skip=clip_skip, steps=steps, cfg_scale=cfg,
             cfg_rescale=cfg_rescale, sampler_name=sampler, scheduler=schedule, noise=noise, eta_noise_seed_delta=ensd,
             sgm_noise_multiplier=sgm_noise, seed=seed, variation_seed=variation_seed,
-            variation_strength=variation_strength, batch_size=batch_size, batch_count=batch_count,
+            variation_strength=variation_strength, seed_resize_from_w=seed_resize_from_w,
+            seed_resize_from_h=seed_resize_from_h, batch_size=batch_size, batch_count=batch_count,
             width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
             mask_blur=mask_blur, ground_concepts=ground, performance=performance,
         )

@@ -117,6 +117,10 @@ class GenerateRequest(BaseModel):
     seed: int = Field(-1, ge=-1, lt=2**64, description="-1: random; 64-bit seeds as in ComfyUI")
     variation_seed: int | None = Field(None, ge=-1, lt=2**64, description="WebUI subseed")
     variation_strength: float = Field(0.0, ge=0.0, le=1.0, description="WebUI subseed_strength")
+    seed_resize_from_w: int = Field(0, ge=-1, le=8192, description="A1111's 'resize seed from' width: the seed's "
+                                    "noise is drawn as for this width and placed in the middle, so a picture found "
+                                    "at one size keeps its composition at another; 0 or -1: off")
+    seed_resize_from_h: int = Field(0, ge=-1, le=8192, description="A1111's 'resize seed from' height (see width)")
     batch_size: int = Field(1, ge=1, le=16, description="images per run")
     batch_count: int = Field(1, ge=1, le=100, description="runs (WebUI n_iter)")
 
@@ -173,7 +177,16 @@ class GenerateRequest(BaseModel):
             raise ValueError("outpaint needs an init_image")
         if self.mask and self.outpaint:
             raise ValueError("use either mask or outpaint, not both")
+        if self.seed_resize and self.noise != "a1111-cpu":
+            raise ValueError("seed_resize_from_w/h is A1111's and works with noise 'a1111-cpu'")
         return self
+
+    @property
+    def seed_resize(self) -> tuple[int, int] | None:
+        """(width, height) the seed's noise is drawn for, when A1111's 'resize seed from' is on (both above 0)."""
+        if self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0:
+            return self.seed_resize_from_w, self.seed_resize_from_h
+        return None
 
     @property
     def mode(self) -> str:

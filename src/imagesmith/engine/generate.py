@@ -86,13 +86,28 @@ def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return torch.sin((1.0 - t) * omega) / so * low + torch.sin(t * omega) / so * high
 
 
-def image_noise(shape: tuple[int, ...], seed: int, variation_seed: int | None, variation_strength: float) -> torch.Tensor:
-    """Noise for one image, always drawn on the CPU so the same seed gives the same image on any device."""
-    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+def image_noise(shape: tuple[int, ...], seed: int, variation_seed: int | None, variation_strength: float,
+                resize_from: tuple[int, int] | None = None) -> torch.Tensor:
+    """Noise for one image, always drawn on the CPU so the same seed gives the same image on any device.
+
+    `resize_from` (latent height, width): A1111's 'resize seed from'. The seed's (and variation seed's) noise is
+    drawn at that latent size, then its middle is laid over the middle of the image's own noise of the same seed:
+    cropped where the drawn field is larger, surrounded by the full-size draw where it is smaller."""
+    def draw(s: int, size: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(size, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+    size = shape if resize_from is None else (shape[0], *resize_from)
+    noise = draw(seed, size)
     if variation_seed is not None and variation_strength > 0:
-        other = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(variation_seed), dtype=torch.float32)
-        noise = slerp(variation_strength, noise, other)
-    return noise
+        noise = slerp(variation_strength, noise, draw(variation_seed, size))
+    if size == shape:
+        return noise
+    out = draw(seed, shape)
+    (h, w), (hs, ws) = shape[1:], size[1:]
+    ch, cw = min(h, hs), min(w, ws)  # the overlap, centred in both
+    top, left = (h - ch) // 2, (w - cw) // 2
+    stop, sleft = (hs - ch) // 2, (ws - cw) // 2
+    out[:, top:top + ch, left:left + cw] = noise[:, stop:stop + ch, sleft:sleft + cw]
+    return out
 
 
 class Engine:
@@ -244,6 +259,7 @@ class Engine:
             "VAE": req.vae,
             "Variation seed": job.variation_seeds[index] if req.variation_strength > 0 else None,
             "Variation seed strength": _num(req.variation_strength) if req.variation_strength > 0 else None,
+            "Seed resize from": "{}x{}".format(*req.seed_resize) if req.seed_resize else None,
             "Denoising strength": _num(req.denoising_strength) if req.init_image else None,
             "Mask blur": req.mask_blur if req.mask or req.outpaint else None,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
@@ -610,7 +626,8 @@ class Engine:
         if comfy:  # one draw per request over its images (ComfyUI's batch noise)
             noise = torch.cat([K.initial_noise("comfy", (n,) + shape, [j.seeds[lo]]) for j, lo, n in rows])
         elif req.variation_strength > 0 or req.noise == "a1111-cpu":
-            noise = torch.stack([image_noise(shape, j.seeds[i], j.variation_seeds[i], j.req.variation_strength)
+            noise = torch.stack([image_noise(shape, j.seeds[i], j.variation_seeds[i], j.req.variation_strength,
+                                             _resize_from(j.req, shape, width, height))
                                  for j, lo, n in rows for i in range(lo, lo + n)])
         else:
             noise = K.initial_noise(req.noise, (len(seeds),) + shape, seeds, device=self.device)
@@ -783,6 +800,14 @@ def _vae_precision(vae):
             vae.to(dtype=torch.float16)
     else:
         yield
+
+
+def _resize_from(req: GenerateRequest, shape: tuple[int, ...], width: int, height: int) -> tuple[int, int] | None:
+    """The latent (height, width) of A1111's 'resize seed from' size for this image's latent `shape`."""
+    if req.seed_resize is None:
+        return None
+    w, h = req.seed_resize
+    return max(1, h * shape[1] // height), max(1, w * shape[2] // width)
 
 
 def _keep_latents(rows, latents: torch.Tensor) -> None:

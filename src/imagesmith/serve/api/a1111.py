@@ -219,6 +219,9 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
         req["batch_count"] = body["n_iter"]
     if "subseed" in body and body.get("subseed_strength"):
         req["variation_seed"], req["variation_strength"] = body["subseed"], body["subseed_strength"]
+    for key in ("seed_resize_from_w", "seed_resize_from_h"):
+        if body.get(key) not in (None, 0, -1):
+            req[key] = body[key]
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise BadRequest("override_settings must be an object")
@@ -324,6 +327,8 @@ def a1111_response(job: dict, body: dict) -> dict:
             "seed": seeds[0] if seeds else None, "all_seeds": seeds,
             "subseed": subseed, "all_subseeds": [subseed] * n,
             "subseed_strength": req.get("variation_strength", 0.0),
+            "seed_resize_from_w": req.get("seed_resize_from_w", -1),
+            "seed_resize_from_h": req.get("seed_resize_from_h", -1),
             "width": width, "height": height, "sampler_name": req.get("sampler_name"),
             "scheduler": req.get("scheduler"), "cfg_scale": req.get("cfg_scale"), "steps": req.get("steps"),
             "batch_size": req.get("batch_size", 1), "clip_skip": req.get("clip_skip", 1),
