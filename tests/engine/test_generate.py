@@ -140,6 +140,62 @@ def test_inpaint_keeps_unmasked_pixels(engine, tmp_path):
     assert np.abs(o[20:44, 20:44] - i[20:44, 20:44]).mean() > 5  # the masked area was repainted
 
 
+def _inpaint_inputs(tmp_path, size=64):
+    yy, xx = np.indices((size, size))
+    init = np.stack([(xx * 4) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
+    init[26:38, 30:42] = (250, 250, 20)  # an object under the mask, unlike its surroundings
+    Image.fromarray(init).save(tmp_path / "init.png")
+    mask = np.zeros((size, size), np.uint8)
+    mask[24:40, 28:44] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return init.astype(np.int16), mask > 0
+
+
+def test_masked_content_choices_start_differently_and_never_touch_the_rest(engine, tmp_path):
+    init, inside = _inpaint_inputs(tmp_path)
+    kw = dict(init_image=str(tmp_path / "init.png"), mask=str(tmp_path / "mask.png"), mask_blur=0,
+              denoising_strength=0.5, seed=3)  # a tiny random model ignores its start at full strength
+    outs = {fill: px(engine.generate(req(inpainting_fill=fill, **kw)).images[0])
+            for fill in ("original", "fill", "latent noise", "latent nothing")}
+    for fill, out in outs.items():
+        assert np.array_equal(out[~inside], init[~inside]), fill  # outside the mask: the input, exactly
+    fills = list(outs)
+    for i, a in enumerate(fills):
+        for b in fills[i + 1:]:
+            assert np.abs(outs[a][inside] - outs[b][inside]).mean() > 1, (a, b)
+    flipped = px(engine.generate(req(inpainting_mask_invert=True, **kw)).images[0])
+    assert np.array_equal(flipped[inside], init[inside]) and np.abs(flipped[~inside] - init[~inside]).mean() > 1
+
+
+def test_fill_paints_the_hole_from_its_surroundings():
+    from imagesmith.engine.generate import fill_masked
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:] = (200, 30, 30)
+    img[24:40, 24:40] = (20, 20, 220)  # the object to replace
+    mask = np.zeros((64, 64), np.uint8)
+    mask[22:42, 22:42] = 255
+    out = np.asarray(fill_masked(Image.fromarray(img), Image.fromarray(mask)), np.int16)
+    assert np.abs(out[32, 32] - np.array([200, 30, 30])).max() < 30  # red from around, not the blue object
+
+
+def test_only_masked_repaints_a_crop_at_full_size(engine, tmp_path):
+    from imagesmith.engine.generate import masked_crop
+    init, inside = _inpaint_inputs(tmp_path)
+    box = masked_crop(Image.open(tmp_path / "mask.png"), 4, (64, 64))
+    assert box == (24, 20, 48, 44)  # 16x16 mask + 4 px each side, squared to the working aspect
+    assert masked_crop(Image.new("L", (64, 64), 0), 4, (64, 64)) is None
+    wide = masked_crop(Image.open(tmp_path / "mask.png"), 0, (128, 64))
+    assert (wide[2] - wide[0]) == 2 * (wide[3] - wide[1])  # widened to the aspect, not stretched
+    kw = dict(init_image=str(tmp_path / "init.png"), mask=str(tmp_path / "mask.png"), mask_blur=0,
+              denoising_strength=0.8, seed=3)
+    whole = px(engine.generate(req(**kw)).images[0])
+    only = engine.generate(req(inpaint_full_res=True, inpaint_full_res_padding=4, **kw)).images[0]
+    assert only.size == (64, 64)
+    only = px(only)
+    assert np.array_equal(only[~inside], init[~inside])
+    assert np.abs(only[inside] - whole[inside]).mean() > 1  # repainted at 4x the detail, not the same picture
+
+
 def test_outpaint_grows_canvas_and_keeps_original(engine, tmp_path):
     init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8))
     init.save(tmp_path / "o.png")

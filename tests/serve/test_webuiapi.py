@@ -57,6 +57,21 @@ def test_img2img_and_inpainting(api):
                     denoising_strength=0.8, mask_blur=0)
     out = np.asarray(r.image.convert("RGB"), np.int16)
     assert np.array_equal(out[:8, :8], np.asarray(init, np.int16)[:8, :8])  # outside the mask: the input
+    # the client's defaults are A1111's (masked content 'fill', inpaint area 'only masked'); each choice runs
+    looks = {}
+    for fill in range(4):
+        looks[fill] = np.asarray(api.img2img(images=[init], mask_image=mask, prompt="a pear", seed=5, width=64,
+                                             height=64, denoising_strength=0.5, mask_blur=0, inpainting_fill=fill,
+                                             inpaint_full_res=fill % 2).image.convert("RGB"), np.int16)
+        assert np.array_equal(looks[fill][:16], np.asarray(init, np.int16)[:16])
+    assert len({v[16:48, 16:48].tobytes() for v in looks.values()}) == 4
+    inverted = api.img2img(images=[init], mask_image=mask, prompt="a pear", seed=5, width=64, height=64,
+                           denoising_strength=0.5, mask_blur=0, inpainting_mask_invert=1)
+    kept = np.asarray(inverted.image.convert("RGB"), np.int16)
+    assert np.array_equal(kept[16:48, 16:48], np.asarray(init, np.int16)[16:48, 16:48])  # the square is kept now
+    with pytest.raises(RuntimeError) as err:
+        api.img2img(images=[init], mask_image=mask, prompt="a pear", width=64, height=64, inpainting_fill=7)
+    assert "422" in str(err.value) and "inpainting_fill" in str(err.value)
 
 
 def test_png_info_reads_the_infotext_back(api):

@@ -49,6 +49,12 @@ def generate(
     strength: float = typer.Option(0.75, "--denoising-strength", "--strength", help="denoising strength for img2img/inpaint"),
     mask: Optional[str] = typer.Option(None, "--mask", help="inpainting mask (white = repaint)"),
     mask_blur: int = typer.Option(4, "--mask-blur"),
+    inpainting_fill: str = typer.Option("original", "--inpainting-fill", help="what the masked area starts from: "
+                                        "original, fill (surrounding colours), 'latent noise', 'latent nothing'"),
+    mask_invert: bool = typer.Option(False, "--inpainting-mask-invert", help="repaint the black part of the mask"),
+    full_res: bool = typer.Option(False, "--inpaint-full-res", help="A1111's 'only masked': repaint a crop around "
+                                  "the mask at the full working size"),
+    full_res_padding: int = typer.Option(32, "--inpaint-full-res-padding", help="context pixels around the mask"),
     outpaint: Optional[str] = typer.Option(None, "--outpaint", help="LEFT,TOP,RIGHT,BOTTOM pixels to add"),
     hires: Optional[float] = typer.Option(None, "--hr-scale", "--hires", help="hires fix scale, e.g. 2"),
     hires_steps: int = typer.Option(0, "--hr-second-pass-steps", "--hires-steps"),
@@ -87,7 +93,9 @@ def generate(
             variation_strength=variation_strength, seed_resize_from_w=seed_resize_from_w,
             seed_resize_from_h=seed_resize_from_h, batch_size=batch_size, batch_count=batch_count,
             width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
-            mask_blur=mask_blur, ground_concepts=ground, performance=performance,
+            mask_blur=mask_blur, inpainting_fill=inpainting_fill, inpainting_mask_invert=mask_invert,
+            inpaint_full_res=full_res, inpaint_full_res_padding=full_res_padding, ground_concepts=ground,
+            performance=performance,
         )
         if outpaint:
             try:

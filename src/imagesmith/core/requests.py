@@ -131,6 +131,14 @@ class GenerateRequest(BaseModel):
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     mask: str | None = Field(None, description="path; white = repaint. Needs init_image")
     mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: Literal["fill", "original", "latent noise", "latent nothing"] = Field(
+        "original", description="what the masked area starts from (A1111's 'Masked content'): the original pixels, "
+        "the surrounding colours (fill), fresh noise, or nothing; matters most at high denoising strength")
+    inpainting_mask_invert: bool = Field(False, description="repaint the black part of the mask instead")
+    inpaint_full_res: bool = Field(False, description="A1111's 'Inpaint area: Only masked': repaint a crop around "
+                                   "the mask at the full working size, then paste it back (sharper small edits)")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=1024, description="pixels of context around the mask for "
+                                          "'only masked'")
     outpaint: tuple[int, int, int, int] | None = Field(
         None, description="pixels to add left, top, right, bottom (multiples of 8); needs init_image")
 
@@ -177,6 +185,8 @@ class GenerateRequest(BaseModel):
             raise ValueError("outpaint needs an init_image")
         if self.mask and self.outpaint:
             raise ValueError("use either mask or outpaint, not both")
+        if self.inpaint_full_res and self.outpaint:
+            raise ValueError("inpaint_full_res works on a mask, not with outpaint")
         if self.seed_resize and self.noise != "a1111-cpu":
             raise ValueError("seed_resize_from_w/h is A1111's and works with noise 'a1111-cpu'")
         return self

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from .. import __version__
 from ..core.errors import BadRequest, UnsupportedModel
@@ -332,6 +332,8 @@ class Engine:
             if mask.size != init.size:
                 raise BadRequest(f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
                                  f"{init.size[0]}x{init.size[1]}: they must match")
+            if req.inpainting_mask_invert:
+                mask = ImageOps.invert(mask)
         if req.outpaint:
             init, mask = outpaint_canvas(init, req.outpaint)
         if req.controlnet:
@@ -548,17 +550,33 @@ class Engine:
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
         mode = req.mode
         init_latent = mask = concat = None
+        crop = None
         if mode != "txt2img":
             init = job.init_image.resize((job.width, job.height), Image.LANCZOS) \
                 if job.init_image.size != (job.width, job.height) else job.init_image
             n = sum(k for _, _, k in rows)
-            init_latent = self._vae_encode(vae, [init]).repeat(n, 1, 1, 1)  # one encode, every image of the batch
             if mode == "inpaint":
                 m = job.mask.resize(init.size, Image.NEAREST) if job.mask.size != init.size else job.mask
+                full_init, full_blurred = init, (m.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur
+                                                 else m)
+                if req.inpaint_full_res:  # 'only masked': work on a crop around the mask at the full working size
+                    crop = masked_crop(full_blurred, req.inpaint_full_res_padding, (job.width, job.height))
+                    if crop is not None:
+                        init = init.crop(crop).resize((job.width, job.height), Image.LANCZOS)
+                        m = m.crop(crop).resize((job.width, job.height), Image.NEAREST)
+                if req.inpainting_fill == "fill":
+                    init = fill_masked(init, m)
+            init_latent = self._vae_encode(vae, [init]).repeat(n, 1, 1, 1)  # one encode, every image of the batch
+            if mode == "inpaint":
                 blurred = m.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else m
                 pixel_mask = torch.from_numpy(np.asarray(blurred.convert("L"), dtype=np.float32) / 255.0)[None, None]
                 mask = torch.nn.functional.interpolate(pixel_mask, size=init_latent.shape[-2:], mode="bilinear")
                 mask = mask.repeat(n, 1, 1, 1)
+                if req.inpainting_fill in ("latent noise", "latent nothing"):  # A1111's masked-content choices
+                    seeds = [j.seeds[i] for j, lo, k in rows for i in range(lo, lo + k)]
+                    fresh = torch.stack([image_noise(init_latent.shape[1:], s, None, 0.0) for s in seeds]) \
+                        if req.inpainting_fill == "latent noise" else torch.zeros_like(init_latent)
+                    init_latent = init_latent * (1 - mask) + fresh * mask
                 if getattr(pipe, "unet", None) is not None and pipe.unet.config.in_channels == 9:  # inpainting UNet: mask and masked image as extra inputs
                     keep = torch.from_numpy(np.asarray(init.convert("RGB"), dtype=np.float32) / 255.0)
                     keep = keep.permute(2, 0, 1)[None] * (pixel_mask[0] < 0.5)
@@ -574,7 +592,9 @@ class Engine:
         _keep_latents(rows, latents)
         images = self._vae_decode(vae, latents)
         if mode == "inpaint":
-            images = [keep_unmasked(init, im, blurred) for im in images]
+            if crop is not None:  # the repainted crop back at its place in the whole picture
+                images = [paste_crop(full_init, im, crop) for im in images]
+            images = [keep_unmasked(full_init, im, full_blurred) for im in images]
         return images
 
     def _ksample_hires(self, entry, pipe, vae, rows, encoded, counter, latents) -> list[Image.Image]:
@@ -754,6 +774,44 @@ def keep_unmasked(original: Image.Image, generated: Image.Image, mask: Image.Ima
     blend = np.clip(np.rint(o * (1 - a) + g * a), 0, 255)
     out = np.where(a == 0, o, blend).astype(np.uint8)
     return Image.fromarray(out)
+
+
+def masked_crop(mask: Image.Image, padding: int, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The box 'only masked' inpainting repaints: the mask's bounding box grown by `padding`, then widened or
+    heightened to the working size's aspect ratio (so the crop is not stretched), kept inside the picture. None
+    for an empty mask."""
+    box = mask.point(lambda v: 255 if v > 0 else 0).getbbox()
+    if box is None:
+        return None
+    W, H = mask.size
+    x0, y0, x1, y1 = box[0] - padding, box[1] - padding, box[2] + padding, box[3] + padding
+    aspect = size[0] / size[1]
+    w, h = x1 - x0, y1 - y0
+    if w / h < aspect:
+        w = h * aspect
+    else:
+        h = w / aspect
+    w, h = min(W, round(w)), min(H, round(h))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = int(min(max(0, round(cx - w / 2)), W - w))
+    top = int(min(max(0, round(cy - h / 2)), H - h))
+    return left, top, left + w, top + h
+
+
+def paste_crop(full: Image.Image, repainted: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    out = full.convert("RGB").copy()
+    out.paste(repainted.convert("RGB").resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+    return out
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's 'fill' start: the masked area painted from its surroundings' colours (OpenCV's Telea inpainting),
+    so the sampler starts from the neighbourhood's colours rather than the object being replaced."""
+    import cv2
+    arr = np.asarray(image.convert("RGB"))
+    hole = (np.asarray(mask.convert("L")) > 127).astype(np.uint8) * 255
+    radius = max(3, min(arr.shape[:2]) // 16)
+    return Image.fromarray(cv2.inpaint(arr, hole, radius, cv2.INPAINT_TELEA))
 
 
 def outpaint_canvas(image: Image.Image, pads: tuple[int, int, int, int]) -> tuple[Image.Image, Image.Image]:

@@ -70,6 +70,7 @@ async def img2img(request: Request, svc: Svc, who: Caller):
         job_type = "inpaint"
         if "mask_blur" in body:
             req["mask_blur"] = body["mask_blur"]
+        req.update(a1111_inpaint_fields(body))
     job = await svc.run_sync(job_type, req, who)
     return job if isinstance(job, JSONResponse) else a1111_response(job, body)
 
@@ -262,6 +263,22 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
         req["hires"] = {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_second_pass_steps") if k in body}
         req["hires"]["hr_denoising_strength"] = body.get("denoising_strength", 0.7)
     return req
+
+
+INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")
+"""A1111's 'Masked content' choices, by the index its API sends"""
+
+
+def a1111_inpaint_fields(body: dict) -> dict:
+    """A1111's inpainting options, with A1111's API defaults where a client leaves them out (masked content
+    'fill', inpaint area 'only masked' with no padding)."""
+    fill = body.get("inpainting_fill", 0)
+    if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill < len(INPAINTING_FILL):
+        raise BadRequest(f"inpainting_fill must be 0-3 ({', '.join(f'{i} {n}' for i, n in enumerate(INPAINTING_FILL))})")
+    return {"inpainting_fill": INPAINTING_FILL[fill],
+            "inpaint_full_res": bool(body.get("inpaint_full_res", True)),
+            "inpaint_full_res_padding": body.get("inpaint_full_res_padding", 0),
+            "inpainting_mask_invert": bool(body.get("inpainting_mask_invert", 0))}
 
 
 ADETAILER_FACE_MODELS = ("face_yolov8n.pt", "face_yolov8s.pt", "face_yolov8m.pt", "face_yolov9c.pt",
