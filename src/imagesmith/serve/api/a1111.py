@@ -212,10 +212,15 @@ def _extras_upscaler(body: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- mapping
 def a1111_request(svc: Services, body: dict, who: dict) -> dict:
-    """An A1111 txt2img/img2img body as imagesmith's generate request (uploads made for its images)."""
+    """An A1111 txt2img/img2img body as imagesmith's generate request (uploads made for its images). A null field
+    means A1111's default, as in A1111's own request model; `sampler_index` (its older name) names the sampler when
+    `sampler_name` does not."""
+    body = {k: v for k, v in body.items() if v is not None}
     req = {k: v for k, v in body.items() if k in ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name",
                                                  "scheduler", "seed", "batch_size", "width", "height",
                                                  "denoising_strength", "clip_skip")}
+    if "sampler_name" not in req and isinstance(body.get("sampler_index"), str) and body["sampler_index"]:
+        req["sampler_name"] = body["sampler_index"]
     if "n_iter" in body:
         req["batch_count"] = body["n_iter"]
     if "subseed" in body and body.get("subseed_strength"):
@@ -246,11 +251,13 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
         req["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
     if overrides.get("sd_vae") not in (None, "Automatic", "None"):
         req["vae"] = overrides["sd_vae"]
-    if body.get("styles"):
+    styles = body.get("styles")
+    if isinstance(styles, list):  # "None" and "" are A1111's UI for no style (Discord bots send ["None"])
+        styles = [s for s in styles if s not in ("None", "")]
+    if styles:
         from ...core.styles import apply_styles, load_styles, styles_path
         req["prompt"], req["negative_prompt"] = apply_styles(
-            req.get("prompt", ""), req.get("negative_prompt", ""), body["styles"],
-            load_styles(styles_path(svc.settings.home)))
+            req.get("prompt", ""), req.get("negative_prompt", ""), styles, load_styles(styles_path(svc.settings.home)))
     unit = controlnet_unit(body, lambda data: svc.store_upload(data, who)["id"])
     if unit is not None:
         req["controlnet"] = unit

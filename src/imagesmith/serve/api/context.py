@@ -115,7 +115,13 @@ class Services:
             if who is None:
                 raise Unauthorized("invalid or revoked token")
         elif header.lower().startswith("basic "):  # A1111's --api-auth: the user's name, a token as the password
-            who = basic_auth_user(self.store, header[6:].strip())
+            try:
+                who = basic_auth_user(self.store, header[6:].strip())
+            except Unauthorized:
+                # A1111 without --api-auth ignores whatever Basic header a client sends (SillyTavern always sends
+                # one, 'Basic ' with its empty auth setting): so does a server that requires no auth
+                if self.require_auth:
+                    raise
         elif self.require_auth:
             raise Unauthorized("this server needs 'Authorization: Bearer <token>' or HTTP Basic with a token as the "
                                "password (imagesmith tokens create USER)")
