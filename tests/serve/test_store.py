@@ -12,25 +12,12 @@ import time
 
 import pytest
 
+from fixtures.postgres import postgres_schema
 from imagesmith.core.errors import BadRequest, NotFound
 from imagesmith.serve.store import JobStore, QueueFull
 
-
-HEAD = "0005"  # the newest migration (0002: uploads, 0003: jobs.batch_key, 0004: queue_state, 0005: a1111_options)
-PG = os.environ.get("IMAGESMITH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_schema():
-    """A fresh schema in the local PostgreSQL (the service the machine runs), or None when it is not up."""
-    import uuid
-    try:
-        import psycopg
-        conn = psycopg.connect(PG.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3, autocommit=True)
-    except Exception:  # noqa: BLE001
-        return None, None
-    schema = "t_" + uuid.uuid4().hex[:12]
-    conn.execute(f"create schema {schema}")
-    return conn, schema
+HEAD = "0006"  # the newest migration (0002: uploads, 0003: jobs.batch_key, 0004: queue_state, 0005: a1111_options,
+#                 0006: output_blobs)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -38,14 +25,10 @@ def url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'jobs.db'}"
         return
-    conn, schema = _postgres_schema()
-    if conn is None:
-        pytest.skip("PostgreSQL is not running on loopback")
-    try:
-        yield f"{PG}?options=-csearch_path%3D{schema}"
-    finally:
-        conn.execute(f"drop schema {schema} cascade")
-        conn.close()
+    with postgres_schema() as pg_url:
+        if pg_url is None:
+            pytest.skip("PostgreSQL is not running on loopback")
+        yield pg_url
 
 
 def test_jobs_survive_a_restart_and_keys_are_idempotent(url):

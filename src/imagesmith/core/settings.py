@@ -50,6 +50,10 @@ class Settings(BaseModel):
     safety_action: Literal["withhold", "blur"] = Field(
         "withhold", description="IMAGESMITH_SAFETY_ACTION: what the safety gate does with a flagged output image, "
         "wherever it is saved (CLI --safety, every job of the service)")
+    output_store: Literal["local", "database"] = Field(
+        "local", description="IMAGESMITH_OUTPUT_STORE: where job outputs are kept for the API: local (the worker's "
+        "home; API and workers share a disk) or database (also in the job store's database, so any API node serves "
+        "outputs made on any machine)")
     retention_days: float | None = Field(None, gt=0, description="IMAGESMITH_RETENTION_DAYS: finished jobs' "
                                          "outputs and uploads older than this are deleted (with their rows)")
     retention_gb_per_user: float | None = Field(None, gt=0, description="IMAGESMITH_RETENTION_GB_PER_USER: past "
@@ -93,7 +97,7 @@ class Settings(BaseModel):
         values["vae_tiling"] = env.get("IMAGESMITH_VAE_TILING", "") in ("1", "true", "yes")
         for key, name in (("performance", "IMAGESMITH_PERFORMANCE"), ("compile", "IMAGESMITH_COMPILE"),
                           ("compile_scope", "IMAGESMITH_COMPILE_SCOPE"),
-                          ("safety_action", "IMAGESMITH_SAFETY_ACTION")):
+                          ("safety_action", "IMAGESMITH_SAFETY_ACTION"), ("output_store", "IMAGESMITH_OUTPUT_STORE")):
             if env.get(name):
                 values[key] = env[name].strip().lower()
         values["cuda_graphs"] = env.get("IMAGESMITH_CUDA_GRAPHS", "") in ("1", "true", "yes")

@@ -9,6 +9,7 @@ cluster has GPUs."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -24,14 +25,16 @@ def _actor_class():
             from .worker import Worker
             import threading
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            self.worker = Worker(JobStore(database_url), Settings(home=home), worker_id=worker_id, lease_s=lease_s,
-                                 batch=batch)
+            # the deployment's environment applies (IMAGESMITH_OUTPUT_STORE, ...), under this actor's own home
+            self.worker = Worker(JobStore(database_url), Settings.from_env(home=Path(home)), worker_id=worker_id,
+                                 lease_s=lease_s, batch=batch)
             self.thread = threading.Thread(target=self.worker.run_forever, kwargs={"poll_s": 0.2}, daemon=True)
             self.thread.start()
 
         def status(self) -> dict[str, Any]:
             return {"id": self.worker.id, "alive": self.thread.is_alive(),
-                    "loaded_models": list(self.worker.loaded_models())}
+                    "loaded_models": list(self.worker.loaded_models()),
+                    "node_id": ray.get_runtime_context().get_node_id(), "home": str(self.worker.settings.home)}
 
         def stop(self) -> bool:
             self.worker.stopping.set()
@@ -42,8 +45,11 @@ def _actor_class():
 
 
 def start_ray_workers(address: str, database_url: str, home: str, count: int = 1, *, lease_s: float = 30.0,
-                      init_kwargs: dict | None = None, batch: int | None = None) -> list:
-    """Connect to (``address``) or start (``auto``/``local``) a Ray cluster and start ``count`` worker actors."""
+                      init_kwargs: dict | None = None, batch: int | None = None,
+                      resources: dict[str, float] | None = None) -> list:
+    """Connect to (``address``) or start (``auto``/``local``) a Ray cluster and start ``count`` worker actors.
+    ``home``: the actors' home on the node they land on; ``resources``: Ray custom resources an actor needs (to
+    place it on a given node)."""
     import ray
     if not ray.is_initialized():
         kwargs = dict(init_kwargs or {})
@@ -55,4 +61,6 @@ def start_ray_workers(address: str, database_url: str, home: str, count: int = 1
     gpus = ray.cluster_resources().get("GPU", 0)
     cls = _actor_class()
     options = {"num_gpus": 1} if gpus >= count else {"num_cpus": 1}
+    if resources:
+        options["resources"] = dict(resources)
     return [cls.options(**options).remote(database_url, home, f"ray-{i}", lease_s, batch) for i in range(count)]

@@ -62,7 +62,10 @@ def disk_use(settings: Settings, store: JobStore) -> dict:
         r = row(up["user"])
         r["uploads"] += 1
         r["uploads_bytes"] += tree_bytes(upload_file(settings, up["id"]))
+    for user, n in store.blob_bytes_by_user().items():  # outputs also kept in the database (serve.storage)
+        row(user)["database_bytes"] = n
     for r in users.values():
+        r.setdefault("database_bytes", 0)
         r["total_bytes"] = r["outputs_bytes"] + r["uploads_bytes"]
     outputs = settings.home / "outputs"
     orphans = [d for u in (outputs.iterdir() if outputs.is_dir() else []) if u.is_dir()

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint, case, create_engine,
-                        delete, event, func, select, update)
+from sqlalchemy import (JSON, Boolean, Float, Index, Integer, LargeBinary, String, Text, UniqueConstraint, case,
+                        create_engine, delete, event, func, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -131,6 +131,21 @@ class A1111OptionsRow(Base):
     user: Mapped[str] = mapped_column(String(64), primary_key=True)
     options: Mapped[dict] = mapped_column(JSON)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class OutputBlobRow(Base):
+    """A job's output file kept in the database (``IMAGESMITH_OUTPUT_STORE=database``): any API node connected to
+    the same PostgreSQL serves it, wherever the worker that made it ran."""
+    __tablename__ = "output_blobs"
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36))
+    user: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_output_blobs_job", "job_id"),)
 
 
 class QueueStateRow(Base):
@@ -380,10 +395,39 @@ class JobStore:
         if not job_ids:
             return 0
         with self.sessions() as s:
-            n = s.execute(delete(JobRow).where(JobRow.id.in_(job_ids),
-                                               JobRow.status.in_(("succeeded", "failed", "canceled")))).rowcount
+            gone = list(s.scalars(select(JobRow.id).where(JobRow.id.in_(job_ids),
+                                                          JobRow.status.in_(("succeeded", "failed", "canceled")))))
+            s.execute(delete(JobRow).where(JobRow.id.in_(gone)))
+            s.execute(delete(OutputBlobRow).where(OutputBlobRow.job_id.in_(gone)))  # their stored outputs too
+            s.commit()
+            return len(gone)
+
+    # ---------------------------------------------------------------- output blobs (serve.storage)
+    def put_blob(self, blob_id: str, *, job_id: str, user: str, name: str, data: bytes) -> None:
+        with self.sessions() as s:
+            s.merge(OutputBlobRow(id=blob_id, job_id=job_id, user=user, name=name, size=len(data), data=data,
+                                  created_at=time.time()))
+            s.commit()
+
+    def get_blob(self, blob_id: str) -> bytes:
+        with self.sessions() as s:
+            data = s.scalar(select(OutputBlobRow.data).where(OutputBlobRow.id == blob_id))
+        if data is None:
+            raise NotFound(f"no stored output {blob_id}")
+        return bytes(data)
+
+    def delete_blobs(self, blob_ids: list[str]) -> int:
+        if not blob_ids:
+            return 0
+        with self.sessions() as s:
+            n = s.execute(delete(OutputBlobRow).where(OutputBlobRow.id.in_(blob_ids))).rowcount
             s.commit()
             return int(n or 0)
+
+    def blob_bytes_by_user(self) -> dict[str, int]:
+        with self.sessions() as s:
+            rows = s.execute(select(OutputBlobRow.user, func.sum(OutputBlobRow.size)).group_by(OutputBlobRow.user))
+            return {user: int(n or 0) for user, n in rows}
 
     def delete_uploads(self, upload_ids: list[str]) -> int:
         if not upload_ids:

@@ -242,7 +242,7 @@ class Worker:
             (folder / PREVIEW_NAME).unlink(missing_ok=True)  # the result replaces the preview
             done.set()
             thread.join()
-            if not self.store.complete(job["id"], self.id, result):
+            if not self._complete(job, result):
                 shutil.rmtree(folder, ignore_errors=True)  # someone else's result stands
         except Cancelled:
             done.set()
@@ -343,7 +343,7 @@ class Worker:
                     (folder / PREVIEW_NAME).unlink(missing_ok=True)  # the result replaces the preview
                     out = self._save_generation(results[k], folder)
                     out["batch"] = {"jobs": len(jobs), "images": sum(r.batch_size for r in reqs), "position": k}
-                    if not self.store.complete(job["id"], self.id, out):
+                    if not self._complete(job, out):
                         shutil.rmtree(folder, ignore_errors=True)  # canceled meanwhile, or another's result stands
             except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not kill the worker
                 log.exception("job %s failed", job["id"])
@@ -355,6 +355,15 @@ class Worker:
                 log.exception("webhook of job %s", job["id"])
         done.set()
         thread.join()
+
+    def _complete(self, job: dict, result: dict) -> bool:
+        """Commit a result, its outputs first kept where the deployment keeps them (serve.storage)."""
+        from .storage import keep_outputs
+        result = keep_outputs(self.settings.output_store, self.store, job, result)
+        if self.store.complete(job["id"], self.id, result):
+            return True
+        self.store.delete_blobs([f["blob"] for f in result.get("files") or [] if f.get("blob")])  # not ours to keep
+        return False
 
     def _previewer(self, job: dict, folder: Path):
         """A callable that writes ``preview.jpg`` from latents (throttled), or None for jobs/models without one."""

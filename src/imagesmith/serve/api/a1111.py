@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -29,7 +28,7 @@ A1111_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "e
 async def txt2img(request: Request, svc: Svc, who: Caller):
     body = await json_object(request)
     job = await svc.run_sync("generate", a1111_request(svc, body, who), who)
-    return job if isinstance(job, JSONResponse) else a1111_response(job, body)
+    return job if isinstance(job, JSONResponse) else a1111_response(svc, job, body)
 
 
 @router.get("/prompt-styles")
@@ -72,7 +71,7 @@ async def img2img(request: Request, svc: Svc, who: Caller):
             req["mask_blur"] = body["mask_blur"]
         req.update(a1111_inpaint_fields(body))
     job = await svc.run_sync(job_type, req, who)
-    return job if isinstance(job, JSONResponse) else a1111_response(job, body)
+    return job if isinstance(job, JSONResponse) else a1111_response(svc, job, body)
 
 
 @router.get("/sd-models")
@@ -120,8 +119,7 @@ async def extra_single_image(request: Request, svc: Svc, who: Caller):
     job = await svc.run_sync("upscale", req, who)
     if isinstance(job, JSONResponse):
         return job
-    path = Path(job["result"]["files"][0]["path"])
-    return {"html_info": "", "image": base64.b64encode(path.read_bytes()).decode()}
+    return {"html_info": "", "image": base64.b64encode(svc.output_bytes(job["result"]["files"][0])).decode()}
 
 
 @router.get("/samplers")
@@ -199,7 +197,7 @@ async def extra_batch_images(request: Request, svc: Svc, who: Caller):
                                              "upscaler": upscaler}, who)
         if isinstance(job, JSONResponse):
             return job
-        images.append(base64.b64encode(Path(job["result"]["files"][0]["path"]).read_bytes()).decode())
+        images.append(base64.b64encode(svc.output_bytes(job["result"]["files"][0])).decode())
     return {"html_info": "", "images": images}
 
 
@@ -331,19 +329,17 @@ def adetailer_unit(body: dict) -> dict | None:
     return out
 
 
-def a1111_response(job: dict, body: dict) -> dict:
+def a1111_response(svc: Services, job: dict, body: dict) -> dict:
     files = (job.get("result") or {}).get("files", [])
     send = body.get("send_images", True) is not False  # A1111: send_images false answers without the images
-    images = [base64.b64encode(Path(f["path"]).read_bytes()).decode() for f in files] if send else []
+    images = [base64.b64encode(svc.output_bytes(f)).decode() for f in files] if send else []
     seeds = [f.get("seed") for f in files]
     req = job.get("request") or {}
     n = len(files)
     subseed = req.get("variation_seed") if req.get("variation_strength") else -1
     width, height = req.get("width"), req.get("height")
-    if files and (width is None or height is None):  # the model's native size: read it off the file
-        from PIL import Image
-        with Image.open(files[0]["path"]) as im:
-            width, height = im.size
+    if files and (width is None or height is None):  # the model's native size, from the job's own record
+        width, height = files[0].get("width"), files[0].get("height")
     # A1111's info JSON (processing.Processed.js()): what clients read the seeds and infotexts from
     info = {"prompt": body.get("prompt", ""), "all_prompts": [req.get("prompt", "")] * n,  # styles applied
             "negative_prompt": body.get("negative_prompt", ""),

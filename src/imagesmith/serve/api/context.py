@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, WebSocketException
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.requests import HTTPConnection, Request
 
 from ...core.errors import BadRequest, Forbidden, ImagesmithError, NotFound, TooManyRequests, Unauthorized
@@ -162,16 +162,24 @@ class Services:
             path.unlink(missing_ok=True)  # no owner recorded: no file either
             raise
 
-    @staticmethod
-    def output_file(job: dict, index: int) -> FileResponse:
+    def output_file(self, job: dict, index: int) -> Response:
+        """A job's output: the file where this node can see it, else its database copy (serve.storage)."""
         files = (job.get("result") or {}).get("files", [])
         if not 0 <= index < len(files):
             raise NotFound(f"job {job['id']} has no file {index}")
-        path = Path(files[index]["path"])  # a path the worker wrote, never the client's
-        if not path.is_file():
+        entry = files[index]
+        path = Path(entry["path"])  # a path the worker wrote, never the client's
+        media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+        if path.is_file():
+            return FileResponse(path, media_type=media, filename=path.name if path.suffix == ".zip" else None)
+        if not entry.get("blob"):
             raise NotFound(f"job {job['id']} file {index} is gone")
-        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-                            filename=path.name if path.suffix == ".zip" else None)
+        headers = {"Content-Disposition": f'attachment; filename="{path.name}"'} if path.suffix == ".zip" else None
+        return Response(self.store.get_blob(entry["blob"]), media_type=media, headers=headers)
+
+    def output_bytes(self, entry: dict) -> bytes:
+        from ..storage import output_bytes
+        return output_bytes(self.store, entry)
 
     def preview_path(self, job: dict) -> Path | None:
         if job["status"] != "running":
