@@ -36,10 +36,13 @@ A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0,
-               require_auth: bool | None = None, rate_per_minute: int = 600, safety=None) -> FastAPI:
+               require_auth: bool | None = None, rate_per_minute: int | None = None, safety=None) -> FastAPI:
     """``require_auth``: every route but the health checks needs ``Authorization: Bearer <token>`` (default:
-    ``IMAGESMITH_AUTH=1``; ``imagesmith serve`` turns it on for any non-loopback address)."""
+    ``IMAGESMITH_AUTH=1``; ``imagesmith serve`` turns it on for any non-loopback address). ``rate_per_minute``: each
+    caller's request budget (default ``IMAGESMITH_RATE_PER_MINUTE`` or 600)."""
     settings = settings or Settings.from_env()
+    if rate_per_minute is None:
+        rate_per_minute = int(os.environ.get("IMAGESMITH_RATE_PER_MINUTE", "600"))
     if require_auth is None:
         require_auth = os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
     if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
