@@ -252,3 +252,38 @@ def test_the_decoded_border_is_settled_before_upscaling():
     assert np.array_equal(out[2:-2, 2:-2], a[2:-2, 2:-2])
     assert np.array_equal(out[0, 2:-2], a[2, 2:-2]) and np.array_equal(out[:, 1][2:-2], a[:, 2][2:-2])
     assert out.min() >= 100  # no dark pixel left on the border
+
+
+class _FlagAll:
+    """A gate with the SafetyGate interface that flags every image (the policy's action decides the rest)."""
+
+    def __init__(self, action: str):
+        from imagesmith.vision.safety import SafetyGate, SafetyPolicy
+        self.policy = SafetyPolicy(action=action)
+        self._real = SafetyGate(self.policy)
+
+    def check_image(self, image):
+        from imagesmith.vision.safety import SafetyVerdict
+        return SafetyVerdict(flagged=True, reason="test policy", score=1.0)
+
+    def apply(self, image):
+        return self._real.apply(image)
+
+
+def test_the_painted_background_passes_the_services_safety_gate(studio, tmp_path):
+    """Ads are generated outputs too (core.outputs): a withheld background fails that ad with the reason; a
+    blurred one ships blurred, said in the manifest and the PNG."""
+    photo = product_photo(tmp_path / "p.jpg")
+    req = AdRequest(products=[str(photo)], concept="a bottle on a table", headline="Glow", formats=["1:1"], steps=2,
+                    upscaler="Lanczos", seed=3)
+    gated = ProductAdStudio(studio.engine, settings=studio.settings, safety_gate=_FlagAll("withhold"))
+    result = gated.make(req, tmp_path / "withheld")
+    assert result.outputs == [] and "withheld by the safety policy: test policy" in result.failures[0].error
+    blurred = ProductAdStudio(studio.engine, settings=studio.settings, safety_gate=_FlagAll("blur")).make(
+        req, tmp_path / "blurred")
+    [ad] = blurred.outputs
+    assert ad.safety == {"reason": "test policy", "score": 1.0, "action": "blur"}
+    assert Image.open(ad.path).text["imagesmith-safety"] == "blurred: test policy"
+    plain = studio.make(req, tmp_path / "plain").outputs[0]
+    edges = lambda p: np.abs(np.diff(np.asarray(Image.open(p).convert("L"), np.float32), axis=1)).mean()  # noqa: E731
+    assert edges(ad.background_path) < edges(plain.background_path)  # the painted scene is blurred

@@ -407,7 +407,8 @@ class Worker:
         def on_item(done: int, total: int, label: str) -> None:
             cancel.raise_if_cancelled()
             progress(ProgressEvent(done, total, label))
-        result = ProductAdStudio(self.engine, settings=self.settings).make(req, folder, progress=on_item)
+        result = ProductAdStudio(self.engine, settings=self.settings, safety_gate=self.safety).make(
+            req, folder, progress=on_item)
         if not result.outputs:
             raise ImagesmithError("no ad was made: " + "; ".join(f.error for f in result.failures)[:300])
         archive = folder.parent / f"{folder.name}.zip"

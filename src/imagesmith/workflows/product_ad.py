@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from ..core.errors import BadRequest, ImagesmithError
 from ..core.imageio import load_image, save_png_atomic
+from ..core.outputs import safety_chunks, screen
 from ..core.requests import AdRequest, GenerateRequest
 from ..core.settings import Settings
 
@@ -58,6 +59,8 @@ class AdOutput(BaseModel):
     rea: float
     seconds: dict[str, float] = Field(default_factory=dict)
     request: dict = Field(default_factory=dict)
+    safety: dict | None = Field(None, description="the safety gate's verdict when it flagged the painted background "
+                                "(blurred by the policy; a withheld one fails the ad instead)")
 
 
 class AdFailure(BaseModel):
@@ -134,10 +137,11 @@ class ProductAdStudio:
     The engine, segmenter and settings can be passed in (tests, the service); by default the house
     models are used: house-cutout cuts, the default checkpoint (house-ldm) paints."""
 
-    def __init__(self, engine=None, *, settings: Settings | None = None, segmenter=None):
+    def __init__(self, engine=None, *, settings: Settings | None = None, segmenter=None, safety_gate=None):
         self._engine = engine
         self.settings = settings or (engine.settings if engine is not None else Settings.from_env())
         self._segmenter = segmenter
+        self.safety_gate = safety_gate  # the service's: every painted background passes it (core.outputs)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -240,6 +244,10 @@ class ProductAdStudio:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="imagesmith-ad-") as tmp:
             background = self.paint_background(req, fmt, box, fitted, seed, Path(tmp), progress)
+        seen = screen(background, self.safety_gate)  # the model's part of the ad, as every generated output
+        if seen.image is None:
+            raise ImagesmithError(f"the painted background was withheld by the safety policy: {seen.flag['reason']}")
+        background = seen.image
         product_alpha = np.zeros((fmt.height, fmt.width), np.float32)
         fa = np.asarray(fitted.getchannel("A"), np.float32) / 255.0
         product_alpha[box[1]:box[3], box[0]:box[2]] = fa[:box[3] - box[1], :box[2] - box[0]]
@@ -275,9 +283,10 @@ class ProductAdStudio:
             raise RuntimeError("product pixels changed outside harmonize: compose layer bug")
         stem = f"{Path(product_path).stem}_{_safe(fmt.name)}_v{variation}"
         png, html, bg = out_dir / f"{stem}.png", out_dir / f"{stem}.html", out_dir / f"{stem}.background.png"
-        chunks = {"imagesmith-ad": json.dumps({"format": fmt.name, "seed": seed, "concept": req.concept})}
+        chunks = {"imagesmith-ad": json.dumps({"format": fmt.name, "seed": seed, "concept": req.concept}),
+                  **safety_chunks(seen.flag)}
         size = save_within(final, png, fmt.max_bytes, chunks)
-        save_within(comp.image, bg, fmt.max_bytes, {})
+        save_within(comp.image, bg, fmt.max_bytes, safety_chunks(seen.flag))
         export_html(html, bg.name, fmt.width, fmt.height, elements, title=req.headline)
         times["export"] = time.perf_counter() - t
         for k, v in times.items():
@@ -289,7 +298,7 @@ class ProductAdStudio:
             product_pixels_preserved=preserved, harmonized=req.harmonize,
             text=[e.model_dump() for e in elements],
             occ=round(float(occ(saliency, boxes)), 4), rea=round(float(rea(comp.image, boxes)), 5),
-            seconds={k: round(v, 3) for k, v in times.items()}, request=req.model_dump(),
+            seconds={k: round(v, 3) for k, v in times.items()}, request=req.model_dump(), safety=seen.flag,
         )
 
     # ------------------------------------------------------------------ batch
