@@ -132,3 +132,4 @@ def test_worker_threads_of_one_process_share_one_cache_and_vision_models_live_in
     assert len(pipelines) == 1 and a.engine.cache is b.engine.cache and b.loaded_models() == ("tiny-sd15",)
     assert a._loaded("imagenet") is b._loaded("imagenet")  # one classifier for the process, in the same cache
     assert ("vision", "imagenet") in cache.keys()
+    assert a.safety is not None and ("safety", "nsfw") in cache.keys()  # the safety gate's model checked the images

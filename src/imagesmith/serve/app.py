@@ -46,8 +46,11 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     if require_auth is None:
         require_auth = os.environ.get("IMAGESMITH_AUTH", "") in ("1", "true", "yes")
     if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
+        from ..models.cache import ModelCache
         from ..vision.safety import SafetyGate
-        safety = SafetyGate.from_settings(settings)  # prompts are checked at submit; the workers check the images
+        cache = ModelCache(settings)  # the API process's one memory manager (its only model: the prompt encoder)
+        # prompts are checked at submit; the workers check the images
+        safety = SafetyGate.from_settings(settings, cache=lambda: cache)
     settings.ensure_home()
     store = store or default_store(settings)
     app = FastAPI(title="imagesmith", version=__version__,

@@ -96,7 +96,8 @@ class Worker:
         self.settings = settings or Settings.from_env()
         if safety is None and os.environ.get("IMAGESMITH_SAFETY", "1") not in ("0", "false", "no"):
             from ..vision.safety import SafetyGate
-            safety = SafetyGate.from_settings(self.settings)
+            # its models live in the engine's cache, beside the checkpoints and the other vision models
+            safety = SafetyGate.from_settings(self.settings, cache=lambda: self.engine.cache)
         self.safety = safety or None
         self.store = store
         self._engine = engine

