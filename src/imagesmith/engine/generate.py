@@ -568,7 +568,8 @@ class Engine:
                     init = fill_masked(init, m)
             init_latent = self._vae_encode(vae, [init]).repeat(n, 1, 1, 1)  # one encode, every image of the batch
             if mode == "inpaint":
-                blurred = m.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else m
+                blurred = full_blurred if crop is None else (  # the crop's own mask, blurred at its own scale
+                    m.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur else m)
                 pixel_mask = torch.from_numpy(np.asarray(blurred.convert("L"), dtype=np.float32) / 255.0)[None, None]
                 mask = torch.nn.functional.interpolate(pixel_mask, size=init_latent.shape[-2:], mode="bilinear")
                 mask = mask.repeat(n, 1, 1, 1)

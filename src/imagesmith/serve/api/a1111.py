@@ -15,7 +15,7 @@ from ... import __version__
 from ...core.errors import BadRequest
 from ...core.imageio import decode_base64
 from ...core.settings import Settings
-from .a1111_controlnet import controlnet_unit
+from .a1111_controlnet import always_on_args, controlnet_unit
 from .context import Admin, Caller, Services, Svc, json_object
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -295,11 +295,7 @@ def adetailer_unit(body: dict) -> dict | None:
     """The engine's `detailer` field from ADetailer's `alwayson_scripts` args (``[enabled, {ad_model, ...}, ...]``,
     webuiapi's shape), or None. Face models map onto imagesmith's face detailer with their prompt, strength, mask
     blur, dilation and steps; hand and person models are a 422 naming what runs."""
-    scripts = body.get("alwayson_scripts") or {}
-    if not isinstance(scripts, dict):
-        raise BadRequest("alwayson_scripts must be an object")
-    entry = next((v for k, v in scripts.items() if k.lower() == "adetailer"), None)
-    args = entry.get("args") if isinstance(entry, dict) else None
+    args = always_on_args(body, "adetailer")
     if not isinstance(args, list) or not args:
         return None
     if isinstance(args[0], bool):  # ADetailer's first arg: enabled; then (skip img2img) flag in newer versions

@@ -65,15 +65,23 @@ async def detect(request: Request, svc: Svc):
     return {"images": out, "info": "Success"}
 
 
-def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:
-    """The engine's `controlnet` request field from A1111's `alwayson_scripts` (ControlNet units), or None."""
+def always_on_args(body: dict, script: str):
+    """The `args` of one extension's entry in A1111's `alwayson_scripts` (matched case-insensitively), or None when
+    the request has none; a malformed `alwayson_scripts` is a BadRequest."""
     scripts = body.get("alwayson_scripts") or {}
     if not isinstance(scripts, dict):
         raise BadRequest("alwayson_scripts must be an object")
-    entry = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    entry = next((v for k, v in scripts.items() if k.lower() == script), None)
     if entry is None:
         return None
-    args = entry.get("args") if isinstance(entry, dict) else None
+    return entry.get("args") if isinstance(entry, dict) else False
+
+
+def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:
+    """The engine's `controlnet` request field from A1111's `alwayson_scripts` (ControlNet units), or None."""
+    args = always_on_args(body, "controlnet")
+    if args is None:
+        return None
     if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
     units = [a for a in args if a.get("enabled", True) and (a.get("model") not in (None, "", "None"))]
