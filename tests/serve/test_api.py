@@ -156,6 +156,14 @@ def test_ad_job_makes_png_html_and_zip(served):
     assert bad.status_code == 422 and "2:7" in bad.json()["error"]["message"]
     bad = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, brand_color="red")})
     assert bad.status_code == 422
+    # "this one" is checked before anything is queued, naming the field
+    bad = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, product_box=[10, 10, 400, 100])})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "product_box"
+    assert "outside the 120x160 image" in bad.json()["error"]["message"]
+    bad = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, product_point=[5, 500])})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "product_point"
+    bad = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, products=[pid, pid], product_box=[0, 0, 9, 9])})
+    assert bad.status_code == 422 and "exactly one product" in bad.json()["error"]["message"]
 
 
 def test_web_studio_is_served_self_contained(served):

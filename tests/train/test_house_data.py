@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,83 +13,9 @@ from imagesmith.train import house_data as H
 from imagesmith.train.backdrops import BACKDROP_KINDS, make_backdrop
 
 SIZE = 64
-RED = (230, 30, 40)
 
 
-# ------------------------------------------------------------------------------------- fake packages
-def _disc_rgba(rgb: tuple[int, int, int], n: int = 96, radius: float = 0.38) -> np.ndarray:
-    """A disc with an antialiased edge; fully transparent pixels are black, as in real renders."""
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
-    d = np.sqrt((xx - n / 2) ** 2 + (yy - n / 2) ** 2) / n
-    a = np.clip((radius - d) * n, 0.0, 1.0)
-    out = np.zeros((n, n, 4), np.uint8)
-    out[..., :3] = np.asarray(rgb, np.uint8)
-    out[..., 3] = np.round(a * 255).astype(np.uint8)
-    out[out[..., 3] == 0, :3] = 0
-    return out
-
-
-def _teapot_rgba(n: int = 96) -> np.ndarray:
-    """A teal body with a spout and a handle, a darker lid: one clear hue cluster."""
-    img = Image.new("RGBA", (n, n), (0, 0, 0, 0))
-    from PIL import ImageDraw
-    d = ImageDraw.Draw(img)
-    d.ellipse((22, 34, 74, 80), fill=(40, 110, 200, 255))
-    d.polygon([(70, 50), (90, 38), (92, 42), (74, 62)], fill=(40, 110, 200, 255))
-    d.arc((8, 40, 34, 70), 90, 270, fill=(30, 90, 170, 255), width=5)
-    d.ellipse((38, 24, 58, 38), fill=(30, 80, 160, 255))
-    return np.asarray(img)
-
-
-def _ball_rgba(n: int = 96) -> np.ndarray:
-    """Grey and white: no hue at all, so never recoloured."""
-    out = _disc_rgba((235, 235, 235), n)
-    out[40:56, 40:56, :3] = (40, 40, 40)
-    return out
-
-
-@pytest.fixture(scope="module")
-def fake_sources(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("npm")
-    pkg = root / "fluent" / "package"
-    (pkg / "assets").mkdir(parents=True)
-    (pkg / "package.json").write_text(json.dumps({"name": "@lobehub/fluent-emoji-3d", "version": "1.1.0"}))
-    renders = {
-        "1f34e": _disc_rgba(RED),                 # red apple        food-drink / food-fruit
-        "1fad6": _teapot_rgba(),                  # teapot           food-drink / drink
-        "26bd": _ball_rgba(),                     # soccer ball      activities / sport
-        "2615": _disc_rgba((120, 80, 60)),        # hot beverage     food-drink / drink
-        "1f600": _disc_rgba((250, 200, 40)),      # grinning face    smileys-emotion: dropped
-        "1f1eb-1f1f7": _disc_rgba((30, 60, 200)),  # flag: France    flags: dropped
-    }
-    for stem, arr in renders.items():
-        Image.fromarray(arr, "RGBA").save(pkg / "assets" / f"{stem}.webp", lossless=True)
-
-    eb = root / "emojibase" / "package"
-    (eb / "en").mkdir(parents=True)
-    (eb / "meta").mkdir()
-    entries = [
-        {"label": "grinning face", "hexcode": "1F600", "group": 0, "subgroup": 0, "tags": ["face"]},
-        {"label": "red apple", "hexcode": "1F34E", "group": 4, "subgroup": 42, "tags": ["apple", "fruit"]},
-        {"label": "hot beverage", "hexcode": "2615", "group": 4, "subgroup": 47, "tags": ["coffee"]},
-        {"label": "teapot", "hexcode": "1FAD6", "group": 4, "subgroup": 47, "tags": ["tea"]},
-        {"label": "soccer ball", "hexcode": "26BD", "group": 6, "subgroup": 62, "tags": ["ball"]},
-        {"label": "flag: France", "hexcode": "1F1EB-1F1F7", "group": 9, "subgroup": 98, "tags": ["FR"]},
-    ]
-    (eb / "en" / "data.json").write_text(json.dumps(entries))
-    (eb / "meta" / "groups.json").write_text(json.dumps({
-        "groups": {"0": "smileys-emotion", "4": "food-drink", "6": "activities", "9": "flags"},
-        "subgroups": {"0": "face-smiling", "42": "food-fruit", "47": "drink", "62": "sport", "98": "country-flag"},
-    }))
-    return pkg, eb
-
-
-@pytest.fixture(scope="module")
-def house(fake_sources, tmp_path_factory) -> H.HouseDataset:
-    pkg, eb = fake_sources
-    cache = tmp_path_factory.mktemp("cache")
-    return H.build_house_dataset(cache, seed=0, progress=False, package_dir=pkg, emojibase_dir=eb)
-
+from fixtures.house import RED, fake_sources, house  # noqa: F401  (module fixtures)
 
 def _by_name(ds: H.HouseDataset, name: str) -> H.HouseObject:
     return next(o for o in ds.objects if o.name == name)

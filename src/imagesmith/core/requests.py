@@ -287,9 +287,24 @@ class AdRequest(CheckedSampling):
     harmonize: Literal["off", "edge", "full"] = Field(
         "off", description="off keeps product pixels unchanged (guaranteed); edge/full recolour them")
     segmenter: str | None = Field(None, description="segmenter name (default house-cutout)")
+    product_box: list[float] | None = Field(
+        None, min_length=4, max_length=4, description="'this one': x0,y0,x1,y1 around the product in the photo "
+        "(pixels, or fractions 0..1); the cut-out then looks only there (one product photo)")
+    product_point: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="'this one': x,y of a tap on the product (pixels or "
+        "fractions 0..1); the part of the cut-out under it is kept (one product photo)")
+    min_cutout_confidence: float = Field(
+        0.5, ge=0.0, le=1.0, description="a cut-out scoring below this is not used: the ad is refused, asking for "
+        "product_box or product_point; 0 accepts any cut-out")
     props: Literal["auto", "keep", "clear"] = Field(
         "auto", description="objects the model painted away from the product: clear repaints them as backdrop, "
         "keep leaves them; auto clears them in banners (cropped from a wider scene) and for house models")
+
+    @model_validator(mode="after")
+    def _guide_needs_one_product(self) -> "AdRequest":
+        if (self.product_box is not None or self.product_point is not None) and len(self.products) != 1:
+            raise ValueError("product_box and product_point point into one photo: give exactly one product")
+        return self
 
 
 class CutoutRequest(BaseModel):
@@ -297,6 +312,13 @@ class CutoutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(..., description="an uploaded file id (the service) or a path (Python)")
+    product_box: list[float] | None = Field(None, min_length=4, max_length=4,
+                                            description="x0,y0,x1,y1 around the product (pixels or fractions 0..1)")
+    product_point: list[float] | None = Field(None, min_length=2, max_length=2,
+                                              description="x,y of a point on the product (pixels or fractions)")
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0, description="refuse (422) a cut-out scoring below "
+                                         "this; default: return it with its confidence")
+    segmenter: str | None = Field(None, description="segmenter name (default house-cutout)")
 
 
 class UpscaleRequest(BaseModel):

@@ -154,9 +154,90 @@ def arch_config(**kw: Any) -> dict[str, Any]:
     return {**ARCH_DEFAULTS, **kw}
 
 
-def build_network(widths=(16, 32, 64, 128)):
-    """The house-cutout U-Net (see :class:`_Net`); imports torch lazily."""
+ARCH_UNET = "house-cutout-unet"
+ARCH_EFFNET = "house-cutout-effnet"
+ARCHS = (ARCH_UNET, ARCH_EFFNET)
+
+
+def build_network(widths=(16, 32, 64, 128), arch: str = ARCH_UNET):
+    """The house-cutout network of ``arch``: the compact U-Net (``widths``) or the U-Net on an EfficientNet-Lite0
+    encoder (``widths`` are then its decoder's channels, coarse to fine); imports torch lazily."""
+    if arch == ARCH_EFFNET:
+        return _effnet_class()(tuple(int(w) for w in widths))
+    if arch != ARCH_UNET:
+        raise UnsupportedModel(f"unknown house-cutout architecture {arch!r}; known: {', '.join(ARCHS)}")
     return _net_class()(tuple(int(w) for w in widths))
+
+
+def _effnet_class():
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise MissingModelFile("this house-cutout needs the EfficientNet-Lite model code: "
+                               "pip install efficientnet_lite_pytorch==0.1.0") from None
+
+    def cbr(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    class HouseCutoutEffNet(nn.Module):
+        """U-Net on an ImageNet EfficientNet-Lite0 encoder (stem and MBConv blocks; its 1280-channel head and
+        classifier are dropped). Skips at strides 2, 4, 8, 16 and 32 (16, 24, 40, 112, 320 channels); a
+        global-context branch (image-level pooling, as in DeepLab's ASPP) at stride 32 tells the decoder what
+        the whole picture is about, which is what salient-object cut-out needs on busy backgrounds. Decoder:
+        bilinear x2, concatenation with the skip, two conv-BN-ReLU per level (``widths``, coarse to fine); a
+        last level at full resolution sees the RGB input again for crisp edges. Input RGB in [-1, 1] (the
+        Lite models' own normalisation), sides divisible by 32."""
+
+        def __init__(self, widths: tuple[int, ...] = (96, 64, 48, 32, 24, 16)):
+            super().__init__()
+            if len(widths) != 6:
+                raise UnsupportedModel(f"house-cutout-effnet needs 6 decoder widths, not {len(widths)}")
+            self.widths = widths
+            enc = EfficientNet.from_name("efficientnet-lite0")
+            self.stem = nn.Sequential(enc._conv_stem, enc._bn0, nn.ReLU6())
+            self.blocks = enc._blocks
+            strides = [int(b._block_args.stride if isinstance(b._block_args.stride, int)
+                           else b._block_args.stride[0]) for b in self.blocks]
+            # a skip is taken after the last block before each stride-2 block, and after the last block
+            self.taps = [i - 1 for i in range(1, len(self.blocks)) if strides[i] > 1 and i > 0] + [len(self.blocks) - 1]
+            chans = [self.blocks[i]._block_args.output_filters for i in self.taps]
+            if chans[0] != self.blocks[0]._block_args.output_filters:
+                raise UnsupportedModel("unexpected EfficientNet-Lite0 layout")
+            top = chans[-1]
+            self.context = cbr(top, widths[0], k=1)
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(top, widths[0], 1), nn.ReLU(inplace=True))
+            self.dec = nn.ModuleList()
+            cin = widths[0]
+            for skip_c, w in zip(reversed(chans[:-1]), widths[1:5], strict=True):
+                self.dec.append(nn.Sequential(cbr(cin + skip_c, w), cbr(w, w)))
+                cin = w
+            self.full = nn.Sequential(cbr(cin + 3, widths[5]), cbr(widths[5], widths[5]))
+            self.head = nn.Conv2d(widths[5], 1, 3, padding=1)
+
+        def encoder_parameters(self):
+            return list(self.stem.parameters()) + list(self.blocks.parameters())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rgb = x
+            h = self.stem(x)
+            skips = []
+            for i, block in enumerate(self.blocks):
+                h = block(h)
+                if i in self.taps:
+                    skips.append(h)
+            top = skips[-1]
+            h = self.context(top) + self.pool(top)
+            for block, skip in zip(self.dec, reversed(skips[:-1]), strict=True):
+                h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+                h = block(torch.cat([h, skip], dim=1))
+            h = F.interpolate(h, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+            return self.head(self.full(torch.cat([h, rgb], dim=1)))
+
+    return HouseCutoutEffNet
 
 
 _NET_CLASS = None
@@ -270,9 +351,9 @@ def load_house_cutout(folder: str | Path):
         raise ModelNotFound(f"{folder} is not a house-cutout folder (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
                             f"train one with `python -m imagesmith.train.house_cutout --export {folder}`")
     config = arch_config(**json.loads(cfg_path.read_text()))
-    if config.get("arch") != "house-cutout-unet":
+    if config.get("arch") not in ARCHS:
         raise UnsupportedModel(f"{cfg_path} describes {config.get('arch')!r}, not a house-cutout network")
-    net = build_network(config["widths"])
+    net = build_network(config["widths"], config["arch"])
     state = load_file(str(weights))
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return config, net.eval()

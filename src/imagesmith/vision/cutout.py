@@ -33,6 +33,10 @@ from ..core.errors import BadRequest
 # below this mean alpha nothing was found; above the upper one nothing was cut away
 MIN_COVERAGE = 0.005
 MAX_COVERAGE = 0.97
+# a cut-out whose confidence (cutout_confidence) is below this is not used for an ad: the user is asked for a box
+MIN_CONFIDENCE = 0.5
+# a product box is widened by this fraction of its size on every side before the segmenter sees the crop
+BOX_CONTEXT = 0.15
 # a transparency channel counts as a cut-out when some pixel is below this (out of 255)
 OWN_ALPHA_BELOW = 250
 # pixels at least this opaque keep their original RGB exactly
@@ -56,10 +60,163 @@ class Cutout:
     box: tuple[int, int, int, int]
     coverage: float
     source: str
+    confidence: float = 1.0
+    """:func:`cutout_confidence` of the segmenter's matte (1.0 for the image's own transparency)."""
+    confidence_parts: dict | None = None
+
+
+class UnclearCutout(BadRequest):
+    """The product could not be separated cleanly: the matte's confidence is below the threshold. ``field``
+    names the input that would fix it (``product_box``)."""
+
+    def __init__(self, message: str, confidence: float, field: str = "product_box"):
+        super().__init__(message)
+        self.confidence = confidence
+        self.field = field
+
+
+def _field_error(message: str, field: str) -> BadRequest:
+    """A BadRequest that names the request field to fix (the API puts it in the error body)."""
+    exc = BadRequest(message)
+    exc.field = field
+    return exc
+
+
+def parse_box(value: Any, size: tuple[int, int], name: str = "product_box") -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` in pixels from ``"x0,y0,x1,y1"`` or a 4-sequence; checked against the image
+    ``size`` (w, h). ``None`` passes through. Values in (0, 1] everywhere are taken as fractions of the size."""
+    if value is None:
+        return None
+    try:
+        parts = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise _field_error(f"{name} must be four numbers x0,y0,x1,y1, not {value!r}", name) from None
+    if len(parts) != 4 or not all(np.isfinite(parts)):
+        raise _field_error(f"{name} must be four numbers x0,y0,x1,y1, not {value!r}", name)
+    w, h = size
+    if all(0 <= v <= 1 for v in parts) and any(0 < v < 1 for v in parts):
+        parts = [parts[0] * w, parts[1] * h, parts[2] * w, parts[3] * h]
+    x0, y0, x1, y1 = (int(round(v)) for v in parts)
+    if not (x1 > x0 and y1 > y0):
+        raise _field_error(f"{name} {x0},{y0},{x1},{y1} is empty: x1 must exceed x0 and y1 y0", name)
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        raise _field_error(f"{name} {x0},{y0},{x1},{y1} lies outside the {w}x{h} image", name)
+    if (x1 - x0) < 4 or (y1 - y0) < 4:
+        raise _field_error(f"{name} {x0},{y0},{x1},{y1} is too small (under 4 px)", name)
+    return x0, y0, x1, y1
+
+
+def parse_point(value: Any, size: tuple[int, int], name: str = "product_point") -> tuple[int, int] | None:
+    """``(x, y)`` in pixels from ``"x,y"`` or a 2-sequence, inside the image ``size`` (w, h)."""
+    if value is None:
+        return None
+    try:
+        parts = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise _field_error(f"{name} must be two numbers x,y, not {value!r}", name) from None
+    if len(parts) != 2 or not all(np.isfinite(parts)):
+        raise _field_error(f"{name} must be two numbers x,y, not {value!r}", name)
+    w, h = size
+    if all(0 <= v <= 1 for v in parts) and any(0 < v < 1 for v in parts):
+        parts = [parts[0] * w, parts[1] * h]
+    x, y = int(round(parts[0])), int(round(parts[1]))
+    if not (0 <= x < w and 0 <= y < h):
+        raise _field_error(f"{name} {x},{y} lies outside the {w}x{h} image", name)
+    return x, y
+
+
+def _components(alpha: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    import cv2
+    return cv2.connectedComponentsWithStats((alpha > 0.5).astype(np.uint8), connectivity=8)[:3]
+
+
+def guided_matte(image: Image.Image, segmenter: Any, *, box: tuple[int, int, int, int] | None = None,
+                 point: tuple[int, int] | None = None, what: str = "image") -> np.ndarray:
+    """The segmenter's matte of ``image`` (RGB), guided by the user's "this one".
+
+    - ``box``: the segmenter sees the box widened by :data:`BOX_CONTEXT` on every side (the product fills its
+      view, other objects mostly leave it), and the matte outside the box (plus a 3% margin) is dropped, as
+      are parts of it that do not reach into the box.
+    - ``point``: the part of the matte under the point (or within 3% of the long side of it) is kept, every
+      other part dropped; a point on the background is refused (:class:`BadRequest` naming product_point).
+    Both can be given (the point then picks inside the box's matte)."""
+    import cv2
+    w, h = image.size
+    name = str(getattr(segmenter, "name", None) or type(segmenter).__name__)
+    if box is None:
+        alpha = _as_matte(segmenter.predict(image), (h, w), name)
+    else:
+        x0, y0, x1, y1 = box
+        mx, my = int(round(BOX_CONTEXT * (x1 - x0))), int(round(BOX_CONTEXT * (y1 - y0)))
+        cx0, cy0, cx1, cy1 = max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)
+        crop = image.crop((cx0, cy0, cx1, cy1))
+        alpha = np.zeros((h, w), np.float32)
+        alpha[cy0:cy1, cx0:cx1] = _as_matte(segmenter.predict(crop), (cy1 - cy0, cx1 - cx0), name)
+        gx, gy = max(2, int(0.03 * (x1 - x0))), max(2, int(0.03 * (y1 - y0)))
+        inside = np.zeros((h, w), np.float32)
+        inside[max(0, y0 - gy): y1 + gy, max(0, x0 - gx): x1 + gx] = 1.0
+        inside = cv2.GaussianBlur(inside, (0, 0), max(1.0, 0.5 * min(gx, gy)))
+        alpha = alpha * np.clip(inside * 1.5, 0, 1)
+        n, labels, _ = _components(alpha)
+        if n > 1:
+            reach = np.unique(labels[y0:y1, x0:x1])
+            keep = np.isin(labels, reach[reach > 0])
+            near = cv2.dilate(keep.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            alpha = np.where(near, alpha, 0.0).astype(np.float32)
+    if point is not None:
+        px, py = point
+        n, labels, stats = _components(alpha)
+        label = int(labels[py, px])
+        if label == 0 and n > 1:
+            r = max(3, int(0.03 * max(w, h)))
+            win = labels[max(0, py - r): py + r + 1, max(0, px - r): px + r + 1]
+            ids, counts = np.unique(win[win > 0], return_counts=True)
+            label = int(ids[np.argmax(counts)]) if ids.size else 0
+        if label == 0:
+            raise _field_error(f"product_point {px},{py} is on the background of {what}: no product was found "
+                               f"there; tap the product itself, or give product_box around it", "product_point")
+        keep = labels == label
+        near = cv2.dilate(keep.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        alpha = np.where(near, alpha, 0.0).astype(np.float32)
+    return alpha
+
+
+def cutout_confidence(alpha: np.ndarray) -> tuple[float, dict[str, float]]:
+    """How clean a segmenter's matte looks, in [0, 1], without knowing the truth, and its parts.
+
+    A clean product matte is mostly 0 or 1 with a thin soft edge, one main part, and free of the frame's edges
+    (a phone photo frames the product; a matte that runs along the border has usually kept the table or the
+    wall). Each symptom scales the score down: ``soft`` the share of uncertain alpha (0.1..0.9) against the
+    product's area, ``border`` the share of the frame's edge the matte covers, ``parts`` the mass of the matte
+    outside its largest part, ``coverage`` a matte too small or too big to be a product photo."""
+    import cv2
+    a = np.clip(alpha, 0, 1).astype(np.float32)
+    h, w = a.shape
+    solid = a > 0.5
+    area = float(solid.sum())
+    if area < 1:
+        return 0.0, {"soft": 1.0, "border": 0.0, "parts": 0.0, "coverage": 0.0}
+    uncertain = float(((a > 0.1) & (a < 0.9)).sum())
+    perimeter = float(max(1.0, np.sqrt(area) * 4))
+    soft = max(0.0, uncertain - 2.0 * perimeter) / area  # beyond a 2 px soft edge all round
+    edge = np.concatenate([solid[0], solid[-1], solid[:, 0], solid[:, -1]])
+    border = float(edge.mean())
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(solid.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    parts = float(1.0 - areas.max() / areas.sum()) if areas.size else 0.0
+    coverage = area / (h * w)
+    f_soft = float(np.clip(1.0 - 2.5 * soft, 0.0, 1.0))
+    f_border = float(np.clip(1.0 - 2.0 * max(0.0, border - 0.05), 0.0, 1.0))
+    f_parts = float(np.clip(1.0 - 1.5 * max(0.0, parts - 0.05), 0.0, 1.0))
+    f_cov = float(np.clip(min(coverage / 0.01, (0.9 - coverage) / 0.2), 0.0, 1.0))
+    score = f_soft * f_border * f_parts * f_cov
+    return round(score, 4), {"soft": round(soft, 4), "border": round(border, 4), "parts": round(parts, 4),
+                             "coverage": round(coverage, 4)}
 
 
 def cutout(image: Image.Image, segmenter: Any = None, *, refine: bool = True, feather_px: float | None = None,
-           what: str = "image") -> Cutout:
+           what: str = "image", box: Any = None, point: Any = None,
+           min_confidence: float | None = None) -> Cutout:
     """Cut the product out of ``image``.
 
     ``segmenter``: anything with ``predict(image) -> alpha`` (the :class:`~imagesmith.models.segment.Segmenter`
@@ -71,7 +228,13 @@ def cutout(image: Image.Image, segmenter: Any = None, *, refine: bool = True, fe
     ``feather_px``: the edge feather's Gaussian sigma in pixels; ``None`` scales it with the image (1 px per
     1024 px of the long side, at least 0.5), ``0`` turns feathering off. ``what`` names the input in errors.
 
-    Raises :class:`BadRequest` when the matte is empty or covers the whole image."""
+    ``box`` (``x0,y0,x1,y1``) / ``point`` (``x,y``): "this one", the user's pointer at the product (see
+    :func:`guided_matte`); pixels, or fractions of the size when every value is in [0, 1].
+    ``min_confidence``: refuse (:class:`UnclearCutout`) a matte whose :func:`cutout_confidence` is lower, asking
+    for a box or a point, rather than return a broken cut-out. ``None`` never refuses (the score is still set).
+
+    Raises :class:`BadRequest` when the matte is empty or covers the whole image, or the box or point is
+    outside the image."""
     if not isinstance(image, Image.Image):
         raise BadRequest(f"{what}: cutout() takes a PIL image")
     if image.width < 1 or image.height < 1:
@@ -84,6 +247,9 @@ def cutout(image: Image.Image, segmenter: Any = None, *, refine: bool = True, fe
         if not (np.isfinite(feather_px) and feather_px >= 0):
             raise BadRequest(f"feather_px must be a non-negative number of pixels, not {feather_px!r}")
 
+    box = parse_box(box, image.size)
+    point = parse_point(point, image.size)
+    confidence, parts = 1.0, None
     rgba_in = _own_rgba(image)
     if rgba_in is not None:
         alpha8 = rgba_in[..., 3]
@@ -96,7 +262,14 @@ def cutout(image: Image.Image, segmenter: Any = None, *, refine: bool = True, fe
             from ..models.segment import load_segmenter
             seg = load_segmenter()
         source = str(getattr(seg, "name", None) or type(seg).__name__)
-        alpha = _as_matte(seg.predict(flat), (image.height, image.width), source)
+        alpha = guided_matte(flat, seg, box=box, point=point, what=what)
+        confidence, parts = cutout_confidence(alpha)
+        if min_confidence is not None and confidence < min_confidence:
+            hint = "a tighter product_box" if box is not None else "product_box (x0,y0,x1,y1) around the product " \
+                "or product_point (x,y) on it"
+            raise UnclearCutout(f"the product in {what} could not be separated cleanly from its background "
+                                f"(cut-out confidence {confidence:.2f} < {min_confidence:.2f}): give {hint}",
+                                confidence)
         rgb = np.asarray(flat)
         if refine:
             alpha = refine_alpha(alpha, feather_px=feather_px)
@@ -112,7 +285,8 @@ def cutout(image: Image.Image, segmenter: Any = None, *, refine: bool = True, fe
     if box is None:
         raise BadRequest(f"no product found in {what}: the cutout mask is empty")
     rgba = Image.fromarray(np.dstack([rgb, alpha8]), "RGBA")
-    return Cutout(rgba=rgba, alpha=alpha_f, box=box, coverage=coverage, source=source)
+    return Cutout(rgba=rgba, alpha=alpha_f, box=box, coverage=coverage, source=source, confidence=confidence,
+                  confidence_parts=parts)
 
 
 # ------------------------------------------------------------------------------------------------ input

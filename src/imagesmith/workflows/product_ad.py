@@ -325,7 +325,8 @@ class ProductAdStudio:
             t = time.perf_counter()
             try:
                 image = load_image(product_path, settings=self.settings, mode=None, what="product photo")
-                cut = cutout(image, segmenter)
+                cut = cutout(image, segmenter, box=req.product_box, point=req.product_point,
+                             min_confidence=req.min_cutout_confidence or None, what=Path(product_path).name)
             except ImagesmithError as exc:
                 result.failures.append(AdFailure(product=str(product_path), error=str(exc)))
                 done += len(formats) * req.variations
