@@ -275,7 +275,7 @@ def test_the_painted_background_passes_the_services_safety_gate(studio, tmp_path
     blurred one ships blurred, said in the manifest and the PNG."""
     photo = product_photo(tmp_path / "p.jpg")
     req = AdRequest(products=[str(photo)], concept="a bottle on a table", headline="Glow", formats=["1:1"], steps=2,
-                    upscaler="Lanczos", seed=3)
+                    upscaler="Lanczos", seed=3, background="paint")
     gated = ProductAdStudio(studio.engine, settings=studio.settings, safety_gate=_FlagAll("withhold"))
     result = gated.make(req, tmp_path / "withheld")
     assert result.outputs == [] and "withheld by the safety policy: test policy" in result.failures[0].error

@@ -42,6 +42,9 @@ def ad(products: List[str] = typer.Argument(..., help="product photos (files or 
        product_box: Optional[str] = typer.Option(None, "--product-box", help="x0,y0,x1,y1 around the product in the "
                                                  "photo (pixels): 'this one' when the photo holds several things"),
        product_point: Optional[str] = typer.Option(None, "--product-point", help="x,y of a point on the product"),
+       background: str = typer.Option("auto", "--background", help="paint (the checkpoint paints the scene), "
+                                      "studio (surface, wall and light built from the concept's words, crisp at "
+                                      "full size) or auto (studio for the house model, paint for yours)"),
        min_confidence: float = typer.Option(0.5, "--min-cutout-confidence", help="refuse a cut-out scoring below "
                                             "this (ask for a box or a point); 0 accepts any"),
        props: str = typer.Option("auto", "--props", help="objects painted away from the product: auto (cleared in "
@@ -79,6 +82,9 @@ def ad(products: List[str] = typer.Argument(..., help="product photos (files or 
                 raise _Exit(f"{flag} takes {n} comma-separated numbers, not {value!r}")
             fields[flag[2:].replace("-", "_")] = nums
     fields["min_cutout_confidence"] = min_confidence
+    if background not in ("auto", "paint", "studio"):
+        raise _Exit(f"--background takes auto, paint or studio, not {background!r}")
+    fields["background"] = background
     req = AdRequest(**fields)
     studio = ProductAdStudio(_engine())
     show = not as_json and (sys.stderr.isatty() or os.environ.get("IMAGESMITH_PROGRESS") == "1")
@@ -88,6 +94,8 @@ def ad(products: List[str] = typer.Argument(..., help="product photos (files or 
                 from ..core.progress import ProgressEvent
                 on_progress(ProgressEvent(done, total, label))
         result = studio.make(req, output, progress=batch_progress)
+    if not result.outputs and len(result.failures) == 1:
+        raise _Exit(result.failures[0].error)  # the one clear line (the manifest records it too)
     if as_json:
         print(Path(result.manifest_path).read_text())
     else:

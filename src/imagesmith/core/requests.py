@@ -293,6 +293,10 @@ class AdRequest(CheckedSampling):
     product_point: list[float] | None = Field(
         None, min_length=2, max_length=2, description="'this one': x,y of a tap on the product (pixels or "
         "fractions 0..1); the part of the cut-out under it is kept (one product photo)")
+    background: Literal["auto", "paint", "studio"] = Field(
+        "auto", description="paint: the checkpoint paints the scene; studio: a crisp surface, wall and light built "
+        "from the concept's words at the format's full size; auto: studio for the shipped 128 px house model, "
+        "paint for your own checkpoints")
     min_cutout_confidence: float = Field(
         0.5, ge=0.0, le=1.0, description="a cut-out scoring below this is not used: the ad is refused, asking for "
         "product_box or product_point; 0 accepts any cut-out")

@@ -61,6 +61,10 @@ class AdOutput(BaseModel):
     request: dict = Field(default_factory=dict)
     safety: dict | None = Field(None, description="the safety gate's verdict when it flagged the painted background "
                                 "(blurred by the policy; a withheld one fails the ad instead)")
+    background: str = Field("paint", description="paint (the checkpoint painted the scene) or studio (built from "
+                            "the concept's words at full resolution)")
+    scene: dict | None = Field(None, description="studio: what the concept was understood as")
+    cutout_confidence: float | None = None
 
 
 class AdFailure(BaseModel):
@@ -175,6 +179,14 @@ class ProductAdStudio:
             return req.props == "clear"
         return _is_band(fmt) or bool(self._checkpoint(req.model).builtin)
 
+    def background_mode(self, req: AdRequest) -> str:
+        """``studio`` or ``paint``: ``auto`` builds a studio scene when the checkpoint is a shipped house model (it
+        paints 128 px and eight backdrop kinds: upscaled, every concept became the same blur) and lets a user's
+        checkpoint paint."""
+        if req.background != "auto":
+            return req.background
+        return "studio" if self._checkpoint(req.model).builtin else "paint"
+
     def paint_background(self, req: AdRequest, fmt, box: tuple[int, int, int, int], product: Image.Image,
                          seed: int, workdir: Path, progress: Optional[Callable] = None) -> Image.Image:
         """The scene, painted by the engine around the product at ``box`` (format coordinates) and brought
@@ -242,18 +254,26 @@ class ProductAdStudio:
         times["composite"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="imagesmith-ad-") as tmp:
-            background = self.paint_background(req, fmt, box, fitted, seed, Path(tmp), progress)
-        seen = screen(background, self.safety_gate)  # the model's part of the ad, as every generated output
-        if seen.image is None:
-            raise ImagesmithError(f"the painted background was withheld by the safety policy: {seen.flag['reason']}")
-        background = seen.image
+        mode, scene = self.background_mode(req), None
         product_alpha = np.zeros((fmt.height, fmt.width), np.float32)
         fa = np.asarray(fitted.getchannel("A"), np.float32) / 255.0
         product_alpha[box[1]:box[3], box[0]:box[2]] = fa[:box[3] - box[1], :box[2] - box[0]]
-        ghosts = ghost_objects(background, product_alpha, self.segmenter(req.segmenter),
-                               props=self.clear_props(req, fmt) and not _is_band(fmt))  # bands: done on the scene
-        background = clear_footprint(background, np.maximum(product_alpha, ghosts))
+        if mode == "studio":  # built, not generated: nothing for the safety gate or the prop clearing to judge
+            from .studio_scene import plan_scene, render_scene
+            scene = plan_scene(req.concept)
+            background = render_scene(scene, (fmt.width, fmt.height), box, seed)
+            seen = screen(background, None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="imagesmith-ad-") as tmp:
+                background = self.paint_background(req, fmt, box, fitted, seed, Path(tmp), progress)
+            seen = screen(background, self.safety_gate)  # the model's part of the ad, as every generated output
+            if seen.image is None:
+                raise ImagesmithError(f"the painted background was withheld by the safety policy: "
+                                      f"{seen.flag['reason']}")
+            background = seen.image
+            ghosts = ghost_objects(background, product_alpha, self.segmenter(req.segmenter),
+                                   props=self.clear_props(req, fmt) and not _is_band(fmt))  # bands: on the scene
+            background = clear_footprint(background, np.maximum(product_alpha, ghosts))
         if req.copy_blur > 0:
             background = calm_region(background, placement.copy_area, sigma_frac=req.copy_blur)
         times["generation"] = time.perf_counter() - t
@@ -261,8 +281,8 @@ class ProductAdStudio:
         t = time.perf_counter()
         shadow = ShadowSpec(direction_deg=req.shadow_direction, softness=req.shadow_softness,
                             opacity=req.shadow_opacity) if req.shadow else None
-        comp = composite(background, fitted, box, shadow=shadow, reflection=req.reflection,
-                         harmonize=req.harmonize)
+        comp = composite(background, fitted, box, shadow=shadow,
+                         reflection=req.reflection or bool(scene is not None and scene.glossy), harmonize=req.harmonize)
         times["composite"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -299,6 +319,8 @@ class ProductAdStudio:
             text=[e.model_dump() for e in elements],
             occ=round(float(occ(saliency, boxes)), 4), rea=round(float(rea(comp.image, boxes)), 5),
             seconds={k: round(v, 3) for k, v in times.items()}, request=req.model_dump(), safety=seen.flag,
+            background=mode, scene=scene.describe() if scene is not None else None,
+            cutout_confidence=getattr(cut, "confidence", None),
         )
 
     # ------------------------------------------------------------------ batch
