@@ -87,6 +87,33 @@ def test_ad_studio_makes_an_ad_and_the_zip_downloads(server, page, tmp_path):
         assert pngs and Image.open(io.BytesIO(z.read(pngs[0]))).size == (300, 250)
 
 
+def test_drag_a_box_around_the_product_and_see_the_cutout(server, page, tmp_path):
+    """A busy photo: the user drags a box on the picker (a phone screen: the photo is shown smaller than it is);
+    the cut-out job gets the box in the photo's own pixels and the studio shows the cut-out and its confidence."""
+    url, store, _ = server
+    photo = Image.new("RGB", (800, 600), (128, 128, 128))
+    photo.paste((200, 40, 40), (420, 200, 620, 480))   # the product
+    photo.paste((30, 60, 200), (0, 50, 250, 580))      # a distractor cut by the frame
+    photo.save(tmp_path / "busy.jpg")
+    page.goto(url + "/#ad")
+    page.set_input_files("#ad-form input[name=product]", str(tmp_path / "busy.jpg"))
+    canvas = page.wait_for_selector("#ad-pick-canvas", state="visible")
+    r = canvas.bounding_box()
+    k = r["width"] / 800  # screen px per photo px
+    page.mouse.move(r["x"] + 400 * k, r["y"] + 180 * k)
+    page.mouse.down()
+    page.mouse.move(r["x"] + 520 * k, r["y"] + 330 * k, steps=4)
+    page.mouse.move(r["x"] + 640 * k, r["y"] + 500 * k, steps=4)
+    page.mouse.up()
+    assert page.text_content("#ad-pick-state").startswith("box ")
+    page.click("#ad-pick-check")
+    page.wait_for_selector("#ad-mask-img[src^='blob:']", timeout=120_000)
+    assert "cut-out confidence" in page.text_content("#ad-pick-state")
+    jobs = [j for j in store.list(limit=50)[0] if j["type"] == "cutout"]
+    x0, y0, x1, y1 = max(jobs, key=lambda j: j["created_at"])["request"]["product_box"]
+    assert abs(x0 - 400) <= 3 / k and abs(y0 - 180) <= 3 / k and abs(x1 - 640) <= 3 / k and abs(y1 - 500) <= 3 / k
+
+
 def test_cancel_a_running_job_from_the_queue_tab(server, page):
     url, store, _ = server
     job, _ = store.submit("generate", {"prompt": "a long one", "model": "tiny-sd15", "steps": 150, "width": 256,

@@ -158,20 +158,97 @@ $("#gen-form").addEventListener("submit", async (e) => {
 $("#ad-formats").append(...FORMATS.map((f, i) => el("label", { class: "inline" },
   Object.assign(el("input", { type: "checkbox", value: f }), { checked: i < 4 }), f)));
 
+// "this one": drag a box around the product or tap it; coordinates go to the API in the photo's pixels
+const pick = { img: null, box: null, point: null, drag: null };
+function drawPick() {
+  const c = $("#ad-pick-canvas"), g = c.getContext("2d");
+  if (!pick.img) return;
+  g.drawImage(pick.img, 0, 0, c.width, c.height);
+  const k = c.width / pick.img.naturalWidth;
+  g.lineWidth = 3; g.strokeStyle = "#d9480f"; g.fillStyle = "#d9480f";
+  if (pick.box) { const [x0, y0, x1, y1] = pick.box; g.strokeRect(x0 * k, y0 * k, (x1 - x0) * k, (y1 - y0) * k); }
+  if (pick.point) { g.beginPath(); g.arc(pick.point[0] * k, pick.point[1] * k, 7, 0, 2 * Math.PI); g.fill(); }
+  $("#ad-pick-state").textContent = pick.box ? `box ${pick.box.join(",")}` : pick.point ? `point ${pick.point.join(",")}` : "";
+}
+function pickXY(e) {
+  const c = $("#ad-pick-canvas"), r = c.getBoundingClientRect();
+  const k = pick.img.naturalWidth / r.width;
+  return [Math.round(Math.min(Math.max(e.clientX - r.left, 0), r.width - 1) * k),
+          Math.round(Math.min(Math.max(e.clientY - r.top, 0), r.height - 1) * k)];
+}
+$("#ad-form input[name=product]").addEventListener("change", (e) => {
+  const file = e.target.files[0];
+  pick.box = pick.point = null; $("#ad-mask").hidden = true;
+  if (!file) { $("#ad-pick").hidden = true; return; }
+  const img = new Image();
+  img.onload = () => {
+    pick.img = img;
+    const c = $("#ad-pick-canvas"), w = Math.min(img.naturalWidth, 640);
+    c.width = w; c.height = Math.round(img.naturalHeight * w / img.naturalWidth);
+    $("#ad-pick").hidden = false; drawPick();
+  };
+  img.src = URL.createObjectURL(file);
+});
+$("#ad-pick-canvas").addEventListener("pointerdown", (e) => { if (pick.img) { pick.drag = pickXY(e); e.target.setPointerCapture(e.pointerId); } });
+$("#ad-pick-canvas").addEventListener("pointerup", (e) => {
+  if (!pick.drag) return;
+  const [x0, y0] = pick.drag, [x1, y1] = pickXY(e);
+  pick.drag = null;
+  if (Math.abs(x1 - x0) < 6 && Math.abs(y1 - y0) < 6) { pick.point = [x1, y1]; pick.box = null; }
+  else { pick.box = [Math.min(x0, x1), Math.min(y0, y1), Math.max(x0, x1), Math.max(y0, y1)]; pick.point = null; }
+  drawPick();
+});
+$("#ad-pick-clear").addEventListener("click", () => { pick.box = pick.point = null; $("#ad-mask").hidden = true; drawPick(); });
+
+async function uploadProduct(form) {
+  const upload = new FormData();
+  upload.append("file", form.get("product"));
+  return (await api("/v1/uploads", { method: "POST", body: upload })).id;
+}
+// the cut-out the ad would use, over a checkerboard, with its confidence: what to fix before making ads
+async function showCutout(id) {
+  const state = $("#ad-pick-state");
+  const req = { image: id, product_box: pick.box, product_point: pick.point };
+  const { job_id } = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ type: "cutout", request: req }) });
+  await follow(job_id, $("#ad-bar"), $("#ad-status"));
+  const job = await api(`/v1/jobs/${job_id}`);
+  if (job.status !== "succeeded") throw new Error(job.error || job.status);
+  $("#ad-mask-img").src = await (async () => URL.createObjectURL(await (await fetch(job.files[0].url, { headers: headers() })).blob()))();
+  $("#ad-mask").hidden = false;
+  const conf = job.result.confidence;
+  state.textContent = `cut-out confidence ${conf.toFixed(2)}` + (conf < 0.5 ? ": drag a box around the product or tap it" : "");
+  return job;
+}
+$("#ad-pick-check").addEventListener("click", async () => {
+  try { await showCutout(await uploadProduct(new FormData($("#ad-form")))); }
+  catch (err) { $("#ad-pick-state").textContent = "error: " + err.message; }
+});
+
 $("#ad-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const f = new FormData(e.target), out = $("#ad-out"), status = $("#ad-status");
   try {
     status.textContent = "uploading";
-    const upload = new FormData();
-    upload.append("file", f.get("product"));
-    const { id } = await api("/v1/uploads", { method: "POST", body: upload });
+    const id = await uploadProduct(f);
     const req = { products: [id], concept: f.get("concept"), headline: f.get("headline"),
       subline: f.get("subline") || null, cta: f.get("cta") || null, brand_color: f.get("brand_color"),
-      variations: Number(f.get("variations")),
+      variations: Number(f.get("variations")), background: f.get("background"),
+      product_box: pick.box, product_point: pick.point,
       formats: [...document.querySelectorAll("#ad-formats input:checked")].map((x) => x.value) };
-    const { job_id } = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ type: "ad", request: req }) });
+    let job_id;
+    try {
+      ({ job_id } = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ type: "ad", request: req }) }));
+    } catch (err) {
+      // the product could not be separated cleanly (or the box/point is off): show the cut-out to fix
+      if (/product_box|product_point|separated cleanly/.test(err.message)) {
+        status.textContent = err.message;
+        await showCutout(id).catch(() => {});
+        return;
+      }
+      throw err;
+    }
     await follow(job_id, $("#ad-bar"), status);
     const job = await api(`/v1/jobs/${job_id}`);
     if (job.status !== "succeeded") throw new Error(job.error || job.status);
