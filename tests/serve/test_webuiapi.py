@@ -111,6 +111,32 @@ def test_override_settings_that_decide_the_picture(api):
         api.txt2img(prompt="a plum", seed=9, width=64, height=64, override_settings={"randn_source": "NV"})
 
 
+def test_samples_format_as_a1111_encodes_its_answer(api):
+    """A1111 answers in opts.samples_format: JPEG/WebP carry the infotext in EXIF UserComment (what its PNG Info
+    and parsers read). Per request (override_settings) and per user (options), and an unknown format is a 422."""
+    import base64
+    import io
+    import requests
+    url = api.baseurl
+    body = {"prompt": "a fig", "seed": 5, "width": 64, "height": 64, "steps": 2,
+            "override_settings": {"samples_format": "jpg"}}
+    r = requests.post(f"{url}/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    im = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert im.format == "JPEG" and im.size == (64, 64)
+    comment = im.getexif().get_ifd(0x8769)[0x9286]
+    assert comment.startswith(b"UNICODE\0") and "Seed: 5" in comment[8:].decode("utf-16-be")
+    api.set_options({"samples_format": "webp"})
+    try:
+        r = requests.post(f"{url}/txt2img", json={**body, "override_settings": {}}, timeout=120)
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).format == "WEBP"
+    finally:
+        api.set_options({"samples_format": "png"})
+    assert api.txt2img(prompt="a fig", seed=5, width=64, height=64, steps=2).image.format in (None, "PNG")
+    bad = requests.post(f"{url}/txt2img", json={**body, "override_settings": {"samples_format": "bmp"}}, timeout=60)
+    assert bad.status_code == 422 and "samples_format" in bad.json()["detail"]
+
+
 def _edges_image() -> Image.Image:
     im = Image.new("RGB", (64, 64), "black")
     im.paste((255, 255, 255), (16, 16, 48, 48))

@@ -15,6 +15,7 @@ from ... import __version__
 from ...core.errors import BadRequest
 from ...core.imageio import decode_base64
 from ...core.settings import Settings
+from . import a1111_schema as S
 from .a1111_controlnet import always_on_args, controlnet_unit
 from .context import Admin, Caller, Services, Svc, json_object
 
@@ -24,7 +25,7 @@ A1111_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "e
 """The A1111 options that decide a picture: a user's saved values are their defaults (override_settings wins)."""
 
 
-@router.post("/txt2img")
+@router.post("/txt2img", openapi_extra=S.body(S.Txt2ImgBody))
 async def txt2img(request: Request, svc: Svc, who: Caller):
     body = await json_object(request)
     job = await svc.run_sync("generate", a1111_request(svc, body, who), who)
@@ -38,7 +39,7 @@ def prompt_styles(svc: Svc, _: Caller):
     return [s.as_dict() for s in load_styles(styles_path(svc.settings.home)).values()]
 
 
-@router.post("/prompt-styles")
+@router.post("/prompt-styles", openapi_extra=S.body(S.StyleBody))
 async def put_prompt_style(request: Request, svc: Svc, _: Admin):
     """Admin: add or replace one style (``{"name", "prompt", "negative_prompt"}``; ``{prompt}`` in a style's text
     places the request's prompt there). A1111 edits styles in its UI; this is that, for a server."""
@@ -55,7 +56,7 @@ def delete_prompt_style(name: str, svc: Svc, _: Admin):
     return {"deleted": name}
 
 
-@router.post("/img2img")
+@router.post("/img2img", openapi_extra=S.body(S.Img2ImgBody))
 async def img2img(request: Request, svc: Svc, who: Caller):
     body = await json_object(request)
     inits = body.get("init_images") or []
@@ -95,7 +96,7 @@ def upscalers(_: Caller):
         for n in UPSCALERS if n != "Latent"]
 
 
-@router.post("/png-info")
+@router.post("/png-info", openapi_extra=S.body(S.PngInfoBody))
 async def png_info(request: Request, svc: Svc, _: Caller):
     """A1111's PNG Info: the infotext and its fields, read from the file's chunks (pixels not decoded)."""
     from ...core.metadata import read_png_metadata
@@ -107,7 +108,7 @@ async def png_info(request: Request, svc: Svc, _: Caller):
             "parameters": meta.get("parsed") or {}, "imagesmith": meta.get("imagesmith")}
 
 
-@router.post("/extra-single-image")
+@router.post("/extra-single-image", openapi_extra=S.body(S.ExtrasSingleBody))
 async def extra_single_image(request: Request, svc: Svc, who: Caller):
     """A1111's Extras upscaling: through the queue as an ``upscale`` job."""
     body = await json_object(request)
@@ -144,7 +145,7 @@ def get_options(svc: Svc, who: Caller):
     return {**svc.a1111_defaults, **svc.store.a1111_options(who["name"])}
 
 
-@router.post("/options")
+@router.post("/options", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}}}})
 async def set_options(request: Request, svc: Svc, who: Caller):
     """Set the caller's options. The ones that decide a picture (A1111_OPTIONS) are checked and become that
     user's defaults for later txt2img/img2img requests; other A1111 options are kept and echoed back."""
@@ -179,7 +180,7 @@ def skip(svc: Svc, who: Caller):
     return interrupt(svc, who)
 
 
-@router.post("/extra-batch-images")
+@router.post("/extra-batch-images", openapi_extra=S.body(S.ExtrasBatchBody))
 async def extra_batch_images(request: Request, svc: Svc, who: Caller):
     """A1111's Extras on several images (``imageList``: ``[{"data": base64, "name": ...}]``): one upscale job each,
     in order; the answer lists the upscaled images in the same order."""
@@ -233,6 +234,9 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
     saved = {k: v for k, v in {**svc.a1111_defaults, **svc.store.a1111_options(who["name"])}.items()
              if k in A1111_OPTIONS and not (k == "CLIP_stop_at_last_layers" and "clip_skip" in body)}
     overrides = {**saved, **overrides}
+    fmt = overrides.get("samples_format")
+    if fmt is not None and str(fmt).lower() not in SAMPLES_FORMATS:  # before any work is queued
+        raise BadRequest(f"samples_format must be one of {', '.join(SAMPLES_FORMATS)}, not {fmt!r}")
     model = overrides.get("sd_model_checkpoint")
     if model:
         req["model"] = model
@@ -328,7 +332,9 @@ def adetailer_unit(body: dict) -> dict | None:
 def a1111_response(svc: Services, job: dict, body: dict) -> dict:
     files = (job.get("result") or {}).get("files", [])
     send = body.get("send_images", True) is not False  # A1111: send_images false answers without the images
-    images = [base64.b64encode(svc.output_bytes(f)).decode() for f in files] if send else []
+    fmt = samples_format(svc, body, job.get("user"))
+    images = [base64.b64encode(encode_sample(svc.output_bytes(f), fmt, f.get("infotext"))).decode()
+              for f in files] if send else []
     seeds = [f.get("seed") for f in files]
     req = job.get("request") or {}
     n = len(files)
@@ -355,6 +361,40 @@ def a1111_response(svc: Services, job: dict, body: dict) -> dict:
     return {"images": images, "parameters": body, "info": json.dumps(info)}
 
 
+SAMPLES_FORMATS = ("png", "jpg", "jpeg", "webp")
+
+
+def samples_format(svc: Services, body: dict, user: str | None) -> str:
+    """A1111's ``samples_format`` (the format of the images it answers with): this request's override_settings,
+    else the caller's saved option, else png."""
+    overrides = body.get("override_settings") if isinstance(body.get("override_settings"), dict) else {}
+    fmt = overrides.get("samples_format")
+    if fmt is None and user:
+        fmt = svc.store.a1111_options(user).get("samples_format")
+    fmt = str(fmt or "png").lower()
+    if fmt not in SAMPLES_FORMATS:
+        raise BadRequest(f"samples_format must be one of {', '.join(SAMPLES_FORMATS)}, not {fmt!r}")
+    return fmt
+
+
+def encode_sample(png: bytes, fmt: str, infotext: str | None) -> bytes:
+    """The saved PNG as A1111 answers it in ``fmt``: PNG unchanged (its text chunks hold the infotext); JPEG and
+    WebP carry the infotext in EXIF UserComment ('UNICODE' + UTF-16BE, as A1111 writes it)."""
+    if fmt == "png":
+        return png
+    import io
+
+    from PIL import Image
+    with Image.open(io.BytesIO(png)) as im:
+        rgb = im.convert("RGB")
+    exif = Image.Exif()
+    if infotext:
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + infotext.encode("utf-16-be")
+    out = io.BytesIO()
+    rgb.save(out, "JPEG" if fmt in ("jpg", "jpeg") else "WEBP", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
 def check_a1111_options(options: dict, settings: Settings) -> None:
     """BadRequest for a picture-deciding option with a value imagesmith cannot use (before anything is saved)."""
     from ...models.house import make_registry
@@ -366,6 +406,8 @@ def check_a1111_options(options: dict, settings: Settings) -> None:
     clip = options.get("CLIP_stop_at_last_layers")
     if clip is not None and (not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12):
         raise BadRequest("CLIP_stop_at_last_layers must be a whole number from 1 to 12")
+    if options.get("samples_format") is not None and str(options["samples_format"]).lower() not in SAMPLES_FORMATS:
+        raise BadRequest(f"samples_format must be one of {', '.join(SAMPLES_FORMATS)}, not {options['samples_format']!r}")
     ensd = options.get("eta_noise_seed_delta")
     if ensd is not None and (not isinstance(ensd, int) or isinstance(ensd, bool) or ensd < 0):
         raise BadRequest("eta_noise_seed_delta must be a whole number >= 0")

@@ -14,10 +14,12 @@ from fastapi import APIRouter, Depends, Request
 
 from ...core.errors import BadRequest
 from ...core.imageio import decode_base64
+from . import a1111_schema as S
 from .context import Svc, caller, json_object
 
 MODULES = {"none": "none", "canny": "canny"}  # A1111 module name -> imagesmith preprocessor
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"
+
 
 
 router = APIRouter(prefix="/controlnet", tags=["a1111"], dependencies=[Depends(caller)])
@@ -43,7 +45,7 @@ def module_list():
             {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}}
 
 
-@router.post("/detect")
+@router.post("/detect", openapi_extra=S.body(S.DetectBody))
 async def detect(request: Request, svc: Svc):
     """The preprocessor alone, as the extension's Preview: images in, detected maps out (base64 PNG)."""
     body = await json_object(request)
