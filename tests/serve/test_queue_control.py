@@ -166,3 +166,25 @@ def test_a1111_options_are_per_user_durable_and_defaults_for_their_requests(home
     finally:
         worker.stopping.set()
         thread.join(10)
+
+
+def test_unload_and_reload_checkpoint_reach_the_worker(tiny_home, tmp_path):
+    """A1111's unload-checkpoint / reload-checkpoint: a durable server-wide request that each worker follows
+    between jobs (models dropped; the default warmed up again); a request older than the worker is history."""
+    from fixtures.tiny import home_with_tiny_sd15
+    from imagesmith.engine.generate import Engine
+    from imagesmith.serve.store import JobStore
+    from imagesmith.serve.worker import Worker
+    settings = home_with_tiny_sd15(tmp_path / "home", tiny_home).model_copy(update={"warmup_sizes": [(64, 64)]})
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.set_checkpoint_state("unloaded", by="old")
+    worker = Worker(store, settings, engine=Engine(settings, device="cpu"))
+    assert worker.follow_checkpoint_state() is None  # asked before the worker existed
+    worker.warm_up()
+    assert worker.loaded_models()
+    assert store.set_checkpoint_state("unloaded", by="admin")["state"] == "unloaded"
+    assert worker.follow_checkpoint_state() == "unloaded" and worker.loaded_models() == ()
+    assert worker.follow_checkpoint_state() is None  # once
+    store.set_checkpoint_state("loaded", by="admin")
+    assert worker.follow_checkpoint_state() == "loaded" and worker.loaded_models()
+    assert JobStore(f"sqlite:///{tmp_path / 'jobs.db'}").checkpoint_state()["by"] == "admin"  # durable

@@ -235,3 +235,16 @@ def test_send_images_extras_batch_skip_and_the_error_shape(api):
     assert "Nope" in body["detail"] and "Euler a" in body["detail"]
     native = httpx.get(api.baseurl.replace("/sdapi/v1", "/v1/jobs/nope"))
     assert native.status_code == 404 and set(native.json()["error"]) == {"code", "message"}  # native shape kept
+
+
+def test_unload_and_reload_checkpoint_routes(api):
+    """A1111's unload-checkpoint / reload-checkpoint (webuiapi has no method for them; clients post them bare): the
+    worker drops its models, the next generation loads what it needs, reload warms the default up again."""
+    import requests
+    url = api.baseurl
+    r = requests.post(f"{url}/unload-checkpoint", timeout=30)
+    assert r.status_code == 200 and r.json()["state"] == "unloaded"
+    out = api.txt2img(prompt="a pear", seed=3, width=64, height=64, steps=2)
+    assert out.image.size == (64, 64)
+    r = requests.post(f"{url}/reload-checkpoint", timeout=30)
+    assert r.status_code == 200 and r.json()["state"] == "loaded"

@@ -494,6 +494,21 @@ class JobStore:
             s.commit()
             return dict(row.options)
 
+    SERVER_RECORD = "*server*"  # not a valid user name: the server-wide record in the options table
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``{"state": "loaded" | "unloaded", "changed_at": float | None, "by": str | None}``: what an admin last asked
+        of every worker's checkpoints (A1111's unload-checkpoint / reload-checkpoint). Durable."""
+        rec = self.a1111_options(self.SERVER_RECORD).get("checkpoints") or {}
+        return {"state": rec.get("state", "loaded"), "changed_at": rec.get("changed_at"), "by": rec.get("by")}
+
+    def set_checkpoint_state(self, state: str, *, by: str = "local") -> dict[str, Any]:
+        if state not in ("loaded", "unloaded"):
+            raise ValueError(state)
+        self.set_a1111_options(self.SERVER_RECORD, {"checkpoints": {"state": state, "changed_at": time.time(),
+                                                                     "by": by}})
+        return self.checkpoint_state()
+
     def set_paused(self, paused: bool, *, by: str = "local", reason: str | None = None) -> dict[str, Any]:
         """Pause (workers claim nothing; submissions are still accepted and wait; running jobs finish) or
         resume the queue. Durable: a restarted server or worker keeps the state."""

@@ -102,6 +102,8 @@ class Worker:
         self.store = store
         self._engine = engine
         self.id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        # an unload asked before this worker started is history: only later requests are followed
+        self._checkpoint_epoch = float(store.checkpoint_state()["changed_at"] or 0.0)
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s or max(0.2, lease_s / 3)
         self.stopping = threading.Event()
@@ -167,9 +169,27 @@ class Worker:
             if not self.run_once():
                 self.stopping.wait(poll_s)
 
+    def follow_checkpoint_state(self) -> str | None:
+        """Act on an admin's unload-checkpoint / reload-checkpoint (the store's checkpoint state) once: unloading
+        drops every model this worker holds (RAM and VRAM freed; the next job loads what it needs again, as in
+        A1111), reloading warms the default model up again. Returns what was done, or None."""
+        state = self.store.checkpoint_state()
+        if state["changed_at"] is None or state["changed_at"] <= self._checkpoint_epoch:
+            return None
+        self._checkpoint_epoch = state["changed_at"]
+        if self._engine is None:
+            return None
+        if state["state"] == "unloaded":
+            self._engine.cache.clear()
+            log.info("worker %s: checkpoints unloaded (by %s)", self.id, state["by"])
+            return "unloaded"
+        self.warm_up()
+        return "loaded"
+
     def run_once(self) -> bool:
         """Claim and run one job (with the compatible jobs that can share its pipeline call); False when the
         queue had none."""
+        self.follow_checkpoint_state()
         job = self.store.claim(self.id, lease_s=self.lease_s, loaded_models=self.loaded_models(), types=JOB_TYPES)
         if job is None:
             return False

@@ -81,6 +81,19 @@ def _refresh(svc: Svc):
     return None
 
 
+@router.post("/unload-checkpoint")
+def unload_checkpoint(svc: Svc, who: Admin):
+    """Admin: every worker drops the models it holds between jobs (RAM and VRAM freed); the next generation
+    loads what it needs again, as in A1111."""
+    return svc.store.set_checkpoint_state("unloaded", by=who["name"])
+
+
+@router.post("/reload-checkpoint")
+def reload_checkpoint(svc: Svc, who: Admin):
+    """Admin: every worker loads (and warms up) the default checkpoint again between jobs."""
+    return svc.store.set_checkpoint_state("loaded", by=who["name"])
+
+
 for _name in ("checkpoints", "loras", "vae", "embeddings"):
     router.add_api_route(f"/refresh-{_name}", _refresh, methods=["POST"], name=f"refresh_{_name}")
 
