@@ -243,7 +243,7 @@ def test_unload_and_reload_checkpoint_routes(api):
     import requests
     url = api.baseurl
     r = requests.post(f"{url}/unload-checkpoint", timeout=30)
-    assert r.status_code == 200 and r.json()["state"] == "unloaded"
+    assert r.status_code == 200 and r.json()["state"] == "unloaded", r.text
     out = api.txt2img(prompt="a pear", seed=3, width=64, height=64, steps=2)
     assert out.image.size == (64, 64)
     r = requests.post(f"{url}/reload-checkpoint", timeout=30)

@@ -9,7 +9,7 @@ import os
 
 from fastapi import APIRouter, Depends
 
-from .context import Svc, caller
+from .context import Admin, Svc, caller
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(caller)])
 
