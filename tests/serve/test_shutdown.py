@@ -152,3 +152,33 @@ def _get_ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a1111_server_stop_only_when_asked_for_and_graceful(home):
+    """A1111's server-stop / server-kill: a 404 unless the server was started with --api-server-stop; with it, an
+    admin's call answers and the process stops gracefully (exit 0)."""
+    import httpx
+    port = _free_port()
+    proc = subprocess.Popen(_cli("serve", "--port", str(port), "--workers", "0"), env=_env(home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait(lambda: _get_ok(f"{base}/healthz"), 120, "the server to answer")
+        r = httpx.post(f"{base}/sdapi/v1/server-stop", timeout=30)
+        assert r.status_code == 404 and "--api-server-stop" in r.json()["detail"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=90)
+    port = _free_port()
+    proc = subprocess.Popen(_cli("serve", "--port", str(port), "--workers", "0", "--api-server-stop"), env=_env(home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait(lambda: _get_ok(f"{base}/healthz"), 120, "the server to answer")
+        r = httpx.post(f"{base}/sdapi/v1/server-kill", timeout=30)
+        assert r.status_code == 200 and r.json()["stopping"] is True
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -18,7 +18,9 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
           workers: int = typer.Option(1, "--workers", help="worker threads in this process (0: API only; run `imagesmith worker`)"),
           ray_address: Optional[str] = typer.Option(None, "--ray", help="run the workers as Ray actors: 'auto', 'local' or a cluster address"),
           batch: Optional[int] = typer.Option(None, "--batch", min=1, max=64, help="most compatible txt2img jobs one "
-                                              "pipeline call takes (default IMAGESMITH_WORKER_BATCH or 4; 1: off)")):
+                                              "pipeline call takes (default IMAGESMITH_WORKER_BATCH or 4; 1: off)"),
+          api_server_stop: bool = typer.Option(False, "--api-server-stop", help="serve A1111's server-stop, "
+                                               "server-kill and server-restart to admins (graceful stops)")):
     """Start the HTTP API (/v1 jobs, A1111-compatible /sdapi/v1, OpenAPI at /docs) with its worker(s)."""
     import threading
 
@@ -54,7 +56,8 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
     # uvicorn takes SIGTERM/SIGINT while it runs (stops accepting, answers what is in flight), then restores these
     # handlers and raises the signal again: so the workers hear it after the HTTP side has stopped
     _stop_gracefully_on_signals(local)
-    uvicorn.run(create_app(settings, store, require_auth=auth), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, store, require_auth=auth, server_stop=api_server_stop), host=host, port=port,
+                log_level="info")
     for w in local:
         w.shutdown()
     for t in threads:

@@ -36,7 +36,8 @@ A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0,
-               require_auth: bool | None = None, rate_per_minute: int | None = None, safety=None) -> FastAPI:
+               require_auth: bool | None = None, rate_per_minute: int | None = None, safety=None,
+               server_stop: bool = False) -> FastAPI:
     """``require_auth``: every route but the health checks needs ``Authorization: Bearer <token>`` (default:
     ``IMAGESMITH_AUTH=1``; ``imagesmith serve`` turns it on for any non-loopback address). ``rate_per_minute``: each
     caller's request budget (default ``IMAGESMITH_RATE_PER_MINUTE`` or 600)."""
@@ -58,7 +59,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     app.state.settings, app.state.store = settings, store
     app.state.services = Services(settings=settings, store=store, limiter=RateLimiter(rate_per_minute),
                                   require_auth=require_auth, safety=safety, sync_timeout=sync_timeout,
-                                  a1111_defaults={"sd_model_checkpoint": a1111.default_checkpoint_name(settings)})
+                                  a1111_defaults={"sd_model_checkpoint": a1111.default_checkpoint_name(settings)},
+                                  server_stop=server_stop)
 
     def error(request: Request, status: int, code: str, message: str, kind: str,
               field: str | None = None) -> JSONResponse:

@@ -94,6 +94,42 @@ def reload_checkpoint(svc: Svc, who: Admin):
     return svc.store.set_checkpoint_state("loaded", by=who["name"])
 
 
+def _server_stop_allowed(svc) -> None:
+    from ...core.errors import NotFound
+    if not svc.server_stop:  # A1111 serves these only with --api-server-stop
+        raise NotFound("server-stop, server-kill and server-restart are off: start with imagesmith serve --api-server-stop")
+
+
+def _stop_self() -> None:
+    import signal
+    import threading
+    # after the answer has gone out: SIGTERM is the graceful stop (uvicorn drains, workers hand jobs back)
+    threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+
+
+@router.post("/server-stop")
+def server_stop(svc: Svc, who: Admin):
+    """Admin, with --api-server-stop: a graceful stop (in-flight requests answered; running jobs go back to the
+    queue and survive)."""
+    _server_stop_allowed(svc)
+    _stop_self()
+    return {"stopping": True, "by": who["name"]}
+
+
+@router.post("/server-kill")
+def server_kill(svc: Svc, who: Admin):
+    """A1111 kills its process; imagesmith stops gracefully as server-stop does (no job is lost either way)."""
+    return server_stop(svc, who)
+
+
+@router.post("/server-restart")
+def server_restart(svc: Svc, who: Admin):
+    """A1111 restarts under its own launcher; imagesmith stops gracefully and its supervisor (systemd, a container
+    restart policy) starts it again."""
+    out = server_stop(svc, who)
+    return {**out, "restart": "by your supervisor (systemd Restart=, docker --restart)"}
+
+
 for _name in ("checkpoints", "loras", "vae", "embeddings"):
     router.add_api_route(f"/refresh-{_name}", _refresh, methods=["POST"], name=f"refresh_{_name}")
 

@@ -102,6 +102,8 @@ class Services:
     safety: Any = None
     sync_timeout: float = 600.0
     a1111_defaults: dict = field(default_factory=dict)
+    server_stop: bool = False
+    """A1111's ``--api-server-stop``: the admin routes server-stop / server-kill / server-restart are served."""
 
     # ------------------------------------------------------------------ who is calling
     def authenticate(self, conn: HTTPConnection) -> dict:
