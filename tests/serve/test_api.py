@@ -166,6 +166,27 @@ def test_ad_job_makes_png_html_and_zip(served):
     assert bad.status_code == 422 and "exactly one product" in bad.json()["error"]["message"]
 
 
+def test_an_unclear_cutout_is_a_422_naming_product_box_before_queueing(served, monkeypatch):
+    """A photo whose product cannot be separated cleanly: the ad is refused at submission (nothing queued) with
+    the field that fixes it; with a box around the product the same photo is accepted."""
+    import imagesmith.models.segment as seg_module
+    from fixtures.cutout import ColourKeySegmenter, _cluttered
+    monkeypatch.setattr(seg_module, "load_segmenter", lambda *a, **k: ColourKeySegmenter())
+    client, store, _ = served
+    photo, _truth = _cluttered()
+    pid = client.post("/v1/uploads", files={"file": ("busy.png", png(photo), "image/png")}).json()["id"]
+    before = store.depth().get("queued", 0)
+    req = {"products": [pid], "concept": "marble", "headline": "Hi", "formats": ["300x250"], "model": "tiny-sd15",
+           "steps": 2, "upscaler": "Lanczos"}
+    bad = client.post("/v1/jobs", json={"type": "ad", "request": req})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "product_box", bad.text
+    assert "could not be separated cleanly" in bad.json()["error"]["message"]
+    assert store.depth().get("queued", 0) == before
+    ok = client.post("/v1/jobs", json={"type": "ad", "request": dict(req, product_box=[105, 50, 195, 140])})
+    assert ok.status_code == 202, ok.text
+    client.post(f"/v1/jobs/{ok.json()['job_id']}/cancel")
+
+
 def test_web_studio_is_served_self_contained(served):
     import re
     import shutil

@@ -8,24 +8,8 @@ from PIL import Image, ImageDraw
 
 from imagesmith.core.errors import BadRequest
 from imagesmith.models import segment as S
+from fixtures.cutout import ColourKeySegmenter, _cluttered, over, soft_disc
 from imagesmith.vision.cutout import Cutout, alpha_box, cutout, decontaminate, own_alpha
-
-
-def soft_disc(w: int, h: int, *, cx: float | None = None, cy: float | None = None, r: float | None = None,
-              edge: float = 1.0) -> np.ndarray:
-    """Alpha of a disc whose edge ramps from 1 to 0 over about ``edge`` pixels."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-    cx = w / 2 if cx is None else cx
-    cy = h / 2 if cy is None else cy
-    r = 0.3 * min(w, h) if r is None else r
-    return np.clip((r - np.hypot(x - cx, y - cy)) / edge + 0.5, 0, 1).astype(np.float32)
-
-
-def over(fg, bg, alpha: np.ndarray) -> np.ndarray:
-    """uint8 image: ``fg`` (colour or [H, W, 3]) over ``bg`` with ``alpha``."""
-    a = alpha[..., None]
-    out = np.asarray(fg, np.float32) * a + np.asarray(bg, np.float32) * (1 - a)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8) * np.ones((*alpha.shape, 1), np.uint8)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -234,31 +218,6 @@ def test_cutout_decontaminates_its_edges():
 
 
 # ------------------------------------------------------------------------------------------- "this one"
-class ColourKeySegmenter:
-    """A matte from the distance to a known backdrop colour, computed on whatever image it is given (a crop
-    included): everything that is not the backdrop is 'salient', as a real segmenter's failure on clutter."""
-
-    name = "colour-key"
-
-    def __init__(self, backdrop=(128, 128, 128)):
-        self.backdrop = np.asarray(backdrop, np.float32)
-        self.sizes: list[tuple[int, int]] = []
-
-    def predict(self, image: Image.Image) -> np.ndarray:
-        self.sizes.append(image.size)
-        d = np.abs(np.asarray(image, np.float32) - self.backdrop).max(axis=2)
-        return np.clip(d / 40.0, 0, 1).astype(np.float32)
-
-
-def _cluttered(w: int = 240, h: int = 180):
-    """A red disc (the product) on grey, and a big blue slab cut by the frame's left edge (a distractor)."""
-    truth = soft_disc(w, h, cx=150, cy=95, r=40)
-    slab = np.zeros((h, w), np.float32)
-    slab[20:170, 0:70] = 1.0
-    img = over((200, 30, 40), over((30, 60, 200), (128, 128, 128), slab), truth)
-    return Image.fromarray(img), truth
-
-
 def test_a_box_picks_the_product_out_of_clutter():
     from imagesmith.vision.cutout import guided_matte
     img, truth = _cluttered()
