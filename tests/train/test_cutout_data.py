@@ -42,10 +42,15 @@ def sources(house):  # noqa: F811
                       ("Garden.jpg", "chelsea.png"), ("Dune.jpg", "rocket.jpg"), ("Wood.jpg", "brick.png"),
                       ("Aqua.jpg", "coffee.png"), ("Storm.jpg", "grass.png"), ("Silk.jpg", "gravel.png")):
         Image.open(PHOTO / src).convert("RGB").save(root / name)
+    kde = cache / "fake-debian" / "plasma-workspace-wallpapers"
+    for name, src in (("Flow", "hubble_deep_field.jpg"), ("Kite", "color.png")):
+        folder = kde / "usr" / "share" / "wallpapers" / name / "contents" / "images"
+        folder.mkdir(parents=True)
+        Image.open(PHOTO / src).convert("RGB").save(folder / "1920x1080.jpg")
     flat_train = _svg_set(cache / "npm" / "flat-train" / "package", "@iconify-json/fluent-emoji-flat")
     flat_eval = _svg_set(cache / "npm" / "flat-eval" / "package", "@iconify-json/noto")
     record = D.build_sources(cache, progress=False,
-                             debian_roots={"mate-backgrounds": root.parents[3]},
+                             debian_roots={"mate-backgrounds": root.parents[3], "plasma-workspace-wallpapers": kde},
                              flat_packages={"@iconify-json/fluent-emoji-flat": flat_train,
                                             "@iconify-json/noto": flat_eval},
                              photo_files=[PHOTO / "motorcycle_right.png"])
@@ -62,6 +67,8 @@ def test_groups_fold_resolutions_and_variants():
 def test_record_is_disjoint_and_written(sources):
     cache, record = sources
     assert json.loads((cache / "cutout" / "sources.json").read_text()) == record
+    ids = [b["id"] for b in record["backgrounds"]]
+    assert len(ids) == len(set(ids))  # KDE names every wallpaper <W>x<H>.jpg: ids carry the group
     groups = [b["group"] for b in record["backgrounds"]]
     assert len(groups) == len(set(groups))  # one picture per group: the two Elephants files are one
     assert sum("elephants" in g for g in groups) == 1

@@ -244,7 +244,7 @@ def test_a_point_keeps_the_part_under_it_and_a_point_on_the_background_is_refuse
 
 @pytest.mark.parametrize("value, message", [
     ("10,10,500,100", "lies outside the 240x180 image"), ("50,50,40,60", "is empty"),
-    ("1,2,3", "four numbers"), ("a,b,c,d", "four numbers"), ([0, 0, 2, 2], "too small")])
+    ("1,2,3", "4 numbers x0,y0,x1,y1"), ("a,b,c,d", "4 numbers"), ([0, 0, 2, 2], "too small")])
 def test_bad_boxes_are_refused_naming_the_field(value, message):
     img, _ = _cluttered()
     with pytest.raises(BadRequest, match=message) as err:

@@ -167,12 +167,9 @@ def build_sources(cache_dir: Path | str | None = None, *, progress: bool = True,
     backgrounds: list[dict[str, Any]] = []
     files: list[tuple[str, Path, str]] = []
     for pin in DEBIAN:
-        if debian_roots is not None:
-            if pin.name not in debian_roots:
-                continue
-            root = Path(debian_roots[pin.name])
-        else:
-            root = fetch_debian_package(pin, cache)
+        root = _source(debian_roots, pin.name, lambda: fetch_debian_package(pin, cache))
+        if root is None:
+            continue
         for sub in ("backgrounds", "wallpapers"):
             for p in sorted((root / "usr" / "share" / sub).rglob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
@@ -190,24 +187,21 @@ def build_sources(cache_dir: Path | str | None = None, *, progress: bool = True,
         if g not in biggest or path.stat().st_size > biggest[g][1].stat().st_size:
             biggest[g] = (origin, path, licence)
     files = sorted(biggest.values(), key=lambda f: str(f[1]))
-    seen: dict[str, str] = {}
     for origin, path, licence in tqdm(files, desc="cut-out backgrounds", unit="file", disable=not progress):
         group = f"{origin}:{group_of(path)}"
         split = "eval" if origin == "scikit-image" or _unit("bg", group) < EVAL_FRACTION else "train"
         stored = out_dir / "backgrounds" / split / f"{origin.replace(':', '_')}__{group.split(':')[-1]}.jpg"
         digest = _store_background(path, stored) if not stored.is_file() else \
-            seen.get(str(path)) or hashlib.sha256(path.read_bytes()).hexdigest()
-        backgrounds.append({"id": f"{origin}/{path.name}", "group": group, "split": split, "origin": origin,
+            hashlib.sha256(path.read_bytes()).hexdigest()
+        # one picture per group, so the group names it (KDE's files are all called <W>x<H>.jpg)
+        backgrounds.append({"id": f"{group}/{path.name}", "group": group, "split": split, "origin": origin,
                             "licence": licence, "sha256": digest, "file": str(stored.relative_to(out_dir))})
     flats = []
     for pins, split in ((FLAT_TRAIN, "train"), (FLAT_EVAL, "eval")):
         for pin in pins:
-            if flat_packages is not None:
-                if pin.name not in flat_packages:
-                    continue
-                pkg = Path(flat_packages[pin.name])
-            else:
-                pkg = fetch_npm_package(pin, cache, progress=progress)
+            pkg = _source(flat_packages, pin.name, lambda: fetch_npm_package(pin, cache, progress=progress))
+            if pkg is None:
+                continue
             flats.append({"set": pin.name, "version": pin.version, "split": split,
                           "licence": json.loads((pkg / "package.json").read_text()).get("license"),
                           "folder": str(pkg.relative_to(cache))})
@@ -218,6 +212,13 @@ def build_sources(cache_dir: Path | str | None = None, *, progress: bool = True,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sources.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def _source(overrides: dict[str, Path] | None, name: str, fetch) -> Path | None:
+    """The folder of source ``name``: fetched, or from ``overrides`` when given (None if it is not there)."""
+    if overrides is None:
+        return fetch()
+    return Path(overrides[name]) if name in overrides else None
 
 
 def check_disjoint(record: dict[str, Any]) -> None:

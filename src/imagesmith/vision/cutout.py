@@ -82,21 +82,28 @@ def _field_error(message: str, field: str) -> BadRequest:
     return exc
 
 
-def parse_box(value: Any, size: tuple[int, int], name: str = "product_box") -> tuple[int, int, int, int] | None:
-    """``(x0, y0, x1, y1)`` in pixels from ``"x0,y0,x1,y1"`` or a 4-sequence; checked against the image
-    ``size`` (w, h). ``None`` passes through. Values in (0, 1] everywhere are taken as fractions of the size."""
-    if value is None:
-        return None
+def _coordinates(value: Any, size: tuple[int, int], name: str, shape: str) -> list[int]:
+    """The numbers of ``"a,b,..."`` or a sequence, as many as ``shape`` names (``"x0,y0,x1,y1"`` / ``"x,y"``), in
+    pixels: values all in [0, 1] with one strictly inside are fractions of ``size`` (w, h)."""
+    n = shape.count(",") + 1
     try:
         parts = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
     except (TypeError, ValueError):
-        raise _field_error(f"{name} must be four numbers x0,y0,x1,y1, not {value!r}", name) from None
-    if len(parts) != 4 or not all(np.isfinite(parts)):
-        raise _field_error(f"{name} must be four numbers x0,y0,x1,y1, not {value!r}", name)
-    w, h = size
+        parts = []
+    if len(parts) != n or not all(np.isfinite(parts)):
+        raise _field_error(f"{name} must be {n} numbers {shape}, not {value!r}", name)
     if all(0 <= v <= 1 for v in parts) and any(0 < v < 1 for v in parts):
-        parts = [parts[0] * w, parts[1] * h, parts[2] * w, parts[3] * h]
-    x0, y0, x1, y1 = (int(round(v)) for v in parts)
+        parts = [v * size[i % 2] for i, v in enumerate(parts)]
+    return [int(round(v)) for v in parts]
+
+
+def parse_box(value: Any, size: tuple[int, int], name: str = "product_box") -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` in pixels from ``"x0,y0,x1,y1"`` or a 4-sequence (or fractions of the size), checked
+    against the image ``size`` (w, h). ``None`` passes through."""
+    if value is None:
+        return None
+    x0, y0, x1, y1 = _coordinates(value, size, name, "x0,y0,x1,y1")
+    w, h = size
     if not (x1 > x0 and y1 > y0):
         raise _field_error(f"{name} {x0},{y0},{x1},{y1} is empty: x1 must exceed x0 and y1 y0", name)
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
@@ -107,21 +114,12 @@ def parse_box(value: Any, size: tuple[int, int], name: str = "product_box") -> t
 
 
 def parse_point(value: Any, size: tuple[int, int], name: str = "product_point") -> tuple[int, int] | None:
-    """``(x, y)`` in pixels from ``"x,y"`` or a 2-sequence, inside the image ``size`` (w, h)."""
+    """``(x, y)`` in pixels from ``"x,y"`` or a 2-sequence (or fractions), inside the image ``size`` (w, h)."""
     if value is None:
         return None
-    try:
-        parts = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
-        raise _field_error(f"{name} must be two numbers x,y, not {value!r}", name) from None
-    if len(parts) != 2 or not all(np.isfinite(parts)):
-        raise _field_error(f"{name} must be two numbers x,y, not {value!r}", name)
-    w, h = size
-    if all(0 <= v <= 1 for v in parts) and any(0 < v < 1 for v in parts):
-        parts = [parts[0] * w, parts[1] * h]
-    x, y = int(round(parts[0])), int(round(parts[1]))
-    if not (0 <= x < w and 0 <= y < h):
-        raise _field_error(f"{name} {x},{y} lies outside the {w}x{h} image", name)
+    x, y = _coordinates(value, size, name, "x,y")
+    if not (0 <= x < size[0] and 0 <= y < size[1]):
+        raise _field_error(f"{name} {x},{y} lies outside the {size[0]}x{size[1]} image", name)
     return x, y
 
 
