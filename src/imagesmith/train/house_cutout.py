@@ -493,8 +493,8 @@ def model_card(config: HouseCutoutConfig, net: torch.nn.Module, facts: dict[str,
 
 imagesmith's own background-removal model: it predicts the alpha matte of the main object in a photo. Trained
 offline by `python -m imagesmith.train.house_cutout --config <config>` (this run:
-`src/imagesmith/train/configs/{'house-cutout-hard.yaml' if config.data == 'hard' else 'house-cutout.yaml'}`). Use it
-through `imagesmith.models.segment.HouseCutout` / `load_segmenter("house-cutout")`.
+`src/imagesmith/train/configs/{('house-cutout-hard-2.yaml' if config.init_from else 'house-cutout-hard.yaml') if config.data == 'hard' else 'house-cutout.yaml'}`{f', a second phase started from `{config.init_from}`' if config.init_from else ''}{', with training-only realism' if config.realism else ''}).
+Use it through `imagesmith.models.segment.HouseCutout` / `load_segmenter("house-cutout")`.
 
 | | |
 |---|---|

@@ -266,8 +266,8 @@ def cutout(image: Image.Image, segmenter: Any = None, *, refine: bool = True, fe
             hint = "a tighter product_box" if box is not None else "product_box (x0,y0,x1,y1) around the product " \
                 "or product_point (x,y) on it"
             raise UnclearCutout(f"the product in {what} could not be separated cleanly from its background "
-                                f"(cut-out confidence {confidence:.2f} < {min_confidence:.2f}): give {hint}",
-                                confidence)
+                                f"(cut-out confidence {confidence:.2f} < {min_confidence:.2f}): give {hint}, or "
+                                f"a stronger segmenter (imagesmith models install isnet)", confidence)
         rgb = np.asarray(flat)
         if refine:
             alpha = refine_alpha(alpha, feather_px=feather_px)
