@@ -20,12 +20,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 CASES = (
-    # (label, source, concept, headline, subline, cta, brand, guided)
+    # (label, source, concept, headline, subline, cta, brand, guided: a box, or "isnet" for that segmenter)
     ("real photo: espresso cup on a wooden table", "real:0", "a cozy cafe counter, warm light",
      "Slow Mornings", "Single-origin espresso, roasted weekly", "Order now", "#8c4a2f", False),
     ("real photo: motorcycle in a cluttered garage (box dragged)", "real:1",
      "a seamless paper studio backdrop, dramatic light", "Ride Classic", "Restored 1983 roadster", "Book a ride",
      "#c0392b", True),
+    ("the same cup with --segmenter isnet (if installed: imagesmith models install isnet)", "real:0",
+     "a cozy cafe counter, warm light", "Slow Mornings", "Single-origin espresso, roasted weekly", "Order now",
+     "#8c4a2f", "isnet"),
     ("held-out composite: product on a saturated texture", "hard:texture",
      "white marble, light from the left", "Made to Last", "Hand-finished, built for every day", "Shop now",
      "#2e86ab", False),
@@ -108,10 +111,16 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     studio = ProductAdStudio()
-    seg = studio.segmenter(args.segmenter)
     font = ImageFont.load_default(size=22)
     rows, summary = [], []
     for k, (label, spec, concept, headline, subline, cta, brand, guided) in enumerate(CASES):
+        seg, segmenter = studio.segmenter(args.segmenter), args.segmenter
+        if guided == "isnet":  # the stronger, user-installed segmenter on the same photo
+            try:
+                seg, segmenter = studio.segmenter("isnet"), "isnet"
+            except Exception:
+                continue
+            guided = False
         photo, true_box = source(spec, args.out)
         img = Image.open(photo).convert("RGB")
         box = None
@@ -127,11 +136,14 @@ def main() -> int:
                  caption(checker(cut.rgba), f"cut-out, confidence {cut.confidence:.2f}", font)]
         req = AdRequest(products=[str(photo)], concept=concept, headline=headline, subline=subline, cta=cta,
                         brand_color=brand, formats=FORMATS, seed=args.seed + k, product_box=box,
-                        segmenter=args.segmenter)
+                        segmenter=segmenter)
         result = studio.make(req, args.out / f"case-{k}")
         if result.failures:
-            tiles.append(caption(Image.new("RGB", (900, 300), (255, 240, 240)), "refused: "
-                                 + result.failures[0].error[:90], font))
+            note = Image.new("RGB", (900, 300), (255, 240, 240))
+            import textwrap
+            ImageDraw.Draw(note).multiline_text((12, 12), "\n".join(textwrap.wrap(
+                "refused: " + result.failures[0].error, 70)), fill=(120, 20, 20), font=font, spacing=6)
+            tiles.append(note)
         tiles += [Image.open(o.path).convert("RGB") for o in result.outputs]
         rows.append((f"{label} - \"{concept}\"", tiles))
         summary.append({"case": label, "concept": concept, "confidence": cut.confidence, "box": box,

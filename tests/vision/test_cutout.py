@@ -288,3 +288,13 @@ def test_an_unclear_cutout_is_refused_and_a_box_fixes_it():
     assert cut.confidence >= 0.5 and iou(cut.alpha, truth) >= 0.95
     loose = cutout(img, ColourKeySegmenter())  # no threshold: returned, with its low score
     assert loose.confidence < 0.5 and loose.confidence_parts["border"] > 0
+
+
+def test_a_box_drops_slivers_of_neighbours_it_caught():
+    from imagesmith.vision.cutout import guided_matte
+    truth = soft_disc(240, 180, cx=130, cy=95, r=45)
+    bit = np.zeros((180, 240), np.float32)
+    bit[52:62, 178:186] = 1.0  # a corner of something else, inside the dragged box
+    img = Image.fromarray(over((200, 30, 40), over((30, 60, 200), (128, 128, 128), bit), truth))
+    m = guided_matte(img, ColourKeySegmenter(), box=(80, 45, 190, 145))
+    assert m[57, 182] == 0.0 and iou(m, truth) >= 0.95

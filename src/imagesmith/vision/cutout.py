@@ -37,6 +37,8 @@ MAX_COVERAGE = 0.97
 MIN_CONFIDENCE = 0.5
 # a product box is widened by this fraction of its size on every side before the segmenter sees the crop
 BOX_CONTEXT = 0.15
+# with a box, parts of the matte smaller than this fraction of its largest part are dropped
+BOX_PART_FRACTION = 0.1
 # a transparency channel counts as a cut-out when some pixel is below this (out of 255)
 OWN_ALPHA_BELOW = 250
 # pixels at least this opaque keep their original RGB exactly
@@ -155,10 +157,15 @@ def guided_matte(image: Image.Image, segmenter: Any, *, box: tuple[int, int, int
         inside[max(0, y0 - gy): y1 + gy, max(0, x0 - gx): x1 + gx] = 1.0
         inside = cv2.GaussianBlur(inside, (0, 0), max(1.0, 0.5 * min(gx, gy)))
         alpha = alpha * np.clip(inside * 1.5, 0, 1)
-        n, labels, _ = _components(alpha)
+        n, labels, stats = _components(alpha)
         if n > 1:
+            # parts that reach into the box, and are not slivers of a neighbour the widened view caught
             reach = np.unique(labels[y0:y1, x0:x1])
-            keep = np.isin(labels, reach[reach > 0])
+            reach = reach[reach > 0]
+            if reach.size:
+                areas = stats[reach, cv2.CC_STAT_AREA]
+                reach = reach[areas >= BOX_PART_FRACTION * areas.max()]
+            keep = np.isin(labels, reach)
             near = cv2.dilate(keep.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             alpha = np.where(near, alpha, 0.0).astype(np.float32)
     if point is not None:
