@@ -164,9 +164,27 @@ def test_the_controlnet_extension_api(api):
     assert 'ControlNet: "tiny-controlnet' in r.info["infotexts"][0]
 
 
+def test_several_controlnet_units_add_up(api):
+    """Multi-unit ControlNet as the extension does it: each enabled unit's residuals are summed. Two identical units
+    at weight 0.4 are one unit at 0.8 (the residuals scale linearly); a second unit at weight 0 changes nothing; the
+    infotext names every unit."""
+    def unit(weight, module="canny"):
+        return webuiapi.ControlNetUnit(image=_edges_image(), module=module, model="tiny-controlnet", weight=weight,
+                                       threshold_a=100, threshold_b=200)
+    kw = dict(prompt="a box", seed=4, width=64, height=64)
+    one = api.txt2img(**kw, controlnet_units=[unit(0.8)], alwayson_scripts={})
+    two = api.txt2img(**kw, controlnet_units=[unit(0.4), unit(0.4)], alwayson_scripts={})
+    assert np.abs(np.asarray(one.image, np.int16) - np.asarray(two.image, np.int16)).max() <= 2
+    assert 'ControlNet: "tiny-controlnet (canny, 0.4); tiny-controlnet (canny, 0.4)"' in two.info["infotexts"][0]
+    idle = api.txt2img(**kw, controlnet_units=[unit(0.8), unit(0.0, "none")], alwayson_scripts={})
+    assert np.array_equal(np.asarray(idle.image), np.asarray(one.image))
+    mixed = api.txt2img(**kw, controlnet_units=[unit(0.8), unit(0.8, "none")], alwayson_scripts={})
+    assert np.abs(np.asarray(mixed.image, np.int16) - np.asarray(one.image, np.int16)).mean() > 0.5
+
+
 @pytest.mark.parametrize("units,needle", [
     ([dict(module="depth_midas")], "not available in imagesmith; available: none, canny"),
-    ([{}, {}], "one ControlNet unit per request"),
+    ([{}] * 5, "at most 4 ControlNet units a request; 5 are enabled"),
 ])
 def test_controlnet_units_imagesmith_cannot_run_are_a_422(api, units, needle):
     made = [webuiapi.ControlNetUnit(image=_edges_image(), model="tiny-controlnet", **u) for u in units]

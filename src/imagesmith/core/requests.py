@@ -143,8 +143,16 @@ class GenerateRequest(BaseModel):
         None, description="pixels to add left, top, right, bottom (multiples of 8); needs init_image")
 
     hires: HiresSpec | None = None
-    controlnet: ControlNetSpec | None = None
+    controlnet: ControlNetSpec | list[ControlNetSpec] | None = Field(
+        None, description="one ControlNet unit, or several (their residuals add up, as A1111's multi-unit ControlNet)")
     detailer: DetailerOptions | None = Field(None, description="ADetailer-style face repaint after generation")
+
+    @property
+    def controlnet_units(self) -> list[ControlNetSpec]:
+        """The ControlNet units as a list (empty when there is none)."""
+        if self.controlnet is None:
+            return []
+        return list(self.controlnet) if isinstance(self.controlnet, list) else [self.controlnet]
 
     @field_validator("sampler_name")
     @classmethod

@@ -59,7 +59,8 @@ class _Job:
     loras: list[ResolvedLora]
     init_image: Image.Image | None
     mask: Image.Image | None
-    control_image: Image.Image | None
+    control_images: list[Image.Image]
+    """one per ControlNet unit (empty without ControlNet)"""
     seeds: list[int]
     variation_seeds: list[int | None]
     grounding: Grounding | None = None
@@ -282,8 +283,8 @@ class Engine:
                            "Denoising strength": _num(req.hires.hr_denoising_strength)})
         if job.grounding is not None:
             params["Concept"] = job.grounding.note
-        if req.controlnet:
-            params["ControlNet"] = f"{req.controlnet.model} ({req.controlnet.preprocessor}, {_num(req.controlnet.weight)})"
+        if req.controlnet_units:
+            params["ControlNet"] = "; ".join(f"{u.model} ({u.preprocessor}, {_num(u.weight)})" for u in req.controlnet_units)
         if job.plan is not None:
             reused = sum(r for r, _ in job.cache_stats)
             calls = sum(c for _, c in job.cache_stats)
@@ -324,7 +325,7 @@ class Engine:
         for spec in merged.values():
             le = self.registry.get(spec.name, "lora")
             loras.append(ResolvedLora(le.name, str(le.path), spec.weight, le.arch, Path(le.path).stat().st_mtime_ns))
-        init = mask = control = None
+        init = mask = None
         if req.init_image:
             init = load_image(req.init_image, settings=self.settings, mode="RGB", what="init image")
         if req.mask:
@@ -336,8 +337,8 @@ class Engine:
                 mask = ImageOps.invert(mask)
         if req.outpaint:
             init, mask = outpaint_canvas(init, req.outpaint)
-        if req.controlnet:
-            control = load_image(req.controlnet.image, settings=self.settings, mode="RGB", what="control image")
+        control = [load_image(u.image, settings=self.settings, mode="RGB", what="control image")
+                   for u in req.controlnet_units]
         if params.aspect is not None and req.width is None and req.height is None and init is None:
             w, h = P.aspect_size(self._native_size(entry), params.aspect)
             req = req.model_copy(update={"width": w, "height": h})
@@ -718,7 +719,7 @@ class Engine:
                                 pack=lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], h, w),
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
-        control = self._control_spec(job, ms, n) if job.control_image is not None else None
+        control = self._control_specs(job, ms, n) if job.control_images else None
         return UNetDenoiser(job.net or pipe.unet, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
                             control=control, concat=concat, cfg_rescale=req.cfg_rescale)
 
@@ -735,14 +736,18 @@ class Engine:
         return (Conditioning(stacked["prompt_embeds"], added_c),
                 Conditioning(stacked["negative_prompt_embeds"], added_u))
 
-    def _control_spec(self, job: _Job, ms, n: int) -> ControlSpec:
+    def _control_specs(self, job: _Job, ms, n: int) -> list[ControlSpec]:
+        """One ControlSpec per unit: its model, its preprocessed image at the output size, its weight and window."""
         from .controlnet import preprocess
-        cn = job.req.controlnet
-        model = self._component("controlnet", cn.model)
-        image = preprocess(job.control_image, cn).convert("RGB").resize((job.width, job.height), Image.LANCZOS)
-        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].repeat(n, 1, 1, 1)
-        return ControlSpec(model, tensor, cn.weight, sigma_start=ms.percent_to_sigma(cn.guidance_start),
-                           sigma_end=ms.percent_to_sigma(cn.guidance_end))
+        specs = []
+        for cn, control in zip(job.req.controlnet_units, job.control_images, strict=True):
+            model = self._component("controlnet", cn.model)
+            image = preprocess(control, cn).convert("RGB").resize((job.width, job.height), Image.LANCZOS)
+            tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+            specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
+                                     sigma_start=ms.percent_to_sigma(cn.guidance_start),
+                                     sigma_end=ms.percent_to_sigma(cn.guidance_end)))
+        return specs
 
     def _vae_encode(self, vae, images: list[Image.Image]) -> torch.Tensor:
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])

@@ -43,7 +43,8 @@ class ControlSpec:
 
 class UNetDenoiser:
     def __init__(self, unet, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
-                 *, control: ControlSpec | None = None, concat: torch.Tensor | None = None, cfg_rescale: float = 0.0):
+                 *, control: ControlSpec | list[ControlSpec] | None = None, concat: torch.Tensor | None = None,
+                 cfg_rescale: float = 0.0):
         self.dtype = next(unet.parameters()).dtype
         self.device = next(unet.parameters()).device
         self.unet, self.ms, self.cfg = unet, ms, float(cfg_scale)
@@ -52,8 +53,9 @@ class UNetDenoiser:
         self.uncond = None if uncond is None else uncond.to(self.device, self.dtype)
         self.both = Conditioning.cat(self.uncond, self.cond) if self.uncond is not None else None
         self.cfg_rescale = float(cfg_rescale)
-        self.control = control
-        self.control_image = None if control is None else control.image.to(self.device, self.dtype)
+        # ControlNet units: each one's residuals are added while sigma is inside its window (A1111's multi-unit sum)
+        self.controls = [] if control is None else list(control) if isinstance(control, list) else [control]
+        self.control_images = [c.image.to(self.device, self.dtype) for c in self.controls]
         self.concat = concat  # inpainting UNets: [mask, masked-image latents] per image
         self.last_uncond: torch.Tensor | None = None
         self.calls = 0
@@ -85,16 +87,21 @@ class UNetDenoiser:
         kwargs = {"encoder_hidden_states": cond.embeds.to(self.device, self.dtype)}
         if cond.added is not None:
             kwargs["added_cond_kwargs"] = {k: v.to(self.device, self.dtype) for k, v in cond.added.items()}
-        c = self.control
-        if c is not None and c.sigma_end <= float(sigma) <= c.sigma_start and c.scale != 0:
-            image = self.control_image
+        down_sum = mid_sum = None
+        for c, image in zip(self.controls, self.control_images):
+            if not (c.sigma_end <= float(sigma) <= c.sigma_start) or c.scale == 0:
+                continue
             if image.shape[0] != xin.shape[0]:
                 image = image.repeat(xin.shape[0] // image.shape[0], 1, 1, 1)
-            ctrl_kwargs = dict(kwargs)
             down, mid = c.model(xin[:, :4] if xin.shape[1] > 4 else xin, t, controlnet_cond=image,
-                                conditioning_scale=c.scale, return_dict=False, **ctrl_kwargs)
-            kwargs["down_block_additional_residuals"] = down
-            kwargs["mid_block_additional_residual"] = mid
+                                conditioning_scale=c.scale, return_dict=False, **kwargs)
+            if down_sum is None:
+                down_sum, mid_sum = list(down), mid
+            else:
+                down_sum = [a + b for a, b in zip(down_sum, down)]
+                mid_sum = mid_sum + mid
+        if down_sum is not None:
+            kwargs = {**kwargs, "down_block_additional_residuals": down_sum, "mid_block_additional_residual": mid_sum}
         return self.unet(xin, t, return_dict=False, **kwargs)[0]
 
 

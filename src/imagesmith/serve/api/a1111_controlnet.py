@@ -1,6 +1,7 @@
 """The ControlNet extension's API (sd-webui-controlnet), which most ControlNet-using A1111 clients go through:
 `/controlnet/version`, `model_list`, `module_list`, `detect`, and its units in `alwayson_scripts` of txt2img and
-img2img, mapped onto the engine's ControlNet (one unit; the preprocessors imagesmith runs: canny and none).
+img2img, mapped onto the engine's ControlNet (up to four units, residuals summed; the preprocessors imagesmith runs:
+canny and none).
 A module imagesmith cannot run is a 422 naming what it can, never a silent skip."""
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def always_on_args(body: dict, script: str):
     return entry.get("args") if isinstance(entry, dict) else False
 
 
-def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:
-    """The engine's `controlnet` request field from A1111's `alwayson_scripts` (ControlNet units), or None."""
+def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | list[dict] | None:
+    """The engine's `controlnet` request field from A1111's `alwayson_scripts` (ControlNet units): one unit, a list
+    of several enabled units (their residuals add up, as in the extension), or None."""
     args = always_on_args(body, "controlnet")
     if args is None:
         return None
@@ -89,9 +91,13 @@ def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:
     units = [a for a in args if a.get("enabled", True) and (a.get("model") not in (None, "", "None"))]
     if not units:
         return None
-    if len(units) > 1:
-        raise BadRequest(f"imagesmith runs one ControlNet unit per request; {len(units)} are enabled")
-    unit = units[0]
+    if len(units) > MAX_UNITS:
+        raise BadRequest(f"at most {MAX_UNITS} ControlNet units a request; {len(units)} are enabled")
+    specs = [_unit(u, upload) for u in units]
+    return specs[0] if len(specs) == 1 else specs
+
+
+def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
     image = unit.get("image") or unit.get("input_image")
     if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
         image = image.get("image")
@@ -102,6 +108,9 @@ def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | None:
             "preprocessor": _module(unit.get("module", "none")), "weight": unit.get("weight", 1.0),
             "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
             "canny_low": low, "canny_high": high}
+
+
+MAX_UNITS = 4  # the extension's default "Multi-ControlNet: ControlNet unit number" is 3; some raise it to 4
 
 
 def _module(name) -> str:

@@ -53,8 +53,12 @@ def map_inputs(request: dict, fn: Callable[[Any], Any]) -> dict:
     for key in ("products", "images"):
         if isinstance(request.get(key), list):
             request[key] = [fn(x) for x in request[key]]
-    if isinstance(request.get("controlnet"), dict) and request["controlnet"].get("image") is not None:
-        request["controlnet"] = {**request["controlnet"], "image": fn(request["controlnet"]["image"])}
+    def unit(u):
+        return {**u, "image": fn(u["image"])} if isinstance(u, dict) and u.get("image") is not None else u
+    if isinstance(request.get("controlnet"), list):
+        request["controlnet"] = [unit(u) for u in request["controlnet"]]
+    elif isinstance(request.get("controlnet"), dict):
+        request["controlnet"] = unit(request["controlnet"])
     if isinstance(request.get("base"), dict):  # a grid's base request
         request["base"] = map_inputs(request["base"], fn)
     return request
