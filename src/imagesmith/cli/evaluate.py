@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -39,7 +38,10 @@ def eval_cutout(segmenter: Optional[str] = typer.Option(None, "--segmenter", hel
     if "hard" in sets:
         from ..train.house_data import HouseDataError
         try:
-            with _bar(not as_json, "hard composites") as tick:
+            from ..core.progress import ProgressEvent
+            with _progress_bar(not as_json and sys.stderr.isatty(), "cut-out eval") as on_progress:
+                tick = (lambda done, total: on_progress(ProgressEvent(done, total, "hard composites"))) \
+                    if on_progress else None
                 report["hard"] = EC.evaluate_hard(seg, per_kind=per_kind, size=size, seed=seed, progress=tick)
         except HouseDataError as exc:
             raise _Exit(str(exc)) from None
@@ -57,21 +59,6 @@ def eval_cutout(segmenter: Optional[str] = typer.Option(None, "--segmenter", hel
         print(EC.format_table(report))
         if "house" in report:
             print(f"house renders: {report['house']}")
-
-
-@contextmanager
-def _bar(enabled: bool, label: str):
-    """A tqdm bar on stderr; yields ``tick(done, total)``."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-    with tqdm(desc=label, unit="img", file=sys.stderr) as bar:
-        def tick(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-        yield tick
 
 
 @eval_app.command("report")

@@ -299,7 +299,7 @@ def hard_texture(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 class Products:
     """RGBA products of one split: 3D renders and flat SVG icons, loaded lazily, cropped to their alpha."""
 
-    def __init__(self, cache: Path, record: dict[str, Any], split: str, *, flat: bool | None = None):
+    def __init__(self, cache: Path, record: dict[str, Any], split: str):
         self.cache = cache
         self.split = split
         self.house = load_house_dataset(cache)

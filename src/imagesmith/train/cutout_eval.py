@@ -76,10 +76,6 @@ def summarise(rows: list[dict[str, float]], threshold: float = MIN_CONFIDENCE) -
     return out
 
 
-def _predict(segmenter, image: Image.Image, **guide) -> np.ndarray:
-    return guided_matte(image, segmenter, **guide)
-
-
 def evaluate_hard(segmenter, *, per_kind: int = 30, size: int = 512, seed: int = 0,
                   progress: Callable[[int, int], None] | None = None, cache_dir=None) -> dict[str, Any]:
     """The hard held-out composites: ``per_kind`` samples of every kind at ``size`` px."""
@@ -92,9 +88,9 @@ def evaluate_hard(segmenter, *, per_kind: int = 30, size: int = 512, seed: int =
     for i in range(n):
         s = data.sample(i)
         img = Image.fromarray(s.image)
-        rows[s.kind].append(matte_metrics(_predict(segmenter, img), s.alpha))
+        rows[s.kind].append(matte_metrics(guided_matte(img, segmenter), s.alpha))
         if s.kind == "clutter":
-            boxed.append(matte_metrics(_predict(segmenter, img, box=s.box), s.alpha))
+            boxed.append(matte_metrics(guided_matte(img, segmenter, box=s.box), s.alpha))
         if progress:
             progress(i + 1, n)
     per = {k: summarise(v) for k, v in rows.items()}
@@ -114,7 +110,7 @@ def evaluate_real(segmenter) -> dict[str, Any]:
         row: dict[str, Any] = {"name": p["name"], "source": p["source"], "size": list(p["image"].size)}
         for mode, guide in (("plain", {}), ("box", {"box": p["box"]}), ("point", {"point": p["point"]})):
             try:
-                m = matte_metrics(_predict(segmenter, p["image"], **guide), p["mask"])
+                m = matte_metrics(guided_matte(p["image"], segmenter, **guide), p["mask"])
             except Exception as exc:  # a refused point is a finding
                 m = {"mae": 1.0, "iou": 0.0, "bf": 0.0, "confidence": 0.0, "error": str(exc)}
             row[mode] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}

@@ -113,18 +113,24 @@ def plan_scene(concept: str) -> ScenePlan:
     low = concept.lower()
     light_x = 0.5
     if _find(r"(from|on) the left|left[- ]lit|window (on the )?left", low):
-        light_x, _ = 0.1, words.append("light from the left")
+        light_x = 0.1
+        words.append("light from the left")
     elif _find(r"(from|on) the right|right[- ]lit|window (on the )?right", low):
-        light_x, _ = 0.9, words.append("light from the right")
+        light_x = 0.9
+        words.append("light from the right")
     if _find(r"warm|morning|golden|sunset|sunrise|cozy|cosy|candle|amber", low):
-        warmth, _ = max(warmth, 0.7), words.append("warm light")
+        warmth = max(warmth, 0.7)
+        words.append("warm light")
     elif _find(r"cool|cold|blue hour|icy|winter", low):
-        warmth, _ = -0.6, words.append("cool light")
+        warmth = -0.6
+        words.append("cool light")
     hardness = 0.35
     if _find(r"soft|diffuse[d]?|gentle|airy", low):
-        hardness, _ = 0.15, words.append("soft")
+        hardness = 0.15
+        words.append("soft")
     elif _find(r"dramatic|hard|moody|contrast|spotlight", low):
-        hardness, _ = 0.8, words.append("dramatic")
+        hardness = 0.8
+        words.append("dramatic")
     return ScenePlan(surface=surface, wall=wall, wall_colour=rgb[0] if rgb else None,
                      surface_colour=rgb[1] if len(rgb) > 1 else None, light_x=light_x, warmth=warmth,
                      hardness=hardness, glossy=_find(_GLOSSY, low), words=tuple(words))
@@ -233,8 +239,6 @@ def render_scene(plan: ScenePlan, size: tuple[int, int], product_box: tuple[int,
     surface = cv2.warpPerspective(flat, cv2.getPerspectiveTransform(src, dst), (w, h), flags=cv2.INTER_AREA,
                                   borderMode=cv2.BORDER_REFLECT)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = wall.copy()
-    img[horizon:] = surface[horizon:]
     # a soft edge where the surface meets the wall (no aliased seam), and ambient occlusion along it
     seam = np.clip((yy - horizon) / max(1.0, 0.004 * h) + 0.5, 0, 1)[..., None]
     img = wall * (1 - seam) + surface * seam
