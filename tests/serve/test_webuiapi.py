@@ -4,7 +4,6 @@ time. First slice of the real-client suite (issue 'The A1111 API that real clien
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -16,12 +15,13 @@ webuiapi = pytest.importorskip("webuiapi")
 @pytest.fixture(scope="module")
 def api(tiny_home, tmp_path_factory):
     from fixtures.live import live_server
-    with live_server(tiny_home, tmp_path_factory.mktemp("webuiapi")) as (url, _, _home):
+    with live_server(tiny_home, tmp_path_factory.mktemp("webuiapi")) as (url, _, home):
         host, port = url.rsplit(":", 1)
         client = webuiapi.WebUIApi(host=host.removeprefix("http://"), port=int(port), sampler="Euler a", steps=3)
         # options name the real default checkpoint from the start (was: null), and the client can switch it
         assert client.util_get_current_model() == "house-ldm"
         client.util_set_model("tiny-sd15")
+        client.imagesmith_home = home  # for the tests that look at what the server kept on disk
         yield client
 
 
@@ -267,3 +267,35 @@ def test_unload_and_reload_checkpoint_routes(api):
     assert out.image.size == (64, 64)
     r = requests.post(f"{url}/reload-checkpoint", timeout=30)
     assert r.status_code == 200 and r.json()["state"] == "loaded"
+
+
+def test_save_images_false_keeps_nothing(api):
+    """A1111's API saves nothing unless the call says ``save_images: true`` (webuiapi sends false by default), and
+    its Extras never save: once answered, such a call leaves no output file, no database copy and none of the
+    uploads made from its base64 images. The job's row stays, saying so. With ``save_images: true`` the images
+    stay downloadable, byte for byte what the client got."""
+    import io
+
+    import httpx
+    home = api.imagesmith_home
+
+    def files() -> set[str]:
+        return {str(p.relative_to(home)) for d in ("outputs", "uploads") if (home / d).is_dir()
+                for p in (home / d).rglob("*") if p.is_file()}
+    before = files()
+    init = Image.new("RGB", (64, 64), (120, 80, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    api.txt2img(alwayson_scripts={}, prompt="a plum", seed=4, width=64, height=64)
+    r = api.img2img(images=[init], mask_image=mask, prompt="a plum", seed=4, width=64, height=64, mask_blur=0,
+                    denoising_strength=0.5, alwayson_scripts={})
+    api.extra_single_image(init, upscaler_1="Lanczos", upscaling_resize=2)
+    assert files() == before  # nothing of the three calls is left
+    job = httpx.get(api.baseurl.replace("/sdapi/v1", f"/v1/jobs/{r.info['job_id']}")).json()
+    assert job["status"] == "succeeded" and job["files"] == []  # the row stays, its files do not
+    kept = api.txt2img(alwayson_scripts={}, prompt="a plum", seed=4, width=64, height=64, save_images=True)
+    job = httpx.get(api.baseurl.replace("/sdapi/v1", f"/v1/jobs/{kept.info['job_id']}")).json()
+    assert len(job["files"]) == 1 and len(files() - before) == 1
+    saved = httpx.get(api.baseurl.replace("/sdapi/v1", "") + job["files"][0]["url"])
+    assert saved.status_code == 200
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(saved.content))), np.asarray(kept.image))

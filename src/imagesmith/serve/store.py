@@ -699,6 +699,23 @@ class JobStore:
         """True once: only the lease holder of a running job commits its result."""
         return self._finish(job_id, worker, status="succeeded", result=result, progress=1.0)
 
+    def forget_outputs(self, job_id: str, note: str) -> dict:
+        """A finished job's result without its files (A1111's ``save_images: false``): the row stays, for history
+        and accounting, its file entries and database copies go; ``note`` says why. Returns the new result."""
+        with self.sessions() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            result = dict(row.result or {})
+            files = result.get("files") or []
+            blobs = [f["blob"] for f in files if f.get("blob")]
+            result.update(files=[], files_not_kept=len(files), note=note)
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(result=result))
+            if blobs:
+                s.execute(delete(OutputBlobRow).where(OutputBlobRow.id.in_(blobs)))
+            s.commit()
+            return result
+
     def fail(self, job_id: str, worker: str, error: str) -> bool:
         return self._finish(job_id, worker, status="failed", error=error)
 

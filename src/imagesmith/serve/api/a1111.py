@@ -28,8 +28,7 @@ A1111_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "e
 @router.post("/txt2img", openapi_extra=S.body(S.Txt2ImgBody))
 async def txt2img(request: Request, svc: Svc, who: Caller):
     body = await json_object(request)
-    job = await svc.run_sync("generate", a1111_request(svc, body, who), who)
-    return job if isinstance(job, JSONResponse) else a1111_response(svc, job, body)
+    return await answer(svc, "generate", a1111_request(svc, body, who), who, body)
 
 
 @router.get("/prompt-styles")
@@ -71,8 +70,7 @@ async def img2img(request: Request, svc: Svc, who: Caller):
         if "mask_blur" in body:
             req["mask_blur"] = body["mask_blur"]
         req.update(a1111_inpaint_fields(body))
-    job = await svc.run_sync(job_type, req, who)
-    return job if isinstance(job, JSONResponse) else a1111_response(svc, job, body)
+    return await answer(svc, job_type, req, who, body)
 
 
 @router.get("/sd-models")
@@ -118,9 +116,12 @@ async def extra_single_image(request: Request, svc: Svc, who: Caller):
     req = {"image": svc.store_upload(decode_base64(body["image"]), who)["id"],
            "scale": body.get("upscaling_resize", 2), "upscaler": upscaler}
     job = await svc.run_sync("upscale", req, who)
-    if isinstance(job, JSONResponse):
-        return job
-    return {"html_info": "", "image": base64.b64encode(svc.output_bytes(job["result"]["files"][0])).decode()}
+    try:
+        if isinstance(job, JSONResponse):
+            return job
+        return {"html_info": "", "image": base64.b64encode(svc.output_bytes(job["result"]["files"][0])).decode()}
+    finally:  # A1111's Extras API never saves its output
+        svc.discard(None if isinstance(job, JSONResponse) else job, [req["image"]])
 
 
 @router.get("/samplers")
@@ -193,12 +194,16 @@ async def extra_batch_images(request: Request, svc: Svc, who: Caller):
     upscaler = _extras_upscaler(body)
     ids = [svc.store_upload(decode_base64(i.get("data") or ""), who)["id"] for i in items]  # all checked first
     images = []
-    for upload_id in ids:
+    for n, upload_id in enumerate(ids):
         job = await svc.run_sync("upscale", {"image": upload_id, "scale": body.get("upscaling_resize", 2),
                                              "upscaler": upscaler}, who)
-        if isinstance(job, JSONResponse):
-            return job
-        images.append(base64.b64encode(svc.output_bytes(job["result"]["files"][0])).decode())
+        try:
+            if isinstance(job, JSONResponse):
+                svc.discard(None, ids[n:])  # the rest will not run
+                return job
+            images.append(base64.b64encode(svc.output_bytes(job["result"]["files"][0])).decode())
+        finally:  # A1111's Extras API never saves its output
+            svc.discard(None if isinstance(job, JSONResponse) else job, [upload_id])
     return {"html_info": "", "images": images}
 
 
@@ -327,6 +332,31 @@ def adetailer_unit(body: dict) -> dict | None:
     if u.get("ad_use_inpaint_width_height"):
         out["size"] = max(int(u.get("ad_inpaint_width", 512)), int(u.get("ad_inpaint_height", 512)))
     return out
+
+
+async def answer(svc: Services, job_type: str, req: dict, who: dict, body: dict) -> dict | JSONResponse:
+    """Run a txt2img/img2img job and answer it A1111's way. Unless the call says ``save_images: true``, nothing
+    of it is kept once answered (A1111's default: its API saves no image unless asked): not the output files,
+    not the uploads made from its base64 images. A call past the sync timeout (504) leaves its job running,
+    with everything it needs."""
+    job = await svc.run_sync(job_type, req, who)
+    failed = isinstance(job, JSONResponse)
+    keep = body.get("save_images") is True and not failed
+    try:
+        return job if failed else a1111_response(svc, job, body)
+    finally:
+        if not keep:
+            svc.discard(None if failed else job, request_uploads(req))
+
+
+def request_uploads(req: dict) -> list[str]:
+    """The upload ids in a request an A1111 route built (every one made by the route from a base64 image)."""
+    ids = [req[k] for k in ("init_image", "mask", "image") if isinstance(req.get(k), str)]
+    units = req.get("controlnet")
+    for unit in units if isinstance(units, list) else [units] if isinstance(units, dict) else []:
+        if isinstance(unit.get("image"), str):
+            ids.append(unit["image"])
+    return ids
 
 
 def a1111_response(svc: Services, job: dict, body: dict) -> dict:

@@ -168,6 +168,20 @@ class Services:
             path.unlink(missing_ok=True)  # no owner recorded: no file either
             raise
 
+    def discard(self, job: dict | None, uploads: list[str] = ()) -> None:
+        """Keep nothing of an A1111 call that asked for nothing to be saved (``save_images: false``, A1111's
+        default; Extras never save): the job's output folder and database copies and the uploads the route made
+        from its base64 images. The job's row stays (history, accounting) with ``files_not_kept``."""
+        import shutil
+
+        from ..retention import job_dir, upload_file
+        if job is not None and job.get("status") == "succeeded":
+            self.store.forget_outputs(job["id"], "not kept: the A1111 call had save_images false")
+            shutil.rmtree(job_dir(self.settings, job), ignore_errors=True)
+        for upload_id in uploads:
+            upload_file(self.settings, upload_id).unlink(missing_ok=True)
+        self.store.delete_uploads(list(uploads))
+
     def output_file(self, job: dict, index: int) -> Response:
         """A job's output: the file where this node can see it, else its database copy (serve.storage)."""
         files = (job.get("result") or {}).get("files", [])
