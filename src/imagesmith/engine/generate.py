@@ -437,6 +437,36 @@ class Engine:
             log.info("warmed up %sx%s in %.1f s", width, height, out[-1]["seconds"])
         return out
 
+    # ------------------------------------------------------------------ pieces (the node graph's building blocks)
+    def checkpoint(self, name: str | None) -> ModelEntry:
+        """A checkpoint's registry entry by name (or an adopted pipeline's); None: the default."""
+        if name and name.lower() in self._adopted:
+            return self._adopted[name.lower()]
+        return self.registry.get(name, "checkpoint") if name else self._default_checkpoint()
+
+    def pipeline(self, entry: ModelEntry):
+        """The cache entry holding `entry`'s pipeline (loaded just in time); ``with it.use():`` while running it."""
+        return self._pipeline_entry(entry)
+
+    def component(self, kind: str, name: str):
+        """A VAE or ControlNet by registry name, loaded once into the model cache."""
+        return self._component(kind, name)
+
+    def model_sampling(self, pipe, arch: str, width: int, height: int):
+        """The model's sampling (sigmas, prediction type; FLUX's shift for this size)."""
+        return self._model_sampling(pipe, _ArchOnly(arch), width, height)
+
+    def vae_encode(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], [B, 3, H, W] -> scaled latents (the posterior's mode)."""
+        return self._vae_encode_tensor(vae, pixels)
+
+    def vae_decode_tensor(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images [B, 3, H, W] in [0, 1] (float32, CPU)."""
+        with torch.inference_mode(), _vae_precision(vae):
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
+        return (pixels.float().cpu() / 2 + 0.5).clamp(0, 1)
+
     # ------------------------------------------------------------------ models
     def _pipeline_entry(self, entry: ModelEntry):
         from ..models.loaders import load_pipeline
@@ -761,13 +791,16 @@ class Engine:
             return (dist.mode().float().cpu() - shift) * vae.config.scaling_factor
 
     def _vae_decode(self, vae, latents: torch.Tensor) -> list[Image.Image]:
-        with torch.inference_mode(), _vae_precision(vae):
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
-        pixels = (pixels.float().cpu() / 2 + 0.5).clamp(0, 1)
+        pixels = self.vae_decode_tensor(vae, latents)
         arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
 
+
+
+@dataclass(frozen=True)
+class _ArchOnly:
+    """What _model_sampling reads of a job: its architecture."""
+    arch: str
 
 
 def keep_unmasked(original: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:

@@ -1,0 +1,723 @@
+"""ComfyUI's core nodes, as the common workflows use them, on imagesmith's engine. Each keeps ComfyUI's name,
+inputs (types, defaults, ranges, choices), outputs and ``/object_info`` schema, so API prompts and UI workflows
+written for ComfyUI run unchanged. ``NODES`` maps class names to definitions; ``model_lists`` gives the dynamic
+choices (model files relative to their folder, with extensions, as ComfyUI shows them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ... import __version__
+from ...core.errors import BadRequest, NotFound
+from ...core.imageio import load_image, save_png_atomic
+from ...core.metadata import build_infotext, make_png_chunks
+from ...core.sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES, sampler_label, schedule_label
+from ..loras import ResolvedLora, apply_loras
+from ..sampling.ksampler import available_samplers
+from .sample import ksample, resolved_loras
+from .spec import MAX_SEED, Input, Node
+from .values import ClipValue, Cond, ControlNetValue, LoraUse, ModelValue, UpscaleModelValue, VaeValue
+
+MAX_RESOLUTION = 16384
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
+IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+NAME_RE = re.compile(r"^[\w .()\[\]+,@=-]{1,200}$")
+
+
+def comfy_samplers() -> list[str]:
+    done = set(available_samplers())
+    return [s.name for s in SAMPLER_NAMES if s.comfy and s.name in done]
+
+
+def comfy_schedulers() -> list[str]:
+    return [s.name for s in SCHEDULE_NAMES if s.comfy]
+
+
+def model_lists(engine, input_dir: Path | None = None) -> dict[str, list[str]]:
+    """The dynamic choices: registry files by folder (relative paths with extensions, as ComfyUI lists them),
+    upscalers, and the caller's input images."""
+    reg = engine.registry
+
+    def names(kind: str) -> list[str]:
+        return sorted({(e.rel_path or e.name) for e in reg.list(kind)}, key=str.lower)
+    out = {"checkpoints": names("checkpoint"), "loras": names("lora"), "vae": names("vae"),
+           "controlnet": names("controlnet"), "embeddings": names("embedding"),
+           "upscale_models": [n for n in engine.upscalers().names() if n != "Lanczos"] + ["Lanczos"],
+           "samplers": comfy_samplers(), "schedulers": comfy_schedulers(), "input": []}
+    if input_dir is not None and input_dir.is_dir():
+        out["input"] = sorted(str(p.relative_to(input_dir)).replace("\\", "/") for p in input_dir.rglob("*")
+                              if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+                              and not p.name.startswith("."))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _entry(engine, kind: str, name: str):
+    if kind == "checkpoint":
+        return engine.checkpoint(name)
+    return engine.registry.get(name, kind)
+
+
+def _lora(engine, name: str, strength: float) -> LoraUse:
+    e = engine.registry.get(name, "lora")
+    return LoraUse(e.name, str(e.path), e.arch, Path(e.path).stat().st_mtime_ns, float(strength))
+
+
+def to_image(t: torch.Tensor) -> Image.Image:
+    """One [H, W, C] IMAGE row -> PIL."""
+    arr = (t.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr[..., :3] if arr.shape[-1] >= 3 else arr[..., 0])
+
+
+def from_image(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def _resize_bchw(x: torch.Tensor, height: int, width: int, method: str) -> torch.Tensor:
+    if method == "lanczos":
+        rows = [from_image(to_image(r.permute(1, 2, 0)).resize((width, height), Image.LANCZOS)).permute(2, 0, 1)
+                for r in x]
+        return torch.stack(rows)
+    if method == "bislerp":
+        method = "bilinear"
+    mode = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}[method]
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return torch.nn.functional.interpolate(x, size=(height, width), mode=mode, **kwargs)
+
+
+def _center_crop(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's 'center' crop before a resize: keep the target's aspect ratio."""
+    h, w = x.shape[-2:]
+    old, new = w / h, width / height
+    if old > new:
+        cut = round((w - w * new / old) / 2)
+        return x[..., :, cut:w - cut]
+    if old < new:
+        cut = round((h - h * old / new) / 2)
+        return x[..., cut:h - cut, :]
+    return x
+
+
+def _upscale(x: torch.Tensor, method: str, width: int, height: int, crop: str) -> torch.Tensor:
+    if crop == "center":
+        x = _center_crop(x, width, height)
+    return _resize_bchw(x, height, width, method)
+
+
+def _checkpoint_parts(ctx, entry):
+    """(pipe entry) for a checkpoint, so VAE/text encoder can be reached."""
+    return ctx.engine.pipeline(entry)
+
+
+def _vae_module(ctx, vae: VaeValue):
+    if vae.name is not None:
+        return ctx.engine.component("vae", vae.name)
+    return _checkpoint_parts(ctx, vae.entry).value.vae
+
+
+def safe_name(name: str, what: str) -> str:
+    """A file or folder name from a client, checked as a name (never joined as a path)."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", "..") or name.startswith("."):
+        raise BadRequest(f"{what} {name!r} is not a plain file name")
+    return name
+
+
+def safe_subfolder(sub: str) -> list[str]:
+    if not sub:
+        return []
+    parts = sub.replace("\\", "/").split("/")
+    return [safe_name(p, "subfolder") for p in parts if p]
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+
+def _checkpoint_loader(ctx, ckpt_name):
+    entry = _entry(ctx.engine, "checkpoint", ckpt_name)
+    return ModelValue(entry), ClipValue(entry), VaeValue(entry=entry)
+
+
+def _vae_loader(ctx, vae_name):
+    e = ctx.engine.registry.get(vae_name, "vae")
+    return (VaeValue(name=e.rel_path or e.name),)
+
+
+def _lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
+    lora = _lora(ctx.engine, lora_name, 1.0)
+    m = model.with_lora(LoraUse(*[getattr(lora, f) for f in ("name", "path", "arch", "mtime_ns")], strength_model)) \
+        if strength_model != 0 else model
+    c = clip.with_lora(LoraUse(*[getattr(lora, f) for f in ("name", "path", "arch", "mtime_ns")], strength_clip)) \
+        if strength_clip != 0 else clip
+    return m, c
+
+
+def _lora_model_only(ctx, model, lora_name, strength_model):
+    return (model.with_lora(_lora(ctx.engine, lora_name, strength_model)) if strength_model != 0 else model,)
+
+
+def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
+    from dataclasses import replace
+    return (replace(clip, clip_skip=-int(stop_at_clip_layer)),)
+
+
+def _controlnet_loader(ctx, control_net_name):
+    e = ctx.engine.registry.get(control_net_name, "controlnet")
+    return (ControlNetValue(e.rel_path or e.name),)
+
+
+def _upscale_model_loader(ctx, model_name):
+    ctx.engine.upscalers().get(model_name)  # must exist
+    return (UpscaleModelValue(model_name),)
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
+    engine = ctx.engine
+    entry = clip.entry
+    arch = entry.arch
+    holder = engine.pipeline(entry)
+    with holder.use():
+        pipe = holder.value
+        loras = resolved_loras(clip.loras)
+        if loras or holder.state.get("lora_adapters"):
+            apply_loras(pipe, holder.state, loras, arch)
+        lora_key = [(l.path, l.weight) for l in loras if l.weight != 0]
+        model_key = f"{entry.path}@{Path(entry.path).stat().st_mtime_ns if Path(entry.path).exists() else 0}"
+        with torch.inference_mode():
+            if arch in ("sd1", "sd2", "house"):
+                z = engine.prompt_encoder.encode_sd(text, pipe.tokenizer, pipe.text_encoder, model_key=model_key,
+                                                    loras=lora_key, clip_skip=clip.clip_skip, device=engine.device,
+                                                    dtype=engine.dtype)
+                return Cond(z.float().cpu(), arch)
+            if arch == "sdxl":
+                z, pooled = engine.prompt_encoder.encode_sdxl(
+                    text, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
+                    model_key=model_key, loras=lora_key, clip_skip=clip.clip_skip, device=engine.device,
+                    dtype=engine.dtype)
+                return Cond(z.float().cpu(), arch, pooled.float().cpu())
+            from ..prompts import plain_prompt
+            if arch == "sd3":
+                pe, _, pooled, _ = pipe.encode_prompt(plain_prompt(text), None, None, device=engine.device,
+                                                      do_classifier_free_guidance=False)
+                return Cond(pe.float().cpu(), arch, pooled.float().cpu())
+            if arch == "flux":
+                pe, pooled, txt_ids = pipe.encode_prompt(plain_prompt(text), None, device=engine.device)
+                return Cond(pe.float().cpu(), arch, pooled.float().cpu(), {"txt_ids": txt_ids})
+    raise BadRequest(f"CLIPTextEncode cannot encode for {arch} models")
+
+
+def _clip_text_encode(ctx, text, clip):
+    return ([encode_text(ctx, clip, text)],)
+
+
+def _conditioning_combine(ctx, conditioning_1, conditioning_2):
+    return (list(conditioning_1) + list(conditioning_2),)
+
+
+def _conditioning_set_area(ctx, conditioning, width, height, x, y, strength):
+    area = (height // 8, width // 8, y // 8, x // 8)
+    return ([c.but(area=area, strength=strength, set_area_to_bounds=False) for c in conditioning],)
+
+
+def _conditioning_set_mask(ctx, conditioning, mask, strength, set_cond_area):
+    m = mask if mask.ndim == 3 else mask[None]
+    return ([c.but(mask=m, mask_strength=strength, set_area_to_bounds=set_cond_area != "default")
+             for c in conditioning],)
+
+
+def _conditioning_zero_out(ctx, conditioning):
+    out = []
+    for c in conditioning:
+        out.append(Cond(torch.zeros_like(c.embeds), c.arch, None if c.pooled is None else torch.zeros_like(c.pooled),
+                        dict(c.extra)))
+    return (out,)
+
+
+def _flux_guidance(ctx, conditioning, guidance):
+    return ([c.but(guidance=float(guidance)) for c in conditioning],)
+
+
+def _controlnet_apply(ctx, conditioning, control_net, image, strength):
+    if strength == 0:
+        return (conditioning,)
+    hint = image.permute(0, 3, 1, 2)[:1].float()
+    return ([c.but(controls=tuple(c.extra.get("controls", ())) + ((control_net, hint, strength, 0.0, 1.0),))
+             for c in conditioning],)
+
+
+def _controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength, start_percent, end_percent,
+                               vae=None):
+    if strength == 0:
+        return positive, negative
+    hint = image.permute(0, 3, 1, 2)[:1].float()
+    unit = (control_net, hint, strength, start_percent, end_percent)
+    return tuple([c.but(controls=tuple(c.extra.get("controls", ())) + (unit,)) for c in side]
+                 for side in (positive, negative))
+
+
+# ------------------------------------------------------------------------------------------------ latents
+
+def _empty_latent(channels: int):
+    def run(ctx, width, height, batch_size):
+        return ({"samples": torch.zeros(batch_size, channels, height // 8, width // 8)},)
+    return run
+
+
+def _ksampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0):
+    return (ksample(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                    denoise=denoise),)
+
+
+def _ksampler_advanced(ctx, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                       latent_image, start_at_step, end_at_step, return_with_leftover_noise):
+    return (ksample(ctx, model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                    add_noise=add_noise == "enable", start_at_step=start_at_step, end_at_step=end_at_step,
+                    leftover_noise=return_with_leftover_noise == "enable"),)
+
+
+def _vae_decode(ctx, samples, vae):
+    pixels = ctx.engine.vae_decode_tensor(_vae_module(ctx, vae), samples["samples"])
+    return (pixels.permute(0, 2, 3, 1).contiguous(),)
+
+
+def _crop8(pixels: torch.Tensor) -> torch.Tensor:
+    h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
+    if (h, w) != pixels.shape[1:3]:
+        y, x = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
+        pixels = pixels[:, y:y + h, x:x + w, :]
+    return pixels
+
+
+def _vae_encode(ctx, pixels, vae):
+    pixels = _crop8(pixels)[..., :3]
+    latent = ctx.engine.vae_encode(_vae_module(ctx, vae), pixels.permute(0, 3, 1, 2) * 2 - 1)
+    return ({"samples": latent.float()},)
+
+
+def _vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by=6):
+    h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
+    m = torch.nn.functional.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(),
+                                        size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
+    pixels = pixels.clone()[..., :3]
+    if (h, w) != pixels.shape[1:3]:
+        y, x = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
+        pixels = pixels[:, y:y + h, x:x + w, :]
+        m = m[:, :, y:y + h, x:x + w]
+    if grow_mask_by > 0:  # ComfyUI grows the mask with a box kernel so the seam is repainted too
+        k = torch.ones(1, 1, grow_mask_by, grow_mask_by)
+        pad = grow_mask_by // 2
+        grown = torch.clamp(torch.nn.functional.conv2d(m.round(), k, padding=pad), 0, 1)[..., :h, :w]
+    else:
+        grown = m
+    keep = (1.0 - m.round()).squeeze(1)[..., None]
+    pixels = (pixels - 0.5) * keep + 0.5  # masked pixels to mid grey before encoding
+    latent = ctx.engine.vae_encode(_vae_module(ctx, vae), pixels.permute(0, 3, 1, 2) * 2 - 1)
+    return ({"samples": latent.float(), "noise_mask": grown},)
+
+
+def _set_latent_noise_mask(ctx, samples, mask):
+    return ({**samples, "noise_mask": mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()},)
+
+
+def _latent_upscale(ctx, samples, upscale_method, width, height, crop):
+    s = samples["samples"]
+    if width == 0 and height == 0:
+        return (samples,)
+    if width == 0:
+        width = max(64, round(s.shape[-1] * height / s.shape[-2]) * 8)
+    elif height == 0:
+        height = max(64, round(s.shape[-2] * width / s.shape[-1]) * 8)
+    return ({**samples, "samples": _upscale(s, upscale_method, width // 8, height // 8, crop)},)
+
+
+def _latent_upscale_by(ctx, samples, upscale_method, scale_by):
+    s = samples["samples"]
+    w, h = round(s.shape[-1] * scale_by), round(s.shape[-2] * scale_by)
+    return ({**samples, "samples": _upscale(s, upscale_method, w, h, "disabled")},)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+def _load_image(ctx, image, upload=None):
+    path = input_path(ctx.input_dir, image)
+    im = load_image(path, settings=ctx.engine.settings, mode=None, what="image")
+    im = ImageOps.exif_transpose(im)
+    rgb = from_image(im)[None]
+    if "A" in im.getbands():
+        alpha = torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
+        mask = 1.0 - alpha
+    else:
+        mask = torch.zeros(64, 64)
+    return rgb, mask[None]
+
+
+def _load_image_fingerprint(ctx, image=None, **_):
+    try:
+        st = input_path(ctx.input_dir, image).stat()
+        return [st.st_size, st.st_mtime_ns]
+    except (OSError, BadRequest, NotFound):
+        return None
+
+
+def input_path(input_dir: Path, name: str) -> Path:
+    """An input image by ComfyUI's name (``sub/file.png`` or ``file.png [input]``), inside the caller's folder."""
+    name = re.sub(r"\s*\[(input|output|temp)\]$", "", str(name))
+    parts = name.replace("\\", "/").split("/")
+    path = input_dir.joinpath(*safe_subfolder("/".join(parts[:-1])), safe_name(parts[-1], "image"))
+    if not path.is_file():
+        raise NotFound(f"input image {name!r} does not exist (upload it with /upload/image)")
+    return path
+
+
+def _load_image_mask(ctx, image, channel, upload=None):
+    path = input_path(ctx.input_dir, image)
+    im = load_image(path, settings=ctx.engine.settings, mode=None, what="image")
+    im = ImageOps.exif_transpose(im)
+    bands = {"red": "R", "green": "G", "blue": "B", "alpha": "A"}
+    band = bands[channel]
+    if band not in im.getbands():
+        im = im.convert("RGBA")
+    m = torch.from_numpy(np.asarray(im.getchannel(band), dtype=np.float32) / 255.0)
+    if channel == "alpha":
+        m = 1.0 - m
+    return (m[None],)
+
+
+def _image_scale(ctx, image, upscale_method, width, height, crop):
+    if width == 0 and height == 0:
+        return (image,)
+    h0, w0 = image.shape[1:3]
+    if width == 0:
+        width = max(1, round(w0 * height / h0))
+    elif height == 0:
+        height = max(1, round(h0 * width / w0))
+    x = _upscale(image.permute(0, 3, 1, 2), upscale_method, width, height, crop)
+    return (x.permute(0, 2, 3, 1).clamp(0, 1),)
+
+
+def _image_scale_by(ctx, image, upscale_method, scale_by):
+    h0, w0 = image.shape[1:3]
+    x = _resize_bchw(image.permute(0, 3, 1, 2), round(h0 * scale_by), round(w0 * scale_by), upscale_method)
+    return (x.permute(0, 2, 3, 1).clamp(0, 1),)
+
+
+def _image_scale_total(ctx, image, upscale_method, megapixels, resolution_steps=1):
+    h0, w0 = image.shape[1:3]
+    scale = (megapixels * 1024 * 1024 / (w0 * h0)) ** 0.5
+    step = max(1, int(resolution_steps))
+    w, h = max(step, round(w0 * scale / step) * step), max(step, round(h0 * scale / step) * step)
+    x = _resize_bchw(image.permute(0, 3, 1, 2), h, w, upscale_method)
+    return (x.permute(0, 2, 3, 1).clamp(0, 1),)
+
+
+def _image_pad_for_outpaint(ctx, image, left, top, right, bottom, feathering):
+    b, h, w, c = image.shape
+    out = torch.full((b, h + top + bottom, w + left + right, c), 0.5)
+    out[:, top:top + h, left:left + w, :] = image
+    mask = torch.ones(h + top + bottom, w + left + right)
+    inner = torch.zeros(h, w)
+    if feathering > 0 and feathering * 2 < h and feathering * 2 < w:
+        ys = torch.arange(h)[:, None].float()
+        xs = torch.arange(w)[None, :].float()
+        d = torch.full((h, w), float(feathering))
+        if top:
+            d = torch.minimum(d, ys)
+        if bottom:
+            d = torch.minimum(d, h - 1 - ys)
+        if left:
+            d = torch.minimum(d, xs.expand(h, w))
+        if right:
+            d = torch.minimum(d, (w - 1 - xs).expand(h, w))
+        v = (feathering - d) / feathering
+        inner = v * v
+    mask[top:top + h, left:left + w] = inner
+    return out, mask[None]
+
+
+def _upscale_with_model(ctx, upscale_model, image):
+    up = ctx.engine.upscalers().get(upscale_model.name)
+    scale = getattr(up, "native_scale", 1) or 1
+    rows = [from_image(up.upscale(to_image(r), scale)) for r in image]
+    return (torch.stack(rows),)
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def _counter(folder: Path, prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)_\.png$")
+    best = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = pattern.match(p.name)
+            if m:
+                best = max(best, int(m.group(1)))
+    return best + 1
+
+
+def graph_infotext(prompt: dict, node_id: str, width: int, height: int) -> str:
+    """A1111 infotext for an image a graph made: the nearest sampler upstream, its prompts and checkpoint."""
+    def node(link):
+        return prompt.get(link[0]) if isinstance(link, list) and len(link) == 2 else None
+
+    def upstream(nid, classes, seen=None):
+        seen = seen or set()
+        if nid in seen or nid not in prompt:
+            return None
+        seen.add(nid)
+        n = prompt[nid]
+        if n.get("class_type") in classes:
+            return n
+        for v in n.get("inputs", {}).values():
+            if isinstance(v, list) and len(v) == 2:
+                hit = upstream(v[0], classes, seen)
+                if hit is not None:
+                    return hit
+        return None
+
+    def text(link):
+        n = node(link)
+        while n is not None and n.get("class_type") in ("ConditioningCombine", "ConditioningSetArea",
+                                                        "ConditioningSetMask", "FluxGuidance", "ControlNetApply"):
+            n = node(n["inputs"].get("conditioning") or n["inputs"].get("conditioning_1"))
+        t = n.get("inputs", {}).get("text") if n else None
+        return t if isinstance(t, str) else ""
+
+    s = upstream(node_id, ("KSampler", "KSamplerAdvanced"))
+    if s is None:
+        return ""
+    i = s["inputs"]
+    ckpt = upstream(node_id, ("CheckpointLoaderSimple",))
+    params = {"Steps": i.get("steps"), "Sampler": sampler_label(i.get("sampler_name", "euler")),
+              "Schedule type": schedule_label(i.get("scheduler", "normal")), "CFG scale": i.get("cfg"),
+              "Seed": i.get("seed", i.get("noise_seed")), "Size": f"{width}x{height}",
+              "Model": ckpt["inputs"].get("ckpt_name") if ckpt else None,
+              "Denoising strength": i.get("denoise") if i.get("denoise", 1) != 1 else None,
+              "Version": f"imagesmith {__version__}"}
+    params = {k: v for k, v in params.items() if not isinstance(v, list)}
+    return build_infotext(text(i.get("positive")), text(i.get("negative")), params)
+
+
+def _save(ctx, images, filename_prefix, folder_root: Path, kind: str):
+    prefix = filename_prefix.replace("\\", "/")
+    prefix = re.sub(r"%[^%]*%", "", prefix).strip("/") or "ComfyUI"
+    parts = prefix.split("/")
+    sub = safe_subfolder("/".join(parts[:-1]))
+    stem = safe_name(parts[-1], "filename_prefix")
+    folder = folder_root.joinpath(*sub)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = _counter(folder, stem)
+    results = []
+    for row in images:
+        im = to_image(row)
+        chunks = make_png_chunks(graph_infotext(ctx.prompt, ctx.node, im.width, im.height),
+                                 {"prompt_id": ctx.prompt_id, "node": ctx.node, "version": __version__})
+        chunks["prompt"] = json.dumps(ctx.prompt)
+        for key, value in (ctx.extra_pnginfo or {}).items():
+            if isinstance(key, str) and 1 <= len(key) <= 79:
+                chunks[key] = json.dumps(value)
+        name = f"{stem}_{n:05}_.png"
+        save_png_atomic(im, folder / name, text_chunks=chunks)
+        n += 1
+        results.append({"filename": name, "subfolder": "/".join(sub), "type": kind})
+    return ({"ui": {"images": results}},)
+
+
+def _save_image(ctx, images, filename_prefix="ComfyUI"):
+    return _save(ctx, images, filename_prefix, ctx.output_dir, "output")
+
+
+def _preview_image(ctx, images):
+    return _save(ctx, images, "ComfyUI_temp_" + secrets.token_hex(3), ctx.temp_dir, "temp")
+
+
+# ------------------------------------------------------------------------------------------------ sampling models
+
+def _model_sampling_discrete(ctx, model, sampling, zsnr=False):
+    from dataclasses import replace
+    return (replace(model, sampling=("discrete", sampling, bool(zsnr))),)
+
+
+def _model_sampling_sd3(ctx, model, shift):
+    from dataclasses import replace
+    return (replace(model, sampling=("sd3", float(shift))),)
+
+
+def _model_sampling_flux(ctx, model, max_shift, base_shift, width, height):
+    from dataclasses import replace
+    return (replace(model, sampling=("flux", float(max_shift), float(base_shift), int(width), int(height))),)
+
+
+# ------------------------------------------------------------------------------------------------ the set
+
+def _i(default, lo, hi, step=1, **kw) -> Input:
+    return Input("INT", default=default, min=lo, max=hi, step=step, **kw)
+
+
+def _f(default, lo, hi, step=0.01, **kw) -> Input:
+    return Input("FLOAT", default=default, min=lo, max=hi, step=step, **kw)
+
+
+def _c(choices, default=None, **kw) -> Input:
+    return Input("COMBO", choices=tuple(choices) if not isinstance(choices, str) else choices, default=default, **kw)
+
+
+def _l(kind: str, **kw) -> Input:
+    return Input(kind, **kw)
+
+
+SIZE = {"width": _i(512, 16, MAX_RESOLUTION, 8), "height": _i(512, 16, MAX_RESOLUTION, 8),
+        "batch_size": _i(1, 1, 4096)}
+SAMPLING = {"sampler_name": _c("samplers"), "scheduler": _c("schedulers")}
+
+
+def _nodes() -> dict[str, Node]:
+    n = [
+        Node("CheckpointLoaderSimple", "Load Checkpoint", "loaders", {"ckpt_name": _c("checkpoints")},
+             (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")), _checkpoint_loader,
+             description="Loads a diffusion model checkpoint."),
+        Node("VAELoader", "Load VAE", "loaders", {"vae_name": _c("vae")}, (("VAE", "VAE"),), _vae_loader),
+        Node("LoraLoader", "Load LoRA", "loaders",
+             {"model": _l("MODEL"), "clip": _l("CLIP"), "lora_name": _c("loras"),
+              "strength_model": _f(1.0, -100.0, 100.0), "strength_clip": _f(1.0, -100.0, 100.0)},
+             (("MODEL", "MODEL"), ("CLIP", "CLIP")), _lora_loader),
+        Node("LoraLoaderModelOnly", "LoraLoaderModelOnly", "loaders",
+             {"model": _l("MODEL"), "lora_name": _c("loras"), "strength_model": _f(1.0, -100.0, 100.0)},
+             (("MODEL", "MODEL"),), _lora_model_only),
+        Node("ControlNetLoader", "Load ControlNet Model", "loaders", {"control_net_name": _c("controlnet")},
+             (("CONTROL_NET", "CONTROL_NET"),), _controlnet_loader),
+        Node("UpscaleModelLoader", "Load Upscale Model", "loaders", {"model_name": _c("upscale_models")},
+             (("UPSCALE_MODEL", "UPSCALE_MODEL"),), _upscale_model_loader),
+        Node("CLIPSetLastLayer", "CLIP Set Last Layer", "conditioning",
+             {"clip": _l("CLIP"), "stop_at_clip_layer": _i(-1, -24, -1)}, (("CLIP", "CLIP"),),
+             _clip_set_last_layer),
+        Node("CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
+             {"text": Input("STRING", multiline=True), "clip": _l("CLIP")}, (("CONDITIONING", "CONDITIONING"),),
+             _clip_text_encode),
+        Node("ConditioningCombine", "Conditioning (Combine)", "conditioning",
+             {"conditioning_1": _l("CONDITIONING"), "conditioning_2": _l("CONDITIONING")},
+             (("CONDITIONING", "CONDITIONING"),), _conditioning_combine),
+        Node("ConditioningSetArea", "Conditioning (Set Area)", "conditioning",
+             {"conditioning": _l("CONDITIONING"), "width": _i(64, 64, MAX_RESOLUTION, 8),
+              "height": _i(64, 64, MAX_RESOLUTION, 8), "x": _i(0, 0, MAX_RESOLUTION, 8),
+              "y": _i(0, 0, MAX_RESOLUTION, 8), "strength": _f(1.0, 0.0, 10.0)},
+             (("CONDITIONING", "CONDITIONING"),), _conditioning_set_area),
+        Node("ConditioningSetMask", "Conditioning (Set Mask)", "conditioning",
+             {"conditioning": _l("CONDITIONING"), "mask": _l("MASK"), "strength": _f(1.0, 0.0, 10.0),
+              "set_cond_area": _c(("default", "mask bounds"))},
+             (("CONDITIONING", "CONDITIONING"),), _conditioning_set_mask),
+        Node("ConditioningZeroOut", "ConditioningZeroOut", "advanced/conditioning",
+             {"conditioning": _l("CONDITIONING")}, (("CONDITIONING", "CONDITIONING"),), _conditioning_zero_out),
+        Node("FluxGuidance", "FluxGuidance", "advanced/conditioning/flux",
+             {"conditioning": _l("CONDITIONING"), "guidance": _f(3.5, 0.0, 100.0, 0.1)},
+             (("CONDITIONING", "CONDITIONING"),), _flux_guidance),
+        Node("ControlNetApply", "Apply ControlNet (OLD)", "conditioning/controlnet",
+             {"conditioning": _l("CONDITIONING"), "control_net": _l("CONTROL_NET"), "image": _l("IMAGE"),
+              "strength": _f(1.0, 0.0, 10.0)}, (("CONDITIONING", "CONDITIONING"),), _controlnet_apply),
+        Node("ControlNetApplyAdvanced", "Apply ControlNet", "conditioning/controlnet",
+             {"positive": _l("CONDITIONING"), "negative": _l("CONDITIONING"), "control_net": _l("CONTROL_NET"),
+              "image": _l("IMAGE"), "strength": _f(1.0, 0.0, 10.0), "start_percent": _f(0.0, 0.0, 1.0, 0.001),
+              "end_percent": _f(1.0, 0.0, 1.0, 0.001), "vae": _l("VAE", optional=True)},
+             (("CONDITIONING", "positive"), ("CONDITIONING", "negative")), _controlnet_apply_advanced),
+        Node("EmptyLatentImage", "Empty Latent Image", "latent", dict(SIZE), (("LATENT", "LATENT"),),
+             _empty_latent(4)),
+        Node("EmptySD3LatentImage", "EmptySD3LatentImage", "latent/sd3",
+             {"width": _i(1024, 16, MAX_RESOLUTION, 16), "height": _i(1024, 16, MAX_RESOLUTION, 16),
+              "batch_size": _i(1, 1, 4096)}, (("LATENT", "LATENT"),), _empty_latent(16)),
+        Node("KSampler", "KSampler", "sampling",
+             {"model": _l("MODEL"), "seed": _i(0, 0, MAX_SEED, control_after_generate=True),
+              "steps": _i(20, 1, 10000), "cfg": _f(8.0, 0.0, 100.0, 0.1, round=0.01), **SAMPLING,
+              "positive": _l("CONDITIONING"), "negative": _l("CONDITIONING"), "latent_image": _l("LATENT"),
+              "denoise": _f(1.0, 0.0, 1.0)}, (("LATENT", "LATENT"),), _ksampler),
+        Node("KSamplerAdvanced", "KSampler (Advanced)", "sampling",
+             {"model": _l("MODEL"), "add_noise": _c(("enable", "disable")),
+              "noise_seed": _i(0, 0, MAX_SEED, control_after_generate=True), "steps": _i(20, 1, 10000),
+              "cfg": _f(8.0, 0.0, 100.0, 0.1, round=0.01), **SAMPLING, "positive": _l("CONDITIONING"),
+              "negative": _l("CONDITIONING"), "latent_image": _l("LATENT"), "start_at_step": _i(0, 0, 10000),
+              "end_at_step": _i(10000, 0, 10000), "return_with_leftover_noise": _c(("disable", "enable"))},
+             (("LATENT", "LATENT"),), _ksampler_advanced),
+        Node("VAEDecode", "VAE Decode", "latent", {"samples": _l("LATENT"), "vae": _l("VAE")},
+             (("IMAGE", "IMAGE"),), _vae_decode),
+        Node("VAEEncode", "VAE Encode", "latent", {"pixels": _l("IMAGE"), "vae": _l("VAE")},
+             (("LATENT", "LATENT"),), _vae_encode),
+        Node("VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint",
+             {"pixels": _l("IMAGE"), "vae": _l("VAE"), "mask": _l("MASK"), "grow_mask_by": _i(6, 0, 64)},
+             (("LATENT", "LATENT"),), _vae_encode_for_inpaint),
+        Node("SetLatentNoiseMask", "Set Latent Noise Mask", "latent/inpaint",
+             {"samples": _l("LATENT"), "mask": _l("MASK")}, (("LATENT", "LATENT"),), _set_latent_noise_mask),
+        Node("LatentUpscale", "Upscale Latent", "latent",
+             {"samples": _l("LATENT"), "upscale_method": _c(UPSCALE_METHODS),
+              "width": _i(512, 0, MAX_RESOLUTION, 8), "height": _i(512, 0, MAX_RESOLUTION, 8),
+              "crop": _c(("disabled", "center"))}, (("LATENT", "LATENT"),), _latent_upscale),
+        Node("LatentUpscaleBy", "Upscale Latent By", "latent",
+             {"samples": _l("LATENT"), "upscale_method": _c(UPSCALE_METHODS), "scale_by": _f(1.5, 0.01, 8.0)},
+             (("LATENT", "LATENT"),), _latent_upscale_by),
+        Node("LoadImage", "Load Image", "image", {"image": _c("input", upload="image")},
+             (("IMAGE", "IMAGE"), ("MASK", "MASK")), _load_image, fingerprint=_load_image_fingerprint),
+        Node("LoadImageMask", "Load Image (as Mask)", "mask",
+             {"image": _c("input", upload="image"), "channel": _c(("alpha", "red", "green", "blue"))},
+             (("MASK", "MASK"),), _load_image_mask, fingerprint=_load_image_fingerprint),
+        Node("ImageScale", "Upscale Image", "image/upscaling",
+             {"image": _l("IMAGE"), "upscale_method": _c(IMAGE_UPSCALE_METHODS),
+              "width": _i(512, 0, MAX_RESOLUTION), "height": _i(512, 0, MAX_RESOLUTION),
+              "crop": _c(("disabled", "center"))}, (("IMAGE", "IMAGE"),), _image_scale),
+        Node("ImageScaleBy", "Upscale Image By", "image/upscaling",
+             {"image": _l("IMAGE"), "upscale_method": _c(IMAGE_UPSCALE_METHODS), "scale_by": _f(1.0, 0.01, 8.0)},
+             (("IMAGE", "IMAGE"),), _image_scale_by),
+        Node("ImageScaleToTotalPixels", "Scale Image to Total Pixels", "image/upscaling",
+             {"image": _l("IMAGE"), "upscale_method": _c(IMAGE_UPSCALE_METHODS),
+              "megapixels": _f(1.0, 0.01, 16.0), "resolution_steps": _i(1, 1, 256, optional=True)},
+             (("IMAGE", "IMAGE"),), _image_scale_total),
+        Node("ImagePadForOutpaint", "Pad Image for Outpainting", "image",
+             {"image": _l("IMAGE"), "left": _i(0, 0, MAX_RESOLUTION, 8), "top": _i(0, 0, MAX_RESOLUTION, 8),
+              "right": _i(0, 0, MAX_RESOLUTION, 8), "bottom": _i(0, 0, MAX_RESOLUTION, 8),
+              "feathering": _i(40, 0, MAX_RESOLUTION)}, (("IMAGE", "IMAGE"), ("MASK", "MASK")),
+             _image_pad_for_outpaint),
+        Node("ImageUpscaleWithModel", "Upscale Image (using Model)", "image/upscaling",
+             {"upscale_model": _l("UPSCALE_MODEL"), "image": _l("IMAGE")}, (("IMAGE", "IMAGE"),),
+             _upscale_with_model),
+        Node("SaveImage", "Save Image", "image", {"images": _l("IMAGE"),
+                                                  "filename_prefix": Input("STRING", default="ComfyUI")},
+             (), _save_image, output_node=True, hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+             description="Saves the input images to your ComfyUI output directory."),
+        Node("PreviewImage", "Preview Image", "image", {"images": _l("IMAGE")}, (), _preview_image,
+             output_node=True, hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}),
+        Node("ModelSamplingDiscrete", "ModelSamplingDiscrete", "advanced/model",
+             {"model": _l("MODEL"), "sampling": _c(("eps", "v_prediction", "lcm", "x0")),
+              "zsnr": Input("BOOLEAN", default=False)}, (("MODEL", "MODEL"),), _model_sampling_discrete),
+        Node("ModelSamplingSD3", "ModelSamplingSD3", "advanced/model",
+             {"model": _l("MODEL"), "shift": _f(3.0, 0.0, 100.0)}, (("MODEL", "MODEL"),), _model_sampling_sd3),
+        Node("ModelSamplingFlux", "ModelSamplingFlux", "advanced/model",
+             {"model": _l("MODEL"), "max_shift": _f(1.15, 0.0, 100.0), "base_shift": _f(0.5, 0.0, 100.0),
+              "width": _i(1024, 16, MAX_RESOLUTION, 8), "height": _i(1024, 16, MAX_RESOLUTION, 8)},
+             (("MODEL", "MODEL"),), _model_sampling_flux),
+    ]
+    return {node.name: node for node in n}
+
+
+NODES: dict[str, Node] = _nodes()
+"""Built once at import and never changed (the node set is code, not state)."""
+
+
+def object_info(lists: dict[str, list[str]], name: str | None = None) -> dict:
+    if name is not None:
+        if name not in NODES:
+            return {}
+        return {name: NODES[name].object_info(lists)}
+    return {k: v.object_info(lists) for k, v in NODES.items()}
+
+
+def executor_for(engine):
+    """A GraphExecutor over NODES whose choices come from `engine`'s registry."""
+    from .executor import GraphExecutor
+    return GraphExecutor(NODES, lambda: model_lists(engine))
+
+
+__all__ = ["NODES", "object_info", "model_lists", "executor_for", "ResolvedLora"]

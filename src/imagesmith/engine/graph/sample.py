@@ -1,0 +1,232 @@
+"""KSampler for graphs: the engine's sampling layer (ComfyUI's schedules, samplers and noise) driven by ComfyUI
+conditioning lists.
+
+Several conditioning entries (ConditioningCombine), areas (ConditioningSetArea) and masks (ConditioningSetMask)
+follow ComfyUI's rule: each entry predicts on its area, weighted by its strength and mask, and the predictions
+are averaged where they overlap; CFG then mixes the positive and negative averages. The plain case, one entry a
+side and nothing else, runs the engine's own batched UNet denoiser."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ...core.errors import BadRequest, UnsupportedModel
+from ...core.sampling_names import resolve_sampling
+from ..loras import ResolvedLora, apply_loras
+from ..sampling import ksampler as K
+from ..sampling.denoisers import Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, UNetDenoiser
+from ..sampling.model_sampling import DiscreteModelSampling, FlowModelSampling
+from .values import Cond, ModelValue
+
+UNET_ARCHS = ("sd1", "sd2", "sdxl", "house")
+
+
+def resolved_loras(loras) -> list[ResolvedLora]:
+    merged: dict[str, ResolvedLora] = {}
+    for l in loras:  # the same file twice: strengths add up, as two patches would
+        prev = merged.get(l.path)
+        weight = l.strength + (prev.weight if prev else 0.0)
+        merged[l.path] = ResolvedLora(l.name, l.path, weight, l.arch, l.mtime_ns)
+    return list(merged.values())
+
+
+def model_sampling_for(engine, pipe, model: ModelValue, width: int, height: int):
+    ms = engine.model_sampling(pipe, model.entry.arch, width, height)
+    if not model.sampling:
+        return ms
+    kind = model.sampling[0]
+    if kind == "discrete":
+        prediction, zsnr = model.sampling[1], model.sampling[2]
+        if prediction not in ("eps", "v_prediction"):
+            raise BadRequest(f"ModelSamplingDiscrete: sampling {prediction!r} is not supported (eps, v_prediction)")
+        if not isinstance(ms, DiscreteModelSampling):
+            raise BadRequest("ModelSamplingDiscrete applies to SD1/SD2/SDXL models")
+        ms = replace_prediction(ms, "epsilon" if prediction == "eps" else "v_prediction", zsnr)
+        return ms
+    if kind == "sd3":
+        return FlowModelSampling(shift=float(model.sampling[1]), multiplier=1000.0 if model.entry.arch == "sd3"
+                                 else 1.0, timesteps=1000)
+    if kind == "flux":
+        _, max_shift, base_shift, w, h = model.sampling
+        tokens = (h // 16) * (w // 16)
+        m = (max_shift - base_shift) / (4096 - 256)
+        mu = tokens * m + (base_shift - m * 256)
+        return FlowModelSampling(mu=float(mu), multiplier=1.0, timesteps=10000)
+    return ms
+
+
+def replace_prediction(ms: DiscreteModelSampling, prediction: str, zsnr: bool) -> DiscreteModelSampling:
+    if zsnr:
+        raise BadRequest("ModelSamplingDiscrete: zsnr is not supported yet")
+    return replace(ms, prediction=prediction)
+
+
+def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+            positive: list[Cond], negative: list[Cond], latent: dict, *, denoise: float = 1.0,
+            add_noise: bool = True, start_at_step: int | None = None, end_at_step: int | None = None,
+            leftover_noise: bool = False) -> dict:
+    engine = ctx.engine
+    entry = engine.pipeline(model.entry)
+    samples = latent["samples"]
+    arch = model.entry.arch
+    for side, conds in (("positive", positive), ("negative", negative)):
+        for c in conds:
+            if _family(c.arch) != _family(arch):
+                raise BadRequest(f"the {side} conditioning was encoded for {c.arch}, but the model is {arch}")
+    with entry.use():
+        pipe = entry.value
+        apply_loras(pipe, entry.state, resolved_loras(model.loras), arch)
+        vae_sf = getattr(pipe, "vae_scale_factor", 8)
+        height, width = samples.shape[-2] * vae_sf, samples.shape[-1] * vae_sf
+        ms = model_sampling_for(engine, pipe, model, width, height)
+        channels = _latent_channels(pipe, arch)
+        if samples.shape[1] != channels:
+            raise BadRequest(f"the latent has {samples.shape[1]} channels but {model.entry.name} works on {channels}"
+                             f" (use {'EmptySD3LatentImage' if channels == 16 else 'EmptyLatentImage'})")
+        sampler, schedule = resolve_sampling(sampler_name, scheduler, flow=ms.is_flow)
+        family = "sdxl" if arch == "sdxl" else "sd1"
+        sigmas = K.plan_sigmas(ms, sampler, schedule, steps, denoise=denoise if denoise < 0.9999 else None,
+                               family=family)
+        if start_at_step is not None or end_at_step is not None:
+            sigmas = K.clip_steps(sigmas, start_at_step=start_at_step, end_at_step=end_at_step,
+                                  return_with_leftover_noise=leftover_noise)
+        n = samples.shape[0]
+        noise = K.initial_noise("comfy", tuple(samples.shape), [seed]) if add_noise else torch.zeros_like(samples)
+        mask = latent.get("noise_mask")
+        if mask is not None:
+            mask = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(),
+                                                   size=samples.shape[-2:], mode="bilinear")
+            mask = mask.repeat(n // mask.shape[0] + 1, 1, 1, 1)[:n] if mask.shape[0] != n else mask
+        net = getattr(pipe, "unet", None) or pipe.transformer
+        denoiser = build_denoiser(engine, pipe, net, arch, ms, positive, negative, cfg, n, width, height)
+        total = max(len(sigmas) - 1, 0)
+
+        def on_step(i, x, denoised, sigma):
+            ctx.step(i + 1, total)
+
+        with torch.inference_mode():
+            out = K.sample(denoiser, ms, sampler, sigmas.to(torch.float32), noise=noise.float(),
+                           latent=samples.float(), seed=seed, noise_mode="comfy", denoise_mask=mask,
+                           add_noise=add_noise, callback=on_step)
+    return {**latent, "samples": out.float().cpu()}
+
+
+def _family(arch: str) -> str:
+    return {"house": "sd1"}.get(arch, arch)
+
+
+def _latent_channels(pipe, arch: str) -> int:
+    if arch == "flux":
+        return pipe.transformer.config.in_channels // 4
+    net = getattr(pipe, "unet", None) or pipe.transformer
+    return getattr(net.config, "out_channels", None) or net.config.in_channels
+
+
+def _plain(conds: list[Cond]) -> bool:
+    return len(conds) == 1 and not ({"area", "mask", "controls"} & set(conds[0].extra))
+
+
+def _conditioning(c: Cond, n: int, width: int, height: int) -> Conditioning:
+    added = None
+    if c.arch == "sdxl":
+        if c.pooled is None:
+            raise UnsupportedModel("SDXL conditioning needs the pooled embedding of its second text encoder")
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1)
+        added = {"text_embeds": c.pooled.repeat(n, 1), "time_ids": ids}
+    return Conditioning(c.embeds.repeat(n, 1, 1), added)
+
+
+def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negative: list[Cond], cfg: float,
+                   n: int, width: int, height: int):
+    if arch in UNET_ARCHS:
+        if _plain(positive) and _plain(negative) and positive[0].embeds.shape == negative[0].embeds.shape:
+            cond = _conditioning(positive[0], n, width, height)
+            uncond = _conditioning(negative[0], n, width, height)
+            return UNetDenoiser(net, ms, cond, uncond if cfg != 1 else None, cfg)
+
+        def one(c: Cond):
+            return UNetDenoiser(net, ms, _conditioning(c, n, width, height), None, 1.0,
+                                control=_controls(engine, c, ms, n, width, height))
+    elif arch == "sd3":
+        def one(c: Cond):
+            return SD3Denoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), {"pooled": c.pooled.repeat(n, 1)}),
+                               None, 1.0)
+    elif arch == "flux":
+        vae_sf = pipe.vae_scale_factor
+        h, w = height // vae_sf, width // vae_sf
+        img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, engine.device, engine.dtype)
+
+        def one(c: Cond):
+            guidance = c.extra.get("guidance", 3.5) if net.config.guidance_embeds else None
+            return FluxDenoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), {
+                "pooled": c.pooled.repeat(n, 1), "txt_ids": c.extra["txt_ids"]}), guidance,
+                pack=lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], h, w),
+                unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
+    else:
+        raise UnsupportedModel(f"KSampler cannot run {arch} models")
+    pos = AreaMix([(one(c), c) for c in positive])
+    neg = AreaMix([(one(c), c) for c in negative]) if cfg != 1 else None
+    return Guided(pos, neg, cfg)
+
+
+def _controls(engine, c: Cond, ms, n: int, width: int, height: int) -> list[ControlSpec] | None:
+    out = []
+    for cn, image, strength, start, end in c.extra.get("controls", ()):
+        model = engine.component("controlnet", cn.name)
+        img = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear")
+        out.append(ControlSpec(model, img.repeat(n, 1, 1, 1), strength, sigma_start=ms.percent_to_sigma(start),
+                               sigma_end=ms.percent_to_sigma(end)))
+    return out or None
+
+
+class AreaMix:
+    """ComfyUI's combination of conditioning entries: each predicts on its area (a crop of the latent) with
+    weight strength x mask; overlapping predictions are averaged."""
+
+    def __init__(self, parts: list[tuple[object, Cond]]):
+        self.parts = parts
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(x)
+        count = torch.zeros_like(x[:, :1])
+        for denoise, c in self.parts:
+            h, w = x.shape[-2:]
+            y0, x0, y1, x1 = 0, 0, h, w
+            weight = torch.full_like(x[:, :1], float(c.extra.get("strength", 1.0)))
+            area = c.extra.get("area")
+            mask = c.extra.get("mask")
+            if mask is not None:
+                m = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=(h, w),
+                                                    mode="bilinear").to(x)
+                weight = weight * m[:1] * float(c.extra.get("mask_strength", 1.0))
+                if c.extra.get("set_area_to_bounds"):
+                    ys, xs = torch.nonzero(m[0, 0] > 0, as_tuple=True)
+                    if len(ys):
+                        y0, x0, y1, x1 = int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+            if area is not None:
+                ah, aw, ay, ax = area
+                y0, x0 = min(ay, h - 1), min(ax, w - 1)
+                y1, x1 = min(y0 + ah, h), min(x0 + aw, w)
+            crop = x[:, :, y0:y1, x0:x1]
+            out = denoise(crop, sigma)
+            wgt = weight[:, :, y0:y1, x0:x1]
+            total[:, :, y0:y1, x0:x1] += out * wgt
+            count[:, :, y0:y1, x0:x1] += wgt
+        covered = count > 0
+        return torch.where(covered, total / count.clamp_min(1e-8), x)  # a cell no entry covers keeps x
+
+
+class Guided:
+    def __init__(self, pos, neg, cfg: float):
+        self.pos, self.neg, self.cfg = pos, neg, float(cfg)
+        self.last_uncond = None
+
+    def __call__(self, x, sigma):
+        cond = self.pos(x, sigma)
+        if self.neg is None:
+            return cond
+        uncond = self.neg(x, sigma)
+        self.last_uncond = uncond
+        return uncond + (cond - uncond) * self.cfg

@@ -1,0 +1,152 @@
+"""ComfyUI API-format prompts on the engine (engine.graph): validation in ComfyUI's shapes, execution with the
+output cache kept between prompts, and the pictures against the engine's own ComfyUI-noise path."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagesmith.core.requests import GenerateRequest
+from imagesmith.engine.generate import Engine
+from imagesmith.engine.graph.executor import GraphContext, GraphError
+from imagesmith.engine.graph.nodes import NODES, executor_for, object_info, model_lists
+
+DEFAULT = {  # ComfyUI's default graph in API format (as its "Save (API)" writes it), on the tiny SD1.5 model
+    "3": {"class_type": "KSampler", "inputs": {"seed": 156680208700286, "steps": 3, "cfg": 8.0,
+                                               "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+                                               "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                               "latent_image": ["5", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "beautiful scenery nature glass bottle landscape",
+                                                     "clip": ["4", 1]}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_home, tmp_path_factory):
+    engine = Engine(tiny_home, device="cpu")
+    root = tmp_path_factory.mktemp("graph")
+    events = []
+
+    def ctx(prompt, **kw):
+        return GraphContext(engine=engine, output_dir=root / "output", temp_dir=root / "temp",
+                            input_dir=root / "input", prompt=prompt, prompt_id="p",
+                            event=lambda name, data: events.append((name, data)), **kw)
+    return engine, executor_for(engine), ctx, root, events
+
+
+def run(graph, prompt):
+    engine, ex, ctx, root, events = graph
+    events.clear()
+    checked = ex.validate(prompt)
+    return ex.run(prompt, ctx(prompt, extra_pnginfo={"workflow": {"nodes": []}}), checked.outputs)
+
+
+def test_default_graph_runs_caches_and_reruns_only_what_changed(graph):
+    engine, ex, ctx, root, events = graph
+    first = run(graph, DEFAULT)
+    assert sorted(first.executed) == ["3", "4", "5", "6", "7", "8", "9"]
+    name = first.outputs["9"]["images"][0]
+    assert name["type"] == "output" and name["subfolder"] == "" and name["filename"].startswith("ComfyUI_")
+    path = root / "output" / name["filename"]
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
+        assert json.loads(im.info["prompt"]) == DEFAULT  # drags back into ComfyUI
+        assert json.loads(im.info["workflow"]) == {"nodes": []}
+        assert "Seed: 156680208700286" in im.info["parameters"] and "Sampler: Euler" in im.info["parameters"]
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 1  # a picture, not a flat fill
+    names = [n for n, _ in events]
+    assert names[0] == "execution_cached" and names.count("executing") == 7 and "progress" in names
+    assert [d["value"] for n, d in events if n == "progress"] == [1, 2, 3]
+
+    again = run(graph, DEFAULT)  # identical: nothing computed, the result re-sent
+    assert again.executed == [] and again.outputs == first.outputs
+    assert sorted(events[0][1]["nodes"]) == sorted(first.executed)
+    assert ("executed", {"node": "9", "display_node": "9", "output": first.outputs["9"], "prompt_id": "p"}) in events
+
+    reseeded = copy.deepcopy(DEFAULT)
+    reseeded["3"]["inputs"]["seed"] = 7
+    third = run(graph, reseeded)
+    assert third.executed == ["3", "8", "9"]  # the loaders and prompts came from the cache
+    other = third.outputs["9"]["images"][0]["filename"]
+    assert other != name["filename"] and int(other.split("_")[1]) == int(name["filename"].split("_")[1]) + 1
+
+
+def test_same_pixels_as_the_engines_comfy_path(graph):
+    """The graph's KSampler and the engine's request path (noise 'comfy') are one sampling layer: the same seed,
+    sampler, schedule and prompts give the same pixels."""
+    engine, ex, ctx, root, events = graph
+    prompt = copy.deepcopy(DEFAULT)
+    prompt["3"]["inputs"].update(seed=42, sampler_name="dpmpp_2m", scheduler="karras", cfg=6.0)
+    out = run(graph, prompt).outputs["9"]["images"][0]
+    with Image.open(root / "output" / out["filename"]) as im:
+        mine = np.asarray(im.convert("RGB"), np.int16)
+    ref = engine.generate(GenerateRequest(prompt=DEFAULT["6"]["inputs"]["text"], negative_prompt="text, watermark",
+                                          model="tiny-sd15", width=64, height=64, steps=3, cfg_scale=6.0, seed=42,
+                                          sampler_name="dpmpp_2m", scheduler="karras", noise="comfy"))
+    assert np.abs(mine - np.asarray(ref.images[0], np.int16)).max() <= 1
+
+
+def test_validation_answers_in_comfyuis_shapes(graph):
+    engine, ex, ctx, root, events = graph
+    with pytest.raises(GraphError) as err:
+        ex.validate({"1": {"class_type": "NoSuchNode", "inputs": {}}})
+    assert err.value.payload["error"]["type"] == "missing_node_type"
+    with pytest.raises(GraphError) as err:
+        ex.validate({k: v for k, v in DEFAULT.items() if k != "9"})
+    assert err.value.payload["error"]["type"] == "prompt_no_outputs"
+    bad = copy.deepcopy(DEFAULT)
+    bad["3"]["inputs"]["sampler_name"] = "nope"
+    bad["3"]["inputs"]["steps"] = 0
+    del bad["6"]["inputs"]["text"]
+    bad["8"]["inputs"]["vae"] = ["4", 1]  # a CLIP where a VAE goes
+    with pytest.raises(GraphError) as err:
+        ex.validate(bad)
+    body = err.value.payload
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    kinds = {n: sorted(e["type"] for e in v["errors"]) for n, v in body["node_errors"].items()}
+    assert kinds == {"3": ["value_not_in_list", "value_smaller_than_min"], "6": ["required_input_missing"],
+                     "8": ["return_type_mismatch"]}
+    assert body["node_errors"]["3"]["dependent_outputs"] == ["9"] and body["node_errors"]["3"]["class_type"] == "KSampler"
+    # one good output and one bad: accepted, the bad one named
+    mixed = copy.deepcopy(DEFAULT)
+    mixed["10"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["99", 0]}}
+    checked = ex.validate(mixed)
+    assert checked.outputs == ["9"] and list(checked.node_errors) == ["10"]
+    assert checked.node_errors["10"]["errors"][0]["type"] == "exception_during_inner_validation"
+    for value in (["4"], "x", [1, 0], ["4", 0, 1]):
+        broken = copy.deepcopy(DEFAULT)
+        broken["8"]["inputs"]["samples"] = value
+        with pytest.raises(GraphError):
+            ex.validate(broken)
+
+
+def test_object_info_has_comfyuis_schemas(graph):
+    engine = graph[0]
+    info = object_info(model_lists(engine))
+    ks = info["KSampler"]
+    assert ks["input"]["required"]["seed"] == ["INT", {"default": 0, "min": 0, "max": 2 ** 64 - 1, "step": 1,
+                                                       "control_after_generate": True}]
+    assert "euler" in ks["input"]["required"]["sampler_name"][0] and "karras" in ks["input"]["required"]["scheduler"][0]
+    assert ks["output"] == ["LATENT"] and ks["output_node"] is False and ks["category"] == "sampling"
+    ckpt = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert "tiny-sd15" in ckpt and "tiny-sd15-single.safetensors" in ckpt  # files with extensions, as ComfyUI
+    assert info["SaveImage"]["output_node"] is True and info["SaveImage"]["input"]["hidden"]["prompt"] == "PROMPT"
+    assert set(NODES) >= {"CheckpointLoaderSimple", "CLIPTextEncode", "CLIPSetLastLayer", "EmptyLatentImage",
+                          "EmptySD3LatentImage", "KSampler", "KSamplerAdvanced", "VAEDecode", "VAEEncode",
+                          "VAEEncodeForInpaint", "SetLatentNoiseMask", "VAELoader", "LoraLoader",
+                          "LoraLoaderModelOnly", "LoadImage", "LoadImageMask", "SaveImage", "PreviewImage",
+                          "LatentUpscale", "LatentUpscaleBy", "ImageScale", "ImageScaleBy", "UpscaleModelLoader",
+                          "ImageUpscaleWithModel", "ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced",
+                          "ConditioningCombine", "ConditioningSetArea", "ConditioningSetMask",
+                          "ConditioningZeroOut", "FluxGuidance", "ModelSamplingDiscrete", "ModelSamplingSD3",
+                          "ModelSamplingFlux"}
