@@ -132,7 +132,7 @@ def test_validation_answers_in_comfyuis_shapes(graph):
 
 def test_object_info_has_comfyuis_schemas(graph):
     engine = graph[0]
-    info = object_info(model_lists(engine))
+    info = object_info(model_lists(engine.registry, engine.upscalers().names()))
     ks = info["KSampler"]
     assert ks["input"]["required"]["seed"] == ["INT", {"default": 0, "min": 0, "max": 2 ** 64 - 1, "step": 1,
                                                        "control_after_generate": True}]

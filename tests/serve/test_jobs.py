@@ -66,7 +66,8 @@ def test_checks_run_at_submit_with_one_clear_error(client, tiny_home):
 
 
 def test_flags_are_where_they_belong():
-    assert {n for n, s in JOBS.items() if s.answers} == {"describe", "classify", "prompt_expand", "restyle", "cutout"}
+    assert {n for n, s in JOBS.items() if s.answers} == {"describe", "classify", "prompt_expand", "restyle", "cutout",
+                                                         "comfy"}
     assert {n for n, s in JOBS.items() if s.preview} == {"generate", "img2img", "inpaint", "grid", "restyle",
                                                          "storyboard"}
 

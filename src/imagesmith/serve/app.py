@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..core.errors import ImagesmithError
 from ..core.settings import Settings
-from .api import a1111, a1111_controlnet, a1111_lists, files, jobs, ops, queue
+from .api import a1111, a1111_controlnet, a1111_lists, comfy, files, jobs, ops, queue
 from .api.context import RateLimiter, Services, default_store, export_queue_doc
 from .jobs import openapi_body
 from .store import JobStore
@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return await http_exception_handler(request, exc)
 
     app.mount("/studio", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="studio")
-    for module in (ops, files, jobs, queue, a1111, a1111_lists, a1111_controlnet):
+    for module in (ops, files, jobs, queue, a1111, a1111_lists, a1111_controlnet, comfy):
         app.include_router(module.router)
 
     def openapi_with_job_types() -> dict:

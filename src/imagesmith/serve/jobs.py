@@ -226,6 +226,49 @@ def _run_vision(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]:
     return {**answer, "files": [{"path": str(path), "kind": "json"}]}
 
 
+class ComfyPrompt(BaseModel):
+    """A ComfyUI API-format prompt as ``/prompt`` queues it (the graph was validated there, against the caller's
+    input images)."""
+    prompt: dict[str, Any]
+    client_id: str | None = Field(None, max_length=200)
+    extra_data: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[str] = Field(default_factory=list, description="the output nodes that validated")
+    number: int = 0
+
+
+def _run_comfy(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]:
+    from ..core.outputs import screen
+    from ..engine.graph.executor import GraphContext
+    from ..engine.graph.nodes import input_files
+    req = ComfyPrompt.model_validate(job["request"])
+    dirs = w.comfy_dirs(job["user"])
+    ex = w.graph_executor
+    checked = ex.validate(req.prompt, lists={"input": input_files(dirs["input"])})
+    outputs = [o for o in req.outputs if o in checked.outputs] or checked.outputs
+    state = {"node": ""}
+
+    def event(name: str, data: dict) -> None:
+        if name == "executing":
+            state["node"] = data["node"]
+            progress(ProgressEvent(0, 1, f"comfy {data['node']}"))
+        elif name == "progress":
+            progress(ProgressEvent(data["value"], data["max"], f"comfy {data['node']} {data['value']}/{data['max']}"))
+
+    def gate(image):
+        return screen(image, w.safety).image
+    ctx = GraphContext(engine=w.engine, output_dir=dirs["output"], temp_dir=dirs["temp"], input_dir=dirs["input"],
+                       prompt=req.prompt, prompt_id=job["id"], extra_pnginfo=(req.extra_data or {}).get(
+                           "extra_pnginfo") or {}, event=event, cancel=cancel, screen=gate if w.safety else None)
+    run = ex.run(req.prompt, ctx, outputs)
+    files = []
+    for node, ui in run.outputs.items():
+        for image in ui.get("images", []):
+            path = dirs[image["type"]].joinpath(*[p for p in image["subfolder"].split("/") if p], image["filename"])
+            files.append({"path": str(path), "kind": "png", "node": node})
+    return {"files": files, "outputs": run.outputs, "executed": run.executed, "cached": run.cached,
+            "seconds": round(run.seconds, 3)}
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 def _specs() -> dict[str, JobSpec]:
@@ -252,6 +295,8 @@ def _specs() -> dict[str, JobSpec]:
                 "a short request -> full prompts", answers=True),
         JobSpec("restyle", RestyleRequest, _check_restyle, _run_restyle, "classify -> describe -> generate",
                 answers=True, preview=True),
+        JobSpec("comfy", ComfyPrompt, _plain(ComfyPrompt), _run_comfy, "a ComfyUI API prompt (POST /prompt)",
+                answers=True),
         JobSpec("storyboard", StoryboardRequest, _check_storyboard, _run_storyboard, "a storyboard sheet from a "
                 "concept", preview=True),
     ]

@@ -113,9 +113,21 @@ class Worker:
         self.webhook_backoff = 1.0
         self.preview_every_s = 0.5  # live previews (approximate RGB from the latents) at most this often
         self._cache = cache
+        self._graph_executor = None
         self.batch = worker_batch() if batch is None else int(batch)
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
+
+    def comfy_dirs(self, user: str) -> dict[str, Path]:
+        return comfy_dirs(self.settings, user)
+
+    @property
+    def graph_executor(self):
+        """The ComfyUI graph executor of this worker: its output cache lasts between prompts."""
+        if self._graph_executor is None:
+            from ..engine.graph.nodes import executor_for
+            self._graph_executor = executor_for(self.engine)
+        return self._graph_executor
 
     @property
     def engine(self):
@@ -527,6 +539,11 @@ def _ad_files(result) -> list[dict]:
 
 
 PREVIEW_NAME = "preview.jpg"
+
+
+def comfy_dirs(settings: Settings, user: str) -> dict[str, Path]:
+    """Where a user's ComfyUI files live: input (uploads), output (SaveImage), temp (PreviewImage)."""
+    return {kind: settings.home / "comfy" / kind / _safe(user) for kind in ("input", "output", "temp")}
 
 
 def job_folder(settings: Settings, job: dict) -> Path:

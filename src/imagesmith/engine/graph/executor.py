@@ -57,6 +57,8 @@ class GraphContext:
     event: Event | None = None
     cancel: CancelToken | None = None
     node: str = ""
+    screen: Callable[[Any], Any] | None = None
+    """the safety gate on saved images: the image to write (maybe blurred), or None to withhold it"""
 
     def send(self, name: str, data: dict) -> None:
         if self.event is not None:

@@ -40,22 +40,24 @@ def comfy_schedulers() -> list[str]:
     return [s.name for s in SCHEDULE_NAMES if s.comfy]
 
 
-def model_lists(engine, input_dir: Path | None = None) -> dict[str, list[str]]:
+def model_lists(registry, upscalers: list[str], input_dir: Path | None = None) -> dict[str, list[str]]:
     """The dynamic choices: registry files by folder (relative paths with extensions, as ComfyUI lists them),
     upscalers, and the caller's input images."""
-    reg = engine.registry
-
     def names(kind: str) -> list[str]:
-        return sorted({(e.rel_path or e.name) for e in reg.list(kind)}, key=str.lower)
+        return sorted({(e.rel_path or e.name) for e in registry.list(kind)}, key=str.lower)
     out = {"checkpoints": names("checkpoint"), "loras": names("lora"), "vae": names("vae"),
            "controlnet": names("controlnet"), "embeddings": names("embedding"),
-           "upscale_models": [n for n in engine.upscalers().names() if n != "Lanczos"] + ["Lanczos"],
-           "samplers": comfy_samplers(), "schedulers": comfy_schedulers(), "input": []}
-    if input_dir is not None and input_dir.is_dir():
-        out["input"] = sorted(str(p.relative_to(input_dir)).replace("\\", "/") for p in input_dir.rglob("*")
-                              if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
-                              and not p.name.startswith("."))
+           "upscale_models": [n for n in upscalers if n != "Lanczos"] + ["Lanczos"],
+           "samplers": comfy_samplers(), "schedulers": comfy_schedulers(), "input": input_files(input_dir)}
     return out
+
+
+def input_files(input_dir: Path | None) -> list[str]:
+    if input_dir is None or not input_dir.is_dir():
+        return []
+    return sorted(str(p.relative_to(input_dir)).replace("\\", "/") for p in input_dir.rglob("*")
+                  if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+                  and not p.name.startswith("."))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -517,6 +519,10 @@ def _save(ctx, images, filename_prefix, folder_root: Path, kind: str):
     results = []
     for row in images:
         im = to_image(row)
+        if ctx.screen is not None:  # the server's safety gate: blurred, or withheld (nothing written)
+            im = ctx.screen(im)
+            if im is None:
+                continue
         chunks = make_png_chunks(graph_infotext(ctx.prompt, ctx.node, im.width, im.height),
                                  {"prompt_id": ctx.prompt_id, "node": ctx.node, "version": __version__})
         chunks["prompt"] = json.dumps(ctx.prompt)
@@ -717,7 +723,7 @@ def object_info(lists: dict[str, list[str]], name: str | None = None) -> dict:
 def executor_for(engine):
     """A GraphExecutor over NODES whose choices come from `engine`'s registry."""
     from .executor import GraphExecutor
-    return GraphExecutor(NODES, lambda: model_lists(engine))
+    return GraphExecutor(NODES, lambda: model_lists(engine.registry, engine.upscalers().names()))
 
 
 __all__ = ["NODES", "object_info", "model_lists", "executor_for", "ResolvedLora"]

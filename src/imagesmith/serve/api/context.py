@@ -113,7 +113,8 @@ class Services:
     def authenticate(self, conn: HTTPConnection) -> dict:
         header = conn.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else None
-        if token is None and conn.scope["type"] == "websocket":
+        if token is None and (conn.scope["type"] == "websocket" or conn.url.path in ("/view", "/api/view")):
+            # browsers cannot set headers on a WebSocket, and ComfyUI clients fetch images as plain URLs
             token = conn.query_params.get("token")
         who = None
         if token is not None:

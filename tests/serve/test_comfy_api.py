@@ -1,0 +1,151 @@
+"""ComfyUI's API on `imagesmith serve`, driven by a real ComfyUI client from PyPI (`comfy-api-simplified` 1.6.0:
+queue, wait on the WebSocket, fetch from history and /view, upload, interrupt) and by raw HTTP/WebSocket calls
+shaped as ComfyUI's own example scripts send them."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+comfy = pytest.importorskip("comfy_api_simplified")
+import httpx  # noqa: E402
+
+DEFAULT = {  # ComfyUI's default graph as "Save (API)" writes it (with _meta titles), on the tiny SD1.5 model
+    "3": {"class_type": "KSampler", "_meta": {"title": "KSampler"},
+          "inputs": {"seed": 5, "steps": 2, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal",
+                     "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                     "latent_image": ["5", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple", "_meta": {"title": "Load Checkpoint"},
+          "inputs": {"ckpt_name": "tiny-sd15"}},
+    "5": {"class_type": "EmptyLatentImage", "_meta": {"title": "Empty Latent Image"},
+          "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+    "6": {"class_type": "CLIPTextEncode", "_meta": {"title": "Positive"},
+          "inputs": {"text": "a glass bottle on a table", "clip": ["4", 1]}},
+    "7": {"class_type": "CLIPTextEncode", "_meta": {"title": "Negative"},
+          "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+    "8": {"class_type": "VAEDecode", "_meta": {"title": "VAE Decode"}, "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "_meta": {"title": "Save Image"},
+          "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_home, tmp_path_factory):
+    from fixtures.live import live_server
+    with live_server(tiny_home, tmp_path_factory.mktemp("comfy")) as (url, store, home):
+        yield url, store, home
+
+
+def test_the_client_queues_waits_and_fetches_images(server, tmp_path):
+    url, store, home = server
+    api = comfy.ComfyApiWrapper(url)
+    wf = comfy.ComfyWorkflowWrapper(copy.deepcopy(DEFAULT))
+    wf.set_node_param("KSampler", "seed", 12)
+    images = api.queue_and_wait_images(wf, "Save Image")
+    assert len(images) == 2 and all(name.startswith("ComfyUI_") for name in images)
+    for data in images.values():
+        im = Image.open(io.BytesIO(data))
+        assert im.size == (64, 64) and json.loads(im.info["prompt"])["3"]["inputs"]["seed"] == 12
+        assert "Seed: 12" in im.info["parameters"]  # A1111 infotext too
+    # the prompt is a durable imagesmith job like any other
+    jobs = httpx.get(f"{url}/v1/jobs").json()["jobs"]
+    assert any(j["type"] == "comfy" and j["status"] == "succeeded" for j in jobs)
+    # upload, then img2img from the uploaded photo
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.indices((72, 80)).sum(0) % 255).astype(np.uint8)).convert("RGB").save(photo)
+    up = api.upload_image(photo, subfolder="mine")
+    assert up == {"name": "photo.png", "subfolder": "mine", "type": "input"}
+    img2img = copy.deepcopy(DEFAULT)
+    img2img["10"] = {"class_type": "LoadImage", "_meta": {"title": "Load"}, "inputs": {"image": "mine/photo.png"}}
+    img2img["11"] = {"class_type": "VAEEncode", "_meta": {"title": "Enc"}, "inputs": {"pixels": ["10", 0],
+                                                                                       "vae": ["4", 2]}}
+    img2img["3"]["inputs"].update(latent_image=["11", 0], denoise=0.5)
+    out = api.queue_and_wait_images(comfy.ComfyWorkflowWrapper(img2img), "Save Image")
+    assert [Image.open(io.BytesIO(b)).size for b in out.values()] == [(80, 72)]
+    assert "CheckpointLoaderSimple" in api.get_object_info()
+    assert api.get_object_info("KSampler")["KSampler"]["output"] == ["LATENT"]
+    stats = api.get_system_stats()
+    assert stats["system"]["comfyui_version"] and stats["devices"]
+    assert isinstance(api.get_embeddings(), list)
+    assert api.get_queue() == {"queue_running": [], "queue_pending": []}
+    api.interrupt()  # nothing running: a no-op, as in ComfyUI
+
+
+def test_raw_calls_as_comfyuis_example_scripts_make_them(server):
+    url, store, home = server
+    # ComfyUI's websockets_api_example.py: urllib, form-encoded content type, JSON body
+    body = json.dumps({"prompt": DEFAULT, "client_id": "abc"}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/prompt", data=body)) as r:
+        queued = json.loads(r.read())
+    assert set(queued) == {"prompt_id", "number", "node_errors"} and queued["node_errors"] == {}
+    pid = queued["prompt_id"]
+    for _ in range(600):
+        hist = httpx.get(f"{url}/history/{pid}").json()
+        if hist:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    entry = hist[pid]
+    assert entry["status"]["completed"] and entry["status"]["status_str"] == "success"
+    assert entry["prompt"][1] == pid and entry["prompt"][2] == DEFAULT and entry["prompt"][4] == ["9"]
+    image = entry["outputs"]["9"]["images"][0]
+    r = httpx.get(f"{url}/api/view", params=image)  # the frontend's /api prefix
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert pid in httpx.get(f"{url}/history", params={"max_items": 50}).json()
+    assert httpx.get(f"{url}/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+    # unknown ids: 404 (ComfyUI answers {}); bad prompts: ComfyUI's 400 shapes; paths are refused as names
+    assert httpx.get(f"{url}/history/nope").status_code == 404
+    bad = copy.deepcopy(DEFAULT)
+    bad["3"]["inputs"]["sampler_name"] = "nope"
+    r = httpx.post(f"{url}/prompt", json={"prompt": bad})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "prompt_outputs_failed_validation"
+    assert r.json()["node_errors"]["3"]["errors"][0]["type"] == "value_not_in_list"
+    r = httpx.post(f"{url}/api/prompt", json={"prompt": {"1": {"class_type": "Nope", "inputs": {}}}})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "missing_node_type"
+    for params in ({"filename": "../jobs.db", "type": "output"}, {"filename": "x.png", "subfolder": "../..",
+                                                                    "type": "output"},
+                   {"filename": "x.png", "type": "secret"}):
+        r = httpx.get(f"{url}/view", params=params)
+        assert 400 <= r.status_code < 500 and "error" in r.json()
+    for raw in (b"", b"[1]", b"{nope", json.dumps({"prompt": "x"}).encode()):
+        r = httpx.post(f"{url}/prompt", content=raw)
+        assert 400 <= r.status_code < 500, raw
+    # history clear: the entries go, the images stay
+    httpx.post(f"{url}/history", json={"delete": [pid]})
+    assert httpx.get(f"{url}/history/{pid}").status_code == 404
+    assert httpx.get(f"{url}/view", params=image).status_code == 200
+
+
+def test_websocket_messages_in_comfyuis_order(server):
+    import websockets
+    url, store, home = server
+    ws_url = url.replace("http://", "ws://") + "/ws?clientId=me"
+
+    async def run():
+        got = []
+        async with websockets.connect(ws_url) as ws:
+            first = json.loads(await ws.recv())
+            assert first["type"] == "status" and first["data"]["sid"] == "me"
+            prompt = copy.deepcopy(DEFAULT)
+            prompt["3"]["inputs"]["seed"] = 99
+            pid = httpx.post(f"{url}/prompt", json={"prompt": prompt, "client_id": "me"}).json()["prompt_id"]
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 120))
+                got.append(msg)
+                if msg["type"] == "executing" and msg["data"]["node"] is None:
+                    break
+        return pid, got
+    pid, got = asyncio.run(run())
+    kinds = [m["type"] for m in got if m["type"] not in ("status", "feature_flags")]
+    assert kinds[0] == "execution_start" and kinds[-2:] == ["execution_success", "executing"]
+    assert all(m["data"]["prompt_id"] == pid for m in got if m["type"].startswith("execut"))
+    executed = [m for m in got if m["type"] == "executed"]
+    assert executed and executed[0]["data"]["node"] == "9" and len(executed[0]["data"]["output"]["images"]) == 2
+    assert "execution_cached" in kinds
