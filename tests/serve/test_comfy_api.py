@@ -149,3 +149,37 @@ def test_websocket_messages_in_comfyuis_order(server):
     executed = [m for m in got if m["type"] == "executed"]
     assert executed and executed[0]["data"]["node"] == "9" and len(executed[0]["data"]["output"]["images"]) == 2
     assert "execution_cached" in kinds
+
+
+def test_auth_and_each_users_own_prompts_and_files(tiny_home, tmp_path_factory):
+    """Off loopback every route needs a token; ComfyUI clients that cannot send a header put ?token= on /ws and
+    /view; a user never sees another's prompts, history or images."""
+    import websockets
+    from fixtures.live import live_server
+    with live_server(tiny_home, tmp_path_factory.mktemp("comfy-auth"), require_auth=True) as (url, store, home):
+        store.add_user("ann")
+        store.add_user("bob")
+        ann, bob = store.create_token("ann"), store.create_token("bob")
+        as_ann, as_bob = {"Authorization": f"Bearer {ann}"}, {"Authorization": f"Bearer {bob}"}
+        assert httpx.post(f"{url}/prompt", json={"prompt": DEFAULT}).status_code == 401
+        assert httpx.get(f"{url}/object_info").status_code == 401
+        pid = httpx.post(f"{url}/prompt", json={"prompt": DEFAULT}, headers=as_ann).json()["prompt_id"]
+        for _ in range(600):
+            hist = httpx.get(f"{url}/history/{pid}", headers=as_ann).json()
+            if hist:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        image = hist[pid]["outputs"]["9"]["images"][0]
+        assert httpx.get(f"{url}/history/{pid}", headers=as_bob).status_code == 404
+        assert pid not in httpx.get(f"{url}/history", headers=as_bob).json()
+        assert httpx.get(f"{url}/view", params=image, headers=as_bob).status_code == 404  # bob's own folder
+        assert httpx.get(f"{url}/view", params=image).status_code == 401
+        assert httpx.get(f"{url}/view", params={**image, "token": ann}).status_code == 200
+        assert httpx.get(f"{url}/history/{pid}", params={"token": ann}).status_code == 401  # only /ws and /view
+
+        async def hello(token):
+            async with websockets.connect(url.replace("http://", "ws://") + f"/ws?clientId=x&token={token}") as ws:
+                return json.loads(await ws.recv())["type"]
+        assert asyncio.run(hello(ann)) == "status"
+        with pytest.raises(Exception):
+            asyncio.run(hello("ism_wrong"))

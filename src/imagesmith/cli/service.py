@@ -20,7 +20,9 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
           batch: Optional[int] = typer.Option(None, "--batch", min=1, max=64, help="most compatible txt2img jobs one "
                                               "pipeline call takes (default IMAGESMITH_WORKER_BATCH or 4; 1: off)"),
           api_server_stop: bool = typer.Option(False, "--api-server-stop", help="serve A1111's server-stop, "
-                                               "server-kill and server-restart to admins (graceful stops)")):
+                                               "server-kill and server-restart to admins (graceful stops)"),
+          comfy_frontend: bool = typer.Option(False, "--comfy-frontend", help="serve ComfyUI's web frontend at "
+                                              "/comfy/ from your installed comfyui-frontend-package (GPL, optional)")):
     """Start the HTTP API (/v1 jobs, A1111-compatible /sdapi/v1, OpenAPI at /docs) with its worker(s)."""
     import threading
 
@@ -56,7 +58,12 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
     # uvicorn takes SIGTERM/SIGINT while it runs (stops accepting, answers what is in flight), then restores these
     # handlers and raises the signal again: so the workers hear it after the HTTP side has stopped
     _stop_gracefully_on_signals(local)
-    uvicorn.run(create_app(settings, store, require_auth=auth, server_stop=api_server_stop), host=host, port=port,
+    if comfy_frontend:
+        from ..serve.api.comfy_frontend import frontend_dir
+        frontend_dir()  # not installed: one clear line, before anything starts
+        print(f"ComfyUI's frontend: http://{host}:{port}/comfy/", file=sys.stderr)
+    uvicorn.run(create_app(settings, store, require_auth=auth, server_stop=api_server_stop,
+                           comfy_frontend=comfy_frontend), host=host, port=port,
                 log_level="info")
     for w in local:
         w.shutdown()

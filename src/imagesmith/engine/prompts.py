@@ -143,6 +143,62 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     return [BREAK_MARKER if f.is_break else (f.text, f.weight) for f in _parse(text)]
 
 
+def parse_prompt_comfy(text: str) -> list[tuple[str, float]]:
+    """ComfyUI's prompt weighting: ``(text)`` multiplies by 1.1, ``(text:1.3)`` sets the weight (it does not
+    multiply), nesting applies inside out, ``\\(`` and ``\\)`` are literal, square brackets are plain text and
+    there is no BREAK. ``'a (b:1.5) c'`` -> ``[('a ', 1.0), ('b', 1.5), (' c', 1.0)]``."""
+    text = text.replace("\\(", "\0\1").replace("\\)", "\0\2")
+
+    def unescape(t: str) -> str:
+        return t.replace("\0\1", "(").replace("\0\2", ")")
+
+    def groups(t: str) -> list[str]:
+        out, cur, depth = [], "", 0
+        for ch in t:
+            if ch == "(":
+                if depth == 0 and cur:
+                    out.append(cur)
+                    cur = ""
+                cur += ch
+                depth += 1
+            elif ch == ")" and depth > 0:
+                depth -= 1
+                cur += ch
+                if depth == 0:
+                    out.append(cur)
+                    cur = ""
+            else:
+                cur += ch
+        if cur:
+            out.append(cur)
+        return out
+
+    def weigh(t: str, weight: float) -> list[tuple[str, float]]:
+        res = []
+        for g in groups(t):
+            if len(g) >= 2 and g[0] == "(" and g[-1] == ")":
+                inner, w = g[1:-1], weight * 1.1
+                colon = inner.rfind(":")
+                if colon > 0:
+                    try:
+                        w = float(inner[colon + 1:])
+                        inner = inner[:colon]
+                    except ValueError:
+                        pass
+                res += weigh(inner, w)
+            else:
+                res.append((g, weight))
+        return res
+    merged: list[tuple[str, float]] = []
+    for part, w in weigh(text, 1.0):
+        part = unescape(part)
+        if merged and merged[-1][1] == w:
+            merged[-1] = (merged[-1][0] + part, w)
+        elif part:
+            merged.append((part, w))
+    return merged or [("", 1.0)]
+
+
 def plain_prompt(text: str) -> str:
     """The words of a WebUI prompt without its syntax, for pipelines that take raw text (SD3, FLUX, T5).
 
@@ -307,11 +363,16 @@ def _comma_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def tokenize_chunks(prompt: str, tokenizer: PreTrainedTokenizerBase, *,
-                    comma_backtrack: int = COMMA_BACKTRACK) -> list[PromptChunk]:
+                    comma_backtrack: int = COMMA_BACKTRACK, syntax: str = "a1111") -> list[PromptChunk]:
     """WebUI's ``tokenize_line``: weighted fragments tokenized without special tokens, packed into chunks of
     75. BREAK closes the current chunk; a full chunk whose last comma is within ``comma_backtrack`` tokens of its
-    end is cut after that comma. An empty prompt gives one empty chunk."""
-    fragments = _parse(prompt)
+    end is cut after that comma. An empty prompt gives one empty chunk. ``syntax="comfy"``: ComfyUI's weighting
+    (:func:`parse_prompt_comfy`), plain 75-token chunks."""
+    if syntax == "comfy":
+        fragments = [_Fragment(t, w) for t, w in parse_prompt_comfy(prompt)]
+        comma_backtrack = 0
+    else:
+        fragments = _parse(prompt)
     texts = [f.text for f in fragments if not f.is_break]
     tokenized = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
                      if texts else [])
@@ -426,7 +487,7 @@ def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
 
 def _encode_sd_chunks(chunks: Sequence[PromptChunk], tokenizer: PreTrainedTokenizerBase,
                       text_encoder: torch.nn.Module, clip_skip: int, device: torch.device | str | None,
-                      dtype: torch.dtype | None) -> torch.Tensor:
+                      dtype: torch.dtype | None, emphasis: str = "a1111") -> torch.Tensor:
     enc_device, enc_dtype = _encoder_device_dtype(text_encoder)
     device = enc_device if device is None else device
     dtype = enc_dtype if dtype is None else dtype
@@ -445,29 +506,48 @@ def _encode_sd_chunks(chunks: Sequence[PromptChunk], tokenizer: PreTrainedTokeni
             z = out.hidden_states[-clip_skip]
         else:
             z = _final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
-        z = _apply_emphasis(z, _chunk_weights(chunks))
+        if emphasis == "comfy":
+            z = _comfy_emphasis(z, _chunk_weights(chunks), lambda: _encode_sd_chunks(
+                [PromptChunk((), ())], tokenizer, text_encoder, clip_skip, device, dtype))
+        else:
+            z = _apply_emphasis(z, _chunk_weights(chunks))
     return z.reshape(1, -1, z.shape[-1]).to(device=device, dtype=dtype)
+
+
+def _comfy_emphasis(z: torch.Tensor, weights: torch.Tensor, empty: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """ComfyUI's weighting: each weighted token moves away from the empty prompt's encoding at its position,
+    ``z_empty + (z - z_empty) * w``; no renormalisation. Unweighted prompts are left exactly as encoded."""
+    w = weights.to(z.device)
+    if bool((w == 1.0).all()):
+        return z.float()
+    z_empty = empty().float().reshape(1, -1, z.shape[-1]).to(z.device)
+    z = z.float()
+    return torch.where((w != 1.0).unsqueeze(-1), z_empty + (z - z_empty) * w.unsqueeze(-1), z)
 
 
 def encode_prompt_sd(prompt: str, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, *,
                      clip_skip: int = 1, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> torch.Tensor:
+                     dtype: torch.dtype | None = None, syntax: str = "a1111") -> torch.Tensor:
     """SD1/SD2 prompt embeddings [1, 77*k, hidden], WebUI style (chunked, weighted, never truncated).
 
     ``clip_skip`` in WebUI meaning: 1 = last layer (``last_hidden_state``), c > 1 = ``hidden_states[-c]``
     through the encoder's final layer norm (``text_model.final_layer_norm``; in transformers 5
     ``CLIPTextModel.final_layer_norm``). ``device``/``dtype`` default to the text encoder's.
 
+    ``syntax="comfy"`` reads the prompt and applies its weights as ComfyUI does (:func:`parse_prompt_comfy`,
+    weights relative to the empty prompt's encoding); "a1111" (the default) as WebUI does.
+
     A BERT-family tokenizer/encoder (house-ldm's MiniLM) works too: chunks are ``[CLS] ... [SEP]`` padded to 77
     with [PAD] under an attention mask, and clip_skip c > 1 is ``hidden_states[-c]``."""
-    return _encode_sd_chunks(tokenize_chunks(prompt, tokenizer), tokenizer, text_encoder, clip_skip, device, dtype)
+    return _encode_sd_chunks(tokenize_chunks(prompt, tokenizer, syntax=syntax), tokenizer, text_encoder, clip_skip,
+                             device, dtype, emphasis=syntax)
 
 
 def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
                         tokenizers: tuple[PreTrainedTokenizerBase | None, PreTrainedTokenizerBase],
                         text_encoders: tuple[torch.nn.Module | None, torch.nn.Module], clip_skip: int,
-                        device: torch.device | str | None, dtype: torch.dtype | None, *, grad: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        device: torch.device | str | None, dtype: torch.dtype | None, *, grad: bool = False,
+                        emphasis: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
     tok1, tok2 = tokenizers
     te1, te2 = text_encoders
     if te2 is None:
@@ -486,7 +566,13 @@ def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
             tok = tok if tok is not None else (tok2 if tok2 is not None else tok1)
             out = te(chunk_input_ids(chunks, tok).to(device), output_hidden_states=True)
             _check_clip_skip(clip_skip, len(out.hidden_states) - 1)
-            parts.append(_apply_emphasis(out.hidden_states[-(clip_skip + 1)], weights))
+            if emphasis == "comfy":
+                def empty(te=te, tok=tok):
+                    ids = chunk_input_ids([PromptChunk((), ())], tok).to(device)
+                    return te(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+                parts.append(_comfy_emphasis(out.hidden_states[-(clip_skip + 1)], weights, empty))
+            else:
+                parts.append(_apply_emphasis(out.hidden_states[-(clip_skip + 1)], weights))
             pooled = getattr(out, "text_embeds", None)
         if pooled is None:
             raise UnsupportedModel("SDXL's second text encoder must be a CLIPTextModelWithProjection "
@@ -498,7 +584,8 @@ def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
 
 def encode_prompt_sdxl(prompt: str, tokenizers: tuple[Any, Any], text_encoders: tuple[Any, Any], *,
                        clip_skip: int = 1, device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype | None = None, grad: bool = False,
+                       syntax: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL ``(prompt_embeds [1, 77*k, h1+h2], pooled [1, proj])``, WebUI style.
 
     Both encoders see the same chunks (made with tokenizer 1; they share CLIP's BPE vocabulary, each keeps its
@@ -507,9 +594,9 @@ def encode_prompt_sdxl(prompt: str, tokenizers: tuple[Any, Any], text_encoders: 
     ``text_embeds`` of the first chunk (as WebUI). Encoder 1 may be None (refiner). ``grad``: keep the graph
     (text-encoder LoRA training)."""
     tok1, tok2 = tokenizers
-    chunks = tokenize_chunks(prompt, tok1 if tok1 is not None else tok2)
+    chunks = tokenize_chunks(prompt, tok1 if tok1 is not None else tok2, syntax=syntax)
     return _encode_sdxl_chunks(chunks, (tok1, tok2), (text_encoders[0], text_encoders[1]),
-                               clip_skip, device, dtype, grad=grad)
+                               clip_skip, device, dtype, grad=grad, emphasis=syntax)
 
 
 def pad_to_same_length(cond: torch.Tensor, uncond: torch.Tensor,
@@ -635,20 +722,24 @@ class PromptEncoder:
 
     def encode_sd(self, prompt: str, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, *,
                   model_key: str, loras: Iterable[LoraKey] = (), clip_skip: int = 1,
-                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  syntax: str = "a1111") -> torch.Tensor:
         """:func:`encode_prompt_sd`, cached."""
-        key = self._key("sd", prompt, clip_skip, model_key, loras, text_encoder, device, dtype)
+        key = self._key("sd" if syntax == "a1111" else f"sd-{syntax}", prompt, clip_skip, model_key, loras,
+                        text_encoder, device, dtype)
         return self._cached(key, lambda: (encode_prompt_sd(prompt, tokenizer, text_encoder, clip_skip=clip_skip,
-                                                           device=device, dtype=dtype),))[0]
+                                                           device=device, dtype=dtype, syntax=syntax),))[0]
 
     def encode_sdxl(self, prompt: str, tokenizers: tuple[Any, Any], text_encoders: tuple[Any, Any], *,
                     model_key: str, loras: Iterable[LoraKey] = (), clip_skip: int = 1,
-                    device: torch.device | str | None = None, dtype: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    syntax: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`encode_prompt_sdxl`, cached."""
-        key = self._key("sdxl", prompt, clip_skip, model_key, loras, text_encoders[1], device, dtype)
+        key = self._key("sdxl" if syntax == "a1111" else f"sdxl-{syntax}", prompt, clip_skip, model_key, loras,
+                        text_encoders[1], device, dtype)
         z, pooled = self._cached(key, lambda: encode_prompt_sdxl(prompt, tokenizers, text_encoders,
-                                                                 clip_skip=clip_skip, device=device, dtype=dtype))
+                                                                 clip_skip=clip_skip, device=device, dtype=dtype,
+                                                                 syntax=syntax))
         return z, pooled
 
     def encode_pair_sd(self, prompt: str, negative: str, tokenizer: PreTrainedTokenizerBase,

@@ -27,6 +27,7 @@ from .. import __version__
 from ..core.errors import ImagesmithError
 from ..core.settings import Settings
 from .api import a1111, a1111_controlnet, a1111_lists, comfy, files, jobs, ops, queue
+from .api import comfy_frontend as comfy_pages
 from .api.context import RateLimiter, Services, default_store, export_queue_doc
 from .jobs import openapi_body
 from .store import JobStore
@@ -37,7 +38,7 @@ A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0,
                require_auth: bool | None = None, rate_per_minute: int | None = None, safety=None,
-               server_stop: bool = False) -> FastAPI:
+               server_stop: bool = False, comfy_frontend: bool = False) -> FastAPI:
     """``require_auth``: every route but the health checks needs ``Authorization: Bearer <token>`` (default:
     ``IMAGESMITH_AUTH=1``; ``imagesmith serve`` turns it on for any non-loopback address). ``rate_per_minute``: each
     caller's request budget (default ``IMAGESMITH_RATE_PER_MINUTE`` or 600)."""
@@ -96,8 +97,16 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
         return await http_exception_handler(request, exc)
 
     app.mount("/studio", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="studio")
-    for module in (ops, files, jobs, queue, a1111, a1111_lists, a1111_controlnet, comfy):
+    for module in (ops, files, jobs, queue, a1111, a1111_lists, a1111_controlnet, comfy, comfy_pages):
         app.include_router(module.router)
+    if comfy_frontend:  # ComfyUI's own web frontend (the user's installed package) at /comfy/, its API beside it
+        static = comfy_pages.frontend_dir()
+        app.include_router(comfy.router, prefix="/comfy", include_in_schema=False)
+        app.include_router(comfy_pages.router, prefix="/comfy", include_in_schema=False)
+        templates = comfy_pages.templates_dir()
+        if templates is not None:  # ComfyUI's template browser, from the user's comfyui-workflow-templates
+            app.mount("/comfy/templates", StaticFiles(directory=templates), name="comfy-templates")
+        app.mount("/comfy", StaticFiles(directory=static, html=True), name="comfy-frontend")
 
     def openapi_with_job_types() -> dict:
         """The generated document, with POST /v1/jobs' body shown as what it is: one request schema per job type,

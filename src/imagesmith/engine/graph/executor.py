@@ -27,6 +27,8 @@ from ...core.progress import CancelToken
 from .spec import PRIMITIVES, Input, Node, choices_of
 
 Event = Callable[[str, dict], None]
+MAX_DEPTH = 200
+"""the longest chain of nodes a prompt may have (real workflows are a few dozen deep; execution recurses)"""
 
 
 class GraphError(BadRequest):
@@ -121,6 +123,9 @@ class GraphExecutor:
             if not isinstance(node.get("inputs", {}), dict):
                 raise GraphError(_error("invalid_prompt", "Cannot execute because a node's inputs are not an "
                                         "object.", f"Node ID '#{node_id}'"))
+        if _depth(prompt) > MAX_DEPTH:
+            raise GraphError(_error("invalid_prompt", f"Cannot execute because the graph is more than {MAX_DEPTH} "
+                                    "nodes deep.", ""))
         outputs = [i for i, n in prompt.items() if self.nodes[n["class_type"]].output_node]
         if not outputs:
             raise GraphError(_error("prompt_no_outputs", "Prompt has no outputs", ""))
@@ -307,6 +312,27 @@ class GraphExecutor:
             n = len(self._cache)
             self._cache.clear()
             return n
+
+
+def _depth(prompt: dict) -> int:
+    """The longest chain of links (Kahn's order, no recursion; nodes on a cycle are left to validation)."""
+    deps = {n: {v[0] for v in node.get("inputs", {}).values() if is_link(v) and v[0] in prompt and v[0] != n}
+            for n, node in prompt.items()}
+    users: dict[str, list[str]] = {n: [] for n in prompt}
+    for n, ds in deps.items():
+        for d in ds:
+            users[d].append(n)
+    waiting = {n: len(ds) for n, ds in deps.items()}
+    depth = {n: 1 for n in prompt}
+    ready = [n for n, k in waiting.items() if k == 0]
+    while ready:
+        n = ready.pop()
+        for u in users[n]:
+            depth[u] = max(depth[u], depth[n] + 1)
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    return max(depth.values(), default=0)
 
 
 def _types_match(received: str, wanted: str, inp: Input) -> bool:

@@ -197,13 +197,13 @@ def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
             if arch in ("sd1", "sd2", "house"):
                 z = engine.prompt_encoder.encode_sd(text, pipe.tokenizer, pipe.text_encoder, model_key=model_key,
                                                     loras=lora_key, clip_skip=clip.clip_skip, device=engine.device,
-                                                    dtype=engine.dtype)
+                                                    dtype=engine.dtype, syntax="comfy")
                 return Cond(z.float().cpu(), arch)
             if arch == "sdxl":
                 z, pooled = engine.prompt_encoder.encode_sdxl(
                     text, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
                     model_key=model_key, loras=lora_key, clip_skip=clip.clip_skip, device=engine.device,
-                    dtype=engine.dtype)
+                    dtype=engine.dtype, syntax="comfy")
                 return Cond(z.float().cpu(), arch, pooled.float().cpu())
             from ..prompts import plain_prompt
             if arch == "sd3":

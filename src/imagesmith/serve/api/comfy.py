@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
@@ -60,9 +61,11 @@ async def _raw_json(request: Request) -> dict:
     body = await request.body()
     if len(body) > MAX_PROMPT_BYTES:
         raise BadRequest(f"the body is {len(body)} bytes; the limit is {MAX_PROMPT_BYTES}")
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not JSON")
     try:
-        data = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(body or b"{}", parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("the body is not JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
@@ -78,6 +81,15 @@ def _entry(job: dict) -> list:
     """ComfyUI's 5-element queue entry: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
     r = job["request"]
     return [r.get("number", 0), job["id"], r.get("prompt", {}), r.get("extra_data", {}), r.get("outputs", [])]
+
+
+def _ids(body: dict, key: str) -> list[str]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(value) > 1000:
+        raise BadRequest(f"{key} must be a list of prompt ids")
+    return value
 
 
 def _scope(who: dict) -> str:
@@ -132,9 +144,9 @@ async def post_queue(request: Request, svc: Svc, who: Caller):
     if body.get("clear"):
         for job in _comfy_jobs(svc, user, "queued"):
             svc.store.cancel(job["id"], user=user)
-    for prompt_id in body.get("delete") or []:
+    for prompt_id in _ids(body, "delete"):
         try:
-            job = svc.store.get(str(prompt_id), user=user)
+            job = svc.store.get(prompt_id, user=user)
             if job["status"] == "queued" and job["type"] == "comfy":
                 svc.store.cancel(job["id"], user=user)
         except NotFound:
@@ -188,7 +200,12 @@ def _history_entry(job: dict) -> dict:
 
 
 @_routes("/history", ["GET"])
-def get_history(svc: Svc, who: Caller, max_items: int | None = None):
+def get_history(svc: Svc, who: Caller, max_items: str | None = None):
+    if max_items is not None:
+        try:
+            max_items = int(max_items)
+        except ValueError:
+            raise BadRequest("max_items must be a whole number") from None
     done = [j for j in _comfy_jobs(svc, _scope(who)) if j["status"] in FINISHED]
     done.sort(key=lambda j: j["created_at"])
     if max_items is not None and max_items >= 0:
@@ -213,9 +230,9 @@ async def post_history(request: Request, svc: Svc, who: Caller):
     doomed = []
     if body.get("clear"):
         doomed = [j["id"] for j in _comfy_jobs(svc, user) if j["status"] in FINISHED]
-    for prompt_id in body.get("delete") or []:
+    for prompt_id in _ids(body, "delete"):
         try:
-            job = svc.store.get(str(prompt_id), user=user)
+            job = svc.store.get(prompt_id, user=user)
             if job["type"] == "comfy" and job["status"] in FINISHED:
                 doomed.append(job["id"])
         except NotFound:
@@ -227,9 +244,11 @@ async def post_history(request: Request, svc: Svc, who: Caller):
 # ------------------------------------------------------------------------------------------------ files
 
 @_routes("/view", ["GET"])
-def view(svc: Svc, who: Caller, filename: str, type: str = "output", subfolder: str = "",
+def view(svc: Svc, who: Caller, filename: str | None = None, type: str = "output", subfolder: str = "",
          preview: str | None = None, channel: str | None = None):
     from ...engine.graph.nodes import safe_name, safe_subfolder
+    if not filename:
+        raise BadRequest("give ?filename=")
     if type not in ("output", "input", "temp"):
         raise BadRequest("type must be output, input or temp")
     folder = comfy_dirs(svc.settings, who["name"])[type]
@@ -245,7 +264,10 @@ async def _upload(request: Request, svc: Services, who: dict, *, mask: bool) -> 
     from ...core.imageio import load_image, save_png_atomic
     from ...engine.graph.nodes import input_path, safe_name, safe_subfolder
     from .context import MAX_UPLOAD_BYTES
-    form = await request.form()
+    try:
+        form = await request.form()
+    except Exception:  # noqa: BLE001 - starlette's parser errors: the client's malformed body
+        raise BadRequest("the body is not multipart form data with an 'image' file") from None
     upload = form.get("image")
     if upload is None or not hasattr(upload, "read"):
         raise BadRequest("give the image as the multipart field 'image'")
@@ -370,14 +392,15 @@ def system_stats(who: Caller):
 # ------------------------------------------------------------------------------------------------ WebSocket
 
 async def _socket(websocket: WebSocket, svc: Services, who: dict) -> None:
-    client_id = websocket.query_params.get("clientId") or websocket.query_params.get("clientid") or ""
+    # no clientId: a new session id, which the frontend keeps (window.name) and sends with its prompts
+    client_id = websocket.query_params.get("clientId") or websocket.query_params.get("clientid") or uuid.uuid4().hex
     await websocket.accept()
     user = who["name"]
 
     async def status() -> int:
         remaining = _remaining(svc, user)
         await websocket.send_json({"type": "status", "data": {"status": {"exec_info": {
-            "queue_remaining": remaining}}, **({"sid": client_id} if client_id else {})}})
+            "queue_remaining": remaining}}, "sid": client_id}})
         return remaining
     last_remaining = await status()
     await websocket.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": False}})
