@@ -3,7 +3,8 @@ in the same server process (issue 'A ComfyUI-compatible API': overhead <= 5%), a
 per node (< 1 ms).
 
 The default workflow (checkpoint, two prompts, empty latent, KSampler, VAE decode, SaveImage) is posted to
-/prompt and waited for as ComfyUI clients do (polling /history), then its image fetched from /view; the native
+/prompt and waited for as ComfyUI's own example client does (the WebSocket's final `executing`, then /history),
+then its image fetched from /view; the native
 side posts the same generation (ComfyUI noise, same sampler) to /v1/jobs, waits on its events and fetches the
 file. The seed changes every run on both sides, so the sampler and decoder always run (the graph's cache keeps
 the loaded model and the encoded prompts, as the engine's prompt cache does on the native side). Alternating
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -101,18 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     seed = iter(range(1, 10_000))
 
+    from websockets.sync.client import connect
+    ws = connect(f"ws://127.0.0.1:{port}/ws?clientId=bench")  # one socket for the session, as clients keep
+
     def comfy() -> float:
+        """ComfyUI's websockets_api_example.py: queue with the client id, wait for `executing` null on the
+        socket, read the history, fetch the image."""
         prompt = copy.deepcopy(PROMPT)
         prompt["3"]["inputs"]["seed"] = next(seed)
         t0 = time.perf_counter()
-        r = c.post("/prompt", json={"prompt": prompt})
+        r = c.post("/prompt", json={"prompt": prompt, "client_id": "bench"})
         r.raise_for_status()
         pid = r.json()["prompt_id"]
         while True:
-            hist = c.get(f"/history/{pid}").json()
-            if hist:
+            msg = json.loads(ws.recv())
+            if msg["type"] == "executing" and msg["data"]["node"] is None and msg["data"]["prompt_id"] == pid:
                 break
-            time.sleep(0.02)
+        hist = c.get(f"/history/{pid}").json()
         image = hist[pid]["outputs"]["9"]["images"][0]
         c.get("/view", params=image).raise_for_status()
         return time.perf_counter() - t0
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         for name, fn in ((("comfy", comfy), ("native", native)) if i % 2 == 0 else (("native", native), ("comfy", comfy))):
             times[name].append(fn())
+    ws.close()
     server.should_exit = True
     worker.stopping.set()
     per_node = executor_per_node_ms()
