@@ -150,3 +150,11 @@ def test_object_info_has_comfyuis_schemas(graph):
                           "ConditioningCombine", "ConditioningSetArea", "ConditioningSetMask",
                           "ConditioningZeroOut", "FluxGuidance", "ModelSamplingDiscrete", "ModelSamplingSD3",
                           "ModelSamplingFlux"}
+
+
+def test_saved_pixels_are_truncated_as_comfyui_saves_them():
+    """ComfyUI's SaveImage writes clip(255 x) cast to uint8 (truncation): 0.5 is 127, not 128."""
+    import torch
+    from imagesmith.engine.graph.nodes import to_image
+    row = torch.tensor([[[0.5, 0.999, 1.2]], [[-0.1, 0.002, 0.75]]])
+    assert np.asarray(to_image(row)).tolist() == [[[127, 254, 255]], [[0, 0, 191]]]

@@ -183,3 +183,30 @@ def test_auth_and_each_users_own_prompts_and_files(tiny_home, tmp_path_factory):
         assert asyncio.run(hello(ann)) == "status"
         with pytest.raises(Exception):
             asyncio.run(hello("ism_wrong"))
+
+
+def test_a_prompt_survives_the_server_going_away(tiny_home, tmp_path_factory):
+    """A queued prompt is a durable job: the server that took it stops with no worker having run it; a new worker
+    on the same database runs it later, and its history and image are there."""
+    from fastapi.testclient import TestClient
+
+    from fixtures.tiny import home_with_tiny_sd15
+    from imagesmith.engine.generate import Engine
+    from imagesmith.serve.app import create_app
+    from imagesmith.serve.store import JobStore
+    from imagesmith.serve.worker import Worker
+    home = tmp_path_factory.mktemp("comfy-durable")
+    settings = home_with_tiny_sd15(home, tiny_home)
+    url = f"sqlite:///{home / 'jobs.db'}"
+    first = TestClient(create_app(settings, JobStore(url), safety=False))
+    pid = first.post("/prompt", json={"prompt": DEFAULT, "client_id": "c"}).json()["prompt_id"]
+    assert first.get("/queue").json()["queue_pending"][0][1] == pid
+    first.close()
+    store = JobStore(url)  # a new process, as after a restart
+    worker = Worker(store, settings, engine=Engine(settings, device="cpu"), safety=False)
+    assert worker.run_once()
+    second = TestClient(create_app(settings, store, safety=False))
+    entry = second.get(f"/history/{pid}").json()[pid]
+    assert entry["status"]["completed"]
+    images = entry["outputs"]["9"]["images"]
+    assert len(images) == 2 and all(second.get("/view", params=i).status_code == 200 for i in images)

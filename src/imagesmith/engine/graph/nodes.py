@@ -74,8 +74,9 @@ def _lora(engine, name: str, strength: float) -> LoraUse:
 
 
 def to_image(t: torch.Tensor) -> Image.Image:
-    """One [H, W, C] IMAGE row -> PIL."""
-    arr = (t.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """One [H, W, C] IMAGE row -> PIL, as ComfyUI's SaveImage makes it: 255 x, clipped, truncated (not rounded),
+    so the saved pixels are ComfyUI's own."""
+    arr = np.clip(t.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)
     return Image.fromarray(arr[..., :3] if arr.shape[-1] >= 3 else arr[..., 0])
 
 
