@@ -210,3 +210,17 @@ def test_a_prompt_survives_the_server_going_away(tiny_home, tmp_path_factory):
     assert entry["status"]["completed"]
     images = entry["outputs"]["9"]["images"]
     assert len(images) == 2 and all(second.get("/view", params=i).status_code == 200 for i in images)
+
+
+def test_comfyscript_builds_nodes_from_object_info_and_runs_them(server):
+    """ComfyScript turns /object_info into Python node classes: a wrong schema breaks it at load or at call."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("comfy_script")
+    url, store, home = server
+    script = Path(__file__).parent / "clients" / "comfy_script_default.py"
+    r = subprocess.run([sys.executable, str(script), url + "/"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Nodes: 3" in r.stdout  # it loaded the node set (37 classes today)
+    assert "IMAGES [(64, 48), (64, 48)]" in r.stdout, r.stdout[-2000:]
