@@ -149,7 +149,7 @@ def test_object_info_has_comfyuis_schemas(graph):
                           "ImageUpscaleWithModel", "ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced",
                           "ConditioningCombine", "ConditioningSetArea", "ConditioningSetMask",
                           "ConditioningZeroOut", "FluxGuidance", "ModelSamplingDiscrete", "ModelSamplingSD3",
-                          "ModelSamplingFlux"}
+                          "ModelSamplingFlux", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}
 
 
 def test_saved_pixels_are_truncated_as_comfyui_saves_them():
@@ -158,3 +158,64 @@ def test_saved_pixels_are_truncated_as_comfyui_saves_them():
     from imagesmith.engine.graph.nodes import to_image
     row = torch.tensor([[[0.5, 0.999, 1.2]], [[-0.1, 0.002, 0.75]]])
     assert np.asarray(to_image(row)).tolist() == [[[127, 254, 255]], [[0, 0, 191]]]
+
+
+def test_split_files_unet_and_dual_clip_loaders_match_the_checkpoint(tiny_home, tmp_path):
+    """ComfyUI's split FLUX layout: the transformer alone (UNETLoader, models/diffusion_models) and the two text
+    encoders as files (DualCLIPLoader, models/text_encoders), the VAE from elsewhere. With the same weights as the
+    diffusers folder, the picture is the folder's, pixel for pixel."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from imagesmith.core.settings import Settings
+    settings = Settings(home=tmp_path)
+    settings.ensure_home()
+    src = tiny_home.models_dir / "checkpoints"
+    (settings.models_dir / "checkpoints" / "tiny-flux").symlink_to(src / "tiny-flux", target_is_directory=True)
+    (settings.models_dir / "diffusion_models").mkdir()
+    (settings.models_dir / "diffusion_models" / "flux-t.safetensors").symlink_to(src / "tiny-flux-single.safetensors")
+    enc = settings.models_dir / "text_encoders"
+    enc.mkdir()
+    save_file(CLIPTextModel.from_pretrained(src / "tiny-flux" / "text_encoder").state_dict(), enc / "clip_l.safetensors")
+    t5 = T5EncoderModel.from_pretrained(src / "tiny-flux" / "text_encoder_2").state_dict()
+    save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"}, enc / "t5.safetensors")
+    engine = Engine(settings, device="cpu")
+    ex = executor_for(engine)
+    lists = model_lists(engine.registry, [])
+    assert lists["diffusion_models"] == ["flux-t.safetensors"]
+    assert lists["text_encoders"] == ["clip_l.safetensors", "t5.safetensors"]
+
+    def graph(split: bool) -> dict:
+        p = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux"}},
+             "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
+             "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+             "4": {"class_type": "KSampler", "inputs": {"seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+                                                        "scheduler": "simple", "denoise": 1.0, "model": ["1", 0],
+                                                        "positive": ["2", 0], "negative": ["2", 0],
+                                                        "latent_image": ["3", 0]}},
+             "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+             "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
+        if split:  # t5 first: the loader tells the files apart by their tensors, not their order
+            p["7"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "flux-t.safetensors",
+                                                             "weight_dtype": "default"}}
+            p["8"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5.safetensors",
+                                                                 "clip_name2": "clip_l.safetensors", "type": "flux"}}
+            p["4"]["inputs"]["model"] = ["7", 0]
+            p["2"]["inputs"]["clip"] = ["8", 0]
+        return p
+
+    pictures = []
+    for split in (False, True):
+        prompt = graph(split)
+        root = tmp_path / f"out{split}"
+        run = ex.run(prompt, GraphContext(engine=engine, output_dir=root, temp_dir=root, input_dir=root,
+                                          prompt=prompt), ex.validate(prompt).outputs)
+        image = run.outputs["6"]["images"][0]
+        with Image.open(root / image["filename"]) as im:
+            pictures.append(np.asarray(im.convert("RGB")))
+    assert np.array_equal(pictures[0], pictures[1])
+    wrong = graph(True)
+    wrong["8"]["inputs"].update(clip_name1="clip_l.safetensors", clip_name2="clip_l.safetensors")
+    with pytest.raises(Exception, match="does not fit|leave"):
+        ex.run(wrong, GraphContext(engine=engine, output_dir=tmp_path, temp_dir=tmp_path, input_dir=tmp_path,
+                                   prompt=wrong), ex.validate(wrong).outputs)

@@ -30,7 +30,10 @@ EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "ups
 KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate")
 FOLDER_OF_KIND = {"checkpoint": "checkpoints", "vae": "vae", "lora": "loras", "embedding": "embeddings",
                   "upscaler": "upscalers", "controlnet": "controlnet"}
-KIND_OF_FOLDER = {v: k for k, v in FOLDER_OF_KIND.items()}
+KIND_OF_FOLDER = {**{v: k for k, v in FOLDER_OF_KIND.items()},
+                  # ComfyUI's folders for a diffusion model alone (a FLUX/SD3 transformer, a UNet): checkpoints that
+                  # take their text encoders and VAE from elsewhere (a companion folder, or ComfyUI's CLIP loaders)
+                  "diffusion_models": "checkpoint", "unet": "checkpoint"}
 _KIND_ALIASES = {**{k: k for k in KINDS}, **KIND_OF_FOLDER, "model": "checkpoint", "models": "checkpoint",
                  "lycoris": "lora", "textual_inversion": "embedding", "upscale": "upscaler",
                  "segmenters": "segmenter", "cutout": "segmenter", "gates": "gate", "unsafe": "unsafe"}

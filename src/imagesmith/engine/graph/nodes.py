@@ -23,6 +23,7 @@ from ..loras import ResolvedLora, apply_loras
 from ..sampling.ksampler import available_samplers
 from .sample import ksample, resolved_loras
 from .spec import MAX_SEED, Input, Node
+from .text_encoders import TYPES as CLIP_TYPES, companion_for, load_encoders, pipeline_view, text_encoder_files
 from .values import ClipValue, Cond, ControlNetValue, LoraUse, ModelValue, UpscaleModelValue, VaeValue
 
 MAX_RESOLUTION = 16384
@@ -48,7 +49,12 @@ def model_lists(registry, upscalers: list[str], input_dir: Path | None = None) -
     out = {"checkpoints": names("checkpoint"), "loras": names("lora"), "vae": names("vae"),
            "controlnet": names("controlnet"), "embeddings": names("embedding"),
            "upscale_models": [n for n in upscalers if n != "Lanczos"] + ["Lanczos"],
-           "samplers": comfy_samplers(), "schedulers": comfy_schedulers(), "input": input_files(input_dir)}
+           "samplers": comfy_samplers(), "schedulers": comfy_schedulers(), "input": input_files(input_dir),
+           "diffusion_models": sorted({(e.rel_path or e.name) for e in registry.list("checkpoint")
+                                       if e.format == "single-file" and e.components
+                                       and not any(c.startswith("text_encoder") for c in e.components)},
+                                      key=str.lower),
+           "text_encoders": sorted(text_encoder_files(registry.settings), key=str.lower)}
     return out
 
 
@@ -152,6 +158,24 @@ def _vae_loader(ctx, vae_name):
     return (VaeValue(name=e.rel_path or e.name),)
 
 
+def _unet_loader(ctx, unet_name, weight_dtype="default"):
+    """A diffusion model alone (FLUX/SD3 transformer, UNet); its VAE and text encoders come from their own
+    loaders. fp8 weight types run at the engine's dtype where the device cannot compute in fp8."""
+    return (ModelValue(_entry(ctx.engine, "checkpoint", unet_name)),)
+
+
+def _clip_loader(*names_and_type):
+    def run(ctx, *args, **kw):
+        files = tuple(kw[n] for n in names_and_type)
+        arch = CLIP_TYPES.get(kw.get("type", "stable_diffusion"))
+        if arch is None:
+            raise BadRequest(f"CLIP type {kw.get('type')!r} is not supported: {', '.join(CLIP_TYPES)}")
+        entry = companion_for(ctx.engine.registry, arch)
+        load_encoders(ctx.engine, entry, arch, files)  # every file fits its role, or a clear error now
+        return (ClipValue(entry, files=files),)
+    return run
+
+
 def _lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
     lora = _lora(ctx.engine, lora_name, 1.0)
     m = model.with_lora(LoraUse(*[getattr(lora, f) for f in ("name", "path", "arch", "mtime_ns")], strength_model)) \
@@ -187,6 +211,7 @@ def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
     entry = clip.entry
     arch = entry.arch
     holder = engine.pipeline(entry)
+    encoders = load_encoders(engine, entry, arch, clip.files) if clip.files else {}
     with holder.use():
         pipe = holder.value
         loras = resolved_loras(clip.loras)
@@ -194,6 +219,9 @@ def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
             apply_loras(pipe, holder.state, loras, arch)
         lora_key = [(l.path, l.weight) for l in loras if l.weight != 0]
         model_key = f"{entry.path}@{Path(entry.path).stat().st_mtime_ns if Path(entry.path).exists() else 0}"
+        if encoders:  # ComfyUI's CLIP loaders: these files' encoders over the folder's tokenizers
+            model_key += "|" + ",".join(clip.files)
+            pipe = pipeline_view(pipe, encoders)
         with torch.inference_mode():
             if arch in ("sd1", "sd2", "house"):
                 z = engine.prompt_encoder.encode_sd(text, pipe.tokenizer, pipe.text_encoder, model_key=model_key,
@@ -591,6 +619,21 @@ def _nodes() -> dict[str, Node]:
              (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")), _checkpoint_loader,
              description="Loads a diffusion model checkpoint."),
         Node("VAELoader", "Load VAE", "loaders", {"vae_name": _c("vae")}, (("VAE", "VAE"),), _vae_loader),
+        Node("UNETLoader", "Load Diffusion Model", "advanced/loaders",
+             {"unet_name": _c("diffusion_models"),
+              "weight_dtype": _c(("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"))},
+             (("MODEL", "MODEL"),), _unet_loader),
+        Node("CLIPLoader", "Load CLIP", "advanced/loaders",
+             {"clip_name": _c("text_encoders"), "type": _c(("stable_diffusion",)),
+              "device": _c(("default", "cpu"), optional=True)}, (("CLIP", "CLIP"),), _clip_loader("clip_name")),
+        Node("DualCLIPLoader", "DualCLIPLoader", "advanced/loaders",
+             {"clip_name1": _c("text_encoders"), "clip_name2": _c("text_encoders"), "type": _c(("sdxl", "flux")),
+              "device": _c(("default", "cpu"), optional=True)}, (("CLIP", "CLIP"),),
+             _clip_loader("clip_name1", "clip_name2")),
+        Node("TripleCLIPLoader", "TripleCLIPLoader", "advanced/loaders",
+             {"clip_name1": _c("text_encoders"), "clip_name2": _c("text_encoders"),
+              "clip_name3": _c("text_encoders")}, (("CLIP", "CLIP"),),
+             lambda ctx, **kw: _clip_loader("clip_name1", "clip_name2", "clip_name3")(ctx, type="sd3", **kw)),
         Node("LoraLoader", "Load LoRA", "loaders",
              {"model": _l("MODEL"), "clip": _l("CLIP"), "lora_name": _c("loras"),
               "strength_model": _f(1.0, -100.0, 100.0), "strength_clip": _f(1.0, -100.0, 100.0)},

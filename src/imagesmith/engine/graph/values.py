@@ -42,6 +42,9 @@ class ClipValue:
     loras: tuple[LoraUse, ...] = ()
     clip_skip: int = 1
     """A1111's meaning: 1 = the last layer (ComfyUI's stop_at_clip_layer -1), 2 = the penultimate (-2), ..."""
+    files: tuple[str, ...] = ()
+    """text encoder files of ComfyUI's CLIP loaders (``entry`` is then the folder that gives tokenizers and
+    configs); empty: the checkpoint's own encoders"""
 
     def with_lora(self, lora: LoraUse) -> "ClipValue":
         return replace(self, loras=self.loras + (lora,))

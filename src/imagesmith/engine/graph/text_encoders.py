@@ -1,0 +1,109 @@
+"""Text encoders from separate files, as ComfyUI's CLIPLoader / DualCLIPLoader / TripleCLIPLoader take them
+(``clip_l.safetensors``, ``clip_g.safetensors``, ``t5xxl_fp16.safetensors`` in ``models/text_encoders`` or
+``models/clip``).
+
+Each file is matched to its role by its tensors (T5 by ``encoder.block.*``, CLIP-L or CLIP-G by its width), built
+with the config of that role from a diffusers folder of the same architecture (which also gives the tokenizers),
+loaded once into the engine's model cache, and used through a pipeline view that shares every other module: the
+cached checkpoint is never changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...core.errors import BadRequest, ModelNotFound
+from ...models.registry import ModelEntry
+
+TYPES = {"stable_diffusion": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+"""ComfyUI's CLIP loader ``type`` -> imagesmith's arch"""
+ROLES = {"sd1": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
+         "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2")}
+
+
+def text_encoder_files(settings) -> dict[str, Path]:
+    """Text encoder files by ComfyUI's name (relative to their folder), models/text_encoders first."""
+    out: dict[str, Path] = {}
+    for folder in ("text_encoders", "clip"):
+        for root in settings.model_dirs(folder):
+            if not root.is_dir():
+                continue
+            for p in sorted(root.rglob("*.safetensors")):
+                name = str(p.relative_to(root)).replace("\\", "/")
+                out.setdefault(name, p)
+    return out
+
+
+def companion_for(registry, arch: str) -> ModelEntry:
+    """A diffusers folder of `arch`: its tokenizers and text encoder configs."""
+    for e in registry.list("checkpoint"):
+        if e.arch == arch and e.format == "diffusers" and (Path(e.path) / "model_index.json").is_file():
+            return e
+    raise ModelNotFound(f"the {arch} text encoders need a diffusers {arch} folder in models/checkpoints for their "
+                        f"tokenizers and configs (none is installed)")
+
+
+def load_encoders(engine, entry: ModelEntry, arch: str, files: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """role -> module for the given files, each loaded once (engine cache, keyed by file and time)."""
+    from safetensors import safe_open
+
+    known = text_encoder_files(engine.settings)
+    pipe = engine.pipeline(entry).value
+    roles = ROLES[arch]
+    out: dict[str, torch.nn.Module] = {}
+    for name in files:
+        path = known.get(name)
+        if path is None:
+            raise ModelNotFound(f"no text encoder file {name!r} in models/text_encoders or models/clip")
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            width = next((int(f.get_slice(k).get_shape()[1]) for k in keys if k.endswith("token_embedding.weight")),
+                         None)
+        role = None
+        if any(k.startswith("encoder.block.") or k == "shared.weight" for k in keys):  # T5
+            role = next((r for r in roles if "T5" in type(getattr(pipe, r, None)).__name__), None)
+        else:
+            for r in roles:
+                module = getattr(pipe, r, None)
+                if module is not None and "CLIP" in type(module).__name__ and \
+                        module.config.hidden_size == width and r not in out:
+                    role = r
+                    break
+        if role is None or role in out:
+            raise BadRequest(f"text encoder {name!r} does not fit a {arch} model (its roles: {', '.join(roles)})")
+        template = getattr(pipe, role)
+        stamp = path.stat().st_mtime_ns
+
+        def loader(path=path, template=template):
+            from safetensors.torch import load_file
+            module = type(template)(template.config)
+            sd = load_file(str(path))
+            wanted = set(module.state_dict())
+            mapped = {}
+            for k, v in sd.items():
+                for cand in (k, k.removeprefix("text_model."), "text_model." + k, k.removeprefix("transformer.")):
+                    if cand in wanted:
+                        mapped[cand] = v
+                        break
+            if "encoder.embed_tokens.weight" in wanted and "encoder.embed_tokens.weight" not in mapped \
+                    and "shared.weight" in mapped:  # T5 ties its token embedding to `shared` (files keep one)
+                mapped["encoder.embed_tokens.weight"] = mapped["shared.weight"]
+            missing = [k for k in wanted - set(mapped) if not k.endswith("position_ids")]
+            if missing:
+                raise BadRequest(f"text encoder {path.name}: {len(missing)} tensors missing (e.g. {missing[0]}); "
+                                 f"is it a {type(template).__name__}?")
+            module.load_state_dict(mapped, strict=False)
+            return module.to(engine.device, engine.dtype).eval()
+        out[role] = engine.cache.get(("text_encoder_file", str(path), stamp, str(engine.dtype)), loader,
+                                     device=engine.device).value
+    missing = [r for r in roles if r not in out]
+    if missing:
+        raise BadRequest(f"a {arch} CLIP needs {len(roles)} text encoders ({', '.join(roles)}); "
+                         f"{', '.join(files)} leave {', '.join(missing)} out")
+    return out
+
+
+def pipeline_view(pipe, encoders: dict[str, torch.nn.Module]):
+    """The pipeline with other text encoders: a new pipeline object over the same modules (nothing copied)."""
+    return type(pipe)(**{**pipe.components, **encoders})
