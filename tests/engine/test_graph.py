@@ -219,3 +219,33 @@ def test_split_files_unet_and_dual_clip_loaders_match_the_checkpoint(tiny_home, 
     with pytest.raises(Exception, match="does not fit|leave"):
         ex.run(wrong, GraphContext(engine=engine, output_dir=tmp_path, temp_dir=tmp_path, input_dir=tmp_path,
                                    prompt=wrong), ex.validate(wrong).outputs)
+
+
+def test_inpainting_checkpoints_get_the_mask_and_the_masked_latent(graph, tmp_path):
+    """An inpainting UNet (9 input channels) behind CheckpointLoaderSimple + VAEEncodeForInpaint, as ComfyUI's
+    inpaint_model_outpainting template uses one: the sampler feeds [latent, mask, masked-image latent]."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    engine, ex, ctx, root, events = graph
+    base = StableDiffusionPipeline.from_pretrained(engine.checkpoint("tiny-sd15").path)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
+    engine.adopt("tiny-inpaint", pipe, "sd1")
+    (root / "input").mkdir(exist_ok=True)
+    photo = Image.new("RGBA", (64, 64), (200, 120, 40, 255))
+    photo.paste((0, 0, 0, 0), (16, 16, 48, 48))  # the hole to repaint (ComfyUI's mask = 1 - alpha)
+    photo.save(root / "input" / "hole.png")
+    prompt = copy.deepcopy(DEFAULT)
+    prompt["4"]["inputs"]["ckpt_name"] = "tiny-inpaint"
+    prompt["10"] = {"class_type": "LoadImage", "inputs": {"image": "hole.png"}}
+    prompt["11"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["10", 0], "vae": ["4", 2],
+                                                                     "mask": ["10", 1], "grow_mask_by": 6}}
+    prompt["3"]["inputs"]["latent_image"] = ["11", 0]
+    checked = ex.validate(prompt, lists={"input": ["hole.png"], "checkpoints": ["tiny-inpaint"]})
+    out = ex.run(prompt, ctx(prompt), checked.outputs).outputs["9"]["images"][0]
+    with Image.open(root / "output" / out["filename"]) as im:
+        assert im.size == (64, 64)
+    assert seen and set(seen) == {9}

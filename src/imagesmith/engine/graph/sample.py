@@ -100,7 +100,14 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
                                                    size=samples.shape[-2:], mode="bilinear")
             mask = mask.repeat(n // mask.shape[0] + 1, 1, 1, 1)[:n] if mask.shape[0] != n else mask
         net = getattr(pipe, "unet", None) or pipe.transformer
-        denoiser = build_denoiser(engine, pipe, net, arch, ms, positive, negative, cfg, n, width, height)
+        concat = None
+        if getattr(net.config, "in_channels", channels) == channels * 2 + 1:
+            # an inpainting UNet (9 channels): the mask and the masked image's latent ride along, as ComfyUI gives
+            # them (VAEEncodeForInpaint's grey-filled latent); without a mask, all of it is repainted
+            m = mask if mask is not None else torch.ones_like(samples[:, :1])
+            concat = torch.cat([m, samples.float() if mask is not None else torch.zeros_like(samples)], dim=1)
+        denoiser = build_denoiser(engine, pipe, net, arch, ms, positive, negative, cfg, n, width, height,
+                                  concat=concat)
         total = max(len(sigmas) - 1, 0)
 
         def on_step(i, x, denoised, sigma):
@@ -139,16 +146,18 @@ def _conditioning(c: Cond, n: int, width: int, height: int) -> Conditioning:
 
 
 def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negative: list[Cond], cfg: float,
-                   n: int, width: int, height: int):
+                   n: int, width: int, height: int, *, concat: torch.Tensor | None = None):
+    if concat is not None and any({"area", "set_area_to_bounds"} & set(c.extra) for c in positive + negative):
+        raise BadRequest("conditioning areas with an inpainting model (9-channel UNet) are not supported yet")
     if arch in UNET_ARCHS:
         if _plain(positive) and _plain(negative) and positive[0].embeds.shape == negative[0].embeds.shape:
             cond = _conditioning(positive[0], n, width, height)
             uncond = _conditioning(negative[0], n, width, height)
-            return UNetDenoiser(net, ms, cond, uncond if cfg != 1 else None, cfg)
+            return UNetDenoiser(net, ms, cond, uncond if cfg != 1 else None, cfg, concat=concat)
 
         def one(c: Cond):
             return UNetDenoiser(net, ms, _conditioning(c, n, width, height), None, 1.0,
-                                control=_controls(engine, c, ms, n, width, height))
+                                control=_controls(engine, c, ms, n, width, height), concat=concat)
     elif arch == "sd3":
         def one(c: Cond):
             return SD3Denoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), {"pooled": c.pooled.repeat(n, 1)}),
