@@ -72,3 +72,54 @@ def test_template_converts_validates_and_runs(runner, name):
                 sizes[node].append(im.size)
                 assert np.asarray(im.convert("L")).std() > 0.5  # not a flat fill
     assert sizes == EXPECTED[name]
+
+
+def test_subgraphs_flatten_as_the_frontend_queues_them():
+    """Real templates with subgraphs: inner nodes get ids 'outer:inner', links into the subgraph reach the inner
+    nodes they feed, widget inputs shown on the instance become values, outputs start at the inner producer."""
+    from imagesmith.engine.graph.ui import flatten_subgraphs
+    wf = flatten_subgraphs(template("image_flux.1_fill_dev_OneReward"))
+    nodes = {str(n["id"]): n for n in wf["nodes"]}
+    links = {l[0]: l for l in wf["links"]}
+
+    def src(node, name):
+        link = next(i["link"] for i in nodes[node]["inputs"] if i["name"] == name)
+        return str(links[link][1]), links[link][2]
+    assert "48" not in nodes and {"48:199", "48:251", "48:252", "48:253"} <= set(nodes)
+    assert src("48:199", "mask") == ("17", 1)  # the instance's input, from outside
+    assert nodes[src("48:199", "expand")[0]]["widgets_values"] == [0]  # the instance's widget values
+    assert nodes[src("48:252", "blur_radius")[0]]["widgets_values"] == [31]
+    assert src("49", "mask") == ("48:253", 0) and src("50", "mask") == ("48:253", 0)  # the output's producer
+    chained = {str(n["id"]): n for n in flatten_subgraphs(template("flux1_dev_uso_reference_image_gen"))["nodes"]}
+    assert not any(n["type"] not in NODES and len(n["type"]) == 36 for n in chained.values())  # no instance left
+
+
+def test_a_real_subgraph_runs(runner):
+    """The grow-and-blur mask subgraph of ComfyUI's OneReward template, fed a drawn mask: flattened, converted,
+    validated and run, the mask comes out grown by the instance's widget value and blurred."""
+    engine, ex, root, _ = runner
+    source = template("image_flux.1_fill_dev_OneReward")
+    sg = source["definitions"]["subgraphs"][0]
+    wf = {"nodes": [  # a drawn mask -> the template's subgraph (expand 4, blur radius 3) -> an image
+        {"id": 7, "type": "LoadImageMask", "mode": 0, "inputs": [], "widgets_values": ["square.png", "red", "image"]},
+        {"id": 48, "type": sg["id"], "mode": 0, "inputs": [{"name": "mask", "type": "MASK", "link": 10}],
+         "outputs": [{"name": "MASK", "links": [11]}], "widgets_values": [4, 3]},
+        {"id": 5, "type": "MaskToImage", "mode": 0, "inputs": [{"name": "mask", "link": 11}]},
+        {"id": 6, "type": "SaveImage", "mode": 0, "inputs": [{"name": "images", "link": 12}],
+         "widgets_values": ["mask"]}],
+        "links": [[10, 7, 0, 48, 0, "MASK"], [11, 48, 0, 5, 0, "MASK"], [12, 5, 0, 6, 0, "IMAGE"]],
+        "definitions": {"subgraphs": [sg]}}
+    square = Image.new("RGB", (64, 64), 0)
+    square.paste((255, 255, 255), (24, 24, 40, 40))
+    (root / "input").mkdir(exist_ok=True)
+    square.save(root / "input" / "square.png")
+    prompt = ui_to_api(wf, NODES)
+    assert {"48:199", "48:251", "48:252", "48:253"} <= set(prompt)
+    checked = ex.validate(prompt, lists={"input": ["square.png"]})
+    result = ex.run(prompt, GraphContext(engine=engine, output_dir=root / "output", temp_dir=root / "temp",
+                                         input_dir=root / "input", prompt=prompt), checked.outputs)
+    out = result.outputs["6"]["images"][0]
+    with Image.open(root / "output" / out["filename"]) as im:
+        a = np.asarray(im.convert("L"), np.float32) / 255
+    assert a[32, 32] > 0.95 and a[0, 0] < 0.05  # the square stays, the far corner stays empty
+    assert a[32, 21] > 0.3 and a[32, 18] < a[32, 21]  # grown by 4 (to x = 20), then blurred outwards

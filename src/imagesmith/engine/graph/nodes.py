@@ -480,6 +480,64 @@ def _upscale_with_model(ctx, upscale_model, image):
     return (torch.stack(rows),)
 
 
+# ------------------------------------------------------------------------------------------------ masks
+
+CHANNELS = ("red", "green", "blue", "alpha")
+
+
+def _image_to_mask(ctx, image, channel):
+    index = CHANNELS.index(channel)
+    if index >= image.shape[-1]:
+        return (torch.ones(image.shape[:3]) if channel == "alpha" else torch.zeros(image.shape[:3]),)
+    return (image[..., index].clone(),)
+
+
+def _mask_to_image(ctx, mask):
+    m = mask.reshape(-1, mask.shape[-2], mask.shape[-1])
+    return (m[..., None].expand(-1, -1, -1, 3).clone(),)
+
+
+def _invert_mask(ctx, mask):
+    return (1.0 - mask,)
+
+
+def _solid_mask(ctx, value, width, height):
+    return (torch.full((1, height, width), float(value)),)
+
+
+def _grow_mask(ctx, mask, expand, tapered_corners):
+    """ComfyUI's GrowMask: grey dilation (expand > 0) or erosion (< 0), one pixel a step, over a 3x3 cross
+    (tapered corners) or square; soft masks stay soft."""
+    m = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+    cross = torch.tensor([0, 1, 0, 1, 1, 1, 0, 1, 0], dtype=torch.bool)
+    use = cross if tapered_corners else torch.ones(9, dtype=torch.bool)
+    h, w = m.shape[-2:]
+    for _ in range(abs(int(expand))):
+        patches = torch.nn.functional.unfold(torch.nn.functional.pad(m, (1, 1, 1, 1), mode="replicate"), 3)
+        patches = patches[:, use]  # [B, k, H*W]
+        m = (patches.amax(1) if expand > 0 else patches.amin(1)).reshape(-1, 1, h, w)
+    return (m[:, 0],)
+
+
+def _image_blur(ctx, image, blur_radius, sigma):
+    if blur_radius == 0:
+        return (image,)
+    size = blur_radius * 2 + 1
+    x = torch.arange(size, dtype=torch.float32) - blur_radius
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    c = image.shape[-1]
+    t = image.permute(0, 3, 1, 2)
+    t = torch.nn.functional.pad(t, (blur_radius,) * 4, mode="reflect")
+    t = torch.nn.functional.conv2d(t, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    t = torch.nn.functional.conv2d(t, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return (t.permute(0, 2, 3, 1).clamp(0, 1),)
+
+
+def _image_invert(ctx, image):
+    return (1.0 - image,)
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 def _counter(folder: Path, prefix: str) -> int:
@@ -733,6 +791,22 @@ def _nodes() -> dict[str, Node]:
         Node("ImageUpscaleWithModel", "Upscale Image (using Model)", "image/upscaling",
              {"upscale_model": _l("UPSCALE_MODEL"), "image": _l("IMAGE")}, (("IMAGE", "IMAGE"),),
              _upscale_with_model),
+        Node("ImageToMask", "Convert Image to Mask", "mask", {"image": _l("IMAGE"), "channel": _c(CHANNELS[:3] +
+                                                                                                ("alpha",))},
+             (("MASK", "MASK"),), _image_to_mask),
+        Node("MaskToImage", "Convert Mask to Image", "mask", {"mask": _l("MASK")}, (("IMAGE", "IMAGE"),),
+             _mask_to_image),
+        Node("InvertMask", "InvertMask", "mask", {"mask": _l("MASK")}, (("MASK", "MASK"),), _invert_mask),
+        Node("SolidMask", "SolidMask", "mask", {"value": _f(1.0, 0.0, 1.0), "width": _i(512, 1, MAX_RESOLUTION),
+                                                "height": _i(512, 1, MAX_RESOLUTION)},
+             (("MASK", "MASK"),), _solid_mask),
+        Node("GrowMask", "GrowMask", "mask", {"mask": _l("MASK"), "expand": _i(0, -MAX_RESOLUTION, MAX_RESOLUTION),
+                                              "tapered_corners": Input("BOOLEAN", default=True)},
+             (("MASK", "MASK"),), _grow_mask),
+        Node("ImageBlur", "Image Blur", "image/postprocessing",
+             {"image": _l("IMAGE"), "blur_radius": _i(1, 1, 31), "sigma": _f(1.0, 0.1, 10.0, 0.1)},
+             (("IMAGE", "IMAGE"),), _image_blur),
+        Node("ImageInvert", "Invert Image", "image", {"image": _l("IMAGE")}, (("IMAGE", "IMAGE"),), _image_invert),
         Node("SaveImage", "Save Image", "image", {"images": _l("IMAGE"),
                                                   "filename_prefix": Input("STRING", default="ComfyUI")},
              (), _save_image, output_node=True, hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},

@@ -24,8 +24,7 @@ CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 def ui_to_api(workflow: dict, nodes: dict[str, Node]) -> dict[str, dict]:
     if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list):
         raise BadRequest("a UI workflow has a 'nodes' list (is this already an API-format prompt?)")
-    if (workflow.get("definitions") or {}).get("subgraphs"):
-        raise BadRequest("workflows with subgraphs are not converted yet; export it with 'Save (API)' instead")
+    workflow = flatten_subgraphs(workflow)
     by_id = {str(n["id"]): n for n in workflow["nodes"]}
     links: dict[int, tuple[str, int, str]] = {}
     for link in workflow.get("links") or []:
@@ -110,3 +109,102 @@ def ui_to_api(workflow: dict, nodes: dict[str, Node]) -> dict[str, dict]:
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs,
                                    "_meta": {"title": node.get("title") or spec.display_name}}
     return prompt
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+SUBGRAPH_IN, SUBGRAPH_OUT = -10, -20
+
+
+def _link_list(link) -> list:
+    if isinstance(link, dict):
+        return [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
+                link.get("type", "*")]
+    return list(link)
+
+
+def flatten_subgraphs(workflow: dict) -> dict:
+    """A workflow whose subgraph instances are replaced by their inner nodes, with ids ``outer:inner`` (nested:
+    ``a:b:c``), as the frontend does when it queues: links into a subgraph's inputs go straight to the inner nodes
+    they feed, a subgraph input shown as a widget on the instance becomes a primitive value, and links from its
+    outputs start at the inner node that produced them."""
+    subs = {sg["id"]: sg for sg in (workflow.get("definitions") or {}).get("subgraphs") or []}
+    if not subs:
+        return workflow
+    nodes = [dict(n) for n in workflow["nodes"]]
+    links = [_link_list(l) for l in workflow.get("links") or []]
+    counter = [max([l[0] for l in links] + [0]) + 1]
+    for sg in subs.values():
+        counter[0] = max([counter[0]] + [_link_list(l)[0] + 1 for l in sg.get("links") or []])
+    expanded = 0
+    while True:
+        inst = next((n for n in nodes if n.get("type") in subs), None)
+        if inst is None:
+            break
+        expanded += 1
+        if expanded > 500:
+            raise BadRequest("subgraphs nest too deep (more than 500 instances)")
+        nodes, links = _expand(inst, subs[inst["type"]], nodes, links, counter)
+    out = {k: v for k, v in workflow.items() if k != "definitions"}
+    out["nodes"], out["links"] = nodes, links
+    return out
+
+
+def _expand(inst: dict, sg: dict, nodes: list, links: list, counter: list) -> tuple[list, list]:
+    prefix = f"{inst['id']}:"
+    muted = inst.get("mode", 0) == MUTED
+    inner = []
+    for n in sg.get("nodes") or []:
+        m = {**n, "id": prefix + str(n["id"]), "inputs": [dict(i) for i in n.get("inputs") or []]}
+        if muted:
+            m["mode"] = MUTED
+        inner.append(m)
+    outer_in = {i.get("name"): i.get("link") for i in inst.get("inputs") or []}
+    widget_values = list(inst.get("widgets_values") or []) if isinstance(inst.get("widgets_values"), list) else []
+    feeds: dict[int, tuple] = {}  # subgraph input index -> (origin id, slot, type) or ("value", v)
+    links_by_id = {l[0]: l for l in links}
+    w = 0
+    for k, sin in enumerate(sg.get("inputs") or []):
+        link_id = outer_in.get(sin.get("name"))
+        if link_id is not None and link_id in links_by_id:
+            l = links_by_id[link_id]
+            feeds[k] = (l[1], l[2], l[5])
+        elif sin.get("type") in WIDGET_TYPES and w < len(widget_values):
+            prim = {"id": f"{prefix}input{k}", "type": "PrimitiveNode", "mode": 0, "inputs": [],
+                    "outputs": [{"type": sin.get("type"), "links": []}], "widgets_values": [widget_values[w]]}
+            w += 1
+            inner.append(prim)
+            feeds[k] = (prim["id"], 0, sin.get("type"))
+    remap: dict[int, int] = {}
+    new_links = []
+    produced: dict[int, tuple] = {}  # subgraph output index -> (origin id, slot)
+    for raw in sg.get("links") or []:
+        l = _link_list(raw)
+        old, origin, oslot, target, tslot, ltype = l
+        if origin == SUBGRAPH_IN:
+            if oslot not in feeds:
+                continue  # an input the instance leaves unconnected
+            origin, oslot = feeds[oslot][0], feeds[oslot][1]
+        else:
+            origin = prefix + str(origin)
+        if target == SUBGRAPH_OUT:
+            produced[tslot] = (origin, oslot)
+            continue
+        new = counter[0]
+        counter[0] += 1
+        remap[old] = new
+        new_links.append([new, origin, oslot, prefix + str(target), tslot, ltype])
+    for m in inner:
+        for i in m["inputs"]:
+            if i.get("link") is not None:
+                i["link"] = remap.get(i["link"])
+    kept = []
+    for l in links:
+        if l[3] == inst["id"]:
+            continue  # into the instance: replaced by the inner links above
+        if l[1] == inst["id"]:
+            if l[2] not in produced:
+                continue
+            l = [l[0], *produced[l[2]], *l[3:]]
+        kept.append(l)
+    nodes = [n for n in nodes if n is not inst] + inner
+    return nodes, kept + new_links
