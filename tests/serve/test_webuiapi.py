@@ -299,3 +299,16 @@ def test_save_images_false_keeps_nothing(api):
     saved = httpx.get(api.baseurl.replace("/sdapi/v1", "") + job["files"][0]["url"])
     assert saved.status_code == 200
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(saved.content))), np.asarray(kept.image))
+
+
+def test_override_settings_kept_when_not_restored(api):
+    """override_settings_restore_afterwards=False: A1111 keeps the request's overrides as the settings."""
+    before = api.get_options()["CLIP_stop_at_last_layers"] if "CLIP_stop_at_last_layers" in api.get_options() else 1
+    api.txt2img(alwayson_scripts={}, prompt="a plum", seed=4, width=64, height=64,
+                override_settings={"CLIP_stop_at_last_layers": 2})  # restored afterwards (the default)
+    assert api.get_options().get("CLIP_stop_at_last_layers", 1) == before
+    r = api.txt2img(alwayson_scripts={}, prompt="a plum", seed=4, width=64, height=64,
+                    override_settings={"CLIP_stop_at_last_layers": 2}, override_settings_restore_afterwards=False)
+    assert "Clip skip: 2" in r.info["infotexts"][0]
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+    api.set_options({"CLIP_stop_at_last_layers": before})

@@ -339,6 +339,11 @@ async def answer(svc: Services, job_type: str, req: dict, who: dict, body: dict)
     of it is kept once answered (A1111's default: its API saves no image unless asked): not the output files,
     not the uploads made from its base64 images. A call past the sync timeout (504) leaves its job running,
     with everything it needs."""
+    overrides = body.get("override_settings")
+    if body.get("override_settings_restore_afterwards") is False and isinstance(overrides, dict) and overrides:
+        # A1111 keeps a request's overrides as the settings afterwards when asked not to restore them
+        check_a1111_options(overrides, svc.settings)
+        svc.store.set_a1111_options(who["name"], overrides)
     job = await svc.run_sync(job_type, req, who)
     failed = isinstance(job, JSONResponse)
     keep = body.get("save_images") is True and not failed
