@@ -98,6 +98,13 @@ def test_raw_calls_as_comfyuis_example_scripts_make_them(server):
     image = entry["outputs"]["9"]["images"][0]
     r = httpx.get(f"{url}/api/view", params=image)  # the frontend's /api prefix
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    for params, media, mode in (({"preview": "webp;80"}, "image/webp", "RGB"), ({"preview": "jpeg;70"}, "image/jpeg",
+                                                                               "RGB"),
+                                ({"channel": "rgb"}, "image/png", "RGB"), ({"channel": "a"}, "image/png", "RGBA")):
+        r = httpx.get(f"{url}/view", params={**image, **params})  # the frontend's preview and channel options
+        assert r.status_code == 200 and r.headers["content-type"] == media, params
+        with Image.open(io.BytesIO(r.content)) as im:
+            assert im.size == (64, 64) and im.mode == mode
     assert pid in httpx.get(f"{url}/history", params={"max_items": 50}).json()
     assert httpx.get(f"{url}/prompt").json() == {"exec_info": {"queue_remaining": 0}}
     # unknown ids: 404 (ComfyUI answers {}); bad prompts: ComfyUI's 400 shapes; paths are refused as names
@@ -222,5 +229,6 @@ def test_comfyscript_builds_nodes_from_object_info_and_runs_them(server):
     script = Path(__file__).parent / "clients" / "comfy_script_default.py"
     r = subprocess.run([sys.executable, str(script), url + "/"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "Nodes: 3" in r.stdout  # it loaded the node set (37 classes today)
+    from imagesmith.engine.graph.nodes import NODES
+    assert f"Nodes: {len(NODES)}" in r.stdout  # it built a class for every node /object_info lists
     assert "IMAGES [(64, 48), (64, 48)]" in r.stdout, r.stdout[-2000:]

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ... import __version__
 from ...core.errors import BadRequest, NotFound
@@ -255,9 +255,46 @@ def view(svc: Svc, who: Caller, filename: str | None = None, type: str = "output
     path = folder.joinpath(*safe_subfolder(subfolder), safe_name(filename, "filename"))
     if not path.is_file():
         raise NotFound(f"no {type} file {filename!r}")
+    headers = {"Content-Disposition": f'filename="{path.name}"'}
+    if preview or channel in ("rgb", "a"):
+        return Response(content=_view_variant(svc, path, preview, channel or ""), headers=headers,
+                        media_type=_variant_type(preview, channel or ""))
     media = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-    return FileResponse(path, media_type=media.get(path.suffix.lower(), "application/octet-stream"),
-                        headers={"Content-Disposition": f'filename="{path.name}"'})
+    return FileResponse(path, media_type=media.get(path.suffix.lower(), "application/octet-stream"), headers=headers)
+
+
+def _variant_type(preview: str | None, channel: str) -> str:
+    if preview:
+        fmt = preview.split(";")[0]
+        return f"image/{fmt if fmt in ('webp', 'jpeg') and 'a' not in channel else 'webp'}"
+    return "image/png"
+
+
+def _view_variant(svc: Services, path: Path, preview: str | None, channel: str) -> bytes:
+    """ComfyUI's /view options: ``preview=webp;90`` (or jpeg) re-encodes for a light preview (webp whenever the
+    alpha channel is asked for); ``channel=rgb`` drops the alpha, ``channel=a`` keeps only it."""
+    import io
+
+    from ...core.imageio import load_image
+    image = load_image(path, settings=svc.settings, mode=None, what="image")
+    out = io.BytesIO()
+    if preview:
+        parts = preview.split(";")
+        fmt = _variant_type(preview, channel).split("/")[1]
+        quality = int(parts[-1]) if parts[-1].isdigit() and 1 <= int(parts[-1]) <= 100 else 90
+        if fmt == "jpeg" or channel == "rgb" or image.mode not in ("RGB", "RGBA"):
+            image = image.convert("RGB")
+        image.save(out, format=fmt.upper(), quality=quality)
+        return out.getvalue()
+    if channel == "rgb":
+        image.convert("RGB").save(out, format="PNG")
+    else:
+        from PIL import Image
+        alpha = image.getchannel("A") if "A" in image.getbands() else Image.new("L", image.size, 255)
+        only = Image.new("RGBA", image.size)
+        only.putalpha(alpha)
+        only.save(out, format="PNG")
+    return out.getvalue()
 
 
 async def _upload(request: Request, svc: Services, who: dict, *, mask: bool) -> dict:
@@ -437,13 +474,17 @@ async def _job_messages(ws: WebSocket, job: dict, mine: dict) -> None:
         parts = note.split()
         node = parts[1]
         if mine.get("node") != node:
-            mine["node"] = node
+            if mine.get("node"):
+                mine.setdefault("finished", []).append(mine["node"])
+            mine["node"], mine["step"] = node, None
             await ws.send_json({"type": "executing", "data": {"node": node, "display_node": node, "prompt_id": pid}})
+            await _progress_state(ws, pid, mine, node, 0, 1)
         if len(parts) > 2 and mine.get("step") != parts[2]:
             mine["step"] = parts[2]
             value, total = (int(x) for x in parts[2].split("/"))
             await ws.send_json({"type": "progress", "data": {"value": value, "max": total, "prompt_id": pid,
                                                              "node": node}})
+            await _progress_state(ws, pid, mine, node, value, total)
         return
     if job["status"] not in FINISHED:
         return
@@ -475,6 +516,16 @@ async def _job_messages(ws: WebSocket, job: dict, mine: dict) -> None:
         await ws.send_json({"type": "execution_interrupted", "data": {
             "prompt_id": pid, "node_id": mine.get("node", ""), "node_type": "", "executed": [], "timestamp": now}})
     await ws.send_json({"type": "executing", "data": {"node": None, "prompt_id": pid}})
+
+
+async def _progress_state(ws: WebSocket, pid: str, mine: dict, node: str, value: int, total: int) -> None:
+    """Newer frontends' per-node view of a prompt: the running node and the ones finished before it."""
+    def entry(n: str, state: str, v: int, m: int) -> dict:
+        return {"value": v, "max": m, "state": state, "node_id": n, "prompt_id": pid, "display_node_id": n,
+                "parent_node_id": None, "real_node_id": n}
+    nodes = {n: entry(n, "finished", 1, 1) for n in mine.get("finished", [])}
+    nodes[node] = entry(node, "running", value, total)
+    await ws.send_json({"type": "progress_state", "data": {"prompt_id": pid, "nodes": nodes}})
 
 
 @router.websocket("/ws")
