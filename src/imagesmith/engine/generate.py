@@ -32,6 +32,7 @@ from ..models.house import ensure_placeholder, make_registry
 from ..models.registry import ModelEntry, Registry
 from . import prompts as P
 from .grounding import ConceptVocabulary, Grounding, mean_pooled
+from .wildcards import expand_prompt, has_dynamic
 from .loras import ResolvedLora, adapter_name, apply_loras
 from . import performance as perf
 from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
@@ -73,6 +74,8 @@ class _Job:
     """The denoiser network the job runs: the pipeline's own, or its fp8 copy."""
     cache_stats: list = field(default_factory=list)
     """(reused, calls) of each sampling run under turbo's step cache."""
+    template: tuple[str, str] | None = None
+    """(prompt, negative) as written, when wildcards or choices were drawn into `prompt` / `negative`."""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -294,6 +297,9 @@ class Engine:
         if detailer is not None:
             from .detailer import infotext_params
             params.update(infotext_params(detailer))
+        if job.template is not None:  # the dynamic-prompts extension's keys: what was written, before the draw
+            params["Template"] = job.template[0] or None
+            params["Negative Template"] = job.template[1] or None
         params["Version"] = f"imagesmith {__version__}"
         prompt = job.prompt + "".join(f" <lora:{l.name}:{_num(l.weight)}>" for l in job.loras)
         return build_infotext(prompt, job.negative, {k: v for k, v in params.items() if v is not None})
@@ -308,6 +314,14 @@ class Engine:
             if params.no:
                 update["negative_prompt"] = ", ".join(x for x in (req.negative_prompt.strip(), params.no) if x)
             req = req.model_copy(update=update)
+        seeds, var_seeds = self._seeds(req)
+        template = None
+        if has_dynamic(req.prompt) or has_dynamic(req.negative_prompt):  # drawn before LoRA tags: a draw may add one
+            template = (req.prompt, req.negative_prompt)
+            folder = self.settings.home / "wildcards"
+            req = req.model_copy(update={"prompt": expand_prompt(req.prompt, seed=seeds[0], folder=folder),
+                                         "negative_prompt": expand_prompt(req.negative_prompt, seed=seeds[0] + 1,
+                                                                          folder=folder)})
         prompt, tag_loras = P.extract_lora_tags(req.prompt)
         negative, _ = P.extract_lora_tags(req.negative_prompt)
         if req.model and req.model.lower() in self._adopted:
@@ -343,8 +357,8 @@ class Engine:
             w, h = P.aspect_size(self._native_size(entry), params.aspect)
             req = req.model_copy(update={"width": w, "height": h})
         width, height = self._size(req, entry, init)
-        seeds, var_seeds = self._seeds(req)
-        return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds)
+        return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds,
+                    template=template)
 
     def _default_checkpoint(self) -> ModelEntry:
         if not any(e.builtin for e in self.registry.list("checkpoint")):
