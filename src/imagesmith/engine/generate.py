@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,9 @@ from .loras import ResolvedLora, adapter_name, apply_loras
 from . import performance as perf
 from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
 from .sampling import ksampler as K
-from .sampling.denoisers import Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, UNetDenoiser
+from .prompt_editing import has_editing, prompt_schedule, text_at
+from .sampling.denoisers import (Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, StepScheduled,
+                                 UNetDenoiser)
 from .sampling.model_sampling import FlowModelSampling, from_scheduler_config
 from .sampling.step_cache import StepCache
 
@@ -239,6 +241,8 @@ class Engine:
         req = job.req
         if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
             return None
+        if has_editing(job.prompt) or has_editing(job.negative):
+            return None  # its conditioning changes by step: a call of its own
         sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler)
         if req.noise == "comfy" and SAMPLERS_BY_NAME[sampler].noise is not None:
             return None  # ComfyUI's sampler noise is one stream over the batch: another batch, other images
@@ -699,7 +703,8 @@ class Engine:
             noise = K.initial_noise(req.noise, (len(seeds),) + shape, seeds, device=self.device)
         if self.device.type != "cpu":  # the sampler's arithmetic runs beside the network: no copy, no sync per step
             noise, latent, mask, concat = (None if t is None else t.to(self.device) for t in (noise, latent, mask, concat))
-        denoiser = self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat)
+        denoiser = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, len(seeds), concat, sigmas)
+                    or self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat))
         if job.plan is not None and job.plan.step_cache is not None:
             denoiser = StepCache(denoiser, sigmas, threshold=job.plan.step_cache)
         first = rows[0][1]
@@ -715,6 +720,22 @@ class Engine:
         if isinstance(denoiser, StepCache):
             job.cache_stats.append((denoiser.reused, denoiser.calls))
         return out
+
+    def _scheduled_denoiser(self, pipe, job: _Job, rows, ms, width: int, height: int, n: int, concat, sigmas):
+        """A1111's prompt editing / alternation (engine.prompt_editing): one denoiser per stretch of steps with
+        the same texts, switched by step. None when the prompts schedule nothing."""
+        if len(rows) != 1 or not (has_editing(job.prompt) or has_editing(job.negative)):
+            return None
+        steps = len(sigmas) - 1
+        pos, neg = prompt_schedule(job.prompt, steps), prompt_schedule(job.negative, steps)
+        if len(pos) == 1 and len(neg) == 1 and pos[0][1] == job.prompt and neg[0][1] == job.negative:
+            return None  # (one stretch with other text, "[a:b:0]", still reads the resolved text)
+        parts = []
+        for end in sorted({e for e, _ in pos} | {e for e, _ in neg}):
+            view = replace(job, prompt=text_at(pos, end), negative=text_at(neg, end), grounding=None)
+            encoded = self._encode(pipe, view, for_arch=job.arch)
+            parts.append((end, self._denoiser(pipe, view, rows, [encoded], ms, width, height, n, concat)))
+        return StepScheduled(parts, sigmas)
 
     def _model_sampling(self, pipe, job: _Job, width: int, height: int):
         config = dict(pipe.scheduler.config)

@@ -175,3 +175,25 @@ class FluxDenoiser:
                        return_dict=False)[0]
         v = self.unpack(out.float()).to(x.device)
         return self.ms.denoised(sigma, v, x)
+
+
+class StepScheduled:
+    """Conditioning that changes with the sampling step (A1111's prompt editing and alternation): `parts` are
+    (last step, 1-based; denoiser). A call's step is its sigma's place in `sigmas`, so a sampler's extra
+    evaluations inside a step (Heun, DPM2) count as that step."""
+
+    def __init__(self, parts: list, sigmas: torch.Tensor):
+        self.parts = parts
+        self.edges = [float(x) for x in sigmas[:-1]]
+        self.last_uncond = None
+
+    def step_of(self, sigma: torch.Tensor) -> int:
+        s = float(sigma.flatten()[0])
+        return max(1, sum(1 for e in self.edges if e >= s * (1 - 1e-6)))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        step = self.step_of(sigma)
+        denoise = next((d for end, d in self.parts if step <= end), self.parts[-1][1])
+        out = denoise(x, sigma)
+        self.last_uncond = getattr(denoise, "last_uncond", None)
+        return out

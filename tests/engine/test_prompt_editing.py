@@ -1,0 +1,79 @@
+"""A1111's prompt editing ``[from:to:when]`` and alternation ``[a|b]``: the schedule as A1111 1.6+ reads it, and the
+engine switching the conditioning at the named step (the x0 estimates of the steps before the switch are those of
+the first prompt, the ones after are not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imagesmith.core.progress import ProgressEvent
+from imagesmith.core.requests import GenerateRequest
+from imagesmith.engine.prompt_editing import has_editing, prompt_schedule
+
+
+@pytest.mark.parametrize("text,steps,expected", [
+    ("a [cat:dog:0.5] on a [red|blue] mat", 4, [(1, "a cat on a red mat"), (2, "a cat on a blue mat"),
+                                                  (3, "a dog on a red mat"), (4, "a dog on a blue mat")]),
+    ("a [cat:dog:10] photo", 20, [(10, "a cat photo"), (20, "a dog photo")]),  # no point: a step number
+    ("a [dog:5] x", 20, [(5, "a  x"), (20, "a dog x")]),  # [to:when]
+    ("a [hat::0.25] x", 20, [(5, "a hat x"), (20, "a  x")]),  # [from::when]
+    ("[a:b:0]", 4, [(4, "b")]), ("[a:b:1.0]", 4, [(4, "a")]), ("[a:b:99]", 4, [(4, "a")]),
+    ("(red:1.2) [word] [a:b]", 4, [(4, "(red:1.2) [word] [a:b]")]),  # emphasis and non-numbers stay text
+    ("[x [a:b:2]]", 3, [(2, "[x a]"), (3, "[x b]")]),  # an edit inside de-emphasis
+    (r"\[a:b:1\]", 3, [(3, r"\[a:b:1\]")]),
+])
+def test_schedule_as_a1111_reads_it(text, steps, expected):
+    assert prompt_schedule(text, steps) == expected
+
+
+def test_which_prompts_schedule_anything():
+    assert not has_editing("a (red:1.2) [word] cat") and has_editing("[a:b:3]") and has_editing("[a|b]")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_home):
+    from imagesmith.engine.generate import Engine
+    return Engine(tiny_home, device="cpu")
+
+
+def estimates(engine, prompt: str) -> tuple[list[torch.Tensor], np.ndarray, str]:
+    seen = []
+
+    def progress(event: ProgressEvent) -> None:
+        if event.latents is not None:
+            seen.append(event.latents.clone())
+    r = engine.generate(GenerateRequest(prompt=prompt, negative_prompt="blurry", model="tiny-sd15", width=64,
+                                        height=64, steps=4, cfg_scale=6, seed=11, sampler_name="Euler"),
+                        progress=progress)
+    return seen, np.asarray(r.images[0]), r.records[0].infotext
+
+
+def test_the_engine_switches_at_the_named_step(engine):
+    cat, cat_img, _ = estimates(engine, "a photo of a cat")
+    dog, dog_img, _ = estimates(engine, "a photo of a dog")
+    edit, edit_img, info = estimates(engine, "a photo of a [cat:dog:2]")
+    assert len(cat) == len(edit) == 4
+    assert torch.equal(edit[0], cat[0]) and torch.equal(edit[1], cat[1])  # steps 1-2: "cat"
+    assert not torch.equal(edit[2], cat[2])  # step 3 onwards: "dog"
+    assert not np.array_equal(edit_img, cat_img) and not np.array_equal(edit_img, dog_img)
+    assert info.startswith("a photo of a [cat:dog:2]")  # the infotext keeps what was written
+    whole, whole_img, _ = estimates(engine, "a photo of a [cat:dog:4]")
+    assert np.array_equal(whole_img, cat_img)  # switching after the last step: all "cat"
+    never, never_img, _ = estimates(engine, "a photo of a [cat:dog:0]")
+    assert np.array_equal(never_img, dog_img)
+    alt, _, _ = estimates(engine, "a photo of a [cat|dog]")
+    assert torch.equal(alt[0], cat[0]) and not torch.equal(alt[1], cat[1])  # step 1 "cat", step 2 "dog"
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_every_architecture_switches(engine, model):
+    def run(prompt):
+        seen = []
+        engine.generate(GenerateRequest(prompt=prompt, model=model, width=64, height=64, steps=3, cfg_scale=4,
+                                        seed=3, sampler_name="Euler"),
+                        progress=lambda e: seen.append(e.latents.clone()) if e.latents is not None else None)
+        return seen
+    cat, edit = run("a cat"), run("a [cat:dog:1]")
+    assert torch.equal(edit[0], cat[0]) and not torch.equal(edit[-1], cat[-1])
