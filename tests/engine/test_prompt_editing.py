@@ -77,3 +77,18 @@ def test_every_architecture_switches(engine, model):
         return seen
     cat, edit = run("a cat"), run("a [cat:dog:1]")
     assert torch.equal(edit[0], cat[0]) and not torch.equal(edit[-1], cat[-1])
+
+
+def test_and_composes_the_parts_as_a1111_does(engine):
+    """u + cfg * sum(w_i (c_i - u)): a part of weight 0 adds nothing, two halves of one prompt are that prompt,
+    and two different prompts are neither."""
+    from imagesmith.engine.prompt_editing import split_and
+    assert split_and("a cat AND a dog :0.8") == [("a cat", 1.0), ("a dog", 0.8)]
+    assert split_and("(red:1.2) cat AND b:2") == [("(red:1.2) cat", 1.0), ("b", 2.0)]
+    _, cat, _ = estimates(engine, "a photo of a cat")
+    _, zero, _ = estimates(engine, "a photo of a cat AND a photo of a dog :0")
+    _, halves, _ = estimates(engine, "a photo of a cat :0.5 AND a photo of a cat :0.5")
+    _, both, info = estimates(engine, "a photo of a cat AND a photo of a dog")
+    assert np.abs(zero.astype(int) - cat).max() <= 1 and np.abs(halves.astype(int) - cat).max() <= 1
+    assert np.abs(both.astype(int) - cat).max() > 4
+    assert info.startswith("a photo of a cat AND a photo of a dog")

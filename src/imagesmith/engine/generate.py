@@ -37,8 +37,8 @@ from .loras import ResolvedLora, adapter_name, apply_loras
 from . import performance as perf
 from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
 from .sampling import ksampler as K
-from .prompt_editing import has_editing, prompt_schedule, text_at
-from .sampling.denoisers import (Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, StepScheduled,
+from .prompt_editing import has_editing, prompt_schedule, split_and, text_at
+from .sampling.denoisers import (Composed, Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, StepScheduled,
                                  UNetDenoiser)
 from .sampling.model_sampling import FlowModelSampling, from_scheduler_config
 from .sampling.step_cache import StepCache
@@ -722,20 +722,29 @@ class Engine:
         return out
 
     def _scheduled_denoiser(self, pipe, job: _Job, rows, ms, width: int, height: int, n: int, concat, sigmas):
-        """A1111's prompt editing / alternation (engine.prompt_editing): one denoiser per stretch of steps with
-        the same texts, switched by step. None when the prompts schedule nothing."""
+        """A1111's prompt editing / alternation / AND (engine.prompt_editing): one denoiser per stretch of steps
+        with the same texts, switched by step; AND parts composed. None when the prompts schedule nothing."""
         if len(rows) != 1 or not (has_editing(job.prompt) or has_editing(job.negative)):
             return None
         steps = len(sigmas) - 1
         pos, neg = prompt_schedule(job.prompt, steps), prompt_schedule(job.negative, steps)
-        if len(pos) == 1 and len(neg) == 1 and pos[0][1] == job.prompt and neg[0][1] == job.negative:
+        if len(pos) == 1 and len(neg) == 1 and pos[0][1] == job.prompt and neg[0][1] == job.negative and \
+                len(split_and(job.prompt)) == 1:
             return None  # (one stretch with other text, "[a:b:0]", still reads the resolved text)
+        def denoiser_for(prompt: str, negative: str):
+            view = replace(job, prompt=prompt, negative=negative, grounding=None)
+            return self._denoiser(pipe, view, rows, [self._encode(pipe, view, for_arch=job.arch)], ms, width,
+                                  height, n, concat)
+
         parts = []
         for end in sorted({e for e, _ in pos} | {e for e, _ in neg}):
-            view = replace(job, prompt=text_at(pos, end), negative=text_at(neg, end), grounding=None)
-            encoded = self._encode(pipe, view, for_arch=job.arch)
-            parts.append((end, self._denoiser(pipe, view, rows, [encoded], ms, width, height, n, concat)))
-        return StepScheduled(parts, sigmas)
+            negative = text_at(neg, end)
+            composed = split_and(text_at(pos, end))
+            if len(composed) == 1 and composed[0][1] == 1.0:
+                parts.append((end, denoiser_for(composed[0][0], negative)))
+            else:  # AND: composable diffusion over the parts
+                parts.append((end, Composed([(w, denoiser_for(t, negative)) for t, w in composed])))
+        return parts[0][1] if len(parts) == 1 else StepScheduled(parts, sigmas)
 
     def _model_sampling(self, pipe, job: _Job, width: int, height: int):
         config = dict(pipe.scheduler.config)

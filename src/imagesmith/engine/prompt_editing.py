@@ -5,6 +5,8 @@
   a step number (``10``), as A1111 1.6+ reads it.
 - ``[a|b|c]`` alternates every step: step 1 reads `a`, step 2 `b`, ...
 - Anything else in square brackets (``[word]``, A1111's de-emphasis) is left as written.
+- ``a cat AND a dog :0.8`` is composable diffusion: each part conditions the model on its own and the guided
+  estimate is ``uncond + cfg x sum(weight x (cond_part - uncond))`` (:func:`split_and`).
 
     prompt_schedule("a [cat:dog:0.5] on a [red|blue] mat", 4)
     -> [(1, "a cat on a red mat"), (2, "a cat on a blue mat"), (3, "a dog on a red mat"), (4, "a dog on a blue mat")]
@@ -20,11 +22,31 @@ from ..core.errors import BadRequest
 _NUMBER = re.compile(r"^\s*\d+(\.\d*)?\s*$|^\s*\.\d+\s*$")
 
 
+_AND = re.compile(r"\s+AND\s+")
+_WEIGHT = re.compile(r"^(.*?)\s*:\s*(-?\d+(?:\.\d+)?)\s*$", re.S)
+
+
 def has_editing(text: str) -> bool:
-    """Does `text` use prompt editing or alternation (cheap check; the parse decides)?"""
+    """Does `text` use prompt editing, alternation or AND (cheap check; the parse decides)?"""
+    if _AND.search(text):
+        return True
     if "[" not in text:
         return False
     return any(isinstance(node, tuple) for node in _parse(text))
+
+
+def split_and(text: str) -> list[tuple[str, float]]:
+    """A1111's composable prompts: ``"a cat AND a dog :0.8"`` -> ``[("a cat", 1.0), ("a dog", 0.8)]`` (a weight
+    is a number after the last colon of a part, outside any brackets)."""
+    out = []
+    for part in _AND.split(text):
+        m = _WEIGHT.match(part)
+        if m and not (m.group(1).count("(") - m.group(1).count(")")) and \
+                not (m.group(1).count("[") - m.group(1).count("]")):
+            out.append((m.group(1), float(m.group(2))))
+        else:
+            out.append((part, 1.0))
+    return out
 
 
 def _top_split(text: str, sep: str) -> list[str]:

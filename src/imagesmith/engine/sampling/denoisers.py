@@ -197,3 +197,25 @@ class StepScheduled:
         out = denoise(x, sigma)
         self.last_uncond = getattr(denoise, "last_uncond", None)
         return out
+
+
+class Composed:
+    """A1111's AND (composable diffusion, Liu et al. 2022): ``parts`` are (weight, denoiser) with the same
+    negative conditioning and CFG scale; the estimate is ``u + sum(w * (d_i - u))``, i.e.
+    ``u + cfg * sum(w * (cond_i - u))``, the weights not normalised, as in A1111."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.last_uncond = None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        total, uncond = None, None
+        for weight, denoise in self.parts:
+            d = denoise(x, sigma)
+            u = getattr(denoise, "last_uncond", None)
+            if u is None:  # no CFG (scale 1): a weighted mean of the conditional estimates
+                u = torch.zeros_like(d) if total is None else uncond
+            uncond = u if uncond is None else uncond
+            total = weight * (d - uncond) if total is None else total + weight * (d - uncond)
+        self.last_uncond = uncond
+        return uncond + total
