@@ -222,3 +222,20 @@ def test_generate_flags_are_the_api_field_names_with_webui_aliases(env, capsys, 
     a = json.loads(long[1])["images"][0]["infotext"]
     assert a == json.loads(short[1])["images"][0]["infotext"] and "CFG scale: 5" in a and "Negative prompt: blur" in a
     assert np.array_equal(np.asarray(Image.open(tmp_path / "long.png")), np.asarray(Image.open(tmp_path / "short.png")))
+
+
+def test_controlnet_detect_saves_the_detected_map(env, capsys, tmp_path):
+    drawing = Image.new("RGB", (64, 64), "white")
+    drawing.paste((0, 0, 0), (30, 8, 34, 56))
+    drawing.save(tmp_path / "stroke.png")
+    out = tmp_path / "map.png"
+    code, stdout, err = run_cli(capsys, "controlnet", "detect", str(tmp_path / "stroke.png"), "-p", "invert",
+                                "-o", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(stdout) == {"output": str(out), "preprocessor": "invert", "width": 64, "height": 64}
+    detected = np.asarray(Image.open(out).convert("L"))
+    assert detected[32, 32] == 255 and detected[32, 8] == 0
+    code, _, err = run_cli(capsys, "controlnet", "detect", str(tmp_path / "stroke.png"), "-p", "depth",
+                           "-o", str(tmp_path / "nope.png"))
+    assert code == 2 and "unknown preprocessor 'depth'" in err and "\n" not in err.strip()
+    assert not (tmp_path / "nope.png").exists()

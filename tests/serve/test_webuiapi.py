@@ -148,7 +148,9 @@ def test_the_controlnet_extension_api(api):
     """The sd-webui-controlnet routes and units as webuiapi sends them (alwayson_scripts.ControlNet.args)."""
     assert api.controlnet_version() == 2
     assert api.controlnet_model_list() == ["tiny-controlnet"]
-    assert api.controlnet_module_list() == ["none", "canny"]
+    assert api.controlnet_module_list() == ["none", "canny", "scribble_xdog",
+                                             "lineart_standard (from white bg & black line)",
+                                             "invert (from white bg & black line)", "threshold", "tile_resample"]
     detected = api.controlnet_detect([_edges_image()], module="canny", threshold_a=100, threshold_b=200)
     edges = np.asarray(detected.images[0].convert("L"))
     assert edges.max() == 255 and edges[32, 32] == 0 and edges[16, 16:48].max() == 255  # the square's outline
@@ -183,7 +185,7 @@ def test_several_controlnet_units_add_up(api):
 
 
 @pytest.mark.parametrize("units,needle", [
-    ([dict(module="depth_midas")], "not available in imagesmith; available: none, canny"),
+    ([dict(module="depth_midas")], "not available in imagesmith; available: none, canny, scribble_xdog"),
     ([{}] * 5, "at most 4 ControlNet units a request; 5 are enabled"),
 ])
 def test_controlnet_units_imagesmith_cannot_run_are_a_422(api, units, needle):
@@ -312,3 +314,25 @@ def test_override_settings_kept_when_not_restored(api):
     assert "Clip skip: 2" in r.info["infotexts"][0]
     assert api.get_options()["CLIP_stop_at_last_layers"] == 2
     api.set_options({"CLIP_stop_at_last_layers": before})
+
+
+def test_the_model_free_preprocessors_as_the_extension_runs_them(api):
+    """detect with each model-free module: a drawing's black strokes become white lines (invert, lineart), a photo
+    gives scribble lines (xdog), threshold binarises at its level, tile_resample makes the image coarser."""
+    drawing = Image.new("RGB", (64, 64), "white")
+    drawing.paste((0, 0, 0), (30, 8, 34, 56))  # one black stroke
+    inverted = np.asarray(api.controlnet_detect([drawing], module="invert (from white bg & black line)")
+                          .images[0].convert("L"))
+    assert inverted[32, 32] == 255 and inverted[32, 8] == 0
+    lines = np.asarray(api.controlnet_detect([drawing], module="lineart_standard (from white bg & black line)")
+                       .images[0].convert("L"))
+    assert lines[32, 32] > 100 and lines[32, 8] == 0
+    photo = Image.fromarray((np.indices((64, 64)).sum(0) * 3 % 255).astype(np.uint8)).convert("RGB")
+    photo.paste((20, 20, 20), (16, 16, 48, 48))
+    xdog = np.asarray(api.controlnet_detect([photo], module="scribble_xdog", threshold_a=32).images[0].convert("L"))
+    assert set(np.unique(xdog)) <= {0, 255} and 0 < (xdog == 255).mean() < 0.5
+    gray = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).convert("RGB")
+    binary = np.asarray(api.controlnet_detect([gray], module="threshold", threshold_a=100).images[0].convert("L"))
+    assert binary[0, 24] == 0 and binary[0, 26] == 255  # 4 x 25 = 100 is not above the level
+    tile = api.controlnet_detect([photo], module="tile_resample", threshold_a=2.0).images[0]
+    assert tile.size == (32, 32)

@@ -62,7 +62,7 @@ def generate(
     upscaler: str = typer.Option("Latent", "--hr-upscaler", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B'"),
     controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet model name (controlnet.model)"),
     control_image: Optional[str] = typer.Option(None, "--control-image"),
-    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny or none"),
+    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample or none"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
     from_image: Optional[str] = typer.Option(None, "--from", help="regenerate an imagesmith PNG from its metadata"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="file, or folder for several images"),

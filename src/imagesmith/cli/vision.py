@@ -189,3 +189,36 @@ def analyze(image: str = typer.Argument(...),
     print("colours: " + ", ".join(f"{c['hex']} {c['share']:.0%}" for c in analysis.dominant_colors))
     for r in analysis.copy_regions:
         print(f"copy region {r['box']} score {r['score']:.3f}")
+
+
+controlnet_app = typer.Typer(no_args_is_help=True, help="ControlNet tools.")
+app.add_typer(controlnet_app, name="controlnet")
+
+
+@controlnet_app.command("detect")
+def controlnet_detect(image: str = typer.Argument(..., help="the image to preprocess"),
+                      preprocessor: str = typer.Option("canny", "--preprocessor", "-p", help="canny, scribble_xdog, "
+                                                       "lineart_standard, invert, threshold, tile_resample, none"),
+                      threshold_a: Optional[float] = typer.Option(None, "--threshold-a", help="the first slider "
+                                                                  "(canny low, xdog threshold, level, tile rate)"),
+                      threshold_b: Optional[float] = typer.Option(None, "--threshold-b", help="canny high"),
+                      output: Path = typer.Option(Path("detected.png"), "-o", "--output"),
+                      as_json: bool = typer.Option(False, "--json")):
+    """Run a ControlNet preprocessor alone and save its detected map (what the ControlNet would see)."""
+    from ..core.imageio import load_image, save_png_atomic
+    from ..core.requests import ControlNetSpec
+    from ..core.settings import Settings
+    from ..engine.controlnet import PREPROCESSORS, preprocess
+    if preprocessor not in PREPROCESSORS:
+        raise _Exit(f"unknown preprocessor {preprocessor!r}; available: {', '.join(PREPROCESSORS)}")
+    low = int(threshold_a) if preprocessor == "canny" and threshold_a is not None else 100
+    high = int(threshold_b) if preprocessor == "canny" and threshold_b is not None else 200
+    spec = ControlNetSpec(model="-", image=image, preprocessor=preprocessor, canny_low=low, canny_high=high,
+                          threshold_a=threshold_a, threshold_b=threshold_b)
+    detected = preprocess(load_image(image, settings=Settings.from_env(), mode="RGB", what="image"), spec)
+    save_png_atomic(detected, output)
+    if as_json:
+        print(json.dumps({"output": str(output), "preprocessor": preprocessor, "width": detected.width,
+                          "height": detected.height}))
+    else:
+        print(f"{output} ({preprocessor}, {detected.width}x{detected.height})")

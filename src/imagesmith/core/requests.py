@@ -69,12 +69,16 @@ class HiresSpec(BaseModel):
 class ControlNetSpec(BaseModel):
     model: str = Field(..., description="ControlNet name in the registry (models/controlnet)")
     image: str = Field(..., description="path of the control image")
-    preprocessor: Literal["canny", "none"] = "canny"
+    preprocessor: Literal["canny", "none", "scribble_xdog", "lineart_standard", "invert", "threshold",
+                          "tile_resample"] = Field("canny", description="model-free preprocessors (engine.controlnet)")
     weight: float = Field(1.0, ge=0.0, le=2.0)
     guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     guidance_end: float = Field(1.0, ge=0.0, le=1.0)
     canny_low: int = Field(100, ge=0, le=255)
     canny_high: int = Field(200, ge=0, le=255)
+    threshold_a: float | None = Field(None, description="the preprocessor's first slider (the extension's "
+                                      "threshold_a): scribble_xdog's threshold, threshold's level, tile's rate")
+    threshold_b: float | None = Field(None, description="its second slider, where it has one")
 
 
 class GenerateRequest(BaseModel):

@@ -1,6 +1,12 @@
-"""ControlNet preprocessors. OpenCV's Canny is built in; 'none' passes a ready-made control image."""
+"""ControlNet preprocessors that need no model: what the ControlNet extension calls canny, scribble_xdog, lineart
+standard, invert, threshold and tile_resample, plus 'none' (a ready-made control image). Each takes the image
+and the extension's two slider values (``threshold_a``, ``threshold_b``; None for the module's default) and gives
+the control image the ControlNet sees (its 'detected map')."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -14,7 +20,88 @@ def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
+def _rgb(a: np.ndarray) -> Image.Image:
+    a = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([a] * 3, axis=-1) if a.ndim == 2 else a)
+
+
+def scribble_xdog(image: Image.Image, threshold: float = 32) -> Image.Image:
+    """Scribble lines from a photo by extended difference of Gaussians: where the fine blur is darker than the
+    coarse one by more than `threshold`, a white line."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32)
+    fine = cv2.GaussianBlur(x, (0, 0), 0.5)
+    coarse = cv2.GaussianBlur(x, (0, 0), 5.0)
+    darker = np.max(coarse - fine, axis=2)
+    return _rgb(np.where(2 * darker > threshold, 255, 0))
+
+
+def lineart_standard(image: Image.Image) -> Image.Image:
+    """Line art from a drawing or photo without a model: how much darker each pixel is than its surroundings,
+    normalised by the typical line strength (white lines on black, as lineart ControlNets expect)."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32)
+    surround = cv2.GaussianBlur(x, (0, 0), 6.0)
+    strength = np.min(surround - x, axis=2).clip(0, 255)
+    lines = strength[strength > 8]
+    scale = max(16.0, float(np.median(lines))) if lines.size else 16.0
+    return _rgb(strength / scale * 127)
+
+
+def invert(image: Image.Image) -> Image.Image:
+    """A drawing in black on white -> white on black (what scribble and lineart ControlNets were trained on)."""
+    return _rgb(255 - np.asarray(image.convert("RGB"), dtype=np.int16))
+
+
+def threshold(image: Image.Image, level: float = 127) -> Image.Image:
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    return _rgb(np.where(gray > level, 255, 0))
+
+
+def tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
+    """The tile ControlNet's input: the image itself, optionally made coarser by `rate` (the engine then scales
+    it to the output size)."""
+    if rate <= 1.0:
+        return image.convert("RGB")
+    w, h = image.size
+    return image.convert("RGB").resize((max(1, round(w / rate)), max(1, round(h / rate))), Image.LANCZOS)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    run: Callable[..., Image.Image]
+    sliders: tuple[tuple[str, float, float, float], ...] = ()
+    """(name, default, min, max) of threshold_a then threshold_b, as the extension's module_detail lists them"""
+    model_free: bool = False
+
+
+PREPROCESSORS: dict[str, Preprocessor] = {
+    "none": Preprocessor(lambda im, a, b: im.convert("RGB")),
+    "canny": Preprocessor(lambda im, a, b: canny(im, int(a), int(b)),
+                          (("Low Threshold", 100, 1, 255), ("High Threshold", 200, 1, 255))),
+    "scribble_xdog": Preprocessor(lambda im, a, b: scribble_xdog(im, a), (("XDoG Threshold", 32, 1, 64),)),
+    "lineart_standard": Preprocessor(lambda im, a, b: lineart_standard(im)),
+    "invert": Preprocessor(lambda im, a, b: invert(im)),
+    "threshold": Preprocessor(lambda im, a, b: threshold(im, a), (("Binary threshold", 127, 0, 255),)),
+    "tile_resample": Preprocessor(lambda im, a, b: tile_resample(im, a), (("Down Sampling Rate", 1.0, 1.0, 8.0),),
+                                  model_free=False),
+}
+
+
+def slider_values(name: str, a: float | None, b: float | None) -> tuple[float, float]:
+    """The module's slider values: given ones inside their range, else its defaults (clients send -1 or the
+    extension's 64 when they mean 'unset')."""
+    sliders = PREPROCESSORS[name].sliders
+    out = []
+    for i, value in enumerate((a, b)):
+        if i >= len(sliders):
+            out.append(0.0)
+            continue
+        _, default, lo, hi = sliders[i]
+        out.append(float(value) if value is not None and lo <= float(value) <= hi else float(default))
+    return out[0], out[1]
+
+
 def preprocess(image: Image.Image, spec: ControlNetSpec) -> Image.Image:
     if spec.preprocessor == "canny":
         return canny(image, spec.canny_low, spec.canny_high)
-    return image.convert("RGB")
+    a, b = slider_values(spec.preprocessor, spec.threshold_a, spec.threshold_b)
+    return PREPROCESSORS[spec.preprocessor].run(image, a, b)

@@ -1,7 +1,7 @@
 """The ControlNet extension's API (sd-webui-controlnet), which most ControlNet-using A1111 clients go through:
 `/controlnet/version`, `model_list`, `module_list`, `detect`, and its units in `alwayson_scripts` of txt2img and
-img2img, mapped onto the engine's ControlNet (up to four units, residuals summed; the preprocessors imagesmith runs:
-canny and none).
+img2img, mapped onto the engine's ControlNet (up to four units, residuals summed; the model-free preprocessors
+imagesmith runs: canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample and none).
 A module imagesmith cannot run is a 422 naming what it can, never a silent skip."""
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from ...core.imageio import decode_base64
 from . import a1111_schema as S
 from .context import Svc, caller, json_object
 
-MODULES = {"none": "none", "canny": "canny"}  # A1111 module name -> imagesmith preprocessor
+MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble_xdog",  # A1111 module -> imagesmith's
+           "lineart_standard (from white bg & black line)": "lineart_standard",
+           "invert (from white bg & black line)": "invert", "threshold": "threshold",
+           "tile_resample": "tile_resample"}
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"
 
 
@@ -39,11 +42,13 @@ def model_list(svc: Svc):
 
 @router.get("/module_list")
 def module_list():
-    return {"module_list": list(MODULES), "module_detail": {
-        "none": {"model_free": False, "sliders": []},
-        "canny": {"model_free": False, "sliders": [
-            {"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
-            {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}}
+    from ...engine.controlnet import PREPROCESSORS
+    detail = {}
+    for module, name in MODULES.items():
+        p = PREPROCESSORS[name]
+        detail[module] = {"model_free": p.model_free, "sliders": [
+            {"name": label, "value": default, "min": lo, "max": hi} for label, default, lo, hi in p.sliders]}
+    return {"module_list": list(MODULES), "module_detail": detail}
 
 
 @router.post("/detect", openapi_extra=S.body(S.DetectBody))
@@ -57,8 +62,10 @@ async def detect(request: Request, svc: Svc):
     from ...core.imageio import load_image
     from ...core.requests import ControlNetSpec
     from ...engine.controlnet import preprocess
-    low, high = _thresholds(body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b"))
-    spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high)
+    a, b = body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b")
+    low, high = _thresholds(a, b)
+    spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high,
+                          threshold_a=_number(a), threshold_b=_number(b))
     out = []
     for data in images:
         image = load_image(decode_base64(data), settings=svc.settings, mode="RGB", what="controlnet input image")
@@ -107,7 +114,15 @@ def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
     return {"model": _HASH_SUFFIX.sub("", str(unit["model"])), "image": upload(decode_base64(image)),
             "preprocessor": _module(unit.get("module", "none")), "weight": unit.get("weight", 1.0),
             "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
-            "canny_low": low, "canny_high": high}
+            "canny_low": low, "canny_high": high, "threshold_a": _number(unit.get("threshold_a")),
+            "threshold_b": _number(unit.get("threshold_b"))}
+
+
+def _number(v) -> float | None:
+    """A slider value a client sent, or None (the module's default): -1, missing or not a number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v == -1:
+        return None
+    return float(v)
 
 
 MAX_UNITS = 4  # the extension's default "Multi-ControlNet: ControlNet unit number" is 3; some raise it to 4
