@@ -239,3 +239,15 @@ def test_controlnet_detect_saves_the_detected_map(env, capsys, tmp_path):
                            "-o", str(tmp_path / "nope.png"))
     assert code == 2 and "unknown preprocessor 'depth'" in err and "\n" not in err.strip()
     assert not (tmp_path / "nope.png").exists()
+
+
+def test_generate_with_regions(env, capsys, tmp_path):
+    out = tmp_path / "r.png"
+    code, stdout, err = run_cli(capsys, "generate", "a green field", "--seed", "3", *TINY, "-o", str(out),
+                                "--region", "0,0,0.5,1:a red car:2", "--json")
+    assert code == 0, err
+    assert "Regions: " in Image.open(out).info["parameters"] and "a red car (box 0 0 0.5 1, 2)" in \
+        Image.open(out).info["parameters"]
+    code, _, err = run_cli(capsys, "generate", "a field", *TINY, "-o", str(tmp_path / "bad.png"),
+                           "--region", "0,0,2,1:x")
+    assert code == 2 and "region box" in err and not (tmp_path / "bad.png").exists()

@@ -64,6 +64,9 @@ def generate(
     control_image: Optional[str] = typer.Option(None, "--control-image"),
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample or none"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
+    regions: Optional[List[str]] = typer.Option(None, "--region", help="a prompt for part of the picture: "
+                                                "'x0,y0,x1,y1:prompt[:weight]' (fractions 0-1), or "
+                                                "'MASK.png:prompt[:weight]'; repeatable"),
     from_image: Optional[str] = typer.Option(None, "--from", help="regenerate an imagesmith PNG from its metadata"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="file, or folder for several images"),
     latents_out: Optional[Path] = typer.Option(None, "--latents", help="also write the final latents (before the "
@@ -111,6 +114,8 @@ def generate(
                 raise _Exit("--controlnet needs --control-image")
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
                                                   preprocessor=control_preprocessor, weight=control_weight)
+        if regions:
+            fields["regions"] = [_region(r) for r in regions]
         if detailer is not None:
             from ..core.requests import DETAILERS, DetailerOptions
             if detailer not in DETAILERS:
@@ -307,3 +312,22 @@ def upscale(image: str = typer.Argument(...),
         print(json.dumps({"path": str(out_path), "width": result.width, "height": result.height}))
     else:
         print(f"{out_path}  {src.width}x{src.height} -> {result.width}x{result.height}")
+
+
+def _region(text: str):
+    """--region 'x0,y0,x1,y1:prompt[:weight]' or 'mask.png:prompt[:weight]'."""
+    from ..core.requests import RegionSpec
+    where, sep, rest = text.partition(":")
+    if not sep or not rest.strip():
+        raise _Exit(f"--region {text!r}: write 'x0,y0,x1,y1:prompt' or 'mask.png:prompt' (optionally ':weight')")
+    prompt, weight = rest, 1.0
+    head, _, tail = rest.rpartition(":")
+    if head and tail.strip().replace(".", "", 1).isdigit():
+        prompt, weight = head, float(tail)
+    try:
+        box = tuple(float(v) for v in where.split(","))
+    except ValueError:
+        return RegionSpec(prompt=prompt.strip(), mask=where, weight=weight)
+    if len(box) != 4:
+        raise _Exit(f"--region {text!r}: a box is four numbers x0,y0,x1,y1 (fractions of the width and height)")
+    return RegionSpec(prompt=prompt.strip(), box=box, weight=weight)

@@ -81,6 +81,29 @@ class ControlNetSpec(BaseModel):
     threshold_b: float | None = Field(None, description="its second slider, where it has one")
 
 
+class RegionSpec(BaseModel):
+    """A prompt for part of the picture (regional prompting): a box or a mask, its weight against the base prompt
+    there, and how softly its edge blends."""
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1)
+    box: tuple[float, float, float, float] | None = Field(
+        None, description="x0, y0, x1, y1 as fractions of the width and height (0-1)")
+    mask: str | None = Field(None, description="a mask image (white: the region), uploaded id or path")
+    weight: float = Field(1.0, gt=0.0, le=10.0, description="against the base prompt's 1 inside the region")
+    feather: int = Field(8, ge=0, le=256, description="pixels over which the edge blends")
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        if (self.box is None) == (self.mask is None):
+            raise ValueError("a region needs a box or a mask (one of them)")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(f"region box {list(self.box)} must be x0 < x1 and y0 < y1, all within 0-1")
+        return self
+
+
 class GenerateRequest(BaseModel):
     """One generation: txt2img, or img2img when init_image is set, or inpainting when mask is too."""
 
@@ -150,6 +173,8 @@ class GenerateRequest(BaseModel):
     controlnet: ControlNetSpec | list[ControlNetSpec] | None = Field(
         None, description="one ControlNet unit, or several (their residuals add up, as A1111's multi-unit ControlNet)")
     detailer: DetailerOptions | None = Field(None, description="ADetailer-style face repaint after generation")
+    regions: list[RegionSpec] = Field(default_factory=list, max_length=8, description="prompts for parts of the "
+                                      "picture, blended with the base prompt (regional prompting)")
 
     @property
     def controlnet_units(self) -> list[ControlNetSpec]:

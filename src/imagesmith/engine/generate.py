@@ -241,8 +241,8 @@ class Engine:
         req = job.req
         if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
             return None
-        if has_editing(job.prompt) or has_editing(job.negative):
-            return None  # its conditioning changes by step: a call of its own
+        if has_editing(job.prompt) or has_editing(job.negative) or req.regions:
+            return None  # its conditioning changes by step or by place: a call of its own
         sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler)
         if req.noise == "comfy" and SAMPLERS_BY_NAME[sampler].noise is not None:
             return None  # ComfyUI's sampler noise is one stream over the batch: another batch, other images
@@ -290,6 +290,10 @@ class Engine:
                            "Denoising strength": _num(req.hires.hr_denoising_strength)})
         if job.grounding is not None:
             params["Concept"] = job.grounding.note
+        if req.regions:
+            params["Regions"] = "; ".join(
+                f"{r.prompt} ({'box ' + ' '.join(_num(v) for v in r.box) if r.box else 'mask'}, {_num(r.weight)})"
+                for r in req.regions)
         if req.controlnet_units:
             params["ControlNet"] = "; ".join(f"{u.model} ({u.preprocessor}, {_num(u.weight)})" for u in req.controlnet_units)
         if job.plan is not None:
@@ -703,8 +707,11 @@ class Engine:
             noise = K.initial_noise(req.noise, (len(seeds),) + shape, seeds, device=self.device)
         if self.device.type != "cpu":  # the sampler's arithmetic runs beside the network: no copy, no sync per step
             noise, latent, mask, concat = (None if t is None else t.to(self.device) for t in (noise, latent, mask, concat))
-        denoiser = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, len(seeds), concat, sigmas)
-                    or self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat))
+        if req.regions:
+            denoiser = self._regional_denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat)
+        else:
+            denoiser = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, len(seeds), concat, sigmas)
+                        or self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat))
         if job.plan is not None and job.plan.step_cache is not None:
             denoiser = StepCache(denoiser, sigmas, threshold=job.plan.step_cache)
         first = rows[0][1]
@@ -720,6 +727,23 @@ class Engine:
         if isinstance(denoiser, StepCache):
             job.cache_stats.append((denoiser.reused, denoiser.calls))
         return out
+
+    def _regional_denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int, n: int, concat):
+        """Regional prompting with ComfyUI's mask semantics: the base prompt everywhere with weight 1, each
+        region's prompt inside its (feathered) mask with its weight; the guided estimates are averaged by weight."""
+        if has_editing(job.prompt) or any(has_editing(r.prompt) for r in job.req.regions):
+            raise BadRequest("regional prompts with prompt editing, alternation or AND are not supported together")
+        parts = [(None, self._denoiser(pipe, job, rows, encoded, ms, width, height, n, concat))]
+        vae_sf = getattr(pipe, "vae_scale_factor", 8)
+        for i, region in enumerate(job.req.regions):
+            view = replace(job, prompt=region.prompt, grounding=None)
+            d = self._denoiser(pipe, view, rows, [self._encode(pipe, view, for_arch=job.arch)], ms, width, height, n,
+                               concat)
+            mask = region_mask(region, width, height, settings=self.settings, what=f"regions[{i}].mask")
+            latent_mask = torch.nn.functional.interpolate(mask, size=(height // vae_sf, width // vae_sf),
+                                                          mode="area")
+            parts.append((latent_mask * region.weight, d))
+        return RegionMix(parts)
 
     def _scheduled_denoiser(self, pipe, job: _Job, rows, ms, width: int, height: int, n: int, concat, sigmas):
         """A1111's prompt editing / alternation / AND (engine.prompt_editing): one denoiser per stretch of steps
@@ -839,6 +863,43 @@ class Engine:
         arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
 
+
+
+def region_mask(region, width: int, height: int, *, settings: Settings, what: str = "region mask") -> torch.Tensor:
+    """A region's weight map at the image size, [1, 1, H, W] in [0, 1]: its box or mask, edges feathered."""
+    if region.box is not None:
+        x0, y0, x1, y1 = region.box
+        m = Image.new("L", (width, height), 0)
+        m.paste(255, (round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)))
+    else:
+        m = load_image(region.mask, settings=settings, mode="L", what=what).resize((width, height), Image.BILINEAR)
+    if region.feather:
+        m = m.filter(ImageFilter.GaussianBlur(region.feather / 2))
+    arr = np.asarray(m, dtype=np.float32) / 255.0
+    if arr.max() <= 0:
+        raise BadRequest(f"{what}: the region covers nothing of the {width}x{height} image")
+    return torch.from_numpy(arr)[None, None]
+
+
+class RegionMix:
+    """Guided estimates averaged by weight maps: ``sum(m_i d_i) / sum(m_i)`` with the base's map 1 everywhere."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.last_uncond = None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        total = weight = None
+        for m, denoise in self.parts:
+            d = denoise(x, sigma)
+            if m is None:
+                total, weight = d.clone(), torch.ones_like(d[:, :1])
+                self.last_uncond = getattr(denoise, "last_uncond", None)
+                continue
+            m = m.to(d)
+            total = total + m * d
+            weight = weight + m
+        return total / weight
 
 
 @dataclass(frozen=True)

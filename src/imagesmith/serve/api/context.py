@@ -59,6 +59,9 @@ def map_inputs(request: dict, fn: Callable[[Any], Any]) -> dict:
         request["controlnet"] = [unit(u) for u in request["controlnet"]]
     elif isinstance(request.get("controlnet"), dict):
         request["controlnet"] = unit(request["controlnet"])
+    if isinstance(request.get("regions"), list):  # regional prompts' masks
+        request["regions"] = [{**r, "mask": fn(r["mask"])} if isinstance(r, dict) and r.get("mask") is not None
+                              else r for r in request["regions"]]
     if isinstance(request.get("base"), dict):  # a grid's base request
         request["base"] = map_inputs(request["base"], fn)
     return request
