@@ -64,7 +64,7 @@ def generate(
     control_image: Optional[str] = typer.Option(None, "--control-image"),
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample or none"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
-    regions: Optional[List[str]] = typer.Option(None, "--region", help="a prompt for part of the picture: "
+    regions: Optional[List[str]] = typer.Option(None, "--regions", "--region", help="a prompt for part of the picture: "
                                                 "'x0,y0,x1,y1:prompt[:weight]' (fractions 0-1), or "
                                                 "'MASK.png:prompt[:weight]'; repeatable"),
     from_image: Optional[str] = typer.Option(None, "--from", help="regenerate an imagesmith PNG from its metadata"),
