@@ -146,6 +146,9 @@ class Engine:
 
     def generate(self, req: GenerateRequest, *, progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
+        if req.batch_size * req.batch_count > 1 and req.noise != "comfy" and (
+                has_dynamic(req.prompt) or has_dynamic(req.negative_prompt)):
+            return self._generate_each_drawn(req, progress=progress, cancel=cancel)
         start = time.perf_counter()
         job = self._resolve(req)
         counter = StepCounter(self._total_steps(job), progress, cancel)
@@ -176,6 +179,32 @@ class Engine:
             result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i], index=i,
                                               infotext=self.infotext(job, result, i, detailer=details[i]),
                                               detailer=details[i]))
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _generate_each_drawn(self, req: GenerateRequest, *, progress: ProgressCallback | None = None,
+                             cancel: CancelToken | None = None) -> GenerationResult:
+        """Wildcards in a batch: every image draws its prompt from its own seed (as A1111's dynamic prompts do),
+        so one image made again alone with its seed has its prompt again. The images still share one pipeline
+        call where they can (:meth:`generate_many`); their noise is each seed's own, as in the batch."""
+        start = time.perf_counter()
+        seeds, var_seeds = self._seeds(req)
+        subs = [req.model_copy(update={"seed": s, "batch_size": 1, "batch_count": 1,
+                                       **({"variation_seed": v} if v is not None else {})})
+                for s, v in zip(seeds, var_seeds)]
+        try:
+            parts = self.generate_many(subs, progress=progress, cancel=cancel)
+        except BadRequest:  # cannot share a call (img2img, ControlNet, detailer...): one call each
+            parts = [self.generate(sub, progress=progress, cancel=cancel) for sub in subs]
+        first = parts[0]
+        latents = [p.latents for p in parts]
+        result = GenerationResult(
+            images=[im for p in parts for im in p.images], request=req, model_name=first.model_name,
+            model_hash=first.model_hash, vae_name=first.vae_name, version=first.version,
+            lora_hashes={k: v for p in parts for k, v in p.lora_hashes.items()},
+            latents=torch.cat(latents) if all(x is not None for x in latents) else None)
+        for i, part in enumerate(parts):
+            result.records.extend(r.model_copy(update={"index": i}) for r in part.records)
         result.seconds = time.perf_counter() - start
         return result
 

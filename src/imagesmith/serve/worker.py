@@ -63,6 +63,9 @@ def batch_key(job_type: str, request: dict) -> str | None:
         return None
     if req.noise == "comfy" and SAMPLERS_BY_NAME[sampler].noise is not None:
         return None  # ComfyUI's sampler noise is one stream over its batch (Engine.batch_key)
+    from ..engine.wildcards import has_dynamic
+    if req.batch_size > 1 and (has_dynamic(req.prompt) or has_dynamic(req.negative_prompt)):
+        return None  # each image draws its own prompt (Engine.generate batches those itself)
     loras: dict[str, float] = {}
     for lora in [*req.loras, *tag_loras]:  # the engine's rule: the last mention of a name wins
         loras.pop(lora.name, None)
