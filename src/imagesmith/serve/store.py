@@ -315,13 +315,15 @@ class JobStore:
         return self._owned(JobRow, job_id, user, "job")
 
     def list(self, *, user: str | None = None, status: str | None = None, limit: int = 50,
-             offset: int = 0) -> tuple[list[dict], int]:
+             offset: int = 0, job_type: str | None = None) -> tuple[list[dict], int]:
         with self.sessions() as s:
             q = select(JobRow)
             if user is not None:
                 q = q.where(JobRow.user == user)
             if status is not None:
                 q = q.where(JobRow.status == status)
+            if job_type is not None:
+                q = q.where(JobRow.type == job_type)
             return _page(s, q, JobRow.created_at.desc(), limit, offset)
 
     def callback_of(self, job_id: str) -> str | None:

@@ -177,12 +177,10 @@ def _clip_loader(*names_and_type):
 
 
 def _lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
+    from dataclasses import replace
     lora = _lora(ctx.engine, lora_name, 1.0)
-    m = model.with_lora(LoraUse(*[getattr(lora, f) for f in ("name", "path", "arch", "mtime_ns")], strength_model)) \
-        if strength_model != 0 else model
-    c = clip.with_lora(LoraUse(*[getattr(lora, f) for f in ("name", "path", "arch", "mtime_ns")], strength_clip)) \
-        if strength_clip != 0 else clip
-    return m, c
+    return (model.with_lora(replace(lora, strength=strength_model)) if strength_model != 0 else model,
+            clip.with_lora(replace(lora, strength=strength_clip)) if strength_clip != 0 else clip)
 
 
 def _lora_model_only(ctx, model, lora_name, strength_model):

@@ -77,12 +77,12 @@ def ui_to_api(workflow: dict, nodes: dict[str, Node]) -> dict[str, dict]:
             if inp.get("link") is None:
                 continue
             found, value = primitive_value(inp["link"])
-            if found:
-                linked[inp["name"]] = ("value", value)
+            if found:  # a primitive's value stands in the widget it feeds
+                linked[inp["name"]] = value
                 continue
             src = source(inp["link"])
             if src is not None:
-                linked[inp["name"]] = ("link", [src[0], src[1]])
+                linked[inp["name"]] = [src[0], src[1]]
         inputs: dict[str, Any] = {}
         values = node.get("widgets_values")
         if isinstance(values, dict):
@@ -104,8 +104,7 @@ def ui_to_api(workflow: dict, nodes: dict[str, Node]) -> dict[str, dict]:
                 if inp.control_after_generate and i < len(values) and (
                         isinstance(values[i], bool) or values[i] in CONTROL_VALUES):
                     i += 1
-        for name, (how, value) in linked.items():
-            inputs[name] = value
+        inputs.update(linked)
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs,
                                    "_meta": {"title": node.get("title") or spec.display_name}}
     return prompt

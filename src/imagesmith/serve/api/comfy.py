@@ -33,21 +33,19 @@ COMFY_VERSION = "0.3.64"
 MAX_PROMPT_BYTES = 8 * 1024 * 1024
 
 
-def _routes(path: str, methods: list[str], **kw):
-    """The same handler at ``path`` and ``/api`` + ``path``."""
+def _routes(path: str, methods: list[str], *, on: APIRouter | None = None, schema: bool = True):
+    """The same handler at ``path`` and ``/api`` + ``path`` (of `on`, default this module's router)."""
     def wrap(fn):
-        router.add_api_route(path, fn, methods=methods, **kw)
-        router.add_api_route("/api" + path, fn, methods=methods, include_in_schema=False, **kw)
+        target = on or router
+        target.add_api_route(path, fn, methods=methods, include_in_schema=schema)
+        target.add_api_route("/api" + path, fn, methods=methods, include_in_schema=False)
         return fn
     return wrap
 
 
 def _lists(svc: Services, user: str) -> dict:
-    from ...engine.graph.nodes import model_lists
-    from ...engine.upscale import UpscalerSet
-    from ...models.house import make_registry
-    return model_lists(make_registry(svc.settings), UpscalerSet(svc.settings).names(),
-                       comfy_dirs(svc.settings, user)["input"])
+    from ...engine.graph.nodes import input_files
+    return {**svc.model_lists(), "input": input_files(comfy_dirs(svc.settings, user)["input"])}
 
 
 def _executor(svc: Services, user: str):
@@ -73,8 +71,7 @@ async def _raw_json(request: Request) -> dict:
 
 
 def _comfy_jobs(svc: Services, user: str | None, status: str | None = None, limit: int = 500) -> list[dict]:
-    jobs, _ = svc.store.list(user=user, status=status, limit=limit)
-    return [j for j in jobs if j["type"] == "comfy"]
+    return svc.store.list(user=user, status=status, limit=limit, job_type="comfy")[0]
 
 
 def _entry(job: dict) -> list:
@@ -443,6 +440,7 @@ async def _socket(websocket: WebSocket, svc: Services, who: dict) -> None:
     await websocket.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": False}})
     seen: dict[str, dict] = {}  # prompt_id -> what was sent: started, node, step
     since = time.time() - 1.0
+    tick = 0
     try:
         while True:
             for job in reversed(_comfy_jobs(svc, user, limit=100)):
@@ -453,9 +451,11 @@ async def _socket(websocket: WebSocket, svc: Services, who: dict) -> None:
                 if mine.get("done"):
                     continue
                 await _job_messages(websocket, job, mine)
-            remaining = _remaining(svc, user)
-            if remaining != last_remaining:
-                last_remaining = await status()
+            tick += 1
+            if tick % 5 == 0:  # the queue count twice a second; the prompts' own messages every tick
+                remaining = _remaining(svc, user)
+                if remaining != last_remaining:
+                    last_remaining = await status()
             await asyncio.sleep(0.1)
     except (WebSocketDisconnect, RuntimeError):
         return

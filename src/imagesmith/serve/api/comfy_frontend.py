@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ...core.errors import BadRequest, Conflict, NotFound
 from ..worker import _safe
-from .comfy import _lists, _raw_json
+from .comfy import _lists, _raw_json, _routes
 from .context import Caller, Services, Svc
 
 router = APIRouter(tags=["comfyui"])
@@ -57,11 +57,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _frontend_routes(path: str, methods: list[str]):
-    def wrap(fn):
-        router.add_api_route(path, fn, methods=methods, include_in_schema=False)
-        router.add_api_route("/api" + path, fn, methods=methods, include_in_schema=False)
-        return fn
-    return wrap
+    return _routes(path, methods, on=router, schema=False)
 
 
 @_frontend_routes("/users", ["GET"])

@@ -111,6 +111,19 @@ class Services:
     a1111_defaults: dict = field(default_factory=dict)
     server_stop: bool = False
     """A1111's ``--api-server-stop``: the admin routes server-stop / server-kill / server-restart are served."""
+    _model_lists: dict = field(default_factory=dict, repr=False)
+
+    def model_lists(self, max_age_s: float = 2.0) -> dict[str, list[str]]:
+        """The registry's files by ComfyUI folder and the upscaler names, scanned at most every `max_age_s`
+        (every /prompt validates against them; a scan probes every model file's header)."""
+        cached = self._model_lists.get("lists")
+        if cached is None or time.monotonic() - self._model_lists["at"] > max_age_s:
+            from ...engine.graph.nodes import model_lists
+            from ...engine.upscale import UpscalerSet
+            from ...models.house import make_registry
+            cached = model_lists(make_registry(self.settings), UpscalerSet(self.settings).names())
+            self._model_lists.update(lists=cached, at=time.monotonic())
+        return cached
 
     # ------------------------------------------------------------------ who is calling
     def authenticate(self, conn: HTTPConnection) -> dict:
