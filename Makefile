@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps comfyui-workflow-templates==0.1.95
 	# ComfyUI's web frontend (GPL, the optional extra `serve --comfy-frontend` serves; for its browser test)
 	$(BIN)/pip install -q --no-deps comfyui-frontend-package==1.28.8
+	# ... and a newer one beside it (reads /api/jobs), served with --comfy-frontend-root in the same test
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/frontends/1.44.19 comfyui-frontend-package==1.44.19
+	# comfy-catapult 3.0.0, a ComfyUI client its test drives: it pins attrs<24, websockets<13 and rich<14, which
+	# conflict with ours, so it gets an environment of its own (tests/serve/clients/comfy_catapult_default.py)
+	$(PY) -m venv $(VENV)/clients/catapult
+	$(VENV)/clients/catapult/bin/pip install -q comfy-catapult==3.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

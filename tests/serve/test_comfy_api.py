@@ -10,6 +10,7 @@ import io
 import json
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,122 @@ def test_comfyscript_builds_nodes_from_object_info_and_runs_them(server):
     from imagesmith.engine.graph.nodes import NODES
     assert f"Nodes: {len(NODES)}" in r.stdout  # it built a class for every node /object_info lists
     assert "IMAGES [(64, 48), (64, 48)]" in r.stdout, r.stdout[-2000:]
+
+
+CATAPULT = Path(__file__).resolve().parents[2] / ".venv" / "clients" / "catapult" / "bin" / "python"
+
+
+@pytest.mark.skipif(not CATAPULT.is_file(), reason="comfy-catapult's environment is missing (make install makes it)")
+def test_comfy_catapult_schedules_waits_downloads_and_cancels(server, tmp_path):
+    """comfy-catapult 3.0.0 in its own environment (its pins conflict with ours): pydantic models of
+    /system_stats, /object_info, /queue and /history, upload through its comfy+http:// file API, two jobs
+    scheduled and awaited as futures, their images downloaded, a pending job cancelled."""
+    import subprocess
+    import time
+    url, store, home = server
+    Image.fromarray((np.indices((40, 48)).sum(0) * 3 % 255).astype(np.uint8)).convert("RGB").save(
+        tmp_path / "photo.png")
+    script = Path(__file__).parent / "clients" / "comfy_catapult_default.py"
+    proc = subprocess.Popen([str(CATAPULT), str(script), url, "tiny-sd15", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "paused").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store.set_paused(True)  # the client's third job waits in the queue, to be cancelled there
+        (tmp_path / "paused").unlink(missing_ok=True)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        store.set_paused(False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    seen = json.loads(next(line for line in out.splitlines() if line.startswith("CATAPULT "))[9:])
+    from imagesmith.engine.graph.nodes import NODES
+    assert seen["nodes"] == len(NODES) and seen["devices"] >= 1
+    assert seen["uploaded"] == "comfy+" + url + "/input/catapult/photo.png"
+    assert seen["default"]["success"] and seen["default"]["size"] == [64, 56] and not seen["default"]["errors"]
+    assert seen["img2img"]["success"] and seen["img2img"]["size"] == [48, 40]  # the upload's size
+    assert seen["canceled"] == {"prompt_id": seen["canceled"]["prompt_id"], "cancelled": True,
+                                "future_cancelled": True}
+    assert seen["queue_after"] == {"queue_pending": [], "queue_running": []}
+    assert store.get(seen["canceled"]["prompt_id"])["status"] == "canceled"
+    assert seen["history_ids"] == [seen["default"]["prompt_id"]]
+    for key, size in (("default", (64, 56)), ("img2img", (48, 40))):
+        with Image.open(tmp_path / ("a.png" if key == "default" else "b.png")) as im:
+            assert im.size == size and json.loads(im.info["prompt"])["9"]["inputs"]["filename_prefix"] == "catapult"
+
+
+def test_jobs_view_as_newer_frontends_read_it(server):
+    """``/api/jobs``: ComfyUI's unified queue-and-history view (frontends from 1.3x read only this). Every state
+    appears with ComfyUI's names; a finished prompt carries its preview and outputs; a failed one names its node."""
+    from imagesmith.serve.store import _try_claim
+    url, store, home = server
+    done = httpx.post(f"{url}/prompt", json={"prompt": DEFAULT, "extra_data": {"extra_pnginfo": {
+        "workflow": {"id": "wf-1", "nodes": []}}}}).json()["prompt_id"]
+    for _ in range(600):
+        if httpx.get(f"{url}/history/{done}").json():
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    store.set_paused(True)  # no worker takes the next three: each is put in a state by hand
+    try:
+        ids = [httpx.post(f"{url}/api/prompt", json={"prompt": DEFAULT}).json()["prompt_id"] for _ in range(3)]
+        pending, canceled, failed = ids
+        httpx.post(f"{url}/queue", json={"delete": [canceled]})
+        with store.sessions() as s:
+            assert _try_claim(s, failed, "by-hand", 30) is not None
+        view = httpx.get(f"{url}/api/jobs", params={"status": "in_progress"}).json()
+        assert [j["id"] for j in view["jobs"]] == [failed] and view["jobs"][0]["status"] == "in_progress"
+        store.heartbeat(failed, "by-hand", note="comfy 3 1/2")
+        store.fail(failed, "by-hand", "out of memory")
+        everything = httpx.get(f"{url}/api/jobs").json()
+        states = {j["id"]: j["status"] for j in everything["jobs"]}
+        assert {k: states[k] for k in (done, pending, canceled, failed)} == {
+            done: "completed", pending: "pending", canceled: "cancelled", failed: "failed"}
+        assert everything["pagination"] == {"offset": 0, "limit": len(everything["jobs"]),
+                                            "total": len(everything["jobs"]), "has_more": False}
+        times = [j["create_time"] for j in everything["jobs"]]
+        assert times == sorted(times, reverse=True)  # newest first, as ComfyUI
+        ok = next(j for j in everything["jobs"] if j["id"] == done)
+        assert ok["outputs_count"] == 2 and ok["workflow_id"] == "wf-1"
+        assert ok["preview_output"]["nodeId"] == "9" and ok["preview_output"]["mediaType"] == "images"
+        assert ok["execution_end_time"] >= ok["execution_start_time"] >= ok["create_time"]
+        r = httpx.get(f"{url}/view", params={k: ok["preview_output"][k] for k in ("filename", "subfolder", "type")})
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 64)
+        bad = next(j for j in everything["jobs"] if j["id"] == failed)["execution_error"]
+        assert (bad["node_id"], bad["node_type"], bad["exception_message"]) == ("3", "KSampler", "out of memory")
+        # paging, filters and order, as the frontend asks for its history and queue
+        page = httpx.get(f"{url}/jobs", params={"status": "completed,failed,cancelled", "limit": 1,
+                                                 "offset": 1}).json()
+        finished = [j["id"] for j in everything["jobs"] if j["status"] != "pending"]
+        assert [j["id"] for j in page["jobs"]] == finished[1:2]
+        assert page["pagination"]["total"] == len(finished) and page["pagination"]["has_more"]
+        oldest = httpx.get(f"{url}/api/jobs", params={"sort_order": "asc", "limit": 1}).json()["jobs"]
+        assert oldest[0]["create_time"] == min(times)
+        only = httpx.get(f"{url}/api/jobs", params={"workflow_id": "wf-1"}).json()
+        assert [j["id"] for j in only["jobs"]] == [done] and only["pagination"]["total"] == 1
+        # one job in full: outputs, status messages, the workflow to load again
+        full = httpx.get(f"{url}/api/jobs/{done}").json()
+        assert full["outputs"]["9"]["images"][0]["filename"].startswith("ComfyUI_")
+        assert full["workflow"]["prompt"] == DEFAULT and full["workflow"]["extra_data"]["extra_pnginfo"][
+            "workflow"]["id"] == "wf-1"
+        assert full["execution_status"]["status_str"] == "success"
+        assert httpx.get(f"{url}/api/jobs/{pending}").json()["status"] == "pending"
+        assert httpx.get(f"{url}/api/jobs/nope").status_code == 404
+        for params in ({"status": "done"}, {"limit": "x"}, {"limit": "0"}, {"offset": "-1"}, {"sort_by": "name"},
+                       {"sort_order": "up"}):
+            r = httpx.get(f"{url}/api/jobs", params=params)
+            assert 400 <= r.status_code < 500 and "error" in r.json(), params
+    finally:
+        httpx.post(f"{url}/queue", json={"clear": True})
+        store.set_paused(False)
+
+
+def test_serve_refuses_a_frontend_root_without_a_frontend(tmp_path, monkeypatch, capsys):
+    from fixtures.cli import run_cli
+    monkeypatch.setenv("IMAGESMITH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("IMAGESMITH_DATABASE_URL", raising=False)
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, "serve", "--comfy-frontend-root", str(tmp_path / "empty"))
+    assert code != 0 and err.count("\n") == 1 and "no index.html" in err and "Traceback" not in err
+    assert not (tmp_path / "home" / "jobs.db").exists()  # refused before anything started

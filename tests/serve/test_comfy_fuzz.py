@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pytest
 from fastapi.testclient import TestClient
@@ -88,7 +88,11 @@ def test_fuzz_the_comfy_routes(client):
         route = rng.choice(["/queue", "/history", "/interrupt", "/free"])
         body = rng.choice([{"clear": rng.choice(JUNK)}, {"delete": rng.choice(JUNK)}, {"prompt_id": rng.choice(JUNK)},
                            {"unload_models": rng.choice(JUNK)}, rng.choice(JUNK)])
-        check(client.post(route, content=json.dumps(body, default=str)))
+        if isinstance(body, dict) and rng.random() < 0.3:  # as a form, the way comfy-catapult posts its commands
+            check(client.post(route, content=urlencode({k: str(v) for k, v in body.items()}),
+                              headers={"content-type": "application/x-www-form-urlencoded"}))
+        else:
+            check(client.post(route, content=json.dumps(body, default=str)))
         cases += 1
     for _ in range(200):
         params = {k: str(rng.choice(JUNK)) for k in rng.sample(["filename", "subfolder", "type", "preview",
@@ -97,7 +101,10 @@ def test_fuzz_the_comfy_routes(client):
         check(client.get(f"/history/{quote(str(rng.choice(JUNK)), safe='')}",
                          params={"max_items": str(rng.choice(JUNK))}))
         check(client.get("/history", params={"max_items": str(rng.choice(JUNK))}))
-        cases += 2
+        check(client.get("/api/jobs", params={k: str(rng.choice(JUNK)) for k in rng.sample(
+            ["status", "workflow_id", "sort_by", "sort_order", "limit", "offset"], rng.randint(0, 6))}))
+        check(client.get(f"/api/jobs/{quote(str(rng.choice(JUNK)), safe='')}"))
+        cases += 4
     for _ in range(100):
         files = {"image": (str(rng.choice(JUNK)), rng.choice([b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"0" * 64]))}
         data = {k: str(rng.choice(JUNK)) for k in rng.sample(["subfolder", "type", "overwrite", "original_ref"],

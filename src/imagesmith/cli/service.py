@@ -22,8 +22,15 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
           api_server_stop: bool = typer.Option(False, "--api-server-stop", help="serve A1111's server-stop, "
                                                "server-kill and server-restart to admins (graceful stops)"),
           comfy_frontend: bool = typer.Option(False, "--comfy-frontend", help="serve ComfyUI's web frontend at "
-                                              "/comfy/ from your installed comfyui-frontend-package (GPL, optional)")):
+                                              "/comfy/ from your installed comfyui-frontend-package (GPL, optional)"),
+          comfy_frontend_root: Optional[Path] = typer.Option(None, "--comfy-frontend-root", help="serve the ComfyUI "
+                                                             "frontend built in this folder instead (implies "
+                                                             "--comfy-frontend)")):
     """Start the HTTP API (/v1 jobs, A1111-compatible /sdapi/v1, OpenAPI at /docs) with its worker(s)."""
+    if comfy_frontend or comfy_frontend_root:
+        from ..serve.api.comfy_frontend import frontend_dir
+        frontend_dir(comfy_frontend_root)  # not installed, or no frontend there: one clear line, before anything
+        comfy_frontend = comfy_frontend_root or True
     import threading
 
     import uvicorn
@@ -59,8 +66,6 @@ def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Opt
     # handlers and raises the signal again: so the workers hear it after the HTTP side has stopped
     _stop_gracefully_on_signals(local)
     if comfy_frontend:
-        from ..serve.api.comfy_frontend import frontend_dir
-        frontend_dir()  # not installed: one clear line, before anything starts
         print(f"ComfyUI's frontend: http://{host}:{port}/comfy/", file=sys.stderr)
     uvicorn.run(create_app(settings, store, require_auth=auth, server_stop=api_server_stop,
                            comfy_frontend=comfy_frontend), host=host, port=port,

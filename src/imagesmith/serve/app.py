@@ -38,7 +38,7 @@ A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None, *, sync_timeout: float = 600.0,
                require_auth: bool | None = None, rate_per_minute: int | None = None, safety=None,
-               server_stop: bool = False, comfy_frontend: bool = False) -> FastAPI:
+               server_stop: bool = False, comfy_frontend: bool | str | Path = False) -> FastAPI:
     """``require_auth``: every route but the health checks needs ``Authorization: Bearer <token>`` (default:
     ``IMAGESMITH_AUTH=1``; ``imagesmith serve`` turns it on for any non-loopback address). ``rate_per_minute``: each
     caller's request budget (default ``IMAGESMITH_RATE_PER_MINUTE`` or 600)."""
@@ -100,12 +100,16 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None, 
     for module in (ops, files, jobs, queue, a1111, a1111_lists, a1111_controlnet, comfy, comfy_pages):
         app.include_router(module.router)
     if comfy_frontend:  # ComfyUI's own web frontend (the user's installed package) at /comfy/, its API beside it
-        static = comfy_pages.frontend_dir()
+        static = comfy_pages.frontend_dir(None if comfy_frontend is True else Path(comfy_frontend))
         app.include_router(comfy.router, prefix="/comfy", include_in_schema=False)
         app.include_router(comfy_pages.router, prefix="/comfy", include_in_schema=False)
         templates = comfy_pages.templates_dir()
         if templates is not None:  # ComfyUI's template browser, from the user's comfyui-workflow-templates
             app.mount("/comfy/templates", StaticFiles(directory=templates), name="comfy-templates")
+        progress_icons = static / "assets" / "images" / "favicon_progress_16x16"
+        if progress_icons.is_dir():  # newer frontends ask for their progress favicons at the server root
+            app.mount("/assets/images/favicon_progress_16x16", StaticFiles(directory=progress_icons),
+                      name="comfy-progress-icons")
         app.mount("/comfy", StaticFiles(directory=static, html=True), name="comfy-frontend")
 
     def openapi_with_job_types() -> dict:

@@ -54,8 +54,11 @@ def _executor(svc: Services, user: str):
     return GraphExecutor(NODES, lambda: _lists(svc, user))
 
 
-async def _raw_json(request: Request) -> dict:
-    """The body as JSON whatever its Content-Type (ComfyUI's own example scripts post urllib's form encoding)."""
+async def _raw_json(request: Request, *, form: tuple[str, ...] | None = None) -> dict:
+    """The body as JSON whatever its Content-Type (ComfyUI's own example scripts post urllib's form encoding).
+
+    ``form`` (the list-valued fields, maybe none): a command that may also come as a real form (comfy-catapult posts
+    ``/queue`` and ``/free`` as ``delete=ID&clear=False``, which ComfyUI itself answers with a 500)."""
     body = await request.body()
     if len(body) > MAX_PROMPT_BYTES:
         raise BadRequest(f"the body is {len(body)} bytes; the limit is {MAX_PROMPT_BYTES}")
@@ -64,10 +67,25 @@ async def _raw_json(request: Request) -> dict:
     try:
         data = json.loads(body or b"{}", parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError):
+        kind = request.headers.get("content-type", "")
+        if form is not None and kind.startswith("application/x-www-form-urlencoded"):
+            return _form_fields(body, form)
         raise BadRequest("the body is not JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     return data
+
+
+def _form_fields(body: bytes, lists: tuple[str, ...]) -> dict:
+    import urllib.parse
+    try:
+        fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
+                                       max_num_fields=1000)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is neither JSON nor a form") from None
+    def value(v: str):
+        return {"true": True, "false": False}.get(v.lower(), v)
+    return {k: [value(x) for x in v] if k in lists else value(v[-1]) for k, v in fields.items()}
 
 
 def _comfy_jobs(svc: Services, user: str | None, status: str | None = None, limit: int = 500) -> list[dict]:
@@ -136,7 +154,7 @@ def get_queue(svc: Svc, who: Caller):
 
 @_routes("/queue", ["POST"])
 async def post_queue(request: Request, svc: Svc, who: Caller):
-    body = await _raw_json(request)
+    body = await _raw_json(request, form=("delete",))
     user = _scope(who)
     if body.get("clear"):
         for job in _comfy_jobs(svc, user, "queued"):
@@ -153,7 +171,7 @@ async def post_queue(request: Request, svc: Svc, who: Caller):
 
 @_routes("/interrupt", ["POST"])
 async def interrupt(request: Request, svc: Svc, who: Caller):
-    body = await _raw_json(request)
+    body = await _raw_json(request, form=())
     user = _scope(who)
     wanted = body.get("prompt_id")
     for job in _comfy_jobs(svc, user, "running"):
@@ -165,7 +183,7 @@ async def interrupt(request: Request, svc: Svc, who: Caller):
 @_routes("/free", ["POST"])
 async def free(request: Request, svc: Svc, who: Caller):
     """``unload_models``: every worker drops its models between jobs (admins, as A1111's unload-checkpoint)."""
-    body = await _raw_json(request)
+    body = await _raw_json(request, form=())
     if body.get("unload_models") and who["role"] == "admin":
         svc.store.set_checkpoint_state("unloaded", by=who["name"])
     return {}
@@ -184,9 +202,7 @@ def _history_entry(job: dict) -> dict:
                      ["execution_success", {"prompt_id": job["id"],
                                             "timestamp": int((job["finished_at"] or time.time()) * 1000)}]]
     elif job["status"] == "failed":
-        messages.append(["execution_error", {"prompt_id": job["id"], "exception_message": job.get("error") or "",
-                                             "exception_type": "Exception", "node_id": "", "node_type": "",
-                                             "traceback": []}])
+        messages.append(["execution_error", _execution_error(job)])
     else:
         messages.append(["execution_interrupted", {"prompt_id": job["id"], "node_id": "", "node_type": "",
                                                    "executed": []}])
@@ -222,7 +238,7 @@ def get_history_one(prompt_id: str, svc: Svc, who: Caller):
 
 @_routes("/history", ["POST"])
 async def post_history(request: Request, svc: Svc, who: Caller):
-    body = await _raw_json(request)
+    body = await _raw_json(request, form=("delete",))
     user = _scope(who)
     doomed = []
     if body.get("clear"):
@@ -236,6 +252,127 @@ async def post_history(request: Request, svc: Svc, who: Caller):
             continue
     svc.store.delete_finished(doomed)  # the history entries; the images stay in the output folder, as ComfyUI
     return {}
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+JOB_STATUS = {"queued": "pending", "running": "in_progress", "succeeded": "completed", "failed": "failed",
+              "canceled": "cancelled"}
+"""imagesmith's job states as ComfyUI's ``/api/jobs`` names them (newer frontends read their queue and history
+from there)"""
+_STATUS_OF = {v: k for k, v in JOB_STATUS.items()}
+
+
+def _failed_node(job: dict) -> str:
+    note = job.get("progress_note") or ""
+    return note.split()[1] if note.startswith("comfy ") and len(note.split()) > 1 else ""
+
+
+def _execution_error(job: dict) -> dict:
+    node = _failed_node(job)
+    return {"prompt_id": job["id"], "timestamp": int((job["finished_at"] or job["created_at"]) * 1000),
+            "node_id": node, "node_type": (job["request"].get("prompt", {}).get(node) or {}).get("class_type", ""),
+            "executed": (job.get("result") or {}).get("executed", []), "exception_message": job.get("error") or "",
+            "exception_type": "Exception", "traceback": [], "current_inputs": {}, "current_outputs": {}}
+
+
+def _job_view(job: dict, *, full: bool = False) -> dict:
+    """One prompt as ComfyUI's ``/api/jobs`` shows it; ``full`` adds outputs, status messages and the workflow."""
+    r = job["request"]
+    extra = r.get("extra_data") or {}
+    outputs = (job.get("result") or {}).get("outputs", {})
+    view = {"id": job["id"], "status": JOB_STATUS[job["status"]], "priority": r.get("number", 0),
+            "create_time": int(job["created_at"] * 1000), "outputs_count": 0}
+    if job.get("started_at"):
+        view["execution_start_time"] = int(job["started_at"] * 1000)
+    if job["status"] in FINISHED and job.get("finished_at"):
+        view["execution_end_time"] = int(job["finished_at"] * 1000)
+    if job["status"] == "failed":
+        view["execution_error"] = _execution_error(job)
+    preview = None
+    for node, ui in outputs.items():
+        for media, items in ui.items():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                view["outputs_count"] += 1
+                if preview is None and media in ("images", "video", "audio") and isinstance(item, dict):
+                    preview = {**item, "nodeId": node, "mediaType": media}
+    if preview is not None:
+        view["preview_output"] = preview
+    workflow = (extra.get("extra_pnginfo") or {}).get("workflow")
+    if isinstance(workflow, dict) and isinstance(workflow.get("id"), str):
+        view["workflow_id"] = workflow["id"]
+    if full:
+        view["update_time"] = int((job.get("finished_at") or job.get("started_at") or job["created_at"]) * 1000)
+        view["workflow"] = {"prompt": r.get("prompt", {}), "extra_data": extra}
+        if job["status"] in FINISHED:
+            view["outputs"] = outputs
+            view["execution_status"] = _history_entry(job)["status"]
+    return view
+
+
+def _whole(name: str, value: str | None, default: int | None, low: int, high: int) -> int | None:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number") from None
+    if not low <= number <= high:
+        raise BadRequest(f"{name} must be from {low} to {high}")
+    return number
+
+
+@_routes("/jobs", ["GET"])
+def get_jobs(svc: Svc, who: Caller, status: str | None = None, workflow_id: str | None = None,
+             sort_by: str = "created_at", sort_order: str = "desc", limit: str | None = None,
+             offset: str | None = None):
+    """The caller's prompts in every state, one shape for queue and history: ``status`` (comma-separated
+    ``pending,in_progress,completed,failed,cancelled``), ``workflow_id``, ``sort_by`` (``created_at`` or
+    ``execution_duration``), ``sort_order``, ``limit``, ``offset`` -> ``{jobs, pagination}``."""
+    wanted = [s.strip() for s in (status or "").split(",") if s.strip()] or list(_STATUS_OF)
+    unknown = [s for s in wanted if s not in _STATUS_OF]
+    if unknown:
+        raise BadRequest(f"unknown status {unknown[0]!r}; known: {', '.join(_STATUS_OF)}")
+    if sort_by not in ("created_at", "execution_duration"):
+        raise BadRequest("sort_by must be created_at or execution_duration")
+    if sort_order not in ("asc", "desc"):
+        raise BadRequest("sort_order must be asc or desc")
+    limit_n = _whole("limit", limit, None, 1, 100_000)
+    offset_n = _whole("offset", offset, 0, 0, 10 ** 9)
+    user = _scope(who)
+    jobs, total = [], 0
+    # newest first straight from the store when that is the order asked for; otherwise every match, then sorted
+    window = offset_n + limit_n if limit_n and sort_by == "created_at" and sort_order == "desc" \
+        and not workflow_id else 10 ** 6
+    for state in dict.fromkeys(_STATUS_OF[s] for s in wanted):
+        rows, count = svc.store.list(user=user, status=state, limit=window, job_type="comfy")
+        jobs += [_job_view(j) for j in rows]
+        total += count
+    if workflow_id:
+        jobs = [j for j in jobs if j.get("workflow_id") == workflow_id]
+        total = len(jobs)
+    if sort_by == "execution_duration":
+        def key(j):
+            return (j.get("execution_end_time", 0) - j.get("execution_start_time", 0)
+                    if j.get("execution_end_time") and j.get("execution_start_time") else 0)
+    else:
+        def key(j):
+            return j["create_time"]
+    jobs.sort(key=key, reverse=sort_order == "desc")
+    page = jobs[offset_n:offset_n + limit_n if limit_n else None]
+    return {"jobs": page, "pagination": {"offset": offset_n, "limit": limit_n if limit_n else len(page),
+                                         "total": total, "has_more": offset_n + len(page) < total}}
+
+
+@_routes("/jobs/{job_id}", ["GET"])
+def get_job(job_id: str, svc: Svc, who: Caller):
+    """One prompt with its outputs, status messages and workflow; 404 for one the caller does not have."""
+    job = svc.store.get(job_id, user=_scope(who))
+    if job["type"] != "comfy":
+        raise NotFound(f"no prompt {job_id}")
+    return _job_view(job, full=True)
 
 
 # ------------------------------------------------------------------------------------------------ files

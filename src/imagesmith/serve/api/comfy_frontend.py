@@ -127,6 +127,13 @@ def get_userdata(file: str, svc: Svc, who: Caller):
     return FileResponse(path, media_type=media)
 
 
+@router.get("/user.css", include_in_schema=False)
+def user_css(svc: Svc, who: Caller):
+    """The page's own stylesheet link: the caller's saved ``user.css`` (Settings -> Appearance), else none."""
+    path = _user_path(svc, who["name"], "user.css")
+    return FileResponse(path, media_type="text/css") if path.is_file() else Response("", media_type="text/css")
+
+
 @_frontend_routes("/userdata/{file:path}", ["POST"])
 async def post_userdata(file: str, request: Request, svc: Svc, who: Caller, overwrite: bool = True,
                         full_info: bool = False):
@@ -175,6 +182,11 @@ def workflow_templates(who: Caller):
     return {}  # custom nodes' templates: imagesmith has none
 
 
+@_frontend_routes("/global_subgraphs", ["GET"])
+def global_subgraphs(who: Caller):
+    return {}  # custom nodes' subgraph blueprints (newer frontends ask): imagesmith has none
+
+
 FOLDERS = ("checkpoints", "loras", "vae", "controlnet", "embeddings", "upscale_models")
 
 
@@ -210,8 +222,14 @@ def folder_paths(svc: Svc, who: Caller):
     return {f: [[str(svc.settings.models_dir / f)], []] for f in FOLDERS}
 
 
-def frontend_dir() -> Path:
-    """The static files of the user's installed comfyui-frontend-package."""
+def frontend_dir(root: Path | None = None) -> Path:
+    """The frontend's built files: ``root`` where the user names one (``--comfy-frontend-root``, as ComfyUI's
+    ``--front-end-root``: another version, or a frontend they built), else their installed comfyui-frontend-package."""
+    if root is not None:
+        if not (Path(root) / "index.html").is_file():
+            raise BadRequest(f"--comfy-frontend-root {root}: no index.html there (name the folder of a built ComfyUI "
+                             "frontend, such as comfyui_frontend_package/static)")
+        return Path(root)
     try:
         import comfyui_frontend_package
     except ImportError:
