@@ -352,3 +352,35 @@ def test_serve_refuses_a_frontend_root_without_a_frontend(tmp_path, monkeypatch,
     code, out, err = run_cli(capsys, "serve", "--comfy-frontend-root", str(tmp_path / "empty"))
     assert code != 0 and err.count("\n") == 1 and "no index.html" in err and "Traceback" not in err
     assert not (tmp_path / "home" / "jobs.db").exists()  # refused before anything started
+
+
+def test_embedding_names_in_clip_text_encode(server, tiny_models):
+    """ComfyUI's ``embedding:NAME`` (the embedding_example template writes ``embedding:SDA768.pt``): /embeddings
+    lists the file, the text encoder gets its vectors, and without the file the word is dropped, as ComfyUI."""
+    import shutil
+    url, store, home = server
+
+    def run(text: str) -> np.ndarray:
+        graph = copy.deepcopy(DEFAULT)
+        graph["6"]["inputs"]["text"] = text
+        graph["5"]["inputs"]["batch_size"] = 1
+        pid = httpx.post(f"{url}/prompt", json={"prompt": graph}).json()["prompt_id"]
+        for _ in range(600):
+            hist = httpx.get(f"{url}/history/{pid}").json()
+            if hist:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        image = hist[pid]["outputs"]["9"]["images"][0]
+        return np.asarray(Image.open(io.BytesIO(httpx.get(f"{url}/view", params=image).content)))
+
+    folder = home / "models" / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_models.paths["tiny-embedding"], folder / "SDA768.safetensors")
+    try:
+        assert "SDA768" in httpx.get(f"{url}/embeddings").json()
+        with_ti = run("photograph in the style of embedding:SDA768.pt girl with blonde hair")
+    finally:
+        (folder / "SDA768.safetensors").unlink()
+    dropped = run("photograph in the style of embedding:SDA768.pt girl with blonde hair")
+    written_without = run("photograph in the style of  girl with blonde hair")
+    assert np.array_equal(dropped, written_without) and not np.array_equal(with_ti, dropped)

@@ -336,3 +336,20 @@ def test_the_model_free_preprocessors_as_the_extension_runs_them(api):
     assert binary[0, 24] == 0 and binary[0, 26] == 255  # 4 x 25 = 100 is not above the level
     tile = api.controlnet_detect([photo], module="tile_resample", threshold_a=2.0).images[0]
     assert tile.size == (32, 32)
+
+
+def test_a_negative_embedding_dropped_in_while_the_server_runs(api, tiny_models):
+    """Textual inversion as A1111 users use it: a file in models/embeddings, its name in the negative prompt; the
+    listing shows it, the infotext carries its hash, and the picture changes."""
+    import shutil
+    folder = api.imagesmith_home / "models" / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_models.paths["tiny-embedding"], folder / "easynegative.safetensors")
+    listed = api.get_embeddings()
+    assert listed["loaded"]["easynegative"]["vectors"] == 2 and listed["loaded"]["easynegative"]["shape"] == 32
+    with_ti = api.txt2img(prompt="a red apple", negative_prompt="EasyNegative", seed=5, width=64, height=64)
+    assert 'TI hashes: "easynegative: ' in with_ti.info["infotexts"][0]
+    (folder / "easynegative.safetensors").unlink()
+    without = api.txt2img(prompt="a red apple", negative_prompt="EasyNegative", seed=5, width=64, height=64)
+    assert "TI hashes" not in without.info["infotexts"][0]
+    assert not np.array_equal(np.asarray(with_ti.image), np.asarray(without.image))

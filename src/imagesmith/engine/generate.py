@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from .. import __version__
-from ..core.errors import BadRequest, UnsupportedModel
+from ..core.errors import BadRequest, ImagesmithError, UnsupportedModel
 from ..core.imageio import load_image
 from ..core.metadata import build_infotext
 from ..core.progress import CancelToken, ProgressCallback, ProgressEvent, StepCounter
@@ -78,6 +78,8 @@ class _Job:
     """(reused, calls) of each sampling run under turbo's step cache."""
     template: tuple[str, str] | None = None
     """(prompt, negative) as written, when wildcards or choices were drawn into `prompt` / `negative`."""
+    inversions: Any = None
+    """The textual inversions that fit the job's model (``engine.embeddings.TextualInversions``), once encoded."""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -133,6 +135,7 @@ class Engine:
         # encodings are reused across batch runs, hires passes and jobs with the same prompt, model and LoRAs
         self.prompt_encoder = P.PromptEncoder(max_entries=64)
         self._vocabularies: dict[str, ConceptVocabulary | None] = {}  # model folder -> what it knows
+        self._embeddings: dict[Any, Any] = {}  # (file, mtime) -> its loaded Embedding; "folders" -> their mtimes
 
     # ------------------------------------------------------------------ public
     def adopt(self, name: str, pipe, arch: str) -> ModelEntry:
@@ -331,6 +334,9 @@ class Engine:
             params["Performance"] = job.plan.infotext(reused=reused if job.cache_stats else None, calls=calls)
         if result.lora_hashes:
             params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in result.lora_hashes.items())
+        if job.inversions:
+            used = job.inversions.used([job.prompt, job.negative])
+            params["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used) or None
         if detailer is not None:
             from .detailer import infotext_params
             params.update(infotext_params(detailer))
@@ -562,12 +568,44 @@ class Engine:
         return self._upscalers
 
     # ------------------------------------------------------------------ running
-    def _text_key(self, job: _Job) -> dict:
-        """What identifies the text encoder's weights: the model file (and its mtime) plus active LoRAs."""
+    def _text_key(self, job: _Job, pipe=None) -> dict:
+        """What identifies the text encoder's weights: the model file (and its mtime) plus active LoRAs; and the
+        textual inversions the prompts may name."""
         path = Path(job.entry.path)
         stamp = path.stat().st_mtime_ns if path.exists() else id(self._adopted.get(job.entry.name.lower()))
+        if job.inversions is None and pipe is not None:
+            job.inversions = self.textual_inversions(pipe, job.arch)
         return {"model_key": f"{path}@{stamp}",
-                "loras": [(adapter_name(l), l.weight) for l in job.loras if l.weight != 0]}
+                "loras": [(adapter_name(l), l.weight) for l in job.loras if l.weight != 0],
+                "embeddings": job.inversions or None}
+
+    def textual_inversions(self, pipe, arch: str):
+        """The registry's embeddings that fit this pipeline's text encoders (``engine.embeddings``); None for
+        architectures that take none (SD3, FLUX, the house model's BERT encoder)."""
+        from .embeddings import TextualInversions, load_embedding
+        if arch in ("sd1", "sd2"):
+            encoders, kinds = [pipe.text_encoder], ("clip",)
+        elif arch == "sdxl":
+            encoders, kinds = [pipe.text_encoder, pipe.text_encoder_2], ("clip_l", "clip_g")
+            if pipe.text_encoder is None:  # the refiner: the second encoder only
+                encoders, kinds = [pipe.text_encoder_2], ("clip_g",)
+        else:
+            return None
+        found = TextualInversions(kinds, tuple(int(e.get_input_embeddings().weight.shape[1]) for e in encoders))
+        stamp = tuple(d.stat().st_mtime_ns for d in self.settings.model_dirs("embeddings") if d.is_dir())
+        if stamp != self._embeddings.get("folders"):  # a file added or removed since: WebUI picks it up too
+            self.registry.scan()
+            self._embeddings["folders"] = stamp
+        for entry in self.registry.list("embedding"):
+            path = Path(entry.path)
+            try:
+                key = (str(path), path.stat().st_mtime_ns)
+                if key not in self._embeddings:
+                    self._embeddings[key] = load_embedding(path, entry.name, (self.registry.sha256(entry) or "")[:12])
+                found.add(self._embeddings[key])
+            except (OSError, ImagesmithError) as exc:  # one bad file never stops a job; it is named in the log
+                log.warning("embedding %s skipped: %s", entry.name, exc)
+        return found
 
     def _ground(self, pipe, job: _Job) -> None:
         """Concept grounding (``engine.grounding``) for models whose folder ships a concept list (concepts.json):
@@ -586,12 +624,12 @@ class Engine:
         if for_arch in ("sd1", "sd2", "house"):
             cond, uncond = self.prompt_encoder.encode_pair_sd(
                 job.grounding.prompt if job.grounding else job.prompt, job.negative, pipe.tokenizer, pipe.text_encoder, clip_skip=req.clip_skip,
-                device=self.device, dtype=self.dtype, **self._text_key(job))
+                device=self.device, dtype=self.dtype, **self._text_key(job, pipe))
             return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
         if for_arch == "sdxl":
             cond, uncond, pooled, neg_pooled = self.prompt_encoder.encode_pair_sdxl(
                 job.prompt, job.negative, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
-                clip_skip=req.clip_skip, device=self.device, dtype=self.dtype, **self._text_key(job))
+                clip_skip=req.clip_skip, device=self.device, dtype=self.dtype, **self._text_key(job, pipe))
             return {"prompt_embeds": cond, "negative_prompt_embeds": uncond,
                     "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
         # SD3 and FLUX pipelines encode raw text themselves (T5 + CLIP); WebUI weights do not apply.

@@ -14,8 +14,10 @@
 - SD3 and FLUX pipelines encode raw text themselves (T5 + CLIP): :func:`plain_prompt` drops the syntax; the
   weights and BREAK are ignored there.
 
-Not done here: prompt editing / alternation (``[a:b:10]``, ``[a|b]``), textual-inversion embeddings,
-Midjourney-style ``--ar`` parameters.
+- Textual-inversion embeddings named in a prompt (``engine.embeddings``) become placeholder ids in the chunks and
+  their vectors inside the text encoder's token-embedding layer, for the call only.
+
+Prompt editing, alternation and AND live in ``engine.prompt_editing``.
 
 Deliberate difference from WebUI: a BREAK inside brackets, ``(a BREAK b)``, is still a chunk break (WebUI
 multiplies its internal -1 marker weight and then encodes the word "BREAK" with a negative weight).
@@ -39,6 +41,8 @@ from ..core.requests import LoraSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from .embeddings import TextualInversions
 
 CHUNK_LENGTH = 75
 """Prompt tokens per chunk; with BOS and EOS a chunk is 77 tokens, CLIP's context."""
@@ -363,17 +367,21 @@ def _comma_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def tokenize_chunks(prompt: str, tokenizer: PreTrainedTokenizerBase, *,
-                    comma_backtrack: int = COMMA_BACKTRACK, syntax: str = "a1111") -> list[PromptChunk]:
+                    comma_backtrack: int = COMMA_BACKTRACK, syntax: str = "a1111",
+                    embeddings: TextualInversions | None = None) -> list[PromptChunk]:
     """WebUI's ``tokenize_line``: weighted fragments tokenized without special tokens, packed into chunks of
     75. BREAK closes the current chunk; a full chunk whose last comma is within ``comma_backtrack`` tokens of its
     end is cut after that comma. An empty prompt gives one empty chunk. ``syntax="comfy"``: ComfyUI's weighting
-    (:func:`parse_prompt_comfy`), plain 75-token chunks."""
+    (:func:`parse_prompt_comfy`), plain 75-token chunks. ``embeddings``: the textual inversions the prompt may
+    name; each becomes placeholder ids (``engine.embeddings``), kept whole within one chunk."""
     if syntax == "comfy":
         fragments = [_Fragment(t, w) for t, w in parse_prompt_comfy(prompt)]
         comma_backtrack = 0
     else:
         fragments = _parse(prompt)
-    texts = [f.text for f in fragments if not f.is_break]
+    pieces = [[] if f.is_break else (embeddings.split(f.text, syntax) if embeddings is not None else [f.text])
+              for f in fragments]
+    texts = [p for ps in pieces for p in ps if isinstance(p, str)]
     tokenized = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
                      if texts else [])
     comma = _comma_id(tokenizer)
@@ -388,11 +396,21 @@ def tokenize_chunks(prompt: str, tokenizer: PreTrainedTokenizerBase, *,
         chunks.append(PromptChunk(tuple(tokens), tuple(weights)))
         tokens, weights, last_comma = [], [], -1
 
-    for frag in fragments:
+    def frag_tokens(frag_pieces: list) -> Iterable[int]:
+        for piece in frag_pieces:
+            if isinstance(piece, str):
+                yield from next(tokenized)
+                continue
+            first = embeddings.first_id(piece)
+            if len(tokens) + piece.count > CHUNK_LENGTH:  # an embedding is never split: it starts the next chunk
+                next_chunk()
+            yield from range(first, first + piece.count)
+
+    for frag, frag_pieces in zip(fragments, pieces):
         if frag.is_break:
             next_chunk()
             continue
-        for token in next(tokenized):
+        for token in frag_tokens(frag_pieces):
             if token == comma:
                 last_comma = len(tokens)
             elif (comma_backtrack and len(tokens) == CHUNK_LENGTH and last_comma != -1
@@ -485,9 +503,23 @@ def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
     return norm
 
 
+def _run_encoder(text_encoder: torch.nn.Module, ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
+                 embeddings: TextualInversions | None, encoder: int, **kwargs):
+    """``text_encoder(ids, **kwargs)``, with any textual-inversion placeholder ids given their vectors inside the
+    encoder's token-embedding layer (``engine.embeddings``); the ids it sees carry BOS there instead."""
+    from .embeddings import PLACEHOLDER_BASE, injected, placeholder_rows
+    if embeddings is None or not bool((ids >= PLACEHOLDER_BASE).any()):
+        return text_encoder(ids, **kwargs)
+    width = int(text_encoder.get_input_embeddings().weight.shape[1])
+    clean, rows, vectors = placeholder_rows(ids.cpu(), embeddings.table(encoder), width, _special_ids(tokenizer)[0])
+    with injected(text_encoder, rows, vectors):
+        return text_encoder(clean.to(ids.device), **kwargs)
+
+
 def _encode_sd_chunks(chunks: Sequence[PromptChunk], tokenizer: PreTrainedTokenizerBase,
                       text_encoder: torch.nn.Module, clip_skip: int, device: torch.device | str | None,
-                      dtype: torch.dtype | None, emphasis: str = "a1111") -> torch.Tensor:
+                      dtype: torch.dtype | None, emphasis: str = "a1111",
+                      embeddings: TextualInversions | None = None) -> torch.Tensor:
     enc_device, enc_dtype = _encoder_device_dtype(text_encoder)
     device = enc_device if device is None else device
     dtype = enc_dtype if dtype is None else dtype
@@ -498,7 +530,7 @@ def _encode_sd_chunks(chunks: Sequence[PromptChunk], tokenizer: PreTrainedTokeni
         if bert:  # BERT family: masked padding; clip_skip c > 1 is hidden_states[-c] (no final layer norm)
             out = text_encoder(ids, attention_mask=chunk_attention_mask(chunks).to(device), output_hidden_states=True)
         else:
-            out = text_encoder(ids, output_hidden_states=True)
+            out = _run_encoder(text_encoder, ids, tokenizer, embeddings, 0, output_hidden_states=True)
         _check_clip_skip(clip_skip, len(out.hidden_states) - 1)
         if clip_skip == 1:
             z = out.last_hidden_state
@@ -527,7 +559,8 @@ def _comfy_emphasis(z: torch.Tensor, weights: torch.Tensor, empty: Callable[[], 
 
 def encode_prompt_sd(prompt: str, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, *,
                      clip_skip: int = 1, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None, syntax: str = "a1111") -> torch.Tensor:
+                     dtype: torch.dtype | None = None, syntax: str = "a1111",
+                     embeddings: TextualInversions | None = None) -> torch.Tensor:
     """SD1/SD2 prompt embeddings [1, 77*k, hidden], WebUI style (chunked, weighted, never truncated).
 
     ``clip_skip`` in WebUI meaning: 1 = last layer (``last_hidden_state``), c > 1 = ``hidden_states[-c]``
@@ -539,15 +572,16 @@ def encode_prompt_sd(prompt: str, tokenizer: PreTrainedTokenizerBase, text_encod
 
     A BERT-family tokenizer/encoder (house-ldm's MiniLM) works too: chunks are ``[CLS] ... [SEP]`` padded to 77
     with [PAD] under an attention mask, and clip_skip c > 1 is ``hidden_states[-c]``."""
-    return _encode_sd_chunks(tokenize_chunks(prompt, tokenizer, syntax=syntax), tokenizer, text_encoder, clip_skip,
-                             device, dtype, emphasis=syntax)
+    return _encode_sd_chunks(tokenize_chunks(prompt, tokenizer, syntax=syntax, embeddings=embeddings), tokenizer,
+                             text_encoder, clip_skip, device, dtype, emphasis=syntax, embeddings=embeddings)
 
 
 def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
                         tokenizers: tuple[PreTrainedTokenizerBase | None, PreTrainedTokenizerBase],
                         text_encoders: tuple[torch.nn.Module | None, torch.nn.Module], clip_skip: int,
                         device: torch.device | str | None, dtype: torch.dtype | None, *, grad: bool = False,
-                        emphasis: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
+                        emphasis: str = "a1111", embeddings: TextualInversions | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     tok1, tok2 = tokenizers
     te1, te2 = text_encoders
     if te2 is None:
@@ -560,11 +594,12 @@ def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
     parts: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        for tok, te in ((tok1, te1), (tok2, te2)):
+        for index, (tok, te) in enumerate(((tok1, te1), (tok2, te2))):
             if te is None:  # e.g. the SDXL refiner: second encoder only
                 continue
             tok = tok if tok is not None else (tok2 if tok2 is not None else tok1)
-            out = te(chunk_input_ids(chunks, tok).to(device), output_hidden_states=True)
+            out = _run_encoder(te, chunk_input_ids(chunks, tok).to(device), tok, embeddings,
+                               index if te1 is not None else 0, output_hidden_states=True)
             _check_clip_skip(clip_skip, len(out.hidden_states) - 1)
             if emphasis == "comfy":
                 def empty(te=te, tok=tok):
@@ -585,7 +620,8 @@ def _encode_sdxl_chunks(chunks: Sequence[PromptChunk],
 def encode_prompt_sdxl(prompt: str, tokenizers: tuple[Any, Any], text_encoders: tuple[Any, Any], *,
                        clip_skip: int = 1, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None, grad: bool = False,
-                       syntax: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
+                       syntax: str = "a1111", embeddings: TextualInversions | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL ``(prompt_embeds [1, 77*k, h1+h2], pooled [1, proj])``, WebUI style.
 
     Both encoders see the same chunks (made with tokenizer 1; they share CLIP's BPE vocabulary, each keeps its
@@ -594,9 +630,9 @@ def encode_prompt_sdxl(prompt: str, tokenizers: tuple[Any, Any], text_encoders: 
     ``text_embeds`` of the first chunk (as WebUI). Encoder 1 may be None (refiner). ``grad``: keep the graph
     (text-encoder LoRA training)."""
     tok1, tok2 = tokenizers
-    chunks = tokenize_chunks(prompt, tok1 if tok1 is not None else tok2, syntax=syntax)
+    chunks = tokenize_chunks(prompt, tok1 if tok1 is not None else tok2, syntax=syntax, embeddings=embeddings)
     return _encode_sdxl_chunks(chunks, (tok1, tok2), (text_encoders[0], text_encoders[1]),
-                               clip_skip, device, dtype, grad=grad, emphasis=syntax)
+                               clip_skip, device, dtype, grad=grad, emphasis=syntax, embeddings=embeddings)
 
 
 def pad_to_same_length(cond: torch.Tensor, uncond: torch.Tensor,
@@ -661,6 +697,8 @@ class _CacheKey:
     loras: tuple[tuple[str, float], ...]
     device: str
     dtype: str
+    embeddings: tuple[tuple[str, str], ...] = ()
+    """the textual inversions the prompt names, with their hashes"""
 
 
 LoraKey = LoraSpec | tuple[str, float]
@@ -714,51 +752,56 @@ class PromptEncoder:
 
     @staticmethod
     def _key(kind: str, prompt: str, clip_skip: int, model_key: str, loras: Iterable[LoraKey],
-             encoder: torch.nn.Module, device: torch.device | str | None, dtype: torch.dtype | None) -> _CacheKey:
+             encoder: torch.nn.Module, device: torch.device | str | None, dtype: torch.dtype | None,
+             embeddings: TextualInversions | None = None, syntax: str = "a1111") -> _CacheKey:
         enc_device, enc_dtype = _encoder_device_dtype(encoder)
         return _CacheKey(kind, prompt, clip_skip, model_key, _lora_key(loras),
                          str(torch.device(device) if device is not None else enc_device),
-                         str(dtype if dtype is not None else enc_dtype))
+                         str(dtype if dtype is not None else enc_dtype),
+                         embeddings.key(prompt, syntax) if embeddings else ())
 
     def encode_sd(self, prompt: str, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, *,
                   model_key: str, loras: Iterable[LoraKey] = (), clip_skip: int = 1,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                  syntax: str = "a1111") -> torch.Tensor:
+                  syntax: str = "a1111", embeddings: TextualInversions | None = None) -> torch.Tensor:
         """:func:`encode_prompt_sd`, cached."""
         key = self._key("sd" if syntax == "a1111" else f"sd-{syntax}", prompt, clip_skip, model_key, loras,
-                        text_encoder, device, dtype)
+                        text_encoder, device, dtype, embeddings, syntax)
         return self._cached(key, lambda: (encode_prompt_sd(prompt, tokenizer, text_encoder, clip_skip=clip_skip,
-                                                           device=device, dtype=dtype, syntax=syntax),))[0]
+                                                           device=device, dtype=dtype, syntax=syntax,
+                                                           embeddings=embeddings),))[0]
 
     def encode_sdxl(self, prompt: str, tokenizers: tuple[Any, Any], text_encoders: tuple[Any, Any], *,
                     model_key: str, loras: Iterable[LoraKey] = (), clip_skip: int = 1,
                     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    syntax: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
+                    syntax: str = "a1111", embeddings: TextualInversions | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`encode_prompt_sdxl`, cached."""
         key = self._key("sdxl" if syntax == "a1111" else f"sdxl-{syntax}", prompt, clip_skip, model_key, loras,
-                        text_encoders[1], device, dtype)
+                        text_encoders[1], device, dtype, embeddings, syntax)
         z, pooled = self._cached(key, lambda: encode_prompt_sdxl(prompt, tokenizers, text_encoders,
                                                                  clip_skip=clip_skip, device=device, dtype=dtype,
-                                                                 syntax=syntax))
+                                                                 syntax=syntax, embeddings=embeddings))
         return z, pooled
 
     def encode_pair_sd(self, prompt: str, negative: str, tokenizer: PreTrainedTokenizerBase,
                        text_encoder: torch.nn.Module, *, model_key: str, loras: Iterable[LoraKey] = (),
                        clip_skip: int = 1, device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype | None = None, embeddings: TextualInversions | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`encode_pair_sd`, each prompt (and the empty-prompt padding) cached."""
         loras = tuple(loras)
         return _pair_sd(lambda text: self.encode_sd(text, tokenizer, text_encoder, model_key=model_key, loras=loras,
-                                                    clip_skip=clip_skip, device=device, dtype=dtype),
-                        prompt, negative)
+                                                    clip_skip=clip_skip, device=device, dtype=dtype,
+                                                    embeddings=embeddings), prompt, negative)
 
     def encode_pair_sdxl(self, prompt: str, negative: str, tokenizers: tuple[Any, Any],
                          text_encoders: tuple[Any, Any], *, model_key: str, loras: Iterable[LoraKey] = (),
                          clip_skip: int = 1, device: torch.device | str | None = None,
-                         dtype: torch.dtype | None = None
+                         dtype: torch.dtype | None = None, embeddings: TextualInversions | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`encode_pair_sdxl`, each prompt (and the empty-prompt padding) cached."""
         loras = tuple(loras)
         return _pair_sdxl(lambda text: self.encode_sdxl(text, tokenizers, text_encoders, model_key=model_key,
                                                         loras=loras, clip_skip=clip_skip, device=device,
-                                                        dtype=dtype), prompt, negative)
+                                                        dtype=dtype, embeddings=embeddings), prompt, negative)

@@ -228,6 +228,9 @@ def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
     # -------------------------------------------------------------- textual inversion
     if "emb_params" in shapes or any_start("string_to_param.") or {"clip_l", "clip_g"} & set(keys):
         return _probe_embedding(shapes, keys)
+    if len(keys) == 1 and 1 <= len(shapes[keys[0]]) <= 2 and shapes[keys[0]][-1] in (768, 1024) and (
+            len(shapes[keys[0]]) == 1 or shapes[keys[0]][0] <= 75):  # diffusers' learned_embeds: {"<token>": [w]}
+        return _probe_embedding({"emb_params": shapes[keys[0]]}, ["emb_params"])
 
     # -------------------------------------------------------------- ControlNet
     if any_start("control_model.") or any_in("input_hint_block.", "zero_convs.") or (

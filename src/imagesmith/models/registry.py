@@ -358,11 +358,12 @@ class Registry:
         return self.hashes.sha256(entry.path)
 
     def hash(self, entry: ModelEntry) -> str | None:
-        """WebUI short hash: 12 hex digits for LoRAs ('Lora hashes'), 10 for everything else ('Model hash')."""
+        """WebUI short hash: 12 hex digits for LoRAs and embeddings ('Lora hashes', 'TI hashes'), 10 for everything
+        else ('Model hash')."""
         full = self.sha256(entry)
         if full is None:
             return None
-        return full[:12] if entry.kind == "lora" else full[:10]
+        return full[:12] if entry.kind in ("lora", "embedding") else full[:10]
 
     def to_table_rows(self, kind: str | None = None) -> list[dict]:
         """Rows for `imagesmith models list [--json]`."""

@@ -220,17 +220,18 @@ def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
         if encoders:  # ComfyUI's CLIP loaders: these files' encoders over the folder's tokenizers
             model_key += "|" + ",".join(clip.files)
             pipe = pipeline_view(pipe, encoders)
+        inversions = engine.textual_inversions(pipe, arch) if "embedding:" in text.lower() else None
         with torch.inference_mode():
             if arch in ("sd1", "sd2", "house"):
                 z = engine.prompt_encoder.encode_sd(text, pipe.tokenizer, pipe.text_encoder, model_key=model_key,
                                                     loras=lora_key, clip_skip=clip.clip_skip, device=engine.device,
-                                                    dtype=engine.dtype, syntax="comfy")
+                                                    dtype=engine.dtype, syntax="comfy", embeddings=inversions)
                 return Cond(z.float().cpu(), arch)
             if arch == "sdxl":
                 z, pooled = engine.prompt_encoder.encode_sdxl(
                     text, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
                     model_key=model_key, loras=lora_key, clip_skip=clip.clip_skip, device=engine.device,
-                    dtype=engine.dtype, syntax="comfy")
+                    dtype=engine.dtype, syntax="comfy", embeddings=inversions)
                 return Cond(z.float().cpu(), arch, pooled.float().cpu())
             from ..prompts import plain_prompt
             if arch == "sd3":
@@ -386,6 +387,18 @@ def _load_image(ctx, image, upload=None):
     else:
         mask = torch.zeros(64, 64)
     return rgb, mask[None]
+
+
+def _embedding_fingerprint(ctx, text=None, **_):
+    """The files behind the ``embedding:`` names in a text (added, changed or removed: encoded again)."""
+    if not isinstance(text, str) or "embedding:" not in text.lower():
+        return None
+    stamps = []
+    for folder in ctx.engine.settings.model_dirs("embeddings"):
+        if folder.is_dir():
+            stamps += sorted([str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns]
+                             for f in folder.rglob("*.safetensors"))
+    return stamps
 
 
 def _load_image_fingerprint(ctx, image=None, **_):
@@ -706,7 +719,7 @@ def _nodes() -> dict[str, Node]:
              _clip_set_last_layer),
         Node("CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
              {"text": Input("STRING", multiline=True), "clip": _l("CLIP")}, (("CONDITIONING", "CONDITIONING"),),
-             _clip_text_encode),
+             _clip_text_encode, fingerprint=_embedding_fingerprint),
         Node("ConditioningCombine", "Conditioning (Combine)", "conditioning",
              {"conditioning_1": _l("CONDITIONING"), "conditioning_2": _l("CONDITIONING")},
              (("CONDITIONING", "CONDITIONING"),), _conditioning_combine),

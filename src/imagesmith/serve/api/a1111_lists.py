@@ -9,6 +9,7 @@ import os
 
 from fastapi import APIRouter, Depends
 
+from ...core.errors import ImagesmithError
 from .context import Admin, Svc, caller
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(caller)])
@@ -32,9 +33,20 @@ def cmd_flags(svc: Svc):
 
 @router.get("/embeddings")
 def embeddings(svc: Svc):
-    loaded = {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
-                       "vectors": None} for e in registry(svc).list("embedding")}
-    return {"loaded": loaded, "skipped": {}}
+    """Every embedding file, read (safetensors only): its width (``shape``) and vector count; a file that cannot be
+    read is listed as skipped, as WebUI lists the ones it could not load."""
+    from ...engine.embeddings import load_embedding
+    loaded, skipped = {}, {}
+    for e in registry(svc).list("embedding"):
+        info = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        try:
+            emb = load_embedding(e.path, e.name)
+        except ImagesmithError:
+            skipped[e.name] = info
+            continue
+        widths = [int(v.shape[1]) for v in emb.vectors.values()]
+        loaded[e.name] = {**info, "shape": widths[0] if len(widths) == 1 else sum(widths), "vectors": emb.count}
+    return {"loaded": loaded, "skipped": skipped}
 
 
 @router.get("/hypernetworks")
