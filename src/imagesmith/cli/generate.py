@@ -62,7 +62,7 @@ def generate(
     upscaler: str = typer.Option("Latent", "--hr-upscaler", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B'"),
     controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet model name (controlnet.model)"),
     control_image: Optional[str] = typer.Option(None, "--control-image"),
-    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample or none"),
+    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand or none"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
     regions: Optional[List[str]] = typer.Option(None, "--regions", "--region", help="a prompt for part of the picture: "
                                                 "'x0,y0,x1,y1:prompt[:weight]' (fractions 0-1), or "
@@ -74,8 +74,9 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
     safety: bool = typer.Option(False, "--safety", help="check the prompt and the images (open_nsfw); flagged images are withheld or blurred "
                                 "(IMAGESMITH_SAFETY_ACTION)"),
-    detailer: Optional[str] = typer.Option(None, "--detailer", help="repaint detected faces at higher resolution "
-                                           "(ADetailer-style): face"),
+    detailer: Optional[list[str]] = typer.Option(None, "--detailer", help="repaint what mediapipe detects at "
+                                                 "higher resolution (ADetailer-style): face, hand or person; "
+                                                 "repeat for several units, run in turn"),
     detailer_strength: float = typer.Option(0.4, "--detailer-strength", help="denoising strength of the repaint"),
     detailer_prompt: str = typer.Option("", "--detailer-prompt", help="added to the prompt for the repaint"),
     ground: bool = typer.Option(True, "--ground-concepts/--no-ground-concepts", "--ground/--no-ground", help="house models: draw the nearest known concept "
@@ -116,11 +117,13 @@ def generate(
                                                   preprocessor=control_preprocessor, weight=control_weight)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
-        if detailer is not None:
+        if detailer:
             from ..core.requests import DETAILERS, DetailerOptions
-            if detailer not in DETAILERS:
-                raise _Exit(f"--detailer takes {', '.join(DETAILERS)}, not {detailer!r}")
-            fields["detailer"] = DetailerOptions(kind=detailer, strength=detailer_strength, prompt=detailer_prompt)
+            for kind in detailer:
+                if kind not in DETAILERS:
+                    raise _Exit(f"--detailer takes {', '.join(DETAILERS)}, not {kind!r}")
+            units = [DetailerOptions(kind=k, strength=detailer_strength, prompt=detailer_prompt) for k in detailer]
+            fields["detailer"] = units[0] if len(units) == 1 else units
         req = GenerateRequest(**fields)
 
     _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it

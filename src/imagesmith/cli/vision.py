@@ -198,7 +198,8 @@ app.add_typer(controlnet_app, name="controlnet")
 @controlnet_app.command("detect")
 def controlnet_detect(image: str = typer.Argument(..., help="the image to preprocess"),
                       preprocessor: str = typer.Option("canny", "--preprocessor", "-p", help="canny, scribble_xdog, "
-                                                       "lineart_standard, invert, threshold, tile_resample, none"),
+                                                       "lineart_standard, invert, threshold, tile_resample, "
+                                                       "openpose, openpose_hand, none"),
                       threshold_a: Optional[float] = typer.Option(None, "--threshold-a", help="the first slider "
                                                                   "(canny low, xdog threshold, level, tile rate)"),
                       threshold_b: Optional[float] = typer.Option(None, "--threshold-b", help="canny high"),

@@ -17,8 +17,14 @@ NOISE_MODES = ("a1111-cpu", "a1111-gpu", "comfy")
 UPSCALERS = ("Latent", "Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B")
 
 
-DETAILERS = ("face",)
-"""What the face detailer can detect and repaint (engine.detailer)."""
+DETAILERS = ("face", "hand", "person")
+"""What the detailer can detect and repaint (engine.detailer)."""
+DETECTOR_MODELS = ("mediapipe_face", "mediapipe_face_full", "mediapipe_face_short", "mediapipe_hands",
+                   "mediapipe_person", "face_haar")
+"""The detectors: mediapipe's (its wheel ships them; ADetailer's names for the face ones) and OpenCV's Haar cascade."""
+DEFAULT_DETECTOR = {"face": "mediapipe_face", "hand": "mediapipe_hands", "person": "mediapipe_person"}
+_DETECTOR_KIND = {"mediapipe_face": "face", "mediapipe_face_full": "face", "mediapipe_face_short": "face", "face_haar": "face",
+                  "mediapipe_hands": "hand", "mediapipe_person": "person"}
 
 
 class DetailerOptions(BaseModel):
@@ -26,11 +32,18 @@ class DetailerOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["face"] = Field("face", description="what to detect and repaint (Haar frontal faces)")
-    min_neighbors: int = Field(5, ge=1, le=50, description="Haar detection confidence: overlapping detections "
-                               "a face needs (higher = fewer, surer faces)")
-    min_size: int = Field(24, ge=8, le=4096, description="smallest face side in pixels")
-    max_faces: int = Field(4, ge=1, le=32, description="repaint at most this many faces, largest first")
+    kind: Literal["face", "hand", "person"] = Field("face", description="what to detect and repaint")
+    model: Literal["mediapipe_face", "mediapipe_face_full", "mediapipe_face_short", "mediapipe_hands",
+                   "mediapipe_person", "face_haar"] | None = Field(
+        None, description="the detector; default the kind's mediapipe model (face: mediapipe_face, the faces either "
+        "of mediapipe's models finds: mediapipe_face_full for small faces, mediapipe_face_short for close ones; "
+        "face_haar: OpenCV's frontal-face cascade)")
+    confidence: float = Field(0.3, ge=0.0, le=1.0, description="a detection's least score (mediapipe models; "
+                              "ADetailer's ad_confidence)")
+    min_neighbors: int = Field(5, ge=1, le=50, description="face_haar's confidence: overlapping detections a face "
+                               "needs (higher = fewer, surer faces)")
+    min_size: int = Field(24, ge=8, le=4096, description="smallest detection side in pixels")
+    max_faces: int = Field(4, ge=1, le=32, description="repaint at most this many detections, largest first")
     padding: float = Field(0.35, ge=0.0, le=2.0, description="context around each face, as a fraction of its "
                            "size on each side; the repainted crop and the blend stay inside this padded box")
     dilate: int = Field(4, ge=0, le=64, description="grow the face box by this many pixels before blurring")
@@ -41,6 +54,16 @@ class DetailerOptions(BaseModel):
                              "default: the model's native size")
     prompt: str = Field("", description="added to the image's prompt for the repaint")
     negative_prompt: str = Field("", description="added to the image's negative prompt for the repaint")
+
+    @model_validator(mode="after")
+    def _model_fits_kind(self) -> "DetailerOptions":
+        if self.model is not None and _DETECTOR_KIND[self.model] != self.kind:
+            raise ValueError(f"detector {self.model} finds {_DETECTOR_KIND[self.model]}s, not {self.kind}s")
+        return self
+
+    @property
+    def detector(self) -> str:
+        return self.model or DEFAULT_DETECTOR[self.kind]
 
 
 class LoraSpec(BaseModel):
@@ -70,7 +93,8 @@ class ControlNetSpec(BaseModel):
     model: str = Field(..., description="ControlNet name in the registry (models/controlnet)")
     image: str = Field(..., description="path of the control image")
     preprocessor: Literal["canny", "none", "scribble_xdog", "lineart_standard", "invert", "threshold",
-                          "tile_resample"] = Field("canny", description="model-free preprocessors (engine.controlnet)")
+                          "tile_resample", "openpose", "openpose_hand"] = Field(
+        "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models)")
     weight: float = Field(1.0, ge=0.0, le=2.0)
     guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     guidance_end: float = Field(1.0, ge=0.0, le=1.0)
@@ -172,9 +196,23 @@ class GenerateRequest(BaseModel):
     hires: HiresSpec | None = None
     controlnet: ControlNetSpec | list[ControlNetSpec] | None = Field(
         None, description="one ControlNet unit, or several (their residuals add up, as A1111's multi-unit ControlNet)")
-    detailer: DetailerOptions | None = Field(None, description="ADetailer-style face repaint after generation")
+    detailer: DetailerOptions | list[DetailerOptions] | None = Field(
+        None, description="ADetailer-style repaint after generation: one unit, or several run in turn (faces, then "
+        "hands, ...), as ADetailer's tabs")
     regions: list[RegionSpec] = Field(default_factory=list, max_length=8, description="prompts for parts of the "
                                       "picture, blended with the base prompt (regional prompting)")
+
+    @field_validator("detailer")
+    @classmethod
+    def _one_to_four_detailers(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= 4:
+            raise ValueError(f"give 1 to 4 detailer units, not {len(v)}")
+        return v
+
+    @property
+    def detailer_units(self) -> list[DetailerOptions]:
+        d = self.detailer
+        return [] if d is None else list(d) if isinstance(d, list) else [d]
 
     @property
     def controlnet_units(self) -> list[ControlNetSpec]:

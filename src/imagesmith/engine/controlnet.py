@@ -83,7 +83,15 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "threshold": Preprocessor(lambda im, a, b: threshold(im, a), (("Binary threshold", 127, 0, 255),)),
     "tile_resample": Preprocessor(lambda im, a, b: tile_resample(im, a), (("Down Sampling Rate", 1.0, 1.0, 8.0),),
                                   model_free=False),
+    # a body (and its hands) by mediapipe's pose and hand models, drawn as OpenPose's skeleton (engine.landmarks)
+    "openpose": Preprocessor(lambda im, a, b: _openpose(im, hands=False)),
+    "openpose_hand": Preprocessor(lambda im, a, b: _openpose(im, hands=True)),
 }
+
+
+def _openpose(image: Image.Image, *, hands: bool) -> Image.Image:
+    from .landmarks import openpose
+    return openpose(image.convert("RGB"), hands=hands)
 
 
 def slider_values(name: str, a: float | None, b: float | None) -> tuple[float, float]:

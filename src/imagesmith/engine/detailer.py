@@ -1,20 +1,27 @@
-"""Face detailer, after A1111's ADetailer: find faces, repaint each at a higher resolution, blend it back.
+"""The detailer, after A1111's ADetailer: find faces, hands or persons, repaint each at a higher resolution,
+blend it back.
 
-For every face box (OpenCV's Haar frontal-face cascade, shipped inside opencv-python-headless):
+Detectors: mediapipe's face models (``mediapipe_face_full``, the default, also finds small and turned faces;
+``mediapipe_face_short`` for close-ups), its hand landmarker (``mediapipe_hands``) and its person segmentation
+(``mediapipe_person``), all shipped inside the mediapipe wheel (``engine.landmarks``); and OpenCV's Haar
+frontal-face cascade (``face_haar``, inside opencv-python-headless). For every detection box:
 
     crop the box plus padding  ->  upscale the crop to the model's working size (512 for SD1, 128 for house-ldm:
     more pixels than the face had)  ->  img2img through the same engine with the same prompt (plus an optional
     detailer prompt) at a low denoising strength  ->  downscale back  ->  blend into the image with a feathered
-    mask (the face box, dilated, Gaussian-blurred) that is exactly zero outside the padded box.
+    mask (the box, dilated, Gaussian-blurred) that is exactly zero outside the padded box.
 
-So every pixel outside the padded boxes is the input's, bit for bit. Used from generation
-(``GenerateRequest(detailer=DetailerOptions())``, ``imagesmith generate --detailer face``), or on any image:
+So every pixel outside the padded boxes is the input's, bit for bit. Several units run in turn, each on the
+previous one's result (faces, then hands), as ADetailer's tabs. Used from generation
+(``GenerateRequest(detailer=DetailerOptions())`` or a list of them, ``imagesmith generate --detailer face
+--detailer hand``), or on any image:
 
     from imagesmith.engine.detailer import DetailerOptions, FaceDetailer
     image, report = FaceDetailer(engine, DetailerOptions(strength=0.4)).detail(image, request, seed=1)
 
-``report`` says what was done (faces with their boxes, the options); ``infotext_params(report)`` gives the
-ADetailer-style infotext keys (``ADetailer model: face_haar, ADetailer denoising strength: 0.4, ...``)."""
+``report`` says what was done (the detections with their boxes and scores, the options);
+``infotext_params(reports)`` gives ADetailer's infotext keys (``ADetailer model: mediapipe_face_full,
+ADetailer confidence: 0.3, ...``, a second unit's with `` 2nd``)."""
 
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from PIL import Image
 from ..core.requests import DetailerOptions, GenerateRequest
 HAAR_MODEL = "face_haar"
 HAAR_FILE = "haarcascade_frontalface_default.xml"
+_ORDINALS = ("", " 2nd", " 3rd", " 4th")
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,20 @@ def detect_faces(image: Image.Image, options: DetailerOptions | None = None) -> 
     faces = [Face((int(x), int(y), int(x + w), int(y + h)), int(n)) for (x, y, w, h), n in zip(rects, counts)]
     faces.sort(key=lambda f: (-f.area, f.box))
     return faces[: o.max_faces]
+
+
+def detect(image: Image.Image, options: DetailerOptions | None = None):
+    """What the unit's detector finds, largest first, at most ``max_faces``, none smaller than ``min_size``:
+    ``engine.landmarks.Detection`` (box, score, label)."""
+    from .landmarks import Detection
+    from .landmarks import detect as mediapipe_detect
+    o = options or DetailerOptions()
+    if o.detector == HAAR_MODEL:
+        found = [Detection(f.box, float(f.neighbors), "face") for f in detect_faces(image, o)]
+    else:
+        found = mediapipe_detect(image, o.detector, confidence=o.confidence, max_count=32)
+    found = [d for d in found if min(d.box[2] - d.box[0], d.box[3] - d.box[1]) >= o.min_size]
+    return found[: o.max_faces]
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -159,8 +181,8 @@ class FaceDetailer:
         from ..core.requests import GenerateRequest
         o = self.options
         image = image.convert("RGB")
-        faces = detect_faces(image, o)
-        report: dict[str, Any] = {"model": HAAR_MODEL, "faces": [], "options": o.model_dump(mode="json")}
+        faces = detect(image, o)
+        report: dict[str, Any] = {"model": o.detector, "detections": [], "options": o.model_dump(mode="json")}
         if not faces:
             return image, report
         size = self.working_size(request)
@@ -193,8 +215,9 @@ class FaceDetailer:
                     repaint = crop.resize((tw, th), Image.LANCZOS)
                 back = np.asarray(repaint.convert("RGB").resize(crop.size, Image.LANCZOS))
                 out[by0:by1, bx0:bx1] = blend(out[by0:by1, bx0:bx1], back, blend_mask(face.box, box, o))
-                report["faces"].append({"box": list(face.box), "padded_box": list(box), "neighbors": face.neighbors,
-                                        "seed": face_seed, "work_size": [tw, th]})
+                report["detections"].append({"label": face.label, "box": list(face.box), "padded_box": list(box),
+                                             "score": round(face.score, 4), "seed": face_seed,
+                                             "work_size": [tw, th]})
         return Image.fromarray(out), report
 
 
@@ -210,35 +233,46 @@ def _relabel(progress):
 
 def detail_images(engine, request: GenerateRequest, images: list[Image.Image], seeds: list[int], *,
                   progress=None, cancel=None) -> tuple[list[Image.Image], list[dict[str, Any]]]:
-    """The engine's post-processing step: detail every image of a job (image i with its own seed)."""
-    detailer = FaceDetailer(engine, request.detailer)
+    """The engine's post-processing step: every unit of the request, in turn, on every image of a job (image i
+    with its own seed). Each image's report is ``{"units": [unit report, ...]}``."""
     base = request.model_copy(update={"detailer": None})
     out, reports = [], []
     for image, seed in zip(images, seeds):
-        im, rep = detailer.detail(image, base, seed=seed, progress=progress, cancel=cancel)
-        out.append(im)
-        reports.append(rep)
+        units = []
+        for options in request.detailer_units:
+            image, rep = FaceDetailer(engine, options).detail(image, base, seed=seed, progress=progress,
+                                                              cancel=cancel)
+            units.append(rep)
+        out.append(image)
+        reports.append({"units": units})
     return out, reports
 
 
 def infotext_params(report: dict[str, Any] | None) -> dict[str, Any]:
-    """ADetailer's infotext keys for one image's report ({} without one)."""
+    """ADetailer's infotext keys for one image's report ({} without one); the second unit's end in `` 2nd``,
+    as ADetailer writes its tabs."""
     if not report:
         return {}
-    o = report.get("options", {})
+    units = report.get("units", [report])
 
     def num(x):
-        return f"{x:g}" if isinstance(x, (int, float)) else x
-    return {
-        "ADetailer model": report.get("model", HAAR_MODEL),
-        "ADetailer faces": len(report.get("faces", [])),
-        "ADetailer min neighbors": o.get("min_neighbors"),
-        "ADetailer min size": o.get("min_size"),
-        "ADetailer padding": num(o.get("padding")),
-        "ADetailer dilate erode": o.get("dilate"),
-        "ADetailer mask blur": num(o.get("mask_blur")),
-        "ADetailer denoising strength": num(o.get("strength")),
-        "ADetailer steps": o.get("steps"),
-        "ADetailer prompt": o.get("prompt") or None,
-        "ADetailer negative prompt": o.get("negative_prompt") or None,
-    }
+        return f"{x:g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+    params: dict[str, Any] = {}
+    for unit, suffix in zip(units, _ORDINALS):
+        o = unit.get("options", {})
+        haar = unit.get("model") == HAAR_MODEL
+        params.update({
+            f"ADetailer model{suffix}": unit.get("model"),
+            f"ADetailer detections{suffix}": len(unit.get("detections", [])),
+            f"ADetailer confidence{suffix}": None if haar else num(o.get("confidence")),
+            f"ADetailer min neighbors{suffix}": o.get("min_neighbors") if haar else None,
+            f"ADetailer min size{suffix}": o.get("min_size"),
+            f"ADetailer padding{suffix}": num(o.get("padding")),
+            f"ADetailer dilate erode{suffix}": o.get("dilate"),
+            f"ADetailer mask blur{suffix}": num(o.get("mask_blur")),
+            f"ADetailer denoising strength{suffix}": num(o.get("strength")),
+            f"ADetailer steps{suffix}": o.get("steps"),
+            f"ADetailer prompt{suffix}": o.get("prompt") or None,
+            f"ADetailer negative prompt{suffix}": o.get("negative_prompt") or None,
+        })
+    return params

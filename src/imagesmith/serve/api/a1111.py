@@ -300,10 +300,30 @@ ADETAILER_FACE_MODELS = ("face_yolov8n.pt", "face_yolov8s.pt", "face_yolov8m.pt"
                          "mediapipe_face_mesh_eyes_only")
 
 
-def adetailer_unit(body: dict) -> dict | None:
+ADETAILER_HAND_MODELS = ("hand_yolov8n.pt", "hand_yolov8s.pt", "hand_yolov9c.pt")
+ADETAILER_PERSON_MODELS = ("person_yolov8n-seg.pt", "person_yolov8s-seg.pt", "person_yolov8m-seg.pt",
+                           "person_yolo11n-seg.pt")
+
+
+def _ad_model(model: str) -> dict:
+    """ADetailer's model name -> imagesmith's detector: its own mediapipe names as they are, YOLO face/hand/person
+    models onto mediapipe's face, hand and person models (written so in the infotext)."""
+    if model in ("mediapipe_face_full", "mediapipe_face_short"):
+        return {"kind": "face", "model": model}
+    if model in ADETAILER_FACE_MODELS or "face" in model.lower():
+        return {"kind": "face", "model": "mediapipe_face"}
+    if model in ADETAILER_HAND_MODELS or "hand" in model.lower():
+        return {"kind": "hand", "model": "mediapipe_hands"}
+    if model in ADETAILER_PERSON_MODELS or "person" in model.lower():
+        return {"kind": "person", "model": "mediapipe_person"}
+    raise BadRequest(f"ADetailer model {model!r} is not available: imagesmith's detailer finds faces, hands and "
+                     f"persons ({', '.join(ADETAILER_FACE_MODELS + ADETAILER_HAND_MODELS + ADETAILER_PERSON_MODELS)})")
+
+
+def adetailer_unit(body: dict) -> dict | list[dict] | None:
     """The engine's `detailer` field from ADetailer's `alwayson_scripts` args (``[enabled, {ad_model, ...}, ...]``,
-    webuiapi's shape), or None. Face models map onto imagesmith's face detailer with their prompt, strength, mask
-    blur, dilation and steps; hand and person models are a 422 naming what runs."""
+    webuiapi's shape), or None: one unit per enabled tab (up to 4), each with its detector, confidence, prompt,
+    strength, mask blur, dilation, padding and steps."""
     args = always_on_args(body, "adetailer")
     if not isinstance(args, list) or not args:
         return None
@@ -317,21 +337,20 @@ def adetailer_unit(body: dict) -> dict | None:
              and a.get("ad_tab_enable", True)]
     if not units:
         return None
-    if len(units) > 1:
-        raise BadRequest(f"imagesmith runs one ADetailer unit per request; {len(units)} are enabled")
-    u = units[0]
-    model = str(u["ad_model"])
-    if model not in ADETAILER_FACE_MODELS and "face" not in model.lower():
-        raise BadRequest(f"ADetailer model {model!r} is not available: imagesmith's detailer repaints faces "
-                         f"({', '.join(ADETAILER_FACE_MODELS)})")
-    out = {"kind": "face", "strength": u.get("ad_denoising_strength", 0.4), "prompt": u.get("ad_prompt", ""),
-           "negative_prompt": u.get("ad_negative_prompt", ""), "mask_blur": u.get("ad_mask_blur", 4),
-           "dilate": max(0, int(u.get("ad_dilate_erode", 4) or 0))}
-    if u.get("ad_use_steps"):
-        out["steps"] = u.get("ad_steps")
-    if u.get("ad_use_inpaint_width_height"):
-        out["size"] = max(int(u.get("ad_inpaint_width", 512)), int(u.get("ad_inpaint_height", 512)))
-    return out
+    if len(units) > 4:
+        raise BadRequest(f"imagesmith runs up to 4 ADetailer units per request; {len(units)} are enabled")
+    out = []
+    for u in units:
+        unit = {**_ad_model(str(u["ad_model"])), "strength": u.get("ad_denoising_strength", 0.4),
+                "prompt": u.get("ad_prompt", ""), "negative_prompt": u.get("ad_negative_prompt", ""),
+                "mask_blur": u.get("ad_mask_blur", 4), "dilate": max(0, int(u.get("ad_dilate_erode", 4) or 0)),
+                "confidence": u.get("ad_confidence", 0.3)}
+        if u.get("ad_use_steps"):
+            unit["steps"] = u.get("ad_steps")
+        if u.get("ad_use_inpaint_width_height"):
+            unit["size"] = max(int(u.get("ad_inpaint_width", 512)), int(u.get("ad_inpaint_height", 512)))
+        out.append(unit)
+    return out[0] if len(out) == 1 else out
 
 
 async def answer(svc: Services, job_type: str, req: dict, who: dict, body: dict) -> dict | JSONResponse:

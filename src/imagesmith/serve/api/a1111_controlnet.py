@@ -1,7 +1,8 @@
 """The ControlNet extension's API (sd-webui-controlnet), which most ControlNet-using A1111 clients go through:
 `/controlnet/version`, `model_list`, `module_list`, `detect`, and its units in `alwayson_scripts` of txt2img and
 img2img, mapped onto the engine's ControlNet (up to four units, residuals summed; the model-free preprocessors
-imagesmith runs: canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample and none).
+imagesmith runs: canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose,
+openpose_hand and none).
 A module imagesmith cannot run is a 422 naming what it can, never a silent skip."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .context import Svc, caller, json_object
 MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble_xdog",  # A1111 module -> imagesmith's
            "lineart_standard (from white bg & black line)": "lineart_standard",
            "invert (from white bg & black line)": "invert", "threshold": "threshold",
-           "tile_resample": "tile_resample"}
+           "tile_resample": "tile_resample", "openpose": "openpose", "openpose_hand": "openpose_hand"}
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"
 
 
