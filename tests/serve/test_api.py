@@ -444,3 +444,29 @@ def test_malformed_bodies_are_4xx_not_500(served):
             assert r.status_code == 422 and "error" in r.json(), (route, body, r.status_code)
     r = client.post("/sdapi/v1/img2img", json={"init_images": [12345], "prompt": "x"})
     assert r.status_code == 422
+
+
+def test_native_job_with_a_reference_image(served):
+    """``ip_adapter`` in a native generate job: the reference as an upload id, resolved like every input image;
+    a name that is not installed is a 4xx at submit or a failed job naming it, never a 500."""
+    from fixtures.tiny import build_clip_vision, build_ip_adapter, build_sd15
+    client, _, settings = served
+    build_clip_vision(settings.models_dir / "clip_vision" / "tiny-vision")
+    build_ip_adapter(build_sd15(0).unet, settings.models_dir / "ipadapter" / "tiny-ip.safetensors")
+    ref = Image.fromarray((np.indices((40, 40)).sum(0) * 6 % 255).astype(np.uint8)).convert("RGB")
+    upload = client.post("/v1/uploads", files={"file": ("ref.png", png(ref), "image/png")}).json()["id"]
+    plain = wait(client, client.post("/v1/jobs", json={"type": "generate", "request": GEN}).json()["job_id"])
+    job = wait(client, client.post("/v1/jobs", json={"type": "generate", "request": {
+        **GEN, "ip_adapter": {"model": "tiny-ip", "image": upload, "weight": 1.0}}}).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    assert "IP-Adapter" in job["files"][0]["infotext"]
+    a = np.asarray(Image.open(io.BytesIO(client.get(plain["files"][0]["url"]).content)), np.int16)
+    b = np.asarray(Image.open(io.BytesIO(client.get(job["files"][0]["url"]).content)), np.int16)
+    assert np.abs(a - b).max() > 8
+    r = client.post("/v1/jobs", json={"type": "generate", "request": {
+        **GEN, "ip_adapter": {"model": "nope", "image": upload}}})
+    if r.status_code < 300:
+        failed = wait(client, r.json()["job_id"])
+        assert failed["status"] == "failed" and "nope" in failed["error"]
+    else:
+        assert 400 <= r.status_code < 500 and "nope" in r.text

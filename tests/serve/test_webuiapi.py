@@ -383,3 +383,28 @@ def test_openpose_from_a_real_photo_as_the_extension_detects_it(api):
     assert red.sum() > 50  # OpenPose's neck-to-right-shoulder limb
     blank = api.controlnet_detect([Image.new("RGB", (64, 64), (90, 90, 90))], module="openpose").images[0]
     assert np.asarray(blank).max() == 0  # nobody there: an empty map
+
+
+def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
+    """An IP-Adapter through the extension's unit (module ip-adapter_clip_sd15, model 'name [hash]'): the reference
+    changes the picture, weight 0 leaves it, and a FaceID module is a 422 saying why."""
+    from fixtures.tiny import build_clip_vision, build_ip_adapter, build_sd15
+    models = api.imagesmith_home / "models"
+    build_clip_vision(models / "clip_vision" / "tiny-vision")
+    build_ip_adapter(build_sd15(0).unet, models / "ipadapter" / "tiny-ip.safetensors")
+    ref = Image.fromarray((np.indices((48, 48)).sum(0) * 5 % 255).astype(np.uint8)).convert("RGB")
+    args = dict(alwayson_scripts={}, prompt="a red apple", seed=8, width=64, height=64, steps=4)
+    plain = np.asarray(api.txt2img(**args).image, np.int16)
+
+    def unit(weight):
+        return webuiapi.ControlNetUnit(image=ref, module="ip-adapter_clip_sd15", model="tiny-ip [0123abcd]",
+                                       weight=weight)
+    guided = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[unit(1.0)])
+    assert np.abs(np.asarray(guided.image, np.int16) - plain).max() > 8
+    assert "IP-Adapter: " in guided.info["infotexts"][0]
+    zero = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[unit(0.0)])
+    assert np.abs(np.asarray(zero.image, np.int16) - plain).max() <= 1
+    with pytest.raises(RuntimeError) as err:
+        api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[webuiapi.ControlNetUnit(
+            image=ref, module="ip-adapter_face_id_plus", model="ip-adapter-faceid-plus_sd15 [abcd1234]")])
+    assert "422" in str(err.value) and "InsightFace" in str(err.value)

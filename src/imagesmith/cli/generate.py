@@ -64,6 +64,10 @@ def generate(
     control_image: Optional[str] = typer.Option(None, "--control-image"),
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand or none"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
+    ip_adapter: Optional[str] = typer.Option(None, "--ip-adapter", help="IP-Adapter name (models/ipadapter): the "
+                                             "--ref images guide the picture"),
+    refs: Optional[List[str]] = typer.Option(None, "--ref", help="a reference image for --ip-adapter, "
+                                             "'IMG[:weight]'; repeatable"),
     regions: Optional[List[str]] = typer.Option(None, "--regions", "--region", help="a prompt for part of the picture: "
                                                 "'x0,y0,x1,y1:prompt[:weight]' (fractions 0-1), or "
                                                 "'MASK.png:prompt[:weight]'; repeatable"),
@@ -117,6 +121,12 @@ def generate(
                                                   preprocessor=control_preprocessor, weight=control_weight)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
+        if bool(ip_adapter) != bool(refs):
+            raise _Exit("--ip-adapter and --ref go together: the adapter, and the reference image(s) it reads")
+        if ip_adapter:
+            from ..core.requests import IPAdapterSpec
+            units = [IPAdapterSpec(model=ip_adapter, **_reference(r)) for r in refs]
+            fields["ip_adapter"] = units[0] if len(units) == 1 else units
         if detailer:
             from ..core.requests import DETAILERS, DetailerOptions
             for kind in detailer:
@@ -315,6 +325,17 @@ def upscale(image: str = typer.Argument(...),
         print(json.dumps({"path": str(out_path), "width": result.width, "height": result.height}))
     else:
         print(f"{out_path}  {src.width}x{src.height} -> {result.width}x{result.height}")
+
+
+def _reference(text: str) -> dict:
+    """'IMG' or 'IMG:weight' -> {image, weight}."""
+    image, sep, weight = text.rpartition(":")
+    if sep and image:
+        try:
+            return {"image": image, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"image": text, "weight": 1.0}
 
 
 def _region(text: str):

@@ -105,6 +105,19 @@ class ControlNetSpec(BaseModel):
     threshold_b: float | None = Field(None, description="its second slider, where it has one")
 
 
+class IPAdapterSpec(BaseModel):
+    """A reference image through an IP-Adapter: its look guides the picture as a prompt would."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="IP-Adapter name in the registry (models/ipadapter, safetensors)")
+    image: str = Field(..., description="the reference image: uploaded id or path")
+    weight: float = Field(1.0, ge=0.0, le=2.0, description="how strongly it guides (0: as if it were not there)")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="from this fraction of the steps")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="to this fraction of the steps")
+    image_encoder: str | None = Field(None, description="CLIP vision encoder in models/clip_vision; default: the "
+                                      "one whose width the adapter takes")
+
+
 class RegionSpec(BaseModel):
     """A prompt for part of the picture (regional prompting): a box or a mask, its weight against the base prompt
     there, and how softly its edge blends."""
@@ -196,18 +209,26 @@ class GenerateRequest(BaseModel):
     hires: HiresSpec | None = None
     controlnet: ControlNetSpec | list[ControlNetSpec] | None = Field(
         None, description="one ControlNet unit, or several (their residuals add up, as A1111's multi-unit ControlNet)")
+    ip_adapter: IPAdapterSpec | list[IPAdapterSpec] | None = Field(
+        None, description="reference images through IP-Adapters (SD1/SD2/SDXL): one, or up to 4, each with its "
+        "weight and step window")
     detailer: DetailerOptions | list[DetailerOptions] | None = Field(
         None, description="ADetailer-style repaint after generation: one unit, or several run in turn (faces, then "
         "hands, ...), as ADetailer's tabs")
     regions: list[RegionSpec] = Field(default_factory=list, max_length=8, description="prompts for parts of the "
                                       "picture, blended with the base prompt (regional prompting)")
 
-    @field_validator("detailer")
+    @field_validator("detailer", "ip_adapter")
     @classmethod
-    def _one_to_four_detailers(cls, v):
+    def _one_to_four_units(cls, v, info):
         if isinstance(v, list) and not 1 <= len(v) <= 4:
-            raise ValueError(f"give 1 to 4 detailer units, not {len(v)}")
+            raise ValueError(f"give 1 to 4 {info.field_name} units, not {len(v)}")
         return v
+
+    @property
+    def ip_adapter_units(self) -> list[IPAdapterSpec]:
+        d = self.ip_adapter
+        return [] if d is None else list(d) if isinstance(d, list) else [d]
 
     @property
     def detailer_units(self) -> list[DetailerOptions]:

@@ -80,6 +80,8 @@ class _Job:
     """(prompt, negative) as written, when wildcards or choices were drawn into `prompt` / `negative`."""
     inversions: Any = None
     """The textual inversions that fit the job's model (``engine.embeddings.TextualInversions``), once encoded."""
+    ip_images: list = field(default_factory=list)
+    """one reference image per IP-Adapter unit"""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -136,6 +138,7 @@ class Engine:
         self.prompt_encoder = P.PromptEncoder(max_entries=64)
         self._vocabularies: dict[str, ConceptVocabulary | None] = {}  # model folder -> what it knows
         self._embeddings: dict[Any, Any] = {}  # (file, mtime) -> its loaded Embedding; "folders" -> their mtimes
+        self._ip_states: dict[str, dict] = {}  # IP-Adapter file@mtime -> its state dict
 
     # ------------------------------------------------------------------ public
     def adopt(self, name: str, pipe, arch: str) -> ModelEntry:
@@ -271,7 +274,7 @@ class Engine:
         """What resolved requests must share to run in one pipeline call (None: this one runs on its own):
         model, size, LoRAs and their weights, VAE, sampler, schedule, steps, CFG, clip skip, hires fix."""
         req = job.req
-        if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
+        if req.mode != "txt2img" or req.controlnet or req.detailer or req.ip_adapter or req.batch_count != 1:
             return None
         if has_editing(job.prompt) or has_editing(job.negative) or req.regions:
             return None  # its conditioning changes by step or by place: a call of its own
@@ -328,6 +331,10 @@ class Engine:
                 for r in req.regions)
         if req.controlnet_units:
             params["ControlNet"] = "; ".join(f"{u.model} ({u.preprocessor}, {_num(u.weight)})" for u in req.controlnet_units)
+        if req.ip_adapter_units:
+            params["IP-Adapter"] = "; ".join(
+                f"{u.model} ({_num(u.weight)}, {_num(u.guidance_start)}-{_num(u.guidance_end)})"
+                for u in req.ip_adapter_units)
         if job.plan is not None:
             reused = sum(r for r, _ in job.cache_stats)
             calls = sum(c for _, c in job.cache_stats)
@@ -396,12 +403,16 @@ class Engine:
             init, mask = outpaint_canvas(init, req.outpaint)
         control = [load_image(u.image, settings=self.settings, mode="RGB", what="control image")
                    for u in req.controlnet_units]
+        if req.ip_adapter_units and arch not in ("sd1", "sd2", "sdxl"):
+            raise UnsupportedModel(f"IP-Adapter works on SD1/SD2/SDXL models; {entry.name} is {arch}")
+        references = [load_image(u.image, settings=self.settings, mode="RGB", what=f"ip_adapter[{i}].image")
+                      for i, u in enumerate(req.ip_adapter_units)]
         if params.aspect is not None and req.width is None and req.height is None and init is None:
             w, h = P.aspect_size(self._native_size(entry), params.aspect)
             req = req.model_copy(update={"width": w, "height": h})
         width, height = self._size(req, entry, init)
         return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds,
-                    template=template)
+                    template=template, ip_images=references)
 
     def _default_checkpoint(self) -> ModelEntry:
         if not any(e.builtin for e in self.registry.list("checkpoint")):
@@ -476,6 +487,9 @@ class Engine:
         if head.loras:
             perf.unfuse_for_lora(pipe, entry.state)
         apply_loras(pipe, entry.state, head.loras, head.arch, hotswap_rank=self.settings.lora_max_rank)
+        if getattr(pipe, "unet", None) is not None and (head.req.ip_adapter_units or entry.state.get("ip_adapters")):
+            from .ip_adapter import ensure_loaded
+            ensure_loaded(pipe.unet, entry.state, [self._ip_adapter_state(u.model) for u in head.req.ip_adapter_units])
         net = perf.prepare(pipe, entry.state, p)
         for job in members or [head]:
             job.plan, job.net = p, net
@@ -885,8 +899,62 @@ class Engine:
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
         control = self._control_specs(job, ms, n) if job.control_images else None
-        return UNetDenoiser(job.net or pipe.unet, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
-                            control=control, concat=concat, cfg_rescale=req.cfg_rescale)
+        net, windows = job.net or pipe.unet, None
+        if req.ip_adapter_units:  # the references' embeddings on both sides of CFG, each with its weight window
+            cond.ip, uncond.ip, windows = self._ip_conditioning(pipe, job, ms, n)
+            net = pipe.unet  # the IP attention processors live on the pipeline's own UNet
+        return UNetDenoiser(net, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
+                            control=control, concat=concat, cfg_rescale=req.cfg_rescale, ip_windows=windows)
+
+    def _ip_adapter_state(self, name: str) -> tuple[str, dict]:
+        """(identity, state dict) of an IP-Adapter file, read once per file version."""
+        from .ip_adapter import load_adapter_state
+        entry = self.registry.get(name, "ipadapter")
+        key = f"{entry.path}@{Path(entry.path).stat().st_mtime_ns}"
+        if key not in self._ip_states:
+            self._ip_states[key] = load_adapter_state(entry.path)
+        return key, self._ip_states[key]
+
+    def _image_encoder(self, spec, state: dict):
+        """The CLIP vision encoder a reference goes through: the one named, or the first in models/clip_vision
+        whose width the adapter reads."""
+        from ..core.errors import MissingModelFile
+        from .ip_adapter import adapter_widths, encoder_widths, load_image_encoder
+        _, width, hidden = adapter_widths(state)
+        if spec.image_encoder:
+            entry = self.registry.get(spec.image_encoder, "clip_vision")
+        else:
+            def fits(e) -> bool:
+                w = encoder_widths(e.path)
+                return w is not None and w[1 if hidden else 0] == width
+            entry = next((e for e in self.registry.list("clip_vision") if fits(e)), None)
+            if entry is None:
+                raise MissingModelFile(
+                    f"IP-Adapter {spec.model} reads image {'hidden states' if hidden else 'embeddings'} of width "
+                    f"{width}: put the CLIP vision encoder it was trained with in "
+                    f"{self.settings.models_dir / 'clip_vision'} (SD1.5 and most SDXL adapters: ViT-H/14; the "
+                    f"plain SDXL adapter: ViT-bigG/14)")
+        encoder = self.cache.get(("clip_vision", str(entry.path), str(self.dtype)),
+                                 lambda: load_image_encoder(entry.path, dtype=self.dtype, device=self.device),
+                                 device=self.device).value
+        if not encoder.fits(width, hidden):
+            raise BadRequest(f"CLIP vision {entry.name} gives width {encoder.hidden_size if hidden else encoder.projection_dim}"
+                             f"; IP-Adapter {spec.model} reads {width}")
+        return encoder
+
+    def _ip_conditioning(self, pipe, job: _Job, ms, n: int):
+        from .ip_adapter import image_embeds, reads_hidden_states
+        from .sampling.denoisers import IPWindow
+        cond, uncond, windows = [], [], []
+        for i, (spec, image) in enumerate(zip(job.req.ip_adapter_units, job.ip_images)):
+            _, state = self._ip_adapter_state(spec.model)
+            c, u = image_embeds(self._image_encoder(spec, state), image, plus=reads_hidden_states(pipe.unet, i))
+            reps = (n,) + (1,) * (c.dim() - 1)
+            cond.append(c.repeat(*reps))
+            uncond.append(u.repeat(*reps))
+            windows.append(IPWindow(spec.weight, ms.percent_to_sigma(spec.guidance_start),
+                                    ms.percent_to_sigma(spec.guidance_end)))
+        return cond, uncond, windows
 
     def _conditioning(self, pipe, rows, encoded: list[dict], width: int, height: int):
         """Each request's text conditioning repeated for its images; SDXL's pooled embeddings and size ids."""

@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 
 from ..core.errors import UnsafeModelFile
 
-Kind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "unknown"]
+Kind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "ipadapter", "clip_vision",
+               "unknown"]
 Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "unknown"]
 Format = Literal["diffusers", "single-file"]
 
@@ -225,6 +226,16 @@ def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
     if any_in(*lora_markers):
         return _probe_lora(shapes, keys)
 
+    # -------------------------------------------------------------- IP-Adapter (the original layout)
+    if any_start("image_proj.") and any_start("ip_adapter."):
+        return _probe_ip_adapter(shapes, keys)
+
+    # -------------------------------------------------------------- CLIP vision (ComfyUI's models/clip_vision files)
+    if any_start("vision_model.") and not any_start("text_model."):
+        width = shapes.get("vision_model.embeddings.patch_embedding.weight", [0])[0]
+        return ProbeResult(kind="clip_vision", arch="unknown", format=single,
+                           notes=[f"CLIP vision encoder, width {width}"])
+
     # -------------------------------------------------------------- textual inversion
     if "emb_params" in shapes or any_start("string_to_param.") or {"clip_l", "clip_g"} & set(keys):
         return _probe_embedding(shapes, keys)
@@ -415,6 +426,23 @@ def _probe_controlnet(shapes: dict[str, list[int]], keys: list[str]) -> ProbeRes
     else:
         notes.append("diffusers layout")
     return ProbeResult(kind="controlnet", arch=arch, format="single-file", notes=notes)  # type: ignore[arg-type]
+
+
+def _probe_ip_adapter(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:
+    k = next((s for key, s in shapes.items() if key.startswith("ip_adapter.") and key.endswith("to_k_ip.weight")),
+             None)
+    cross = k[1] if k else 0
+    arch = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(cross, "unknown")
+    if "image_proj.latents" in shapes:
+        kind = "Plus"
+    elif "image_proj.proj.weight" in shapes:
+        kind = "plain"
+    elif "image_proj.proj.3.weight" in shapes:
+        kind = "full face"
+    else:
+        kind = "FaceID"
+    return ProbeResult(kind="ipadapter", arch=arch, format="single-file",  # type: ignore[arg-type]
+                       notes=[f"IP-Adapter ({kind}), cross-attention width {cross}"])
 
 
 def _probe_embedding(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:

@@ -26,17 +26,20 @@ from .hashing import HashCache
 from .probe import PICKLE_SUFFIXES, looks_like_pickle, probe
 
 EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate",
-                    "unknown", "unsafe"]
-KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate")
+                    "ipadapter", "clip_vision", "unknown", "unsafe"]
+KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate",
+         "ipadapter", "clip_vision")
 FOLDER_OF_KIND = {"checkpoint": "checkpoints", "vae": "vae", "lora": "loras", "embedding": "embeddings",
-                  "upscaler": "upscalers", "controlnet": "controlnet"}
+                  "upscaler": "upscalers", "controlnet": "controlnet", "ipadapter": "ipadapter",
+                  "clip_vision": "clip_vision"}
 KIND_OF_FOLDER = {**{v: k for k, v in FOLDER_OF_KIND.items()},
                   # ComfyUI's folders for a diffusion model alone (a FLUX/SD3 transformer, a UNet): checkpoints that
                   # take their text encoders and VAE from elsewhere (a companion folder, or ComfyUI's CLIP loaders)
                   "diffusion_models": "checkpoint", "unet": "checkpoint"}
 _KIND_ALIASES = {**{k: k for k in KINDS}, **KIND_OF_FOLDER, "model": "checkpoint", "models": "checkpoint",
                  "lycoris": "lora", "textual_inversion": "embedding", "upscale": "upscaler",
-                 "segmenters": "segmenter", "cutout": "segmenter", "gates": "gate", "unsafe": "unsafe"}
+                 "segmenters": "segmenter", "cutout": "segmenter", "gates": "gate", "unsafe": "unsafe",
+                 "ip-adapter": "ipadapter", "ip_adapter": "ipadapter", "clipvision": "clip_vision"}
 
 BUILTIN_UPSCALERS = {
     "R-ESRGAN 4x+": "realesrgan-x4plus",

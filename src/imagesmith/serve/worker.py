@@ -54,7 +54,7 @@ def batch_key(job_type: str, request: dict) -> str | None:
         _, tag_loras = extract_lora_tags(text)
     except (ImagesmithError, ValueError):
         return None  # it fails when it runs, on its own
-    if req.mode != "txt2img" or req.controlnet or req.detailer or req.batch_count != 1:
+    if req.mode != "txt2img" or req.controlnet or req.detailer or req.ip_adapter or req.batch_count != 1:
         return None
     from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling
     try:

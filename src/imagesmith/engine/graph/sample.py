@@ -78,6 +78,9 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
     with entry.use():
         pipe = entry.value
         apply_loras(pipe, entry.state, resolved_loras(model.loras), arch)
+        if entry.state.get("ip_adapters"):  # left by an IP-Adapter job on this model: the plain UNet here
+            from ..ip_adapter import ensure_loaded
+            ensure_loaded(pipe.unet, entry.state, [])
         vae_sf = getattr(pipe, "vae_scale_factor", 8)
         height, width = samples.shape[-2] * vae_sf, samples.shape[-1] * vae_sf
         ms = model_sampling_for(engine, pipe, model, width, height)

@@ -16,18 +16,30 @@ from .model_sampling import ModelSampling
 
 @dataclass
 class Conditioning:
-    """One side of CFG for a whole batch: text embeddings [B, T, D] and SDXL's added conditioning."""
+    """One side of CFG for a whole batch: text embeddings [B, T, D], SDXL's added conditioning, and the
+    IP-Adapter image embeddings (one tensor per adapter, batch first)."""
     embeds: torch.Tensor
     added: dict | None = None
+    ip: list | None = None
 
     @staticmethod
     def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
         added = None if a.added is None else {k: torch.cat([a.added[k], b.added[k]]) for k in a.added}
-        return Conditioning(torch.cat([a.embeds, b.embeds]), added)
+        ip = None if a.ip is None else [torch.cat([x, y]) for x, y in zip(a.ip, b.ip)]
+        return Conditioning(torch.cat([a.embeds, b.embeds]), added, ip)
 
     def to(self, device, dtype) -> "Conditioning":
         added = None if self.added is None else {k: v.to(device, dtype) for k, v in self.added.items()}
-        return Conditioning(self.embeds.to(device, dtype), added)
+        ip = None if self.ip is None else [v.to(device, dtype) for v in self.ip]
+        return Conditioning(self.embeds.to(device, dtype), added, ip)
+
+
+@dataclass
+class IPWindow:
+    """An IP-Adapter's weight, active while sigma_end <= sigma <= sigma_start (0 outside)."""
+    weight: float
+    sigma_start: float = float("inf")
+    sigma_end: float = 0.0
 
 
 @dataclass
@@ -44,7 +56,7 @@ class ControlSpec:
 class UNetDenoiser:
     def __init__(self, unet, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
                  *, control: ControlSpec | list[ControlSpec] | None = None, concat: torch.Tensor | None = None,
-                 cfg_rescale: float = 0.0):
+                 cfg_rescale: float = 0.0, ip_windows: list[IPWindow] | None = None):
         self.dtype = next(unet.parameters()).dtype
         self.device = next(unet.parameters()).device
         self.unet, self.ms, self.cfg = unet, ms, float(cfg_scale)
@@ -57,6 +69,8 @@ class UNetDenoiser:
         self.controls = [] if control is None else list(control) if isinstance(control, list) else [control]
         self.control_images = [c.image.to(self.device, self.dtype) for c in self.controls]
         self.concat = concat  # inpainting UNets: [mask, masked-image latents] per image
+        self.ip_windows = ip_windows or []
+        self._ip_scales: list[float] | None = None
         self.last_uncond: torch.Tensor | None = None
         self.calls = 0
 
@@ -87,6 +101,14 @@ class UNetDenoiser:
         kwargs = {"encoder_hidden_states": cond.embeds.to(self.device, self.dtype)}
         if cond.added is not None:
             kwargs["added_cond_kwargs"] = {k: v.to(self.device, self.dtype) for k, v in cond.added.items()}
+        unet_extra = {}
+        if cond.ip is not None:  # IP-Adapters: their embeddings, and their weights for this step's sigma
+            from ..ip_adapter import set_scales
+            scales = [w.weight if w.sigma_end <= float(sigma) <= w.sigma_start else 0.0 for w in self.ip_windows]
+            if scales != self._ip_scales:
+                set_scales(self.unet, scales)
+                self._ip_scales = scales
+            unet_extra = {"added_cond_kwargs": {**kwargs.get("added_cond_kwargs", {}), "image_embeds": cond.ip}}
         down_sum = mid_sum = None
         for c, image in zip(self.controls, self.control_images):
             if not (c.sigma_end <= float(sigma) <= c.sigma_start) or c.scale == 0:
@@ -102,7 +124,7 @@ class UNetDenoiser:
                 mid_sum = mid_sum + mid
         if down_sum is not None:
             kwargs = {**kwargs, "down_block_additional_residuals": down_sum, "mid_block_additional_residual": mid_sum}
-        return self.unet(xin, t, return_dict=False, **kwargs)[0]
+        return self.unet(xin, t, return_dict=False, **{**kwargs, **unet_extra})[0]
 
 
 def rescaled_cfg(x, sigma, cond_x0, uncond_x0, scale: float, phi: float) -> torch.Tensor:

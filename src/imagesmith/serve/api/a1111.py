@@ -16,7 +16,7 @@ from ...core.errors import BadRequest
 from ...core.imageio import decode_base64
 from ...core.settings import Settings
 from . import a1111_schema as S
-from .a1111_controlnet import always_on_args, controlnet_unit
+from .a1111_controlnet import always_on_args, controlnet_unit, ip_adapter_units
 from .context import Admin, Caller, Services, Svc, json_object
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -268,6 +268,9 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
     unit = controlnet_unit(body, lambda data: svc.store_upload(data, who)["id"])
     if unit is not None:
         req["controlnet"] = unit
+    references = ip_adapter_units(body, lambda data: svc.store_upload(data, who)["id"])
+    if references is not None:
+        req["ip_adapter"] = references
     if body.get("restore_faces"):  # A1111's face restoration -> imagesmith's face detailer
         req["detailer"] = {"kind": "face"}
     detailer = adetailer_unit(body)
@@ -376,10 +379,11 @@ async def answer(svc: Services, job_type: str, req: dict, who: dict, body: dict)
 def request_uploads(req: dict) -> list[str]:
     """The upload ids in a request an A1111 route built (every one made by the route from a base64 image)."""
     ids = [req[k] for k in ("init_image", "mask", "image") if isinstance(req.get(k), str)]
-    units = req.get("controlnet")
-    for unit in units if isinstance(units, list) else [units] if isinstance(units, dict) else []:
-        if isinstance(unit.get("image"), str):
-            ids.append(unit["image"])
+    for key in ("controlnet", "ip_adapter"):
+        units = req.get(key)
+        for unit in units if isinstance(units, list) else [units] if isinstance(units, dict) else []:
+            if isinstance(unit.get("image"), str):
+                ids.append(unit["image"])
     return ids
 
 

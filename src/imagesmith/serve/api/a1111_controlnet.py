@@ -96,12 +96,49 @@ def controlnet_unit(body: dict, upload: Callable[[bytes], str]) -> dict | list[d
         return None
     if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
-    units = [a for a in args if a.get("enabled", True) and (a.get("model") not in (None, "", "None"))]
+    units = [a for a in _enabled(args) if not _is_ip_adapter(a)]
     if not units:
         return None
     if len(units) > MAX_UNITS:
         raise BadRequest(f"at most {MAX_UNITS} ControlNet units a request; {len(units)} are enabled")
     specs = [_unit(u, upload) for u in units]
+    return specs[0] if len(specs) == 1 else specs
+
+
+def _enabled(args: list[dict]) -> list[dict]:
+    return [a for a in args if a.get("enabled", True) and (a.get("model") not in (None, "", "None"))]
+
+
+def _is_ip_adapter(unit: dict) -> bool:
+    return str(unit.get("module", "")).strip().lower().startswith("ip-adapter") or \
+        str(unit.get("model", "")).lower().startswith("ip-adapter")
+
+
+def ip_adapter_units(body: dict, upload: Callable[[bytes], str]) -> dict | list[dict] | None:
+    """The engine's `ip_adapter` field from the extension's IP-Adapter units (module ``ip-adapter_clip_*``, model
+    ``ip-adapter_sd15 [hash]``): the reference image, its weight and step window; the CLIP vision encoder is the
+    one in models/clip_vision that fits the adapter. FaceID modules are a 422 (they need InsightFace)."""
+    args = always_on_args(body, "controlnet")
+    if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
+        return None
+    units = [a for a in _enabled(args) if _is_ip_adapter(a)]
+    if not units:
+        return None
+    if len(units) > MAX_UNITS:
+        raise BadRequest(f"at most {MAX_UNITS} IP-Adapter units a request; {len(units)} are enabled")
+    specs = []
+    for u in units:
+        if "face_id" in str(u.get("module", "")).lower() or "faceid" in str(u.get("model", "")).lower():
+            raise BadRequest(f"IP-Adapter FaceID ({u.get('module')}) needs InsightFace face embeddings, which "
+                             "imagesmith does not compute; the plain and Plus adapters work")
+        image = u.get("image") or u.get("input_image")
+        if isinstance(image, dict):
+            image = image.get("image")
+        if not isinstance(image, str) or not image:
+            raise BadRequest("the IP-Adapter unit needs a reference image (base64)")
+        specs.append({"model": _HASH_SUFFIX.sub("", str(u["model"])), "image": upload(decode_base64(image)),
+                      "weight": u.get("weight", 1.0), "guidance_start": u.get("guidance_start", 0.0),
+                      "guidance_end": u.get("guidance_end", 1.0)})
     return specs[0] if len(specs) == 1 else specs
 
 

@@ -55,10 +55,11 @@ def map_inputs(request: dict, fn: Callable[[Any], Any]) -> dict:
             request[key] = [fn(x) for x in request[key]]
     def unit(u):
         return {**u, "image": fn(u["image"])} if isinstance(u, dict) and u.get("image") is not None else u
-    if isinstance(request.get("controlnet"), list):
-        request["controlnet"] = [unit(u) for u in request["controlnet"]]
-    elif isinstance(request.get("controlnet"), dict):
-        request["controlnet"] = unit(request["controlnet"])
+    for key in ("controlnet", "ip_adapter"):  # each unit's image (a control image, a reference)
+        if isinstance(request.get(key), list):
+            request[key] = [unit(u) for u in request[key]]
+        elif isinstance(request.get(key), dict):
+            request[key] = unit(request[key])
     if isinstance(request.get("regions"), list):  # regional prompts' masks
         request["regions"] = [{**r, "mask": fn(r["mask"])} if isinstance(r, dict) and r.get("mask") is not None
                               else r for r in request["regions"]]
