@@ -377,6 +377,10 @@ def test_embedding_names_in_clip_text_encode(server, tiny_models):
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(tiny_models.paths["tiny-embedding"], folder / "SDA768.safetensors")
     try:
+        for _ in range(100):  # the model lists are rescanned at most every 2 s
+            if "SDA768" in httpx.get(f"{url}/embeddings").json():
+                break
+            asyncio.run(asyncio.sleep(0.05))
         assert "SDA768" in httpx.get(f"{url}/embeddings").json()
         with_ti = run("photograph in the style of embedding:SDA768.pt girl with blonde hair")
     finally:
