@@ -302,29 +302,47 @@ def info(image: Optional[str] = typer.Argument(None, help="a PNG made by imagesm
 def upscale(image: str = typer.Argument(...),
             upscaler: str = typer.Option("R-ESRGAN 4x+", "--upscaler", help="Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B'"),
             scale: float = typer.Option(4.0, "--scale", help="2 or 4 (any factor works)"),
+            refine: bool = typer.Option(False, "--refine", help="then repaint tile by tile with img2img "
+                                        "(Ultimate SD Upscale): adds detail at any size"),
+            model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint for --refine"),
+            prompt: str = typer.Option("", "--prompt", "-p", help="what the picture shows (for --refine)"),
+            strength: float = typer.Option(0.3, "--strength", help="each tile's denoising strength"),
+            steps: int = typer.Option(20, "--steps"),
+            seed: int = typer.Option(-1, "--seed"),
+            tile: int = typer.Option(512, "--tile", help="tile side in output pixels"),
+            padding: int = typer.Option(32, "--padding", help="context around each tile"),
+            mask_blur: int = typer.Option(16, "--mask-blur", help="width of each tile's feathered edge"),
             output: Optional[Path] = typer.Option(None, "--output", "-o"),
             as_json: bool = typer.Option(False, "--json")):
-    """Upscale an image on its own."""
+    """Upscale an image on its own, optionally adding detail tile by tile (--refine)."""
     from ..core.imageio import load_image, save_png_atomic
+    from ..core.requests import TiledRefine
     from ..core.settings import Settings
     from ..engine.upscale import UpscalerSet
     if not 1 < scale <= 8:
         raise _Exit(f"--scale must be above 1 and at most 8, got {scale:g}")
+    spec = TiledRefine(model=model, prompt=prompt, strength=strength, steps=steps, seed=seed, tile=tile,
+                       padding=padding, mask_blur=mask_blur) if refine else None
     settings = Settings.from_env()
     src = load_image(image, settings=settings, mode=None, what="image")
     up = UpscalerSet(settings).get(upscaler)
     out_path = output or Path(image).with_name(Path(image).stem + f"-x{scale:g}.png")
+    report = None
     with _progress_bar(not as_json and sys.stderr.isatty(), f"upscaling with {upscaler}") as on_progress:
         def tiles(done, total):
             if on_progress:
                 from ..core.progress import ProgressEvent
                 on_progress(ProgressEvent(done, total, "upscale"))
         result = up.upscale(src, scale, progress=tiles)
+        if spec is not None:
+            from ..engine.tiled import refine_tiles
+            result, report = refine_tiles(_engine(), result, spec, progress=on_progress)
     save_png_atomic(result, out_path, text_chunks={})
     if as_json:
-        print(json.dumps({"path": str(out_path), "width": result.width, "height": result.height}))
+        print(json.dumps({"path": str(out_path), "width": result.width, "height": result.height, "tiled": report}))
     else:
-        print(f"{out_path}  {src.width}x{src.height} -> {result.width}x{result.height}")
+        print(f"{out_path}  {src.width}x{src.height} -> {result.width}x{result.height}"
+              + (f", {report['tiles']} tiles repainted" if report else ""))
 
 
 def _reference(text: str) -> dict:

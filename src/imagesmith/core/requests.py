@@ -3,6 +3,7 @@ fields, the Python arguments and the metadata keys. WebUI (A1111) names are used
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -421,13 +422,41 @@ class CutoutRequest(BaseModel):
     segmenter: str | None = Field(None, description="segmenter name (default house-cutout)")
 
 
+class TiledRefine(CheckedSampling):
+    """The img2img pass of a tiled upscale ("Ultimate SD Upscale"): each tile repainted with its context."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="checkpoint; default: the default one")
+    prompt: str = Field("", description="what the picture shows (helps the repaint add the right detail)")
+    negative_prompt: str = ""
+    strength: float = Field(0.3, ge=0.0, le=1.0, description="denoising strength of each tile's repaint")
+    steps: int = Field(20, ge=1, le=150)
+    sampler_name: str = "Euler a"
+    scheduler: str = "automatic"
+    cfg_scale: float = Field(7.0, ge=1.0, le=30.0)
+    seed: int = Field(-1, ge=-1, lt=2**32, description="tile i uses seed + i; -1: random")
+    tile: int = Field(512, ge=64, le=2048, description="tile side in output pixels (the model's native size is "
+                      "a good choice)")
+    padding: int = Field(32, ge=0, le=512, description="context around each tile, pixels")
+    mask_blur: int = Field(16, ge=0, le=256, description="width of each tile's feathered edge, pixels (at most "
+                           "twice the padding)")
+
+    @model_validator(mode="after")
+    def _blur_inside_padding(self) -> "TiledRefine":
+        if self.mask_blur > 2 * self.padding:
+            raise ValueError(f"mask_blur {self.mask_blur} needs padding of at least {math.ceil(self.mask_blur / 2)}"
+                             f" (the feathered edge reaches half of it past the tile); padding is {self.padding}")
+        return self
+
+
 class UpscaleRequest(BaseModel):
-    """One image made larger by an upscaler."""
+    """One image made larger by an upscaler, optionally then repainted tile by tile (``refine``)."""
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(..., description="an uploaded file id (the service) or a path (Python)")
     scale: float = Field(4.0, gt=1, le=8, description="how many times larger, in (1, 8]")
     upscaler: Literal["Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"] = "R-ESRGAN 4x+"
+    refine: TiledRefine | None = Field(None, description="then img2img over tiles (Ultimate SD Upscale)")
 
 
 class DescribeRequest(BaseModel):

@@ -190,9 +190,16 @@ def _run_upscale(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]
         cancel.raise_if_cancelled()
         progress(ProgressEvent(done, total, "upscale"))
     big = w.engine.upscalers().get(req.upscaler).upscale(image, req.scale, progress=tiles)
+    report = None
+    if req.refine is not None:  # Ultimate SD Upscale: img2img tile by tile
+        from ..engine.tiled import refine_tiles
+        big, report = refine_tiles(w.engine, big, req.refine, progress=progress, cancel=cancel)
     path = folder / "upscaled.png"
     save_png_atomic(big, path)
-    return {"files": [{"path": str(path), "width": big.width, "height": big.height}]}
+    out = {"files": [{"path": str(path), "width": big.width, "height": big.height}]}
+    if report is not None:
+        out["tiled"] = report
+    return out
 
 
 def _run_restyle(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]:
