@@ -115,3 +115,23 @@ def test_cli_reference_images(home, tmp_path, monkeypatch, capsys):
         lines = [line for line in err.strip().splitlines() if line.strip()]
         assert code != 0 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
         assert not bad.exists()
+
+
+def test_a_mask_keeps_the_reference_to_its_part_of_the_picture(engine, tmp_path):
+    base = dict(model="tiny-sd15", prompt="a red apple", width=64, height=64, steps=4, seed=7, sampler_name="Euler")
+    red = _reference(tmp_path / "red.png", (220, 30, 30))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(tmp_path / "left.png")
+    plain = _pixels(engine.generate(GenerateRequest(**base)))
+    masked = _pixels(engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(
+        model="tiny-ip", image=red, mask=str(tmp_path / "left.png")))))
+    everywhere = _pixels(engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-ip",
+                                                                                          image=red))))
+
+    def left_over_right(pixels):
+        change = np.abs(pixels - plain).mean(axis=(0, 2))
+        return change[:24].mean() / change[40:].mean()
+    # the left half is where the reference acts (the UNet's convolutions carry some of it across)
+    assert left_over_right(masked) > 1.5 and left_over_right(masked) > 1.4 * left_over_right(everywhere), (
+        left_over_right(masked), left_over_right(everywhere))

@@ -117,6 +117,8 @@ class IPAdapterSpec(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="to this fraction of the steps")
     image_encoder: str | None = Field(None, description="CLIP vision encoder in models/clip_vision; default: the "
                                       "one whose width the adapter takes")
+    mask: str | None = Field(None, description="where the reference applies (white), uploaded id or path; "
+                             "default everywhere")
 
 
 class RegionSpec(BaseModel):

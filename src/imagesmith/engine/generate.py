@@ -82,6 +82,8 @@ class _Job:
     """The textual inversions that fit the job's model (``engine.embeddings.TextualInversions``), once encoded."""
     ip_images: list = field(default_factory=list)
     """one reference image per IP-Adapter unit"""
+    ip_masks: list = field(default_factory=list)
+    """one mask (L) or None per IP-Adapter unit"""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -407,12 +409,14 @@ class Engine:
             raise UnsupportedModel(f"IP-Adapter works on SD1/SD2/SDXL models; {entry.name} is {arch}")
         references = [load_image(u.image, settings=self.settings, mode="RGB", what=f"ip_adapter[{i}].image")
                       for i, u in enumerate(req.ip_adapter_units)]
+        reference_masks = [load_image(u.mask, settings=self.settings, mode="L", what=f"ip_adapter[{i}].mask")
+                           if u.mask else None for i, u in enumerate(req.ip_adapter_units)]
         if params.aspect is not None and req.width is None and req.height is None and init is None:
             w, h = P.aspect_size(self._native_size(entry), params.aspect)
             req = req.model_copy(update={"width": w, "height": h})
         width, height = self._size(req, entry, init)
         return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds,
-                    template=template, ip_images=references)
+                    template=template, ip_images=references, ip_masks=reference_masks)
 
     def _default_checkpoint(self) -> ModelEntry:
         if not any(e.builtin for e in self.registry.list("checkpoint")):
@@ -899,12 +903,17 @@ class Engine:
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
         control = self._control_specs(job, ms, n) if job.control_images else None
-        net, windows = job.net or pipe.unet, None
+        net, windows, masks = job.net or pipe.unet, None, None
         if req.ip_adapter_units:  # the references' embeddings on both sides of CFG, each with its weight window
             cond.ip, uncond.ip, windows = self._ip_conditioning(pipe, job, ms, n)
             net = pipe.unet  # the IP attention processors live on the pipeline's own UNet
+            if any(m is not None for m in job.ip_masks):
+                masks = [None if m is None else torch.from_numpy(np.asarray(
+                    m.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0)[None, None]
+                    for m in job.ip_masks]
         return UNetDenoiser(net, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
-                            control=control, concat=concat, cfg_rescale=req.cfg_rescale, ip_windows=windows)
+                            control=control, concat=concat, cfg_rescale=req.cfg_rescale, ip_windows=windows,
+                            ip_masks=masks)
 
     def _ip_adapter_state(self, name: str) -> tuple[str, dict]:
         """(identity, state dict) of an IP-Adapter file, read once per file version."""

@@ -56,7 +56,8 @@ class ControlSpec:
 class UNetDenoiser:
     def __init__(self, unet, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
                  *, control: ControlSpec | list[ControlSpec] | None = None, concat: torch.Tensor | None = None,
-                 cfg_rescale: float = 0.0, ip_windows: list[IPWindow] | None = None):
+                 cfg_rescale: float = 0.0, ip_windows: list[IPWindow] | None = None,
+                 ip_masks: list | None = None):
         self.dtype = next(unet.parameters()).dtype
         self.device = next(unet.parameters()).device
         self.unet, self.ms, self.cfg = unet, ms, float(cfg_scale)
@@ -70,6 +71,7 @@ class UNetDenoiser:
         self.control_images = [c.image.to(self.device, self.dtype) for c in self.controls]
         self.concat = concat  # inpainting UNets: [mask, masked-image latents] per image
         self.ip_windows = ip_windows or []
+        self.ip_masks = ip_masks  # per adapter: [1, 1, H, W] in 0..1 (where it applies), or None (everywhere)
         self._ip_scales: list[float] | None = None
         self.last_uncond: torch.Tensor | None = None
         self.calls = 0
@@ -109,6 +111,9 @@ class UNetDenoiser:
                 set_scales(self.unet, scales)
                 self._ip_scales = scales
             unet_extra = {"added_cond_kwargs": {**kwargs.get("added_cond_kwargs", {}), "image_embeds": cond.ip}}
+            if self.ip_masks is not None:
+                unet_extra["cross_attention_kwargs"] = {"ip_adapter_masks": [
+                    None if m is None else m.to(self.device, self.dtype) for m in self.ip_masks]}
         down_sum = mid_sum = None
         for c, image in zip(self.controls, self.control_images):
             if not (c.sigma_end <= float(sigma) <= c.sigma_start) or c.scale == 0:

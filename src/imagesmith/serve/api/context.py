@@ -53,8 +53,10 @@ def map_inputs(request: dict, fn: Callable[[Any], Any]) -> dict:
     for key in ("products", "images"):
         if isinstance(request.get(key), list):
             request[key] = [fn(x) for x in request[key]]
-    def unit(u):
-        return {**u, "image": fn(u["image"])} if isinstance(u, dict) and u.get("image") is not None else u
+    def unit(u):  # a ControlNet unit's control image; an IP-Adapter's reference and mask
+        if not isinstance(u, dict):
+            return u
+        return {**u, **{k: fn(u[k]) for k in ("image", "mask") if u.get(k) is not None}}
     for key in ("controlnet", "ip_adapter"):  # each unit's image (a control image, a reference)
         if isinstance(request.get(key), list):
             request[key] = [unit(u) for u in request[key]]
