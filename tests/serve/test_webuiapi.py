@@ -151,7 +151,8 @@ def test_the_controlnet_extension_api(api):
     assert api.controlnet_module_list() == ["none", "canny", "scribble_xdog",
                                              "lineart_standard (from white bg & black line)",
                                              "invert (from white bg & black line)", "threshold", "tile_resample",
-                                             "openpose", "openpose_hand"]
+                                             "openpose", "openpose_hand", "depth_anything", "depth_anything_v2",
+                                             "depth_midas", "depth_zoe"]
     detected = api.controlnet_detect([_edges_image()], module="canny", threshold_a=100, threshold_b=200)
     edges = np.asarray(detected.images[0].convert("L"))
     assert edges.max() == 255 and edges[32, 32] == 0 and edges[16, 16:48].max() == 255  # the square's outline
@@ -186,7 +187,8 @@ def test_several_controlnet_units_add_up(api):
 
 
 @pytest.mark.parametrize("units,needle", [
-    ([dict(module="depth_midas")], "not available in imagesmith; available: none, canny, scribble_xdog"),
+    ([dict(module="lineart_anime")], "not available in imagesmith; available: none, canny, scribble_xdog"),
+    ([dict(module="depth_midas")], "depth_midas needs a DPT folder"),  # no depth model installed there
     ([{}] * 5, "at most 4 ControlNet units a request; 5 are enabled"),
 ])
 def test_controlnet_units_imagesmith_cannot_run_are_a_422(api, units, needle):

@@ -199,7 +199,7 @@ app.add_typer(controlnet_app, name="controlnet")
 def controlnet_detect(image: str = typer.Argument(..., help="the image to preprocess"),
                       preprocessor: str = typer.Option("canny", "--preprocessor", "-p", help="canny, scribble_xdog, "
                                                        "lineart_standard, invert, threshold, tile_resample, "
-                                                       "openpose, openpose_hand, none"),
+                                                       "openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, none"),
                       threshold_a: Optional[float] = typer.Option(None, "--threshold-a", help="the first slider "
                                                                   "(canny low, xdog threshold, level, tile rate)"),
                       threshold_b: Optional[float] = typer.Option(None, "--threshold-b", help="canny high"),
@@ -216,7 +216,8 @@ def controlnet_detect(image: str = typer.Argument(..., help="the image to prepro
     high = int(threshold_b) if preprocessor == "canny" and threshold_b is not None else 200
     spec = ControlNetSpec(model="-", image=image, preprocessor=preprocessor, canny_low=low, canny_high=high,
                           threshold_a=threshold_a, threshold_b=threshold_b)
-    detected = preprocess(load_image(image, settings=Settings.from_env(), mode="RGB", what="image"), spec)
+    settings = Settings.from_env()
+    detected = preprocess(load_image(image, settings=settings, mode="RGB", what="image"), spec, settings=settings)
     save_png_atomic(detected, output)
     if as_json:
         print(json.dumps({"output": str(output), "preprocessor": preprocessor, "width": detected.width,

@@ -94,8 +94,10 @@ class ControlNetSpec(BaseModel):
     model: str = Field(..., description="ControlNet name in the registry (models/controlnet)")
     image: str = Field(..., description="path of the control image")
     preprocessor: Literal["canny", "none", "scribble_xdog", "lineart_standard", "invert", "threshold",
-                          "tile_resample", "openpose", "openpose_hand"] = Field(
-        "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models)")
+                          "tile_resample", "openpose", "openpose_hand", "depth_anything", "depth_midas",
+                          "depth_zoe"] = Field(
+        "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models; "
+        "depth: your transformers depth model in models/annotators/)")
     weight: float = Field(1.0, ge=0.0, le=2.0)
     guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     guidance_end: float = Field(1.0, ge=0.0, le=1.0)

@@ -1,12 +1,16 @@
-"""ControlNet preprocessors that need no model: what the ControlNet extension calls canny, scribble_xdog, lineart
-standard, invert, threshold and tile_resample, plus 'none' (a ready-made control image). Each takes the image
-and the extension's two slider values (``threshold_a``, ``threshold_b``; None for the module's default) and gives
-the control image the ControlNet sees (its 'detected map')."""
+"""ControlNet preprocessors: what the ControlNet extension calls canny, scribble_xdog, lineart standard, invert,
+threshold and tile_resample (no model), openpose and openpose_hand (mediapipe's bundled models), depth_anything,
+depth_midas and depth_zoe (the user's transformers depth model under models/annotators/), plus 'none' (a
+ready-made control image). Each takes the image and the extension's two slider values (``threshold_a``,
+``threshold_b``; None for the module's default) and gives the control image the ControlNet sees (its 'detected
+map')."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -71,6 +75,56 @@ class Preprocessor:
     sliders: tuple[tuple[str, float, float, float], ...] = ()
     """(name, default, min, max) of threshold_a then threshold_b, as the extension's module_detail lists them"""
     model_free: bool = False
+    depth: tuple[str, ...] = ()
+    """for a depth module: the transformers model types it runs (from the user's models/annotators/)"""
+
+
+DEPTH_HINT = {"depth_anything": "a Depth Anything folder (e.g. depth-anything/Depth-Anything-V2-Small-hf)",
+              "depth_midas": "a DPT folder (e.g. Intel/dpt-hybrid-midas)",
+              "depth_zoe": "a ZoeDepth folder (e.g. Intel/zoedepth-nyu-kitti)"}
+
+
+def depth_folder(settings, module: str) -> Path:
+    """The user's depth model for ``module``: a transformers folder under models/annotators/ whose model type
+    the module runs (one named like the module first)."""
+    from ..core.errors import MissingModelFile
+    wanted = PREPROCESSORS[module].depth
+    found = []
+    for root in settings.model_dirs("annotators"):
+        for cfg in sorted(root.glob("*/config.json")) if root.is_dir() else []:
+            try:
+                kind = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+            except (OSError, ValueError):
+                continue
+            if kind in wanted:
+                found.append(cfg.parent)
+    if not found:
+        raise MissingModelFile(f"{module} needs {DEPTH_HINT[module]} (config.json, model.safetensors, "
+                               f"preprocessor_config.json) in {settings.models_dir / 'annotators'}/")
+    return next((f for f in found if module.split("_")[1] in f.name.lower()), found[0])
+
+
+def depth_map(image: Image.Image, folder: Path, cache=None) -> Image.Image:
+    """Relative depth as the depth ControlNets take it: near bright, far dark, stretched to 0-255, grey RGB."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    def load():
+        model = AutoModelForDepthEstimation.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        return model.eval()
+    model = cache.get(("annotator", str(folder)), load).value if cache is not None else load()
+    processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    inputs = processor(images=image.convert("RGB"), return_tensors="pt")
+    param = next(model.parameters())
+    with torch.inference_mode():
+        depth = model(pixel_values=inputs.pixel_values.to(param.device, param.dtype)).predicted_depth
+    depth = torch.nn.functional.interpolate(depth[:, None].float(), size=image.size[::-1], mode="bicubic",
+                                            align_corners=False)[0, 0].cpu().numpy()
+    if getattr(model.config, "model_type", "") == "zoedepth":  # metric depth: far is large; make near bright
+        depth = -depth
+    lo, hi = float(depth.min()), float(depth.max())
+    grey = ((depth - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(depth)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, axis=-1))
 
 
 PREPROCESSORS: dict[str, Preprocessor] = {
@@ -86,6 +140,10 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     # a body (and its hands) by mediapipe's pose and hand models, drawn as OpenPose's skeleton (engine.landmarks)
     "openpose": Preprocessor(lambda im, a, b: _openpose(im, hands=False)),
     "openpose_hand": Preprocessor(lambda im, a, b: _openpose(im, hands=True)),
+    # depth by the user's transformers model (models/annotators/<folder>)
+    "depth_anything": Preprocessor(lambda im, a, b: im, depth=("depth_anything",)),
+    "depth_midas": Preprocessor(lambda im, a, b: im, depth=("dpt",)),
+    "depth_zoe": Preprocessor(lambda im, a, b: im, depth=("zoedepth",)),
 }
 
 
@@ -108,8 +166,13 @@ def slider_values(name: str, a: float | None, b: float | None) -> tuple[float, f
     return out[0], out[1]
 
 
-def preprocess(image: Image.Image, spec: ControlNetSpec) -> Image.Image:
+def preprocess(image: Image.Image, spec: ControlNetSpec, *, settings=None, cache=None) -> Image.Image:
+    """The control image for ``spec``; ``settings`` locate the user's annotator models (default: from the
+    environment), ``cache`` (a ModelCache) keeps them loaded."""
     if spec.preprocessor == "canny":
         return canny(image, spec.canny_low, spec.canny_high)
+    if PREPROCESSORS[spec.preprocessor].depth:
+        from ..core.settings import Settings
+        return depth_map(image, depth_folder(settings or Settings.from_env(), spec.preprocessor), cache)
     a, b = slider_values(spec.preprocessor, spec.threshold_a, spec.threshold_b)
     return PREPROCESSORS[spec.preprocessor].run(image, a, b)

@@ -984,7 +984,8 @@ class Engine:
         specs = []
         for cn, control in zip(job.req.controlnet_units, job.control_images, strict=True):
             model = self._component("controlnet", cn.model)
-            image = preprocess(control, cn).convert("RGB").resize((job.width, job.height), Image.LANCZOS)
+            image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
+                (job.width, job.height), Image.LANCZOS)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
                                      sigma_start=ms.percent_to_sigma(cn.guidance_start),

@@ -2,7 +2,7 @@
 `/controlnet/version`, `model_list`, `module_list`, `detect`, and its units in `alwayson_scripts` of txt2img and
 img2img, mapped onto the engine's ControlNet (up to four units, residuals summed; the model-free preprocessors
 imagesmith runs: canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose,
-openpose_hand and none).
+openpose_hand, the depth modules with the user's depth model, and none).
 A module imagesmith cannot run is a 422 naming what it can, never a silent skip."""
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from .context import Svc, caller, json_object
 MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble_xdog",  # A1111 module -> imagesmith's
            "lineart_standard (from white bg & black line)": "lineart_standard",
            "invert (from white bg & black line)": "invert", "threshold": "threshold",
-           "tile_resample": "tile_resample", "openpose": "openpose", "openpose_hand": "openpose_hand"}
+           "tile_resample": "tile_resample", "openpose": "openpose", "openpose_hand": "openpose_hand",
+           "depth_anything": "depth_anything", "depth_anything_v2": "depth_anything", "depth_midas": "depth_midas",
+           "depth_zoe": "depth_zoe"}
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"
 
 
@@ -71,7 +73,7 @@ async def detect(request: Request, svc: Svc):
     for data in images:
         image = load_image(decode_base64(data), settings=svc.settings, mode="RGB", what="controlnet input image")
         buf = io.BytesIO()
-        preprocess(image, spec).save(buf, format="PNG")
+        preprocess(image, spec, settings=svc.settings).save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode())
     return {"images": out, "info": "Success"}
 
