@@ -25,6 +25,8 @@ def home(tiny_home, tmp_path_factory):
     build_clip_vision(settings.models_dir / "clip_vision" / "tiny-vision")
     build_ip_adapter(build_sd15(0).unet, settings.models_dir / "ipadapter" / "tiny-ip.safetensors")
     build_ip_adapter(build_sdxl(0).unet, settings.models_dir / "ipadapter" / "tiny-ip-xl.safetensors", seed=1)
+    build_ip_adapter(build_sd15(0).unet, settings.models_dir / "ipadapter" / "tiny-ip-plus.safetensors", seed=2,
+                     image_dim=32, plus=True)  # reads the tiny encoder's hidden states (width 32)
     (settings.models_dir / "ipadapter" / "old-ip.bin").write_bytes(b"\x80\x02}q\x00.")
     return settings
 
@@ -93,7 +95,8 @@ def test_bad_files_and_models_are_one_clear_error(engine, home, tmp_path):
         engine.generate(GenerateRequest(**{**base, "model": "house-ldm"}, ip_adapter=IPAdapterSpec(
             model="tiny-ip", image=red)))
     kinds = {e.name: e.kind for e in engine.registry.list() if e.name.startswith(("tiny-ip", "tiny-vision"))}
-    assert kinds == {"tiny-ip": "ipadapter", "tiny-ip-xl": "ipadapter", "tiny-vision": "clip_vision"}
+    assert kinds == {"tiny-ip": "ipadapter", "tiny-ip-xl": "ipadapter", "tiny-ip-plus": "ipadapter",
+                     "tiny-vision": "clip_vision"}
 
 
 def test_cli_reference_images(home, tmp_path, monkeypatch, capsys):
@@ -135,3 +138,18 @@ def test_a_mask_keeps_the_reference_to_its_part_of_the_picture(engine, tmp_path)
     # the left half is where the reference acts (the UNet's convolutions carry some of it across)
     assert left_over_right(masked) > 1.5 and left_over_right(masked) > 1.4 * left_over_right(everywhere), (
         left_over_right(masked), left_over_right(everywhere))
+
+
+def test_a_plus_adapter_reads_the_encoders_hidden_states(engine, tmp_path):
+    """IP-Adapter Plus (a resampler over the penultimate hidden states; the unconditional side is a black
+    image's): listed as Plus, weight 0 gives the base pixels, weight 1 changes them."""
+    entry = engine.registry.get("tiny-ip-plus", "ipadapter")
+    assert any("Plus" in n for n in entry.notes)
+    base = dict(model="tiny-sd15", prompt="a red apple", width=64, height=64, steps=4, seed=7, sampler_name="Euler")
+    red = _reference(tmp_path / "red.png", (220, 30, 30))
+    plain = _pixels(engine.generate(GenerateRequest(**base)))
+    zero = _pixels(engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-ip-plus", image=red,
+                                                                                    weight=0))))
+    full = _pixels(engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-ip-plus",
+                                                                                    image=red))))
+    assert np.abs(zero - plain).max() <= 1 and np.abs(full - plain).max() > 8
