@@ -92,3 +92,30 @@ def test_and_composes_the_parts_as_a1111_does(engine):
     assert np.abs(zero.astype(int) - cat).max() <= 1 and np.abs(halves.astype(int) - cat).max() <= 1
     assert np.abs(both.astype(int) - cat).max() > 4
     assert info.startswith("a photo of a cat AND a photo of a dog")
+
+
+def test_and_parts_share_one_unconditional_pass():
+    """AND's parts (and regions) reuse the first part's unconditional estimate: one network pass per extra part
+    instead of two, and the same estimate as each part computing its own."""
+    import torch
+
+    from fixtures.tiny import build_sd15
+    from imagesmith.engine.sampling.denoisers import Composed, Conditioning, UNetDenoiser
+    from imagesmith.engine.sampling.model_sampling import from_scheduler_config
+    pipe = build_sd15(0)
+    ms = from_scheduler_config(dict(pipe.scheduler.config), arch="sd1")
+    g = torch.Generator().manual_seed(0)
+    uncond = Conditioning(torch.randn(1, 77, 32, generator=g))
+    parts = [UNetDenoiser(pipe.unet, ms, Conditioning(torch.randn(1, 77, 32, generator=g)), uncond, 7.0)
+             for _ in range(3)]
+    x, sigma = torch.randn(1, 4, 8, 8, generator=g) * 5, torch.tensor([5.0])
+    batches = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    with torch.inference_mode():
+        shared = Composed([(1.0, parts[0]), (0.5, parts[1]), (0.8, parts[2])])(x, sigma)
+        hook.remove()
+        full = [p(x, sigma) for p in parts]
+        u = parts[0].last_uncond
+        expected = u + 1.0 * (full[0] - u) + 0.5 * (full[1] - u) + 0.8 * (full[2] - u)
+    assert batches == [2, 1, 1]  # the first part guided (uncond + cond), the later two their conditional half only
+    assert torch.allclose(shared, expected, atol=1e-4, rtol=1e-4)

@@ -39,6 +39,7 @@ from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_la
 from .sampling import ksampler as K
 from .prompt_editing import has_editing, prompt_schedule, split_and, text_at
 from .sampling.denoisers import (Composed, Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, StepScheduled,
+                                 shared_uncond_call,
                                  UNetDenoiser)
 from .sampling.model_sampling import FlowModelSampling, from_scheduler_config
 from .sampling.step_cache import StepCache
@@ -1036,7 +1037,7 @@ class RegionMix:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         total = weight = None
         for m, denoise in self.parts:
-            d = denoise(x, sigma)
+            d = shared_uncond_call(denoise, x, sigma, self.last_uncond if total is not None else None)
             if m is None:
                 total, weight = d.clone(), torch.ones_like(d[:, :1])
                 self.last_uncond = getattr(denoise, "last_uncond", None)

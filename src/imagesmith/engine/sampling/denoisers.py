@@ -99,6 +99,21 @@ class UNetDenoiser:
         self.last_uncond = None
         return self.ms.denoised(sigma, out, x)
 
+    def guided_with(self, x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor | None:
+        """The guided estimate with the unconditional x0 another part of the same step already computed (the same
+        negative, network and inputs): one network pass instead of two. None where that does not hold (no CFG,
+        CFG rescale): the caller makes the full call."""
+        if self.uncond is None or self.cfg == 1.0 or self.cfg_rescale > 0 or uncond is None:
+            return None
+        self.calls += 1
+        xin = self.ms.model_input(sigma, x)
+        if self.concat is not None:
+            xin = torch.cat([xin, self.concat.to(xin)], dim=1)
+        t = self.ms.timestep_for_network(sigma)
+        out = self._net(xin.to(self.device, self.dtype), t.to(self.device), self.cond, sigma[0]).float().to(x.device)
+        self.last_uncond = uncond
+        return uncond + (self.ms.denoised(sigma, out, x) - uncond) * self.cfg
+
     def _net(self, xin, t, cond: Conditioning, sigma) -> torch.Tensor:
         kwargs = {"encoder_hidden_states": cond.embeds.to(self.device, self.dtype)}
         if cond.added is not None:
@@ -226,6 +241,14 @@ class StepScheduled:
         return out
 
 
+def shared_uncond_call(denoise, x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+    """``denoise(x, sigma)``, reusing ``uncond`` (an earlier part's unconditional estimate of this step) where the
+    denoiser can: AND parts and regions share their negative prompt, so A1111's one unconditional pass serves all."""
+    reuse = getattr(denoise, "guided_with", None)
+    out = reuse(x, sigma, uncond) if reuse is not None and uncond is not None else None
+    return denoise(x, sigma) if out is None else out
+
+
 class Composed:
     """A1111's AND (composable diffusion, Liu et al. 2022): ``parts`` are (weight, denoiser) with the same
     negative conditioning and CFG scale; the estimate is ``u + sum(w * (d_i - u))``, i.e.
@@ -238,7 +261,7 @@ class Composed:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         total, uncond = None, None
         for weight, denoise in self.parts:
-            d = denoise(x, sigma)
+            d = shared_uncond_call(denoise, x, sigma, uncond)
             u = getattr(denoise, "last_uncond", None)
             if u is None:  # no CFG (scale 1): a weighted mean of the conditional estimates
                 u = torch.zeros_like(d) if total is None else uncond
