@@ -410,3 +410,25 @@ def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
         api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[webuiapi.ControlNetUnit(
             image=ref, module="ip-adapter_face_id_plus", model="ip-adapter-faceid-plus_sd15 [abcd1234]")])
     assert "422" in str(err.value) and "InsightFace" in str(err.value)
+
+
+def test_ultimate_sd_upscale_as_a1111_clients_call_it(api):
+    """img2img with script_name "ultimate sd upscale" and its script_args in the script's own order: the picture
+    comes back at the target size, repainted tile by tile; a target no larger than the image is a 422."""
+    small = Image.fromarray((np.indices((48, 48)).sum(0) * 5 % 255).astype(np.uint8)).convert("RGB")
+    # info, tile_w, tile_h, mask_blur, padding, seams_fix_w, seams_fix_denoise, seams_fix_padding, upscaler_index
+    # (1: Lanczos), save_upscaled, redraw_mode (0 linear), save_seams, seams_mask_blur, seams_fix_type,
+    # target_size_type (2: scale), custom_w, custom_h, custom_scale
+    args = [None, 64, 64, 8, 16, 64, 0.35, 32, 1, False, 0, False, 8, 0, 2, 0, 0, 2.0]
+    r = api.img2img(images=[small], prompt="a tiled floor", denoising_strength=0.3, steps=2, seed=3,
+                    script_name="ultimate sd upscale", script_args=args, alwayson_scripts={})
+    assert r.image.size == (96, 96)
+    plain = small.resize((96, 96), Image.LANCZOS)
+    assert np.abs(np.asarray(r.image, np.int16) - np.asarray(plain, np.int16)).mean() > 1  # repainted
+    only = api.img2img(images=[small], prompt="x", steps=2, script_name="ultimate sd upscale",
+                       script_args=args[:10] + [2] + args[11:], alwayson_scripts={})  # redraw mode None
+    assert np.abs(np.asarray(only.image, np.int16) - np.asarray(plain, np.int16)).max() <= 1
+    with pytest.raises(RuntimeError) as err:
+        api.img2img(images=[small], prompt="x", steps=2, script_name="ultimate sd upscale",
+                    script_args=args[:17] + [1.0], alwayson_scripts={})
+    assert "422" in str(err.value) and "target width" in str(err.value)

@@ -62,7 +62,10 @@ async def img2img(request: Request, svc: Svc, who: Caller):
     if not inits:
         raise BadRequest("init_images: give one base64 image")
     req = a1111_request(svc, body, who)
-    req["init_image"] = svc.store_upload(decode_base64(inits[0]), who)["id"]
+    init = svc.store_upload(decode_base64(inits[0]), who)
+    req["init_image"] = init["id"]
+    if str(body.get("script_name") or "").strip().lower() == "ultimate sd upscale":
+        return await answer(svc, "upscale", ultimate_upscale(body, req, init), who, body)
     job_type = "img2img"
     if body.get("mask"):
         req["mask"] = svc.store_upload(decode_base64(body["mask"]), who)["id"]
@@ -374,6 +377,53 @@ async def answer(svc: Services, job_type: str, req: dict, who: dict, body: dict)
     finally:
         if not keep:
             svc.discard(None if failed else job, request_uploads(req))
+
+
+def ultimate_upscale(body: dict, req: dict, init: dict) -> dict:
+    """The "Ultimate SD upscale" img2img script (its ``script_args`` in its own order: info, tile_width,
+    tile_height, mask_blur, padding, seams_fix_width, seams_fix_denoise, seams_fix_padding, upscaler_index,
+    save_upscaled_image, redraw_mode, save_seams_fix_image, seams_fix_mask_blur, seams_fix_type, target_size_type,
+    custom_width, custom_height, custom_scale) as imagesmith's upscale job with a tiled refine. The tiles are
+    square (the larger side asked for); redraw mode Chess runs in reading order; its seams-fix passes are not run
+    (the feathered tiles leave no seam to fix); redraw mode None upscales only."""
+    from ...core.requests import UPSCALERS
+    args = body.get("script_args") or []
+    if not isinstance(args, list):
+        raise BadRequest("script_args must be a list (Ultimate SD upscale's arguments, in its order)")
+
+    def arg(i: int, default, kind=int):
+        try:
+            return kind(args[i]) if len(args) > i and args[i] not in (None, "") else default
+        except (TypeError, ValueError):
+            raise BadRequest(f"script_args[{i}] must be a number, got {args[i]!r}") from None
+    tile = max(arg(1, 512), arg(2, 0))
+    mask_blur, padding = arg(3, 8), arg(4, 32)
+    names = ["None"] + [n for n in UPSCALERS if n != "Latent"]  # as /sdapi/v1/upscalers lists them
+    index = arg(8, 0)
+    if not 0 <= index < len(names):
+        raise BadRequest(f"script_args[8] (upscaler_index) must be 0-{len(names) - 1}: {', '.join(names)}")
+    kind = arg(14, 0)
+    if kind == 1:
+        target = arg(15, 2048)
+    elif kind == 2:
+        target = round(init["width"] * arg(17, 2.0, float))
+    else:
+        target = int(body.get("width") or 512)
+    scale = target / init["width"]
+    if not 1 < scale <= 8:
+        raise BadRequest(f"Ultimate SD upscale: the target width {target} must be above the image's "
+                         f"{init['width']} and at most 8 times it")
+    out = {"image": req["init_image"], "scale": scale,
+           "upscaler": "Lanczos" if names[index] == "None" else names[index]}
+    if arg(10, 0) != 2:  # redraw mode None: upscale only
+        out["refine"] = {"model": req.get("model"), "prompt": req.get("prompt", ""),
+                         "negative_prompt": req.get("negative_prompt", ""),
+                         "strength": req.get("denoising_strength", 0.75), "steps": req.get("steps", 20),
+                         "sampler_name": req.get("sampler_name", "Euler a"),
+                         "scheduler": req.get("scheduler", "automatic"), "cfg_scale": req.get("cfg_scale", 7.0),
+                         "seed": req.get("seed", -1), "tile": min(max(tile, 64), 2048), "padding": padding,
+                         "mask_blur": min(mask_blur, 2 * padding)}
+    return out
 
 
 def request_uploads(req: dict) -> list[str]:

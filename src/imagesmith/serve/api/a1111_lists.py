@@ -75,7 +75,7 @@ def latent_upscale_modes():
 def scripts():
     # the always-on scripts whose args imagesmith reads (ADetailer's map onto its face detailer); webuiapi reads
     # this at connect time to decide what it sends
-    return {"txt2img": ["adetailer"], "img2img": ["adetailer"]}
+    return {"txt2img": ["adetailer"], "img2img": ["adetailer", "ultimate sd upscale"]}
 
 
 @router.get("/sd-vae")
