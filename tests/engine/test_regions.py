@@ -42,3 +42,22 @@ def test_regions_are_checked(engine, tmp_path):
     with pytest.raises(BadRequest, match="covers nothing"):
         engine.generate(GenerateRequest(prompt="a", model="tiny-sd15", width=64, height=64, steps=1,
                                         regions=[RegionSpec(prompt="b", mask=str(tmp_path / "empty.png"))]))
+
+
+def test_regions_with_prompt_editing_and_and(engine):
+    """A region's prompt may itself switch at a step ([from:to:when]) or compose (AND), and so may the base: each
+    is scheduled on its own. The switch shows inside the region: a region that changes prompt after a step differs there
+    from one that keeps its first prompt, and far less outside it."""
+    base = dict(prompt="a green field", model="tiny-sd15", width=128, height=64, steps=4, cfg_scale=5, seed=9,
+                sampler_name="Euler")
+
+    def run(region_prompt: str, **extra) -> np.ndarray:
+        region = RegionSpec(prompt=region_prompt, box=(0.0, 0.0, 0.4, 1.0), weight=3.0, feather=0)
+        return np.asarray(engine.generate(GenerateRequest(**{**base, **extra}, regions=[region])).images[0],
+                          np.float32)
+    kept = run("a red car, chrome, night")
+    switched = run("[a red car, chrome, night:a blue boat, sunny day:1]")  # from step 2 on
+    moved = np.abs(switched - kept).mean(axis=2)
+    assert moved[:, :40].mean() > 2 * moved[:, 88:].mean() and moved[:, :40].mean() > 0.05  # tiny SD: small
+    composed = run("a red car AND a blue boat :0.7", prompt="[a green field:a snowy field:2]")
+    assert composed.shape == kept.shape and np.abs(composed - kept).mean() > 0.25

@@ -93,3 +93,21 @@ def test_cli_upscale_refine(tiny_home, tmp_path, monkeypatch, capsys):
                            "--padding", "2", "--mask-blur", "16", "-o", str(bad))
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and "padding" in lines[0] and not bad.exists()
+
+
+def test_chess_order_repaints_white_squares_first(tiny_home, tmp_path, monkeypatch):
+    """order="chess": a 3x3 grid repainted as (0, 2, 4, 6, 8) then (1, 3, 5, 7), each tile with its own seed."""
+    from imagesmith.engine import tiled
+    from imagesmith.engine.generate import Engine
+    engine = Engine(home_with_tiny_sd15(tmp_path / "home", tiny_home), device="cpu")
+    seen = []
+    real = engine.generate
+
+    def spy(req, **kw):
+        seen.append(req.seed)
+        return real(req, **kw)
+    monkeypatch.setattr(engine, "generate", spy)
+    _, report = tiled.refine_tiles(engine, _structured(192), TiledRefine(model="tiny-sd15", tile=64, padding=16,
+                                                                        mask_blur=16, steps=1, seed=100,
+                                                                        order="chess"))
+    assert report["order"] == "chess" and [s - 100 for s in seen] == [0, 2, 4, 6, 8, 1, 3, 5, 7]

@@ -444,6 +444,9 @@ class TiledRefine(CheckedSampling):
     padding: int = Field(32, ge=0, le=512, description="context around each tile, pixels")
     mask_blur: int = Field(16, ge=0, le=256, description="width of each tile's feathered edge, pixels (at most "
                            "twice the padding)")
+    order: Literal["linear", "chess"] = Field("linear", description="reading order, or a chessboard's white "
+                                              "squares first, then the black ones (each seeing four repainted "
+                                              "neighbours), as Ultimate SD Upscale's redraw modes")
 
     @model_validator(mode="after")
     def _blur_inside_padding(self) -> "TiledRefine":

@@ -794,7 +794,8 @@ class Engine:
         if self.device.type != "cpu":  # the sampler's arithmetic runs beside the network: no copy, no sync per step
             noise, latent, mask, concat = (None if t is None else t.to(self.device) for t in (noise, latent, mask, concat))
         if req.regions:
-            denoiser = self._regional_denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat)
+            denoiser = self._regional_denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat,
+                                               sigmas)
         else:
             denoiser = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, len(seeds), concat, sigmas)
                         or self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat))
@@ -814,17 +815,20 @@ class Engine:
             job.cache_stats.append((denoiser.reused, denoiser.calls))
         return out
 
-    def _regional_denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int, n: int, concat):
+    def _regional_denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int, n: int, concat,
+                           sigmas):
         """Regional prompting with ComfyUI's mask semantics: the base prompt everywhere with weight 1, each
-        region's prompt inside its (feathered) mask with its weight; the guided estimates are averaged by weight."""
-        if has_editing(job.prompt) or any(has_editing(r.prompt) for r in job.req.regions):
-            raise BadRequest("regional prompts with prompt editing, alternation or AND are not supported together")
-        parts = [(None, self._denoiser(pipe, job, rows, encoded, ms, width, height, n, concat))]
+        region's prompt inside its (feathered) mask with its weight; the guided estimates are averaged by weight.
+        The base and each region may use prompt editing, alternation and AND, each scheduled on its own."""
+        base = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, n, concat, sigmas)
+                or self._denoiser(pipe, job, rows, encoded, ms, width, height, n, concat))
+        parts = [(None, base)]
         vae_sf = getattr(pipe, "vae_scale_factor", 8)
         for i, region in enumerate(job.req.regions):
             view = replace(job, prompt=region.prompt, grounding=None)
-            d = self._denoiser(pipe, view, rows, [self._encode(pipe, view, for_arch=job.arch)], ms, width, height, n,
-                               concat)
+            d = (self._scheduled_denoiser(pipe, view, rows, ms, width, height, n, concat, sigmas)
+                 or self._denoiser(pipe, view, rows, [self._encode(pipe, view, for_arch=job.arch)], ms, width,
+                                   height, n, concat))
             mask = region_mask(region, width, height, settings=self.settings, what=f"regions[{i}].mask")
             latent_mask = torch.nn.functional.interpolate(mask, size=(height // vae_sf, width // vae_sf),
                                                           mode="area")

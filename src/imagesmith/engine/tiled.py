@@ -2,7 +2,8 @@
 by tile with img2img at a low denoising strength, so detail is added at a size the model (and the machine's
 memory) can take whatever the final size is.
 
-Tiles are a grid of ``tile`` x ``tile`` squares over the upscaled image, repainted in reading order. Each is
+Tiles are a grid of ``tile`` x ``tile`` squares over the upscaled image, repainted in reading order (or, with
+``order="chess"``, a chessboard's white squares first and then the black ones). Each is
 repainted with ``padding`` pixels of context around it (already repainted neighbours included, so a tile continues
 what is beside it), at the crop's own size rounded to the model's multiple of 8, and put back through a mask that
 is 1 on the tile, falls off over ``mask_blur`` pixels across its edge, and is exactly 0 beyond the padding: the
@@ -61,9 +62,13 @@ def refine_tiles(engine, image: Image.Image, spec: TiledRefine, *, progress=None
     seed = spec.seed if spec.seed >= 0 else int(np.random.default_rng().integers(0, 2**32 - 1))
     boxes = tile_grid(image.size, spec.tile)
     report: dict[str, Any] = {"tiles": len(boxes), "tile": spec.tile, "padding": spec.padding,
-                              "mask_blur": spec.mask_blur, "strength": spec.strength, "seed": seed}
+                              "mask_blur": spec.mask_blur, "strength": spec.strength, "seed": seed,
+                              "order": spec.order}
+    order = list(enumerate(boxes))
+    if spec.order == "chess":  # the white squares first, then the black ones (stable within each colour)
+        order.sort(key=lambda ib: (ib[1][0] // spec.tile + ib[1][1] // spec.tile) % 2)
     with tempfile.TemporaryDirectory(prefix="imagesmith-tiles-") as tmp:
-        for i, box in enumerate(boxes):
+        for i, box in order:
             if cancel is not None:
                 cancel.raise_if_cancelled()
             crop = crop_box(box, image.size, spec.padding)

@@ -384,8 +384,8 @@ def ultimate_upscale(body: dict, req: dict, init: dict) -> dict:
     tile_height, mask_blur, padding, seams_fix_width, seams_fix_denoise, seams_fix_padding, upscaler_index,
     save_upscaled_image, redraw_mode, save_seams_fix_image, seams_fix_mask_blur, seams_fix_type, target_size_type,
     custom_width, custom_height, custom_scale) as imagesmith's upscale job with a tiled refine. The tiles are
-    square (the larger side asked for); redraw mode Chess runs in reading order; its seams-fix passes are not run
-    (the feathered tiles leave no seam to fix); redraw mode None upscales only."""
+    square (the larger side asked for); redraw modes Linear and Chess as the script's; its seams-fix passes are
+    not run (the feathered tiles leave no seam to fix); redraw mode None upscales only."""
     from ...core.requests import UPSCALERS
     args = body.get("script_args") or []
     if not isinstance(args, list):
@@ -422,7 +422,7 @@ def ultimate_upscale(body: dict, req: dict, init: dict) -> dict:
                          "sampler_name": req.get("sampler_name", "Euler a"),
                          "scheduler": req.get("scheduler", "automatic"), "cfg_scale": req.get("cfg_scale", 7.0),
                          "seed": req.get("seed", -1), "tile": min(max(tile, 64), 2048), "padding": padding,
-                         "mask_blur": min(mask_blur, 2 * padding)}
+                         "mask_blur": min(mask_blur, 2 * padding), "order": "chess" if arg(10, 0) == 1 else "linear"}
     return out
 
 
