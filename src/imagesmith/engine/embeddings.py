@@ -97,12 +97,15 @@ class TextualInversions:
     kinds: tuple[str, ...]
     widths: tuple[int, ...]
     by_name: dict[str, Embedding] = field(default_factory=dict)
+    _names: re.Pattern | None = field(default=None, repr=False)
+    """the A1111 name pattern, compiled once for the set (reset by add)"""
 
     def add(self, emb: Embedding) -> bool:
         vecs = self.vectors_of(emb)
         if vecs is None:
             return False
         self.by_name[emb.name.lower()] = emb
+        self._names = None
         return True
 
     def vectors_of(self, emb: Embedding) -> list[torch.Tensor] | None:
@@ -142,8 +145,11 @@ class TextualInversions:
             return _COMFY_NAME
         if not self.by_name:
             return None
-        names = sorted(self.by_name, key=len, reverse=True)
-        return re.compile(r"(?<![\w\-.])(" + "|".join(re.escape(n) for n in names) + r")(?![\w\-])", re.IGNORECASE)
+        if self._names is None:  # every fragment of every prompt is split with it: compiled once
+            names = sorted(self.by_name, key=len, reverse=True)
+            self._names = re.compile(r"(?<![\w\-.])(" + "|".join(re.escape(n) for n in names) + r")(?![\w\-])",
+                                     re.IGNORECASE)
+        return self._names
 
     def split(self, text: str, syntax: str = "a1111") -> list[str | Embedding]:
         """``text`` as text pieces and the embeddings it names, in order."""

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.requests import GenerateRequest, TiledRefine
+from .detailer import blend
 
 
 def tile_grid(size: tuple[int, int], tile: int) -> list[tuple[int, int, int, int]]:
@@ -82,11 +83,9 @@ def refine_tiles(engine, image: Image.Image, spec: TiledRefine, *, progress=None
                                   init_image=str(path), denoising_strength=spec.strength)
             repaint = engine.generate(req, progress=_relabel(progress, i, len(boxes)), cancel=cancel).images[0]
             back = np.asarray(repaint.convert("RGB").resize(piece.size, Image.LANCZOS)
-                              if repaint.size != piece.size else repaint.convert("RGB"), np.float32)
-            alpha = tile_mask(box, crop, spec.mask_blur)[..., None]
-            region = out[crop[1]:crop[3], crop[0]:crop[2]].astype(np.float32)
-            mixed = np.clip(np.rint(region * (1 - alpha) + back * alpha), 0, 255).astype(np.uint8)
-            out[crop[1]:crop[3], crop[0]:crop[2]] = np.where(alpha == 0, region.astype(np.uint8), mixed)
+                              if repaint.size != piece.size else repaint.convert("RGB"))
+            out[crop[1]:crop[3], crop[0]:crop[2]] = blend(out[crop[1]:crop[3], crop[0]:crop[2]], back,
+                                                          tile_mask(box, crop, spec.mask_blur))
     return Image.fromarray(out), report
 
 
