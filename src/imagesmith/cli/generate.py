@@ -59,7 +59,7 @@ def generate(
     hires: Optional[float] = typer.Option(None, "--hr-scale", "--hires", help="hires fix scale, e.g. 2"),
     hires_steps: int = typer.Option(0, "--hr-second-pass-steps", "--hires-steps"),
     hires_strength: float = typer.Option(0.5, "--hr-denoising-strength", "--hires-strength"),
-    upscaler: str = typer.Option("Latent", "--hr-upscaler", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B'"),
+    upscaler: str = typer.Option("Latent", "--hr-upscaler", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B' or an upscaler file's name"),
     controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet model name (controlnet.model)"),
     control_image: Optional[str] = typer.Option(None, "--control-image"),
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand or none"),
@@ -300,7 +300,7 @@ def info(image: Optional[str] = typer.Argument(None, help="a PNG made by imagesm
 
 @app.command()
 def upscale(image: str = typer.Argument(...),
-            upscaler: str = typer.Option("R-ESRGAN 4x+", "--upscaler", help="Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B'"),
+            upscaler: str = typer.Option("R-ESRGAN 4x+", "--upscaler", help="Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B' or an upscaler file's name (models list --kind upscaler)"),
             scale: float = typer.Option(4.0, "--scale", help="2 or 4 (any factor works)"),
             refine: bool = typer.Option(False, "--refine", help="then repaint tile by tile with img2img "
                                         "(Ultimate SD Upscale): adds detail at any size"),

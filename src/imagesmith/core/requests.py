@@ -85,7 +85,8 @@ class LoraSpec(BaseModel):
 
 class HiresSpec(BaseModel):
     hr_scale: float = Field(2.0, gt=1.0, le=4.0, description="upscale factor of the first pass")
-    hr_upscaler: str = Field("Latent", description="Latent, Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B")
+    hr_upscaler: str = Field("Latent", description="Latent, Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B, or an "
+                             "upscaler file's name (models list --kind upscaler)")
     hr_second_pass_steps: int = Field(0, ge=0, le=150, description="0: same as steps")
     hr_denoising_strength: float = Field(0.5, ge=0.0, le=1.0)
 
@@ -462,7 +463,9 @@ class UpscaleRequest(BaseModel):
 
     image: str = Field(..., description="an uploaded file id (the service) or a path (Python)")
     scale: float = Field(4.0, gt=1, le=8, description="how many times larger, in (1, 8]")
-    upscaler: Literal["Lanczos", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"] = "R-ESRGAN 4x+"
+    upscaler: str = Field("R-ESRGAN 4x+", min_length=1, max_length=300,
+                          description="Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B or an upscaler file's name "
+                          "(models list --kind upscaler)")
     refine: TiledRefine | None = Field(None, description="then img2img over tiles (Ultimate SD Upscale)")
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 PerformanceMode = Literal["quality", "fast", "turbo"]
 """The engine's performance modes (engine.performance says what each changes)."""
 
-MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscalers", "controlnet", "segmenters")
+MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscalers", "restorers", "controlnet", "segmenters")
 
 
 def _env_paths(value: str | None) -> list[Path]:

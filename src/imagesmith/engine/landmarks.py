@@ -73,6 +73,9 @@ class Detection:
     """x0, y0, x1, y1 (x1, y1 exclusive), image pixels"""
     score: float
     label: str
+    points: tuple[tuple[float, float], ...] = ()
+    """a face's keypoints in image pixels, mediapipe's order: the subject's right eye, left eye, nose tip,
+    mouth centre, right ear, left ear (empty for other detections)"""
 
     @property
     def area(self) -> int:
@@ -102,8 +105,9 @@ def detect(image: Image.Image, model: str = "mediapipe_face", *, confidence: flo
             for det in result.detections or []:
                 b = det.location_data.relative_bounding_box
                 box = _clip_box(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h, w, h)
+                points = tuple((p.x * w, p.y * h) for p in det.location_data.relative_keypoints)
                 if all(_iou(box, kept.box) < 0.3 for kept in found):  # the same face seen by both models: once
-                    found.append(Detection(box, float(det.score[0]), "face"))
+                    found.append(Detection(box, float(det.score[0]), "face", points))
     elif model == "mediapipe_hands":
         for points, score in hand_landmarks(image, confidence=confidence, max_count=max_count):
             x0, y0 = points.min(0)

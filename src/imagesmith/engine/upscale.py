@@ -25,7 +25,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -124,7 +124,92 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class RealESRGANUpscaler(Upscaler):
+class TiledNetworkUpscaler(Upscaler):
+    """A network run over the image in tiles of `tile` input pixels with `pad` pixels of overlap on each side
+    (the image edge mirrored), as many passes as the target needs (at most 3), then Lanczos to the exact size.
+    Subclasses load the network (`_load`) and run one tile (`_run`: uint8 HxWx3 -> float32 (H*s)x(W*s)x3 in 0..1)."""
+
+    name: str
+    tile: int
+    pad: int
+
+    @abstractmethod
+    def _load(self) -> Any:
+        ...
+
+    @abstractmethod
+    def _run(self, net: Any, rgb: np.ndarray) -> np.ndarray:
+        ...
+
+    def _pass(self, net: Any, rgb: np.ndarray, tick: Callable[[], None]) -> np.ndarray:
+        """The network over the whole image, tile by tile: uint8 HxWx3 -> uint8 (H*s)x(W*s)x3."""
+        s = self.native_scale
+        h, w = rgb.shape[:2]
+        p = self.pad
+        mode = "reflect" if min(h, w) > 1 else "edge"
+        padded = np.pad(rgb, ((p, p), (p, p), (0, 0)), mode=mode) if p else rgb
+        out = np.empty((h * s, w * s, 3), np.uint8)
+        for y0, y1 in _tiles(h, self.tile):
+            for x0, x1 in _tiles(w, self.tile):
+                piece = self._run(net, padded[y0:y1 + 2 * p, x0:x1 + 2 * p])
+                expect = ((y1 - y0 + 2 * p) * s, (x1 - x0 + 2 * p) * s)
+                if piece.shape[:2] != expect:
+                    raise UnsupportedModel(f"upscaler {self.name}: a {x1 - x0 + 2 * p}x{y1 - y0 + 2 * p} tile gave "
+                                           f"{piece.shape[1]}x{piece.shape[0]}, not x{s}")
+                core = piece[p * s:p * s + (y1 - y0) * s, p * s:p * s + (x1 - x0) * s]
+                out[y0 * s:y1 * s, x0 * s:x1 * s] = np.clip(core * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                tick()
+        return out
+
+    def _passes(self, size: tuple[int, int], target: tuple[int, int]) -> list[tuple[int, int]]:
+        """Input sizes (w, h) of the network passes needed to reach `target` (WebUI: at most 3)."""
+        s = self.native_scale
+        w, h = size
+        sizes: list[tuple[int, int]] = []
+        while len(sizes) < MAX_PASSES and (w < target[0] or h < target[1]):
+            sizes.append((w, h))
+            if s == 1:
+                break
+            w, h = w * s, h * s
+        if not sizes and s == 1:  # a same-size network (denoiser): one pass is the point of it
+            sizes.append((w, h))
+        return sizes
+
+    def upscale(self, image: Image.Image, scale: float, *, progress: TileProgress | None = None) -> Image.Image:
+        target = target_size(image, scale)
+        net = self._load()
+        src_mode = image.mode
+        if src_mode not in ("L", "LA", "RGB", "RGBA"):
+            image = image.convert("RGBA" if "A" in src_mode or "transparency" in image.info else "RGB")
+            src_mode = image.mode
+        alpha = image.getchannel("A") if src_mode in ("LA", "RGBA") else None
+        rgb = np.asarray(image.convert("RGB"))
+        passes = self._passes(image.size, target)
+        total = sum(len(_tiles(h, self.tile)) * len(_tiles(w, self.tile)) for w, h in passes)
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        for _ in passes:
+            rgb = self._pass(net, rgb, tick)
+        out = Image.fromarray(rgb, "RGB")
+        if out.size != target:
+            out = out.resize(target, Image.Resampling.LANCZOS)
+        if src_mode in ("L", "LA"):
+            out = out.convert("L")
+        if alpha is not None:
+            out.putalpha(alpha.resize(target, Image.Resampling.LANCZOS))
+        if not passes and progress is not None:
+            progress(1, 1)
+        return out
+
+
+
+class RealESRGANUpscaler(TiledNetworkUpscaler):
     """An ncnn image-to-image network (Real-ESRGAN layout: RGB float 0..1 in, RGB 0..1 out, N times
     larger), run on the CPU in tiles of `tile` input pixels with `pad` pixels of overlap on each side
     (the image edge is mirrored). tile=0 runs the whole image at once. native_scale=None measures the
@@ -217,71 +302,65 @@ class RealESRGANUpscaler(Upscaler):
             raise UnsupportedModel(f"upscaler {self.name}: output has shape {result.shape}, expected 3xHxW")
         return result.transpose(1, 2, 0)
 
-    def _pass(self, net: ncnn.Net, rgb: np.ndarray, tick: Callable[[], None]) -> np.ndarray:
-        """The network over the whole image, tile by tile: uint8 HxWx3 -> uint8 (H*s)x(W*s)x3."""
-        s = self.native_scale
-        h, w = rgb.shape[:2]
-        p = self.pad
-        mode = "reflect" if min(h, w) > 1 else "edge"
-        padded = np.pad(rgb, ((p, p), (p, p), (0, 0)), mode=mode) if p else rgb
-        out = np.empty((h * s, w * s, 3), np.uint8)
-        for y0, y1 in _tiles(h, self.tile):
-            for x0, x1 in _tiles(w, self.tile):
-                piece = self._run(net, padded[y0:y1 + 2 * p, x0:x1 + 2 * p])
-                expect = ((y1 - y0 + 2 * p) * s, (x1 - x0 + 2 * p) * s)
-                if piece.shape[:2] != expect:
-                    raise UnsupportedModel(f"upscaler {self.name}: a {x1 - x0 + 2 * p}x{y1 - y0 + 2 * p} tile gave "
-                                           f"{piece.shape[1]}x{piece.shape[0]}, not x{s}")
-                core = piece[p * s:p * s + (y1 - y0) * s, p * s:p * s + (x1 - x0) * s]
-                out[y0 * s:y1 * s, x0 * s:x1 * s] = np.clip(core * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                tick()
-        return out
+class SpandrelUpscaler(TiledNetworkUpscaler):
+    """A PyTorch upscaler of any architecture spandrel knows (ESRGAN/RRDB, Real-ESRGAN Compact, SwinIR, HAT,
+    DAT, SPAN, OmniSR, ...), from a .safetensors file or a .pth read without unpickling
+    (:mod:`imagesmith.models.image_models`). Runs tiled like the ncnn networks; a network that must see the
+    whole image (spandrel's tiling INTERNAL) gets it in one piece, one that tiles badly gets 512 px tiles."""
 
-    def _passes(self, size: tuple[int, int], target: tuple[int, int]) -> list[tuple[int, int]]:
-        """Input sizes (w, h) of the network passes needed to reach `target` (WebUI: at most 3)."""
-        s = self.native_scale
-        w, h = size
-        sizes: list[tuple[int, int]] = []
-        while len(sizes) < MAX_PASSES and (w < target[0] or h < target[1]):
-            sizes.append((w, h))
-            if s == 1:
-                break
-            w, h = w * s, h * s
-        if not sizes and s == 1:  # a same-size network (denoiser): one pass is the point of it
-            sizes.append((w, h))
-        return sizes
+    def __init__(self, path: str | os.PathLike[str], *, cache_dir: Path, name: str | None = None, tile: int = 192,
+                 pad: int = 16, device: str = "cpu"):
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.cache_dir = cache_dir
+        self.tile = tile
+        self.pad = pad
+        self.device = device
+        self._desc: Any = None
+        self._lock = threading.Lock()
 
-    def upscale(self, image: Image.Image, scale: float, *, progress: TileProgress | None = None) -> Image.Image:
-        target = target_size(image, scale)
-        net = self._load()
-        src_mode = image.mode
-        if src_mode not in ("L", "LA", "RGB", "RGBA"):
-            image = image.convert("RGBA" if "A" in src_mode or "transparency" in image.info else "RGB")
-            src_mode = image.mode
-        alpha = image.getchannel("A") if src_mode in ("LA", "RGBA") else None
-        rgb = np.asarray(image.convert("RGB"))
-        passes = self._passes(image.size, target)
-        total = sum(len(_tiles(h, self.tile)) * len(_tiles(w, self.tile)) for w, h in passes)
-        done = 0
+    @property
+    def native_scale(self) -> int:  # type: ignore[override]
+        return int(self._load().scale)
 
-        def tick() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    @property
+    def architecture(self) -> str:
+        return str(self._load().architecture.name)
 
-        for _ in passes:
-            rgb = self._pass(net, rgb, tick)
-        out = Image.fromarray(rgb, "RGB")
-        if out.size != target:
-            out = out.resize(target, Image.Resampling.LANCZOS)
-        if src_mode in ("L", "LA"):
-            out = out.convert("L")
-        if alpha is not None:
-            out.putalpha(alpha.resize(target, Image.Resampling.LANCZOS))
-        if not passes and progress is not None:
-            progress(1, 1)
-        return out
+    def _load(self) -> Any:
+        with self._lock:
+            if self._desc is not None:
+                return self._desc
+            from spandrel import ModelTiling
+
+            from ..models.image_models import load_image_model
+            desc = load_image_model(self.path, self.cache_dir, device=self.device)
+            if desc.purpose == "FaceSR":
+                raise UnsupportedModel(f"{self.path.name} is a {desc.architecture.name} face restorer, not an "
+                                       "upscaler: use it with --restore-faces / restore_faces")
+            if desc.input_channels not in (1, 3) or desc.output_channels not in (1, 3):
+                raise UnsupportedModel(f"upscaler {self.name}: {desc.input_channels} input / {desc.output_channels} "
+                                       "output channels; imagesmith runs RGB and grayscale networks")
+            if desc.tiling == ModelTiling.INTERNAL:
+                self.tile = 0
+            elif desc.tiling == ModelTiling.DISCOURAGED and 0 < self.tile < 512:
+                self.tile = 512
+            if self.device != "cpu" and desc.supports_half:
+                desc.half()
+            self._desc = desc
+            return desc
+
+    def _run(self, net: Any, rgb: np.ndarray) -> np.ndarray:
+        import torch
+        x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+        if net.input_channels == 1:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = x.to(device=net.device, dtype=net.dtype)
+        with torch.inference_mode():
+            y = net(x)[0].float().cpu()
+        if y.shape[0] == 1:
+            y = y.expand(3, -1, -1)
+        return y.permute(1, 2, 0).numpy()
 
 
 # ---------------------------------------------------------------------------------------------- lookup
@@ -294,37 +373,48 @@ class UpscalerSet:
     """The upscalers of one Settings, by name; each is built once and kept here (with its loaded
     network). Thread-safe."""
 
-    def __init__(self, settings: Settings, *, tile: int = 192, pad: int = 10, num_threads: int | None = None):
+    def __init__(self, settings: Settings, *, tile: int = 192, pad: int = 10, num_threads: int | None = None,
+                 device: str = "cpu"):
         self.settings = settings
         self.tile = tile
         self.pad = pad
         self.num_threads = num_threads
+        self.device = device
         self._cache: dict[str, Upscaler] = {}
         self._lock = threading.Lock()
 
     def _user_models(self) -> dict[str, tuple[str, Path]]:
-        """lower-cased name -> (name, .param path) of NAME.param + NAME.bin pairs in the upscaler folders
-        (the first folder wins); names are the stem and the path inside the folder without suffix."""
+        """lower-cased name -> (name, path) of the networks in the upscaler folders (the first folder wins): ncnn
+        NAME.param + NAME.bin pairs (the path is the .param), and PyTorch files (.safetensors, .pth, .pt) that
+        spandrel loads. Names are the stem and the path inside the folder without suffix."""
+        from ..models.image_models import IMAGE_MODEL_SUFFIXES
         found: dict[str, tuple[str, Path]] = {}
         for folder in self.settings.model_dirs("upscalers"):
             folder = folder.expanduser()
             if not folder.is_dir():
                 continue
-            for param in sorted(folder.rglob("*.param")):
-                if not param.with_suffix(".bin").is_file():
+            for path in sorted(folder.rglob("*")):
+                suffix = path.suffix.lower()
+                if suffix == ".param":
+                    if not path.with_suffix(".bin").is_file():
+                        continue
+                elif suffix not in IMAGE_MODEL_SUFFIXES or not path.is_file():
                     continue
-                rel = param.relative_to(folder).with_suffix("").as_posix()
-                for key in (param.stem, rel):
-                    found.setdefault(key.lower(), (param.stem, param))
+                rel = path.relative_to(folder).with_suffix("").as_posix()
+                for key in (path.stem, rel, rel + path.suffix):  # ComfyUI names files with their suffix
+                    found.setdefault(key.lower(), (path.stem, path))
         return found
 
-    def names(self) -> list[str]:
-        """Every name get() accepts right now (canonical spellings)."""
+    def names(self, *, files: bool = False) -> list[str]:
+        """Every name get() accepts right now (canonical spellings); with ``files``, the PyTorch files under their
+        file names (``4x-UltraSharp.pth``), as ComfyUI's UpscaleModelLoader lists them."""
         out = ["Lanczos"]
         d = ncnn_models_dir()
         out += [n for n, stem in BUILTIN_UPSCALERS.items()
                 if d is not None and (d / f"{stem}.param").is_file() and (d / f"{stem}.bin").is_file()]
-        out += sorted({name for name, _ in self._user_models().values()} - set(out), key=str.lower)
+        users = {(name if not files or path.suffix == ".param" else path.name) for name, path in
+                 self._user_models().values()}
+        out += sorted(users - set(out), key=str.lower)
         return out
 
     def get(self, name: str) -> Upscaler:
@@ -359,15 +449,20 @@ class UpscalerSet:
             uname, param = user
             file_key = f"file:{param}"
             cached = self._cache.get(file_key)
-            if cached is None:
+            if cached is None and param.suffix.lower() == ".param":
                 cached = RealESRGANUpscaler(param, param.with_suffix(".bin"), name=uname, native_scale=None,
                                             tile=self.tile, pad=self.pad, num_threads=self.num_threads)
+            elif cached is None:
+                cached = SpandrelUpscaler(param, cache_dir=self.settings.home / "cache" / "models", name=uname,
+                                          tile=self.tile, pad=self.pad, device=self.device)
+                cached.native_scale  # loads now: a file that does not load is an error here, not on first use
+            if file_key not in self._cache:
                 self._cache[file_key] = cached
             return cached
         hint = " ('Latent' is a hires-fix option, not an image upscaler)" if key == "latent" else ""
         folder = self.settings.models_dir / "upscalers"
         raise ModelNotFound(f"unknown upscaler {asked!r}{hint}; choose one of: {', '.join(self.names())} "
-                            f"(or put NAME.param + NAME.bin in {folder})")
+                            f"(or put an upscaler's .safetensors/.pth, or NAME.param + NAME.bin, in {folder})")
 
 
 def get_upscaler(name: str, *, settings: Settings) -> Upscaler:

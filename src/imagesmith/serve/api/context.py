@@ -124,7 +124,7 @@ class Services:
             from ...engine.graph.nodes import model_lists
             from ...engine.upscale import UpscalerSet
             from ...models.house import make_registry
-            cached = model_lists(make_registry(self.settings), UpscalerSet(self.settings).names())
+            cached = model_lists(make_registry(self.settings), UpscalerSet(self.settings).names(files=True))
             self._model_lists.update(lists=cached, at=time.monotonic())
         return cached
 
