@@ -432,3 +432,43 @@ def test_ultimate_sd_upscale_as_a1111_clients_call_it(api):
         api.img2img(images=[small], prompt="x", steps=2, script_name="ultimate sd upscale",
                     script_args=args[:17] + [1.0], alwayson_scripts={})
     assert "422" in str(err.value) and "target width" in str(err.value)
+
+
+def test_users_upscaler_and_face_restorer_files(api):
+    """A user's spandrel upscaler (.pth) and face restorer: listed where webuiapi reads them, used by Extras
+    (upscale, then GFPGAN visibility) and by txt2img's restore_faces (recorded as A1111 records it)."""
+    import httpx
+    import torch
+    from safetensors.torch import save_file
+    pytest.importorskip("spandrel")
+    from spandrel.architectures.ESRGAN import ESRGAN
+    from skimage import data
+
+    from engine.test_restore_faces import tiny_restoreformer
+    models = api.imagesmith_home / "models"
+    (models / "upscalers").mkdir(parents=True, exist_ok=True)
+    (models / "restorers").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save({"params_ema": ESRGAN(num_filters=8, num_blocks=1, scale=2).state_dict()},
+               models / "upscalers" / "2x-Tiny.pth")
+    save_file(tiny_restoreformer(), str(models / "restorers" / "RestoreFormer-tiny.safetensors"))
+    try:
+        upscalers = {u["name"]: u for u in api.get_upscalers()}
+        assert upscalers["2x-Tiny"]["scale"] == 2 and "R-ESRGAN 4x+" in upscalers
+        restorers = httpx.get(api.baseurl + "/face-restorers").json()
+        assert [r["name"] for r in restorers] == ["RestoreFormer-tiny"]
+        photo = Image.fromarray(data.astronaut()).resize((96, 96), Image.Resampling.LANCZOS)
+        assert api.extra_single_image(photo, upscaler_1="2x-Tiny", upscaling_resize=2).image.size == (192, 192)
+        plain = api.extra_single_image(photo, upscaler_1="Lanczos", upscaling_resize=2)
+        restored = api.extra_single_image(photo, upscaler_1="Lanczos", upscaling_resize=2, gfpgan_visibility=1)
+        assert plain.image.size == restored.image.size == (192, 192)
+        diff = np.abs(np.asarray(plain.image, np.int16) - np.asarray(restored.image, np.int16)).max(2)
+        assert diff[40:90, 60:110].mean() > 5 and diff[-30:, :30].max() == 0  # her face, not the corner
+        bad = httpx.post(api.baseurl + "/extra-single-image", json={
+            "image": webuiapi.raw_b64_img(photo), "upscaler_1": "2x-Tiny", "codeformer_visibility": 1})
+        assert bad.status_code == 422 and "CodeFormer" in bad.json()["detail"]
+        r = api.txt2img(prompt="a portrait", seed=2, width=64, height=64, restore_faces=True)
+        assert "Face restoration: RestoreFormer-tiny" in r.info["infotexts"][0]
+    finally:
+        (models / "upscalers" / "2x-Tiny.pth").unlink()
+        (models / "restorers" / "RestoreFormer-tiny.safetensors").unlink()

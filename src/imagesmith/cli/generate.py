@@ -83,6 +83,11 @@ def generate(
                                                  "repeat for several units, run in turn"),
     detailer_strength: float = typer.Option(0.4, "--detailer-strength", help="denoising strength of the repaint"),
     detailer_prompt: str = typer.Option("", "--detailer-prompt", help="added to the prompt for the repaint"),
+    restore_faces: Optional[str] = typer.Option(None, "--restore-faces", help="restore faces with this GFPGAN/"
+                                                "RestoreFormer file (models list --kind restorer), or 'auto' for "
+                                                "the first installed"),
+    restore_visibility: float = typer.Option(1.0, "--restore-visibility", help="0..1: how much of the restored "
+                                             "faces shows"),
     ground: bool = typer.Option(True, "--ground-concepts/--no-ground-concepts", "--ground/--no-ground", help="house models: draw the nearest known concept "
                                 "for a subject the model was not trained on ('espresso' -> 'cup of coffee')"),
 ):
@@ -134,6 +139,8 @@ def generate(
                     raise _Exit(f"--detailer takes {', '.join(DETAILERS)}, not {kind!r}")
             units = [DetailerOptions(kind=k, strength=detailer_strength, prompt=detailer_prompt) for k in detailer]
             fields["detailer"] = units[0] if len(units) == 1 else units
+        if restore_faces:
+            fields["restore_faces"] = _restore_spec(restore_faces, restore_visibility)
         req = GenerateRequest(**fields)
 
     _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it
@@ -312,6 +319,9 @@ def upscale(image: str = typer.Argument(...),
             tile: int = typer.Option(512, "--tile", help="tile side in output pixels"),
             padding: int = typer.Option(32, "--padding", help="context around each tile"),
             mask_blur: int = typer.Option(16, "--mask-blur", help="width of each tile's feathered edge"),
+            restore_faces: Optional[str] = typer.Option(None, "--restore-faces", help="then restore faces with this "
+                                                        "GFPGAN/RestoreFormer file, or 'auto' for the first installed"),
+            restore_visibility: float = typer.Option(1.0, "--restore-visibility", help="0..1"),
             output: Optional[Path] = typer.Option(None, "--output", "-o"),
             as_json: bool = typer.Option(False, "--json")):
     """Upscale an image on its own, optionally adding detail tile by tile (--refine)."""
@@ -323,6 +333,7 @@ def upscale(image: str = typer.Argument(...),
         raise _Exit(f"--scale must be above 1 and at most 8, got {scale:g}")
     spec = TiledRefine(model=model, prompt=prompt, strength=strength, steps=steps, seed=seed, tile=tile,
                        padding=padding, mask_blur=mask_blur) if refine else None
+    restore = _restore_spec(restore_faces, restore_visibility) if restore_faces else None
     settings = Settings.from_env()
     src = load_image(image, settings=settings, mode=None, what="image")
     up = UpscalerSet(settings).get(upscaler)
@@ -337,12 +348,24 @@ def upscale(image: str = typer.Argument(...),
         if spec is not None:
             from ..engine.tiled import refine_tiles
             result, report = refine_tiles(_engine(), result, spec, progress=on_progress)
+        restored = None
+        if restore is not None:
+            (result,), (restored,) = _engine().restore_faces([result], restore, progress=on_progress)
     save_png_atomic(result, out_path, text_chunks={})
     if as_json:
-        print(json.dumps({"path": str(out_path), "width": result.width, "height": result.height, "tiled": report}))
+        print(json.dumps({"path": str(out_path), "width": result.width, "height": result.height, "tiled": report,
+                          "face_restoration": restored}))
     else:
         print(f"{out_path}  {src.width}x{src.height} -> {result.width}x{result.height}"
-              + (f", {report['tiles']} tiles repainted" if report else ""))
+              + (f", {report['tiles']} tiles repainted" if report else "")
+              + (f", {len(restored['faces'])} face(s) restored with {restored['model']}" if restored else ""))
+
+
+def _restore_spec(name: str, visibility: float):
+    from ..core.requests import RestoreFaces
+    if not 0 <= visibility <= 1:
+        raise _Exit(f"--restore-visibility must be within 0..1, got {visibility:g}")
+    return RestoreFaces(model=None if name.strip().lower() == "auto" else name, visibility=visibility)
 
 
 def _reference(text: str) -> dict:

@@ -147,6 +147,17 @@ class RegionSpec(BaseModel):
         return self
 
 
+class RestoreFaces(BaseModel):
+    """Face restoration after the picture is made (A1111's "Restore faces", its Extras' GFPGAN visibility): every
+    face found is aligned, restored by a GFPGAN/RestoreFormer network from the user's files and blended back."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=300, description="a restorer's name (models list --kind restorer); "
+                              "None: the first one installed")
+    visibility: float = Field(1.0, ge=0.0, le=1.0, description="how much of the restored face shows (1: all)")
+    confidence: float = Field(0.5, gt=0.0, lt=1.0, description="the face detector's threshold")
+
+
 class GenerateRequest(BaseModel):
     """One generation: txt2img, or img2img when init_image is set, or inpainting when mask is too."""
 
@@ -223,6 +234,8 @@ class GenerateRequest(BaseModel):
         "hands, ...), as ADetailer's tabs")
     regions: list[RegionSpec] = Field(default_factory=list, max_length=8, description="prompts for parts of the "
                                       "picture, blended with the base prompt (regional prompting)")
+    restore_faces: RestoreFaces | None = Field(None, description="restore faces with a GFPGAN/RestoreFormer "
+                                                 "network after generation (and after any detailer)")
 
     @field_validator("detailer", "ip_adapter")
     @classmethod
@@ -317,6 +330,7 @@ class ImageRecord(BaseModel):
     infotext: str
     index: int = Field(..., description="position in the whole job (batch_count x batch_size)")
     detailer: dict | None = Field(None, description="what the face detailer did (faces, boxes, options)")
+    face_restoration: dict | None = Field(None, description="what face restoration did (model, visibility, faces)")
 
 
 class GenerationResult(BaseModel):
@@ -467,6 +481,7 @@ class UpscaleRequest(BaseModel):
                           description="Lanczos, R-ESRGAN 4x+, R-ESRGAN 4x+ Anime6B or an upscaler file's name "
                           "(models list --kind upscaler)")
     refine: TiledRefine | None = Field(None, description="then img2img over tiles (Ultimate SD Upscale)")
+    restore_faces: RestoreFaces | None = Field(None, description="then restore the faces (A1111 Extras' GFPGAN)")
 
 
 class DescribeRequest(BaseModel):

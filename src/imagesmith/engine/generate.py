@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 from collections.abc import Sequence
 from typing import Any
 import time
@@ -21,7 +22,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from .. import __version__
-from ..core.errors import BadRequest, ImagesmithError, UnsupportedModel
+from ..core.errors import BadRequest, ImagesmithError, ModelNotFound, UnsupportedModel
 from ..core.imageio import load_image
 from ..core.metadata import build_infotext
 from ..core.progress import CancelToken, ProgressCallback, ProgressEvent, StepCounter
@@ -136,6 +137,8 @@ class Engine:
         self.dtype = pick_dtype(self.device)
         self.capabilities = perf.Capabilities.detect(self.device)
         self._upscalers = None
+        self._restorers: dict = {}
+        self._restorer_lock = threading.Lock()
         self._adopted: dict[str, ModelEntry] = {}
         # encodings are reused across batch runs, hires passes and jobs with the same prompt, model and LoRAs
         self.prompt_encoder = P.PromptEncoder(max_entries=64)
@@ -178,6 +181,9 @@ class Engine:
             from .detailer import detail_images
             base = job.req.model_copy(update={"model": job.entry.name})
             images, details = detail_images(self, base, images, job.seeds, progress=progress, cancel=cancel)
+        restored: list[dict | None] = [None] * len(images)
+        if req.restore_faces is not None:  # A1111's order: after the picture (and its detailer) is made
+            images, restored = self.restore_faces(images, req.restore_faces, progress=progress, cancel=cancel)
         result = GenerationResult(
             images=images, request=req, model_name=job.entry.name,
             model_hash=self._hash(job.entry), vae_name=req.vae, version=__version__,
@@ -186,8 +192,9 @@ class Engine:
         )
         for i, _ in enumerate(images):
             result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i], index=i,
-                                              infotext=self.infotext(job, result, i, detailer=details[i]),
-                                              detailer=details[i]))
+                                              infotext=self.infotext(job, result, i, detailer=details[i],
+                                                                     restored=restored[i]),
+                                              detailer=details[i], face_restoration=restored[i]))
         result.seconds = time.perf_counter() - start
         return result
 
@@ -277,7 +284,8 @@ class Engine:
         """What resolved requests must share to run in one pipeline call (None: this one runs on its own):
         model, size, LoRAs and their weights, VAE, sampler, schedule, steps, CFG, clip skip, hires fix."""
         req = job.req
-        if req.mode != "txt2img" or req.controlnet or req.detailer or req.ip_adapter or req.batch_count != 1:
+        if (req.mode != "txt2img" or req.controlnet or req.detailer or req.ip_adapter or req.restore_faces
+                or req.batch_count != 1):
             return None
         if has_editing(job.prompt) or has_editing(job.negative) or req.regions:
             return None  # its conditioning changes by step or by place: a call of its own
@@ -290,7 +298,8 @@ class Engine:
                 req.sgm_noise_multiplier, req.performance or self.settings.performance,
                 req.hires.model_dump_json() if req.hires else None)
 
-    def infotext(self, job: _Job, result: GenerationResult, index: int, *, detailer: dict | None = None) -> str:
+    def infotext(self, job: _Job, result: GenerationResult, index: int, *, detailer: dict | None = None,
+                 restored: dict | None = None) -> str:
         req = job.req
         sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler)
         params: dict = {
@@ -350,6 +359,10 @@ class Engine:
         if detailer is not None:
             from .detailer import infotext_params
             params.update(infotext_params(detailer))
+        if restored is not None:  # A1111 writes the restorer's name; the visibility when it is not 1
+            params["Face restoration"] = restored["model"]
+            if restored["visibility"] != 1:
+                params["Face restoration visibility"] = _num(restored["visibility"])
         if job.template is not None:  # the dynamic-prompts extension's keys: what was written, before the draw
             params["Template"] = job.template[0] or None
             params["Negative Template"] = job.template[1] or None
@@ -583,8 +596,51 @@ class Engine:
     def upscalers(self):
         if self._upscalers is None:
             from .upscale import UpscalerSet
-            self._upscalers = UpscalerSet(self.settings)
+            self._upscalers = UpscalerSet(self.settings, device=str(self.device))
         return self._upscalers
+
+    def face_restorer(self, name: str | None = None):
+        """The face restorer called ``name`` (models list --kind restorer), or the first one installed; loaded
+        once per file (and again when the file changes)."""
+        from .restore import FaceRestorer
+        if name:
+            entry = self.registry.get(name, "restorer")
+        else:
+            found = sorted(self.registry.list("restorer"), key=lambda e: e.name.lower())
+            if not found:
+                self.registry.scan()
+                found = sorted(self.registry.list("restorer"), key=lambda e: e.name.lower())
+            if not found:
+                raise ModelNotFound("no face restorer installed: put a GFPGAN or RestoreFormer file (.safetensors "
+                                    f"or .pth) in {self.settings.models_dir / 'restorers'}")
+            entry = found[0]
+        path = Path(entry.path)
+        key = f"{path}@{path.stat().st_mtime_ns}"
+        with self._restorer_lock:
+            restorer = self._restorers.get(key)
+            if restorer is None:
+                restorer = FaceRestorer(path, cache_dir=self.settings.home / "cache" / "models", name=entry.name,
+                                        device=str(self.device))
+                self._restorers = {k: v for k, v in self._restorers.items() if not k.startswith(f"{path}@")}
+                self._restorers[key] = restorer
+        return restorer
+
+    def restore_faces(self, images: list[Image.Image], spec, *, progress: ProgressCallback | None = None,
+                      cancel: CancelToken | None = None) -> tuple[list[Image.Image], list[dict]]:
+        """Each image with its faces restored (:class:`RestoreFaces`), and what was done to each."""
+        restorer = self.face_restorer(spec.model)
+        out, reports = [], []
+        for i, image in enumerate(images):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            if progress is not None:
+                progress(ProgressEvent(i, len(images), f"restoring faces with {restorer.name}"))
+            done, report = restorer.restore(image, visibility=spec.visibility, confidence=spec.confidence)
+            out.append(done)
+            reports.append(report.as_dict())
+        if progress is not None:
+            progress(ProgressEvent(len(images), len(images), f"restoring faces with {restorer.name}"))
+        return out, reports
 
     # ------------------------------------------------------------------ running
     def _text_key(self, job: _Job, pipe=None) -> dict:

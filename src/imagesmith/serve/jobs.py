@@ -194,11 +194,16 @@ def _run_upscale(w, job: dict, folder: Path, progress, cancel) -> dict[str, Any]
     if req.refine is not None:  # Ultimate SD Upscale: img2img tile by tile
         from ..engine.tiled import refine_tiles
         big, report = refine_tiles(w.engine, big, req.refine, progress=progress, cancel=cancel)
+    restored = None
+    if req.restore_faces is not None:  # A1111's Extras order: upscale, then restore the faces
+        (big,), (restored,) = w.engine.restore_faces([big], req.restore_faces, progress=progress, cancel=cancel)
     path = folder / "upscaled.png"
     save_png_atomic(big, path)
     out = {"files": [{"path": str(path), "width": big.width, "height": big.height}]}
     if report is not None:
         out["tiled"] = report
+    if restored is not None:
+        out["face_restoration"] = restored
     return out
 
 

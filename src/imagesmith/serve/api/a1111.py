@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -127,8 +128,9 @@ async def extra_single_image(request: Request, svc: Svc, who: Caller):
     if not isinstance(body.get("image"), str) or not body["image"]:
         raise BadRequest("image: give a base64 image")
     upscaler = _extras_upscaler(body)
+    restore = _extras_restore(svc, body)
     req = {"image": svc.store_upload(decode_base64(body["image"]), who)["id"],
-           "scale": body.get("upscaling_resize", 2), "upscaler": upscaler}
+           "scale": body.get("upscaling_resize", 2), "upscaler": upscaler, **restore}
     job = await svc.run_sync("upscale", req, who)
     try:
         if isinstance(job, JSONResponse):
@@ -206,11 +208,12 @@ async def extra_batch_images(request: Request, svc: Svc, who: Caller):
     if len(items) > 64:
         raise BadRequest("imageList: at most 64 images a call")
     upscaler = _extras_upscaler(body)
+    restore = _extras_restore(svc, body)
     ids = [svc.store_upload(decode_base64(i.get("data") or ""), who)["id"] for i in items]  # all checked first
     images = []
     for n, upload_id in enumerate(ids):
         job = await svc.run_sync("upscale", {"image": upload_id, "scale": body.get("upscaling_resize", 2),
-                                             "upscaler": upscaler}, who)
+                                             "upscaler": upscaler, **restore}, who)
         try:
             if isinstance(job, JSONResponse):
                 svc.discard(None, ids[n:])  # the rest will not run
@@ -219,6 +222,44 @@ async def extra_batch_images(request: Request, svc: Svc, who: Caller):
         finally:  # A1111's Extras API never saves its output
             svc.discard(None if isinstance(job, JSONResponse) else job, [upload_id])
     return {"html_info": "", "images": images}
+
+
+def restorer_names(svc: Services) -> list[str]:
+    from ...models.house import make_registry
+    return sorted((e.name for e in make_registry(svc.settings).list("restorer")), key=str.lower)
+
+
+def _restorer_for(svc: Services, asked: Any) -> str | None:
+    """The restorer A1111's ``face_restoration_model`` option names, when one of that name (or architecture,
+    'GFPGAN') is installed; else the first installed; None when there is none."""
+    from ...models.house import make_registry
+    entries = sorted(make_registry(svc.settings).list("restorer"), key=lambda e: e.name.lower())
+    if not entries:
+        return None
+    if isinstance(asked, str) and asked:
+        for e in entries:
+            if asked.lower() in (e.name.lower(), str(e.arch).lower()):
+                return e.name
+    return entries[0].name
+
+
+def _extras_restore(svc: Services, body: dict) -> dict:
+    """Extras' GFPGAN visibility -> the upscale job's face restoration (after the upscale, as A1111's order)."""
+    gfpgan, codeformer = body.get("gfpgan_visibility") or 0, body.get("codeformer_visibility") or 0
+    for name, v in (("gfpgan_visibility", gfpgan), ("codeformer_visibility", codeformer)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            raise BadRequest(f"{name} must be a number within 0..1")
+    if codeformer > 0:
+        raise BadRequest("codeformer_visibility: CodeFormer is not supported (its architecture ships only in "
+                         "spandrel_extra_arches, under non-commercial terms); use gfpgan_visibility with a GFPGAN "
+                         "or RestoreFormer file in models/restorers")
+    if gfpgan <= 0:
+        return {}
+    name = _restorer_for(svc, "GFPGAN")
+    if name is None:
+        raise BadRequest("gfpgan_visibility: no face restorer installed (put a GFPGAN or RestoreFormer .safetensors "
+                         "or .pth in models/restorers)")
+    return {"restore_faces": {"model": name, "visibility": gfpgan}}
 
 
 def _extras_upscaler(body: dict) -> str:
@@ -285,8 +326,13 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
     references = ip_adapter_units(body, lambda data: svc.store_upload(data, who)["id"])
     if references is not None:
         req["ip_adapter"] = references
-    if body.get("restore_faces"):  # A1111's face restoration -> imagesmith's face detailer
-        req["detailer"] = {"kind": "face"}
+    if body.get("restore_faces"):  # A1111's face restoration: a restorer when one is installed, else the detailer
+        options = body.get("override_settings") if isinstance(body.get("override_settings"), dict) else {}
+        name = _restorer_for(svc, options.get("face_restoration_model"))
+        if name is not None:
+            req["restore_faces"] = {"model": name}
+        else:
+            req["detailer"] = {"kind": "face"}
     detailer = adetailer_unit(body)
     if detailer is not None:
         req["detailer"] = detailer

@@ -55,9 +55,12 @@ def hypernetworks():
 
 
 @router.get("/face-restorers")
-def face_restorers():
-    # restore_faces runs imagesmith's face detailer (an img2img repaint of detected faces)
-    return [{"name": "imagesmith face detailer", "cmd_dir": None}]
+def face_restorers(svc: Svc):
+    # restore_faces runs the user's face restorers (GFPGAN, RestoreFormer) when there are any, else imagesmith's
+    # face detailer (an img2img repaint of detected faces)
+    from .a1111 import restorer_names
+    names = restorer_names(svc)
+    return [{"name": n, "cmd_dir": None} for n in names] or [{"name": "imagesmith face detailer", "cmd_dir": None}]
 
 
 @router.get("/realesrgan-models")
