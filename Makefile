@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test install bench bench-house fuzz load soak long-run clean
+.PHONY: run test install bench bench-house bench-upscalers fuzz load soak long-run clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench: $(STAMP)
 
 bench-house: $(STAMP)
 	$(BIN)/python benchmarks/house_ldm_speed.py
+
+bench-upscalers: $(STAMP)
+	$(BIN)/python benchmarks/upscaler_paths.py
 
 fuzz: $(STAMP)
 	bash scripts/fuzz.sh
