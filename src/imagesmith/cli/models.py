@@ -14,7 +14,7 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
-def models_list(kind: Optional[str] = typer.Option(None, "--kind", help="checkpoint, vae, lora, embedding, upscaler, controlnet"),
+def models_list(kind: Optional[str] = typer.Option(None, "--kind", help="checkpoint, vae, lora, embedding, upscaler, restorer, controlnet, ipadapter"),
                 as_json: bool = typer.Option(False, "--json")):
     """List registered models: name, kind, architecture, path, size."""
     from ..core.settings import Settings
@@ -25,11 +25,22 @@ def models_list(kind: Optional[str] = typer.Option(None, "--kind", help="checkpo
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table("name", "kind", "arch", "size", "path")
+    table = Table("name", "kind", "arch", "what", "size", "path")
     for r in rows:
         size = r["size_bytes"]
-        table.add_row(r["name"], r["kind"], r["arch"], f"{size / 1e6:.1f} MB" if size else "-", str(r["path"]))
+        table.add_row(r["name"], r["kind"], r["arch"], _what(r), f"{size / 1e6:.1f} MB" if size else "-", str(r["path"]))
     Console().print(table)
+
+
+def _what(row: dict) -> str:
+    """One short line: the file's precision or quantisation when it has one (GGUF Q4_K, fp8), else its first note."""
+    notes = row.get("notes") or []
+    if row["kind"] == "checkpoint":
+        part = "transformer" if any("transformer only" in n for n in notes) else "checkpoint"
+        quant = next((n.split(":")[0].split(" (")[0] for n in notes
+                      if n.startswith(("GGUF", "fp8", "bitsandbytes"))), None)
+        return f"{row['arch'].upper() if row['arch'] != 'unknown' else ''} {part}{', ' + quant if quant else ''}".strip()
+    return notes[0][:48] if notes else ""
 
 
 @models_app.command("install")

@@ -396,7 +396,10 @@ class Engine:
             entry = self.registry.get(req.model, "checkpoint") if req.model else self._default_checkpoint()
         arch = entry.arch
         if arch not in NATIVE_SIZE and arch != "house":
-            raise UnsupportedModel(f"model {entry.name!r} has architecture {arch!r}, which the engine cannot run")
+            why = next((n for n in entry.notes if "layout not recognised" not in n and "because of its folder" not in n),
+                       None)
+            raise UnsupportedModel(f"model {entry.name!r} has architecture {arch!r}, which the engine cannot run"
+                                   + (f" ({why})" if why else ""))
         # LoRAs: request list first, then <lora:> tags; the last mention of a name wins
         merged: dict[str, LoraSpec] = {}
         for spec in [*req.loras, *tag_loras]:

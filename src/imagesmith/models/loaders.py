@@ -298,7 +298,7 @@ def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: st
             pipe = _load_folder(entry, arch, torch_dtype)
     else:
         refuse_pickle(path)
-        header = read_header(path)
+        header = read_model_header(path)
         res = probe(path)
         if arch in ("flux", "sd3") and "vae" not in res.components:
             pipe = _load_transformer_file(entry, arch, header, torch_dtype)
@@ -402,14 +402,17 @@ def _load_denoiser_only_sd(entry, arch: str, header, torch_dtype):
     return _with_companion(entry, arch, {"unet": unet}, torch_dtype)
 
 
-def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
-    """The FLUX or SD3 transformer of a single file (BFL/original or diffusers layout), built from
-    the file's embedded config, else the shipped one patched to the file's shapes."""
-    import diffusers
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
+def read_model_header(path: Path):
+    """The tensor table of a .safetensors or .gguf file (names, shapes, dtypes, metadata), weights unread; a
+    damaged file is an UnsupportedModel naming it."""
+    from .probe import read_model_header as read
+    try:
+        return read(path)
+    except ValueError as e:
+        raise UnsupportedModel(str(e)) from None
 
-    from .convert import flux_to_diffusers
+
+def _transformer_config(arch: str, header) -> dict:
     configs = embedded_configs(header) or {}
     cfg = configs.get("transformer")
     if cfg is None:
@@ -418,6 +421,83 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
             if arch == "sd3":
                 _patch_sd3_transformer(Path(tmp) / "transformer" / "config.json", header.shapes)
             cfg = _json(Path(tmp) / "transformer" / "config.json")
+    return cfg
+
+
+def _refuse_bnb(path: Path, header) -> None:
+    """bitsandbytes NF4/FP4 files: their 4-bit weights run only through bitsandbytes' CUDA kernels."""
+    kinds = [k for k in header.shapes if k.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"))]
+    if not kinds:
+        return
+    kind = "NF4" if kinds[0].endswith("nf4") else "FP4"
+    if not torch.cuda.is_available():
+        raise UnsupportedModel(f"{path.name}: a bitsandbytes {kind} file, which runs only on a CUDA GPU (this machine "
+                               "has none); on the CPU use a GGUF (Q4_K, Q8_0) or fp8 file of the same model")
+    raise UnsupportedModel(f"{path.name}: bitsandbytes {kind} single files are not loaded yet; use a GGUF (Q4_K, "
+                           "Q8_0) or fp8 file of the same model")
+
+
+def _unscale_fp8(state: dict[str, torch.Tensor], torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """ComfyUI's "scaled fp8" files: each fp8 weight times its layer's ``scale_weight`` (input scales and the
+    ``scaled_fp8`` marker are for fp8 compute, dropped here: the weights are upcast on load)."""
+    out = {k: v for k, v in state.items() if k != "scaled_fp8" and not k.endswith((".scale_weight", ".scale_input"))}
+    for k, scale in state.items():
+        if k.endswith(".scale_weight"):
+            base = k[: -len(".scale_weight")] + ".weight"
+            if base not in out:
+                raise UnsupportedModel(f"a scale for {base}, which the file does not hold")
+            out[base] = (out[base].float() * scale.float()).to(torch_dtype)
+    return out
+
+
+def _load_gguf_transformer(path: Path, arch: str, header, cfg: dict, torch_dtype) -> Any:
+    """A GGUF transformer through diffusers' GGUF support: the linear layers keep their quantised blocks and
+    dequantise them at each call, in ``torch_dtype``."""
+    import diffusers
+    from diffusers import GGUFQuantizationConfig
+
+    from .gguf_files import unsupported_types
+    bad = unsupported_types(header)
+    if bad:
+        raise UnsupportedModel(f"{path.name}: quantisation type {', '.join(bad)} is not one diffusers can "
+                               "dequantise (it reads Q2_K-Q6_K, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, IQ4_NL/IQ4_XS, BF16)")
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    from .convert import flux_to_diffusers
+    cls = diffusers.FluxTransformer2DModel if arch == "flux" else diffusers.SD3Transformer2DModel
+    # the tensors keep their quantised blocks (GGUFParameter); BFL names are mapped here, for any width (diffusers'
+    # own mapping assumes FLUX.1's 3072), by row operations that the blocks survive
+    state = {k.removeprefix("model.diffusion_model."): v for k, v in load_gguf_checkpoint(str(path)).items()}
+    if arch == "flux" and any(k.startswith("double_blocks.") for k in state):
+        state = flux_to_diffusers(state, cfg)
+    elif arch == "sd3" and any(k.startswith("joint_blocks.") for k in state):
+        from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+        state = convert_sd3_transformer_checkpoint_to_diffusers(state)
+    with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
+        _write_config(Path(tmp), "transformer", cls.__name__, cfg)
+        try:
+            model = cls.from_single_file(state, config=tmp, subfolder="transformer", local_files_only=True,
+                                         quantization_config=GGUFQuantizationConfig(compute_dtype=torch_dtype),
+                                         torch_dtype=torch_dtype)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise UnsupportedModel(f"{path.name}: its tensors do not fit a {arch} transformer config: "
+                                   f"{str(exc).splitlines()[0][:300]}") from None
+    return model.eval()
+
+
+def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
+    """The FLUX or SD3 transformer of a single file (BFL/original or diffusers layout; safetensors in any float
+    precision incl. fp8 and ComfyUI's scaled fp8, or GGUF), built from the file's embedded config, else the
+    shipped one patched to the file's shapes."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    from .convert import flux_to_diffusers
+    _refuse_bnb(path, header)
+    cfg = _transformer_config(arch, header)
+    if path.suffix.lower() == ".gguf":
+        return _load_gguf_transformer(path, arch, header, cfg, torch_dtype)
     cls = diffusers.FluxTransformer2DModel if arch == "flux" else diffusers.SD3Transformer2DModel
     drop = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
     state = {}
@@ -430,6 +510,11 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
             t = f.get_tensor(k)
             state[k.removeprefix("model.diffusion_model.").removeprefix("transformer.")] = (
                 t.to(torch_dtype, copy=True) if t.is_floating_point() else t.clone())
+    if "scaled_fp8" in state or any(k.endswith(".scale_weight") for k in state):
+        try:
+            state = _unscale_fp8(state, torch_dtype)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"{path.name}: {e}") from None
     if arch == "flux" and any(k.startswith("double_blocks.") for k in state):
         state = flux_to_diffusers(state, cfg)
     elif arch == "sd3" and any(k.startswith("joint_blocks.") for k in state):

@@ -110,6 +110,15 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                              metadata={str(k): str(v) for k, v in metadata.items()})
 
 
+def read_model_header(path: str | Path) -> SafetensorsHeader:
+    """The tensor table of a .safetensors or .gguf file (names, shapes, dtypes, metadata), weights unread."""
+    if Path(path).suffix.lower() == ".gguf":
+        from .gguf_files import read_gguf_tables
+        shapes, dtypes, metadata = read_gguf_tables(path)
+        return SafetensorsHeader(shapes=shapes, dtypes=dtypes, metadata=metadata)
+    return read_header(path)
+
+
 def embedded_configs(header: SafetensorsHeader) -> dict[str, Any] | None:
     from .convert import META_CONFIGS
     text = header.metadata.get(META_CONFIGS)
@@ -136,6 +145,15 @@ def probe(path: str | Path) -> ProbeResult:
         except (OSError, ValueError) as exc:
             return ProbeResult(kind="unknown", arch="unknown", format="single-file", notes=[str(exc)])
         return probe_header(header, name=path.stem)
+    if path.suffix.lower() == ".gguf":
+        from .gguf_files import quantisation
+        try:
+            header = read_model_header(path)
+        except (OSError, ValueError) as exc:
+            return ProbeResult(kind="unknown", arch="unknown", format="single-file", notes=[str(exc)])
+        res = probe_header(header, name=path.stem)
+        res.notes.insert(0, f"GGUF {quantisation(header)}")
+        return res
     if path.suffix.lower() in (".param",) or path.name.endswith(".ncnn.bin"):
         return ProbeResult(kind="upscaler", arch="unknown", format="single-file", notes=["ncnn network"])
     return ProbeResult(kind="unknown", arch="unknown", format="single-file",
@@ -198,7 +216,25 @@ def probe_header(header: SafetensorsHeader, name: str = "") -> ProbeResult:
     if res.native_size is None and res.kind == "checkpoint" and res.arch in _NATIVE:
         res.native_size = _NATIVE[res.arch]
     _name_hints(res, name)
+    if res.kind == "checkpoint":
+        res.notes[:0] = _precision_notes(header)
     return res
+
+
+def _precision_notes(header: SafetensorsHeader) -> list[str]:
+    """fp8 (plain, or ComfyUI's "scaled" with a scale per layer) and bitsandbytes NF4/FP4 files, by their
+    tensors."""
+    keys = header.shapes
+    if any(k.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")) for k in keys):
+        kind = "NF4" if any(k.endswith("bitsandbytes__nf4") for k in keys) else "FP4"
+        return [f"bitsandbytes {kind} (needs bitsandbytes on a CUDA GPU)"]
+    weights = [d for k, d in header.dtypes.items() if k.endswith(".weight") and len(keys[k]) >= 2]
+    fp8 = sum(d in ("F8_E4M3", "F8_E5M2") for d in weights)
+    if weights and fp8 >= len(weights) / 2:
+        kind = "e5m2" if sum(d == "F8_E5M2" for d in weights) > fp8 / 2 else "e4m3fn"
+        scaled = "scaled_fp8" in keys or any(k.endswith(".scale_weight") for k in keys)
+        return [f"fp8 {kind}{' scaled (a scale per layer, ComfyUI)' if scaled else ''}: upcast on load"]
+    return []
 
 
 def _native_from_configs(configs: dict) -> int | None:

@@ -178,7 +178,7 @@ class Registry:
                         stack.append(c)
                     continue
                 suffix = c.suffix.lower()
-                if suffix == ".safetensors":
+                if suffix == ".safetensors" or (suffix == ".gguf" and folder_kind == "checkpoint"):
                     out.append(self._entry(c, root, folder_kind, builtin))
                 elif suffix == ".param" and folder_kind == "upscaler" and c.with_suffix(".bin").is_file():
                     out.append(ModelEntry(name=c.stem, kind="upscaler", arch="unknown", path=c,

@@ -14,6 +14,16 @@ import torch
 from .model_sampling import ModelSampling
 
 
+
+def compute_dtype(module) -> torch.dtype:
+    """The dtype a model computes in: diffusers' own answer (it skips quantised GGUF and bitsandbytes parameters,
+    which are integers), else its first floating-point parameter's."""
+    d = getattr(module, "dtype", None)
+    if isinstance(d, torch.dtype) and d.is_floating_point:
+        return d
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 @dataclass
 class Conditioning:
     """One side of CFG for a whole batch: text embeddings [B, T, D], SDXL's added conditioning, and the
@@ -58,7 +68,7 @@ class UNetDenoiser:
                  *, control: ControlSpec | list[ControlSpec] | None = None, concat: torch.Tensor | None = None,
                  cfg_rescale: float = 0.0, ip_windows: list[IPWindow] | None = None,
                  ip_masks: list | None = None):
-        self.dtype = next(unet.parameters()).dtype
+        self.dtype = compute_dtype(unet)
         self.device = next(unet.parameters()).device
         self.unet, self.ms, self.cfg = unet, ms, float(cfg_scale)
         # moved to the network's device and dtype once, not at every step
@@ -171,7 +181,7 @@ class SD3Denoiser:
     def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None,
                  cfg_scale: float):
         self.net, self.ms, self.cond, self.uncond, self.cfg = transformer, ms, cond, uncond, float(cfg_scale)
-        self.dtype = next(transformer.parameters()).dtype
+        self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
         self.last_uncond = None
 
@@ -200,7 +210,7 @@ class FluxDenoiser:
                  img_ids: torch.Tensor):
         self.net, self.ms, self.cond, self.guidance = transformer, ms, cond, guidance
         self.pack, self.unpack, self.img_ids = pack, unpack, img_ids
-        self.dtype = next(transformer.parameters()).dtype
+        self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
         self.last_uncond = None
 
