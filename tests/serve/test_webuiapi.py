@@ -472,3 +472,33 @@ def test_users_upscaler_and_face_restorer_files(api):
     finally:
         (models / "upscalers" / "2x-Tiny.pth").unlink()
         (models / "restorers" / "RestoreFormer-tiny.safetensors").unlink()
+
+
+def test_a1111_refiner_fields(api):
+    """A1111 1.6's ``refiner_checkpoint`` / ``refiner_switch_at`` (webuiapi does not send them: a raw call to the
+    same live server): the refiner takes over and the infotext says so; a refiner of another family is a 4xx."""
+    import json
+    import shutil
+
+    import httpx
+
+    from fixtures.tiny import build_sdxl_refiner
+    ckpt = api.imagesmith_home / "models" / "checkpoints"
+    tiny_models = (ckpt / "tiny-sd15").resolve().parent  # the session's tiny models, where tiny-sd15 links to
+    (ckpt / "tiny-sdxl").symlink_to(tiny_models / "tiny-sdxl", target_is_directory=True)
+    build_sdxl_refiner(3).save_pretrained(ckpt / "tiny-sdxl-refiner", safe_serialization=True)
+    body = {"prompt": "a lighthouse", "seed": 3, "width": 64, "height": 64, "steps": 4, "cfg_scale": 5,
+            "override_settings": {"sd_model_checkpoint": "tiny-sdxl"}}
+    try:
+        r = httpx.post(api.baseurl + "/txt2img", json={**body, "refiner_checkpoint": "tiny-sdxl-refiner",
+                                                       "refiner_switch_at": 0.5}, timeout=300)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.5" in info["infotexts"][0]
+        plain = httpx.post(api.baseurl + "/txt2img", json={**body, "refiner_checkpoint": ""}, timeout=300)
+        assert plain.status_code == 200 and "Refiner" not in json.loads(plain.json()["info"])["infotexts"][0]
+        bad = httpx.post(api.baseurl + "/txt2img", json={**body, "refiner_checkpoint": "tiny-sd15"}, timeout=300)
+        assert 400 <= bad.status_code < 500 and "one family" in bad.text, bad.text
+    finally:
+        (ckpt / "tiny-sdxl").unlink()
+        shutil.rmtree(ckpt / "tiny-sdxl-refiner")

@@ -83,6 +83,10 @@ def generate(
                                                  "repeat for several units, run in turn"),
     detailer_strength: float = typer.Option(0.4, "--detailer-strength", help="denoising strength of the repaint"),
     detailer_prompt: str = typer.Option("", "--detailer-prompt", help="added to the prompt for the repaint"),
+    refiner: Optional[str] = typer.Option(None, "--refiner", "--refiner-checkpoint", help="SDXL refiner (or another "
+                                          "model of the base's family) that takes over at --refiner-switch"),
+    refiner_switch: float = typer.Option(0.8, "--refiner-switch", "--refiner-switch-at", help="fraction of the "
+                                         "steps the base model runs before the refiner takes over"),
     restore_faces: Optional[str] = typer.Option(None, "--restore-faces", help="restore faces with this GFPGAN/"
                                                 "RestoreFormer file (models list --kind restorer), or 'auto' for "
                                                 "the first installed"),
@@ -141,6 +145,10 @@ def generate(
             fields["detailer"] = units[0] if len(units) == 1 else units
         if restore_faces:
             fields["restore_faces"] = _restore_spec(restore_faces, restore_visibility)
+        if refiner:
+            if not 0 < refiner_switch <= 1:
+                raise _Exit(f"--refiner-switch must be above 0 and at most 1, got {refiner_switch:g}")
+            fields["refiner_checkpoint"], fields["refiner_switch_at"] = refiner, refiner_switch
         req = GenerateRequest(**fields)
 
     _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it

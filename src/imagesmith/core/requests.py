@@ -236,6 +236,11 @@ class GenerateRequest(BaseModel):
                                       "picture, blended with the base prompt (regional prompting)")
     restore_faces: RestoreFaces | None = Field(None, description="restore faces with a GFPGAN/RestoreFormer "
                                                  "network after generation (and after any detailer)")
+    refiner_checkpoint: str | None = Field(None, max_length=300, description="A1111's refiner: this checkpoint "
+                                           "(an SDXL refiner, or any model of the base's family) takes over the "
+                                           "sampling at refiner_switch_at")
+    refiner_switch_at: float = Field(0.8, gt=0.0, le=1.0, description="the fraction of the steps the base model "
+                                     "runs before the refiner takes over (1: no refiner)")
 
     @field_validator("detailer", "ip_adapter")
     @classmethod

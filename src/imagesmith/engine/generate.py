@@ -163,6 +163,8 @@ class Engine:
             return self._generate_each_drawn(req, progress=progress, cancel=cancel)
         start = time.perf_counter()
         job = self._resolve(req)
+        if req.refiner_checkpoint and req.refiner_switch_at < 1:
+            self.refiner_entry(job)  # a missing or mismatched refiner fails before any work
         counter = StepCounter(self._total_steps(job), progress, cancel)
         if progress is not None and self._pipeline_key(job.entry) not in self.cache:
             progress(ProgressEvent(0, counter.total, f"loading {job.entry.name}"))
@@ -285,7 +287,7 @@ class Engine:
         model, size, LoRAs and their weights, VAE, sampler, schedule, steps, CFG, clip skip, hires fix."""
         req = job.req
         if (req.mode != "txt2img" or req.controlnet or req.detailer or req.ip_adapter or req.restore_faces
-                or req.batch_count != 1):
+                or req.refiner_checkpoint or req.batch_count != 1):
             return None
         if has_editing(job.prompt) or has_editing(job.negative) or req.regions:
             return None  # its conditioning changes by step or by place: a call of its own
@@ -335,6 +337,11 @@ class Engine:
             params.update({"Hires upscale": _num(req.hires.hr_scale), "Hires upscaler": req.hires.hr_upscaler,
                            "Hires steps": req.hires.hr_second_pass_steps or None,
                            "Denoising strength": _num(req.hires.hr_denoising_strength)})
+        if req.refiner_checkpoint and req.refiner_switch_at < 1:  # A1111's keys
+            refiner = self.refiner_entry(job)
+            short = (self._hash(refiner) or "")[:10]
+            params["Refiner"] = f"{refiner.name} [{short}]" if short else refiner.name
+            params["Refiner switch at"] = _num(req.refiner_switch_at)
         if job.grounding is not None:
             params["Concept"] = job.grounding.note
         if req.regions:
@@ -858,6 +865,12 @@ class Engine:
         else:
             denoiser = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, len(seeds), concat, sigmas)
                         or self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat))
+        held = contextlib.ExitStack()
+        if req.refiner_checkpoint and req.refiner_switch_at < 1 and phase != "hires":
+            steps_run = len(sigmas) - 1
+            switch = min(steps_run - 1, max(1, round(steps_run * req.refiner_switch_at)))
+            refiner = self._refiner_denoiser(job, rows, ms, width, height, len(seeds), concat, held)
+            denoiser = StepScheduled([(switch, denoiser), (steps_run, refiner)], sigmas)
         if job.plan is not None and job.plan.step_cache is not None:
             denoiser = StepCache(denoiser, sigmas, threshold=job.plan.step_cache)
         first = rows[0][1]
@@ -865,7 +878,7 @@ class Engine:
         def on_step(i, x, denoised, sigma):
             counter.step(phase, first, denoised)  # previews show the current x0 estimate (as A1111's and ComfyUI's)
 
-        with torch.inference_mode():
+        with held, torch.inference_mode():
             out = K.sample(denoiser, ms, sampler, sigmas.to(torch.float32), noise=noise, latent=latent,
                            seed=job.seeds[first], noise_mode=req.noise, seeds=seeds,
                            eta_noise_seed_delta=req.eta_noise_seed_delta, denoise_mask=mask, callback=on_step,
@@ -873,6 +886,30 @@ class Engine:
         if isinstance(denoiser, StepCache):
             job.cache_stats.append((denoiser.reused, denoiser.calls))
         return out
+
+    def refiner_entry(self, job: _Job) -> ModelEntry:
+        """The refiner a request names, checked against its base: it continues the base's latents, so it must be of
+        the same family (an SDXL refiner, or another SDXL model, for an SDXL base)."""
+        entry = self.registry.get(job.req.refiner_checkpoint, "checkpoint")
+        if entry.arch != job.arch:
+            raise BadRequest(f"refiner {entry.name} is a {entry.arch} model but the base {job.entry.name} is "
+                             f"{job.arch}: a refiner continues the base's latents, so both must be of one family")
+        return entry
+
+    def _refiner_denoiser(self, job: _Job, rows, ms, width: int, height: int, n: int, concat,
+                          held: contextlib.ExitStack):
+        """The refiner's denoiser for the last steps: its own pipeline (held for the sampling), its own text
+        encoders and, for a true SDXL refiner, its aesthetic-score conditioning; none of the base's LoRAs,
+        ControlNets or references."""
+        entry = self.refiner_entry(job)
+        holder = self._pipeline_entry(entry)
+        held.enter_context(holder.use())
+        pipe = holder.value
+        view = replace(job, entry=entry, net=None, loras=[], inversions=None, control_images=[], ip_images=[],
+                       ip_masks=[], grounding=None, plan=None)
+        view.req = job.req.model_copy(update={"controlnet": None, "ip_adapter": None, "regions": []})
+        return self._denoiser(pipe, view, rows, [self._encode(pipe, view, for_arch=job.arch)], ms, width, height, n,
+                              concat)
 
     def _regional_denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int, n: int, concat,
                            sigmas):
@@ -1037,8 +1074,17 @@ class Engine:
         if "pooled_prompt_embeds" in stacked:
             total = sum(sizes)
             ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(total, 1)
+            ids_u = ids
+            unet = getattr(pipe, "unet", None)
+            cfg = unet.config if unet is not None else {}
+            per = cfg.get("addition_time_embed_dim") or 0
+            pooled = stacked["pooled_prompt_embeds"].shape[-1]
+            if per and (cfg.get("projection_class_embeddings_input_dim", 0) - pooled) // per == 5:
+                # the SDXL refiner's size ids end with an aesthetic score (diffusers' and A1111's 6 and 2.5)
+                ids = torch.tensor([[height, width, 0, 0, 6.0]], dtype=torch.float32).repeat(total, 1)
+                ids_u = torch.tensor([[height, width, 0, 0, 2.5]], dtype=torch.float32).repeat(total, 1)
             added_c = {"text_embeds": stacked["pooled_prompt_embeds"], "time_ids": ids}
-            added_u = {"text_embeds": stacked["negative_pooled_prompt_embeds"], "time_ids": ids}
+            added_u = {"text_embeds": stacked["negative_pooled_prompt_embeds"], "time_ids": ids_u}
         return (Conditioning(stacked["prompt_embeds"], added_c),
                 Conditioning(stacked["negative_prompt_embeds"], added_u))
 

@@ -277,7 +277,11 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
     body = {k: v for k, v in body.items() if v is not None}
     req = {k: v for k, v in body.items() if k in ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name",
                                                  "scheduler", "seed", "batch_size", "width", "height",
-                                                 "denoising_strength", "clip_skip")}
+                                                 "denoising_strength", "clip_skip", "refiner_switch_at")}
+    if isinstance(body.get("refiner_checkpoint"), str) and body["refiner_checkpoint"] not in ("", "None"):
+        req["refiner_checkpoint"] = body["refiner_checkpoint"]  # A1111 1.6's refiner fields
+    else:
+        req.pop("refiner_switch_at", None)
     if "sampler_name" not in req and isinstance(body.get("sampler_index"), str) and body["sampler_index"]:
         req["sampler_name"] = body["sampler_index"]
     if "n_iter" in body:

@@ -1,0 +1,81 @@
+"""A1111's SDXL refiner: the base model samples the first part of the steps, the refiner (its own text encoder,
+its aesthetic-score size ids) the rest, on the same latents; recorded as A1111 records it; a refiner of another
+family or a missing one is refused before any work."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from imagesmith.core.errors import BadRequest, ModelNotFound
+from imagesmith.core.requests import GenerateRequest
+from imagesmith.core.settings import Settings
+from imagesmith.engine.generate import Engine
+
+
+@pytest.fixture(scope="module")
+def refiner_home(tiny_home, tmp_path_factory):
+    from fixtures.tiny import build_sdxl_refiner
+    root = tmp_path_factory.mktemp("refiner")
+    settings = Settings(home=root)
+    settings.ensure_home()
+    ckpt = settings.models_dir / "checkpoints"
+    for name in ("tiny-sdxl", "tiny-sd15"):
+        shutil.copytree(tiny_home.models_dir / "checkpoints" / name, ckpt / name)
+    build_sdxl_refiner(3).save_pretrained(ckpt / "tiny-sdxl-refiner", safe_serialization=True)
+    return settings
+
+
+def _req(**kw) -> GenerateRequest:
+    return GenerateRequest(**{"prompt": "a lighthouse on a cliff", "negative_prompt": "blurry", "model": "tiny-sdxl",
+                              "width": 64, "height": 64, "steps": 6, "cfg_scale": 5, "seed": 9,
+                              "sampler_name": "Euler", **kw})
+
+
+def test_refiner_takes_over_at_the_switch_step(refiner_home):
+    engine = Engine(refiner_home, device="cpu")
+    base = engine.generate(_req())
+    calls = {"base": 0, "refiner": 0}
+    refined = None
+    hooks = []
+    try:
+        for name, model in (("base", "tiny-sdxl"), ("refiner", "tiny-sdxl-refiner")):
+            pipe = engine.pipeline(engine.checkpoint(model)).value
+            hooks.append(pipe.unet.register_forward_pre_hook(
+                lambda module, args, name=name: calls.__setitem__(name, calls[name] + 1)))
+        refined = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"base": 3, "refiner": 3}  # Euler: one evaluation per step (cond and uncond batched)
+    a, b = np.asarray(base.images[0], np.int16), np.asarray(refined.images[0], np.int16)
+    assert np.abs(a - b).mean() > 1  # the last three steps were the refiner's
+    info = refined.records[0].infotext
+    assert "Refiner: tiny-sdxl-refiner" in info and "Refiner switch at: 0.5" in info
+    same = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=1.0))
+    assert np.array_equal(np.asarray(same.images[0]), np.asarray(base.images[0]))  # 1: the base alone
+    assert "Refiner" not in same.records[0].infotext
+
+
+def test_refiner_reads_aesthetic_scores_in_its_size_ids(refiner_home):
+    engine = Engine(refiner_home, device="cpu")
+    pipe = engine.pipeline(engine.checkpoint("tiny-sdxl-refiner")).value
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+    try:
+        engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5))
+    finally:
+        hook.remove()
+    ids = seen[0]
+    assert ids.shape[-1] == 5 and sorted(ids[:, 4].tolist()) == [2.5, 6.0]  # uncond 2.5, cond 6 (A1111, diffusers)
+
+
+def test_wrong_or_missing_refiner_is_refused_before_work(refiner_home):
+    engine = Engine(refiner_home, device="cpu")
+    with pytest.raises(BadRequest, match="refiner tiny-sd15 is a sd1 model but the base tiny-sdxl is sdxl"):
+        engine.generate(_req(refiner_checkpoint="tiny-sd15"))
+    with pytest.raises(ModelNotFound):
+        engine.generate(_req(refiner_checkpoint="no-such-refiner"))
