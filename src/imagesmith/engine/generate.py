@@ -754,6 +754,11 @@ class Engine:
             raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
         mode = req.mode
+        if is_kontext(job.entry) and mode != "txt2img":
+            if mode == "inpaint":
+                raise BadRequest(f"{job.entry.name} is a FLUX Kontext model: give it the picture to edit and an "
+                                 "instruction, without a mask")
+            mode = "txt2img"  # Kontext edits from noise, reading the picture as reference tokens
         init_latent = mask = concat = None
         crop = None
         if mode != "txt2img":
@@ -788,6 +793,15 @@ class Engine:
                     keep = keep.permute(2, 0, 1)[None] * (pixel_mask[0] < 0.5)
                     masked = self._vae_encode_tensor(vae, keep * 2 - 1).repeat(n, 1, 1, 1)
                     concat = torch.cat([mask, masked], dim=1)
+                    mask = None
+                elif is_flux_fill(pipe):  # FLUX Fill: the masked picture's latent and the mask, 8x8 pixels a latent
+                    hard = (pixel_mask >= 0.5).float()
+                    keep = torch.from_numpy(np.asarray(init.convert("RGB"), dtype=np.float32) / 255.0)
+                    masked = self._vae_encode_tensor(vae, (keep.permute(2, 0, 1)[None] * (1 - hard[0])) * 2 - 1)
+                    f = getattr(pipe, "vae_scale_factor", 8)
+                    _, _, hh, ww = hard.shape
+                    cells = hard.view(1, hh // f, f, ww // f, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, hh // f, ww // f)
+                    concat = torch.cat([masked, cells], dim=1).repeat(n, 1, 1, 1)
                     mask = None
         strength = req.denoising_strength if mode != "txt2img" else None
         latents = self._ksample(pipe, rows, encoded, counter, mode, job.width, job.height, req.steps,
@@ -971,8 +985,9 @@ class Engine:
     @staticmethod
     def _latent_shape(pipe, job: _Job, width: int, height: int) -> tuple[int, int, int]:
         vae_sf = getattr(pipe, "vae_scale_factor", 8)
-        if job.arch == "flux":
-            return (pipe.transformer.config.in_channels // 4, height // vae_sf, width // vae_sf)
+        if job.arch == "flux":  # FLUX Fill reads more features than it writes: its latent is its output's
+            cfg = pipe.transformer.config
+            return ((cfg.out_channels or cfg.in_channels) // 4, height // vae_sf, width // vae_sf)
         net = getattr(pipe, "unet", None) or pipe.transformer
         return (getattr(net.config, "out_channels", None) or net.config.in_channels, height // vae_sf, width // vae_sf)
 
@@ -999,9 +1014,18 @@ class Engine:
             h, w = height // vae_sf, width // vae_sf
             img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
             guidance = req.cfg_scale if pipe.transformer.config.guidance_embeds else None
-            return FluxDenoiser(job.net or pipe.transformer, ms, cond, guidance,
-                                pack=lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], h, w),
-                                unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
+            pack = lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], x.shape[2], x.shape[3])  # noqa: E731
+            extra = pack(concat) if concat is not None else None  # FLUX Fill: masked picture + mask
+            context = None
+            if is_kontext(job.entry) and job.init_image is not None:  # the picture to edit, as reference tokens
+                ref = job.init_image.convert("RGB").resize((width, height), Image.LANCZOS)
+                tokens = pack(self._vae_encode(pipe.vae, [ref]).repeat(n, 1, 1, 1))
+                ref_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
+                ref_ids[..., 0] = 1
+                context = (tokens, ref_ids)
+            return FluxDenoiser(job.net or pipe.transformer, ms, cond, guidance, pack=pack,
+                                unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
+                                extra=extra, context=context)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
         control = self._control_specs(job, ms, n) if job.control_images else None
         net, windows, masks = job.net or pipe.unet, None, None
@@ -1118,6 +1142,19 @@ class Engine:
         arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
 
+
+
+def is_kontext(entry: ModelEntry) -> bool:
+    """FLUX.1 Kontext (instruction editing): its weights are shaped as FLUX dev's, so the probe knows it by its
+    diffusers pipeline class or its file name."""
+    return entry.arch == "flux" and any("Kontext" in n for n in entry.notes)
+
+
+def is_flux_fill(pipe) -> bool:
+    """FLUX.1 Fill: a FLUX transformer that reads the masked picture and the mask beside the latent."""
+    t = getattr(pipe, "transformer", None)
+    return t is not None and hasattr(t.config, "guidance_embeds") and bool(t.config.out_channels) and \
+        t.config.in_channels > t.config.out_channels
 
 
 def region_mask(region, width: int, height: int, *, settings: Settings, what: str = "region mask") -> torch.Tensor:

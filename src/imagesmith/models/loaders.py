@@ -421,6 +421,29 @@ def _transformer_config(arch: str, header) -> dict:
             if arch == "sd3":
                 _patch_sd3_transformer(Path(tmp) / "transformer" / "config.json", header.shapes)
             cfg = _json(Path(tmp) / "transformer" / "config.json")
+        if arch == "flux":
+            cfg = _patch_flux_transformer(cfg, header.shapes)
+    return cfg
+
+
+def _patch_flux_transformer(cfg: dict, shapes: dict[str, list[int]]) -> dict:
+    """FLUX.1's shipped config fitted to a file's shapes: Fill reads 384 features per token (Kontext, dev and
+    schnell 64), and a pruned file may have other block counts."""
+    import re
+    cfg = dict(cfg)
+    k = {key.removeprefix("model.diffusion_model."): v for key, v in shapes.items()}
+    img_in = k.get("img_in.weight") or k.get("x_embedder.weight")
+    out = k.get("final_layer.linear.weight") or k.get("proj_out.weight")
+    if img_in and len(img_in) == 2:
+        cfg["in_channels"] = img_in[1]
+    if out and len(out) == 2 and out[0] != cfg.get("in_channels"):
+        cfg["out_channels"] = out[0]
+    doubles = {int(m.group(1)) for key in k if (m := re.match(r"(?:double_blocks|transformer_blocks)\.(\d+)\.", key))}
+    singles = {int(m.group(1)) for key in k if (m := re.match(r"(?:single_blocks|single_transformer_blocks)\.(\d+)\.", key))}
+    if doubles:
+        cfg["num_layers"] = max(doubles) + 1
+    if singles:
+        cfg["num_single_layers"] = max(singles) + 1
     return cfg
 
 

@@ -218,7 +218,20 @@ def probe_header(header: SafetensorsHeader, name: str = "") -> ProbeResult:
     _name_hints(res, name)
     if res.kind == "checkpoint":
         res.notes[:0] = _precision_notes(header)
+    if res.arch == "flux" and res.kind == "checkpoint":
+        res.notes.extend(_flux_variant(header, name))
     return res
+
+
+def _flux_variant(header: SafetensorsHeader, name: str) -> list[str]:
+    """FLUX.1 Fill reads the masked picture and the mask (384 features a token, not 64); Kontext's weights are
+    shaped as dev's, so its file name tells it (as in every download of it: flux1-kontext-dev...)."""
+    img_in = next((s for k, s in header.shapes.items() if k.endswith(("img_in.weight", "x_embedder.weight"))), None)
+    if img_in and len(img_in) == 2 and img_in[1] > 64:
+        return ["FLUX.1 Fill (inpainting: reads the masked picture and the mask)"]
+    if "kontext" in name.lower():
+        return ["FLUX.1 Kontext (instruction editing: the picture to edit, and what to change)"]
+    return []
 
 
 def _precision_notes(header: SafetensorsHeader) -> list[str]:
@@ -592,6 +605,12 @@ def probe_folder(path: Path) -> ProbeResult:
                 notes.append(f"prediction_type {pred}")
         if unet_cfg.get("in_channels") == 9:
             notes.append("inpainting model (9 input channels)")
+        if arch == "flux":
+            t = den
+            if t.get("out_channels") and t.get("in_channels", 64) > t["out_channels"]:
+                notes.append("FLUX.1 Fill (inpainting: reads the masked picture and the mask)")
+            elif "Kontext" not in cls and "kontext" in path.name.lower():
+                notes.append("FLUX.1 Kontext (instruction editing: the picture to edit, and what to change)")
         return ProbeResult(kind="checkpoint", arch=arch, format=fmt, notes=notes,  # type: ignore[arg-type]
                            components=components, native_size=native)
     config = path / "config.json"

@@ -204,12 +204,18 @@ class SD3Denoiser:
 
 class FluxDenoiser:
     """FLUX's transformer on 2x2-packed latents: the samplers see the plain [B, C, H, W] latent; guidance is
-    the distilled guidance embedding (FLUX dev), not CFG. `cond.added` holds {"pooled", "txt_ids"}."""
+    the distilled guidance embedding (FLUX dev), not CFG. `cond.added` holds {"pooled", "txt_ids"}.
+
+    ``extra``: packed tokens' features appended to each latent token (FLUX Fill: the masked picture's latent and
+    the mask, 64 + 256 features). ``context``: (tokens, ids) of a reference picture appended to the sequence
+    (FLUX Kontext: its ids' first axis is 1); the network's answer for them is dropped."""
 
     def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, guidance: float | None, pack, unpack,
-                 img_ids: torch.Tensor):
+                 img_ids: torch.Tensor, *, extra: torch.Tensor | None = None,
+                 context: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.net, self.ms, self.cond, self.guidance = transformer, ms, cond, guidance
         self.pack, self.unpack, self.img_ids = pack, unpack, img_ids
+        self.extra, self.context = extra, context
         self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
         self.last_uncond = None
@@ -217,15 +223,22 @@ class FluxDenoiser:
     def __call__(self, x, sigma):
         n = x.shape[0]
         packed = self.pack(x).to(self.device, self.dtype)
+        tokens, ids = packed.shape[1], self.img_ids
+        if self.extra is not None:
+            packed = torch.cat([packed, self.extra.to(self.device, self.dtype)], dim=2)
+        if self.context is not None:
+            ref, ref_ids = self.context
+            packed = torch.cat([packed, ref.to(self.device, self.dtype)], dim=1)
+            ids = torch.cat([ids, ref_ids.to(ids.device, ids.dtype)], dim=0)
         g = None
         if self.guidance is not None:
             g = torch.full((n,), float(self.guidance), device=self.device, dtype=torch.float32)
         out = self.net(hidden_states=packed, timestep=self.ms.timestep(sigma).to(self.device, self.dtype),
                        guidance=g, pooled_projections=self.cond.added["pooled"].to(self.device, self.dtype),
                        encoder_hidden_states=self.cond.embeds.to(self.device, self.dtype),
-                       txt_ids=self.cond.added["txt_ids"].to(self.device), img_ids=self.img_ids.to(self.device),
+                       txt_ids=self.cond.added["txt_ids"].to(self.device), img_ids=ids.to(self.device),
                        return_dict=False)[0]
-        v = self.unpack(out.float()).to(x.device)
+        v = self.unpack(out[:, :tokens].float()).to(x.device)
         return self.ms.denoised(sigma, v, x)
 
 

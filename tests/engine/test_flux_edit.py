@@ -1,0 +1,137 @@
+"""FLUX.1 Fill (inpainting that reads the masked picture and the mask) and FLUX.1 Kontext (instruction editing:
+the picture to edit enters as reference tokens) on tiny FLUX models of the real classes: what reaches the
+transformer, what comes out, how the probe names them, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagesmith.core.errors import BadRequest
+from imagesmith.core.requests import GenerateRequest
+from imagesmith.core.settings import Settings
+from imagesmith.engine.generate import Engine
+from imagesmith.models.probe import probe
+
+
+@pytest.fixture(scope="module")
+def edit_home(tiny_home, tmp_path_factory):
+    from diffusers import FluxTransformer2DModel
+    root = tmp_path_factory.mktemp("flux-edit")
+    settings = Settings(home=root)
+    settings.ensure_home()
+    ckpt = settings.models_dir / "checkpoints"
+    src = tiny_home.models_dir / "checkpoints" / "tiny-flux"
+    shutil.copytree(src, ckpt / "tiny-flux-kontext")
+    fill = ckpt / "tiny-flux-fill"
+    shutil.copytree(src, fill)
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    torch.manual_seed(4)
+    t = FluxTransformer2DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}
+                               | {"in_channels": 384, "out_channels": 64}).eval()
+    shutil.rmtree(fill / "transformer")
+    t.save_pretrained(fill / "transformer", safe_serialization=True)
+    index = json.loads((fill / "model_index.json").read_text())
+    (fill / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxFillPipeline"}))
+    return settings
+
+
+def _picture(colour=(200, 60, 40)) -> Image.Image:
+    im = Image.new("RGB", (64, 64), colour)
+    im.paste((20, 90, 200), (8, 40, 56, 60))
+    return im
+
+
+def _file(tmp_path, image: Image.Image, name: str) -> str:
+    path = tmp_path / name
+    image.save(path)
+    return str(path)
+
+
+def _capture(engine, name):
+    pipe = engine.pipeline(engine.checkpoint(name)).value
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append({k: kwargs[k].clone() for k in ("hidden_states", "img_ids")}),
+        with_kwargs=True)
+    return seen, hook
+
+
+def test_probe_names_fill_and_kontext(edit_home):
+    ckpt = edit_home.models_dir / "checkpoints"
+    assert any("FLUX.1 Fill" in n for n in probe(ckpt / "tiny-flux-fill").notes)
+    assert any("FLUX.1 Kontext" in n for n in probe(ckpt / "tiny-flux-kontext").notes)
+
+
+def test_fill_reads_masked_picture_and_mask_and_keeps_the_rest(edit_home, tmp_path):
+    engine = Engine(edit_home, device="cpu")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))  # a 32 px square: 4x4 latent cells, 2x2 packed tokens
+    seen, hook = _capture(engine, "tiny-flux-fill")
+    try:
+        result = engine.generate(GenerateRequest(prompt="a vase", model="tiny-flux-fill",
+                                                 init_image=_file(tmp_path, _picture(), "in.png"),
+                                                 mask=_file(tmp_path, mask, "mask.png"), mask_blur=0, denoising_strength=1.0, width=64,
+                                                 height=64, steps=2, seed=1))
+    finally:
+        hook.remove()
+    h = seen[0]["hidden_states"]
+    assert h.shape == (1, 16, 384)  # 4x4 tokens: latent 64 + masked picture 64 + mask 256
+    cells = h[0, :, 128:].reshape(4, 4, 256)  # token grid of 16 px squares
+    assert torch.all(cells[1:3, 1:3] == 1) and torch.all(cells[0] == 0) and torch.all(cells[:, 3] == 0)
+    out = np.asarray(result.images[0], np.int16)
+    keep = np.asarray(_picture(), np.int16)
+    outside = np.ones((64, 64), bool)
+    outside[16:48, 16:48] = False
+    assert np.array_equal(out[outside], keep[outside])  # only the masked square is repainted
+
+
+def test_kontext_reads_the_picture_as_reference_tokens(edit_home, tmp_path):
+    engine = Engine(edit_home, device="cpu")
+    req = GenerateRequest(prompt="make it blue", model="tiny-flux-kontext",
+                          init_image=_file(tmp_path, _picture(), "in.png"), width=64,
+                          height=64, steps=2, seed=3, cfg_scale=2.5)
+    seen, hook = _capture(engine, "tiny-flux-kontext")
+    try:
+        first = engine.generate(req)
+    finally:
+        hook.remove()
+    h, ids = seen[0]["hidden_states"], seen[0]["img_ids"]
+    assert h.shape == (1, 32, 64)  # 16 latent tokens, then the picture's 16
+    assert torch.all(ids[:16, 0] == 0) and torch.all(ids[16:, 0] == 1)  # the reference on its own first axis
+    assert torch.equal(ids[:16, 1:], ids[16:, 1:])  # at the same places
+    other = engine.generate(req.model_copy(update={"init_image": _file(tmp_path, _picture((30, 160, 60)), "b.png")}))
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(other.images[0]))  # the picture matters
+    with pytest.raises(BadRequest, match="Kontext"):
+        engine.generate(req.model_copy(update={"mask": _file(tmp_path, Image.new("L", (64, 64), 255), "m.png")}))
+
+
+def test_fill_mask_features_are_laid_out_as_diffusers_fill_pipeline_lays_them(edit_home, tmp_path):
+    """A mask that cuts through tokens: its 8x8-pixel cells must reach the transformer in the order FLUX Fill was
+    trained with; diffusers' FluxFillPipeline (a peer we did not write) packs the same mask for comparison."""
+    from diffusers import FluxFillPipeline
+    engine = Engine(edit_home, device="cpu")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 12, 44, 52))
+    seen, hook = _capture(engine, "tiny-flux-fill")
+    try:
+        engine.generate(GenerateRequest(prompt="a vase", model="tiny-flux-fill",
+                                        init_image=_file(tmp_path, _picture(), "in.png"),
+                                        mask=_file(tmp_path, mask, "mask.png"), mask_blur=0, width=64, height=64,
+                                        steps=1, seed=1))
+    finally:
+        hook.remove()
+    pipe = engine.pipeline(engine.checkpoint("tiny-flux-fill")).value
+    peer = FluxFillPipeline(**{k: getattr(pipe, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                             "text_encoder_2", "tokenizer_2", "transformer")})
+    image = peer.image_processor.preprocess(_picture(), height=64, width=64)
+    mask_t = peer.mask_processor.preprocess(mask, height=64, width=64)
+    packed_mask, _ = peer.prepare_mask_latents(mask_t, image * (1 - mask_t), 1, 16, 1, 64, 64, torch.float32, "cpu",
+                                               torch.Generator().manual_seed(0))
+    assert packed_mask.shape == (1, 16, 256)
+    assert 0 < float(packed_mask.mean()) < 1 and torch.equal(seen[0]["hidden_states"][:, :, 128:], packed_mask)
