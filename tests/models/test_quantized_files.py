@@ -174,3 +174,39 @@ def test_bad_quantised_files_are_one_clear_error(quant_home, tmp_path):
             engine.generate(req)
         message = str(info.value)
         assert why in message and len(message.splitlines()) == 1, message
+
+
+def test_sd3_gguf_in_the_original_layout(tiny_home, tmp_path):
+    """An SD3/SD3.5 GGUF (city96's layout: the MMDiT's own joint_blocks names), Q8_0, beside its diffusers folder:
+    named by the probe and drawing what the full-precision model draws."""
+    from safetensors import safe_open
+
+    from imagesmith.models.probe import read_header
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_home()
+    ckpt = settings.models_dir / "checkpoints"
+    shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-sd3", ckpt / "tiny-sd3")
+    single = tiny_home.models_dir / "checkpoints" / "tiny-sd3-single.safetensors"
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = gguf.GGUFWriter(str(ckpt / "sd3-Q8_0.gguf"), "sd3")
+    w.add_string(META_CONFIGS, read_header(single).metadata[META_CONFIGS])
+    quantised = 0
+    with safe_open(str(single), "pt") as f:
+        for k in f.keys():
+            if k.startswith("model.diffusion_model."):
+                a = f.get_tensor(k).float().numpy()
+                if a.ndim == 2 and a.shape[1] % 32 == 0:
+                    w.add_tensor(k, gguf.quants.quantize(a, q8), raw_dtype=q8)
+                    quantised += 1
+                else:
+                    w.add_tensor(k, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert quantised > 10 and any(k.startswith("model.diffusion_model.joint_blocks.") for k in read_header(single).shapes)
+    res = probe(ckpt / "sd3-Q8_0.gguf")
+    assert (res.arch, res.notes[0], res.components) == ("sd3", "GGUF Q8_0", ["transformer"])
+    engine = Engine(settings, device="cpu")
+    ref, got = _image(engine, "tiny-sd3"), _image(engine, "sd3-Q8_0")
+    assert _psnr(ref, got) > 45  # measured 56 dB
