@@ -273,8 +273,11 @@ def _missing_companion(entry, arch: str, parts: list[str]) -> MissingModelFile:
               "sd1": "SD1.5", "sd2": "SD2.x"}.get(arch, arch)
     return MissingModelFile(
         f"{entry.name} holds only part of a {family} model; its {', '.join(parts)} must come from a {family} "
-        f"diffusers folder (a folder with model_index.json). Put one in the checkpoints folder "
-        f"({Path(entry.path).parent if entry.folder_kind == 'checkpoint' else '<IMAGESMITH_HOME>/models/checkpoints'}).")
+        f"diffusers folder (a folder with model_index.json) in the checkpoints folder "
+        f"({Path(entry.path).parent if entry.folder_kind == 'checkpoint' else '<IMAGESMITH_HOME>/models/checkpoints'})"
+        + (", or, ComfyUI's way, from separate files: a VAE in models/vae and the text encoders (CLIP-L"
+           + (", CLIP-G" if arch == "sd3" else "") + ", T5) in models/text_encoders" if arch in ("flux", "sd3") else "")
+        + ".")
 
 
 # ================================================================================= pipelines
@@ -340,8 +343,78 @@ def _load_folder(entry, arch: str, torch_dtype):
     return _with_companion(entry, arch, {slot_name: model}, torch_dtype)
 
 
+def load_text_encoder_state(module, state: dict[str, torch.Tensor], name: str) -> None:
+    """A text encoder file's tensors into ``module`` (transformers' CLIP or T5), whatever prefix the file's names
+    carry (ComfyUI's, A1111's, transformers'); T5's token embedding is tied to ``shared`` (files keep one). A file
+    that lacks the module's tensors is a BadRequest naming it."""
+    from ..core.errors import BadRequest
+    wanted = set(module.state_dict())
+    mapped = {}
+    for k, v in state.items():
+        for cand in (k, k.removeprefix("text_model."), "text_model." + k, k.removeprefix("transformer.")):
+            if cand in wanted:
+                mapped[cand] = v
+                break
+    if "encoder.embed_tokens.weight" in wanted and "encoder.embed_tokens.weight" not in mapped \
+            and "shared.weight" in mapped:
+        mapped["encoder.embed_tokens.weight"] = mapped["shared.weight"]
+    missing = [k for k in wanted - set(mapped) if not k.endswith("position_ids")]
+    if missing:
+        raise BadRequest(f"text encoder {name}: {len(missing)} tensors missing (e.g. {missing[0]}); "
+                         f"is it a {type(module).__name__}?")
+    try:
+        module.load_state_dict(mapped, strict=False)
+    except RuntimeError as exc:
+        raise BadRequest(f"text encoder {name}: its tensors do not fit a {type(module).__name__} of this config: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def _from_split_files(entry, arch: str, parts: dict[str, Any], torch_dtype):
+    """A transformer-only file made whole from ComfyUI's split layout (``entry.split_files``): the VAE file, the
+    text encoder files, each built from its own embedded config or the family's shipped one, and tokenizers (the
+    CLIP ones ship with imagesmith; T5's spiece.model is the user's)."""
+    import transformers
+
+    from .registry import ModelEntry
+    files = entry.split_files
+    cls = _pipeline_cls(arch)
+    kwargs = {**_sd_kwargs(arch), **parts}
+    with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
+        folder = assemble_config_folder(Path(tmp), arch)
+        index = _json(folder / "model_index.json")
+        vae_path = Path(files["vae"])
+        kwargs["vae"] = load_vae(ModelEntry(name=vae_path.stem, kind="vae", arch=arch, path=vae_path), torch_dtype)
+        for role in [r for r in files if r.startswith("text_encoder")]:
+            path = Path(files[role])
+            model_cls = getattr(transformers, index[role][1])
+            header = read_header(path)
+            configs = embedded_configs(header) or {}
+            cfg = configs.get(role) or configs.get("text_encoder") or _json(folder / role / "config.json")
+            width = next((s[1] for k, s in header.shapes.items()
+                          if k.endswith(("token_embedding.weight", "shared.weight", "embed_tokens.weight"))), None)
+            expect = cfg.get("d_model") or cfg.get("hidden_size")
+            if width is not None and expect is not None and width != expect:
+                raise MissingModelFile(f"{path.name} is {width} wide, but the {arch} {role} it stands in for is "
+                                       f"{expect}: use the family's own text encoder file, or a diffusers folder")
+            module = model_cls(model_cls.config_class(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+            from safetensors.torch import load_file
+            load_text_encoder_state(module, load_file(str(path)), path.name)
+            kwargs[role] = module.to(torch_dtype).eval()
+        for slot in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            spec = index.get(slot)
+            if isinstance(spec, list) and spec[1] == "CLIPTokenizer":
+                kwargs[slot] = transformers.CLIPTokenizer.from_pretrained(str(folder / slot))
+        slot = T5_SLOT.get(arch)
+        if slot:
+            kwargs[slot] = resolve_t5_tokenizer(entry, arch)
+        return cls(**kwargs)
+
+
 def _with_companion(entry, arch: str, parts: dict[str, Any], torch_dtype):
     companion = entry.companion
+    if (companion is None or not (Path(companion) / "model_index.json").is_file()) and getattr(entry, "split_files",
+                                                                                               None):
+        return _from_split_files(entry, arch, parts, torch_dtype)
     if companion is None or not (Path(companion) / "model_index.json").is_file():
         raise _missing_companion(entry, arch, ["VAE", "text encoders", "tokenizers"])
     cls = _pipeline_cls(arch)

@@ -93,6 +93,9 @@ class ModelEntry(BaseModel):
     companion: Path | None = Field(None, description="diffusers folder of the same arch that supplies the parts a "
                                                      "single file lacks (VAE, text encoders, tokenizers)")
     t5_dir: Path | None = Field(None, description="<home>/models/text_encoders/t5 when it exists")
+    split_files: dict[str, Path] | None = Field(
+        None, description="ComfyUI's split layout, for a transformer-only file without a companion folder: "
+                          "vae / text_encoder[_2/_3] -> the separate files that supply them")
 
 
 def normalize_kind(kind: str | None) -> str | None:
@@ -316,12 +319,17 @@ class Registry:
                     (e.path / "model_index.json").is_file()):
                 full[e.arch] = e.path
         t5 = self.settings.models_dir / "text_encoders" / "t5"
+        split: dict[str, dict[str, Path] | None] = {}
         for e in entries:
             if e.kind in ("checkpoint", "vae", "controlnet"):
                 if e.path != full.get(e.arch):
                     e.companion = full.get(e.arch)
                 if t5.is_dir():
                     e.t5_dir = t5
+            if e.kind == "checkpoint" and e.companion is None and e.arch in SPLIT_ROLES and e.components == ["transformer"]:
+                if e.arch not in split:
+                    split[e.arch] = split_parts(self.settings, e.arch, entries)
+                e.split_files = split[e.arch]
 
     @property
     def entries(self) -> list[ModelEntry]:
@@ -410,6 +418,69 @@ class Registry:
         return [{"name": e.name, "kind": e.kind, "arch": e.arch, "path": str(e.path), "size_bytes": e.size_bytes,
                  "format": e.format, "builtin": e.builtin, "notes": e.notes}
                 for e in self.list(kind)]
+
+
+SPLIT_ROLES = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
+"""the text encoders a transformer-only file of each family needs, in diffusers' slots"""
+
+
+def text_encoder_files(settings: Settings) -> dict[str, Path]:
+    """Text encoder files by ComfyUI's name (relative to their folder), models/text_encoders first, then models/clip
+    (ComfyUI's older name for it)."""
+    out: dict[str, Path] = {}
+    for folder in ("text_encoders", "clip"):
+        for root in settings.model_dirs(folder):
+            if not root.is_dir():
+                continue
+            for p in sorted(root.rglob("*.safetensors")):
+                out.setdefault(str(p.relative_to(root)).replace("\\", "/"), p)
+    return out
+
+
+def _encoder_kind(path: Path) -> tuple[str, int] | None:
+    """("t5", d_model) or ("clip", width) from a text encoder file's tensor table; None for anything else."""
+    from .probe import read_header
+    try:
+        shapes = read_header(path).shapes
+    except (OSError, ValueError):
+        return None
+    if any(k.startswith(("encoder.block.", "shared.")) for k in shapes):
+        width = next((s[1] for k, s in shapes.items() if k in ("shared.weight", "encoder.embed_tokens.weight")), 0)
+        return "t5", int(width)
+    width = next((s[1] for k, s in shapes.items() if k.endswith("token_embedding.weight")), None)
+    return ("clip", int(width)) if width else None
+
+
+def split_parts(settings: Settings, arch: str, entries: list[ModelEntry]) -> dict[str, Path] | None:
+    """The separate files that make a transformer-only FLUX/SD3 file whole, ComfyUI's way: a VAE of the family
+    from models/vae, and its text encoders from models/text_encoders (CLIP-L, for SD3 also CLIP-G, the wider, and
+    T5), each told apart by its tensors; fp16 files before fp8 ones, names in order. None when one is missing."""
+    vaes = [e for e in entries if e.kind == "vae" and e.path.is_file()]
+    vae = next((e.path for e in vaes if e.arch == arch), None) or next(  # a 16-channel VAE its name does not place
+        (e.path for e in vaes if e.arch == "unknown" and any("16-channel" in n for n in e.notes)), None)
+    clips: list[tuple[int, Path]] = []
+    t5s: list[Path] = []
+    for name, path in text_encoder_files(settings).items():
+        kind = _encoder_kind(path)
+        if kind is None:
+            continue
+        if kind[0] == "t5":
+            t5s.append(path)
+        else:
+            clips.append((kind[1], path))
+    t5s.sort(key=lambda p: ("fp8" in p.name.lower(), p.name.lower()))
+    widths = sorted({w for w, _ in clips})
+    if vae is None or not t5s or not widths or (arch == "sd3" and len(widths) < 2):
+        return None
+
+    def clip_of(width: int) -> Path:
+        return sorted((p for w, p in clips if w == width), key=lambda p: p.name.lower())[0]
+    parts = {"vae": vae, "text_encoder": clip_of(widths[0])}
+    if arch == "flux":
+        parts["text_encoder_2"] = t5s[0]
+    else:
+        parts["text_encoder_2"], parts["text_encoder_3"] = clip_of(widths[-1]), t5s[0]
+    return parts
 
 
 def _rel(path: Path, root: Path) -> str:

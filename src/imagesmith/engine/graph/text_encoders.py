@@ -14,25 +14,13 @@ from pathlib import Path
 import torch
 
 from ...core.errors import BadRequest, ModelNotFound
-from ...models.registry import ModelEntry
+from ...models.loaders import load_text_encoder_state
+from ...models.registry import ModelEntry, text_encoder_files  # noqa: F401  (nodes import it from here)
 
 TYPES = {"stable_diffusion": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 """ComfyUI's CLIP loader ``type`` -> imagesmith's arch"""
 ROLES = {"sd1": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
          "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2")}
-
-
-def text_encoder_files(settings) -> dict[str, Path]:
-    """Text encoder files by ComfyUI's name (relative to their folder), models/text_encoders first."""
-    out: dict[str, Path] = {}
-    for folder in ("text_encoders", "clip"):
-        for root in settings.model_dirs(folder):
-            if not root.is_dir():
-                continue
-            for p in sorted(root.rglob("*.safetensors")):
-                name = str(p.relative_to(root)).replace("\\", "/")
-                out.setdefault(name, p)
-    return out
 
 
 def companion_for(registry, arch: str) -> ModelEntry:
@@ -78,22 +66,7 @@ def load_encoders(engine, entry: ModelEntry, arch: str, files: tuple[str, ...]) 
         def loader(path=path, template=template):
             from safetensors.torch import load_file
             module = type(template)(template.config)
-            sd = load_file(str(path))
-            wanted = set(module.state_dict())
-            mapped = {}
-            for k, v in sd.items():
-                for cand in (k, k.removeprefix("text_model."), "text_model." + k, k.removeprefix("transformer.")):
-                    if cand in wanted:
-                        mapped[cand] = v
-                        break
-            if "encoder.embed_tokens.weight" in wanted and "encoder.embed_tokens.weight" not in mapped \
-                    and "shared.weight" in mapped:  # T5 ties its token embedding to `shared` (files keep one)
-                mapped["encoder.embed_tokens.weight"] = mapped["shared.weight"]
-            missing = [k for k in wanted - set(mapped) if not k.endswith("position_ids")]
-            if missing:
-                raise BadRequest(f"text encoder {path.name}: {len(missing)} tensors missing (e.g. {missing[0]}); "
-                                 f"is it a {type(template).__name__}?")
-            module.load_state_dict(mapped, strict=False)
+            load_text_encoder_state(module, load_file(str(path)), path.name)
             return module.to(engine.device, engine.dtype).eval()
         out[role] = engine.cache.get(("text_encoder_file", str(path), stamp, str(engine.dtype)), loader,
                                      device=engine.device).value
