@@ -61,7 +61,8 @@ def test_checks_run_at_submit_with_one_clear_error(client, tiny_home):
     with pytest.raises(BadRequest):
         validate_request("inpaint", {"prompt": "x", "init_image": "a.png"})  # no mask
     normalised, model = validate_request("upscale", {"image": "a.png"})
-    assert normalised == {"image": "a.png", "scale": 4.0, "upscaler": "R-ESRGAN 4x+", "refine": None} and model is None
+    assert normalised == {"image": "a.png", "scale": 4.0, "upscaler": "R-ESRGAN 4x+", "refine": None,
+                          "restore_faces": None} and model is None
     assert validate_request("generate", {"prompt": "x", "model": "tiny-sd15"})[1] == "tiny-sd15"
 
 

@@ -429,8 +429,15 @@ class Engine:
             init, mask = outpaint_canvas(init, req.outpaint)
         control = [load_image(u.image, settings=self.settings, mode="RGB", what="control image")
                    for u in req.controlnet_units]
-        if req.ip_adapter_units and arch not in ("sd1", "sd2", "sdxl"):
-            raise UnsupportedModel(f"IP-Adapter works on SD1/SD2/SDXL models; {entry.name} is {arch}")
+        for i, u in enumerate(req.ip_adapter_units):  # SD1/SDXL: IP-Adapters; FLUX: Redux
+            unit = self.registry.get(u.model, "ipadapter")
+            if arch == "flux" and unit.arch == "flux":
+                if u.mask:
+                    raise BadRequest(f"ip_adapter[{i}]: FLUX Redux adds its tokens to the whole prompt; it takes no mask")
+            elif arch not in ("sd1", "sd2", "sdxl") or unit.arch == "flux":
+                raise UnsupportedModel(f"ip_adapter[{i}]: {unit.name} is a{' FLUX Redux' if unit.arch == 'flux' else 'n SD'}"
+                                       f" reference model; {entry.name} is {arch} (IP-Adapters run on SD1/SD2/SDXL, "
+                                       "Redux on FLUX)")
         references = [load_image(u.image, settings=self.settings, mode="RGB", what=f"ip_adapter[{i}].image")
                       for i, u in enumerate(req.ip_adapter_units)]
         reference_masks = [load_image(u.mask, settings=self.settings, mode="L", what=f"ip_adapter[{i}].mask")
@@ -1017,6 +1024,7 @@ class Engine:
             pack = lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], x.shape[2], x.shape[3])  # noqa: E731
             extra = pack(concat) if concat is not None else None  # FLUX Fill: masked picture + mask
             context = None
+            extra_text = self._redux_tokens(job, ms, n) if req.ip_adapter_units else None
             if is_kontext(job.entry) and job.init_image is not None:  # the picture to edit, as reference tokens
                 ref = job.init_image.convert("RGB").resize((width, height), Image.LANCZOS)
                 tokens = pack(self._vae_encode(pipe.vae, [ref]).repeat(n, 1, 1, 1))
@@ -1025,7 +1033,7 @@ class Engine:
                 context = (tokens, ref_ids)
             return FluxDenoiser(job.net or pipe.transformer, ms, cond, guidance, pack=pack,
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
-                                extra=extra, context=context)
+                                extra=extra, context=context, extra_text=extra_text)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
         control = self._control_specs(job, ms, n) if job.control_images else None
         net, windows, masks = job.net or pipe.unet, None, None
@@ -1039,6 +1047,38 @@ class Engine:
         return UNetDenoiser(net, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
                             control=control, concat=concat, cfg_rescale=req.cfg_rescale, ip_windows=windows,
                             ip_masks=masks)
+
+    def _redux_tokens(self, job: _Job, ms, n: int) -> list[tuple[torch.Tensor, float, float]]:
+        """FLUX Redux: each reference's tokens (times its weight) with the sigma window they are added in; a unit of
+        weight 0 adds nothing."""
+        from ..core.errors import MissingModelFile
+        from .redux import load_redux, load_siglip, redux_tokens
+        out = []
+        for spec, image in zip(job.req.ip_adapter_units, job.ip_images):
+            if spec.weight == 0:
+                continue
+            entry = self.registry.get(spec.model, "ipadapter")
+            embedder = self.cache.get(("redux", str(entry.path), Path(entry.path).stat().st_mtime_ns),
+                                      lambda e=entry: load_redux(e.path), device="cpu").value
+            width = int(embedder.redux_up.weight.shape[1])
+            if spec.image_encoder:
+                vision = self.registry.get(spec.image_encoder, "clip_vision")
+            else:
+                vision = next((e for e in self.registry.list("clip_vision")
+                               if any("SigLIP" in x for x in e.notes) and f"width {width}" in " ".join(e.notes)), None)
+                if vision is None:
+                    raise MissingModelFile(f"Redux {spec.model} reads SigLIP image features of width {width}: put the "
+                                           f"SigLIP vision encoder it was trained with (sigclip_vision_patch14_384) in "
+                                           f"{self.settings.models_dir / 'clip_vision'}")
+            encoder = self.cache.get(("siglip", str(vision.path), str(self.dtype)),
+                                     lambda v=vision: load_siglip(v.path, dtype=self.dtype, device=self.device),
+                                     device=self.device).value
+            if encoder.hidden_size != width:
+                raise BadRequest(f"SigLIP {vision.name} is {encoder.hidden_size} wide; Redux {spec.model} reads {width}")
+            tokens = redux_tokens(encoder, embedder, image) * spec.weight
+            out.append((tokens.repeat(n, 1, 1), ms.percent_to_sigma(spec.guidance_start),
+                        ms.percent_to_sigma(spec.guidance_end)))
+        return out
 
     def _ip_adapter_state(self, name: str) -> tuple[str, dict]:
         """(identity, state dict) of an IP-Adapter file, read once per file version."""

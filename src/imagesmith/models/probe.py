@@ -279,11 +279,18 @@ def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
     if any_start("image_proj.") and any_start("ip_adapter."):
         return _probe_ip_adapter(shapes, keys)
 
+    # -------------------------------------------------------------- FLUX Redux (ComfyUI's models/style_models)
+    if "redux_up.weight" in shapes and "redux_down.weight" in shapes:
+        return ProbeResult(kind="ipadapter", arch="flux", format=single, notes=[
+            f"FLUX.1 Redux image embedder (SigLIP width {shapes['redux_up.weight'][1]} -> T5 width "
+            f"{shapes['redux_down.weight'][0]}): reference images on FLUX"])
+
     # -------------------------------------------------------------- CLIP vision (ComfyUI's models/clip_vision files)
     if any_start("vision_model.") and not any_start("text_model."):
         width = shapes.get("vision_model.embeddings.patch_embedding.weight", [0])[0]
+        siglip = any_start("vision_model.head.") and not any_in("pre_layrnorm")
         return ProbeResult(kind="clip_vision", arch="unknown", format=single,
-                           notes=[f"CLIP vision encoder, width {width}"])
+                           notes=[f"{'SigLIP' if siglip else 'CLIP'} vision encoder, width {width}"])
 
     # -------------------------------------------------------------- textual inversion
     if "emb_params" in shapes or any_start("string_to_param.") or {"clip_l", "clip_g"} & set(keys):

@@ -36,8 +36,8 @@ KIND_OF_FOLDER = {**{v: k for k, v in FOLDER_OF_KIND.items()},
                   # ComfyUI's folders for a diffusion model alone (a FLUX/SD3 transformer, a UNet): checkpoints that
                   # take their text encoders and VAE from elsewhere (a companion folder, or ComfyUI's CLIP loaders)
                   "diffusion_models": "checkpoint", "unet": "checkpoint",
-                  # ComfyUI's face-restore nodes' folder
-                  "facerestore_models": "restorer"}
+                  # ComfyUI's face-restore nodes' folder; its style models (FLUX Redux) are reference models
+                  "facerestore_models": "restorer", "style_models": "ipadapter"}
 _KIND_ALIASES = {**{k: k for k in KINDS}, **KIND_OF_FOLDER, "model": "checkpoint", "models": "checkpoint",
                  "lycoris": "lora", "textual_inversion": "embedding", "upscale": "upscaler",
                  "segmenters": "segmenter", "cutout": "segmenter", "gates": "gate", "unsafe": "unsafe",

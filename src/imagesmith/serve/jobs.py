@@ -61,6 +61,16 @@ def _plain(model: type[BaseModel]) -> Check:
     return check
 
 
+def _check_upscale(request: dict, settings: Settings | None) -> tuple[dict, str | None]:
+    """The request's fields, and its upscaler among those installed (built in, or a file of the user's)."""
+    from ..engine.upscale import UpscalerSet
+    req = R.UpscaleRequest.model_validate(request)
+    names = UpscalerSet(settings or Settings.from_env()).names(files=True)
+    if req.upscaler.lower() not in {n.lower() for n in names} | {n.lower().rsplit(".", 1)[0] for n in names}:
+        raise BadRequest(f"upscaler {req.upscaler!r} is not installed; choose one of: {', '.join(names)}")
+    return req.model_dump(mode="json"), (req.refine.model if req.refine is not None else None)
+
+
 def _check_grid(request: dict, settings: Settings | None) -> tuple[dict, str | None]:
     from ..eval.grid import GridRequest
     req = GridRequest.model_validate(request)
@@ -301,7 +311,7 @@ def _specs() -> dict[str, JobSpec]:
         JobSpec("cutout", R.CutoutRequest, _plain(R.CutoutRequest), _run_cutout,
                 "background removal (RGBA PNG), its box and confidence", answers=True),
         JobSpec("ad", R.AdRequest, _check_ad, _run_ad, "product ads from a photo, in several formats"),
-        JobSpec("upscale", R.UpscaleRequest, _plain(R.UpscaleRequest), _run_upscale, "upscale an image"),
+        JobSpec("upscale", R.UpscaleRequest, _check_upscale, _run_upscale, "upscale an image"),
         JobSpec("grid", GridRequest, _check_grid, _run_grid, "X/Y/Z parameter grid", preview=True),
         JobSpec("describe", R.DescribeRequest, _check_vision(R.DescribeRequest), _run_vision,
                 "caption, tags and colours of an image", answers=True),

@@ -212,10 +212,11 @@ class FluxDenoiser:
 
     def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, guidance: float | None, pack, unpack,
                  img_ids: torch.Tensor, *, extra: torch.Tensor | None = None,
-                 context: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 extra_text: list[tuple[torch.Tensor, float, float]] | None = None):
         self.net, self.ms, self.cond, self.guidance = transformer, ms, cond, guidance
         self.pack, self.unpack, self.img_ids = pack, unpack, img_ids
-        self.extra, self.context = extra, context
+        self.extra, self.context, self.extra_text = extra, context, extra_text or []
         self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
         self.last_uncond = None
@@ -233,10 +234,16 @@ class FluxDenoiser:
         g = None
         if self.guidance is not None:
             g = torch.full((n,), float(self.guidance), device=self.device, dtype=torch.float32)
+        text, txt_ids = self.cond.embeds, self.cond.added["txt_ids"]
+        s = float(sigma.flatten()[0])
+        active = [t for t, start, end in self.extra_text if end <= s * (1 + 1e-6) and s <= start * (1 + 1e-6)]
+        if active:  # FLUX Redux: reference tokens after the prompt's, at text position 0 as diffusers' and ComfyUI's
+            text = torch.cat([text] + [t.to(text.device, text.dtype) for t in active], dim=1)
+            txt_ids = torch.zeros(text.shape[1], txt_ids.shape[-1], dtype=txt_ids.dtype, device=txt_ids.device)
         out = self.net(hidden_states=packed, timestep=self.ms.timestep(sigma).to(self.device, self.dtype),
                        guidance=g, pooled_projections=self.cond.added["pooled"].to(self.device, self.dtype),
-                       encoder_hidden_states=self.cond.embeds.to(self.device, self.dtype),
-                       txt_ids=self.cond.added["txt_ids"].to(self.device), img_ids=ids.to(self.device),
+                       encoder_hidden_states=text.to(self.device, self.dtype),
+                       txt_ids=txt_ids.to(self.device), img_ids=ids.to(self.device),
                        return_dict=False)[0]
         v = self.unpack(out[:, :tokens].float()).to(x.device)
         return self.ms.denoised(sigma, v, x)
