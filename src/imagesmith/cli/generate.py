@@ -62,6 +62,9 @@ def generate(
     upscaler: str = typer.Option("Latent", "--hr-upscaler", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B' or an upscaler file's name"),
     controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet model name (controlnet.model)"),
     control_image: Optional[str] = typer.Option(None, "--control-image"),
+    control_mode: Optional[int] = typer.Option(None, "--control-mode", "--union-mode", help="a union ControlNet's "
+                                               "control type by index (FLUX InstantX/Shakker union: 0 canny, 1 tile, "
+                                               "2 depth, 3 blur, 4 pose, 5 gray, 6 low quality)"),
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand or none"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
     ip_adapter: Optional[str] = typer.Option(None, "--ip-adapter", help="IP-Adapter name (models/ipadapter): the "
@@ -127,7 +130,8 @@ def generate(
             if not control_image:
                 raise _Exit("--controlnet needs --control-image")
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
-                                                  preprocessor=control_preprocessor, weight=control_weight)
+                                                  preprocessor=control_preprocessor, weight=control_weight,
+                                                  union_mode=control_mode)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
         if bool(ip_adapter) != bool(refs):

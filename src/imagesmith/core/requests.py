@@ -107,6 +107,9 @@ class ControlNetSpec(BaseModel):
     threshold_a: float | None = Field(None, description="the preprocessor's first slider (the extension's "
                                       "threshold_a): scribble_xdog's threshold, threshold's level, tile's rate")
     threshold_b: float | None = Field(None, description="its second slider, where it has one")
+    union_mode: int | None = Field(None, ge=0, le=15, description="a union ControlNet's control type, by its "
+                                   "index (FLUX InstantX/Shakker union: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, "
+                                   "5 gray, 6 low quality)")
 
 
 class IPAdapterSpec(BaseModel):

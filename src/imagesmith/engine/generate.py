@@ -755,8 +755,8 @@ class Engine:
         job = rows[0][0]
         req = job.req
         pipe = entry.value
-        if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house"):
-            raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL models, not {job.arch}")
+        if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house", "flux"):
+            raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL and FLUX models, not {job.arch}")
         if req.cfg_rescale and job.arch in FLOW_ARCHS:
             raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
@@ -1025,6 +1025,7 @@ class Engine:
             extra = pack(concat) if concat is not None else None  # FLUX Fill: masked picture + mask
             context = None
             extra_text = self._redux_tokens(job, ms, n) if req.ip_adapter_units else None
+            control = self._flux_control(pipe, job, ms, n, pack) if job.control_images else None
             if is_kontext(job.entry) and job.init_image is not None:  # the picture to edit, as reference tokens
                 ref = job.init_image.convert("RGB").resize((width, height), Image.LANCZOS)
                 tokens = pack(self._vae_encode(pipe.vae, [ref]).repeat(n, 1, 1, 1))
@@ -1033,7 +1034,7 @@ class Engine:
                 context = (tokens, ref_ids)
             return FluxDenoiser(job.net or pipe.transformer, ms, cond, guidance, pack=pack,
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
-                                extra=extra, context=context, extra_text=extra_text)
+                                extra=extra, context=context, extra_text=extra_text, control=control)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
         control = self._control_specs(job, ms, n) if job.control_images else None
         net, windows, masks = job.net or pipe.unet, None, None
@@ -1047,6 +1048,30 @@ class Engine:
         return UNetDenoiser(net, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
                             control=control, concat=concat, cfg_rescale=req.cfg_rescale, ip_windows=windows,
                             ip_masks=masks)
+
+    def _flux_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
+        """FLUX ControlNet units: each control image preprocessed, VAE-encoded and packed as the transformer's
+        tokens (diffusers' FluxControlNetPipeline's ``controlnet_cond``), with its union mode, weight and window."""
+        from .controlnet import preprocess
+        specs = []
+        for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
+            model = self._component("controlnet", cn.model)
+            if not hasattr(model.config, "joint_attention_dim"):
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is an SD ControlNet; {job.entry.name} is FLUX")
+            num_mode = getattr(model.config, "num_mode", None)
+            if num_mode and cn.union_mode is None:
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is a union ControlNet: give union_mode (0-{num_mode - 1})")
+            if cn.union_mode is not None and (not num_mode or cn.union_mode >= num_mode):
+                raise BadRequest(f"controlnet[{i}]: union_mode {cn.union_mode} is not one {cn.model} has"
+                                 + (f" (0-{num_mode - 1})" if num_mode else " (it is not a union ControlNet)"))
+            image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
+                (job.width, job.height), Image.LANCZOS)
+            cond = pack(self._vae_encode(pipe.vae, [image])).repeat(n, 1, 1)
+            specs.append(ControlSpec(model, cond, cn.weight, sigma_start=ms.percent_to_sigma(cn.guidance_start),
+                                     sigma_end=ms.percent_to_sigma(cn.guidance_end),
+                                     mode=None if cn.union_mode is None else
+                                     torch.full((n, 1), cn.union_mode, dtype=torch.long)))
+        return specs
 
     def _redux_tokens(self, job: _Job, ms, n: int) -> list[tuple[torch.Tensor, float, float]]:
         """FLUX Redux: each reference's tokens (times its weight) with the sigma window they are added in; a unit of
@@ -1158,6 +1183,8 @@ class Engine:
         specs = []
         for cn, control in zip(job.req.controlnet_units, job.control_images, strict=True):
             model = self._component("controlnet", cn.model)
+            if hasattr(model.config, "joint_attention_dim"):
+                raise BadRequest(f"ControlNet {cn.model} is a FLUX ControlNet; {job.entry.name} is {job.arch}")
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]

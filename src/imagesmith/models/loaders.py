@@ -677,17 +677,32 @@ def load_vae(entry, torch_dtype: torch.dtype = torch.float32):
 
 
 def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
-    """A ControlNetModel from a diffusers folder or a single file (original or diffusers layout)."""
-    from diffusers import ControlNetModel
+    """A ControlNetModel (SD1/SD2/SDXL) or FluxControlNetModel from a diffusers folder or a single file (original
+    or diffusers layout; a FLUX single file carries its config, embedded or as config.json beside it)."""
+    from diffusers import ControlNetModel, FluxControlNetModel
     path = Path(entry.path)
     if entry.kind == "unsafe":
         refuse_pickle(path)
     if path.is_dir():
         refuse_pickles_in(path)
-        return ControlNetModel.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype,
-                                               use_safetensors=True).eval()
+        cls = FluxControlNetModel if entry.arch == "flux" else ControlNetModel
+        return cls.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype, use_safetensors=True).eval()
     refuse_pickle(path)
     header = read_header(path)
+    if entry.arch == "flux":
+        configs = embedded_configs(header) or {}
+        cfg = configs.get("controlnet") or (_json(path.with_name("config.json"))
+                                            if path.with_name("config.json").is_file() else None)
+        if cfg is None:
+            raise MissingModelFile(f"{path.name}: a FLUX ControlNet file needs its config.json (from the same "
+                                   "release) beside it, or the release's folder")
+        from safetensors.torch import load_file
+        model = FluxControlNetModel.from_config(cfg)
+        try:
+            model.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as exc:
+            raise UnsupportedModel(f"{path.name}: does not fit its config: {str(exc).splitlines()[0][:200]}") from None
+        return model.to(torch_dtype).eval()
     shipped = CONFIGS_DIR / ("controlnet-sdxl" if entry.arch == "sdxl" else "controlnet-sd15") / "config.json"
     if entry.arch == "sd2":
         cfg = _json(shipped)

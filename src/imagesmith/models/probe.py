@@ -471,9 +471,15 @@ def _probe_controlnet(shapes: dict[str, list[int]], keys: list[str]) -> ProbeRes
         arch = "sd2"
     elif ctx == 768:
         arch = "sd1"
+    elif any(k.startswith("controlnet_x_embedder.") for k in keys) or (
+            any("transformer_blocks.0.attn.add_q_proj" in k for k in keys) and any("time_text_embed" in k for k in keys)
+            and not any(k.startswith("pos_embed.") for k in keys)):
+        arch = "flux"
+        notes.append("FLUX ControlNet" + (" (union: several control types)" if any(
+            k.startswith("controlnet_mode_embedder.") for k in keys) else ""))
     elif any("transformer_blocks.0.attn.add_q_proj" in k for k in keys):
         arch = "unknown"
-        notes.append("SD3/FLUX ControlNet")
+        notes.append("SD3 ControlNet (not run yet)")
     else:
         arch = "sd1"
         notes.append(f"context width {ctx}: assumed SD1")

@@ -61,6 +61,8 @@ class ControlSpec:
     sigma_start: float = float("inf")
     """active while sigma_end <= sigma <= sigma_start"""
     sigma_end: float = 0.0
+    mode: torch.Tensor | None = None
+    """a union ControlNet's control type, [B, 1] (FLUX)"""
 
 
 class UNetDenoiser:
@@ -213,13 +215,20 @@ class FluxDenoiser:
     def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, guidance: float | None, pack, unpack,
                  img_ids: torch.Tensor, *, extra: torch.Tensor | None = None,
                  context: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 extra_text: list[tuple[torch.Tensor, float, float]] | None = None):
+                 extra_text: list[tuple[torch.Tensor, float, float]] | None = None,
+                 control: list[ControlSpec] | None = None):
         self.net, self.ms, self.cond, self.guidance = transformer, ms, cond, guidance
         self.pack, self.unpack, self.img_ids = pack, unpack, img_ids
         self.extra, self.context, self.extra_text = extra, context, extra_text or []
+        self.control = control or []
         self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
         self.last_uncond = None
+
+    @staticmethod
+    def pack_width(x) -> int:
+        """Features of a packed latent token (2x2 patches of its channels)."""
+        return x.shape[1] * 4
 
     def __call__(self, x, sigma):
         n = x.shape[0]
@@ -240,11 +249,22 @@ class FluxDenoiser:
         if active:  # FLUX Redux: reference tokens after the prompt's, at text position 0 as diffusers' and ComfyUI's
             text = torch.cat([text] + [t.to(text.device, text.dtype) for t in active], dim=1)
             txt_ids = torch.zeros(text.shape[1], txt_ids.shape[-1], dtype=txt_ids.dtype, device=txt_ids.device)
-        out = self.net(hidden_states=packed, timestep=self.ms.timestep(sigma).to(self.device, self.dtype),
-                       guidance=g, pooled_projections=self.cond.added["pooled"].to(self.device, self.dtype),
-                       encoder_hidden_states=text.to(self.device, self.dtype),
-                       txt_ids=txt_ids.to(self.device), img_ids=ids.to(self.device),
-                       return_dict=False)[0]
+        timestep = self.ms.timestep(sigma).to(self.device, self.dtype)
+        common = dict(timestep=timestep, pooled_projections=self.cond.added["pooled"].to(self.device, self.dtype),
+                      encoder_hidden_states=text.to(self.device, self.dtype), txt_ids=txt_ids.to(self.device))
+        blocks = singles = None
+        for c in self.control:  # FLUX ControlNets: their residuals summed, as diffusers' multi-ControlNet
+            if c.scale == 0 or not (c.sigma_end <= s * (1 + 1e-6) and s <= c.sigma_start * (1 + 1e-6)):
+                continue
+            cg = g if getattr(c.model.config, "guidance_embeds", False) else None
+            b, sb = c.model(hidden_states=packed[:, :tokens, :self.pack_width(x)], controlnet_cond=c.image.to(
+                self.device, self.dtype), controlnet_mode=None if c.mode is None else c.mode.to(self.device),
+                conditioning_scale=c.scale, img_ids=self.img_ids.to(self.device), guidance=cg, return_dict=False,
+                **common)
+            blocks = b if blocks is None else [p + q for p, q in zip(blocks, b)]
+            singles = sb if singles is None else [p + q for p, q in zip(singles, sb)] if sb is not None else singles
+        out = self.net(hidden_states=packed, guidance=g, img_ids=ids.to(self.device), return_dict=False,
+                       controlnet_block_samples=blocks, controlnet_single_block_samples=singles, **common)[0]
         v = self.unpack(out[:, :tokens].float()).to(x.device)
         return self.ms.denoised(sigma, v, x)
 

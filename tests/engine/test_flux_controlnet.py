@@ -1,0 +1,105 @@
+"""FLUX ControlNets (diffusers' FluxControlNetModel, plain and union) on the tiny FLUX: the control image reaches
+the ControlNet as packed VAE tokens, its residuals reach the transformer, weight 0 gives the base pixels, a union
+model needs its mode, and an SD ControlNet on FLUX (or the reverse) is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagesmith.core.errors import BadRequest
+from imagesmith.core.requests import GenerateRequest
+from imagesmith.core.settings import Settings
+from imagesmith.engine.generate import Engine
+from imagesmith.models.probe import probe
+
+
+@pytest.fixture(scope="module")
+def cn_home(tiny_home, tmp_path_factory):
+    from diffusers import FluxControlNetModel
+
+    from fixtures.tiny import _randomise_
+    settings = Settings(home=tmp_path_factory.mktemp("flux-cn"))
+    settings.ensure_home()
+    m = settings.models_dir
+    src = tiny_home.models_dir / "checkpoints" / "tiny-flux"
+    shutil.copytree(src, m / "checkpoints" / "tiny-flux")
+    shutil.copytree(tiny_home.models_dir / "controlnet" / "tiny-controlnet", m / "controlnet" / "tiny-controlnet")
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("out_channels",)}
+    for name, extra in (("flux-cn-canny", {}), ("flux-cn-union", {"num_mode": 4})):
+        torch.manual_seed(5)
+        net = FluxControlNetModel(**{**cfg, "num_layers": 1, "num_single_layers": 1, **extra}).eval()
+        _randomise_(net, seed=6, scale=0.2)  # ControlNets start with zeroed output layers: give them an effect
+        net.save_pretrained(m / "controlnet" / name, safe_serialization=True)
+    return settings
+
+
+def _control(tmp_path) -> str:
+    im = Image.new("RGB", (64, 64), (0, 0, 0))
+    im.paste((255, 255, 255), (16, 8, 30, 56))
+    path = tmp_path / "edges.png"
+    im.save(path)
+    return str(path)
+
+
+def _req(unit: dict | None) -> GenerateRequest:
+    return GenerateRequest(prompt="a tower", model="tiny-flux", width=64, height=64, steps=3, seed=4,
+                           **({"controlnet": unit} if unit else {}))
+
+
+def test_probe_names_flux_controlnets(cn_home):
+    assert probe(cn_home.models_dir / "controlnet" / "flux-cn-union").arch == "flux"
+
+
+def test_flux_controlnet_guides_and_weight_zero_does_nothing(cn_home, tmp_path):
+    engine = Engine(cn_home, device="cpu")
+    base = np.asarray(engine.generate(_req(None)).images[0])
+    unit = {"model": "flux-cn-canny", "image": _control(tmp_path), "preprocessor": "none"}
+    cn = engine._component("controlnet", "flux-cn-canny")
+    pipe = engine.pipeline(engine.checkpoint("tiny-flux")).value
+    seen, given = [], []
+    h1 = cn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["controlnet_cond"].clone()), with_kwargs=True)
+    h2 = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: given.append(kw.get("controlnet_block_samples")), with_kwargs=True)
+    try:
+        guided = np.asarray(engine.generate(_req(unit)).images[0])
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(seen) == 3 and seen[0].shape == (1, 16, 64)  # packed VAE tokens of the control image
+    ref = Image.open(_control(tmp_path)).convert("RGB")
+    want = pipe._pack_latents(engine._vae_encode(pipe.vae, [ref]), 1, 16, 8, 8)
+    assert torch.allclose(seen[0], want, atol=1e-5)
+    assert given[0] is not None and len(given[0]) == 1  # one residual per ControlNet double block
+    assert not np.array_equal(guided, base)
+    off = np.asarray(engine.generate(_req({**unit, "weight": 0})).images[0])
+    assert np.array_equal(off, base)
+    # windows are ComfyUI's percents of the model's sigma range (shifted for FLUX), not fractions of the steps
+    for window, steps in (({"guidance_start": 0.9}, 1), ({"guidance_end": 0.3}, 1), ({"guidance_end": 0.6}, 2)):
+        calls = []
+        hook = cn.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+        try:
+            engine.generate(_req({**unit, **window}))
+        finally:
+            hook.remove()
+        assert len(calls) == steps, (window, len(calls))
+
+
+def test_union_mode_and_wrong_families(cn_home, tmp_path):
+    engine = Engine(cn_home, device="cpu")
+    unit = {"model": "flux-cn-union", "image": _control(tmp_path), "preprocessor": "none"}
+    with pytest.raises(BadRequest, match="union ControlNet: give union_mode"):
+        engine.generate(_req(unit))
+    with pytest.raises(BadRequest, match="union_mode 7 is not one"):
+        engine.generate(_req({**unit, "union_mode": 7}))
+    a = np.asarray(engine.generate(_req({**unit, "union_mode": 0})).images[0])
+    b = np.asarray(engine.generate(_req({**unit, "union_mode": 2})).images[0])
+    assert not np.array_equal(a, b)  # the mode is read
+    with pytest.raises(BadRequest, match="is an SD ControlNet"):
+        engine.generate(_req({"model": "tiny-controlnet", "image": _control(tmp_path), "preprocessor": "none"}))
