@@ -255,7 +255,7 @@ def test_upscale_model_loader_takes_a_users_pth_by_its_file_name(graph):
     """ComfyUI's UpscaleModelLoader lists upscale_models by file name (4x-Tiny.pth): a spandrel network read from
     a .pth without unpickling, run by ImageUpscaleWithModel on a loaded image."""
     import torch
-    spandrel = pytest.importorskip("spandrel")
+    pytest.importorskip("spandrel")
     from spandrel.architectures.ESRGAN import ESRGAN
     engine, ex, ctx, root, events = graph
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from imagesmith.core.errors import ModelNotFound, UnsupportedModel
 from imagesmith.core.requests import RestoreFaces
 from imagesmith.core.settings import Settings
-from imagesmith.engine.restore import FACE_SIZE, TEMPLATE_512, FaceRestorer
+from imagesmith.engine.restore import TEMPLATE_512, FaceRestorer
 
 spandrel = pytest.importorskip("spandrel")
 from spandrel.architectures.RestoreFormer import RestoreFormer  # noqa: E402

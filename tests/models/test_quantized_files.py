@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from imagesmith.core.errors import UnsupportedModel
 from imagesmith.core.requests import GenerateRequest
 from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
@@ -210,3 +208,32 @@ def test_sd3_gguf_in_the_original_layout(tiny_home, tmp_path):
     engine = Engine(settings, device="cpu")
     ref, got = _image(engine, "tiny-sd3"), _image(engine, "sd3-Q8_0")
     assert _psnr(ref, got) > 45  # measured 56 dB
+
+
+def test_comfyui_gguf_workflow_runs_unchanged(quant_home, tmp_path):
+    """A ComfyUI-GGUF workflow (its UnetLoaderGGUF node) in API format: the GGUF transformer as the MODEL, CLIP and
+    VAE from a FLUX checkpoint loader, through imagesmith's ComfyUI executor."""
+    from imagesmith.engine.graph.executor import GraphContext
+    from imagesmith.engine.graph.nodes import executor_for, model_lists
+    engine = Engine(quant_home, device="cpu")
+    lists = model_lists(engine.registry, ["Lanczos"])
+    assert lists["unet_gguf"] == ["wide-flux-Q4_0.gguf", "wide-flux-Q8_0.gguf"]
+    prompt = {
+        "1": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "wide-flux-Q8_0.gguf"}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["2", 1]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+                                                   "scheduler": "simple", "denoise": 1.0, "model": ["1", 0],
+                                                   "positive": ["3", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["2", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": "gguf", "images": ["6", 0]}}}
+    ex = executor_for(engine)
+    checked = ex.validate(prompt, lists=lists)
+    ctx = GraphContext(engine=engine, output_dir=tmp_path / "out", temp_dir=tmp_path / "temp", input_dir=tmp_path,
+                       prompt=prompt, prompt_id="p", event=lambda *a: None)
+    out = ex.run(prompt, ctx, checked.outputs).outputs["7"]["images"][0]
+    from PIL import Image
+    with Image.open(tmp_path / "out" / out["filename"]) as im:
+        assert im.size == (64, 64) and np.asarray(im).std() > 0

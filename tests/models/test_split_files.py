@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from imagesmith.core.errors import MissingModelFile

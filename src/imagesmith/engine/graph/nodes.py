@@ -55,6 +55,7 @@ def model_lists(registry, upscalers: list[str], input_dir: Path | None = None) -
                                        and not any(c.startswith("text_encoder") for c in e.components)},
                                       key=str.lower),
            "text_encoders": sorted(text_encoder_files(registry.settings), key=str.lower)}
+    out["unet_gguf"] = [n for n in out["diffusion_models"] if n.lower().endswith(".gguf")]  # ComfyUI-GGUF's list
     return out
 
 
@@ -691,6 +692,9 @@ def _nodes() -> dict[str, Node]:
         Node("UNETLoader", "Load Diffusion Model", "advanced/loaders",
              {"unet_name": _c("diffusion_models"),
               "weight_dtype": _c(("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"))},
+             (("MODEL", "MODEL"),), _unet_loader),
+        # ComfyUI-GGUF's loader (the custom node GGUF workflows use): the same diffusion model, from a .gguf file
+        Node("UnetLoaderGGUF", "Unet Loader (GGUF)", "bootleg", {"unet_name": _c("unet_gguf")},
              (("MODEL", "MODEL"),), _unet_loader),
         Node("CLIPLoader", "Load CLIP", "advanced/loaders",
              {"clip_name": _c("text_encoders"), "type": _c(("stable_diffusion",)),
