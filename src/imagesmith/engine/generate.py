@@ -1185,12 +1185,21 @@ class Engine:
             model = self._component("controlnet", cn.model)
             if hasattr(model.config, "joint_attention_dim"):
                 raise BadRequest(f"ControlNet {cn.model} is a FLUX ControlNet; {job.entry.name} is {job.arch}")
+            kinds = getattr(model.config, "num_control_type", None)  # SDXL Union / ProMax
+            if kinds and cn.union_mode is None:
+                raise BadRequest(f"ControlNet {cn.model} is a union ControlNet: give union_mode (0-{kinds - 1}; "
+                                 "ProMax: 0 openpose, 1 depth, 2 hed/scribble, 3 canny/lineart, 4 normal, 5 segment, "
+                                 "6 tile, 7 repaint)")
+            if cn.union_mode is not None and (not kinds or cn.union_mode >= kinds):
+                raise BadRequest(f"ControlNet {cn.model}: union_mode {cn.union_mode} is not one it has"
+                                 + (f" (0-{kinds - 1})" if kinds else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
                                      sigma_start=ms.percent_to_sigma(cn.guidance_start),
-                                     sigma_end=ms.percent_to_sigma(cn.guidance_end)))
+                                     sigma_end=ms.percent_to_sigma(cn.guidance_end),
+                                     mode=None if cn.union_mode is None else torch.tensor([[cn.union_mode]])))
         return specs
 
     def _vae_encode(self, vae, images: list[Image.Image]) -> torch.Tensor:

@@ -679,25 +679,41 @@ def load_vae(entry, torch_dtype: torch.dtype = torch.float32):
 def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
     """A ControlNetModel (SD1/SD2/SDXL) or FluxControlNetModel from a diffusers folder or a single file (original
     or diffusers layout; a FLUX single file carries its config, embedded or as config.json beside it)."""
-    from diffusers import ControlNetModel, FluxControlNetModel
+    from diffusers import ControlNetModel, ControlNetUnionModel, FluxControlNetModel
     path = Path(entry.path)
     if entry.kind == "unsafe":
         refuse_pickle(path)
     if path.is_dir():
         refuse_pickles_in(path)
-        cls = FluxControlNetModel if entry.arch == "flux" else ControlNetModel
+        cls_name = _json(path / "config.json").get("_class_name") if (path / "config.json").is_file() else None
+        cls = FluxControlNetModel if entry.arch == "flux" else (
+            ControlNetUnionModel if cls_name == "ControlNetUnionModel" else ControlNetModel)
+        weights = sorted(path.glob("*.safetensors"))
+        if not (path / "diffusion_pytorch_model.safetensors").is_file() and len(weights) >= 1:
+            # a release folder whose weights file has another name (xinsir's diffusion_pytorch_model_promax...)
+            from safetensors.torch import load_file
+            chosen = next((w for w in weights if "promax" in w.name.lower()), weights[0])
+            model = cls.from_config(_json(path / "config.json"))
+            try:
+                model.load_state_dict(load_file(str(chosen)), strict=True)
+            except RuntimeError as exc:
+                raise UnsupportedModel(f"{chosen.name}: does not fit {path.name}/config.json: "
+                                       f"{str(exc).splitlines()[0][:200]}") from None
+            return model.to(torch_dtype).eval()
         return cls.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype, use_safetensors=True).eval()
     refuse_pickle(path)
     header = read_header(path)
-    if entry.arch == "flux":
+    union = "task_embedding" in header.shapes  # xinsir's SDXL Union / ProMax (diffusers' ControlNetUnionModel)
+    if entry.arch == "flux" or union:
+        cls = FluxControlNetModel if entry.arch == "flux" else ControlNetUnionModel
         configs = embedded_configs(header) or {}
         cfg = configs.get("controlnet") or (_json(path.with_name("config.json"))
                                             if path.with_name("config.json").is_file() else None)
         if cfg is None:
-            raise MissingModelFile(f"{path.name}: a FLUX ControlNet file needs its config.json (from the same "
-                                   "release) beside it, or the release's folder")
+            raise MissingModelFile(f"{path.name}: a {'FLUX' if entry.arch == 'flux' else 'union'} ControlNet file "
+                                   "needs its config.json (from the same release) beside it, or the release's folder")
         from safetensors.torch import load_file
-        model = FluxControlNetModel.from_config(cfg)
+        model = cls.from_config(cfg)
         try:
             model.load_state_dict(load_file(str(path)), strict=True)
         except RuntimeError as exc:

@@ -483,6 +483,8 @@ def _probe_controlnet(shapes: dict[str, list[int]], keys: list[str]) -> ProbeRes
     else:
         arch = "sd1"
         notes.append(f"context width {ctx}: assumed SD1")
+    if "task_embedding" in shapes:
+        notes.append(f"union ControlNet ({shapes['task_embedding'][0]} control types; xinsir Union/ProMax)")
     if any(k.startswith("control_model.") for k in keys) or any("input_hint_block" in k for k in keys):
         notes.append("original ControlNet layout")
     else:
@@ -651,7 +653,7 @@ def probe_folder(path: Path) -> ProbeResult:
             elif lat == 16:
                 arch = {0.1159: "flux", 0.0609: "sd3"}.get(cfg.get("shift_factor"), "unknown")
             return ProbeResult(kind="vae", arch=arch, format=fmt, notes=notes, components=["vae"])  # type: ignore[arg-type]
-        if cls == "ControlNetModel":
+        if cls in ("ControlNetModel", "ControlNetUnionModel"):
             return ProbeResult(kind="controlnet", arch=_unet_arch(cfg), format=fmt, notes=notes)  # type: ignore[arg-type]
         if cls in ("SD3ControlNetModel", "FluxControlNetModel"):
             return ProbeResult(kind="controlnet", arch="sd3" if cls.startswith("SD3") else "flux", format=fmt,

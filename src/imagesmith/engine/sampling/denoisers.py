@@ -62,7 +62,7 @@ class ControlSpec:
     """active while sigma_end <= sigma <= sigma_start"""
     sigma_end: float = 0.0
     mode: torch.Tensor | None = None
-    """a union ControlNet's control type, [B, 1] (FLUX)"""
+    """a union ControlNet's control type, [B, 1] (FLUX, SDXL Union)"""
 
 
 class UNetDenoiser:
@@ -147,8 +147,17 @@ class UNetDenoiser:
                 continue
             if image.shape[0] != xin.shape[0]:
                 image = image.repeat(xin.shape[0] // image.shape[0], 1, 1, 1)
-            down, mid = c.model(xin[:, :4] if xin.shape[1] > 4 else xin, t, controlnet_cond=image,
-                                conditioning_scale=c.scale, return_dict=False, **kwargs)
+            sample = xin[:, :4] if xin.shape[1] > 4 else xin
+            if c.mode is not None:  # a union ControlNet (SDXL Union/ProMax): one image, its control type one-hot
+                kinds = torch.zeros(xin.shape[0], c.model.config.num_control_type, device=self.device,
+                                    dtype=self.dtype)
+                kinds[:, int(c.mode.flatten()[0])] = 1
+                down, mid = c.model(sample, t, controlnet_cond=[image], control_type=kinds,
+                                    control_type_idx=[int(c.mode.flatten()[0])], conditioning_scale=c.scale,
+                                    return_dict=False, **kwargs)
+            else:
+                down, mid = c.model(sample, t, controlnet_cond=image, conditioning_scale=c.scale, return_dict=False,
+                                    **kwargs)
             if down_sum is None:
                 down_sum, mid_sum = list(down), mid
             else:
