@@ -755,8 +755,8 @@ class Engine:
         job = rows[0][0]
         req = job.req
         pipe = entry.value
-        if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house", "flux"):
-            raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL and FLUX models, not {job.arch}")
+        if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house", "flux", "sd3"):
+            raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL, SD3 and FLUX models, not {job.arch}")
         if req.cfg_rescale and job.arch in FLOW_ARCHS:
             raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
@@ -1010,7 +1010,9 @@ class Engine:
                 conds.append(Conditioning(pe.repeat(k, 1, 1), {"pooled": pp.repeat(k, 1)}))
                 unconds.append(Conditioning(ne.repeat(k, 1, 1), {"pooled": npool.repeat(k, 1)}))
             cond, uncond = _cat_conditioning(conds), _cat_conditioning(unconds)
-            return SD3Denoiser(job.net or pipe.transformer, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale)
+            control = self._dit_control(pipe, job, ms, n, lambda t: t) if job.control_images else None
+            return SD3Denoiser(job.net or pipe.transformer, ms, cond, uncond if req.cfg_scale != 1 else None,
+                               req.cfg_scale, control=control)
         if job.arch == "flux":
             conds = []
             for (j, _, k), e in zip(rows, encoded):
@@ -1025,7 +1027,7 @@ class Engine:
             extra = pack(concat) if concat is not None else None  # FLUX Fill: masked picture + mask
             context = None
             extra_text = self._redux_tokens(job, ms, n) if req.ip_adapter_units else None
-            control = self._flux_control(pipe, job, ms, n, pack) if job.control_images else None
+            control = self._dit_control(pipe, job, ms, n, pack) if job.control_images else None
             if is_kontext(job.entry) and job.init_image is not None:  # the picture to edit, as reference tokens
                 ref = job.init_image.convert("RGB").resize((width, height), Image.LANCZOS)
                 tokens = pack(self._vae_encode(pipe.vae, [ref]).repeat(n, 1, 1, 1))
@@ -1049,15 +1051,19 @@ class Engine:
                             control=control, concat=concat, cfg_rescale=req.cfg_rescale, ip_windows=windows,
                             ip_masks=masks)
 
-    def _flux_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
-        """FLUX ControlNet units: each control image preprocessed, VAE-encoded and packed as the transformer's
-        tokens (diffusers' FluxControlNetPipeline's ``controlnet_cond``), with its union mode, weight and window."""
+    def _dit_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
+        """FLUX and SD3 ControlNet units: each control image preprocessed and VAE-encoded (for FLUX packed as the
+        transformer's tokens: the ``controlnet_cond`` of diffusers' FluxControlNetPipeline and
+        StableDiffusion3ControlNetPipeline), with its union mode, weight and window."""
         from .controlnet import preprocess
         specs = []
         for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
             model = self._component("controlnet", cn.model)
-            if not hasattr(model.config, "joint_attention_dim"):
-                raise BadRequest(f"controlnet[{i}]: {cn.model} is an SD ControlNet; {job.entry.name} is FLUX")
+            family = "flux" if hasattr(model.config, "axes_dims_rope") else (
+                "sd3" if hasattr(model.config, "joint_attention_dim") else "sd")
+            if family != job.arch:
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is a{'n SD' if family == 'sd' else ' ' + family.upper()}"
+                                 f" ControlNet; {job.entry.name} is {job.arch.upper()}")
             num_mode = getattr(model.config, "num_mode", None)
             if num_mode and cn.union_mode is None:
                 raise BadRequest(f"controlnet[{i}]: {cn.model} is a union ControlNet: give union_mode (0-{num_mode - 1})")
@@ -1066,7 +1072,7 @@ class Engine:
                                  + (f" (0-{num_mode - 1})" if num_mode else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
-            cond = pack(self._vae_encode(pipe.vae, [image])).repeat(n, 1, 1)
+            cond = pack(self._vae_encode(pipe.vae, [image]).repeat(n, 1, 1, 1))
             specs.append(ControlSpec(model, cond, cn.weight, sigma_start=ms.percent_to_sigma(cn.guidance_start),
                                      sigma_end=ms.percent_to_sigma(cn.guidance_end),
                                      mode=None if cn.union_mode is None else
@@ -1184,7 +1190,8 @@ class Engine:
         for cn, control in zip(job.req.controlnet_units, job.control_images, strict=True):
             model = self._component("controlnet", cn.model)
             if hasattr(model.config, "joint_attention_dim"):
-                raise BadRequest(f"ControlNet {cn.model} is a FLUX ControlNet; {job.entry.name} is {job.arch}")
+                raise BadRequest(f"ControlNet {cn.model} is a {'FLUX' if hasattr(model.config, 'axes_dims_rope') else 'SD3'}"
+                                 f" ControlNet; {job.entry.name} is {job.arch}")
             kinds = getattr(model.config, "num_control_type", None)  # SDXL Union / ProMax
             if kinds and cn.union_mode is None:
                 raise BadRequest(f"ControlNet {cn.model} is a union ControlNet: give union_mode (0-{kinds - 1}; "

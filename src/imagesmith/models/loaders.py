@@ -679,14 +679,14 @@ def load_vae(entry, torch_dtype: torch.dtype = torch.float32):
 def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
     """A ControlNetModel (SD1/SD2/SDXL) or FluxControlNetModel from a diffusers folder or a single file (original
     or diffusers layout; a FLUX single file carries its config, embedded or as config.json beside it)."""
-    from diffusers import ControlNetModel, ControlNetUnionModel, FluxControlNetModel
+    from diffusers import ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel
     path = Path(entry.path)
     if entry.kind == "unsafe":
         refuse_pickle(path)
     if path.is_dir():
         refuse_pickles_in(path)
         cls_name = _json(path / "config.json").get("_class_name") if (path / "config.json").is_file() else None
-        cls = FluxControlNetModel if entry.arch == "flux" else (
+        cls = {"flux": FluxControlNetModel, "sd3": SD3ControlNetModel}.get(entry.arch) or (
             ControlNetUnionModel if cls_name == "ControlNetUnionModel" else ControlNetModel)
         weights = sorted(path.glob("*.safetensors"))
         if not (path / "diffusion_pytorch_model.safetensors").is_file() and len(weights) >= 1:
@@ -704,13 +704,13 @@ def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
     refuse_pickle(path)
     header = read_header(path)
     union = "task_embedding" in header.shapes  # xinsir's SDXL Union / ProMax (diffusers' ControlNetUnionModel)
-    if entry.arch == "flux" or union:
-        cls = FluxControlNetModel if entry.arch == "flux" else ControlNetUnionModel
+    if entry.arch in ("flux", "sd3") or union:
+        cls = {"flux": FluxControlNetModel, "sd3": SD3ControlNetModel}.get(entry.arch, ControlNetUnionModel)
         configs = embedded_configs(header) or {}
         cfg = configs.get("controlnet") or (_json(path.with_name("config.json"))
                                             if path.with_name("config.json").is_file() else None)
         if cfg is None:
-            raise MissingModelFile(f"{path.name}: a {'FLUX' if entry.arch == 'flux' else 'union'} ControlNet file "
+            raise MissingModelFile(f"{path.name}: a {entry.arch.upper() if entry.arch in ('flux', 'sd3') else 'union'} ControlNet file "
                                    "needs its config.json (from the same release) beside it, or the release's folder")
         from safetensors.torch import load_file
         model = cls.from_config(cfg)

@@ -477,9 +477,9 @@ def _probe_controlnet(shapes: dict[str, list[int]], keys: list[str]) -> ProbeRes
         arch = "flux"
         notes.append("FLUX ControlNet" + (" (union: several control types)" if any(
             k.startswith("controlnet_mode_embedder.") for k in keys) else ""))
-    elif any("transformer_blocks.0.attn.add_q_proj" in k for k in keys):
-        arch = "unknown"
-        notes.append("SD3 ControlNet (not run yet)")
+    elif any("transformer_blocks.0.attn" in k for k in keys) and any(k.startswith("pos_embed") for k in keys):
+        arch = "sd3"
+        notes.append("SD3 ControlNet")
     else:
         arch = "sd1"
         notes.append(f"context width {ctx}: assumed SD1")

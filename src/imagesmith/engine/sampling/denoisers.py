@@ -190,21 +190,31 @@ class SD3Denoiser:
     `cond.added` holds {"pooled": [B, P]}."""
 
     def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None,
-                 cfg_scale: float):
+                 cfg_scale: float, *, control: list[ControlSpec] | None = None):
         self.net, self.ms, self.cond, self.uncond, self.cfg = transformer, ms, cond, uncond, float(cfg_scale)
         self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
         self.last_uncond = None
+        self.control = control or []
 
     def __call__(self, x, sigma):
         guided = self.uncond is not None and self.cfg != 1.0
         n = x.shape[0]
         cond = Conditioning.cat(self.uncond, self.cond) if guided else self.cond
         xin, s = (torch.cat([x, x]), torch.cat([sigma, sigma])) if guided else (x, sigma)
-        out = self.net(hidden_states=xin.to(self.device, self.dtype), timestep=self.ms.timestep(s).to(self.device),
-                       encoder_hidden_states=cond.embeds.to(self.device, self.dtype),
-                       pooled_projections=cond.added["pooled"].to(self.device, self.dtype),
-                       return_dict=False)[0].float().to(x.device)
+        common = dict(hidden_states=xin.to(self.device, self.dtype), timestep=self.ms.timestep(s).to(self.device),
+                      encoder_hidden_states=cond.embeds.to(self.device, self.dtype),
+                      pooled_projections=cond.added["pooled"].to(self.device, self.dtype), return_dict=False)
+        blocks = None
+        at = float(sigma.flatten()[0])
+        for c in self.control:  # SD3 ControlNets: residuals per transformer block, summed over units
+            if c.scale == 0 or not (c.sigma_end <= at * (1 + 1e-6) and at <= c.sigma_start * (1 + 1e-6)):
+                continue
+            image = c.image.to(self.device, self.dtype)
+            image = image.repeat(xin.shape[0] // image.shape[0], 1, 1, 1) if image.shape[0] != xin.shape[0] else image
+            got = c.model(controlnet_cond=image, conditioning_scale=c.scale, **common)[0]
+            blocks = list(got) if blocks is None else [a + b for a, b in zip(blocks, got)]
+        out = self.net(block_controlnet_hidden_states=blocks, **common)[0].float().to(x.device)
         both = self.ms.denoised(s, out, xin)
         if guided:
             self.last_uncond = both[:n]
