@@ -111,7 +111,20 @@ def test_cli_reference_images(home, tmp_path, monkeypatch, capsys):
                                 f"{red}:0.8", "-o", str(out), "--json")
     assert code == 0, err
     assert 'IP-Adapter: "tiny-ip (0.8, 0-1)"' in json.loads(stdout)["images"][0]["infotext"] and out.is_file()
+    from PIL import Image
+    left = tmp_path / "left.png"
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(left)
+    masked = tmp_path / "masked.png"
+    code, stdout, err = run_cli(capsys, "generate", "an apple", *tiny, "--ip-adapter", "tiny-ip", "--ref",
+                                f"{red}:0.8", "--ref-mask", str(left), "-o", str(masked))
+    assert code == 0, err
+    a, b = (np.asarray(Image.open(p), np.int16) for p in (out, masked))
+    assert not np.array_equal(a, b)  # the mask reached the reference
     for args, needle in ((["--ip-adapter", "tiny-ip"], "--ip-adapter and --ref go together"),
+                         (["--ip-adapter", "tiny-ip", "--ref", str(red), "--ref-mask", "-", "--ref-mask", "-"],
+                          "--ref-mask: give one per --ref"),
                          (["--ip-adapter", "tiny-ip", "--ref", str(tmp_path / "missing.png")], "missing.png")):
         bad = tmp_path / "never.png"
         code, _, err = run_cli(capsys, "generate", "x", *tiny, *args, "-o", str(bad))

@@ -71,6 +71,8 @@ def generate(
                                              "--ref images guide the picture"),
     refs: Optional[List[str]] = typer.Option(None, "--ref", help="a reference image for --ip-adapter, "
                                              "'IMG[:weight]'; repeatable"),
+    ref_masks: Optional[List[str]] = typer.Option(None, "--ref-mask", help="where the --ref of the same place "
+                                                  "applies (white), one per --ref in order ('-' for everywhere)"),
     regions: Optional[List[str]] = typer.Option(None, "--regions", "--region", help="a prompt for part of the picture: "
                                                 "'x0,y0,x1,y1:prompt[:weight]' (fractions 0-1), or "
                                                 "'MASK.png:prompt[:weight]'; repeatable"),
@@ -138,7 +140,11 @@ def generate(
             raise _Exit("--ip-adapter and --ref go together: the adapter, and the reference image(s) it reads")
         if ip_adapter:
             from ..core.requests import IPAdapterSpec
-            units = [IPAdapterSpec(model=ip_adapter, **_reference(r)) for r in refs]
+            masks = list(ref_masks or [])
+            if masks and len(masks) != len(refs):
+                raise _Exit(f"--ref-mask: give one per --ref ({len(refs)}), '-' where a reference applies everywhere")
+            units = [IPAdapterSpec(model=ip_adapter, **_reference(r),
+                                   mask=None if not masks or masks[i] == "-" else masks[i]) for i, r in enumerate(refs)]
             fields["ip_adapter"] = units[0] if len(units) == 1 else units
         if detailer:
             from ..core.requests import DETAILERS, DetailerOptions
