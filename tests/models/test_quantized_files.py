@@ -1,6 +1,6 @@
 """Quantised FLUX files as people download them: GGUF (Q8_0, Q4_0; written with llama.cpp's own gguf package,
 loaded through diffusers' GGUF support), plain fp8 and ComfyUI's scaled fp8 single files, and bitsandbytes NF4
-refused with a reason on a machine without CUDA. Each one identified by the probe, listed, and run through the
+(Forge's format; written by bitsandbytes itself, dequantised by imagesmith without it). Each one identified by the probe, listed, and run through the
 engine against the same weights in full precision."""
 
 from __future__ import annotations
@@ -145,12 +145,6 @@ def test_bad_quantised_files_are_one_clear_error(quant_home, tmp_path):
     whole = (quant_home.models_dir / "checkpoints" / "wide-flux-Q8_0.gguf").read_bytes()
     (ckpt / "truncated.gguf").write_bytes(whole[: len(whole) // 3])
     (ckpt / "not-gguf.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
-    nf4 = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(16, 1, dtype=torch.uint8),
-           "double_blocks.0.img_attn.qkv.weight.absmax": torch.ones(1),
-           "double_blocks.0.img_attn.qkv.weight.quant_map": torch.zeros(16),
-           "double_blocks.0.img_attn.qkv.weight.quant_state.bitsandbytes__nf4": torch.zeros(8, dtype=torch.uint8),
-           "single_blocks.0.linear1.weight": torch.zeros(4, 4)}
-    save_file(nf4, str(ckpt / "flux-nf4.safetensors"))
     # a real GGML type that diffusers cannot dequantise (IQ2_XXS), beside ordinary tensors
     from gguf.quants import quant_shape_to_byte_shape
     w = gguf.GGUFWriter(str(ckpt / "flux-iq2.gguf"), "flux")
@@ -163,10 +157,9 @@ def test_bad_quantised_files_are_one_clear_error(quant_home, tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert probe(ckpt / "flux-iq2.gguf").notes[0] == "GGUF IQ2_XXS"
-    assert probe(ckpt / "flux-nf4.safetensors").notes[0].startswith("bitsandbytes NF4")
     engine = Engine(settings, device="cpu")
     for name, why in (("truncated", "truncated or damaged GGUF"), ("not-gguf", "GGUF"),
-                      ("flux-nf4", "runs only on a CUDA GPU"), ("flux-iq2", "quantisation type IQ2_XXS is not one")):
+                      ("flux-iq2", "quantisation type IQ2_XXS is not one")):
         req = GenerateRequest(prompt="x", model=name, width=64, height=64, steps=1)
         with pytest.raises(Exception) as info:
             engine.generate(req)
@@ -237,3 +230,50 @@ def test_comfyui_gguf_workflow_runs_unchanged(quant_home, tmp_path):
     from PIL import Image
     with Image.open(tmp_path / "out" / out["filename"]) as im:
         assert im.size == (64, 64) and np.asarray(im).std() > 0
+
+
+def test_bitsandbytes_nf4_file_is_dequantised_exactly_as_bitsandbytes_does(quant_home, tmp_path):
+    """An NF4 file laid out as Forge's flux1-dev-bnb-nf4 (each weight's packed codes beside its quant state, as
+    bitsandbytes' Params4bit saves them), quantised by bitsandbytes itself: imagesmith reads it without
+    bitsandbytes, and each weight equals bitsandbytes' own dequantize_4bit of it."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from safetensors import safe_open
+
+    from imagesmith.models.loaders import load_transformer_file, read_model_header
+    ckpt = quant_home.models_dir / "checkpoints"
+    src = ckpt / "wide-flux-f32.safetensors"
+    out, expect, original = {}, {}, {}
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if t.ndim == 2 and t.numel() % 64 == 0:
+                q, state = bnb.quantize_4bit(t, blocksize=64, quant_type="nf4", compress_statistics=True)
+                out["model.diffusion_model." + k] = q
+                for name, v in state.as_dict(packed=True).items():
+                    out[f"model.diffusion_model.{k}.{name}"] = v
+                original[k] = t
+                if t.shape[1] % 64 == 0:  # (bitsandbytes 0.50's CPU dequantize_4bit is off where rows and blocks
+                    expect[k] = bnb.dequantize_4bit(q, state)  # do not line up: there the original is the reference)
+            else:
+                out["model.diffusion_model." + k] = t
+    path = ckpt / "wide-flux-nf4.safetensors"
+    save_file(out, str(path), metadata=meta)
+    try:
+        assert probe(path).notes[0] == "bitsandbytes NF4: dequantised on load"
+        from imagesmith.models.bnb4 import dequantize_state
+        with safe_open(str(path), "pt") as f:
+            got = dequantize_state(f.get_tensor, list(f.keys()), torch.float32)
+        assert len(got) == len(original) > 10 and len(expect) >= 5
+        for k, w in expect.items():
+            assert torch.equal(got["model.diffusion_model." + k], w), k  # bit for bit bitsandbytes' answer
+        for k, w in original.items():  # every weight within NF4's rounding of what was quantised
+            blocks = w.flatten().reshape(-1, 64).abs().amax(1).repeat_interleave(64).reshape(w.shape)
+            assert ((got["model.diffusion_model." + k] - w).abs() <= 0.16 * blocks + 1e-6).all(), k
+        model = load_transformer_file(path, "flux", read_model_header(path), torch.float32)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        engine = Engine(quant_home, device="cpu")
+        score = _psnr(_image(engine, "wide-flux-f32"), _image(engine, "wide-flux-nf4"))
+        assert score > 25, score  # 4-bit: further than Q8_0, still the same picture
+    finally:
+        path.unlink()

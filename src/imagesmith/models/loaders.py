@@ -520,19 +520,6 @@ def _patch_flux_transformer(cfg: dict, shapes: dict[str, list[int]]) -> dict:
     return cfg
 
 
-def _refuse_bnb(path: Path, header) -> None:
-    """bitsandbytes NF4/FP4 files: their 4-bit weights run only through bitsandbytes' CUDA kernels."""
-    kinds = [k for k in header.shapes if k.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"))]
-    if not kinds:
-        return
-    kind = "NF4" if kinds[0].endswith("nf4") else "FP4"
-    if not torch.cuda.is_available():
-        raise UnsupportedModel(f"{path.name}: a bitsandbytes {kind} file, which runs only on a CUDA GPU (this machine "
-                               "has none); on the CPU use a GGUF (Q4_K, Q8_0) or fp8 file of the same model")
-    raise UnsupportedModel(f"{path.name}: bitsandbytes {kind} single files are not loaded yet; use a GGUF (Q4_K, "
-                           "Q8_0) or fp8 file of the same model")
-
-
 def _unscale_fp8(state: dict[str, torch.Tensor], torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """ComfyUI's "scaled fp8" files: each fp8 weight times its layer's ``scale_weight`` (input scales and the
     ``scaled_fp8`` marker are for fp8 compute, dropped here: the weights are upcast on load)."""
@@ -590,7 +577,7 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
     from safetensors import safe_open
 
     from .convert import flux_to_diffusers
-    _refuse_bnb(path, header)
+    from . import bnb4
     cfg = _transformer_config(arch, header)
     if path.suffix.lower() == ".gguf":
         return _load_gguf_transformer(path, arch, header, cfg, torch_dtype)
@@ -598,8 +585,13 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
     drop = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
     state = {}
     with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            if k.startswith(drop):
+        keys = [k for k in f.keys() if not k.startswith(drop)]
+        four_bit = bnb4.quantised_weights(keys)  # bitsandbytes NF4/FP4 (Forge's files): dequantised here
+        aux = {a for w in four_bit for a in bnb4.aux_keys(w)}
+        for k, t in bnb4.dequantize_state(f.get_tensor, keys, torch_dtype).items():
+            state[k.removeprefix("model.diffusion_model.").removeprefix("transformer.")] = t
+        for k in keys:
+            if k in aux or k in four_bit:
                 continue
             # one owned, freshly allocated copy per tensor, in the target dtype: tensors at odd offsets
             # of the file change CPU kernels' rounding, and fp8/bf16 files become the requested dtype
