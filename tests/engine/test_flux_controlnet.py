@@ -5,7 +5,6 @@ model needs its mode, and an SD ControlNet on FLUX (or the reverse) is refused."
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from PIL import Image
 
 from imagesmith.core.errors import BadRequest
 from imagesmith.core.requests import GenerateRequest
-from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.models.probe import probe
 
@@ -23,13 +21,11 @@ from imagesmith.models.probe import probe
 def cn_home(tiny_home, tmp_path_factory):
     from diffusers import FluxControlNetModel
 
-    from fixtures.tiny import _randomise_
-    settings = Settings(home=tmp_path_factory.mktemp("flux-cn"))
-    settings.ensure_home()
+    from fixtures.tiny import _randomise_, home_with
+    settings = home_with(tmp_path_factory.mktemp("flux-cn"), tiny_home, "checkpoints/tiny-flux",
+                         "controlnet/tiny-controlnet")
     m = settings.models_dir
     src = tiny_home.models_dir / "checkpoints" / "tiny-flux"
-    shutil.copytree(src, m / "checkpoints" / "tiny-flux")
-    shutil.copytree(tiny_home.models_dir / "controlnet" / "tiny-controlnet", m / "controlnet" / "tiny-controlnet")
     cfg = json.loads((src / "transformer" / "config.json").read_text())
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("out_channels",)}
     for name, extra in (("flux-cn-canny", {}), ("flux-cn-union", {"num_mode": 4})):

@@ -6,7 +6,6 @@ window behave; the wrong model family is refused."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from safetensors.torch import save_file
 
 from imagesmith.core.errors import BadRequest, UnsupportedModel
 from imagesmith.core.requests import GenerateRequest
-from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
+from fixtures.tiny import home_with
 from imagesmith.models.probe import probe
 
 
@@ -25,11 +24,9 @@ from imagesmith.models.probe import probe
 def redux_home(tiny_home, tmp_path_factory):
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
     from transformers import SiglipVisionConfig, SiglipVisionModel
-    settings = Settings(home=tmp_path_factory.mktemp("redux"))
-    settings.ensure_home()
+    settings = home_with(tmp_path_factory.mktemp("redux"), tiny_home, "checkpoints/tiny-flux",
+                         "checkpoints/tiny-sd15")
     m = settings.models_dir
-    shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-flux", m / "checkpoints" / "tiny-flux")
-    shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-sd15", m / "checkpoints" / "tiny-sd15")
     torch.manual_seed(0)
     cfg = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=8)

@@ -4,26 +4,22 @@ family or a missing one is refused before any work."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
 
 from imagesmith.core.errors import BadRequest, ModelNotFound
 from imagesmith.core.requests import GenerateRequest
-from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
+from fixtures.tiny import home_with
 
 
 @pytest.fixture(scope="module")
 def refiner_home(tiny_home, tmp_path_factory):
     from fixtures.tiny import build_sdxl_refiner
-    root = tmp_path_factory.mktemp("refiner")
-    settings = Settings(home=root)
-    settings.ensure_home()
+    settings = home_with(tmp_path_factory.mktemp("refiner"), tiny_home, "checkpoints/tiny-sdxl",
+                         "checkpoints/tiny-sd15")
     ckpt = settings.models_dir / "checkpoints"
-    for name in ("tiny-sdxl", "tiny-sd15"):
-        shutil.copytree(tiny_home.models_dir / "checkpoints" / name, ckpt / name)
     build_sdxl_refiner(3).save_pretrained(ckpt / "tiny-sdxl-refiner", safe_serialization=True)
     return settings
 

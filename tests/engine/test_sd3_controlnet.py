@@ -4,7 +4,6 @@ weight 0 gives the base pixels, and FLUX/SD families are told apart."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from PIL import Image
 
 from imagesmith.core.errors import BadRequest
 from imagesmith.core.requests import GenerateRequest
-from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.models.probe import probe
 
@@ -22,12 +20,10 @@ from imagesmith.models.probe import probe
 def sd3_home(tiny_home, tmp_path_factory):
     from diffusers import SD3ControlNetModel, SD3Transformer2DModel
 
-    from fixtures.tiny import _randomise_
-    settings = Settings(home=tmp_path_factory.mktemp("sd3-cn"))
-    settings.ensure_home()
+    from fixtures.tiny import _randomise_, home_with
+    settings = home_with(tmp_path_factory.mktemp("sd3-cn"), tiny_home, "checkpoints/tiny-sd3",
+                         "controlnet/tiny-controlnet")
     m = settings.models_dir
-    shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-sd3", m / "checkpoints" / "tiny-sd3")
-    shutil.copytree(tiny_home.models_dir / "controlnet" / "tiny-controlnet", m / "controlnet" / "tiny-controlnet")
     transformer = SD3Transformer2DModel.from_pretrained(str(m / "checkpoints" / "tiny-sd3" / "transformer"))
     net = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
     _randomise_(net, seed=2, scale=0.2)

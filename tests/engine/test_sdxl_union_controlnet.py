@@ -13,7 +13,6 @@ from PIL import Image
 
 from imagesmith.core.errors import BadRequest
 from imagesmith.core.requests import GenerateRequest
-from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.models.probe import probe
 
@@ -23,11 +22,9 @@ def union_home(tiny_home, tmp_path_factory):
     from diffusers import ControlNetUnionModel, UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from fixtures.tiny import _randomise_
-    settings = Settings(home=tmp_path_factory.mktemp("union"))
-    settings.ensure_home()
+    from fixtures.tiny import _randomise_, home_with
+    settings = home_with(tmp_path_factory.mktemp("union"), tiny_home, "checkpoints/tiny-sdxl")
     m = settings.models_dir
-    shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-sdxl", m / "checkpoints" / "tiny-sdxl")
     unet = UNet2DConditionModel.from_pretrained(str(m / "checkpoints" / "tiny-sdxl" / "unet"))
     cfg = dict(ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32, 32)).config)
     width = unet.config.block_out_channels[0]  # the real ones: 320 wide as SDXL's first block
