@@ -149,7 +149,8 @@ def test_object_info_has_comfyuis_schemas(graph):
                           "ImageUpscaleWithModel", "ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced",
                           "ConditioningCombine", "ConditioningSetArea", "ConditioningSetMask",
                           "ConditioningZeroOut", "FluxGuidance", "ModelSamplingDiscrete", "ModelSamplingSD3",
-                          "ModelSamplingFlux", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}
+                          "ModelSamplingFlux", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader",
+                          "SetUnionControlNetType", "UnetLoaderGGUF"}
 
 
 def test_saved_pixels_are_truncated_as_comfyui_saves_them():

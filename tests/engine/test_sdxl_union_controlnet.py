@@ -42,12 +42,16 @@ def union_home(tiny_home, tmp_path_factory):
     return settings
 
 
-def _req(tmp_path, unit: dict | None) -> GenerateRequest:
+def _lines(tmp_path) -> str:
     path = tmp_path / "lines.png"
     im = Image.new("RGB", (64, 64), 0)
     im.paste((255, 255, 255), (10, 0, 20, 64))
     im.save(path)
-    extra = {"controlnet": {"image": str(path), "preprocessor": "none", **unit}} if unit else {}
+    return str(path)
+
+
+def _req(tmp_path, unit: dict | None) -> GenerateRequest:
+    extra = {"controlnet": {"image": _lines(tmp_path), "preprocessor": "none", **unit}} if unit else {}
     return GenerateRequest(prompt="a bridge", model="tiny-sdxl", width=64, height=64, steps=3, seed=8, **extra)
 
 
@@ -71,3 +75,42 @@ def test_union_controlnet_modes(union_home, tmp_path):
         engine.generate(_req(tmp_path, {"model": "union-folder"}))
     with pytest.raises(BadRequest, match="union_mode 6 is not one it has"):
         engine.generate(_req(tmp_path, {"model": "union-folder", "union_mode": 6}))
+
+
+def test_comfyui_set_union_controlnet_type(union_home, tmp_path):
+    """ComfyUI's core SetUnionControlNetType node on the same union model, through imagesmith's ComfyUI executor:
+    the type chosen is the one the model reads; "auto" (which diffusers' union model has no form of) is refused."""
+    from imagesmith.engine.graph.executor import GraphContext
+    from imagesmith.engine.graph.nodes import executor_for, model_lists
+    engine = Engine(union_home, device="cpu")
+    _lines(tmp_path)
+    ex = executor_for(engine)
+
+    def run(kind: str):
+        prompt = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sdxl"}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a bridge", "clip": ["1", 1]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "4": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "union-folder"}},
+            "5": {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["4", 0], "type": kind}},
+            "6": {"class_type": "LoadImage", "inputs": {"image": "lines.png"}},
+            "7": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                "positive": ["2", 0], "negative": ["3", 0], "control_net": ["5", 0], "image": ["6", 0],
+                "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+            "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "9": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
+                                                       "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
+                                                       "positive": ["7", 0], "negative": ["7", 1],
+                                                       "latent_image": ["8", 0]}},
+            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+            "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": kind[:5]}}}
+        lists = {**model_lists(engine.registry, ["Lanczos"], tmp_path), "input": ["lines.png"]}
+        checked = ex.validate(prompt, lists=lists)
+        ctx = GraphContext(engine=engine, output_dir=tmp_path / "out", temp_dir=tmp_path / "tmp",
+                           input_dir=tmp_path, prompt=prompt, prompt_id=kind, event=lambda *a: None)
+        name = ex.run(prompt, ctx, checked.outputs).outputs["11"]["images"][0]["filename"]
+        return np.asarray(Image.open(tmp_path / "out" / name))
+
+    assert not np.array_equal(run("openpose"), run("canny/lineart/anime_lineart/mlsd"))
+    with pytest.raises(Exception, match="set its type with SetUnionControlNetType"):
+        run("auto")

@@ -272,6 +272,16 @@ def _conditioning_zero_out(ctx, conditioning):
     return (out,)
 
 
+UNION_TYPES = {"openpose": 0, "depth": 1, "hed/pidi/scribble/ted": 2, "canny/lineart/anime_lineart/mlsd": 3,
+               "normal": 4, "segment": 5, "tile": 6, "repaint": 7}
+"""ComfyUI's SetUnionControlNetType choices: xinsir's SDXL Union/ProMax control types, by their index"""
+
+
+def _set_union_type(ctx, control_net, type):
+    from dataclasses import replace
+    return (replace(control_net, union_type=UNION_TYPES.get(type)),)
+
+
 def _flux_guidance(ctx, conditioning, guidance):
     return ([c.but(guidance=float(guidance)) for c in conditioning],)
 
@@ -744,6 +754,9 @@ def _nodes() -> dict[str, Node]:
         Node("ControlNetApply", "Apply ControlNet (OLD)", "conditioning/controlnet",
              {"conditioning": _l("CONDITIONING"), "control_net": _l("CONTROL_NET"), "image": _l("IMAGE"),
               "strength": _f(1.0, 0.0, 10.0)}, (("CONDITIONING", "CONDITIONING"),), _controlnet_apply),
+        Node("SetUnionControlNetType", "SetUnionControlNetType", "conditioning/controlnet",
+             {"control_net": _l("CONTROL_NET"), "type": _c(("auto", *UNION_TYPES))}, (("CONTROL_NET", "CONTROL_NET"),),
+             _set_union_type),
         Node("ControlNetApplyAdvanced", "Apply ControlNet", "conditioning/controlnet",
              {"positive": _l("CONDITIONING"), "negative": _l("CONDITIONING"), "control_net": _l("CONTROL_NET"),
               "image": _l("IMAGE"), "strength": _f(1.0, 0.0, 10.0), "start_percent": _f(0.0, 0.0, 1.0, 0.001),

@@ -188,8 +188,14 @@ def _controls(engine, c: Cond, ms, n: int, width: int, height: int) -> list[Cont
     for cn, image, strength, start, end in c.extra.get("controls", ()):
         model = engine.component("controlnet", cn.name)
         img = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear")
+        kinds = getattr(model.config, "num_control_type", None)
+        if kinds and cn.union_type is None:  # ComfyUI's "auto" has no equivalent in diffusers' union model
+            raise BadRequest(f"{cn.name} is a union ControlNet: set its type with SetUnionControlNetType")
+        if cn.union_type is not None and (not kinds or cn.union_type >= kinds):
+            raise BadRequest(f"{cn.name}: union type {cn.union_type} is not one it has")
         out.append(ControlSpec(model, img.repeat(n, 1, 1, 1), strength, sigma_start=ms.percent_to_sigma(start),
-                               sigma_end=ms.percent_to_sigma(end)))
+                               sigma_end=ms.percent_to_sigma(end),
+                               mode=None if cn.union_type is None else torch.tensor([[cn.union_type]])))
     return out or None
 
 

@@ -61,6 +61,8 @@ class VaeValue:
 @dataclass(frozen=True, eq=False)
 class ControlNetValue:
     name: str
+    union_type: int | None = None
+    """a union ControlNet's control type (SetUnionControlNetType), None for auto"""
 
 
 @dataclass(frozen=True, eq=False)
