@@ -80,11 +80,10 @@ def test_union_controlnet_modes(union_home, tmp_path):
 def test_comfyui_set_union_controlnet_type(union_home, tmp_path):
     """ComfyUI's core SetUnionControlNetType node on the same union model, through imagesmith's ComfyUI executor:
     the type chosen is the one the model reads; "auto" (which diffusers' union model has no form of) is refused."""
-    from imagesmith.engine.graph.executor import GraphContext
-    from imagesmith.engine.graph.nodes import executor_for, model_lists
+    from fixtures.graph import run_to_image
+    from imagesmith.engine.graph.nodes import model_lists
     engine = Engine(union_home, device="cpu")
     _lines(tmp_path)
-    ex = executor_for(engine)
 
     def run(kind: str):
         prompt = {
@@ -105,11 +104,7 @@ def test_comfyui_set_union_controlnet_type(union_home, tmp_path):
             "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
             "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": kind[:5]}}}
         lists = {**model_lists(engine.registry, ["Lanczos"], tmp_path), "input": ["lines.png"]}
-        checked = ex.validate(prompt, lists=lists)
-        ctx = GraphContext(engine=engine, output_dir=tmp_path / "out", temp_dir=tmp_path / "tmp",
-                           input_dir=tmp_path, prompt=prompt, prompt_id=kind, event=lambda *a: None)
-        name = ex.run(prompt, ctx, checked.outputs).outputs["11"]["images"][0]["filename"]
-        return np.asarray(Image.open(tmp_path / "out" / name))
+        return run_to_image(engine, prompt, tmp_path, lists=lists, save_node="11", prompt_id=kind)
 
     assert not np.array_equal(run("openpose"), run("canny/lineart/anime_lineart/mlsd"))
     with pytest.raises(Exception, match="set its type with SetUnionControlNetType"):

@@ -206,8 +206,8 @@ def test_sd3_gguf_in_the_original_layout(tiny_home, tmp_path):
 def test_comfyui_gguf_workflow_runs_unchanged(quant_home, tmp_path):
     """A ComfyUI-GGUF workflow (its UnetLoaderGGUF node) in API format: the GGUF transformer as the MODEL, CLIP and
     VAE from a FLUX checkpoint loader, through imagesmith's ComfyUI executor."""
-    from imagesmith.engine.graph.executor import GraphContext
-    from imagesmith.engine.graph.nodes import executor_for, model_lists
+    from fixtures.graph import run_to_image
+    from imagesmith.engine.graph.nodes import model_lists
     engine = Engine(quant_home, device="cpu")
     lists = model_lists(engine.registry, ["Lanczos"])
     assert lists["unet_gguf"] == ["wide-flux-Q4_0.gguf", "wide-flux-Q8_0.gguf"]
@@ -222,14 +222,8 @@ def test_comfyui_gguf_workflow_runs_unchanged(quant_home, tmp_path):
                                                    "latent_image": ["4", 0]}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["2", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": "gguf", "images": ["6", 0]}}}
-    ex = executor_for(engine)
-    checked = ex.validate(prompt, lists=lists)
-    ctx = GraphContext(engine=engine, output_dir=tmp_path / "out", temp_dir=tmp_path / "temp", input_dir=tmp_path,
-                       prompt=prompt, prompt_id="p", event=lambda *a: None)
-    out = ex.run(prompt, ctx, checked.outputs).outputs["7"]["images"][0]
-    from PIL import Image
-    with Image.open(tmp_path / "out" / out["filename"]) as im:
-        assert im.size == (64, 64) and np.asarray(im).std() > 0
+    image = run_to_image(engine, prompt, tmp_path, lists=lists, save_node="7")
+    assert image.shape[:2] == (64, 64) and image.std() > 0
 
 
 def test_bitsandbytes_nf4_file_is_dequantised_exactly_as_bitsandbytes_does(quant_home, tmp_path):

@@ -224,16 +224,19 @@ async def extra_batch_images(request: Request, svc: Svc, who: Caller):
     return {"html_info": "", "images": images}
 
 
-def restorer_names(svc: Services) -> list[str]:
+def _restorers(svc: Services) -> list:
     from ...models.house import make_registry
-    return sorted((e.name for e in make_registry(svc.settings).list("restorer")), key=str.lower)
+    return sorted(make_registry(svc.settings).list("restorer"), key=lambda e: e.name.lower())
+
+
+def restorer_names(svc: Services) -> list[str]:
+    return [e.name for e in _restorers(svc)]
 
 
 def _restorer_for(svc: Services, asked: Any) -> str | None:
     """The restorer A1111's ``face_restoration_model`` option names, when one of that name (or architecture,
     'GFPGAN') is installed; else the first installed; None when there is none."""
-    from ...models.house import make_registry
-    entries = sorted(make_registry(svc.settings).list("restorer"), key=lambda e: e.name.lower())
+    entries = _restorers(svc)
     if not entries:
         return None
     if isinstance(asked, str) and asked:
