@@ -39,16 +39,18 @@ from . import performance as perf
 from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
 from .sampling import ksampler as K
 from .prompt_editing import has_editing, prompt_schedule, split_and, text_at
-from .sampling.denoisers import (Composed, Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, StepScheduled,
-                                 shared_uncond_call,
-                                 UNetDenoiser)
+from . import qwen_image as Q
+from .qwen_image import is_qwen_edit
+from .sampling.denoisers import (Composed, Conditioning, ControlSpec, FluxDenoiser, QwenDenoiser, SD3Denoiser,
+                                 StepScheduled, shared_uncond_call, UNetDenoiser)
 from .sampling.model_sampling import FlowModelSampling, from_scheduler_config
 from .sampling.step_cache import StepCache
 
 log = logging.getLogger("imagesmith.engine")
 
-FLOW_ARCHS = ("sd3", "flux")
-NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+FLOW_ARCHS = ("sd3", "flux", "qwen")
+NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "qwen": 1328}
+PACKED_ARCHS = ("flux", "qwen")  # 2x2-packed latent tokens: sides in multiples of 16 px
 
 
 @dataclass
@@ -466,8 +468,9 @@ class Engine:
         if final[0] * final[1] > self.settings.max_pixels:
             raise BadRequest(f"{int(final[0])}x{int(final[1])} is over the pixel cap of "
                              f"{self.settings.max_pixels} (IMAGESMITH_MAX_PIXELS)")
-        if entry.arch == "flux" and (width % 16 or height % 16):
-            raise BadRequest(f"FLUX needs width and height in multiples of 16, got {width}x{height}")
+        if entry.arch in PACKED_ARCHS and (width % 16 or height % 16):
+            family = "FLUX" if entry.arch == "flux" else "Qwen-Image"
+            raise BadRequest(f"{family} needs width and height in multiples of 16, got {width}x{height}")
         return width, height
 
     def _native_size(self, entry: ModelEntry) -> int:
@@ -569,8 +572,13 @@ class Engine:
     def vae_decode_tensor(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images [B, 3, H, W] in [0, 1] (float32, CPU)."""
         with torch.inference_mode(), _vae_precision(vae):
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
+            if _is_frame_vae(vae):  # Qwen-Image's VAE: per-channel mean/std, one-frame video latents
+                mean, std = _channel_stats(vae, latents.ndim)
+                z = (latents.float() * std + mean).unsqueeze(2)
+                pixels = vae.decode(z.to(vae.device, vae.dtype)).sample[:, :, 0]
+            else:
+                shift = getattr(vae.config, "shift_factor", None) or 0.0
+                pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
         return (pixels.float().cpu() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ models
@@ -726,7 +734,7 @@ class Engine:
                     "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
         # SD3 and FLUX pipelines encode raw text themselves (T5 + CLIP); WebUI weights do not apply.
         out = {"prompt": P.plain_prompt(job.prompt)}
-        if for_arch == "sd3":
+        if for_arch in ("sd3", "qwen"):
             out["negative_prompt"] = P.plain_prompt(job.negative)
         if req.clip_skip > 1:
             out["clip_skip"] = req.clip_skip - 1
@@ -761,11 +769,12 @@ class Engine:
             raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
         mode = req.mode
-        if is_kontext(job.entry) and mode != "txt2img":
+        if (is_kontext(job.entry) or is_qwen_edit(job.entry)) and mode != "txt2img":
             if mode == "inpaint":
-                raise BadRequest(f"{job.entry.name} is a FLUX Kontext model: give it the picture to edit and an "
+                family = "FLUX Kontext" if is_kontext(job.entry) else "Qwen-Image-Edit"
+                raise BadRequest(f"{job.entry.name} is a {family} model: give it the picture to edit and an "
                                  "instruction, without a mask")
-            mode = "txt2img"  # Kontext edits from noise, reading the picture as reference tokens
+            mode = "txt2img"  # an instruction edit starts from noise, reading the picture as reference tokens
         init_latent = mask = concat = None
         crop = None
         if mode != "txt2img":
@@ -832,7 +841,7 @@ class Engine:
         width = int(job.width * hr.hr_scale) // 8 * 8
         height = int(job.height * hr.hr_scale) // 8 * 8
         vae_sf = getattr(pipe, "vae_scale_factor", 8)
-        if job.arch == "flux":
+        if job.arch in PACKED_ARCHS:
             width, height = width // 16 * 16, height // 16 * 16
         if hr.hr_upscaler == "Latent":
             if hr.hr_denoising_strength == 0:
@@ -979,7 +988,7 @@ class Engine:
 
     def _model_sampling(self, pipe, job: _Job, width: int, height: int):
         config = dict(pipe.scheduler.config)
-        if job.arch == "flux":  # FLUX shifts time by e^mu, mu growing with the image's token count (diffusers')
+        if job.arch in PACKED_ARCHS:  # FLUX and Qwen-Image shift time by e^mu, mu growing with the token count (diffusers')
             if not config.get("use_dynamic_shifting"):
                 return FlowModelSampling(shift=float(config.get("shift", 1.0)), multiplier=1.0, timesteps=10000)
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -1000,6 +1009,8 @@ class Engine:
 
     def _denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int, n: int, concat):
         req = job.req
+        if job.arch == "qwen":
+            return self._qwen_denoiser(pipe, job, rows, encoded, ms, width, height)
         if job.arch == "sd3":
             conds, unconds = [], []
             for (j, _, k), e in zip(rows, encoded):
@@ -1050,6 +1061,34 @@ class Engine:
         return UNetDenoiser(net, ms, cond, uncond if req.cfg_scale != 1 else None, req.cfg_scale,
                             control=control, concat=concat, cfg_rescale=req.cfg_rescale, ip_windows=windows,
                             ip_masks=masks)
+
+    def _qwen_denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int):
+        """Qwen-Image: the pipeline's own Qwen2.5-VL conditioning for each request (and its negative when CFG is
+        on); Qwen-Image-Edit also gives the encoder the picture to edit and appends its latent as tokens."""
+        req = job.req
+        picture = context = None
+        if is_qwen_edit(job.entry):
+            if job.init_image is None:
+                raise BadRequest(f"{job.entry.name} is a Qwen-Image-Edit model: give it the picture to edit "
+                                 "(init_image) and an instruction")
+            (rw, rh), (cw, ch) = Q.reference_sizes(pipe, job.init_image)
+            source = job.init_image.convert("RGB")
+            picture = source.resize((cw, ch), Image.LANCZOS)
+            ref = self._vae_encode(pipe.vae, [source.resize((rw, rh), Image.LANCZOS)])
+            n = sum(k for _, _, k in rows)
+            context = (Q.pack(pipe, ref).repeat(n, 1, 1), [(1, rh // pipe.vae_scale_factor // 2,
+                                                            rw // pipe.vae_scale_factor // 2)])
+        guided = req.cfg_scale != 1
+        conds, unconds = [], []
+        for (j, _, k), e in zip(rows, encoded):
+            conds.append((*Q.encode_text(pipe, e["prompt"], self.device, picture), k))
+            if guided:  # diffusers' true CFG needs a negative text; an empty one is a single space there
+                unconds.append((*Q.encode_text(pipe, e.get("negative_prompt") or " ", self.device, picture), k))
+        vae_sf = pipe.vae_scale_factor
+        return QwenDenoiser(job.net or pipe.transformer, ms, Q.stack_conditioning(conds),
+                            Q.stack_conditioning(unconds) if guided else None, req.cfg_scale,
+                            pack=lambda x: Q.pack(pipe, x), unpack=lambda y: Q.unpack(pipe, y, width, height),
+                            shape=(1, height // vae_sf // 2, width // vae_sf // 2), context=context)
 
     def _dit_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
         """FLUX and SD3 ControlNet units: each control image preprocessed and VAE-encoded (for FLUX packed as the
@@ -1216,6 +1255,10 @@ class Engine:
     def _vae_encode_tensor(self, vae, pixels: torch.Tensor) -> torch.Tensor:
         """The latent of images in [-1, 1]: the posterior's mode (ComfyUI's; no random draw), scaled."""
         with torch.inference_mode(), _vae_precision(vae):
+            if _is_frame_vae(vae):  # Qwen-Image's VAE: a one-frame video in, per-channel normalised latents out
+                z = vae.encode(pixels[:, :, None].to(vae.device, vae.dtype)).latent_dist.mode()[:, :, 0]
+                mean, std = _channel_stats(vae, z.ndim)
+                return (z.float().cpu() - mean) / std
             dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             return (dist.mode().float().cpu() - shift) * vae.config.scaling_factor
@@ -1362,6 +1405,18 @@ def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
         else:
             out[key] = first
     return out
+
+
+def _is_frame_vae(vae) -> bool:
+    """Qwen-Image's (Wan-family) VAE: 3-D convolutions over frames and a per-channel latent mean and std instead of
+    one scaling factor."""
+    return getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "z_dim", None) is not None
+
+
+def _channel_stats(vae, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, -1) + (1,) * (ndim - 2)
+    return (torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(shape),
+            torch.tensor(vae.config.latents_std, dtype=torch.float32).view(shape))
 
 
 @contextlib.contextmanager

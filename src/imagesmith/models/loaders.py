@@ -29,14 +29,17 @@ CONFIGS_DIR = Path(__file__).parent / "configs"
 CLIP_TOKENIZER_DIR = CONFIGS_DIR / "tokenizers" / "clip"
 ARCH_CONFIG = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux-dev"}
 PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+                  "qwen": "QwenImagePipeline"}
+QWEN_EDIT_CLASSES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 T5_SLOT = {"flux": "tokenizer_2", "sd3": "tokenizer_3"}
 
 
 def _pipeline_cls(arch: str):
     import diffusers
     if arch not in PIPELINE_CLASS:
-        raise UnsupportedModel(f"architecture {arch!r} cannot be loaded as a pipeline (SD1/SD2/SDXL/SD3/FLUX only)")
+        raise UnsupportedModel(f"architecture {arch!r} cannot be loaded as a pipeline (SD1/SD2/SDXL/SD3/FLUX/"
+                               "Qwen-Image only)")
     return getattr(diffusers, PIPELINE_CLASS[arch])
 
 
@@ -291,7 +294,7 @@ def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: st
         raise UnsupportedModel(f"{entry.name} is a {entry.kind}, not a checkpoint")
     if arch not in PIPELINE_CLASS:
         raise UnsupportedModel(f"{entry.name}: architecture {arch!r} is not one imagesmith runs "
-                               "(SD1, SD2, SDXL, SD3, FLUX)")
+                               "(SD1, SD2, SDXL, SD3, FLUX, Qwen-Image)")
     if path.is_dir():
         from .house import is_house_folder, load_house_pipeline  # house-ldm: packaged MiniLM text encoder
         if is_house_folder(path):
@@ -324,6 +327,9 @@ def _load_folder(entry, arch: str, torch_dtype):
     if (path / "model_index.json").is_file():
         kwargs = _sd_kwargs(arch)
         index = _json(path / "model_index.json")
+        if arch == "qwen" and index.get("_class_name") in QWEN_EDIT_CLASSES:  # they read a processor/ too
+            import diffusers
+            cls = getattr(diffusers, index["_class_name"])
         slot = T5_SLOT.get(arch)
         if slot and isinstance(index.get(slot), list) and index[slot][0] is not None:
             kwargs[slot] = resolve_t5_tokenizer(entry, arch)

@@ -22,7 +22,7 @@ from ..core.errors import UnsafeModelFile
 
 Kind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "ipadapter", "clip_vision",
                "unknown"]
-Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "unknown"]
+Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "qwen", "unknown"]
 Format = Literal["diffusers", "single-file"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -190,7 +190,8 @@ def _context_dim_from_attn2(shapes: dict[str, list[int]], pattern: str) -> int |
 
 
 _CONTEXT_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
-_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "qwen": 1328}
+QWEN_EDIT_NOTE = "Qwen-Image-Edit (instruction editing: the picture to edit, and what to change)"
 
 
 def probe_header(header: SafetensorsHeader, name: str = "") -> ProbeResult:
@@ -575,6 +576,7 @@ def _probe_lora(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
 # ------------------------------------------------------------------------------------------ folders
 _PIPELINE_ARCH = [
     ("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusion", "sd1"),
+    ("QwenImage", "qwen"),
 ]
 
 
@@ -607,7 +609,13 @@ def probe_folder(path: Path) -> ProbeResult:
         if arch == "sd1" and unet_cfg:
             arch = _unet_arch(unet_cfg)
         if arch == "unknown":
-            notes.append(f"pipeline class {cls or '?'} is not one imagesmith runs (SD1/SD2/SDXL/SD3/FLUX)")
+            notes.append(f"pipeline class {cls or '?'} is not one imagesmith runs (SD1/SD2/SDXL/SD3/FLUX/Qwen-Image)")
+        if arch == "qwen":
+            if cls.startswith("QwenImageEdit"):
+                notes.append(QWEN_EDIT_NOTE)
+            elif cls not in ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"):
+                arch = "unknown"
+                notes.append(f"{cls}: imagesmith runs Qwen-Image and Qwen-Image-Edit folders, not this variant")
         if "ControlNet" in cls:
             notes.append("a ControlNet pipeline folder: its unet/ and controlnet/ are used as a checkpoint")
         components = [k for k, v in info.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
@@ -640,6 +648,11 @@ def probe_folder(path: Path) -> ProbeResult:
         if cls == "SD3Transformer2DModel":
             return ProbeResult(kind="checkpoint", arch="sd3", format=fmt, notes=notes + ["transformer only"],
                                components=["transformer"])
+        if cls == "QwenImageTransformer2DModel":
+            return ProbeResult(kind="checkpoint", arch="qwen", format=fmt, notes=notes + ["transformer only"],
+                               components=["transformer"])
+        if cls == "AutoencoderKLQwenImage":
+            return ProbeResult(kind="vae", arch="qwen", format=fmt, notes=notes, components=["vae"])
         if cls == "FluxTransformer2DModel":
             notes.append("FLUX.1-dev style" if cfg.get("guidance_embeds") else "FLUX.1-schnell style")
             return ProbeResult(kind="checkpoint", arch="flux", format=fmt, notes=notes + ["transformer only"],

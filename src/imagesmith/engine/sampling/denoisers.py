@@ -288,6 +288,54 @@ class FluxDenoiser:
         return self.ms.denoised(sigma, v, x)
 
 
+class QwenDenoiser:
+    """Qwen-Image's MMDiT on 2x2-packed latents. It predicts the flow velocity; guidance is "true CFG" (two
+    passes, cond and uncond, each with its own text length and padding mask) followed by diffusers' rescale of the
+    guided velocity to the conditional one's norm, token by token (QwenImagePipeline's). `cond.added["mask"]` is
+    the text padding mask [B, T] or None.
+
+    ``context``: Qwen-Image-Edit's picture to edit, as packed latent tokens appended to the sequence, with their
+    (frames, rows, cols) shapes for the transformer's 3-D positions; the network's answer for them is dropped."""
+
+    def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None,
+                 cfg_scale: float, *, pack, unpack, shape: tuple[int, int, int],
+                 context: tuple[torch.Tensor, list[tuple[int, int, int]]] | None = None):
+        self.net, self.ms, self.cfg = transformer, ms, float(cfg_scale)
+        self.dtype = compute_dtype(transformer)
+        self.device = next(transformer.parameters()).device
+        self.cond = cond.to(self.device, self.dtype)
+        self.uncond = None if uncond is None else uncond.to(self.device, self.dtype)
+        self.pack, self.unpack, self.shape, self.context = pack, unpack, shape, context
+        self.last_uncond = None
+
+    def _velocity(self, packed, t, cond: Conditioning, shapes, tokens: int) -> torch.Tensor:
+        mask = (cond.added or {}).get("mask")
+        out = self.net(hidden_states=packed, encoder_hidden_states=cond.embeds,
+                       encoder_hidden_states_mask=None if mask is None else mask.to(self.device),
+                       timestep=t, img_shapes=shapes, return_dict=False)[0]
+        return out[:, :tokens].float()
+
+    def __call__(self, x, sigma):
+        n = x.shape[0]
+        packed = self.pack(x).to(self.device, self.dtype)
+        tokens = packed.shape[1]
+        shapes = [[self.shape]] * n
+        if self.context is not None:
+            ref, ref_shapes = self.context
+            packed = torch.cat([packed, ref.to(self.device, self.dtype)], dim=1)
+            shapes = [[self.shape, *ref_shapes]] * n
+        t = self.ms.timestep(sigma).to(self.device, self.dtype).expand(n)
+        v = self._velocity(packed, t, self.cond, shapes, tokens)
+        self.last_uncond = None
+        if self.uncond is not None and self.cfg != 1.0:
+            v_u = self._velocity(packed, t, self.uncond, shapes, tokens)
+            guided = v_u + self.cfg * (v - v_u)
+            v = guided * (torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+                          / torch.linalg.vector_norm(guided, dim=-1, keepdim=True))
+            self.last_uncond = self.ms.denoised(sigma, self.unpack(v_u).to(x.device), x)
+        return self.ms.denoised(sigma, self.unpack(v).to(x.device), x)
+
+
 class StepScheduled:
     """Conditioning that changes with the sampling step (A1111's prompt editing and alternation): `parts` are
     (last step, 1-based; denoiser). A call's step is its sigma's place in `sigmas`, so a sampler's extra

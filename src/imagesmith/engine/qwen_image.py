@@ -1,0 +1,83 @@
+"""Qwen-Image and Qwen-Image-Edit on imagesmith's sampling layer: text conditioning through the pipeline's own
+Qwen2.5-VL encoder (diffusers' ``encode_prompt``, which also reads the picture to edit), the picture to edit as
+reference latent tokens, and the sizes diffusers' edit pipelines use.
+
+The samplers see the plain [B, 16, H/8, W/8] latent; ``QwenDenoiser`` (engine.sampling.denoisers) packs it into
+the transformer's 2x2 tokens. The VAE's per-channel latent normalisation is handled where every VAE is
+(``engine.generate``'s encode and decode)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+
+from ..models.probe import QWEN_EDIT_NOTE
+from ..models.registry import ModelEntry
+from .sampling.denoisers import Conditioning
+
+VAE_REFERENCE_AREA = 1024 * 1024
+"""diffusers' QwenImageEdit(Plus)Pipeline: the picture to edit is encoded at about 1 MP (its aspect kept)"""
+PLUS_CONDITION_AREA = 384 * 384
+"""QwenImageEditPlusPipeline: the picture the text encoder sees is about 384x384"""
+
+
+def is_qwen_edit(entry: ModelEntry) -> bool:
+    """Qwen-Image-Edit (2508) and Edit-Plus (2509 and later): the picture to edit and an instruction."""
+    return entry.arch == "qwen" and QWEN_EDIT_NOTE in entry.notes
+
+
+def edit_size(image: Image.Image, area: int) -> tuple[int, int]:
+    """diffusers' ``calculate_dimensions``: the picture's aspect ratio at about ``area`` pixels, sides rounded to
+    multiples of 32."""
+    ratio = image.width / image.height
+    width = math.sqrt(area * ratio)
+    return max(32, round(width / 32) * 32), max(32, round(width / ratio / 32) * 32)
+
+
+def reference_sizes(pipe, image: Image.Image, *, area: int = VAE_REFERENCE_AREA,
+                    condition_area: int = PLUS_CONDITION_AREA) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(VAE reference size, text-encoder picture size) for an edit, as diffusers' edit pipelines and ComfyUI's
+    TextEncodeQwenImageEdit(Plus) nodes take them whatever the output size: about 1 MP for the VAE; for Edit-Plus
+    a 384 px picture for the text encoder (Edit reads the VAE-sized one)."""
+    vae_size = edit_size(image, area)
+    plus = type(pipe).__name__.startswith("QwenImageEditPlus")
+    return vae_size, (edit_size(image, condition_area) if plus else vae_size)
+
+
+def encode_text(pipe, prompt: str, device, image: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pipeline's own text conditioning: (embeds [1, T, D], padding mask [1, T] or None). Edit pipelines read
+    the picture too (Qwen2.5-VL sees it beside the instruction)."""
+    if image is None:
+        return pipe.encode_prompt(prompt, device=device)
+    picture = [image] if type(pipe).__name__.startswith("QwenImageEditPlus") else image
+    return pipe.encode_prompt(prompt, image=picture, device=device)
+
+
+def stack_conditioning(parts: list[tuple[torch.Tensor, torch.Tensor | None, int]]) -> Conditioning:
+    """Per-request (embeds, mask, images) into one batch: each request's text repeated for its images, shorter
+    texts padded with zeros and masked out (the transformer attends only to real tokens)."""
+    longest = max(e.shape[1] for e, _, _ in parts)
+    embeds, masks = [], []
+    for e, m, k in parts:
+        m = torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if m is None else m
+        pad = longest - e.shape[1]
+        if pad:
+            e = torch.cat([e, e.new_zeros(e.shape[0], pad, e.shape[2])], dim=1)
+            m = torch.cat([m, m.new_zeros(m.shape[0], pad)], dim=1)
+        embeds.append(e.repeat(k, 1, 1))
+        masks.append(m.repeat(k, 1))
+    mask = torch.cat(masks)
+    return Conditioning(torch.cat(embeds), {} if bool(mask.all()) else {"mask": mask})
+
+
+def pack(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] latents -> the transformer's [B, H/2 * W/2, 4C] tokens."""
+    b, c, h, w = latents.shape
+    return pipe._pack_latents(latents, b, c, h, w)
+
+
+def unpack(pipe, tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The transformer's tokens -> [B, C, H, W] latents (diffusers' unpack gives a one-frame video latent)."""
+    return pipe._unpack_latents(tokens, height, width, pipe.vae_scale_factor)[:, :, 0]

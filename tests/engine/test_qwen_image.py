@@ -1,0 +1,195 @@
+"""Qwen-Image and Qwen-Image-Edit on tiny models of the real classes (QwenImageTransformer2DModel, the 3-D
+AutoencoderKLQwenImage, a Qwen2.5-VL text encoder with its vision tower): the engine's sampling layer against
+diffusers' own QwenImagePipeline / QwenImageEditPipeline (peers we did not write) for the same noise, what reaches
+the transformer, how the probe names the folders, and the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fixtures.tiny import build_qwen_image
+from imagesmith.core.errors import BadRequest, UnsupportedModel
+from imagesmith.core.requests import GenerateRequest
+from imagesmith.core.settings import Settings
+from imagesmith.engine.generate import Engine
+from imagesmith.models.probe import QWEN_EDIT_NOTE, probe
+
+QWEN, EDIT, PLUS = "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-qwen-image-edit-plus"
+
+
+@pytest.fixture(scope="module")
+def qwen_home(tmp_path_factory):
+    settings = Settings(home=tmp_path_factory.mktemp("qwen-home"))
+    settings.ensure_home()
+    ckpt = settings.models_dir / "checkpoints"
+    for name, edit in ((QWEN, None), (EDIT, "edit"), (PLUS, "plus")):
+        build_qwen_image(0, edit=edit).save_pretrained(ckpt / name, safe_serialization=True)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def engine(qwen_home):
+    return Engine(qwen_home, device="cpu")
+
+
+def _picture(colour=(200, 60, 40)) -> Image.Image:
+    im = Image.new("RGB", (64, 48), colour)
+    im.paste((20, 90, 200), (8, 24, 40, 44))
+    return im
+
+
+def _file(tmp_path, image: Image.Image, name: str) -> str:
+    path = tmp_path / name
+    image.save(path)
+    return str(path)
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0], np.float32)
+
+
+def _capture(engine, name):
+    pipe = engine.pipeline(engine.checkpoint(name)).value
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append({"hidden_states": kwargs["hidden_states"].clone(),
+                                             "img_shapes": kwargs["img_shapes"],
+                                             "text": kwargs["encoder_hidden_states"].clone()}), with_kwargs=True)
+    return seen, hook
+
+
+def test_probe_names_qwen_image_and_the_edit_models(qwen_home):
+    ckpt = qwen_home.models_dir / "checkpoints"
+    plain, edit, plus = (probe(ckpt / n) for n in (QWEN, EDIT, PLUS))
+    assert (plain.arch, plain.kind, plain.native_size) == ("qwen", "checkpoint", 1328)
+    assert QWEN_EDIT_NOTE not in plain.notes
+    assert edit.arch == plus.arch == "qwen" and QWEN_EDIT_NOTE in edit.notes and QWEN_EDIT_NOTE in plus.notes
+    assert probe(ckpt / QWEN / "transformer").arch == "qwen"
+    assert probe(ckpt / QWEN / "vae").kind == "vae"
+
+
+def test_txt2img_equals_diffusers_qwen_image_pipeline(engine):
+    """Euler on the simple schedule is the flow-matching Euler step diffusers' pipeline takes, over the same
+    e^mu-shifted sigmas; true CFG with its per-token norm rescale; the VAE's per-channel latent statistics."""
+    req = GenerateRequest(prompt="a red apple on a wooden table", negative_prompt="blurry low quality image",
+                          model=QWEN, width=64, height=48, steps=4, cfg_scale=4.0, seed=7, sampler_name="euler",
+                          scheduler="simple", noise="comfy")
+    ours = _pixels(engine.generate(req))
+    pipe = engine.pipeline(engine.checkpoint(QWEN)).value
+    theirs = pipe(req.prompt, negative_prompt=req.negative_prompt, true_cfg_scale=4.0, width=64, height=48,
+                  num_inference_steps=4, generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    theirs = np.round(theirs * 255)
+    assert ours.std() > 5  # a picture, not a flat field
+    assert np.abs(ours - theirs).max() <= 2, np.abs(ours - theirs).max()
+
+
+def test_cfg_one_is_a_single_pass_and_the_negative_matters_otherwise(engine):
+    base = GenerateRequest(prompt="a teapot in the garden at night", model=QWEN, width=32, height=32, steps=2,
+                           seed=3, cfg_scale=1.0)
+    seen, hook = _capture(engine, QWEN)
+    try:
+        engine.generate(base)
+        assert len(seen) == 2  # one pass a step, no negative
+        seen.clear()
+        a = _pixels(engine.generate(base.model_copy(update={"cfg_scale": 4.0, "negative_prompt": "a cat"})))
+        assert len(seen) == 4  # cond and uncond a step
+    finally:
+        hook.remove()
+    b = _pixels(engine.generate(base.model_copy(update={"cfg_scale": 4.0, "negative_prompt": "a box, an apple"})))
+    assert np.abs(a - b).mean() > 0.5
+
+
+def test_batch_of_prompts_with_different_lengths_pads_and_masks_the_text(engine):
+    """Two requests batched in one run: the shorter text is padded and masked, so each image is its request's own
+    (the same as run alone)."""
+    reqs = [GenerateRequest(prompt=p, model=QWEN, width=32, height=32, steps=2, seed=5, cfg_scale=1.0)
+            for p in ("a cat", "an astronaut riding a horse on the moon")]
+    together = engine.generate_many(reqs)
+    alone = [engine.generate(r) for r in reqs]
+    for t, a in zip(together, alone):
+        assert np.abs(_pixels(t) - _pixels(a)).max() <= 1
+
+
+def test_img2img_keeps_the_picture_at_low_strength(engine, tmp_path):
+    """A random VAE does not give a picture back, so "kept" is measured against its own round trip of it."""
+    init = _file(tmp_path, _picture(), "in.png")
+    req = GenerateRequest(prompt="a photo of a cat", model=QWEN, init_image=init, width=64, height=48, steps=4,
+                          seed=2, cfg_scale=1.0)
+    low = _pixels(engine.generate(req.model_copy(update={"denoising_strength": 0.05})))
+    high = _pixels(engine.generate(req.model_copy(update={"denoising_strength": 1.0})))
+    vae = engine.pipeline(engine.checkpoint(QWEN)).value.vae
+    pixels = torch.from_numpy(np.asarray(_picture(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    trip = engine.vae_decode_tensor(vae, engine.vae_encode(vae, pixels))[0].permute(1, 2, 0).numpy() * 255
+    assert np.abs(low - trip).mean() < 0.25 * np.abs(high - trip).mean()
+
+
+@pytest.fixture
+def small_references(monkeypatch):
+    """Qwen-Image-Edit reads the picture at about 1 MP (diffusers' pipelines and ComfyUI's nodes alike): far too
+    slow for tiny tests on a CPU, so both sides take it at 64x48's area here."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+
+    from imagesmith.engine import qwen_image
+    monkeypatch.setattr(qwen_image, "VAE_REFERENCE_AREA", 64 * 48)
+    original = edit.calculate_dimensions
+    monkeypatch.setattr(edit, "calculate_dimensions", lambda area, ratio: original(64 * 48, ratio))
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 64 * 48)
+    monkeypatch.setattr(qwen_image.reference_sizes, "__kwdefaults__", {"area": 64 * 48, "condition_area": 32 * 32})
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 32 * 32)
+
+
+@pytest.mark.parametrize("name", [EDIT, PLUS])
+def test_edit_reads_the_picture_as_tokens_and_equals_diffusers_edit_pipelines(engine, tmp_path, small_references,
+                                                                              name):
+    """The picture to edit reaches the Qwen2.5-VL encoder (beside the instruction) and the transformer (as latent
+    tokens after the output's, on their own frame); the result equals diffusers' QwenImageEditPipeline's (Edit,
+    2508) and QwenImageEditPlusPipeline's (2509/2511: a smaller picture for the encoder) for the same noise."""
+    req = GenerateRequest(prompt="make it blue", negative_prompt=" ", model=name,
+                          init_image=_file(tmp_path, _picture(), "in.png"), width=64, height=48, steps=3, seed=11,
+                          cfg_scale=4.0, sampler_name="euler", scheduler="simple", noise="comfy")
+    seen, hook = _capture(engine, name)
+    try:
+        ours = _pixels(engine.generate(req))
+    finally:
+        hook.remove()
+    # 64x48 output: 4x3 tokens; the picture at 64x48's area and aspect, sides rounded to 32: 64x64, 4x4 tokens
+    assert seen[0]["hidden_states"].shape[1] == 12 + 16
+    assert seen[0]["img_shapes"][0] == [(1, 3, 4), (1, 4, 4)]
+    pipe = engine.pipeline(engine.checkpoint(name)).value
+    theirs = pipe(image=_picture(), prompt=req.prompt, negative_prompt=" ", true_cfg_scale=4.0, width=64,
+                  height=48, num_inference_steps=3, generator=torch.Generator().manual_seed(11),
+                  output_type="np").images[0]
+    assert ours.std() > 5
+    assert np.abs(ours - np.round(theirs * 255)).max() <= 2, np.abs(ours - np.round(theirs * 255)).max()
+    seen2, hook = _capture(engine, name)
+    try:  # another picture: other reference tokens, and other text conditioning (the encoder sees the picture)
+        other = _pixels(engine.generate(req.model_copy(update={
+            "init_image": _file(tmp_path, _picture((30, 160, 60)), "b.png")})))
+    finally:
+        hook.remove()
+    assert torch.equal(seen[0]["hidden_states"][:, :12], seen2[0]["hidden_states"][:, :12])  # the same noise
+    from imagesmith.engine import qwen_image
+    for colour, got in (((200, 60, 40), seen), ((30, 160, 60), seen2)):  # the reference: the picture's latent
+        pixels = np.asarray(_picture(colour).resize((64, 64), Image.LANCZOS), np.float32) / 127.5 - 1
+        latent = engine.vae_encode(pipe.vae, torch.from_numpy(pixels).permute(2, 0, 1)[None])
+        assert torch.allclose(got[0]["hidden_states"][:, 12:], qwen_image.pack(pipe, latent), atol=1e-5)
+    assert (seen[0]["text"] - seen2[0]["text"]).abs().max() > 1e-3
+    assert not np.array_equal(ours, other)
+
+
+def test_refusals(engine, tmp_path):
+    pic = _file(tmp_path, _picture(), "in.png")
+    with pytest.raises(BadRequest, match="multiples of 16"):
+        engine.generate(GenerateRequest(prompt="x", model=QWEN, width=40, height=32, steps=1))
+    with pytest.raises(BadRequest, match="Qwen-Image-Edit"):
+        engine.generate(GenerateRequest(prompt="x", model=EDIT, width=32, height=32, steps=1))
+    with pytest.raises(BadRequest, match="without a mask"):
+        engine.generate(GenerateRequest(prompt="x", model=EDIT, init_image=pic, steps=1,
+                                        mask=_file(tmp_path, Image.new("L", (64, 48), 255), "m.png")))
+    with pytest.raises(UnsupportedModel):
+        engine.generate(GenerateRequest(prompt="x", model=QWEN, width=32, height=32, steps=1,
+                                        controlnet=[{"model": "none", "image": pic}]))
