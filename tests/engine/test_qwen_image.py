@@ -5,6 +5,8 @@ the transformer, how the probe names the folders, and the refusals."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,10 @@ from imagesmith.engine.generate import Engine
 from imagesmith.models.probe import QWEN_EDIT_NOTE, probe
 
 QWEN, EDIT, PLUS = "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-qwen-image-edit-plus"
+# transformer-only files as ComfyUI's models/diffusion_models and city96's GGUFs hold them (model.diffusion_model.
+# names); the edit ones are told by their file names, as the real downloads are
+FILE, FILE_FP8, FILE_Q8, FILE_EDIT = ("qwen_image_tiny", "qwen_image_tiny_fp8_e4m3fn", "qwen-image-tiny-Q8_0",
+                                      "qwen_image_edit_2509_tiny")
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +33,31 @@ def qwen_home(tmp_path_factory):
     ckpt = settings.models_dir / "checkpoints"
     for name, edit in ((QWEN, None), (EDIT, "edit"), (PLUS, "plus")):
         build_qwen_image(0, edit=edit).save_pretrained(ckpt / name, safe_serialization=True)
+    from safetensors.torch import load_file, save_file
+
+    from imagesmith.models.convert import META_CONFIGS
+    import gguf
+    state = {"model.diffusion_model." + k: v.contiguous()
+             for k, v in load_file(str(ckpt / QWEN / "transformer" / "diffusion_pytorch_model.safetensors")).items()}
+    cfg = json.loads((ckpt / QWEN / "transformer" / "config.json").read_text())
+    meta = {META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items() if not k.startswith("_")}})}
+    save_file(state, str(ckpt / f"{FILE}.safetensors"), metadata=meta)
+    save_file(state, str(ckpt / f"{FILE_EDIT}.safetensors"), metadata=meta)
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()},
+              str(ckpt / f"{FILE_FP8}.safetensors"), metadata=meta)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = gguf.GGUFWriter(str(ckpt / f"{FILE_Q8}.gguf"), "qwen_image")
+    w.add_string(META_CONFIGS, meta[META_CONFIGS])
+    for k, v in state.items():
+        a = v.float().numpy()
+        if a.ndim == 2 and a.shape[1] % 32 == 0:
+            w.add_tensor(k, gguf.quants.quantize(a, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(k, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return settings
 
 
@@ -193,3 +224,101 @@ def test_refusals(engine, tmp_path):
     with pytest.raises(UnsupportedModel):
         engine.generate(GenerateRequest(prompt="x", model=QWEN, width=32, height=32, steps=1,
                                         controlnet=[{"model": "none", "image": pic}]))
+
+
+def test_transformer_files_take_the_rest_from_the_folder(engine, qwen_home):
+    """A Qwen-Image transformer file (full precision, ComfyUI's fp8, a Q8_0 GGUF) beside a Qwen-Image diffusers
+    folder: named by the probe, its VAE, text encoder, tokenizer and scheduler from the folder; full precision
+    draws the folder's own pixels, fp8 and Q8_0 close to them."""
+    ckpt = qwen_home.models_dir / "checkpoints"
+    res = probe(ckpt / f"{FILE}.safetensors")
+    assert (res.kind, res.arch, res.components) == ("checkpoint", "qwen", ["transformer"])
+    assert probe(ckpt / f"{FILE_FP8}.safetensors").notes[0] == "fp8 e4m3fn: upcast on load"
+    assert probe(ckpt / f"{FILE_Q8}.gguf").notes[0] == "GGUF Q8_0"
+    entries = {e.name: e for e in engine.registry.list("checkpoint")}
+    assert entries[FILE].companion == ckpt / QWEN
+    req = GenerateRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", width=64, height=48, steps=3,
+                          cfg_scale=3.0, seed=5)
+    ref = _pixels(engine.generate(req.model_copy(update={"model": QWEN})))
+    same = _pixels(engine.generate(req.model_copy(update={"model": FILE})))
+    assert np.abs(same - ref).max() <= 1, np.abs(same - ref).max()  # the same weights (CPU kernels' rounding)
+    for name, floor in ((FILE_FP8, 40), (FILE_Q8, 50)):  # measured 49.2 and 57.7 dB
+        got = _pixels(engine.generate(req.model_copy(update={"model": name})))
+        psnr = 10 * np.log10(255.0 ** 2 / max(float(np.mean((got - ref) ** 2)), 1e-12))
+        assert psnr > floor, (name, psnr)
+
+
+def test_edit_transformer_file_runs_as_edit_plus_beside_a_plain_folder(engine, qwen_home, tmp_path,
+                                                                       small_references):
+    """qwen_image_edit_2509_*.safetensors: Edit-Plus by its name; beside the plain Qwen-Image folder (no
+    processor) it gets a Qwen2-VL processor of the standard settings, and draws what the Edit-Plus folder of the
+    same weights draws."""
+    res = probe(qwen_home.models_dir / "checkpoints" / f"{FILE_EDIT}.safetensors")
+    assert QWEN_EDIT_NOTE in res.notes and any("Edit-Plus" in n for n in res.notes)
+    req = GenerateRequest(prompt="make it blue", init_image=_file(tmp_path, _picture(), "in.png"), width=64,
+                          height=48, steps=2, seed=4, cfg_scale=1.0)
+    pipe = engine.pipeline(engine.checkpoint(FILE_EDIT)).value
+    assert type(pipe).__name__ == "QwenImageEditPlusPipeline"
+    a = _pixels(engine.generate(req.model_copy(update={"model": FILE_EDIT})))
+    b = _pixels(engine.generate(req.model_copy(update={"model": PLUS})))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_qwen_transformer_config_is_read_off_the_real_shapes():
+    """Qwen-Image's own transformer (60 blocks, 24 heads of 128, text 3584), built empty: the config imagesmith
+    reads off a file's shapes is the one it was built from."""
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    from imagesmith.models.loaders import _qwen_transformer_config
+    real = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=[16, 56, 56])
+    with init_empty_weights():
+        model = QwenImageTransformer2DModel(**real)
+    shapes = {"model.diffusion_model." + k: list(v.shape) for k, v in model.state_dict().items()}
+    got = _qwen_transformer_config(shapes)
+    assert {k: got[k] for k in real} == real
+
+
+def test_qwen_loras_in_diffusers_and_comfyui_formats(engine, qwen_home, tmp_path):
+    """A Qwen-Image LoRA (peft on the transformer's attention and image MLP) saved by diffusers'
+    QwenImagePipeline.save_lora_weights, and the same weights in the lightx2v/ComfyUI layout
+    (diffusion_model.*.lora_down/lora_up, as the Lightning LoRAs ship): both named qwen by the probe, both change
+    the picture the same way; weight 0 gives the base pixels."""
+    import copy
+
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from fixtures.tiny import save_peft_lora
+    pipe = engine.pipeline(engine.checkpoint(QWEN)).value
+    model = copy.deepcopy(pipe.transformer)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "add_k_proj", "img_mlp.net.2"],
+                                 init_lora_weights=True), adapter_name="fixture")
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="fixture").items()}
+    loras = qwen_home.models_dir / "loras"
+    save_peft_lora(QwenImagePipeline, {"transformer": state}, loras / "qwen-peft.safetensors")
+    comfy = {}
+    for k, v in state.items():  # transformer_blocks.0.attn.to_q.lora_A.weight -> diffusion_model....lora_down.weight
+        k = "diffusion_model." + k.removeprefix("transformer.")
+        comfy[k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up.")] = v.contiguous()
+    save_file(comfy, str(loras / "qwen-comfy.safetensors"))
+    engine.registry.scan()
+    assert probe(loras / "qwen-peft.safetensors").arch == "qwen"
+    assert probe(loras / "qwen-comfy.safetensors").arch == "qwen"
+    req = GenerateRequest(prompt="a red apple on a wooden table", model=QWEN, width=32, height=32, steps=2, seed=1,
+                          cfg_scale=1.0)
+    base = _pixels(engine.generate(req))
+    peft_out = _pixels(engine.generate(req.model_copy(update={"prompt": req.prompt + " <lora:qwen-peft:1>"})))
+    comfy_out = _pixels(engine.generate(req.model_copy(update={"prompt": req.prompt + " <lora:qwen-comfy:1>"})))
+    off = _pixels(engine.generate(req.model_copy(update={"prompt": req.prompt + " <lora:qwen-peft:0>"})))
+    assert np.abs(peft_out - base).mean() > 1
+    assert np.abs(peft_out - comfy_out).max() <= 1
+    assert np.abs(off - base).max() <= 1

@@ -273,7 +273,7 @@ def _variant(folder: Path) -> str | None:
 
 def _missing_companion(entry, arch: str, parts: list[str]) -> MissingModelFile:
     family = {"flux": "FLUX.1 (dev or schnell)", "sd3": "Stable Diffusion 3", "sdxl": "SDXL",
-              "sd1": "SD1.5", "sd2": "SD2.x"}.get(arch, arch)
+              "sd1": "SD1.5", "sd2": "SD2.x", "qwen": "Qwen-Image"}.get(arch, arch)
     return MissingModelFile(
         f"{entry.name} holds only part of a {family} model; its {', '.join(parts)} must come from a {family} "
         f"diffusers folder (a folder with model_index.json) in the checkpoints folder "
@@ -306,7 +306,7 @@ def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: st
         refuse_pickle(path)
         header = read_model_header(path)
         res = probe(path)
-        if arch in ("flux", "sd3") and "vae" not in res.components:
+        if arch in ("flux", "sd3", "qwen") and "vae" not in res.components:
             pipe = _load_transformer_file(entry, arch, header, torch_dtype)
         elif "unet" in res.components and len(res.components) == 1:
             pipe = _load_denoiser_only_sd(entry, arch, header, torch_dtype)
@@ -427,6 +427,8 @@ def _with_companion(entry, arch: str, parts: dict[str, Any], torch_dtype):
     kwargs = {**_sd_kwargs(arch), **parts}
     slot = T5_SLOT.get(arch)
     index = _json(Path(companion) / "model_index.json")
+    if arch == "qwen":
+        cls = _qwen_companion_class(entry, index, kwargs, Path(companion), torch_dtype)
     if slot and isinstance(index.get(slot), list) and index[slot][0] is not None and slot not in kwargs:
         kwargs[slot] = resolve_t5_tokenizer(entry, arch)
     refuse_pickles_in(Path(companion))
@@ -436,6 +438,24 @@ def _with_companion(entry, arch: str, parts: dict[str, Any], torch_dtype):
     except (OSError, EnvironmentError) as exc:
         raise MissingModelFile(f"{entry.name}: the companion folder {companion} is incomplete: "
                                f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def _qwen_companion_class(entry, index: dict, kwargs: dict, companion: Path, torch_dtype):
+    """The pipeline class for a Qwen-Image transformer file and its companion folder: an edit file (by its name,
+    see the probe) runs as QwenImageEdit(Plus)Pipeline even beside a plain Qwen-Image folder, which then lends its
+    tokenizer to a Qwen2-VL processor of the standard settings (what the edit releases ship)."""
+    import diffusers
+    from .probe import QWEN_EDIT_NOTE, QWEN_EDIT_PLUS_NOTE
+    if QWEN_EDIT_NOTE not in entry.notes:
+        return diffusers.QwenImagePipeline
+    cls = diffusers.QwenImageEditPlusPipeline if QWEN_EDIT_PLUS_NOTE in entry.notes else \
+        diffusers.QwenImageEditPipeline
+    if not isinstance(index.get("processor"), list):
+        from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+        tokenizer = Qwen2Tokenizer.from_pretrained(str(companion / "tokenizer"), local_files_only=True)
+        kwargs["processor"] = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                               video_processor=Qwen2VLVideoProcessor())
+    return cls
 
 
 def _load_single_file(entry, arch: str, header, components: list[str], torch_dtype):
@@ -494,6 +514,8 @@ def read_model_header(path: Path):
 def _transformer_config(arch: str, header) -> dict:
     configs = embedded_configs(header) or {}
     cfg = configs.get("transformer")
+    if cfg is None and arch == "qwen":
+        return _qwen_transformer_config(header.shapes)
     if cfg is None:
         with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
             shutil.copytree(_shipped_dir(arch, header) / "transformer", Path(tmp) / "transformer")
@@ -503,6 +525,30 @@ def _transformer_config(arch: str, header) -> dict:
         if arch == "flux":
             cfg = _patch_flux_transformer(cfg, header.shapes)
     return cfg
+
+
+def _qwen_transformer_config(shapes: dict[str, list[int]]) -> dict:
+    """QwenImageTransformer2DModel's config read off a file's shapes (Qwen-Image: 60 blocks of 24 heads of 128,
+    text width 3584). The rotary axes split a head's width (16/56/56 of 128); a head of another width needs the
+    file's embedded config."""
+    import re
+    k = {key.removeprefix("model.diffusion_model."): v for key, v in shapes.items()}
+    try:
+        inner, in_channels = k["img_in.weight"]
+        head = k["transformer_blocks.0.attn.norm_q.weight"][0]
+        text = k["txt_in.weight"][1]
+        out = k["proj_out.weight"][0] // 4
+    except (KeyError, ValueError):
+        raise UnsupportedModel("a Qwen-Image transformer file without img_in/txt_in/proj_out or its q-norm: "
+                               "not one imagesmith can size") from None
+    if head != 128:
+        raise UnsupportedModel(f"a Qwen-Image transformer with {head}-wide heads: its rotary axes cannot be told "
+                               "from its shapes (Qwen-Image's are 128 wide); give it a diffusers transformer/ folder")
+    blocks = {int(m.group(1)) for key in k if (m := re.match(r"transformer_blocks\.(\d+)\.", key))}
+    return {"_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": in_channels,
+            "out_channels": out, "num_layers": max(blocks) + 1, "attention_head_dim": head,
+            "num_attention_heads": inner // head, "joint_attention_dim": text, "guidance_embeds": False,
+            "axes_dims_rope": [16, 56, 56]}
 
 
 def _patch_flux_transformer(cfg: dict, shapes: dict[str, list[int]]) -> dict:
@@ -553,7 +599,7 @@ def _load_gguf_transformer(path: Path, arch: str, header, cfg: dict, torch_dtype
     from diffusers.models.model_loading_utils import load_gguf_checkpoint
 
     from .convert import flux_to_diffusers
-    cls = diffusers.FluxTransformer2DModel if arch == "flux" else diffusers.SD3Transformer2DModel
+    cls = _transformer_cls(arch)
     # the tensors keep their quantised blocks (GGUFParameter); BFL names are mapped here, for any width (diffusers'
     # own mapping assumes FLUX.1's 3072), by row operations that the blocks survive
     state = {k.removeprefix("model.diffusion_model."): v for k, v in load_gguf_checkpoint(str(path)).items()}
@@ -574,6 +620,12 @@ def _load_gguf_transformer(path: Path, arch: str, header, cfg: dict, torch_dtype
     return model.eval()
 
 
+def _transformer_cls(arch: str):
+    import diffusers
+    return {"flux": diffusers.FluxTransformer2DModel, "qwen": diffusers.QwenImageTransformer2DModel}.get(
+        arch, diffusers.SD3Transformer2DModel)
+
+
 def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
     """The FLUX or SD3 transformer of a single file (BFL/original or diffusers layout; safetensors in any float
     precision incl. fp8 and ComfyUI's scaled fp8, or GGUF), built from the file's embedded config, else the
@@ -587,7 +639,7 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
     cfg = _transformer_config(arch, header)
     if path.suffix.lower() == ".gguf":
         return _load_gguf_transformer(path, arch, header, cfg, torch_dtype)
-    cls = diffusers.FluxTransformer2DModel if arch == "flux" else diffusers.SD3Transformer2DModel
+    cls = _transformer_cls(arch)
     drop = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
     state = {}
     with safe_open(str(path), framework="pt") as f:
@@ -627,6 +679,8 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
 def _load_transformer_file(entry, arch: str, header, torch_dtype):
     model = load_transformer_file(Path(entry.path), arch, header, torch_dtype)
     parts: dict[str, Any] = {"transformer": model}
+    if arch == "qwen":  # no shipped configs: the scheduler, VAE, text encoder and tokenizer are the companion's
+        return _with_companion(entry, arch, parts, torch_dtype)
     configs = embedded_configs(header) or {}
     from diffusers import FlowMatchEulerDiscreteScheduler
     sched_cfg = configs.get("scheduler") or _json(_shipped_dir(arch, header) / "scheduler" / "scheduler_config.json")

@@ -192,6 +192,7 @@ def _context_dim_from_attn2(shapes: dict[str, list[int]], pattern: str) -> int |
 _CONTEXT_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
 _NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "qwen": 1328}
 QWEN_EDIT_NOTE = "Qwen-Image-Edit (instruction editing: the picture to edit, and what to change)"
+QWEN_EDIT_PLUS_NOTE = "Qwen-Image-Edit-Plus (2509 and later; by its file name)"
 
 
 def probe_header(header: SafetensorsHeader, name: str = "") -> ProbeResult:
@@ -221,6 +222,11 @@ def probe_header(header: SafetensorsHeader, name: str = "") -> ProbeResult:
         res.notes[:0] = _precision_notes(header)
     if res.arch == "flux" and res.kind == "checkpoint":
         res.notes.extend(_flux_variant(header, name))
+    if res.arch == "qwen" and res.kind == "checkpoint" and "edit" in name.lower():
+        # the weights of Edit and Edit-Plus are shaped as Qwen-Image's: the file name tells them (as downloads
+        # name them: qwen_image_edit_2509_fp8_e4m3fn, Qwen-Image-Edit-2511-Q4_K_M)
+        plus = any(t in name.lower() for t in ("2509", "2511", "plus"))
+        res.notes += [QWEN_EDIT_NOTE, QWEN_EDIT_PLUS_NOTE if plus else "Qwen-Image-Edit (2508)"]
     return res
 
 
@@ -310,6 +316,14 @@ def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
         return _probe_flux(shapes, keys, layout="bfl")
     if any_in("single_transformer_blocks.") and any_in("attn.add_q_proj"):
         return _probe_flux(shapes, keys, layout="diffusers")
+
+    # -------------------------------------------------------------- Qwen-Image MMDiT (diffusers names; ComfyUI's files too)
+    if any_in("txt_norm.weight") and any_in("transformer_blocks.0.img_mod.1.weight"):
+        bare = [k.removeprefix("model.diffusion_model.") for k in keys]
+        blocks = len({k.split(".")[1] for k in bare if k.startswith("transformer_blocks.")})
+        return ProbeResult(kind="checkpoint", arch="qwen", format=single, components=["transformer"],
+                           notes=[f"Qwen-Image transformer ({blocks} blocks): VAE, text encoder and tokenizer from a "
+                                  "Qwen-Image diffusers folder"])
 
     # -------------------------------------------------------------- SD3 MMDiT
     if any_in("joint_blocks.0.") or (any_in("transformer_blocks.0.attn.add_q_proj") and any_in("context_embedder.")
@@ -541,7 +555,14 @@ def _probe_lora(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
         return None
 
     arch = "unknown"
-    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
+    blocks = {int(m.group(1)) for k in keys if (m := re.search(r"transformer_blocks[._](\d+)[._]", k))}
+    if any(t in k for k in keys for t in ("img_mlp", "txt_mlp", "img_mod", "txt_mod")) or (
+            max(blocks, default=0) >= 38 and not any("single" in k for k in keys)
+            and any("add_q_proj" in k or "add_k_proj" in k for k in keys)):
+        # Qwen-Image: its blocks' own module names, or joint attention in more blocks (60) than SD3.5 Large (38) or
+        # FLUX's double stream (19) have, with no single-stream blocks (diffusers/peft, kohya, lightx2v's names)
+        arch = "qwen"
+    elif any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
         arch = "flux"
     elif any("joint_blocks" in k for k in keys):
         arch = "sd3"
