@@ -100,3 +100,14 @@ def test_cli_safety_action_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("IMAGESMITH_SAFETY_ACTION", "delete")
     with pytest.raises(ValueError):
         Settings.from_env(home=tmp_path)
+
+
+def test_cpu_offload_modes_from_the_environment(monkeypatch, tmp_path):
+    """IMAGESMITH_CPU_OFFLOAD: 1/model (each component on the GPU while it runs) or sequential (each layer)."""
+    from imagesmith.core.settings import Settings
+    monkeypatch.setenv("IMAGESMITH_HOME", str(tmp_path))
+    for value, model, sequential in (("", False, False), ("1", True, False), ("model", True, False),
+                                     ("sequential", True, True), ("Sequential", True, True), ("no", False, False)):
+        monkeypatch.setenv("IMAGESMITH_CPU_OFFLOAD", value)
+        s = Settings.from_env()
+        assert (s.cpu_offload, s.sequential_offload) == (model, sequential), value

@@ -322,3 +322,26 @@ def test_qwen_loras_in_diffusers_and_comfyui_formats(engine, qwen_home, tmp_path
     assert np.abs(peft_out - base).mean() > 1
     assert np.abs(peft_out - comfy_out).max() <= 1
     assert np.abs(off - base).max() <= 1
+
+
+def test_cli_lists_and_runs_the_qwen_models(qwen_home, tmp_path, capsys, monkeypatch):
+    from fixtures.cli import run_cli
+    monkeypatch.setenv("IMAGESMITH_HOME", str(qwen_home.home))
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_cli(capsys, "models", "list", "--kind", "checkpoint")
+    assert code == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[4].strip() for line in out.splitlines() if "│" in line}
+    assert rows[QWEN] == "Qwen-Image checkpoint" and rows[EDIT] == "Qwen-Image-Edit checkpoint"
+    assert rows[PLUS] == "Qwen-Image-Edit-Plus checkpoint" and rows[FILE_EDIT] == "Qwen-Image-Edit-Plus transformer"
+    assert rows[FILE_Q8] == "Qwen-Image transformer, GGUF Q8_0" and rows[FILE_FP8] == "Qwen-Image transformer, fp8 e4m3fn"
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "generate", "make it blue", "--model", EDIT, "-W", "64", "-H", "48", "--steps", "1",
+                             "-o", str(out_dir))
+    assert code == 2 and "Qwen-Image-Edit" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+    code, out, err = run_cli(capsys, "generate", "a red apple", "--model", QWEN, "-W", "32", "-H", "32", "--steps", "2",
+                             "-o", str(out_dir), "--seed", "3")
+    assert code == 0, err
+    (png,) = out_dir.glob("*.png")
+    with Image.open(png) as im:
+        assert im.size == (32, 32) and "Model: " + QWEN in im.info.get("parameters", "")

@@ -39,7 +39,14 @@ def _what(row: dict) -> str:
         part = "transformer" if any("transformer only" in n for n in notes) else "checkpoint"
         quant = next((n.split(":")[0].split(" (")[0] for n in notes
                       if n.startswith(("GGUF", "fp8", "bitsandbytes"))), None)
-        return f"{row['arch'].upper() if row['arch'] != 'unknown' else ''} {part}{', ' + quant if quant else ''}".strip()
+        family = {"qwen": "Qwen-Image", "unknown": ""}.get(row["arch"], row["arch"].upper())
+        if any(n.startswith("Qwen-Image-Edit-Plus") or n == "QwenImageEditPlusPipeline" for n in notes):
+            family = "Qwen-Image-Edit-Plus"
+        elif any(n.startswith("Qwen-Image-Edit") for n in notes):
+            family = "Qwen-Image-Edit"
+        elif any(n.startswith(("FLUX.1 Kontext", "FLUX.1 Fill")) for n in notes):
+            family = "FLUX " + next(n for n in notes if n.startswith("FLUX.1 ")).split()[1]
+        return f"{family} {part}{', ' + quant if quant else ''}".strip()
     return notes[0][:48] if notes else ""
 
 

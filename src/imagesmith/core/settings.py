@@ -46,6 +46,9 @@ class Settings(BaseModel):
     ram_budget_bytes: int | None = Field(None, description="IMAGESMITH_RAM_BUDGET_GB: loaded-model RAM budget")
     vram_budget_bytes: int | None = Field(None, description="IMAGESMITH_VRAM_BUDGET_GB: loaded-model VRAM budget")
     cpu_offload: bool = Field(False, description="IMAGESMITH_CPU_OFFLOAD=1: model CPU offload on GPU")
+    sequential_offload: bool = Field(False, description="IMAGESMITH_CPU_OFFLOAD=sequential: layer-by-layer CPU "
+                                     "offload on GPU (the least VRAM, the slowest: Qwen-Image's 20B transformer "
+                                     "on a 12-24 GB card)")
     vae_tiling: bool = Field(False, description="IMAGESMITH_VAE_TILING=1: decode in tiles")
     safety_action: Literal["withhold", "blur"] = Field(
         "withhold", description="IMAGESMITH_SAFETY_ACTION: what the safety gate does with a flagged output image, "
@@ -93,7 +96,9 @@ class Settings(BaseModel):
                           ("vram_budget_bytes", "IMAGESMITH_VRAM_BUDGET_GB")):
             if env.get(name):
                 values[key] = int(float(env[name]) * 1024**3)
-        values["cpu_offload"] = env.get("IMAGESMITH_CPU_OFFLOAD", "") in ("1", "true", "yes")
+        offload = env.get("IMAGESMITH_CPU_OFFLOAD", "").lower()
+        values["cpu_offload"] = offload in ("1", "true", "yes", "model", "sequential")
+        values["sequential_offload"] = offload == "sequential"
         values["vae_tiling"] = env.get("IMAGESMITH_VAE_TILING", "") in ("1", "true", "yes")
         for key, name in (("performance", "IMAGESMITH_PERFORMANCE"), ("compile", "IMAGESMITH_COMPILE"),
                           ("compile_scope", "IMAGESMITH_COMPILE_SCOPE"),

@@ -589,7 +589,9 @@ class Engine:
         def loader():
             offload = self.settings.cpu_offload and self.device.type == "cuda"
             pipe = load_pipeline(entry, torch_dtype=self.dtype, device="cpu" if offload else str(self.device))
-            if offload:  # weights stay in RAM; each component visits the GPU only while it runs
+            if offload and self.settings.sequential_offload:  # each layer visits the GPU only while it runs
+                pipe.enable_sequential_cpu_offload(device=self.device)
+            elif offload:  # weights stay in RAM; each component visits the GPU only while it runs
                 pipe.enable_model_cpu_offload(device=self.device)
             if self.settings.vae_tiling and hasattr(pipe, "vae"):
                 pipe.vae.enable_tiling()

@@ -322,8 +322,8 @@ def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
         bare = [k.removeprefix("model.diffusion_model.") for k in keys]
         blocks = len({k.split(".")[1] for k in bare if k.startswith("transformer_blocks.")})
         return ProbeResult(kind="checkpoint", arch="qwen", format=single, components=["transformer"],
-                           notes=[f"Qwen-Image transformer ({blocks} blocks): VAE, text encoder and tokenizer from a "
-                                  "Qwen-Image diffusers folder"])
+                           notes=[f"Qwen-Image transformer ({blocks} blocks)", "transformer only: the VAE, text "
+                                  "encoder and tokenizer come from a Qwen-Image diffusers folder"])
 
     # -------------------------------------------------------------- SD3 MMDiT
     if any_in("joint_blocks.0.") or (any_in("transformer_blocks.0.attn.add_q_proj") and any_in("context_embedder.")
