@@ -345,3 +345,24 @@ def test_cli_lists_and_runs_the_qwen_models(qwen_home, tmp_path, capsys, monkeyp
     (png,) = out_dir.glob("*.png")
     with Image.open(png) as im:
         assert im.size == (32, 32) and "Model: " + QWEN in im.info.get("parameters", "")
+
+
+def test_prompt_editing_and_hires_fix_on_qwen(engine):
+    """A1111's prompt editing switches the Qwen2.5-VL conditioning at the named step; the hires fix upscales and
+    runs the second pass at the larger size."""
+    from imagesmith.engine import qwen_image
+    pipe = engine.pipeline(engine.checkpoint(QWEN)).value
+    req = GenerateRequest(prompt="[a cat:an astronaut riding a horse:2]", model=QWEN, width=32, height=32, steps=4,
+                          seed=2, cfg_scale=1.0, sampler_name="euler")
+    seen, hook = _capture(engine, QWEN)
+    try:
+        engine.generate(req)
+    finally:
+        hook.remove()
+    first, second = (qwen_image.encode_text(pipe, t, engine.device)[0] for t in ("a cat", "an astronaut riding a horse"))
+    assert [s["text"].shape[1] for s in seen] == [first.shape[1]] * 2 + [second.shape[1]] * 2
+    assert torch.allclose(seen[0]["text"], first) and torch.allclose(seen[3]["text"], second)
+    hires = engine.generate(GenerateRequest(prompt="a cat", model=QWEN, width=32, height=32, steps=2, seed=2,
+                                            cfg_scale=1.0, hires={"hr_scale": 2.0, "hr_upscaler": "Lanczos",
+                                                                  "hr_denoising_strength": 0.5}))
+    assert hires.images[0].size == (64, 64)
