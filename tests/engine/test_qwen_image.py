@@ -6,6 +6,7 @@ the transformer, how the probe names the folders, and the refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,3 +367,82 @@ def test_prompt_editing_and_hires_fix_on_qwen(engine):
                                             cfg_scale=1.0, hires={"hr_scale": 2.0, "hr_upscaler": "Lanczos",
                                                                   "hr_denoising_strength": 0.5}))
     assert hires.images[0].size == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def comfy_tree(qwen_home, tmp_path_factory):
+    """Qwen-Image as ComfyUI users have it, with no diffusers folder anywhere: models/diffusion_models (the
+    transformer, and an Edit-2509 one), models/text_encoders (Qwen2.5-VL under the Hugging Face checkpoint's names),
+    models/vae (Wan 2.1's layout) and the install's own comfy/text_encoders/qwen25_tokenizer/."""
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from fixtures.tiny import wan_vae_layout, write_qwen_tokenizer_folder
+    from imagesmith.models.convert import META_CONFIGS
+    root = tmp_path_factory.mktemp("ComfyUI")
+    models = root / "models"
+    src = qwen_home.models_dir / "checkpoints"
+    (models / "diffusion_models").mkdir(parents=True)
+    for name in (FILE, FILE_EDIT):
+        (models / "diffusion_models" / f"{name}.safetensors").write_bytes((src / f"{name}.safetensors").read_bytes())
+    te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src / QWEN / "text_encoder"))
+    hf = {}
+    for k, v in te.state_dict().items():  # transformers 5's names back to the checkpoint's own
+        if k.startswith("lm_head."):
+            continue
+        hf[k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")] = v.contiguous()
+    (models / "text_encoders").mkdir()
+    save_file(hf, str(models / "text_encoders" / "qwen_2.5_vl_tiny.safetensors"),
+              metadata={META_CONFIGS: json.dumps({"text_encoder": te.config.to_dict()})})
+    vae = AutoencoderKLQwenImage.from_pretrained(str(src / QWEN / "vae"))
+    (models / "vae").mkdir()
+    save_file({k: v.contiguous() for k, v in wan_vae_layout(vae.state_dict()).items()},
+              str(models / "vae" / "qwen_image_vae_tiny.safetensors"),
+              metadata={META_CONFIGS: json.dumps({"vae": {k: v for k, v in vae.config.items()
+                                                          if not k.startswith("_")}})})
+    tokenizer = build_qwen_image(0).tokenizer
+    write_qwen_tokenizer_folder(tokenizer, root / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    home = tmp_path_factory.mktemp("split-home")
+    settings = Settings(home=home, extra_model_paths=[models])
+    settings.ensure_home()
+    return settings, root
+
+
+def test_comfyui_split_files_make_the_same_pipeline(engine, comfy_tree, tmp_path, small_references):
+    """The transformer file with ComfyUI's separate VAE (Wan layout) and Qwen2.5-VL file, and the tokenizer found
+    in the ComfyUI install: the same pictures as the diffusers folder of the same weights, for Qwen-Image and for
+    an Edit-2509 file."""
+    settings, root = comfy_tree
+    split = Engine(settings, device="cpu")
+    entry = split.registry.get(FILE, "checkpoint")
+    assert entry.companion is None
+    assert {k: Path(v).name for k, v in entry.split_files.items()} == {
+        "vae": "qwen_image_vae_tiny.safetensors", "text_encoder": "qwen_2.5_vl_tiny.safetensors",
+        "tokenizer": "qwen25_tokenizer"}
+    vae_probe = probe(root / "models" / "vae" / "qwen_image_vae_tiny.safetensors")
+    assert (vae_probe.kind, vae_probe.arch) == ("vae", "qwen") and "Wan layout" in vae_probe.notes[0]
+    req = GenerateRequest(prompt="a red apple on a wooden table", negative_prompt="blurry", width=64, height=48,
+                          steps=3, cfg_scale=3.0, seed=8)
+    ours = _pixels(split.generate(req.model_copy(update={"model": FILE})))
+    folder = _pixels(engine.generate(req.model_copy(update={"model": QWEN})))
+    assert np.abs(ours - folder).max() <= 1, np.abs(ours - folder).max()
+    edit = req.model_copy(update={"prompt": "make it blue", "init_image": _file(tmp_path, _picture(), "in.png"),
+                                  "cfg_scale": 1.0})
+    a = _pixels(split.generate(edit.model_copy(update={"model": FILE_EDIT})))
+    b = _pixels(engine.generate(edit.model_copy(update={"model": PLUS})))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_split_files_without_a_tokenizer_say_what_to_add(comfy_tree, tmp_path):
+    from imagesmith.core.errors import MissingModelFile
+    settings, root = comfy_tree
+    models = tmp_path / "models"  # the same model files, outside any ComfyUI install
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (models / sub).mkdir(parents=True)
+        for f in (root / "models" / sub).iterdir():
+            (models / sub / f.name).symlink_to(f)
+    lone = Settings(home=tmp_path / "home", extra_model_paths=[models])
+    lone.ensure_home()
+    with pytest.raises(MissingModelFile, match="qwen25_tokenizer"):
+        Engine(lone, device="cpu").generate(GenerateRequest(prompt="x", model=FILE, width=32, height=32, steps=1))

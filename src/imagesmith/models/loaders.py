@@ -280,6 +280,8 @@ def _missing_companion(entry, arch: str, parts: list[str]) -> MissingModelFile:
         f"({Path(entry.path).parent if entry.folder_kind == 'checkpoint' else '<IMAGESMITH_HOME>/models/checkpoints'})"
         + (", or, ComfyUI's way, from separate files: a VAE in models/vae and the text encoders (CLIP-L"
            + (", CLIP-G" if arch == "sd3" else "") + ", T5) in models/text_encoders" if arch in ("flux", "sd3") else "")
+        + (", or, ComfyUI's way, from separate files: qwen_image_vae in models/vae and the Qwen2.5-VL text encoder "
+           "(qwen_2.5_vl_7b) in models/text_encoders" if arch == "qwen" else "")
         + ".")
 
 
@@ -383,6 +385,8 @@ def _from_split_files(entry, arch: str, parts: dict[str, Any], torch_dtype):
 
     from .registry import ModelEntry
     files = entry.split_files
+    if arch == "qwen":
+        return _qwen_from_split_files(entry, parts, torch_dtype)
     cls = _pipeline_cls(arch)
     kwargs = {**_sd_kwargs(arch), **parts}
     with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
@@ -414,6 +418,105 @@ def _from_split_files(entry, arch: str, parts: dict[str, Any], torch_dtype):
         if slot:
             kwargs[slot] = resolve_t5_tokenizer(entry, arch)
         return cls(**kwargs)
+
+
+def _read_state(path: Path, torch_dtype) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors in ``torch_dtype`` (fp8, and ComfyUI's scaled fp8, upcast)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if "scaled_fp8" in state or any(k.endswith(".scale_weight") for k in state):
+        return _unscale_fp8(state, torch_dtype)
+    return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_qwen_vae_file(path: Path, torch_dtype, config: dict | None = None):
+    """Qwen-Image's 3-D VAE from one file: ComfyUI's ``qwen_image_vae.safetensors`` keeps Wan 2.1's own names
+    (mapped by diffusers' Wan converter: the modules are the same), or diffusers' names. Qwen-Image's own config
+    (AutoencoderKLQwenImage's defaults) unless the file embeds one."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    state = {k.removeprefix("vae.").removeprefix("first_stage_model."): v for k, v in _read_state(path, torch_dtype).items()}
+    if any(".residual." in k for k in state):
+        state = convert_wan_vae_to_diffusers(state)
+    cfg = config or (embedded_configs(read_header(path)) or {}).get("vae") or {}
+    with init_empty_weights():
+        vae = AutoencoderKLQwenImage.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    try:
+        vae.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{path.name}: not a Qwen-Image / Wan 2.1 VAE of this config: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+    return vae.to(torch_dtype).eval()
+
+
+def load_qwen_text_encoder_file(path: Path, torch_dtype):
+    """Qwen-Image's Qwen2.5-VL-7B text encoder from one file (ComfyUI's ``qwen_2.5_vl_7b*.safetensors``: the
+    Hugging Face checkpoint's own names, ``model.*`` and ``visual.*``, which transformers 5 keeps under
+    ``model.language_model.*`` and ``model.visual.*``; fp8 and scaled fp8 upcast). Its config is Qwen2.5-VL-7B's
+    (shipped) unless the file embeds one; the output head, which the conditioning never reads and ComfyUI's files
+    leave out, is tied to the token embedding instead of taking 1 GB."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    cfg = (embedded_configs(read_header(path)) or {}).get("text_encoder") or _json(
+        CONFIGS_DIR / "qwen-image" / "text_encoder" / "config.json")
+    config = Qwen2_5_VLConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    config.tie_word_embeddings = True
+    with init_empty_weights():
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    state = {}
+    for k, v in _read_state(path, torch_dtype).items():
+        if k.startswith("lm_head."):
+            continue
+        if k.startswith("visual."):
+            k = "model." + k
+        elif k.startswith("model.") and not k.startswith(("model.language_model.", "model.visual.")):
+            k = "model.language_model." + k.removeprefix("model.")
+        state[k] = v
+    wanted = {k for k in model.state_dict() if not k.startswith("lm_head.")}
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise UnsupportedModel(f"{path.name}: {len(missing)} Qwen2.5-VL tensors missing (e.g. {missing[0]}): is it "
+                               "Qwen-Image's text encoder (qwen_2.5_vl_7b)?")
+    try:
+        model.load_state_dict({k: state[k] for k in wanted}, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{path.name}: its tensors do not fit Qwen2.5-VL-7B: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+    model.tie_weights()
+    return model.to(torch_dtype).eval()
+
+
+def _qwen_from_split_files(entry, parts: dict[str, Any], torch_dtype):
+    """A Qwen-Image transformer file made whole from ComfyUI's split layout: the VAE (models/vae), the Qwen2.5-VL
+    text encoder (models/text_encoders) and a Qwen2.5 tokenizer folder (ComfyUI's comfy/text_encoders/
+    qwen25_tokenizer, or a copy in models/text_encoders/qwen25_tokenizer); Qwen-Image's scheduler settings."""
+    import diffusers
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from .probe import QWEN_EDIT_NOTE, QWEN_EDIT_PLUS_NOTE
+    from .registry import QWEN_TOKENIZER
+    files = entry.split_files
+    if "tokenizer" not in files:
+        raise MissingModelFile(
+            f"{entry.name}: Qwen-Image's text encoder needs the Qwen2.5 tokenizer (vocab.json and merges.txt), "
+            f"which its file does not hold: put the folder in models/text_encoders/{QWEN_TOKENIZER}/ (a ComfyUI "
+            f"install has it as comfy/text_encoders/{QWEN_TOKENIZER}/, found by itself when IMAGESMITH_MODEL_PATHS "
+            "points at that ComfyUI's models/), or install the Qwen-Image diffusers folder")
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(files["tokenizer"]), local_files_only=True)
+    kwargs = dict(parts)
+    kwargs["vae"] = load_qwen_vae_file(Path(files["vae"]), torch_dtype)
+    kwargs["text_encoder"] = load_qwen_text_encoder_file(Path(files["text_encoder"]), torch_dtype)
+    kwargs["tokenizer"] = tokenizer
+    kwargs["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+        _json(CONFIGS_DIR / "qwen-image" / "scheduler" / "scheduler_config.json"))
+    if QWEN_EDIT_NOTE not in entry.notes:
+        return diffusers.QwenImagePipeline(**kwargs)
+    kwargs["processor"] = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                           video_processor=Qwen2VLVideoProcessor())
+    cls = diffusers.QwenImageEditPlusPipeline if QWEN_EDIT_PLUS_NOTE in entry.notes else diffusers.QwenImageEditPipeline
+    return cls(**kwargs)
 
 
 def _with_companion(entry, arch: str, parts: dict[str, Any], torch_dtype):

@@ -456,6 +456,13 @@ def _probe_sd3(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:
 
 
 def _probe_vae(shapes: dict[str, list[int]], vae_keys: list[str]) -> ProbeResult:
+    bare = [k.removeprefix("first_stage_model.").removeprefix("vae.") for k in vae_keys]
+    if any(k.endswith(("middle.0.residual.0.gamma", "mid_block.resnets.0.norm1.gamma")) for k in bare):
+        # Wan 2.1's causal 3-D VAE, which Qwen-Image uses (ComfyUI's qwen_image_vae / wan_2.1_vae files keep Wan's
+        # own names; diffusers' AutoencoderKLQwenImage has the same modules under other names)
+        layout = "Wan layout" if any(".residual." in k for k in bare) else "diffusers layout"
+        return ProbeResult(kind="vae", arch="qwen", format="single-file", components=["vae"],
+                           notes=[f"3-D VAE of Wan 2.1 / Qwen-Image ({layout})"])
     lat = None
     for k in vae_keys:
         kk = k.removeprefix("first_stage_model.").removeprefix("vae.")

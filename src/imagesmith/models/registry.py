@@ -420,7 +420,8 @@ class Registry:
                 for e in self.list(kind)]
 
 
-SPLIT_ROLES = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
+SPLIT_ROLES = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               "qwen": ("text_encoder",)}
 """the text encoders a transformer-only file of each family needs, in diffusers' slots"""
 
 
@@ -444,6 +445,10 @@ def _encoder_kind(path: Path) -> tuple[str, int] | None:
         shapes = read_header(path).shapes
     except (OSError, ValueError):
         return None
+    if any(k.startswith(("visual.blocks.", "model.visual.blocks.")) for k in shapes):  # Qwen2.5-VL (Qwen-Image's)
+        width = next((s[1] for k, s in shapes.items()
+                      if k in ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")), 0)
+        return "qwen-vl", int(width)
     if any(k.startswith(("encoder.block.", "shared.")) for k in shapes):
         width = next((s[1] for k, s in shapes.items() if k in ("shared.weight", "encoder.embed_tokens.weight")), 0)
         return "t5", int(width)
@@ -458,6 +463,8 @@ def split_parts(settings: Settings, arch: str, entries: list[ModelEntry]) -> dic
     vaes = [e for e in entries if e.kind == "vae" and e.path.is_file()]
     vae = next((e.path for e in vaes if e.arch == arch), None) or next(  # a 16-channel VAE its name does not place
         (e.path for e in vaes if e.arch == "unknown" and any("16-channel" in n for n in e.notes)), None)
+    if arch == "qwen":
+        return _qwen_split_parts(settings, vae)
     clips: list[tuple[int, Path]] = []
     t5s: list[Path] = []
     for name, path in text_encoder_files(settings).items():
@@ -480,6 +487,36 @@ def split_parts(settings: Settings, arch: str, entries: list[ModelEntry]) -> dic
         parts["text_encoder_2"] = t5s[0]
     else:
         parts["text_encoder_2"], parts["text_encoder_3"] = clip_of(widths[-1]), t5s[0]
+    return parts
+
+
+QWEN_TOKENIZER = "qwen25_tokenizer"
+"""ComfyUI's name for the Qwen2.5 tokenizer folder (vocab.json, merges.txt) its Qwen-Image text encoder reads"""
+
+
+def qwen_tokenizer_dirs(settings: Settings) -> list[Path]:
+    """Where a Qwen2.5 tokenizer folder for a lone Qwen2.5-VL file is looked for: models/text_encoders/
+    qwen25_tokenizer/ (or beside the file), and, when a text encoder folder is a ComfyUI install's models/
+    text_encoders, ComfyUI's own comfy/text_encoders/qwen25_tokenizer/."""
+    out = []
+    for folder in ("text_encoders", "clip"):
+        for root in settings.model_dirs(folder):
+            out += [root / QWEN_TOKENIZER, root.parent.parent / "comfy" / "text_encoders" / QWEN_TOKENIZER]
+    return out
+
+
+def _qwen_split_parts(settings: Settings, vae: Path | None) -> dict[str, Path] | None:
+    """Qwen-Image's separate files: its 3-D VAE and the Qwen2.5-VL text encoder (bf16 before fp8), plus a
+    tokenizer folder when one is found (the loader names what to add when it is not)."""
+    encoders = [p for p in text_encoder_files(settings).values() if (_encoder_kind(p) or ("",))[0] == "qwen-vl"]
+    encoders.sort(key=lambda p: ("fp8" in p.name.lower(), p.name.lower()))
+    if vae is None or not encoders:
+        return None
+    parts = {"vae": vae, "text_encoder": encoders[0]}
+    for d in [encoders[0].parent / QWEN_TOKENIZER, *qwen_tokenizer_dirs(settings)]:
+        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            parts["tokenizer"] = d
+            break
     return parts
 
 
