@@ -446,3 +446,61 @@ def test_split_files_without_a_tokenizer_say_what_to_add(comfy_tree, tmp_path):
     lone.ensure_home()
     with pytest.raises(MissingModelFile, match="qwen25_tokenizer"):
         Engine(lone, device="cpu").generate(GenerateRequest(prompt="x", model=FILE, width=32, height=32, steps=1))
+
+
+QWEN_TEMPLATES = {  # ComfyUI's own Qwen-Image templates -> output node and size on the tiny models
+    "image_qwen_image": {"60": [(336, 336)]},  # EmptySD3LatentImage 1328 / 4, to 16 px
+    "image_qwen_image_edit": {"60": [(296, 216)]},  # the 128x96 photo at 1/16 MP (296x222), VAEEncode's 8 px crop
+    "image_qwen_image_edit_2509": {"60": [(296, 216)]},  # its KSampler also starts from the photo's latent
+}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN_TEMPLATES))
+def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, small_references, name):
+    """ComfyUI's Qwen-Image, Qwen-Image-Edit and Edit-2509 templates (comfyui-workflow-templates), through the
+    UI-to-API converter and the executor, on the ComfyUI file layout: UNETLoader, CLIPLoader type qwen_image,
+    VAELoader, ModelSamplingAuraFlow, TextEncodeQwenImageEdit(Plus), CFGNorm, the Lightning LoRA slot."""
+    pytest.importorskip("comfyui_workflow_templates")
+    from fixtures.comfy_templates import shrink, template
+    from imagesmith.engine.graph.executor import GraphContext
+    from imagesmith.engine.graph.nodes import NODES, executor_for
+    from imagesmith.engine.graph.ui import ui_to_api
+    settings, root = comfy_tree
+    lora = settings.models_dir / "loras" / "qwen-tiny-lora.safetensors"
+    if not lora.exists():  # a rank-4 LoRA on the tiny transformer's attention, ComfyUI/lightx2v layout
+        from safetensors.torch import save_file
+        g = torch.Generator().manual_seed(3)
+        save_file({f"diffusion_model.transformer_blocks.{b}.{m}.lora_{d}.weight":
+                   torch.randn((4, 32) if d == "down" else (32, 4), generator=g) * 0.3
+                   for b in (0, 1) for m in ("attn.to_q", "attn.add_v_proj") for d in ("down", "up")}, str(lora))
+    engine = Engine(settings, device="cpu")
+    prompt = shrink(name, ui_to_api(template(name), NODES), "Lanczos")
+    for node in prompt.values():
+        kind, i = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            i["unet_name"] = f"{FILE_EDIT if 'edit' in name else FILE}.safetensors"
+        elif kind == "CLIPLoader":
+            i["clip_name"] = "qwen_2.5_vl_tiny.safetensors"
+        elif kind == "VAELoader":
+            i["vae_name"] = "qwen_image_vae_tiny.safetensors"
+        elif kind == "LoraLoaderModelOnly":
+            i["lora_name"] = "qwen-tiny-lora.safetensors"
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    for image in names:
+        Image.fromarray((np.indices((96, 128)).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB").save(inputs / image)
+    ex = executor_for(engine)
+    checked = ex.validate(prompt, lists={"input": names})
+    assert checked.node_errors == {}
+    ctx = GraphContext(engine=engine, output_dir=tmp_path / "output", temp_dir=tmp_path / "temp", input_dir=inputs,
+                       prompt=prompt, extra_pnginfo={"workflow": template(name)})
+    result = ex.run(prompt, ctx, checked.outputs)
+    sizes = {}
+    for node, ui in result.outputs.items():
+        sizes[node] = []
+        for image in ui["images"]:
+            with Image.open(tmp_path / image["type"] / image["subfolder"] / image["filename"]) as im:
+                sizes[node].append(im.size)
+                assert np.asarray(im.convert("L")).std() > 0.5  # not a flat fill
+    assert sizes == QWEN_TEMPLATES[name]

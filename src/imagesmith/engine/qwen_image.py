@@ -46,13 +46,15 @@ def reference_sizes(pipe, image: Image.Image, *, area: int = VAE_REFERENCE_AREA,
     return vae_size, (edit_size(image, condition_area) if plus else vae_size)
 
 
-def encode_text(pipe, prompt: str, device, image: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_text(pipe, prompt: str, device, image: Image.Image | list[Image.Image] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The pipeline's own text conditioning: (embeds [1, T, D], padding mask [1, T] or None). Edit pipelines read
-    the picture too (Qwen2.5-VL sees it beside the instruction)."""
-    if image is None:
+    the picture too (Qwen2.5-VL sees it beside the instruction); Edit-Plus takes several ("Picture 1: ...")."""
+    if image is None or (isinstance(image, list) and not image):
         return pipe.encode_prompt(prompt, device=device)
-    picture = [image] if type(pipe).__name__.startswith("QwenImageEditPlus") else image
-    return pipe.encode_prompt(prompt, image=picture, device=device)
+    if type(pipe).__name__.startswith("QwenImageEditPlus"):
+        return pipe.encode_prompt(prompt, image=image if isinstance(image, list) else [image], device=device)
+    return pipe.encode_prompt(prompt, image=image[0] if isinstance(image, list) else image, device=device)
 
 
 def stack_conditioning(parts: list[tuple[torch.Tensor, torch.Tensor | None, int]]) -> Conditioning:

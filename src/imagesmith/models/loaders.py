@@ -802,16 +802,20 @@ def _single_component_config(entry, header, component: str, shipped: Path) -> di
 def load_vae(entry, torch_dtype: torch.dtype = torch.float32):
     """An AutoencoderKL from a VAE folder, a checkpoint folder's vae/, or a single file (LDM or
     diffusers layout)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
     path = Path(entry.path)
     if entry.kind == "unsafe":
         refuse_pickle(path)
     if path.is_dir():
         refuse_pickles_in(path)
         sub = "vae" if (path / "model_index.json").is_file() else None
-        return AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True, dtype=torch_dtype,
-                                             use_safetensors=True).eval()
+        cls = AutoencoderKLQwenImage if _json(path / (sub or "") / "config.json").get("_class_name") == \
+            "AutoencoderKLQwenImage" else AutoencoderKL
+        return cls.from_pretrained(str(path), subfolder=sub, local_files_only=True, dtype=torch_dtype,
+                                   use_safetensors=True).eval()
     refuse_pickle(path)
+    if entry.arch == "qwen":  # Qwen-Image's (Wan 2.1's) 3-D VAE
+        return load_qwen_vae_file(path, torch_dtype)
     header = read_header(path)
     arch = entry.arch
     if arch not in ARCH_CONFIG:

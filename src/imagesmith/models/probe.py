@@ -565,9 +565,11 @@ def _probe_lora(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
     blocks = {int(m.group(1)) for k in keys if (m := re.search(r"transformer_blocks[._](\d+)[._]", k))}
     if any(t in k for k in keys for t in ("img_mlp", "txt_mlp", "img_mod", "txt_mod")) or (
             max(blocks, default=0) >= 38 and not any("single" in k for k in keys)
-            and any("add_q_proj" in k or "add_k_proj" in k for k in keys)):
+            and any("add_q_proj" in k or "add_k_proj" in k for k in keys)) or any(
+            k.startswith(("diffusion_model.transformer_blocks.", "lora_unet_transformer_blocks_")) for k in keys):
         # Qwen-Image: its blocks' own module names, or joint attention in more blocks (60) than SD3.5 Large (38) or
-        # FLUX's double stream (19) have, with no single-stream blocks (diffusers/peft, kohya, lightx2v's names)
+        # FLUX's double stream (19) have, with no single-stream blocks (diffusers/peft, kohya, lightx2v's names);
+        # in ComfyUI's layout (diffusion_model.*) FLUX and SD3 use their own names (double_blocks, joint_blocks)
         arch = "qwen"
     elif any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
         arch = "flux"

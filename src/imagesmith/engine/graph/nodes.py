@@ -23,7 +23,8 @@ from ..loras import ResolvedLora, apply_loras
 from ..sampling.ksampler import available_samplers
 from .sample import ksample, resolved_loras
 from .spec import MAX_SEED, Input, Node
-from .text_encoders import TYPES as CLIP_TYPES, companion_for, load_encoders, pipeline_view, text_encoder_files
+from .text_encoders import (TYPES as CLIP_TYPES, companion_for, load_encoders, pipeline_view, qwen_text_pipeline,
+                            text_encoder_files)
 from .values import ClipValue, Cond, ControlNetValue, LoraUse, ModelValue, UpscaleModelValue, VaeValue
 
 MAX_RESOLUTION = 16384
@@ -171,6 +172,11 @@ def _clip_loader(*names_and_type):
         arch = CLIP_TYPES.get(kw.get("type", "stable_diffusion"))
         if arch is None:
             raise BadRequest(f"CLIP type {kw.get('type')!r} is not supported: {', '.join(CLIP_TYPES)}")
+        if arch == "qwen":  # Qwen-Image's Qwen2.5-VL file: built from its own file, no folder needed
+            from ...models.registry import ModelEntry
+            qwen_text_pipeline(ctx.engine, files[0])  # loads it now: a wrong file is a clear error here
+            path = text_encoder_files(ctx.engine.settings)[files[0]]
+            return (ClipValue(ModelEntry(name=path.stem, kind="unknown", arch="qwen", path=path), files=files),)
         entry = companion_for(ctx.engine.registry, arch)
         load_encoders(ctx.engine, entry, arch, files)  # every file fits its role, or a clear error now
         return (ClipValue(entry, files=files),)
@@ -209,6 +215,8 @@ def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
     engine = ctx.engine
     entry = clip.entry
     arch = entry.arch
+    if arch == "qwen":
+        return encode_qwen(ctx, clip, text)
     holder = engine.pipeline(entry)
     encoders = load_encoders(engine, entry, arch, clip.files) if clip.files else {}
     with holder.use():
@@ -243,6 +251,85 @@ def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
                 pe, pooled, txt_ids = pipe.encode_prompt(plain_prompt(text), None, device=engine.device)
                 return Cond(pe.float().cpu(), arch, pooled.float().cpu(), {"txt_ids": txt_ids})
     raise BadRequest(f"CLIPTextEncode cannot encode for {arch} models")
+
+
+def encode_qwen(ctx, clip: ClipValue, text: str, images: list[torch.Tensor] = (), *,
+                cls_name: str = "QwenImagePipeline", references: list[torch.Tensor] = ()) -> Cond:
+    """Qwen-Image conditioning: the Qwen2.5-VL hidden states of the prompt (and of the pictures, for the edit
+    nodes), their padding mask, and the pictures' latents to append as reference tokens."""
+    from ..prompts import plain_prompt
+    from ..qwen_image import encode_text as qwen_encode
+    engine = ctx.engine
+    pictures = [to_image(im[0]) for im in images]
+    with torch.inference_mode():
+        if clip.files:
+            embeds, mask = qwen_encode(qwen_text_pipeline(engine, clip.files[0], cls_name), plain_prompt(text),
+                                       engine.device, pictures)
+        else:  # a Qwen-Image checkpoint's own encoder (CheckpointLoaderSimple)
+            holder = engine.pipeline(clip.entry)
+            with holder.use():
+                pipe = holder.value
+                if type(pipe).__name__ != cls_name:
+                    import diffusers
+                    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+                    processor = getattr(pipe, "processor", None) or Qwen2VLProcessor(
+                        image_processor=Qwen2VLImageProcessor(), tokenizer=pipe.tokenizer,
+                        video_processor=Qwen2VLVideoProcessor())
+                    extra = {} if cls_name == "QwenImagePipeline" else {"processor": processor}
+                    pipe = getattr(diffusers, cls_name)(scheduler=None, vae=None, text_encoder=pipe.text_encoder,
+                                                        tokenizer=pipe.tokenizer, transformer=None, **extra)
+                embeds, mask = qwen_encode(pipe, plain_prompt(text), engine.device, pictures)
+    extra: dict = {}
+    if mask is not None:
+        extra["text_mask"] = mask.cpu()
+    if references:
+        extra["reference_latents"] = list(references)
+    return Cond(embeds.float().cpu(), "qwen", extra=extra)
+
+
+def _scaled_to_area(image: torch.Tensor, area: int, multiple: int = 1) -> torch.Tensor:
+    """ComfyUI's edit nodes: the picture at about ``area`` pixels, its aspect kept ("area" resampling)."""
+    h0, w0 = image.shape[1:3]
+    scale = (area / (w0 * h0)) ** 0.5
+    w = max(multiple, round(w0 * scale / multiple) * multiple)
+    h = max(multiple, round(h0 * scale / multiple) * multiple)
+    return _resize_bchw(image[..., :3].permute(0, 3, 1, 2).float(), h, w, "area").permute(0, 2, 3, 1).clamp(0, 1)
+
+
+def _reference_latent(ctx, vae, image: torch.Tensor) -> torch.Tensor:
+    """A picture's latent for Qwen-Image-Edit's reference tokens, cropped to 16 px (whole 2x2 latent patches)."""
+    h, w = image.shape[1] // 16 * 16, image.shape[2] // 16 * 16
+    y, x = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+    crop = image[:, y:y + h, x:x + w, :3]
+    return ctx.engine.vae_encode(_vae_module(ctx, vae), crop.permute(0, 3, 1, 2) * 2 - 1).float()
+
+
+def _text_encode_qwen_edit(ctx, clip, prompt, vae=None, image=None):
+    """ComfyUI's TextEncodeQwenImageEdit: the picture at about 1 MP for the text encoder and, with a VAE, as the
+    reference latent."""
+    if clip.entry.arch != "qwen":
+        raise BadRequest("TextEncodeQwenImageEdit needs a Qwen-Image CLIP (CLIPLoader type qwen_image)")
+    if image is None:
+        return ([encode_qwen(ctx, clip, prompt)],)
+    from .. import qwen_image as Q
+    scaled = _scaled_to_area(image, Q.VAE_REFERENCE_AREA)  # about 1 MP
+    refs = [_reference_latent(ctx, vae, scaled)] if vae is not None else []
+    return ([encode_qwen(ctx, clip, prompt, [scaled], cls_name="QwenImageEditPipeline", references=refs)],)
+
+
+def _text_encode_qwen_edit_plus(ctx, clip, prompt, vae=None, image1=None, image2=None, image3=None):
+    """ComfyUI's TextEncodeQwenImageEditPlus: up to three pictures, each at about 384x384 for the text encoder
+    ("Picture 1: ...") and, with a VAE, at about 1 MP (sides in multiples of 8) as a reference latent."""
+    if clip.entry.arch != "qwen":
+        raise BadRequest("TextEncodeQwenImageEditPlus needs a Qwen-Image CLIP (CLIPLoader type qwen_image)")
+    pictures = [im for im in (image1, image2, image3) if im is not None]
+    if not pictures:
+        return ([encode_qwen(ctx, clip, prompt)],)
+    from .. import qwen_image as Q
+    small = [_scaled_to_area(im, Q.PLUS_CONDITION_AREA) for im in pictures]  # about 384x384
+    refs = [_reference_latent(ctx, vae, _scaled_to_area(im, Q.VAE_REFERENCE_AREA, 8)) for im in pictures] \
+        if vae else []
+    return ([encode_qwen(ctx, clip, prompt, small, cls_name="QwenImageEditPlusPipeline", references=refs)],)
 
 
 def _clip_text_encode(ctx, text, clip):
@@ -665,6 +752,21 @@ def _model_sampling_sd3(ctx, model, shift):
     return (replace(model, sampling=("sd3", float(shift))),)
 
 
+def _model_sampling_aura_flow(ctx, model, shift):
+    """ComfyUI's ModelSamplingAuraFlow (Qwen-Image's templates): a flow shift with timesteps = sigma."""
+    from dataclasses import replace
+    return (replace(model, sampling=("sd3", float(shift))),)
+
+
+def _cfg_norm(ctx, model, strength, pre_cfg=False):
+    """ComfyUI's CFGNorm (post-CFG): the guided x0 scaled, at each latent cell, down to the conditional x0's norm
+    over the channels (never up), times ``strength``."""
+    from dataclasses import replace
+    if pre_cfg:
+        raise BadRequest("CFGNorm: pre_cfg is not supported yet (the default post-CFG form is)")
+    return (replace(model, post_cfg=("cfg_norm", float(strength))),)
+
+
 def _model_sampling_flux(ctx, model, max_shift, base_shift, width, height):
     from dataclasses import replace
     return (replace(model, sampling=("flux", float(max_shift), float(base_shift), int(width), int(height))),)
@@ -707,7 +809,7 @@ def _nodes() -> dict[str, Node]:
         Node("UnetLoaderGGUF", "Unet Loader (GGUF)", "bootleg", {"unet_name": _c("unet_gguf")},
              (("MODEL", "MODEL"),), _unet_loader),
         Node("CLIPLoader", "Load CLIP", "advanced/loaders",
-             {"clip_name": _c("text_encoders"), "type": _c(("stable_diffusion",)),
+             {"clip_name": _c("text_encoders"), "type": _c(("stable_diffusion", "qwen_image")),
               "device": _c(("default", "cpu"), optional=True)}, (("CLIP", "CLIP"),), _clip_loader("clip_name")),
         Node("DualCLIPLoader", "DualCLIPLoader", "advanced/loaders",
              {"clip_name1": _c("text_encoders"), "clip_name2": _c("text_encoders"), "type": _c(("sdxl", "flux")),
@@ -846,6 +948,19 @@ def _nodes() -> dict[str, Node]:
               "zsnr": Input("BOOLEAN", default=False)}, (("MODEL", "MODEL"),), _model_sampling_discrete),
         Node("ModelSamplingSD3", "ModelSamplingSD3", "advanced/model",
              {"model": _l("MODEL"), "shift": _f(3.0, 0.0, 100.0)}, (("MODEL", "MODEL"),), _model_sampling_sd3),
+        Node("ModelSamplingAuraFlow", "ModelSamplingAuraFlow", "advanced/model",
+             {"model": _l("MODEL"), "shift": _f(1.73, 0.0, 100.0)}, (("MODEL", "MODEL"),), _model_sampling_aura_flow),
+        Node("CFGNorm", "CFGNorm", "advanced/guidance",
+             {"model": _l("MODEL"), "strength": _f(1.0, 0.0, 100.0),
+              "pre_cfg": Input("BOOLEAN", default=False, optional=True)}, (("MODEL", "patched_model"),), _cfg_norm),
+        Node("TextEncodeQwenImageEdit", "TextEncodeQwenImageEdit", "advanced/conditioning",
+             {"clip": _l("CLIP"), "prompt": Input("STRING", multiline=True), "vae": _l("VAE", optional=True),
+              "image": _l("IMAGE", optional=True)}, (("CONDITIONING", "CONDITIONING"),), _text_encode_qwen_edit),
+        Node("TextEncodeQwenImageEditPlus", "TextEncodeQwenImageEditPlus", "advanced/conditioning",
+             {"clip": _l("CLIP"), "prompt": Input("STRING", multiline=True), "vae": _l("VAE", optional=True),
+              "image1": _l("IMAGE", optional=True), "image2": _l("IMAGE", optional=True),
+              "image3": _l("IMAGE", optional=True)}, (("CONDITIONING", "CONDITIONING"),),
+             _text_encode_qwen_edit_plus),
         Node("ModelSamplingFlux", "ModelSamplingFlux", "advanced/model",
              {"model": _l("MODEL"), "max_shift": _f(1.15, 0.0, 100.0), "base_shift": _f(0.5, 0.0, 100.0),
               "width": _i(1024, 16, MAX_RESOLUTION, 8), "height": _i(1024, 16, MAX_RESOLUTION, 8)},

@@ -16,7 +16,7 @@ from ...core.errors import BadRequest, UnsupportedModel
 from ...core.sampling_names import resolve_sampling
 from ..loras import ResolvedLora, apply_loras
 from ..sampling import ksampler as K
-from ..sampling.denoisers import Conditioning, ControlSpec, FluxDenoiser, SD3Denoiser, UNetDenoiser
+from ..sampling.denoisers import Conditioning, ControlSpec, FluxDenoiser, QwenDenoiser, SD3Denoiser, UNetDenoiser
 from ..sampling.model_sampling import DiscreteModelSampling, FlowModelSampling
 from .values import Cond, ModelValue
 
@@ -33,6 +33,8 @@ def resolved_loras(loras) -> list[ResolvedLora]:
 
 
 def model_sampling_for(engine, pipe, model: ModelValue, width: int, height: int):
+    if not model.sampling and model.entry.arch == "qwen":  # ComfyUI's Qwen-Image default: shift 1, t = sigma
+        return FlowModelSampling(shift=1.0, multiplier=1.0, timesteps=1000)
     ms = engine.model_sampling(pipe, model.entry.arch, width, height)
     if not model.sampling:
         return ms
@@ -111,6 +113,11 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
             concat = torch.cat([m, samples.float() if mask is not None else torch.zeros_like(samples)], dim=1)
         denoiser = build_denoiser(engine, pipe, net, arch, ms, positive, negative, cfg, n, width, height,
                                   concat=concat)
+        if model.post_cfg:
+            if not isinstance(denoiser, Guided):
+                raise BadRequest("CFGNorm applies to the conditioning-list sampler (a model patch ComfyUI runs after "
+                                 "CFG); this model's plain path has no such step")
+            denoiser.post_cfg = model.post_cfg
         total = max(len(sigmas) - 1, 0)
 
         def on_step(i, x, denoised, sigma):
@@ -165,6 +172,30 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
         def one(c: Cond):
             return SD3Denoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), {"pooled": c.pooled.repeat(n, 1)}),
                                None, 1.0)
+    elif arch == "qwen":
+        from .. import qwen_image as Q
+        vae_sf = pipe.vae_scale_factor
+        # a latent with an odd side (VAEEncode of a picture 8 px, not 16 px, aligned) is padded to whole 2x2
+        # patches, circularly as ComfyUI's Qwen model does, and cropped back after each call
+        lh, lw = height // vae_sf, width // vae_sf
+        ph, pw = lh % 2, lw % 2
+        height, width = (lh + ph) * vae_sf, (lw + pw) * vae_sf
+        shape = (1, height // vae_sf // 2, width // vae_sf // 2)
+
+        def one(c: Cond):
+            inner = _qwen_one(c)
+            return inner if not (ph or pw) else PaddedToPatches(inner, ph, pw)
+
+        def _qwen_one(c: Cond):
+            added = {} if c.extra.get("text_mask") is None else {"mask": c.extra["text_mask"].repeat(n, 1)}
+            refs = c.extra.get("reference_latents") or []
+            context = None
+            if refs:  # Qwen-Image-Edit: each picture's latent as tokens after the output's, on their own frames
+                context = (torch.cat([Q.pack(pipe, r).repeat(n, 1, 1) for r in refs], dim=1),
+                           [(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs])
+            return QwenDenoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), added), None, 1.0,
+                                pack=lambda x: Q.pack(pipe, x), unpack=lambda y: Q.unpack(pipe, y, width, height),
+                                shape=shape, context=context)
     elif arch == "flux":
         vae_sf = pipe.vae_scale_factor
         h, w = height // vae_sf, width // vae_sf
@@ -197,6 +228,18 @@ def _controls(engine, c: Cond, ms, n: int, width: int, height: int) -> list[Cont
                                sigma_end=ms.percent_to_sigma(end),
                                mode=None if cn.union_type is None else torch.tensor([[cn.union_type]])))
     return out or None
+
+
+class PaddedToPatches:
+    """A denoiser on a latent padded by (ph, pw) cells at the bottom and right (circularly), cropped back."""
+
+    def __init__(self, denoise, ph: int, pw: int):
+        self.denoise, self.ph, self.pw = denoise, ph, pw
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (0, self.pw, 0, self.ph), mode="circular")
+        return self.denoise(padded, sigma)[..., :h, :w]
 
 
 class AreaMix:
@@ -240,11 +283,20 @@ class Guided:
     def __init__(self, pos, neg, cfg: float):
         self.pos, self.neg, self.cfg = pos, neg, float(cfg)
         self.last_uncond = None
+        self.post_cfg: tuple = ()
 
     def __call__(self, x, sigma):
         cond = self.pos(x, sigma)
         if self.neg is None:
-            return cond
+            return self._post(cond, cond)
         uncond = self.neg(x, sigma)
         self.last_uncond = uncond
-        return uncond + (cond - uncond) * self.cfg
+        return self._post(cond, uncond + (cond - uncond) * self.cfg)
+
+    def _post(self, cond, guided):
+        if not self.post_cfg:
+            return guided
+        strength = self.post_cfg[1]  # ComfyUI's CFGNorm: scale each cell down to the conditional x0's norm
+        scale = (torch.linalg.vector_norm(cond, dim=1, keepdim=True)
+                 / (torch.linalg.vector_norm(guided, dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
+        return guided * scale * strength

@@ -17,7 +17,7 @@ from ...core.errors import BadRequest, ModelNotFound
 from ...models.loaders import load_text_encoder_state
 from ...models.registry import ModelEntry, text_encoder_files  # noqa: F401  (nodes import it from here)
 
-TYPES = {"stable_diffusion": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+TYPES = {"stable_diffusion": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "qwen_image": "qwen"}
 """ComfyUI's CLIP loader ``type`` -> imagesmith's arch"""
 ROLES = {"sd1": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
          "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2")}
@@ -80,3 +80,42 @@ def load_encoders(engine, entry: ModelEntry, arch: str, files: tuple[str, ...]) 
 def pipeline_view(pipe, encoders: dict[str, torch.nn.Module]):
     """The pipeline with other text encoders: a new pipeline object over the same modules (nothing copied)."""
     return type(pipe)(**{**pipe.components, **encoders})
+
+
+def qwen_tokenizer_dir(engine) -> Path:
+    """A Qwen2.5 tokenizer folder: a Qwen-Image diffusers folder's tokenizer/, else ComfyUI's qwen25_tokenizer
+    (models/text_encoders/, or the ComfyUI install the model paths point into)."""
+    from ...models.registry import qwen_tokenizer_dirs
+    for e in engine.registry.list("checkpoint"):
+        d = Path(e.path) / "tokenizer"
+        if e.arch == "qwen" and (d / "vocab.json").is_file():
+            return d
+    for d in qwen_tokenizer_dirs(engine.settings):
+        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            return d
+    raise ModelNotFound("the qwen_image CLIP needs the Qwen2.5 tokenizer (vocab.json, merges.txt): put ComfyUI's "
+                        "comfy/text_encoders/qwen25_tokenizer/ folder in models/text_encoders/, or install a "
+                        "Qwen-Image diffusers folder")
+
+
+def qwen_text_pipeline(engine, name: str, cls_name: str = "QwenImagePipeline"):
+    """An encode-only Qwen-Image pipeline (diffusers' class ``cls_name``, for its prompt templates) over the
+    Qwen2.5-VL file ``name`` of models/text_encoders (loaded once into the engine's cache) and a tokenizer
+    folder; Edit pipelines get a Qwen2-VL processor of the standard settings for the pictures."""
+    import diffusers
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from ...models.loaders import load_qwen_text_encoder_file
+    path = text_encoder_files(engine.settings).get(name)
+    if path is None:
+        raise ModelNotFound(f"no text encoder file {name!r} in models/text_encoders or models/clip")
+    stamp = path.stat().st_mtime_ns
+    encoder = engine.cache.get(("text_encoder_file", str(path), stamp, str(engine.dtype)),
+                               lambda: load_qwen_text_encoder_file(path, engine.dtype).to(engine.device),
+                               device=engine.device).value
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(qwen_tokenizer_dir(engine)), local_files_only=True)
+    parts = dict(scheduler=None, vae=None, text_encoder=encoder, tokenizer=tokenizer, transformer=None)
+    if cls_name != "QwenImagePipeline":
+        parts["processor"] = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                              video_processor=Qwen2VLVideoProcessor())
+    return getattr(diffusers, cls_name)(**parts)

@@ -31,6 +31,8 @@ class ModelValue:
     loras: tuple[LoraUse, ...] = ()
     sampling: tuple = ()
     """("discrete", prediction, zsnr) | ("sd3", shift) | ("flux", max_shift, base_shift, width, height)"""
+    post_cfg: tuple = ()
+    """("cfg_norm", strength): ComfyUI's CFGNorm after the CFG mix"""
 
     def with_lora(self, lora: LoraUse) -> "ModelValue":
         return replace(self, loras=self.loras + (lora,))
