@@ -90,12 +90,19 @@ def test_flux_controlnet_guides_and_weight_zero_does_nothing(cn_home, tmp_path):
 def test_union_mode_and_wrong_families(cn_home, tmp_path):
     engine = Engine(cn_home, device="cpu")
     unit = {"model": "flux-cn-union", "image": _control(tmp_path), "preprocessor": "none"}
-    with pytest.raises(BadRequest, match="union ControlNet: give union_mode"):
-        engine.generate(_req(unit))
-    with pytest.raises(BadRequest, match="union_mode 7 is not one"):
+    with pytest.raises(BadRequest, match="union ControlNet: give union_type or union_mode"):
+        engine.generate(_req(unit))  # preprocessor none: nothing tells the type
+    with pytest.raises(BadRequest, match="union type 7 is not one"):
         engine.generate(_req({**unit, "union_mode": 7}))
+    with pytest.raises(BadRequest, match="union type normal is not one"):
+        engine.generate(_req({**unit, "union_type": "normal"}))  # InstantX's union has no normal maps
     a = np.asarray(engine.generate(_req({**unit, "union_mode": 0})).images[0])
     b = np.asarray(engine.generate(_req({**unit, "union_mode": 2})).images[0])
     assert not np.array_equal(a, b)  # the mode is read
+    # by name (InstantX's order: depth is 2) and from the preprocessor's kind (canny draws hard edges: 0)
+    assert np.array_equal(np.asarray(engine.generate(_req({**unit, "union_type": "depth"})).images[0]), b)
+    canny = {**unit, "preprocessor": "canny"}
+    assert np.array_equal(np.asarray(engine.generate(_req(canny)).images[0]),
+                          np.asarray(engine.generate(_req({**canny, "union_mode": 0})).images[0]))
     with pytest.raises(BadRequest, match="is an SD ControlNet"):
         engine.generate(_req({"model": "tiny-controlnet", "image": _control(tmp_path), "preprocessor": "none"}))

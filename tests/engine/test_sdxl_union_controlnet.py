@@ -71,10 +71,35 @@ def test_union_controlnet_modes(union_home, tmp_path):
     assert np.array_equal(images["union-folder", 3], images["union-promax", 3])  # renamed weights == folder
     off = engine.generate(_req(tmp_path, {"model": "union-folder", "union_mode": 3, "weight": 0}))
     assert np.array_equal(np.asarray(off.images[0]), base)
-    with pytest.raises(BadRequest, match="union ControlNet: give union_mode"):
-        engine.generate(_req(tmp_path, {"model": "union-folder"}))
-    with pytest.raises(BadRequest, match="union_mode 6 is not one it has"):
+    with pytest.raises(BadRequest, match="union ControlNet: give union_type or union_mode"):
+        engine.generate(_req(tmp_path, {"model": "union-folder"}))  # preprocessor none: nothing tells the type
+    with pytest.raises(BadRequest, match="union type 6 is not one it has"):
         engine.generate(_req(tmp_path, {"model": "union-folder", "union_mode": 6}))
+    with pytest.raises(BadRequest, match="union type tile is not one it has"):  # 6 types: tile (6) is ProMax's
+        engine.generate(_req(tmp_path, {"model": "union-folder", "union_type": "tile"}))
+    # by name (xinsir's order, as A1111's extension names them: hard edge is 3) and from the preprocessor's kind
+    named = engine.generate(_req(tmp_path, {"model": "union-folder", "union_type": "hardedge"}))
+    assert np.array_equal(np.asarray(named.images[0]), images["union-folder", 3])
+    canny = {"model": "union-folder", "preprocessor": "canny"}
+    assert np.array_equal(np.asarray(engine.generate(_req(tmp_path, canny)).images[0]),
+                          np.asarray(engine.generate(_req(tmp_path, {**canny, "union_mode": 3})).images[0]))
+
+
+def test_a1111_extension_union_control_type_maps_to_the_kind():
+    """A1111's ControlNet extension names a union unit's type (union_control_type: its ControlNetUnionControlType
+    values); Unknown leaves it to the module, as the extension does; anything else is a 400."""
+    from imagesmith.serve.api.a1111_controlnet import controlnet_unit
+
+    def unit(**kw):
+        body = {"alwayson_scripts": {"ControlNet": {"args": [{"model": "union-folder [0123abcd]", "image": "aGk=",
+                                                              "module": "canny", **kw}]}}}
+        return controlnet_unit(body, lambda data: "uploaded")
+    assert unit(union_control_type="Hard Edge")["union_type"] == "hardedge"
+    assert unit(union_control_type="OpenPose")["union_type"] == "openpose"
+    assert unit(union_control_type="Normal Map")["union_type"] == "normal"
+    assert "union_type" not in unit(union_control_type="Unknown") and "union_type" not in unit()
+    with pytest.raises(BadRequest, match="union_control_type"):
+        unit(union_control_type="Sketchy")
 
 
 def test_comfyui_set_union_controlnet_type(union_home, tmp_path):

@@ -62,9 +62,12 @@ def generate(
     upscaler: str = typer.Option("Latent", "--hr-upscaler", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B' or an upscaler file's name"),
     controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet model name (controlnet.model)"),
     control_image: Optional[str] = typer.Option(None, "--control-image"),
-    control_mode: Optional[int] = typer.Option(None, "--control-mode", "--union-mode", help="a union ControlNet's "
-                                               "control type by index (FLUX InstantX/Shakker union: 0 canny, 1 tile, "
-                                               "2 depth, 3 blur, 4 pose, 5 gray, 6 low quality)"),
+    control_mode: Optional[str] = typer.Option(None, "--control-mode", "--union-mode", help="a union ControlNet's "
+                                               "control type, by name (openpose, depth, softedge, hardedge, normal, "
+                                               "segment, tile, inpaint, blur, gray: mapped to the model's own index) "
+                                               "or by index (FLUX InstantX/Shakker union: 0 canny, 1 tile, 2 depth, 3 "
+                                               "blur, 4 pose, 5 gray, 6 low quality); default: what the "
+                                               "preprocessor draws"),
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand or none"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
     ip_adapter: Optional[str] = typer.Option(None, "--ip-adapter", help="IP-Adapter name (models/ipadapter): the "
@@ -131,9 +134,10 @@ def generate(
         if controlnet:
             if not control_image:
                 raise _Exit("--controlnet needs --control-image")
+            union = {} if control_mode is None else {"union_mode": int(control_mode)} if control_mode.isdigit() \
+                else {"union_type": control_mode}
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
-                                                  preprocessor=control_preprocessor, weight=control_weight,
-                                                  union_mode=control_mode)
+                                                  preprocessor=control_preprocessor, weight=control_weight, **union)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
         if bool(ip_adapter) != bool(refs):

@@ -110,6 +110,10 @@ class ControlNetSpec(BaseModel):
     union_mode: int | None = Field(None, ge=0, le=15, description="a union ControlNet's control type, by its "
                                    "index (FLUX InstantX/Shakker union: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, "
                                    "5 gray, 6 low quality)")
+    union_type: Literal["openpose", "depth", "softedge", "hardedge", "normal", "segment", "tile", "inpaint", "blur",
+                        "gray"] | None = Field(
+        None, description="a union ControlNet's control type by name, for any union model (A1111's ControlNet "
+        "extension's union_control_type); with neither this nor union_mode the preprocessor's kind is used")
 
 
 class IPAdapterSpec(BaseModel):

@@ -147,6 +147,28 @@ PREPROCESSORS: dict[str, Preprocessor] = {
 }
 
 
+UNION_KINDS = ("openpose", "depth", "softedge", "hardedge", "normal", "segment", "tile", "inpaint", "blur", "gray")
+"""control kinds by name, the vocabulary union ControlNets' types are given in (A1111's ControlNet extension:
+OpenPose, Depth, Soft Edge, Hard Edge, Normal Map, Segmentation, Tile, Inpaint)"""
+UNION_INDEX = {
+    # xinsir's SDXL ControlNet Union / ProMax (ComfyUI's SetUnionControlNetType order)
+    "sdxl": {"openpose": 0, "depth": 1, "softedge": 2, "hardedge": 3, "normal": 4, "segment": 5, "tile": 6,
+             "inpaint": 7},
+    # InstantX / Shakker-Labs FLUX.1 ControlNet Union (Pro): canny, tile, depth, blur, pose, gray, low quality
+    "flux": {"hardedge": 0, "tile": 1, "depth": 2, "blur": 3, "openpose": 4, "gray": 5},
+}
+PREPROCESSOR_KIND = {"openpose": "openpose", "openpose_hand": "openpose", "depth_anything": "depth",
+                     "depth_midas": "depth", "depth_zoe": "depth", "scribble_xdog": "softedge", "canny": "hardedge",
+                     "lineart_standard": "hardedge", "invert": "hardedge", "tile_resample": "tile"}
+"""what each preprocessor's map is, as the extension infers a union type from its module when none is given"""
+
+
+def union_index(family: str, kind: str | None, preprocessor: str) -> int | None:
+    """A union ControlNet's control type for a unit: its named kind, else its preprocessor's; None when neither
+    is one the family's union model has."""
+    return UNION_INDEX.get(family, {}).get(kind or PREPROCESSOR_KIND.get(preprocessor, ""))
+
+
 def _openpose(image: Image.Image, *, hands: bool) -> Image.Image:
     from .landmarks import openpose
     return openpose(image.convert("RGB"), hands=hands)

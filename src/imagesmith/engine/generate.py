@@ -1096,7 +1096,7 @@ class Engine:
         """FLUX and SD3 ControlNet units: each control image preprocessed and VAE-encoded (for FLUX packed as the
         transformer's tokens: the ``controlnet_cond`` of diffusers' FluxControlNetPipeline and
         StableDiffusion3ControlNetPipeline), with its union mode, weight and window."""
-        from .controlnet import preprocess
+        from .controlnet import preprocess, union_index
         specs = []
         for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
             model = self._component("controlnet", cn.model)
@@ -1106,18 +1106,23 @@ class Engine:
                 raise BadRequest(f"controlnet[{i}]: {cn.model} is a{'n SD' if family == 'sd' else ' ' + family.upper()}"
                                  f" ControlNet; {job.entry.name} is {job.arch.upper()}")
             num_mode = getattr(model.config, "num_mode", None)
-            if num_mode and cn.union_mode is None:
-                raise BadRequest(f"controlnet[{i}]: {cn.model} is a union ControlNet: give union_mode (0-{num_mode - 1})")
-            if cn.union_mode is not None and (not num_mode or cn.union_mode >= num_mode):
-                raise BadRequest(f"controlnet[{i}]: union_mode {cn.union_mode} is not one {cn.model} has"
+            mode = cn.union_mode
+            if num_mode and mode is None and family == "flux":  # by name, else by the preprocessor's kind
+                mode = union_index("flux", cn.union_type, cn.preprocessor)
+                if mode is None and cn.union_type:
+                    raise BadRequest(f"controlnet[{i}]: union type {cn.union_type} is not one {cn.model} has")
+            if num_mode and mode is None:
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is a union ControlNet: give union_type or union_mode "
+                                 f"(0-{num_mode - 1})")
+            if (mode is not None and (not num_mode or mode >= num_mode)) or (not num_mode and cn.union_type):
+                raise BadRequest(f"controlnet[{i}]: union type {cn.union_type or mode} is not one {cn.model} has"
                                  + (f" (0-{num_mode - 1})" if num_mode else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
             cond = pack(self._vae_encode(pipe.vae, [image]).repeat(n, 1, 1, 1))
             specs.append(ControlSpec(model, cond, cn.weight, sigma_start=ms.percent_to_sigma(cn.guidance_start),
                                      sigma_end=ms.percent_to_sigma(cn.guidance_end),
-                                     mode=None if cn.union_mode is None else
-                                     torch.full((n, 1), cn.union_mode, dtype=torch.long)))
+                                     mode=None if mode is None else torch.full((n, 1), mode, dtype=torch.long)))
         return specs
 
     def _redux_tokens(self, job: _Job, ms, n: int) -> list[tuple[torch.Tensor, float, float]]:
@@ -1226,7 +1231,7 @@ class Engine:
 
     def _control_specs(self, job: _Job, ms, n: int) -> list[ControlSpec]:
         """One ControlSpec per unit: its model, its preprocessed image at the output size, its weight and window."""
-        from .controlnet import preprocess
+        from .controlnet import preprocess, union_index
         specs = []
         for cn, control in zip(job.req.controlnet_units, job.control_images, strict=True):
             model = self._component("controlnet", cn.model)
@@ -1234,12 +1239,17 @@ class Engine:
                 raise BadRequest(f"ControlNet {cn.model} is a {'FLUX' if hasattr(model.config, 'axes_dims_rope') else 'SD3'}"
                                  f" ControlNet; {job.entry.name} is {job.arch}")
             kinds = getattr(model.config, "num_control_type", None)  # SDXL Union / ProMax
-            if kinds and cn.union_mode is None:
-                raise BadRequest(f"ControlNet {cn.model} is a union ControlNet: give union_mode (0-{kinds - 1}; "
-                                 "ProMax: 0 openpose, 1 depth, 2 hed/scribble, 3 canny/lineart, 4 normal, 5 segment, "
-                                 "6 tile, 7 repaint)")
-            if cn.union_mode is not None and (not kinds or cn.union_mode >= kinds):
-                raise BadRequest(f"ControlNet {cn.model}: union_mode {cn.union_mode} is not one it has"
+            mode = cn.union_mode
+            if kinds and mode is None:  # by name, else by what the preprocessor draws (as the A1111 extension does)
+                mode = union_index("sdxl", cn.union_type, cn.preprocessor)
+                if mode is None and cn.union_type:
+                    raise BadRequest(f"ControlNet {cn.model}: union type {cn.union_type} is not one it has")
+            if kinds and mode is None:
+                raise BadRequest(f"ControlNet {cn.model} is a union ControlNet: give union_type or union_mode (0-"
+                                 f"{kinds - 1}; ProMax: 0 openpose, 1 depth, 2 hed/scribble, 3 canny/lineart, 4 "
+                                 "normal, 5 segment, 6 tile, 7 repaint)")
+            if (mode is not None and (not kinds or mode >= kinds)) or (not kinds and cn.union_type):
+                raise BadRequest(f"ControlNet {cn.model}: union type {cn.union_type or mode} is not one it has"
                                  + (f" (0-{kinds - 1})" if kinds else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
@@ -1247,7 +1257,7 @@ class Engine:
             specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
                                      sigma_start=ms.percent_to_sigma(cn.guidance_start),
                                      sigma_end=ms.percent_to_sigma(cn.guidance_end),
-                                     mode=None if cn.union_mode is None else torch.tensor([[cn.union_mode]])))
+                                     mode=None if mode is None else torch.tensor([[mode]])))
         return specs
 
     def _vae_encode(self, vae, images: list[Image.Image]) -> torch.Tensor:

@@ -151,7 +151,12 @@ def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
     if not isinstance(image, str) or not image:
         raise BadRequest("the ControlNet unit needs an image (base64)")
     low, high = _thresholds(unit.get("threshold_a"), unit.get("threshold_b"))
-    return {"model": _HASH_SUFFIX.sub("", str(unit["model"])), "image": upload(decode_base64(image)),
+    union = str(unit.get("union_control_type") or "Unknown").strip().lower()
+    if union not in UNION_CONTROL_TYPES:
+        raise BadRequest(f"union_control_type {unit.get('union_control_type')!r} is not one of the extension's: "
+                         "OpenPose, Depth, Soft Edge, Hard Edge, Normal Map, Segmentation, Tile, Inpaint, Unknown")
+    extra = {"union_type": UNION_CONTROL_TYPES[union]} if UNION_CONTROL_TYPES[union] else {}
+    return {**extra, "model": _HASH_SUFFIX.sub("", str(unit["model"])), "image": upload(decode_base64(image)),
             "preprocessor": _module(unit.get("module", "none")), "weight": unit.get("weight", 1.0),
             "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
             "canny_low": low, "canny_high": high, "threshold_a": _number(unit.get("threshold_a")),
@@ -165,6 +170,11 @@ def _number(v) -> float | None:
     return float(v)
 
 
+UNION_CONTROL_TYPES = {"openpose": "openpose", "depth": "depth", "soft edge": "softedge", "hard edge": "hardedge",
+                       "normal map": "normal", "segmentation": "segment", "tile": "tile", "inpaint": "inpaint",
+                       "unknown": None}
+"""the extension's ControlNetUnionControlType values (xinsir's union models) -> imagesmith's kinds; Unknown: the
+kind the unit's module draws, as the extension infers it"""
 MAX_UNITS = 4  # the extension's default "Multi-ControlNet: ControlNet unit number" is 3; some raise it to 4
 
 
