@@ -64,3 +64,51 @@ def test_sd3_controlnet_guides(sd3_home, tmp_path):
     assert np.array_equal(np.asarray(off.images[0]), base)
     with pytest.raises(BadRequest, match="is an SD ControlNet; tiny-sd3 is SD3"):
         engine.generate(_req(tmp_path, {"model": "tiny-controlnet"}))
+
+
+def test_sd3_controlnet_in_a_comfyui_graph(sd3_home, tmp_path):
+    """ControlNetApplyAdvanced with an SD3 ControlNet and the checkpoint's VAE, through the ComfyUI executor: the
+    ControlNet reads the control image's latent, strength 0 gives the plain graph's pixels, and an SD ControlNet
+    on the SD3 model is one clear error."""
+    from fixtures.graph import run_to_image
+    from imagesmith.engine.graph.nodes import model_lists
+    engine = Engine(sd3_home, device="cpu")
+    _req(tmp_path, {"model": "sd3-canny"})  # writes edges.png, the control image
+
+    def graph(cn: str | None, strength: float = 1.0) -> dict:
+        prompt = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd3"}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lamp", "clip": ["1", 1]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "8": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "9": {"class_type": "KSampler", "inputs": {
+                "seed": 2, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["8", 0]}},
+            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+            "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "cn"}},
+        }
+        if cn:
+            prompt["4"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": cn}}
+            prompt["6"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
+            prompt["7"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                "positive": ["2", 0], "negative": ["3", 0], "control_net": ["4", 0], "image": ["6", 0],
+                "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "vae": ["1", 2]}}
+            prompt["9"]["inputs"].update(positive=["7", 0], negative=["7", 1])
+        return prompt
+
+    lists = {**model_lists(engine.registry, ["Lanczos"]), "input": ["edges.png"]}
+    run = lambda p: run_to_image(engine, p, tmp_path, lists=lists, save_node="11")  # noqa: E731
+    base = run(graph(None))
+    cn = engine._component("controlnet", "sd3-canny")
+    seen = []
+    hook = cn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["controlnet_cond"].shape), with_kwargs=True)
+    try:
+        guided = run(graph("sd3-canny"))
+    finally:
+        hook.remove()
+    assert seen and seen[0][1:] == (16, 8, 8)  # the control image's 16-channel latent
+    assert not np.array_equal(guided, base)
+    assert np.array_equal(run(graph("sd3-canny", strength=0.0)), base)
+    from imagesmith.core.errors import ImagesmithError
+    with pytest.raises(ImagesmithError, match="is an SD ControlNet"):
+        run(graph("tiny-controlnet"))

@@ -691,7 +691,6 @@ def _unscale_fp8(state: dict[str, torch.Tensor], torch_dtype: torch.dtype) -> di
 def _load_gguf_transformer(path: Path, arch: str, header, cfg: dict, torch_dtype) -> Any:
     """A GGUF transformer through diffusers' GGUF support: the linear layers keep their quantised blocks and
     dequantise them at each call, in ``torch_dtype``."""
-    import diffusers
     from diffusers import GGUFQuantizationConfig
 
     from .gguf_files import unsupported_types
@@ -733,7 +732,6 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
     """The FLUX or SD3 transformer of a single file (BFL/original or diffusers layout; safetensors in any float
     precision incl. fp8 and ComfyUI's scaled fp8, or GGUF), built from the file's embedded config, else the
     shipped one patched to the file's shapes."""
-    import diffusers
     from accelerate import init_empty_weights
     from safetensors import safe_open
 

@@ -21,7 +21,7 @@ from ...core.metadata import build_infotext, make_png_chunks
 from ...core.sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES, sampler_label, schedule_label
 from ..loras import ResolvedLora, apply_loras
 from ..sampling.ksampler import available_samplers
-from .sample import ksample, resolved_loras
+from .sample import ksample, resolved_loras, vae_module
 from .spec import MAX_SEED, Input, Node
 from .text_encoders import (TYPES as CLIP_TYPES, companion_for, load_encoders, pipeline_view, qwen_text_pipeline,
                             text_encoder_files)
@@ -123,15 +123,8 @@ def _upscale(x: torch.Tensor, method: str, width: int, height: int, crop: str) -
     return _resize_bchw(x, height, width, method)
 
 
-def _checkpoint_parts(ctx, entry):
-    """(pipe entry) for a checkpoint, so VAE/text encoder can be reached."""
-    return ctx.engine.pipeline(entry)
-
-
 def _vae_module(ctx, vae: VaeValue):
-    if vae.name is not None:
-        return ctx.engine.component("vae", vae.name)
-    return _checkpoint_parts(ctx, vae.entry).value.vae
+    return vae_module(ctx.engine, vae)
 
 
 def safe_name(name: str, what: str) -> str:
@@ -386,7 +379,7 @@ def _controlnet_apply_advanced(ctx, positive, negative, control_net, image, stre
     if strength == 0:
         return positive, negative
     hint = image.permute(0, 3, 1, 2)[:1].float()
-    unit = (control_net, hint, strength, start_percent, end_percent)
+    unit = (control_net, hint, strength, start_percent, end_percent, vae)  # FLUX/SD3 ones: encoded by this VAE
     return tuple([c.but(controls=tuple(c.extra.get("controls", ())) + (unit,)) for c in side]
                  for side in (positive, negative))
 

@@ -23,6 +23,13 @@ from .values import Cond, ModelValue
 UNET_ARCHS = ("sd1", "sd2", "sdxl", "house")
 
 
+def vae_module(engine, vae):
+    """The VAE module of a VaeValue: a VAELoader's file, or a checkpoint's own."""
+    if vae.name is not None:
+        return engine.component("vae", vae.name)
+    return engine.pipeline(vae.entry).value.vae
+
+
 def resolved_loras(loras) -> list[ResolvedLora]:
     merged: dict[str, ResolvedLora] = {}
     for l in loras:  # the same file twice: strengths add up, as two patches would
@@ -171,7 +178,8 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
     elif arch == "sd3":
         def one(c: Cond):
             return SD3Denoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), {"pooled": c.pooled.repeat(n, 1)}),
-                               None, 1.0)
+                               None, 1.0, control=_dit_controls(engine, pipe, c, ms, n, width, height, "sd3",
+                                                                lambda t: t))
     elif arch == "qwen":
         from .. import qwen_image as Q
         vae_sf = pipe.vae_scale_factor
@@ -201,12 +209,15 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
         h, w = height // vae_sf, width // vae_sf
         img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, engine.device, engine.dtype)
 
+        def pack(x):
+            return pipe._pack_latents(x, x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+
         def one(c: Cond):
             guidance = c.extra.get("guidance", 3.5) if net.config.guidance_embeds else None
             return FluxDenoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), {
                 "pooled": c.pooled.repeat(n, 1), "txt_ids": c.extra["txt_ids"]}), guidance,
-                pack=lambda x: pipe._pack_latents(x, x.shape[0], x.shape[1], h, w),
-                unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids)
+                pack=pack, unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
+                control=_dit_controls(engine, pipe, c, ms, n, width, height, "flux", pack))
     else:
         raise UnsupportedModel(f"KSampler cannot run {arch} models")
     pos = AreaMix([(one(c), c) for c in positive])
@@ -214,9 +225,43 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
     return Guided(pos, neg, cfg)
 
 
+def _dit_controls(engine, pipe, c: Cond, ms, n: int, width: int, height: int, family: str,
+                  pack) -> list[ControlSpec] | None:
+    """FLUX and SD3 ControlNets of a conditioning entry (ControlNetApplyAdvanced with its ``vae``, as ComfyUI
+    wires them): the control image at the output size, VAE-encoded (and for FLUX packed into the transformer's
+    tokens), with its strength, window and, for a union model, its type (SetUnionControlNetType's name, mapped to
+    the model's own index)."""
+    from ..controlnet import UNION_INDEX
+    out = []
+    for cn, image, strength, start, end, *rest in c.extra.get("controls", ()):
+        model = engine.component("controlnet", cn.name)
+        kind = "flux" if hasattr(model.config, "axes_dims_rope") else (
+            "sd3" if hasattr(model.config, "joint_attention_dim") else "sd")
+        if kind != family:
+            raise BadRequest(f"ControlNet {cn.name} is a{'n SD' if kind == 'sd' else ' ' + kind.upper()} ControlNet; "
+                             f"the model is {family.upper()}")
+        vae = rest[0] if rest and rest[0] is not None else None
+        vae = vae_module(engine, vae) if vae is not None else pipe.vae
+        img = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear").clamp(0, 1)
+        cond = pack(engine.vae_encode(vae, img * 2 - 1).repeat(n, 1, 1, 1))
+        modes = getattr(model.config, "num_mode", None)
+        mode = None
+        if modes:
+            if cn.union_type is None:
+                raise BadRequest(f"{cn.name} is a union ControlNet: set its type with SetUnionControlNetType")
+            named = next((k for k, v in UNION_INDEX["sdxl"].items() if v == cn.union_type), None)
+            mode = UNION_INDEX.get(family, {}).get(named)
+            if mode is None or mode >= modes:
+                raise BadRequest(f"{cn.name}: union type {named} is not one it has")
+            mode = torch.full((n, 1), mode, dtype=torch.long)
+        out.append(ControlSpec(model, cond, strength, sigma_start=ms.percent_to_sigma(start),
+                               sigma_end=ms.percent_to_sigma(end), mode=mode))
+    return out or None
+
+
 def _controls(engine, c: Cond, ms, n: int, width: int, height: int) -> list[ControlSpec] | None:
     out = []
-    for cn, image, strength, start, end in c.extra.get("controls", ()):
+    for cn, image, strength, start, end, *_ in c.extra.get("controls", ()):
         model = engine.component("controlnet", cn.name)
         img = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear")
         kinds = getattr(model.config, "num_control_type", None)
