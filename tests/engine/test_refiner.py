@@ -75,3 +75,26 @@ def test_wrong_or_missing_refiner_is_refused_before_work(refiner_home):
         engine.generate(_req(refiner_checkpoint="tiny-sd15"))
     with pytest.raises(ModelNotFound):
         engine.generate(_req(refiner_checkpoint="no-such-refiner"))
+
+
+def test_with_the_hires_fix_the_refiner_takes_the_second_pass(refiner_home):
+    """A1111's default ("Hires fix: which pass to enable refiner for: second pass"): the first pass is the base's
+    alone, and the refiner takes over at the switch fraction of the hires pass's steps."""
+    engine = Engine(refiner_home, device="cpu")
+    hires = {"hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_denoising_strength": 0.6, "hr_second_pass_steps": 4}
+    calls = {"base": [], "refiner": []}
+    hooks = []
+    try:
+        for name, model in (("base", "tiny-sdxl"), ("refiner", "tiny-sdxl-refiner")):
+            pipe = engine.pipeline(engine.checkpoint(model)).value
+            hooks.append(pipe.unet.register_forward_pre_hook(
+                lambda module, args, name=name: calls[name].append(tuple(args[0].shape[-2:]))))
+        engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5, hires=hires))
+    finally:
+        for h in hooks:
+            h.remove()
+    first, second = (8, 8), (12, 12)  # latent sizes of 64 px and of 96 px
+    assert calls["base"].count(first) == 6 and set(calls["refiner"]) == {second}  # no refiner in the first pass
+    # the hires pass (A1111: int(0.6 x 4) + 1 = 3 steps) switches at half of them
+    assert calls["base"].count(second) >= 1 and len(calls["refiner"]) >= 1
+    assert calls["base"].count(second) + len(calls["refiner"]) == 3

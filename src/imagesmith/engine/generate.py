@@ -898,7 +898,10 @@ class Engine:
             denoiser = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, len(seeds), concat, sigmas)
                         or self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat))
         held = contextlib.ExitStack()
-        if req.refiner_checkpoint and req.refiner_switch_at < 1 and phase != "hires":
+        # the refiner's pass: with the hires fix's second diffusion pass, that one (A1111's default "Hires fix:
+        # which pass to enable refiner for: second pass"); else the only one
+        second_pass = req.hires is not None and req.hires.hr_denoising_strength > 0 and req.mode == "txt2img"
+        if req.refiner_checkpoint and req.refiner_switch_at < 1 and (phase == "hires") == second_pass:
             steps_run = len(sigmas) - 1
             switch = min(steps_run - 1, max(1, round(steps_run * req.refiner_switch_at)))
             refiner = self._refiner_denoiser(job, rows, ms, width, height, len(seeds), concat, held)
