@@ -503,3 +503,27 @@ def test_a1111_refiner_fields(api):
     finally:
         (ckpt / "tiny-sdxl").unlink()
         shutil.rmtree(ckpt / "tiny-sdxl-refiner")
+
+
+def test_qwen_image_edit_through_img2img(api):
+    """A Qwen-Image-Edit-2509 folder dropped into the running server's checkpoints: webuiapi's img2img with the
+    model named in override_settings edits the picture by the instruction (the picture as the edit's reference,
+    not as an img2img start), and the infotext names the model."""
+    import json
+    import shutil
+
+    from fixtures.tiny import build_qwen_image
+    ckpt = api.imagesmith_home / "models" / "checkpoints"
+    build_qwen_image(0, edit="plus").save_pretrained(ckpt / "tiny-qwen-edit", safe_serialization=True)
+    picture = Image.new("RGB", (64, 48), (200, 60, 40))
+    try:
+        result = api.img2img(images=[picture], prompt="make the red square blue", width=64, height=48, steps=2,
+                             cfg_scale=1.0, seed=5, denoising_strength=0.5, alwayson_scripts={},
+                             override_settings={"sd_model_checkpoint": "tiny-qwen-edit"},
+                             override_settings_restore_afterwards=True)
+        assert result.image.size == (64, 48)
+        assert np.asarray(result.image.convert("L")).std() > 0.5
+        info = json.loads(result.info) if isinstance(result.info, str) else result.info
+        assert "Model: tiny-qwen-edit" in info["infotexts"][0]
+    finally:
+        shutil.rmtree(ckpt / "tiny-qwen-edit")
