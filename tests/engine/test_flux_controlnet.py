@@ -113,39 +113,14 @@ def test_flux_controlnets_in_comfyui_graphs(cn_home, tmp_path):
     ControlNets) on the tiny FLUX, through imagesmith's executor: the ControlNet runs on the packed VAE tokens of
     the control image, strength 0 gives the plain graph's pixels, and a union model reads the type
     SetUnionControlNetType names (its InstantX index: depth 2, canny 0)."""
-    from fixtures.graph import run_to_image
-    from imagesmith.engine.graph.nodes import model_lists
+    from fixtures.graph import controlnet_graph, graph_runner
     engine = Engine(cn_home, device="cpu")
     (tmp_path / "edges.png").write_bytes(open(_control(tmp_path), "rb").read())
 
     def graph(cn: str | None, strength: float = 1.0, kind: str | None = None) -> dict:
-        prompt = {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux"}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a tower", "clip": ["1", 1]}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-            "8": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "9": {"class_type": "KSampler", "inputs": {
-                "seed": 2, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
-                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["8", 0]}},
-            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
-            "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "cn"}},
-        }
-        if cn:
-            net = ["4", 0]
-            prompt["4"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": cn}}
-            if kind:
-                prompt["5"] = {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["4", 0],
-                                                                                 "type": kind}}
-                net = ["5", 0]
-            prompt["6"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
-            prompt["7"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-                "positive": ["2", 0], "negative": ["3", 0], "control_net": net, "image": ["6", 0],
-                "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "vae": ["1", 2]}}
-            prompt["9"]["inputs"].update(positive=["7", 0], negative=["7", 1])
-        return prompt
+        return controlnet_graph("tiny-flux", "a tower", cfg=1.0, cn=cn, strength=strength, kind=kind)
 
-    lists = {**model_lists(engine.registry, ["Lanczos"]), "input": ["edges.png"]}
-    run = lambda p: run_to_image(engine, p, tmp_path, lists=lists, save_node="11")  # noqa: E731
+    run = graph_runner(engine, tmp_path, ["edges.png"])
     base = run(graph(None))
     cn = engine._component("controlnet", "flux-cn-canny")
     seen = []

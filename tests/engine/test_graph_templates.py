@@ -10,7 +10,7 @@ from PIL import Image
 
 pytest.importorskip("comfyui_workflow_templates")
 
-from fixtures.comfy_templates import FLUX, SD3, SD15, SDXL, shrink, template  # noqa: E402
+from fixtures.comfy_templates import FLUX, SD3, SD15, SDXL, run_template, shrink, template  # noqa: E402
 from imagesmith.engine.generate import Engine  # noqa: E402
 from imagesmith.engine.graph.executor import GraphContext  # noqa: E402
 from imagesmith.engine.graph.nodes import NODES, executor_for  # noqa: E402
@@ -59,18 +59,7 @@ def test_template_converts_validates_and_runs(runner, name):
     names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
     for image in names:
         photo.save(inputs / image)
-    checked = ex.validate(prompt, lists={"input": names})
-    assert checked.node_errors == {}
-    ctx = GraphContext(engine=engine, output_dir=root / "output", temp_dir=root / "temp", input_dir=inputs,
-                       prompt=prompt, extra_pnginfo={"workflow": template(name)})
-    result = ex.run(prompt, ctx, checked.outputs)
-    sizes = {}
-    for node, ui in result.outputs.items():
-        sizes[node] = []
-        for image in ui["images"]:
-            with Image.open(root / image["type"] / image["subfolder"] / image["filename"]) as im:
-                sizes[node].append(im.size)
-                assert np.asarray(im.convert("L")).std() > 0.5  # not a flat fill
+    sizes = run_template(engine, name, prompt, root, inputs, names)
     assert sizes == EXPECTED[name]
 
 

@@ -36,8 +36,8 @@ def qwen_home(tmp_path_factory):
         build_qwen_image(0, edit=edit).save_pretrained(ckpt / name, safe_serialization=True)
     from safetensors.torch import load_file, save_file
 
+    from fixtures.tiny import write_gguf
     from imagesmith.models.convert import META_CONFIGS
-    import gguf
     state = {"model.diffusion_model." + k: v.contiguous()
              for k, v in load_file(str(ckpt / QWEN / "transformer" / "diffusion_pytorch_model.safetensors")).items()}
     cfg = json.loads((ckpt / QWEN / "transformer" / "config.json").read_text())
@@ -46,19 +46,7 @@ def qwen_home(tmp_path_factory):
     save_file(state, str(ckpt / f"{FILE_EDIT}.safetensors"), metadata=meta)
     save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()},
               str(ckpt / f"{FILE_FP8}.safetensors"), metadata=meta)
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    w = gguf.GGUFWriter(str(ckpt / f"{FILE_Q8}.gguf"), "qwen_image")
-    w.add_string(META_CONFIGS, meta[META_CONFIGS])
-    for k, v in state.items():
-        a = v.float().numpy()
-        if a.ndim == 2 and a.shape[1] % 32 == 0:
-            w.add_tensor(k, gguf.quants.quantize(a, q8), raw_dtype=q8)
-        else:
-            w.add_tensor(k, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(ckpt / f"{FILE_Q8}.gguf", state, "qwen_image", "Q8_0", meta)
     return settings
 
 
@@ -461,9 +449,8 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
     UI-to-API converter and the executor, on the ComfyUI file layout: UNETLoader, CLIPLoader type qwen_image,
     VAELoader, ModelSamplingAuraFlow, TextEncodeQwenImageEdit(Plus), CFGNorm, the Lightning LoRA slot."""
     pytest.importorskip("comfyui_workflow_templates")
-    from fixtures.comfy_templates import shrink, template
-    from imagesmith.engine.graph.executor import GraphContext
-    from imagesmith.engine.graph.nodes import NODES, executor_for
+    from fixtures.comfy_templates import run_template, shrink, template
+    from imagesmith.engine.graph.nodes import NODES
     from imagesmith.engine.graph.ui import ui_to_api
     settings, root = comfy_tree
     lora = settings.models_dir / "loras" / "qwen-tiny-lora.safetensors"
@@ -490,17 +477,5 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
     names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
     for image in names:
         Image.fromarray((np.indices((96, 128)).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB").save(inputs / image)
-    ex = executor_for(engine)
-    checked = ex.validate(prompt, lists={"input": names})
-    assert checked.node_errors == {}
-    ctx = GraphContext(engine=engine, output_dir=tmp_path / "output", temp_dir=tmp_path / "temp", input_dir=inputs,
-                       prompt=prompt, extra_pnginfo={"workflow": template(name)})
-    result = ex.run(prompt, ctx, checked.outputs)
-    sizes = {}
-    for node, ui in result.outputs.items():
-        sizes[node] = []
-        for image in ui["images"]:
-            with Image.open(tmp_path / image["type"] / image["subfolder"] / image["filename"]) as im:
-                sizes[node].append(im.size)
-                assert np.asarray(im.convert("L")).std() > 0.5  # not a flat fill
+    sizes = run_template(engine, name, prompt, tmp_path, inputs, names)
     assert sizes == QWEN_TEMPLATES[name]

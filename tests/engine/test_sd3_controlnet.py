@@ -70,34 +70,14 @@ def test_sd3_controlnet_in_a_comfyui_graph(sd3_home, tmp_path):
     """ControlNetApplyAdvanced with an SD3 ControlNet and the checkpoint's VAE, through the ComfyUI executor: the
     ControlNet reads the control image's latent, strength 0 gives the plain graph's pixels, and an SD ControlNet
     on the SD3 model is one clear error."""
-    from fixtures.graph import run_to_image
-    from imagesmith.engine.graph.nodes import model_lists
+    from fixtures.graph import controlnet_graph, graph_runner
     engine = Engine(sd3_home, device="cpu")
     _req(tmp_path, {"model": "sd3-canny"})  # writes edges.png, the control image
 
     def graph(cn: str | None, strength: float = 1.0) -> dict:
-        prompt = {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd3"}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lamp", "clip": ["1", 1]}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-            "8": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "9": {"class_type": "KSampler", "inputs": {
-                "seed": 2, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
-                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["8", 0]}},
-            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
-            "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "cn"}},
-        }
-        if cn:
-            prompt["4"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": cn}}
-            prompt["6"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
-            prompt["7"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-                "positive": ["2", 0], "negative": ["3", 0], "control_net": ["4", 0], "image": ["6", 0],
-                "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "vae": ["1", 2]}}
-            prompt["9"]["inputs"].update(positive=["7", 0], negative=["7", 1])
-        return prompt
+        return controlnet_graph("tiny-sd3", "a lamp", cfg=4.0, cn=cn, strength=strength)
 
-    lists = {**model_lists(engine.registry, ["Lanczos"]), "input": ["edges.png"]}
-    run = lambda p: run_to_image(engine, p, tmp_path, lists=lists, save_node="11")  # noqa: E731
+    run = graph_runner(engine, tmp_path, ["edges.png"])
     base = run(graph(None))
     cn = engine._component("controlnet", "sd3-canny")
     seen = []

@@ -46,20 +46,9 @@ def quant_home(tiny_home, tmp_path_factory):
     meta = {META_CONFIGS: json.dumps({"transformer": cfg})}
     save_file(bfl, str(ckpt / "wide-flux-f32.safetensors"), metadata=meta)
     # GGUF, as city96's converter makes them: 2-D weights quantised, the rest (norms, biases, odd rows) in F32
+    from fixtures.tiny import write_gguf
     for qname in ("Q8_0", "Q4_0"):
-        qt = getattr(gguf.GGMLQuantizationType, qname)
-        w = gguf.GGUFWriter(str(ckpt / f"wide-flux-{qname}.gguf"), "flux")
-        w.add_string(META_CONFIGS, meta[META_CONFIGS])
-        for k, v in bfl.items():
-            a = v.float().numpy()
-            if a.ndim == 2 and a.shape[1] % 32 == 0:
-                w.add_tensor(k, gguf.quants.quantize(a, qt), raw_dtype=qt)
-            else:
-                w.add_tensor(k, a.astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        write_gguf(ckpt / f"wide-flux-{qname}.gguf", bfl, "flux", qname, meta)
     # fp8: plain (each weight cast), and ComfyUI's scaled (each 2-D weight divided by absmax/448, scale kept)
     plain = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v) for k, v in bfl.items()}
     save_file(plain, str(ckpt / "wide-flux-fp8.safetensors"), metadata=meta)
@@ -178,23 +167,12 @@ def test_sd3_gguf_in_the_original_layout(tiny_home, tmp_path):
     ckpt = settings.models_dir / "checkpoints"
     shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-sd3", ckpt / "tiny-sd3")
     single = tiny_home.models_dir / "checkpoints" / "tiny-sd3-single.safetensors"
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    w = gguf.GGUFWriter(str(ckpt / "sd3-Q8_0.gguf"), "sd3")
-    w.add_string(META_CONFIGS, read_header(single).metadata[META_CONFIGS])
-    quantised = 0
+    from fixtures.tiny import write_gguf
     with safe_open(str(single), "pt") as f:
-        for k in f.keys():
-            if k.startswith("model.diffusion_model."):
-                a = f.get_tensor(k).float().numpy()
-                if a.ndim == 2 and a.shape[1] % 32 == 0:
-                    w.add_tensor(k, gguf.quants.quantize(a, q8), raw_dtype=q8)
-                    quantised += 1
-                else:
-                    w.add_tensor(k, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.diffusion_model.")}
+    write_gguf(ckpt / "sd3-Q8_0.gguf", state, "sd3", "Q8_0",
+               {META_CONFIGS: read_header(single).metadata[META_CONFIGS]})
+    quantised = sum(v.ndim == 2 and v.shape[1] % 32 == 0 for v in state.values())
     assert quantised > 10 and any(k.startswith("model.diffusion_model.joint_blocks.") for k in read_header(single).shapes)
     res = probe(ckpt / "sd3-Q8_0.gguf")
     assert (res.arch, res.notes[0], res.components) == ("sd3", "GGUF Q8_0", ["transformer"])

@@ -430,6 +430,14 @@ def _read_state(path: Path, torch_dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
+def qwen_processor(tokenizer):
+    """The Qwen2-VL processor Qwen-Image-Edit reads pictures with, at the standard settings (what the edit releases
+    ship), over ``tokenizer``."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                            video_processor=Qwen2VLVideoProcessor())
+
+
 def load_qwen_vae_file(path: Path, torch_dtype, config: dict | None = None):
     """Qwen-Image's 3-D VAE from one file: ComfyUI's ``qwen_image_vae.safetensors`` keeps Wan 2.1's own names
     (mapped by diffusers' Wan converter: the modules are the same), or diffusers' names. Qwen-Image's own config
@@ -493,7 +501,7 @@ def _qwen_from_split_files(entry, parts: dict[str, Any], torch_dtype):
     text encoder (models/text_encoders) and a Qwen2.5 tokenizer folder (ComfyUI's comfy/text_encoders/
     qwen25_tokenizer, or a copy in models/text_encoders/qwen25_tokenizer); Qwen-Image's scheduler settings."""
     import diffusers
-    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen2Tokenizer
 
     from .probe import QWEN_EDIT_NOTE, QWEN_EDIT_PLUS_NOTE
     from .registry import QWEN_TOKENIZER
@@ -513,8 +521,7 @@ def _qwen_from_split_files(entry, parts: dict[str, Any], torch_dtype):
         _json(CONFIGS_DIR / "qwen-image" / "scheduler" / "scheduler_config.json"))
     if QWEN_EDIT_NOTE not in entry.notes:
         return diffusers.QwenImagePipeline(**kwargs)
-    kwargs["processor"] = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                           video_processor=Qwen2VLVideoProcessor())
+    kwargs["processor"] = qwen_processor(tokenizer)
     cls = diffusers.QwenImageEditPlusPipeline if QWEN_EDIT_PLUS_NOTE in entry.notes else diffusers.QwenImageEditPipeline
     return cls(**kwargs)
 
@@ -554,10 +561,9 @@ def _qwen_companion_class(entry, index: dict, kwargs: dict, companion: Path, tor
     cls = diffusers.QwenImageEditPlusPipeline if QWEN_EDIT_PLUS_NOTE in entry.notes else \
         diffusers.QwenImageEditPipeline
     if not isinstance(index.get("processor"), list):
-        from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-        tokenizer = Qwen2Tokenizer.from_pretrained(str(companion / "tokenizer"), local_files_only=True)
-        kwargs["processor"] = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                               video_processor=Qwen2VLVideoProcessor())
+        from transformers import Qwen2Tokenizer
+        kwargs["processor"] = qwen_processor(Qwen2Tokenizer.from_pretrained(str(companion / "tokenizer"),
+                                                                            local_files_only=True))
     return cls
 
 

@@ -264,10 +264,9 @@ def encode_qwen(ctx, clip: ClipValue, text: str, images: list[torch.Tensor] = ()
                 pipe = holder.value
                 if type(pipe).__name__ != cls_name:
                     import diffusers
-                    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-                    processor = getattr(pipe, "processor", None) or Qwen2VLProcessor(
-                        image_processor=Qwen2VLImageProcessor(), tokenizer=pipe.tokenizer,
-                        video_processor=Qwen2VLVideoProcessor())
+
+                    from ...models.loaders import qwen_processor
+                    processor = getattr(pipe, "processor", None) or qwen_processor(pipe.tokenizer)
                     extra = {} if cls_name == "QwenImagePipeline" else {"processor": processor}
                     pipe = getattr(diffusers, cls_name)(scheduler=None, vae=None, text_encoder=pipe.text_encoder,
                                                         tokenizer=pipe.tokenizer, transformer=None, **extra)

@@ -103,9 +103,9 @@ def qwen_text_pipeline(engine, name: str, cls_name: str = "QwenImagePipeline"):
     Qwen2.5-VL file ``name`` of models/text_encoders (loaded once into the engine's cache) and a tokenizer
     folder; Edit pipelines get a Qwen2-VL processor of the standard settings for the pictures."""
     import diffusers
-    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen2Tokenizer
 
-    from ...models.loaders import load_qwen_text_encoder_file
+    from ...models.loaders import load_qwen_text_encoder_file, qwen_processor
     path = text_encoder_files(engine.settings).get(name)
     if path is None:
         raise ModelNotFound(f"no text encoder file {name!r} in models/text_encoders or models/clip")
@@ -116,6 +116,5 @@ def qwen_text_pipeline(engine, name: str, cls_name: str = "QwenImagePipeline"):
     tokenizer = Qwen2Tokenizer.from_pretrained(str(qwen_tokenizer_dir(engine)), local_files_only=True)
     parts = dict(scheduler=None, vae=None, text_encoder=encoder, tokenizer=tokenizer, transformer=None)
     if cls_name != "QwenImagePipeline":
-        parts["processor"] = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                              video_processor=Qwen2VLVideoProcessor())
+        parts["processor"] = qwen_processor(tokenizer)
     return getattr(diffusers, cls_name)(**parts)
