@@ -479,3 +479,38 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
         Image.fromarray((np.indices((96, 128)).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB").save(inputs / image)
     sizes = run_template(engine, name, prompt, tmp_path, inputs, names)
     assert sizes == QWEN_TEMPLATES[name]
+
+
+def test_wrong_qwen_parts_are_one_clear_line(comfy_tree, tmp_path):
+    """A transformer file with no Qwen2.5-VL file anywhere says which files it needs; a CLIP file given to
+    CLIPLoader as qwen_image, or a broken VAE file, names the file and why; nothing is half loaded."""
+    from imagesmith.core.errors import ImagesmithError
+    from imagesmith.engine.graph.executor import GraphContext
+    from imagesmith.engine.graph.nodes import executor_for
+    from imagesmith.models.loaders import load_qwen_vae_file
+    settings, root = comfy_tree
+    models = tmp_path / "models"
+    (models / "diffusion_models").mkdir(parents=True)
+    (models / "diffusion_models" / f"{FILE}.safetensors").symlink_to(
+        root / "models" / "diffusion_models" / f"{FILE}.safetensors")
+    lone = Settings(home=tmp_path / "home", extra_model_paths=[models])
+    lone.ensure_home()
+    with pytest.raises(ImagesmithError) as info:
+        Engine(lone, device="cpu").generate(GenerateRequest(prompt="x", model=FILE, width=32, height=32, steps=1))
+    message = str(info.value)
+    assert "qwen_image_vae" in message and "qwen_2.5_vl_7b" in message and len(message.splitlines()) == 1
+    (models / "text_encoders").mkdir()
+    from safetensors.torch import save_file
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)},
+              str(models / "text_encoders" / "clip_l.safetensors"))
+    engine = Engine(lone, device="cpu")
+    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors", "type": "qwen_image"}},
+              "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["1", 0]}}}
+    ctx = GraphContext(engine=engine, output_dir=tmp_path / "o", temp_dir=tmp_path / "t", input_dir=tmp_path,
+                       prompt=prompt)
+    with pytest.raises(ImagesmithError, match="clip_l.safetensors: .* Qwen2.5-VL tensors missing"):
+        executor_for(engine).run(prompt, ctx, ["2"])
+    broken = tmp_path / "qwen_image_vae_broken.safetensors"
+    save_file({"decoder.middle.0.residual.0.gamma": torch.zeros(4, 1, 1, 1)}, str(broken))
+    with pytest.raises(ImagesmithError, match="qwen_image_vae_broken.safetensors: not a Qwen-Image / Wan 2.1 VAE"):
+        load_qwen_vae_file(broken, torch.float32)
