@@ -64,9 +64,9 @@ def quant_home(tiny_home, tmp_path_factory):
     return settings
 
 
-def _image(engine: Engine, name: str) -> np.ndarray:
-    req = GenerateRequest(prompt="a lighthouse at dusk", model=name, width=64, height=64, steps=3, cfg_scale=1.0,
-                          seed=5)
+def _image(engine: Engine, name: str, extra: str = "") -> np.ndarray:
+    req = GenerateRequest(prompt=f"a lighthouse at dusk {extra}".strip(), model=name, width=64, height=64, steps=3,
+                          cfg_scale=1.0, seed=5)
     return np.asarray(engine.generate(req).images[0], np.float64)
 
 
@@ -232,7 +232,7 @@ def test_bitsandbytes_nf4_file_is_dequantised_exactly_as_bitsandbytes_does(quant
     path = ckpt / "wide-flux-nf4.safetensors"
     save_file(out, str(path), metadata=meta)
     try:
-        assert probe(path).notes[0] == "bitsandbytes NF4: dequantised on load"
+        assert probe(path).notes[0] == "bitsandbytes NF4: kept 4-bit, dequantised per call"
         from imagesmith.models.bnb4 import dequantize_state
         with safe_open(str(path), "pt") as f:
             got = dequantize_state(f.get_tensor, list(f.keys()), torch.float32)
@@ -242,10 +242,51 @@ def test_bitsandbytes_nf4_file_is_dequantised_exactly_as_bitsandbytes_does(quant
         for k, w in original.items():  # every weight within NF4's rounding of what was quantised
             blocks = w.flatten().reshape(-1, 64).abs().amax(1).repeat_interleave(64).reshape(w.shape)
             assert ((got["model.diffusion_model." + k] - w).abs() <= 0.16 * blocks + 1e-6).all(), k
+        from imagesmith.models.bnb4 import Packed4bitLinear
         model = load_transformer_file(path, "flux", read_model_header(path), torch.float32)
-        assert all(p.dtype == torch.float32 for p in model.parameters())
+        plain = load_transformer_file(path, "flux", read_model_header(path), torch.float32, keep_4bit=False)
+        packed = [m for m in model.modules() if isinstance(m, Packed4bitLinear)]
+        assert len(packed) >= 8  # every 4-bit layer, after BFL -> diffusers (fused qkv split into q, k, v)
+        half = load_transformer_file(path, "flux", read_model_header(path), torch.bfloat16)
+        assert sum(isinstance(m, Packed4bitLinear) for m in half.modules()) == len(packed)  # from bf16 values too
+        held = sum(b.numel() * b.element_size() for m in packed for b in (m.codes, m.absmax))
+        full = sum(m.in_features * m.out_features * 4 for m in packed)
+        assert held < full / 6  # float32 would be 8 times the codes; the scales add 1/16
+        # the packed layers give exactly the dequantised weights
+        for m in packed:
+            name = next(n for n, mod in model.named_modules() if mod is m)
+            assert torch.equal(m.dequantized(torch.float32), plain.get_submodule(name).weight), name
         engine = Engine(quant_home, device="cpu")
-        score = _psnr(_image(engine, "wide-flux-f32"), _image(engine, "wide-flux-nf4"))
+        base = _image(engine, "wide-flux-nf4")
+        score = _psnr(_image(engine, "wide-flux-f32"), base)
         assert score > 25, score  # 4-bit: further than Q8_0, still the same picture
+        # a LoRA on the 4-bit model: its layers go back to plain ones for the adapter, and it acts as on full precision
+        lora = _flux_lora(plain, quant_home.models_dir / "loras" / "wide-lora.safetensors")
+        with_lora = _image(engine, "wide-flux-nf4", "<lora:wide-lora:1>")
+        assert np.abs(with_lora - base).max() > 8  # the LoRA changed the picture
+        assert _psnr(with_lora, _image(engine, "wide-flux-f32", "<lora:wide-lora:1>")) > 25
+        lora.unlink()
     finally:
         path.unlink()
+
+
+def _flux_lora(model, path):
+    """A peft LoRA (rank 4, attention and MLP input projections, B randomised so it acts) on a FLUX transformer, saved as diffusers'
+    FluxPipeline saves one."""
+    import copy
+
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from fixtures.tiny import save_peft_lora
+    model = copy.deepcopy(model)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "proj_mlp"]),
+                      adapter_name="t")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="t").items()}
+    return save_peft_lora(FluxPipeline, {"transformer": state}, path)

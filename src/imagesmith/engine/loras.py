@@ -54,6 +54,13 @@ def apply_loras(pipe, state: dict, loras: list[ResolvedLora], model_arch: str, *
     for lora in loras:
         if not compatible(lora.arch, model_arch):
             raise UnsupportedModel(f"LoRA {lora.name!r} is for {lora.arch} models, but the checkpoint is {model_arch}")
+    if loras and not state.get("unpacked_4bit"):  # an NF4 file's 4-bit layers: plain ones for the adapters
+        from ..models.bnb4 import unpack_linears
+        net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        if net is not None and unpack_linears(net):
+            log.warning("LoRA on a 4-bit (NF4) model: its layers are dequantised for the adapters (the memory of "
+                        "the compute dtype from now on)")
+        state["unpacked_4bit"] = True
     if hotswap_rank is not None:
         _apply_slots(pipe, state, loras, hotswap_rank)
         return

@@ -734,7 +734,7 @@ def _transformer_cls(arch: str):
         arch, diffusers.SD3Transformer2DModel)
 
 
-def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
+def load_transformer_file(path: Path, arch: str, header, torch_dtype, *, keep_4bit: bool = True) -> Any:
     """The FLUX or SD3 transformer of a single file (BFL/original or diffusers layout; safetensors in any float
     precision incl. fp8 and ComfyUI's scaled fp8, or GGUF), built from the file's embedded config, else the
     shipped one patched to the file's shapes."""
@@ -751,7 +751,8 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
     state = {}
     with safe_open(str(path), framework="pt") as f:
         keys = [k for k in f.keys() if not k.startswith(drop)]
-        four_bit = bnb4.quantised_weights(keys)  # bitsandbytes NF4/FP4 (Forge's files): dequantised here
+        four_bit = bnb4.quantised_weights(keys)  # bitsandbytes NF4/FP4 (Forge's files): dequantised here, and
+        quantisation = bnb4.file_quantisation(f.get_tensor, keys)  # packed again once in diffusers' layout
         aux = {a for w in four_bit for a in bnb4.aux_keys(w)}
         for k, t in bnb4.dequantize_state(f.get_tensor, keys, torch_dtype).items():
             state[k.removeprefix("model.diffusion_model.").removeprefix("transformer.")] = t
@@ -780,7 +781,10 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype) -> Any:
     except RuntimeError as exc:
         raise UnsupportedModel(f"{path.name}: its tensors do not fit a {arch} transformer config: "
                                f"{str(exc).splitlines()[0][:300]}") from None
-    return model.to(torch_dtype).eval()
+    model = model.to(torch_dtype).eval()
+    if quantisation is not None and keep_4bit:  # the 4-bit layers stay 4-bit in memory (dequantised per call)
+        bnb4.pack_linears(model, *quantisation)
+    return model
 
 
 def _load_transformer_file(entry, arch: str, header, torch_dtype):

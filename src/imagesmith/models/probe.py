@@ -247,7 +247,7 @@ def _precision_notes(header: SafetensorsHeader) -> list[str]:
     keys = header.shapes
     if any(k.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")) for k in keys):
         kind = "NF4" if any(k.endswith("bitsandbytes__nf4") for k in keys) else "FP4"
-        return [f"bitsandbytes {kind}: dequantised on load"]
+        return [f"bitsandbytes {kind}: kept 4-bit, dequantised per call"]
     weights = [d for k, d in header.dtypes.items() if k.endswith(".weight") and len(keys[k]) >= 2]
     fp8 = sum(d in ("F8_E4M3", "F8_E5M2") for d in weights)
     if weights and fp8 >= len(weights) / 2:
