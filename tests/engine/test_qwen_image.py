@@ -514,3 +514,31 @@ def test_wrong_qwen_parts_are_one_clear_line(comfy_tree, tmp_path):
     save_file({"decoder.middle.0.residual.0.gamma": torch.zeros(4, 1, 1, 1)}, str(broken))
     with pytest.raises(ImagesmithError, match="qwen_image_vae_broken.safetensors: not a Qwen-Image / Wan 2.1 VAE"):
         load_qwen_vae_file(broken, torch.float32)
+
+
+def test_edit_plus_with_two_pictures_equals_diffusers(engine, tmp_path, small_references):
+    """Qwen-Image-Edit-Plus's multi-picture edit ("Picture 1", "Picture 2" in the instruction): both pictures reach
+    the text encoder and the transformer (two reference frames), and the result is diffusers'
+    QwenImageEditPlusPipeline's for the same two pictures and noise; a model that takes one picture refuses more."""
+    second = Image.new("RGB", (32, 96), (30, 160, 60))
+    req = GenerateRequest(prompt="put the square of picture 1 on picture 2", negative_prompt=" ", model=PLUS,
+                          init_image=_file(tmp_path, _picture(), "a.png"), edit_images=[_file(tmp_path, second, "b.png")],
+                          width=64, height=48, steps=2, seed=6, cfg_scale=4.0, sampler_name="euler",
+                          scheduler="simple", noise="comfy")
+    seen, hook = _capture(engine, PLUS)
+    try:
+        ours = _pixels(engine.generate(req))
+    finally:
+        hook.remove()
+    # output 4x3 tokens, then each picture at 64x48's area, its own aspect, sides rounded to 32: 64x64 and 32x96
+    assert seen[0]["img_shapes"][0] == [(1, 3, 4), (1, 4, 4), (1, 6, 2)]
+    assert seen[0]["hidden_states"].shape[1] == 12 + 16 + 12
+    pipe = engine.pipeline(engine.checkpoint(PLUS)).value
+    theirs = pipe(image=[_picture(), second], prompt=req.prompt, negative_prompt=" ", true_cfg_scale=4.0, width=64,
+                  height=48, num_inference_steps=2, generator=torch.Generator().manual_seed(6),
+                  output_type="np").images[0]
+    assert np.abs(ours - np.round(theirs * 255)).max() <= 2, np.abs(ours - np.round(theirs * 255)).max()
+    with pytest.raises(BadRequest, match="multi-picture edit model"):
+        engine.generate(req.model_copy(update={"model": EDIT}))
+    with pytest.raises(BadRequest, match="init_image"):
+        engine.generate(req.model_copy(update={"init_image": None}))

@@ -76,6 +76,9 @@ def generate(
                                              "'IMG[:weight]'; repeatable"),
     ref_masks: Optional[List[str]] = typer.Option(None, "--ref-mask", help="where the --ref of the same place "
                                                   "applies (white), one per --ref in order ('-' for everywhere)"),
+    edit_images: Optional[List[str]] = typer.Option(None, "--edit-image", help="another picture for a "
+                                                    "multi-picture edit model (Qwen-Image-Edit-Plus): 'Picture 2', "
+                                                    "'Picture 3' after --init-image; repeatable"),
     regions: Optional[List[str]] = typer.Option(None, "--regions", "--region", help="a prompt for part of the picture: "
                                                 "'x0,y0,x1,y1:prompt[:weight]' (fractions 0-1), or "
                                                 "'MASK.png:prompt[:weight]'; repeatable"),
@@ -140,6 +143,8 @@ def generate(
                                                   preprocessor=control_preprocessor, weight=control_weight, **union)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
+        if edit_images:
+            fields["edit_images"] = list(edit_images)
         if bool(ip_adapter) != bool(refs):
             raise _Exit("--ip-adapter and --ref go together: the adapter, and the reference image(s) it reads")
         if ip_adapter:

@@ -229,6 +229,10 @@ class GenerateRequest(BaseModel):
                                           "'only masked'")
     outpaint: tuple[int, int, int, int] | None = Field(
         None, description="pixels to add left, top, right, bottom (multiples of 8); needs init_image")
+    edit_images: list[str] = Field(
+        default_factory=list, max_length=2, description="more pictures for a multi-picture edit model "
+        "(Qwen-Image-Edit-Plus, 2509 and later): with init_image, up to three, which the instruction calls "
+        "'Picture 1', 'Picture 2', 'Picture 3'")
 
     hires: HiresSpec | None = None
     controlnet: ControlNetSpec | list[ControlNetSpec] | None = Field(

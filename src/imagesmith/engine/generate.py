@@ -88,6 +88,8 @@ class _Job:
     """one reference image per IP-Adapter unit"""
     ip_masks: list = field(default_factory=list)
     """one mask (L) or None per IP-Adapter unit"""
+    edit_images: list = field(default_factory=list)
+    """a multi-picture edit's pictures after the init image (Qwen-Image-Edit-Plus)"""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -444,12 +446,19 @@ class Engine:
                       for i, u in enumerate(req.ip_adapter_units)]
         reference_masks = [load_image(u.mask, settings=self.settings, mode="L", what=f"ip_adapter[{i}].mask")
                            if u.mask else None for i, u in enumerate(req.ip_adapter_units)]
+        edit_images = [load_image(path, settings=self.settings, mode="RGB", what=f"edit_images[{i}]")
+                       for i, path in enumerate(req.edit_images)]
+        if edit_images and (init is None or not any(n.startswith("Qwen-Image-Edit-Plus") or n == "QwenImageEditPlusPipeline"
+                                                    for n in entry.notes)):
+            raise BadRequest(f"edit_images are more pictures for a multi-picture edit model (Qwen-Image-Edit-Plus) "
+                             f"with an init_image; {entry.name} is not one" if init is not None else
+                             "edit_images need the first picture as init_image")
         if params.aspect is not None and req.width is None and req.height is None and init is None:
             w, h = P.aspect_size(self._native_size(entry), params.aspect)
             req = req.model_copy(update={"width": w, "height": h})
         width, height = self._size(req, entry, init)
         return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds,
-                    template=template, ip_images=references, ip_masks=reference_masks)
+                    template=template, ip_images=references, ip_masks=reference_masks, edit_images=edit_images)
 
     def _default_checkpoint(self) -> ModelEntry:
         if not any(e.builtin for e in self.registry.list("checkpoint")):
@@ -1076,13 +1085,16 @@ class Engine:
             if job.init_image is None:
                 raise BadRequest(f"{job.entry.name} is a Qwen-Image-Edit model: give it the picture to edit "
                                  "(init_image) and an instruction")
-            (rw, rh), (cw, ch) = Q.reference_sizes(pipe, job.init_image)
-            source = job.init_image.convert("RGB")
-            picture = source.resize((cw, ch), Image.LANCZOS)
-            ref = self._vae_encode(pipe.vae, [source.resize((rw, rh), Image.LANCZOS)])
             n = sum(k for _, _, k in rows)
-            context = (Q.pack(pipe, ref).repeat(n, 1, 1), [(1, rh // pipe.vae_scale_factor // 2,
-                                                            rw // pipe.vae_scale_factor // 2)])
+            pictures, tokens, shapes = [], [], []
+            for source in [job.init_image, *job.edit_images]:  # each: for the text encoder, and as reference tokens
+                (rw, rh), (cw, ch) = Q.reference_sizes(pipe, source)
+                pictures.append(source.convert("RGB").resize((cw, ch), Image.LANCZOS))
+                ref = self._vae_encode(pipe.vae, [source.convert("RGB").resize((rw, rh), Image.LANCZOS)])
+                tokens.append(Q.pack(pipe, ref).repeat(n, 1, 1))
+                shapes.append((1, rh // pipe.vae_scale_factor // 2, rw // pipe.vae_scale_factor // 2))
+            picture = pictures if len(pictures) > 1 else pictures[0]
+            context = (torch.cat(tokens, dim=1), shapes)
         guided = req.cfg_scale != 1
         conds, unconds = [], []
         for (j, _, k), e in zip(rows, encoded):
