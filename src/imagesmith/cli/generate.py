@@ -76,7 +76,7 @@ def generate(
                                              "'IMG[:weight]'; repeatable"),
     ref_masks: Optional[List[str]] = typer.Option(None, "--ref-mask", help="where the --ref of the same place "
                                                   "applies (white), one per --ref in order ('-' for everywhere)"),
-    edit_images: Optional[List[str]] = typer.Option(None, "--edit-image", help="another picture for a "
+    edit_images: Optional[List[str]] = typer.Option(None, "--edit-images", "--edit-image", help="another picture for a "
                                                     "multi-picture edit model (Qwen-Image-Edit-Plus): 'Picture 2', "
                                                     "'Picture 3' after --init-image; repeatable"),
     regions: Optional[List[str]] = typer.Option(None, "--regions", "--region", help="a prompt for part of the picture: "

@@ -448,8 +448,7 @@ class Engine:
                            if u.mask else None for i, u in enumerate(req.ip_adapter_units)]
         edit_images = [load_image(path, settings=self.settings, mode="RGB", what=f"edit_images[{i}]")
                        for i, path in enumerate(req.edit_images)]
-        if edit_images and (init is None or not any(n.startswith("Qwen-Image-Edit-Plus") or n == "QwenImageEditPlusPipeline"
-                                                    for n in entry.notes)):
+        if edit_images and (init is None or not Q.is_qwen_edit_plus(entry)):
             raise BadRequest(f"edit_images are more pictures for a multi-picture edit model (Qwen-Image-Edit-Plus) "
                              f"with an init_image; {entry.name} is not one" if init is not None else
                              "edit_images need the first picture as init_image")

@@ -13,7 +13,7 @@ import math
 import torch
 from PIL import Image
 
-from ..models.probe import QWEN_EDIT_NOTE
+from ..models.probe import QWEN_EDIT_NOTE, QWEN_EDIT_PLUS_NOTE
 from ..models.registry import ModelEntry
 from .sampling.denoisers import Conditioning
 
@@ -26,6 +26,12 @@ PLUS_CONDITION_AREA = 384 * 384
 def is_qwen_edit(entry: ModelEntry) -> bool:
     """Qwen-Image-Edit (2508) and Edit-Plus (2509 and later): the picture to edit and an instruction."""
     return entry.arch == "qwen" and QWEN_EDIT_NOTE in entry.notes
+
+
+def is_qwen_edit_plus(entry: ModelEntry) -> bool:
+    """Qwen-Image-Edit-Plus (2509 and later): edits with up to three pictures."""
+    return is_qwen_edit(entry) and any(n == "QwenImageEditPlusPipeline" or n == QWEN_EDIT_PLUS_NOTE
+                                       for n in entry.notes)
 
 
 def edit_size(image: Image.Image, area: int) -> tuple[int, int]:
