@@ -113,7 +113,9 @@ def qwen_text_pipeline(engine, name: str, cls_name: str = "QwenImagePipeline"):
     encoder = engine.cache.get(("text_encoder_file", str(path), stamp, str(engine.dtype)),
                                lambda: load_qwen_text_encoder_file(path, engine.dtype).to(engine.device),
                                device=engine.device).value
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(qwen_tokenizer_dir(engine)), local_files_only=True)
+    folder = qwen_tokenizer_dir(engine)  # read once (Qwen's vocabulary is 150k entries), then from the cache
+    tokenizer = engine.cache.get(("qwen_tokenizer", str(folder)), lambda: Qwen2Tokenizer.from_pretrained(
+        str(folder), local_files_only=True)).value
     parts = dict(scheduler=None, vae=None, text_encoder=encoder, tokenizer=tokenizer, transformer=None)
     if cls_name != "QwenImagePipeline":
         parts["processor"] = qwen_processor(tokenizer)
