@@ -190,3 +190,26 @@ def test_realism_changes_training_samples_only(sources):
     e1 = D.HardCutoutData("eval", size=96, seed=2, cache_dir=cache).sample(4)
     e2 = D.HardCutoutData("eval", size=96, seed=2, cache_dir=cache, realism=True).sample(4)
     assert np.array_equal(e1.image, e2.image) and np.array_equal(e1.alpha, e2.alpha)  # the eval set never moves
+
+
+def test_real_photos_from_a_debian_package_are_read_from_its_root(tmp_path):
+    """opencv-doc's sample photos join the real set from the package's unpacked root; without it they are
+    listed as missing, not fetched."""
+    missing: list[str] = []
+    photos = D.real_photos(tmp_path / "empty-cache", missing=missing)
+    assert {"apple on a green cloth", "lighter on a cluttered desk"} <= set(missing)
+    assert all(p["source"].startswith("scikit-image/") for p in photos)
+    root = tmp_path / "opencv-doc"
+    data = root / D.OPENCV_SAMPLES
+    data.mkdir(parents=True)
+    for name, size in (("apple.jpg", (512, 512)), ("orange.jpg", (512, 512)), ("stuff.jpg", (640, 480))):
+        Image.new("RGB", size, (90, 120, 60)).save(data / name)
+    missing = []
+    photos = D.real_photos(tmp_path / "empty-cache", debian_roots={"opencv-doc": root}, missing=missing)
+    assert missing == []
+    lighter = next(p for p in photos if p["name"] == "lighter on a cluttered desk")
+    assert lighter["source"].startswith("debian:opencv-doc/stuff.jpg") and "Apache-2.0" in lighter["source"]
+    assert lighter["mask"].shape == (480, 640)
+    x, y = lighter["point"]
+    assert lighter["mask"][y, x] == 1.0 and 0.01 < lighter["mask"].mean() < 0.05
+    assert lighter["box"][0] < x < lighter["box"][2] and lighter["box"][1] < y < lighter["box"][3]

@@ -298,3 +298,43 @@ def test_a_box_drops_slivers_of_neighbours_it_caught():
     img = Image.fromarray(over((200, 30, 40), over((30, 60, 200), (128, 128, 128), bit), truth))
     m = guided_matte(img, ColourKeySegmenter(), box=(80, 45, 190, 145))
     assert m[57, 182] == 0.0 and iou(m, truth) >= 0.95
+
+
+# ------------------------------------------------------------------------------ colour re-segmentation
+def _real(name: str) -> dict:
+    from imagesmith.train.cutout_data import real_photos
+    return next(p for p in real_photos() if name in p["name"])
+
+
+def test_a_box_on_a_real_photo_is_re_segmented_by_its_own_colours():
+    """scikit-image's espresso cup (a real photograph, hand-masked): house-cutout alone, even with the box, loses
+    the coffee and the saucer's shadowed rim; the box re-segmented by the photo's colours gets them back."""
+    from imagesmith.models.segment import load_segmenter
+    from imagesmith.vision.cutout import guided_matte
+    cup, seg = _real("cup"), load_segmenter()
+    alone = guided_matte(cup["image"], seg, box=cup["box"], colour=False)
+    recut = guided_matte(cup["image"], seg, box=cup["box"])
+    assert iou(alone, cup["mask"]) < 0.65
+    assert iou(recut, cup["mask"]) >= 0.78
+    x0, y0, x1, y1 = cup["box"]
+    gx, gy = int(0.03 * (x1 - x0)) + 1, int(0.03 * (y1 - y0)) + 1
+    outside = np.ones(recut.shape, bool)
+    outside[y0 - gy:y1 + gy, x0 - gx:x1 + gx] = False
+    assert recut[outside].max() <= 0.5  # nothing beyond the box the user drew (and its 3% margin)
+    again = guided_matte(cup["image"], seg, box=cup["box"])
+    assert np.array_equal(recut, again)  # deterministic (OpenCV's GrabCut draws from a seeded RNG)
+
+
+def test_an_unclear_part_under_a_point_is_re_segmented_and_a_clear_one_is_kept():
+    from imagesmith.models.segment import load_segmenter
+    from imagesmith.vision.cutout import cutout_confidence, guided_matte
+    cup, seg = _real("cup"), load_segmenter()
+    alone = guided_matte(cup["image"], seg, point=cup["point"], colour=False)
+    assert cutout_confidence(alone)[0] < 0.5
+    tapped = guided_matte(cup["image"], seg, point=cup["point"])
+    assert iou(tapped, cup["mask"]) >= iou(alone, cup["mask"]) + 0.15
+    # a clean matte under the tap is the segmenter's own, untouched
+    img, truth = _cluttered()
+    clear = ColourKeySegmenter()
+    assert np.array_equal(guided_matte(img, clear, point=(150, 95)),
+                          guided_matte(img, clear, point=(150, 95), colour=False))

@@ -10,6 +10,9 @@ committed):
 - **Backgrounds from real photographs**: Debian's ``gnome-backgrounds`` and ``mate-backgrounds`` (pinned
   version and sha256, fetched with ``apt-get download``), and the sample photos that ship inside
   scikit-image (astronaut, chelsea, rocket, brick, grass, gravel, hubble...).
+- **Real photographs with hand-made masks** (:func:`real_photos`, evaluation only): scikit-image's espresso cup
+  and motorcycle, and OpenCV's sample photos from Debian's ``opencv-doc`` (an apple, an orange, a lighter and a
+  cap on a cluttered desk; Apache-2.0 AND BSD-3-Clause).
 - **Procedural hard textures** (this module): plaids, stripes, checkers, printed text, colour noise.
 - **Products**: Fluent Emoji 3D renders (the house dataset: ``train`` objects for training, the never-seen
   ``val_objects`` for evaluation), and flat SVG emoji sets rendered with resvg: ``@iconify-json/fluent-emoji-flat``
@@ -80,6 +83,10 @@ DEBIAN = (
     DebPin("ukui-wallpapers", "20.04.3-1.1", "6d49be70152e6d603163458e177e501deb0be8f2916389ccbfcf59b0d7fc0262",
            "GPL-3+ / CC (debian/copyright)"),
 )
+# OpenCV's sample photos (samples/data): a few real product photos for the hand-masked real-photo set (eval only)
+OPENCV_DOC = DebPin("opencv-doc", "4.6.0+dfsg-12", "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
+                    "Apache-2.0 AND BSD-3-Clause (debian/copyright)")
+OPENCV_SAMPLES = Path("usr/share/doc/opencv-doc/examples/data")
 # flat emoji sets (house_styles' pins): one for training, two styles the model never sees in training for eval
 FLAT_TRAIN = (STYLES["fluent-flat"].pin,)
 FLAT_EVAL = (STYLES["noto"].pin, STYLES["openmoji"].pin)
@@ -174,6 +181,8 @@ def build_sources(cache_dir: Path | str | None = None, *, progress: bool = True,
             for p in sorted((root / "usr" / "share" / sub).rglob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
                     files.append((f"debian:{pin.name}", p, pin.licence))
+    if debian_roots is None:
+        fetch_debian_package(OPENCV_DOC, cache)  # the hand-masked real photos (real_photos), not backgrounds
     if photo_files is None:
         import skimage
         sk = Path(skimage.__file__).resolve().parent / "data"
@@ -541,16 +550,35 @@ def _realism(canvas: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) ->
 REAL_PHOTOS_FILE = Path(__file__).resolve().parent / "data" / "real_cutouts.json"
 
 
-def real_photos() -> list[dict[str, Any]]:
-    """Hand-annotated real photographs: ``{name, image (PIL RGB), mask (float32), box, point, licence}``. The
-    photos ship inside scikit-image; the masks are polygons and ellipses drawn by hand over them
-    (``train/data/real_cutouts.json``)."""
+def real_photos(cache_dir: Path | str | None = None, *, debian_roots: dict[str, Path] | None = None,
+                missing: list[str] | None = None) -> list[dict[str, Any]]:
+    """Hand-annotated real photographs: ``{name, image (PIL RGB), mask (float32), box, point, source}``. The
+    photos ship inside scikit-image and Debian's ``opencv-doc`` (OpenCV's sample photos); the masks are polygons
+    and ellipses drawn by hand over them (``train/data/real_cutouts.json``).
+
+    Nothing is fetched here: a Debian package's photos are read from the cache where ``imagesmith house data
+    --cutout`` put it (or from ``debian_roots``, package name -> unpacked root); the names of photos whose
+    package is not there are appended to ``missing`` (when given) and left out."""
     import skimage
     sk = Path(skimage.__file__).resolve().parent / "data"
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    pins = {OPENCV_DOC.name: OPENCV_DOC}
     spec = json.loads(REAL_PHOTOS_FILE.read_text())
     out = []
     for item in spec["photos"]:
-        img = Image.open(sk / item["file"]).convert("RGB")
+        package = item.get("package")
+        if package is None:
+            path, source = sk / item["file"], f"scikit-image/{item['file']}"
+        else:
+            pin = pins[package]
+            root = Path(debian_roots[package]) if debian_roots and package in debian_roots else \
+                cache / "debian" / f"{pin.name}_{pin.version}" / "root"
+            path, source = root / OPENCV_SAMPLES / item["file"], f"debian:{pin.name}/{item['file']} ({pin.licence})"
+        if not path.is_file():
+            if missing is not None:
+                missing.append(item["name"])
+            continue
+        img = Image.open(path).convert("RGB")
         mask = Image.new("L", img.size, 0)
         draw = ImageDraw.Draw(mask)
         for shape in item["shapes"]:
@@ -563,5 +591,5 @@ def real_photos() -> list[dict[str, Any]]:
         ys, xs = np.nonzero(m > 0.5)
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         out.append({"name": item["name"], "image": img, "mask": m, "box": box, "point": tuple(item["point"]),
-                    "source": f"scikit-image/{item['file']}"})
+                    "source": source})
     return out

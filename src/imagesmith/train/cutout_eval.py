@@ -101,12 +101,15 @@ def evaluate_hard(segmenter, *, per_kind: int = 30, size: int = 512, seed: int =
             "seconds_per_image": round((time.perf_counter() - t0) / max(1, n + len(boxed)), 3)}
 
 
-def evaluate_real(segmenter) -> dict[str, Any]:
-    """The hand-annotated real photographs, plain, with their product box, and with their point."""
+def evaluate_real(segmenter, *, cache_dir=None) -> dict[str, Any]:
+    """The hand-annotated real photographs, plain, with their product box, and with their point. Photos whose
+    Debian package is not in the cache (``imagesmith house data --cutout`` fetches it) are listed under
+    ``missing``."""
     from .cutout_data import real_photos
-    out: dict[str, Any] = {"photos": []}
+    missing: list[str] = []
+    out: dict[str, Any] = {"photos": [], "missing": missing}
     modes: dict[str, list[dict[str, float]]] = {"plain": [], "box": [], "point": []}
-    for p in real_photos():
+    for p in real_photos(cache_dir, missing=missing):
         row: dict[str, Any] = {"name": p["name"], "source": p["source"], "size": list(p["image"].size)}
         for mode, guide in (("plain", {}), ("box", {"box": p["box"]}), ("point", {"point": p["point"]})):
             try:
@@ -140,4 +143,9 @@ def format_table(report: dict[str, Any]) -> str:
         for p in r["photos"]:
             cells = [f"{p[m]['mae']:.4f} / {p[m]['iou']:.3f} / {p[m]['bf']:.3f}" for m in ("plain", "box", "point")]
             lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+        for mode in ("plain", "box", "point"):
+            if r.get(mode, {}).get("n"):
+                lines.append(f"| **mean, {mode}** | IoU {r[mode]['iou']:.3f}, min {r[mode]['min_iou']:.3f} | | |")
+        if r.get("missing"):
+            lines += ["", f"Not in the cache (imagesmith house data --cutout fetches them): {', '.join(r['missing'])}"]
     return "\n".join(lines)

@@ -16,6 +16,10 @@ A segmenter's matte is then refined cheaply at full resolution:
   clipped, in two passes (a wide radius, then a narrow one). Pixels with ``a >= 0.98`` keep their RGB
   exactly: decontamination only ever touches the edge band and the transparent background.
 
+When the user points at the product (a box, or a tap on an unclear matte), the area is re-segmented by the
+photo's own colours, seeded by the segmenter's matte (:func:`colour_matte`): a segmenter trained on composites
+misses what looks like its training backgrounds in a real photo, and the user's guide says where the product is.
+
 An empty matte, or one that covers the whole frame, is refused with :class:`BadRequest`: there is no product
 to place.
 """
@@ -41,6 +45,11 @@ BOX_CONTEXT = 0.15
 BOX_PART_FRACTION = 0.1
 # a transparency channel counts as a cut-out when some pixel is below this (out of 255)
 OWN_ALPHA_BELOW = 250
+# with a box, the box is re-segmented by colour (GrabCut seeded by the segmenter's matte) at this long side at most
+COLOUR_SIDE = 512
+COLOUR_ITERATIONS = 5
+# with a point and an unclear matte, the colour re-segmentation looks this much beyond the part's box on each side
+POINT_WIDEN = 0.15
 # pixels at least this opaque keep their original RGB exactly
 INTERIOR_ALPHA = 0.98
 # connected parts of the matte smaller than this fraction of the largest part are specks
@@ -130,8 +139,89 @@ def _components(alpha: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     return cv2.connectedComponentsWithStats((alpha > 0.5).astype(np.uint8), connectivity=8)[:3]
 
 
+def _keep_part_at(alpha: np.ndarray, point: tuple[int, int], what: str) -> np.ndarray:
+    """``alpha`` with only its part under ``point`` (or the part most present within 3% of the long side of
+    it); a point on the background is refused (:class:`BadRequest` naming product_point)."""
+    import cv2
+    h, w = alpha.shape
+    px, py = point
+    n, labels, stats = _components(alpha)
+    label = int(labels[py, px])
+    if label == 0 and n > 1:
+        r = max(3, int(0.03 * max(w, h)))
+        win = labels[max(0, py - r): py + r + 1, max(0, px - r): px + r + 1]
+        ids, counts = np.unique(win[win > 0], return_counts=True)
+        label = int(ids[np.argmax(counts)]) if ids.size else 0
+    if label == 0:
+        raise _field_error(f"product_point {px},{py} is on the background of {what}: no product was found "
+                           f"there; tap the product itself, or give product_box around it", "product_point")
+    near = cv2.dilate((labels == label).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return np.where(near, alpha, 0.0).astype(np.float32)
+
+
+def colour_matte(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Re-segment ``box`` of ``rgb`` (uint8 ``[H, W, 3]``) by colour, seeded by a segmenter's ``alpha``.
+
+    A learned segmenter that never saw real photos loses the parts of a product that look like its training
+    backgrounds (the coffee in a cup, a saucer's shadowed rim) and keeps what looks like its products. The
+    user's box says more than that: everything outside it is background, and the product fills it. GrabCut
+    (Rother et al. 2004, OpenCV's) fits colour models of the product and of this photo's own background and
+    cuts along the image's edges. Its seeds: outside the box, background; inside, probably product; far
+    outside the (widened) convex hull of the segmenter's parts, background; the segmenter's confident core,
+    product. It runs on the box with a ring of context at :data:`COLOUR_SIDE` px at most; the cut is brought
+    back to full size with the guided filter (edges land on the photo's edges). Deterministic (OpenCV's RNG
+    is seeded). Returns float32 ``[H, W]`` in [0, 1]; ``alpha`` unchanged when the cut is empty or fills the
+    box."""
+    import cv2
+
+    from ..models.segment import guided_upsample
+    h, w = alpha.shape
+    x0, y0, x1, y1 = box
+    bw, bh = x1 - x0, y1 - y0
+    mx, my = max(4, int(round(BOX_CONTEXT * bw))), max(4, int(round(BOX_CONTEXT * bh)))
+    cx0, cy0, cx1, cy1 = max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)
+    crop = np.ascontiguousarray(rgb[cy0:cy1, cx0:cx1, :3])
+    a = alpha[cy0:cy1, cx0:cx1]
+    s = min(1.0, COLOUR_SIDE / max(crop.shape[:2]))
+    size = (max(8, int(round(crop.shape[1] * s))), max(8, int(round(crop.shape[0] * s))))
+    small = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+    a_s = cv2.resize(a, size, interpolation=cv2.INTER_AREA)
+    sx, sy = size[0] / crop.shape[1], size[1] / crop.shape[0]
+    inner = np.zeros(a_s.shape, bool)
+    inner[int((y0 - cy0) * sy): int(np.ceil((y1 - cy0) * sy)), int((x0 - cx0) * sx): int(np.ceil((x1 - cx0) * sx))] = True
+    labels = np.full(a_s.shape, cv2.GC_BGD, np.uint8)
+    labels[inner] = cv2.GC_PR_FGD
+    solid = (a_s > 0.5).astype(np.uint8)
+    n, parts, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
+    if n > 1:
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        ids = np.flatnonzero(areas >= 0.02 * areas.max()) + 1
+        pts = np.column_stack(np.nonzero(np.isin(parts, ids)))[:, ::-1].astype(np.int32)
+        hull = np.zeros_like(solid)
+        cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
+        r = max(3, int(0.06 * max(inner.sum(0).max(), inner.sum(1).max())))
+        hull = cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        labels[inner & (hull == 0)] = cv2.GC_BGD
+        core = cv2.erode((a_s > 0.9).astype(np.uint8), np.ones((7, 7), np.uint8), iterations=2).astype(bool)
+        labels[inner & core] = cv2.GC_FGD
+    if not (labels == cv2.GC_BGD).any() or not np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).any():
+        return alpha
+    cv2.setRNGSeed(0)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), labels, None, bgd, fgd, COLOUR_ITERATIONS,
+                cv2.GC_INIT_WITH_MASK)
+    cut = np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.float32)
+    if cut.sum() < 4 or cut[inner].mean() > 0.995:
+        return alpha
+    cut = cv2.GaussianBlur(cut, (0, 0), 0.7)  # a soft band for the guided filter to place at full size
+    full = guided_upsample(cut, crop.astype(np.float32) / 255.0) if s < 1.0 else cut
+    out = np.zeros_like(alpha)
+    out[cy0:cy1, cx0:cx1] = full
+    return out
+
+
 def guided_matte(image: Image.Image, segmenter: Any, *, box: tuple[int, int, int, int] | None = None,
-                 point: tuple[int, int] | None = None, what: str = "image") -> np.ndarray:
+                 point: tuple[int, int] | None = None, what: str = "image", colour: bool = True) -> np.ndarray:
     """The segmenter's matte of ``image`` (RGB), guided by the user's "this one".
 
     - ``box``: the segmenter sees the box widened by :data:`BOX_CONTEXT` on every side (the product fills its
@@ -139,7 +229,10 @@ def guided_matte(image: Image.Image, segmenter: Any, *, box: tuple[int, int, int
       are parts of it that do not reach into the box.
     - ``point``: the part of the matte under the point (or within 3% of the long side of it) is kept, every
       other part dropped; a point on the background is refused (:class:`BadRequest` naming product_point).
-    Both can be given (the point then picks inside the box's matte)."""
+    - with ``colour`` (default), a point whose part of the matte is unclear (:func:`cutout_confidence` below
+      :data:`MIN_CONFIDENCE`) has the part's box, widened by :data:`POINT_WIDEN`, re-segmented by colour.
+    Both can be given (the point then picks inside the box's matte). Without a box or a point the matte is the
+    segmenter's own: an unclear one is refused by :func:`cutout`, which asks for a box or a point."""
     import cv2
     w, h = image.size
     name = str(getattr(segmenter, "name", None) or type(segmenter).__name__)
@@ -168,21 +261,22 @@ def guided_matte(image: Image.Image, segmenter: Any, *, box: tuple[int, int, int
             keep = np.isin(labels, reach)
             near = cv2.dilate(keep.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             alpha = np.where(near, alpha, 0.0).astype(np.float32)
+        if colour:
+            alpha = colour_matte(np.asarray(image.convert("RGB")), alpha, box)
     if point is not None:
-        px, py = point
-        n, labels, stats = _components(alpha)
-        label = int(labels[py, px])
-        if label == 0 and n > 1:
-            r = max(3, int(0.03 * max(w, h)))
-            win = labels[max(0, py - r): py + r + 1, max(0, px - r): px + r + 1]
-            ids, counts = np.unique(win[win > 0], return_counts=True)
-            label = int(ids[np.argmax(counts)]) if ids.size else 0
-        if label == 0:
-            raise _field_error(f"product_point {px},{py} is on the background of {what}: no product was found "
-                               f"there; tap the product itself, or give product_box around it", "product_point")
-        keep = labels == label
-        near = cv2.dilate(keep.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-        alpha = np.where(near, alpha, 0.0).astype(np.float32)
+        alpha = _keep_part_at(alpha, point, what)
+        if colour and box is None and cutout_confidence(alpha)[0] < MIN_CONFIDENCE:
+            # the segmenter's part under the tap is unclear: re-segment around it by colour (see colour_matte)
+            part = alpha_box(alpha)
+            if part is not None:
+                x0, y0, x1, y1 = part
+                mx, my = int(POINT_WIDEN * (x1 - x0)), int(POINT_WIDEN * (y1 - y0))
+                around = (max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my))
+                recut = colour_matte(np.asarray(image.convert("RGB")), alpha, around)
+                try:
+                    alpha = _keep_part_at(recut, point, what)
+                except BadRequest:  # the colour cut left the tap outside: keep the segmenter's part
+                    pass
     return alpha
 
 
