@@ -389,11 +389,16 @@ def test_openpose_from_a_real_photo_as_the_extension_detects_it(api):
 
 def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
     """An IP-Adapter through the extension's unit (module ip-adapter_clip_sd15, model 'name [hash]'): the reference
-    changes the picture, weight 0 leaves it, and a FaceID module is a 422 saying why."""
-    from fixtures.tiny import build_clip_vision, build_ip_adapter, build_sd15
+    changes the picture, weight 0 leaves it; a FaceID unit (module ip-adapter_face_id) reads the face of a real
+    photo through the InsightFace model in models/insightface; a FaceID Plus module is a 422 saying why."""
+    import skimage.data as data
+
+    from fixtures.tiny import build_arcface_onnx, build_clip_vision, build_faceid_adapter, build_ip_adapter, build_sd15
     models = api.imagesmith_home / "models"
     build_clip_vision(models / "clip_vision" / "tiny-vision")
     build_ip_adapter(build_sd15(0).unet, models / "ipadapter" / "tiny-ip.safetensors")
+    build_faceid_adapter(build_sd15(0).unet, models / "ipadapter" / "tiny-faceid_sd15.bin")
+    build_arcface_onnx(models / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx")
     ref = Image.fromarray((np.indices((48, 48)).sum(0) * 5 % 255).astype(np.uint8)).convert("RGB")
     args = dict(alwayson_scripts={}, prompt="a red apple", seed=8, width=64, height=64, steps=4)
     plain = np.asarray(api.txt2img(**args).image, np.int16)
@@ -406,10 +411,15 @@ def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
     assert "IP-Adapter: " in guided.info["infotexts"][0]
     zero = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[unit(0.0)])
     assert np.abs(np.asarray(zero.image, np.int16) - plain).max() <= 1
+    face = webuiapi.ControlNetUnit(image=Image.fromarray(data.astronaut()), module="ip-adapter_face_id",
+                                   model="tiny-faceid_sd15 [0123abcd]")
+    by_face = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[face])
+    assert np.abs(np.asarray(by_face.image, np.int16) - plain).max() > 8
+    assert "tiny-faceid_sd15" in by_face.info["infotexts"][0]
     with pytest.raises(RuntimeError) as err:
         api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[webuiapi.ControlNetUnit(
             image=ref, module="ip-adapter_face_id_plus", model="ip-adapter-faceid-plus_sd15 [abcd1234]")])
-    assert "422" in str(err.value) and "InsightFace" in str(err.value)
+    assert "422" in str(err.value) and "FaceID Plus" in str(err.value)
 
 
 def test_ultimate_sd_upscale_as_a1111_clients_call_it(api):

@@ -76,6 +76,9 @@ def generate(
                                              "'IMG[:weight]'; repeatable"),
     ref_masks: Optional[List[str]] = typer.Option(None, "--ref-mask", help="where the --ref of the same place "
                                                   "applies (white), one per --ref in order ('-' for everywhere)"),
+    face_model: Optional[str] = typer.Option(None, "--face-model", help="IP-Adapter FaceID: the InsightFace "
+                                             "recognition model in models/insightface (default: w600k_r50 or "
+                                             "glintr100, whichever is there)"),
     edit_images: Optional[List[str]] = typer.Option(None, "--edit-images", "--edit-image", help="another picture for a "
                                                     "multi-picture edit model (Qwen-Image-Edit-Plus): 'Picture 2', "
                                                     "'Picture 3' after --init-image; repeatable"),
@@ -152,7 +155,7 @@ def generate(
             masks = list(ref_masks or [])
             if masks and len(masks) != len(refs):
                 raise _Exit(f"--ref-mask: give one per --ref ({len(refs)}), '-' where a reference applies everywhere")
-            units = [IPAdapterSpec(model=ip_adapter, **_reference(r),
+            units = [IPAdapterSpec(model=ip_adapter, **_reference(r), face_model=face_model,
                                    mask=None if not masks or masks[i] == "-" else masks[i]) for i, r in enumerate(refs)]
             fields["ip_adapter"] = units[0] if len(units) == 1 else units
         if detailer:

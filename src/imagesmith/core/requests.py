@@ -129,6 +129,8 @@ class IPAdapterSpec(BaseModel):
                                       "one whose width the adapter takes")
     mask: str | None = Field(None, description="where the reference applies (white), uploaded id or path; "
                              "default everywhere")
+    face_model: str | None = Field(None, description="IP-Adapter FaceID: the InsightFace recognition model (.onnx "
+                                   "in models/insightface); default w600k_r50 / glintr100, whichever is there")
 
 
 class RegionSpec(BaseModel):

@@ -1207,13 +1207,42 @@ class Engine:
                              f"; IP-Adapter {spec.model} reads {width}")
         return encoder
 
+    def _face_embedder(self, spec):
+        """The InsightFace recognition network a FaceID reference goes through: the one named, or the ArcFace
+        model found in models/insightface."""
+        from .face_id import load_face_embedder, missing_model_error, pick_recognition_model
+        if spec.face_model:
+            entry = self.registry.get(spec.face_model, "insightface")
+        else:
+            entries = self.registry.list("insightface")
+            path = pick_recognition_model([e.path for e in entries])
+            if path is None:
+                raise missing_model_error(self.settings.model_dirs("insightface"))
+            entry = next(e for e in entries if e.path == path)
+        return self.cache.get(("insightface", str(entry.path), Path(entry.path).stat().st_mtime_ns),
+                              lambda: load_face_embedder(entry.path), device="cpu").value
+
     def _ip_conditioning(self, pipe, job: _Job, ms, n: int):
-        from .ip_adapter import image_embeds, reads_hidden_states
+        from .face_id import identity_embedding
+        from .ip_adapter import adapter_kind, faceid_id_width, image_embeds, reads_hidden_states
         from .sampling.denoisers import IPWindow
         cond, uncond, windows = [], [], []
         for i, (spec, image) in enumerate(zip(job.req.ip_adapter_units, job.ip_images)):
             _, state = self._ip_adapter_state(spec.model)
-            c, u = image_embeds(self._image_encoder(spec, state), image, plus=reads_hidden_states(pipe.unet, i))
+            kind = adapter_kind(state)
+            if kind == "FaceID Plus":
+                raise UnsupportedModel(f"ip_adapter[{i}]: {spec.model} is an IP-Adapter FaceID Plus; imagesmith runs "
+                                       "plain FaceID adapters (ip-adapter-faceid_sd15 / _sdxl), not the Plus ones yet")
+            if kind == "FaceID":
+                embedder = self._face_embedder(spec)
+                if embedder.width != faceid_id_width(state):
+                    raise BadRequest(f"face model {embedder.name} gives {embedder.width}-wide embeddings; IP-Adapter "
+                                     f"{spec.model} reads {faceid_id_width(state)}")
+                vec = torch.from_numpy(identity_embedding(embedder, image, what=f"ip_adapter[{i}].image"))
+                c = vec.float()[None, None]
+                u = torch.zeros_like(c)  # FaceID's unconditional side: a zero embedding, as diffusers' example
+            else:
+                c, u = image_embeds(self._image_encoder(spec, state), image, plus=reads_hidden_states(pipe.unet, i))
             reps = (n,) + (1,) * (c.dim() - 1)
             cond.append(c.repeat(*reps))
             uncond.append(u.repeat(*reps))

@@ -29,37 +29,73 @@ single-file checkpoint's shapes do not tell"""
 
 
 def load_adapter_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a safetensors file (the layout diffusers' loader takes)."""
+    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a safetensors file (the layout diffusers' loader takes),
+    or from a torch file (``.bin``/``.pth``: the FaceID releases exist only so) read as data by
+    :mod:`imagesmith.models.legacy_pth`, never unpickled."""
     from safetensors import SafetensorError, safe_open
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise UnsafeModelFile(f"IP-Adapter {path.name}: imagesmith reads IP-Adapters from .safetensors only (the "
-                              "same releases ship them so); a pickle file is never opened")
     state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                part, _, rest = key.partition(".")
-                if part in state:
-                    state[part][rest] = f.get_tensor(key)
-    except (SafetensorError, OSError) as exc:
-        raise BadRequest(f"IP-Adapter {path.name} cannot be read: {exc}") from None
+    if path.suffix.lower() in (".bin", ".pth", ".pt"):
+        from ..models.legacy_pth import UnsafePickle, read_pth_state_dict
+        try:
+            flat = read_pth_state_dict(path)
+        except UnsafePickle as exc:
+            raise UnsafeModelFile(f"IP-Adapter {path.name}: not read ({exc}); imagesmith never unpickles a model "
+                                  "file") from None
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise BadRequest(f"IP-Adapter {path.name} cannot be read: {exc}") from None
+        for key, value in flat.items():
+            part, _, rest = key.partition(".")
+            if part in state:
+                state[part][rest] = value
+    elif path.suffix.lower() != ".safetensors":
+        raise UnsafeModelFile(f"IP-Adapter {path.name}: imagesmith reads IP-Adapters from .safetensors, or from "
+                              "torch files as data; this is neither")
+    else:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    part, _, rest = key.partition(".")
+                    if part in state:
+                        state[part][rest] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise BadRequest(f"IP-Adapter {path.name} cannot be read: {exc}") from None
     if not state["image_proj"] or not state["ip_adapter"]:
         raise BadRequest(f"{path.name} is not an IP-Adapter (no image_proj.* and ip_adapter.* tensors)")
     return state
 
 
+def adapter_kind(state: dict) -> str:
+    """``plain``, ``Plus``, ``full face``, ``FaceID`` or ``FaceID Plus`` (:func:`imagesmith.models.probe.ip_adapter_kind`)."""
+    from ..models.probe import ip_adapter_kind
+    return ip_adapter_kind(f"image_proj.{k}" for k in state["image_proj"])
+
+
 def adapter_widths(state: dict) -> tuple[int, int, bool]:
-    """(cross-attention width it adds to, image-embedding width it reads, whether it reads hidden states: Plus)."""
+    """(cross-attention width it adds to, image-embedding width it reads, whether it reads hidden states: Plus).
+    FaceID: the identity embedding's width (FaceID Plus: the CLIP hidden states' width, for the face crop)."""
     k = next(v for key, v in state["ip_adapter"].items() if key.endswith("to_k_ip.weight"))
     proj = state["image_proj"]
+    kind = adapter_kind(state)
+    if kind == "FaceID":
+        return int(k.shape[1]), int(proj["proj.0.weight"].shape[1]), False
+    if kind == "FaceID Plus":
+        return int(k.shape[1]), int(proj["perceiver_resampler.proj_in.weight"].shape[1]), True
     if "latents" in proj:
         return int(k.shape[1]), int(proj["proj_in.weight"].shape[1]), True
     if "proj.weight" in proj:
         return int(k.shape[1]), int(proj["proj.weight"].shape[1]), False
     if "proj.0.weight" in proj and "proj.3.weight" in proj:  # "full face": an MLP over the hidden states
         return int(k.shape[1]), int(proj["proj.0.weight"].shape[1]), True
-    raise BadRequest("IP-Adapter FaceID files need InsightFace face embeddings, which imagesmith does not compute")
+    raise BadRequest("this IP-Adapter's image projection is of no layout imagesmith knows")
+
+
+def faceid_id_width(state: dict) -> int:
+    """The identity embedding's width a FaceID adapter reads (512 for ArcFace)."""
+    proj = state["image_proj"]
+    if "proj.0.weight" in proj:
+        return int(proj["proj.0.weight"].shape[1])
+    return int(proj["proj.0.weight" if "proj.0.weight" in proj else "proj.2.weight"].shape[1])
 
 
 # ------------------------------------------------------------------------------------------ the image encoder

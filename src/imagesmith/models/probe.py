@@ -514,21 +514,35 @@ def _probe_controlnet(shapes: dict[str, list[int]], keys: list[str]) -> ProbeRes
     return ProbeResult(kind="controlnet", arch=arch, format="single-file", notes=notes)  # type: ignore[arg-type]
 
 
+def ip_adapter_kind(keys) -> str:
+    """Which IP-Adapter a state dict (its ``image_proj.*`` names) is: ``plain``, ``Plus`` (a resampler over the
+    CLIP encoder's hidden states), ``full face`` (an MLP over them), ``FaceID`` (an MLP over an InsightFace
+    identity embedding) or ``FaceID Plus`` (the identity embedding and the face's CLIP hidden states), told
+    apart as diffusers' loader tells them."""
+    keys = set(keys)
+    if "image_proj.proj.weight" in keys:
+        return "plain"
+    if "image_proj.proj.3.weight" in keys:
+        return "full face"
+    if "image_proj.perceiver_resampler.proj_in.weight" in keys:
+        return "FaceID Plus"
+    if "image_proj.norm.weight" in keys and "image_proj.proj.0.weight" in keys:
+        return "FaceID"
+    return "Plus"
+
+
 def _probe_ip_adapter(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:
     k = next((s for key, s in shapes.items() if key.startswith("ip_adapter.") and key.endswith("to_k_ip.weight")),
              None)
     cross = k[1] if k else 0
     arch = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(cross, "unknown")
-    if "image_proj.latents" in shapes:
-        kind = "Plus"
-    elif "image_proj.proj.weight" in shapes:
-        kind = "plain"
-    elif "image_proj.proj.3.weight" in shapes:
-        kind = "full face"
-    else:
-        kind = "FaceID"
+    kind = ip_adapter_kind(shapes)
+    notes = [f"IP-Adapter ({kind}), cross-attention width {cross}"]
+    if kind.startswith("FaceID"):
+        notes.append("reads InsightFace identity embeddings: an ArcFace .onnx (w600k_r50 or glintr100) in "
+                     "models/insightface" + (", and the CLIP vision encoder ViT-H/14" if kind == "FaceID Plus" else ""))
     return ProbeResult(kind="ipadapter", arch=arch, format="single-file",  # type: ignore[arg-type]
-                       notes=[f"IP-Adapter ({kind}), cross-attention width {cross}"])
+                       notes=notes)
 
 
 def _probe_embedding(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:

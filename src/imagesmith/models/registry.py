@@ -26,9 +26,9 @@ from .hashing import HashCache
 from .probe import PICKLE_SUFFIXES, looks_like_pickle, probe
 
 EntryKind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "restorer", "clip", "segmenter",
-                    "gate", "ipadapter", "clip_vision", "unknown", "unsafe"]
+                    "gate", "ipadapter", "clip_vision", "insightface", "unknown", "unsafe"]
 KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "restorer", "clip", "segmenter", "gate",
-         "ipadapter", "clip_vision")
+         "ipadapter", "clip_vision", "insightface")
 FOLDER_OF_KIND = {"checkpoint": "checkpoints", "vae": "vae", "lora": "loras", "embedding": "embeddings",
                   "upscaler": "upscalers", "restorer": "restorers", "controlnet": "controlnet",
                   "ipadapter": "ipadapter", "clip_vision": "clip_vision"}
@@ -192,6 +192,8 @@ class Registry:
                     continue  # weights of the ncnn network listed above
                 elif suffix in (".pth", ".pt") and folder_kind in IMAGE_MODEL_KINDS:
                     out.append(self._torch_file_entry(c, root, folder_kind, builtin))
+                elif suffix in (".bin", ".pth", ".pt") and folder_kind == "ipadapter":
+                    out.append(self._torch_ip_adapter_entry(c, root, builtin))
                 elif suffix in PICKLE_SUFFIXES or looks_like_pickle(c):
                     out.append(ModelEntry(
                         name=c.stem, kind="unsafe", arch="unknown", path=c, size_bytes=c.stat().st_size,
@@ -271,6 +273,25 @@ class Registry:
         return ModelEntry(kind=kind, arch=info.architecture, notes=[f"{info.architecture} {info.purpose} (spandrel)",
                                                                     *notes], **common)
 
+    def _torch_ip_adapter_entry(self, path: Path, root: Path, builtin: bool) -> ModelEntry:
+        """An IP-Adapter kept as a torch file (the FaceID releases ship only so): its pickle read as data,
+        never unpickled; anything but an IP-Adapter's tensors is listed as unsafe."""
+        from .legacy_pth import UnsafePickle, tensor_shapes
+        from .probe import _probe_ip_adapter
+        common = dict(name=path.stem, path=path, size_bytes=path.stat().st_size, builtin=builtin,
+                      rel_path=_rel(path, root), folder_kind="ipadapter", format="torch-file")
+        try:
+            shapes = tensor_shapes(path)
+        except (UnsafePickle, OSError, ValueError) as e:
+            return ModelEntry(kind="unsafe", notes=[f"pickle format: refused, never loaded ({e})"], **common)
+        keys = list(shapes)
+        if not any(k.startswith("image_proj.") for k in keys) or not any(k.startswith("ip_adapter.") for k in keys):
+            return ModelEntry(kind="unsafe", notes=["pickle format without an IP-Adapter's tensors: refused"], **common)
+        res = _probe_ip_adapter(shapes, keys)
+        return ModelEntry(kind="ipadapter", arch=res.arch, notes=[*res.notes, "torch file: read as data (never "
+                                                                   "unpickled), converted to safetensors on first use"],
+                          **common)
+
     def _builtin_upscalers(self) -> list[ModelEntry]:
         out = [ModelEntry(name="Lanczos", kind="upscaler", arch="unknown", path=Path("builtin:Lanczos"),
                           format="builtin", builtin=True, rel_path="Lanczos", folder_kind="upscaler",
@@ -303,6 +324,12 @@ class Registry:
                 for f in sorted(d.rglob("*.onnx")):
                     out.append(ModelEntry(name=f.stem, kind="segmenter", path=f, size_bytes=f.stat().st_size,
                                           format="onnx", rel_path=_rel(f, d), folder_kind="segmenter"))
+        for d in self.settings.model_dirs("insightface"):  # InsightFace's models (buffalo_l/...), for FaceID
+            if d.is_dir():
+                for f in sorted(d.rglob("*.onnx")):
+                    out.append(ModelEntry(name=f.stem, kind="insightface", path=f, size_bytes=f.stat().st_size,
+                                          format="onnx", rel_path=_rel(f, d), folder_kind="insightface",
+                                          notes=["InsightFace model (IP-Adapter FaceID reads its ArcFace embeddings)"]))
         gates = self.settings.models_dir / "gates"  # `imagesmith classify train FOLDER --name N` (vision/classify.py)
         if gates.is_dir():
             for f in sorted(gates.glob("*.safetensors")):
