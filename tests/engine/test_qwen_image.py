@@ -106,6 +106,27 @@ def test_txt2img_equals_diffusers_qwen_image_pipeline(engine):
     assert np.abs(ours - theirs).max() <= 2, np.abs(ours - theirs).max()
 
 
+@pytest.mark.parametrize("tokens, steps", [(12, 4), (4096, 20), (1024, 50)])
+def test_the_schedule_is_diffusers_stretched_to_its_terminal(tokens, steps):
+    """Qwen-Image's scheduler stretches its sigmas so the last before 0 is shift_terminal (0.02): the simple
+    schedule on the same e^mu shift equals diffusers' FlowMatchEulerDiscreteScheduler's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from imagesmith.engine.sampling.ksampler import plan_sigmas
+    from imagesmith.engine.sampling.model_sampling import FlowModelSampling
+    peer = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        Path(__file__).resolve().parents[2] / "src/imagesmith/models/configs/qwen-image/scheduler")
+    assert peer.config.shift_terminal == 0.02  # the shipped config is Qwen-Image's own
+    mu = calculate_shift(tokens, 256, 8192, 0.5, 0.9)
+    peer.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = plan_sigmas(FlowModelSampling(mu=float(mu), multiplier=1.0, timesteps=10000, shift_terminal=0.02),
+                       "euler", "simple", steps)
+    assert abs(float(ours[-2]) - 0.02) < 1e-6 and float(ours[-1]) == 0.0
+    assert torch.allclose(ours, peer.sigmas, atol=1e-6)
+    plain = plan_sigmas(FlowModelSampling(mu=float(mu), multiplier=1.0, timesteps=10000), "euler", "simple", steps)
+    assert float(plain[-2]) > 0.02 + 1e-3  # without it the schedule stops short of the terminal
+
+
 def test_cfg_one_is_a_single_pass_and_the_negative_matters_otherwise(engine):
     base = GenerateRequest(prompt="a teapot in the garden at night", model=QWEN, width=32, height=32, steps=2,
                            seed=3, cfg_scale=1.0)

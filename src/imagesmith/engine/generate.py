@@ -1003,12 +1003,14 @@ class Engine:
         config = dict(pipe.scheduler.config)
         if job.arch in PACKED_ARCHS:  # FLUX and Qwen-Image shift time by e^mu, mu growing with the token count (diffusers')
             if not config.get("use_dynamic_shifting"):
-                return FlowModelSampling(shift=float(config.get("shift", 1.0)), multiplier=1.0, timesteps=10000)
+                return FlowModelSampling(shift=float(config.get("shift", 1.0)), multiplier=1.0, timesteps=10000,
+                                         shift_terminal=config.get("shift_terminal") or None)
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
             tokens = (height // 16) * (width // 16)
             mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                                  config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-            return FlowModelSampling(mu=float(mu), multiplier=1.0, timesteps=10000)
+            return FlowModelSampling(mu=float(mu), multiplier=1.0, timesteps=10000,
+                                     shift_terminal=config.get("shift_terminal") or None)
         return from_scheduler_config(config, arch=job.arch)
 
     @staticmethod

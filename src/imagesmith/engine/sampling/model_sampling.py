@@ -145,13 +145,28 @@ class DiscreteModelSampling(ModelSampling):
 class FlowModelSampling(ModelSampling):
     """A rectified-flow model (SD3, FLUX): sigma = t in [0, 1], x = (1 - t) x0 + t n, the network predicts n - x0.
 
-    SD3 shifts time by a constant (`shift`, 3.0); FLUX by e^mu, mu depending on the image size (`mu`)."""
+    SD3 shifts time by a constant (`shift`, 3.0); FLUX by e^mu, mu depending on the image size (`mu`).
+    `shift_terminal` (Qwen-Image's 0.02): the simple schedule is stretched so its last sigma before 0 is this,
+    as diffusers' FlowMatchEulerDiscreteScheduler does (:meth:`stretch_to_terminal`)."""
 
     prediction: Prediction = "flow"
     shift: float = 1.0
     mu: float | None = None
     multiplier: float = 1000.0
     timesteps: int = 1000
+    shift_terminal: float | None = None
+
+    def stretch_to_terminal(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``sigmas`` (a schedule ending in 0) with its nonzero part stretched so that the last one is
+        ``shift_terminal``: ``1 - (1 - s) * (1 - shift_terminal) / (1 - s_last)``."""
+        if not self.shift_terminal:
+            return sigmas
+        body, tail = sigmas[:-1], sigmas[-1:]
+        if body.numel() == 0 or float(tail[0]) != 0.0:
+            return sigmas
+        one_minus = 1.0 - body.double()
+        scale = one_minus[-1] / (1.0 - self.shift_terminal)
+        return torch.cat([(1.0 - one_minus / scale).to(sigmas.dtype), tail])
 
     def __post_init__(self):
         ts = torch.arange(1, self.timesteps + 1, 1, dtype=torch.float32) / self.timesteps

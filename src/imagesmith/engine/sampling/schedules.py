@@ -186,4 +186,7 @@ def make_sigmas(schedule: str, ms: ModelSampling, steps: int, *, family: str = "
         raise BadRequest(f"schedule {schedule!r} depends on the sampler; resolve it first")
     if name == "align_your_steps":
         return align_your_steps(ms, steps, family=family)
-    return _FUNCTIONS[name](ms, steps)
+    sigmas = _FUNCTIONS[name](ms, steps)
+    if name == "simple" and getattr(ms, "shift_terminal", None):  # diffusers' schedule for Qwen-Image
+        sigmas = ms.stretch_to_terminal(sigmas)
+    return sigmas
