@@ -98,3 +98,33 @@ def test_with_the_hires_fix_the_refiner_takes_the_second_pass(refiner_home):
     # the hires pass (A1111: int(0.6 x 4) + 1 = 3 steps) switches at half of them
     assert calls["base"].count(second) >= 1 and len(calls["refiner"]) >= 1
     assert calls["base"].count(second) + len(calls["refiner"]) == 3
+
+
+@pytest.mark.parametrize("which, first_pass_refined, second_pass_refined", [
+    ("first pass", True, False), ("both passes", True, True), ("second pass", False, True)])
+def test_the_hires_refiner_pass_is_a1111s_setting(refiner_home, which, first_pass_refined, second_pass_refined):
+    """A1111's "Hires fix: which pass to enable refiner for": first, second or both passes; each refined pass hands
+    its last steps to the refiner at the switch fraction; the infotext writes "Hires refiner" unless it is the
+    default."""
+    engine = Engine(refiner_home, device="cpu")
+    hires = {"hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_denoising_strength": 0.6, "hr_second_pass_steps": 4}
+    calls = {"base": [], "refiner": []}
+    hooks = []
+    try:
+        for name, model in (("base", "tiny-sdxl"), ("refiner", "tiny-sdxl-refiner")):
+            pipe = engine.pipeline(engine.checkpoint(model)).value
+            hooks.append(pipe.unet.register_forward_pre_hook(
+                lambda module, args, name=name: calls[name].append(tuple(args[0].shape[-2:]))))
+        result = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5, hires=hires,
+                                      refiner_pass=which))
+    finally:
+        for h in hooks:
+            h.remove()
+    first, second = (8, 8), (12, 12)
+    assert (first in calls["refiner"]) == first_pass_refined
+    assert (second in calls["refiner"]) == second_pass_refined
+    if first_pass_refined:
+        assert calls["base"].count(first) == 3 and calls["refiner"].count(first) == 3  # 6 steps, switch at half
+    assert calls["base"].count(second) + calls["refiner"].count(second) == 3
+    info = result.records[0].infotext
+    assert ("Hires refiner: " + which in info) == (which != "second pass")

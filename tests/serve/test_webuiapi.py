@@ -510,6 +510,18 @@ def test_a1111_refiner_fields(api):
         assert plain.status_code == 200 and "Refiner" not in json.loads(plain.json()["info"])["infotexts"][0]
         bad = httpx.post(api.baseurl + "/txt2img", json={**body, "refiner_checkpoint": "tiny-sd15"}, timeout=300)
         assert 400 <= bad.status_code < 500 and "one family" in bad.text, bad.text
+        # A1111's "Hires fix: which pass to enable refiner for", as a per-request setting
+        hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "denoising_strength": 0.6,
+                 "hr_second_pass_steps": 2}
+        both = httpx.post(api.baseurl + "/txt2img", json={
+            **body, **hires, "refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5,
+            "override_settings": {**body["override_settings"], "hires_fix_refiner_pass": "both passes"}}, timeout=300)
+        assert both.status_code == 200, both.text
+        assert "Hires refiner: both passes" in json.loads(both.json()["info"])["infotexts"][0]
+        wrong = httpx.post(api.baseurl + "/txt2img", json={
+            **body, "override_settings": {**body["override_settings"], "hires_fix_refiner_pass": "all of them"}},
+            timeout=300)
+        assert wrong.status_code == 422 and "hires_fix_refiner_pass" in wrong.text, wrong.text
     finally:
         (ckpt / "tiny-sdxl").unlink()
         shutil.rmtree(ckpt / "tiny-sdxl-refiner")

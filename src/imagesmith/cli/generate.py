@@ -99,6 +99,9 @@ def generate(
     detailer_prompt: str = typer.Option("", "--detailer-prompt", help="added to the prompt for the repaint"),
     refiner: Optional[str] = typer.Option(None, "--refiner", "--refiner-checkpoint", help="SDXL refiner (or another "
                                           "model of the base's family) that takes over at --refiner-switch"),
+    refiner_pass: str = typer.Option("second pass", "--refiner-pass", help="with --hr-scale's second pass: which "
+                                     "pass the refiner takes the last steps of: 'first pass', 'second pass' or "
+                                     "'both passes' (A1111's setting)"),
     refiner_switch: float = typer.Option(0.8, "--refiner-switch", "--refiner-switch-at", help="fraction of the "
                                          "steps the base model runs before the refiner takes over"),
     restore_faces: Optional[str] = typer.Option(None, "--restore-faces", help="restore faces with this GFPGAN/"
@@ -171,6 +174,9 @@ def generate(
             if not 0 < refiner_switch <= 1:
                 raise _Exit(f"--refiner-switch must be above 0 and at most 1, got {refiner_switch:g}")
             fields["refiner_checkpoint"], fields["refiner_switch_at"] = refiner, refiner_switch
+            if refiner_pass not in ("first pass", "second pass", "both passes"):
+                raise _Exit(f"--refiner-pass takes 'first pass', 'second pass' or 'both passes', not {refiner_pass!r}")
+            fields["refiner_pass"] = refiner_pass
         req = GenerateRequest(**fields)
 
     _check_output(output, req.batch_size * req.batch_count)  # fail before the work, not after it

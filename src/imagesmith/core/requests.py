@@ -254,6 +254,9 @@ class GenerateRequest(BaseModel):
                                            "sampling at refiner_switch_at")
     refiner_switch_at: float = Field(0.8, gt=0.0, le=1.0, description="the fraction of the steps the base model "
                                      "runs before the refiner takes over (1: no refiner)")
+    refiner_pass: Literal["first pass", "second pass", "both passes"] = Field(
+        "second pass", description="with the hires fix's second diffusion pass: which pass the refiner takes the last "
+        "steps of (A1111's 'Hires fix: which pass to enable refiner for'); without it, the only pass")
 
     @field_validator("detailer", "ip_adapter")
     @classmethod

@@ -346,6 +346,8 @@ class Engine:
             short = (self._hash(refiner) or "")[:10]
             params["Refiner"] = f"{refiner.name} [{short}]" if short else refiner.name
             params["Refiner switch at"] = _num(req.refiner_switch_at)
+            if self._two_passes(req) and req.refiner_pass != "second pass":  # A1111 writes the non-default only
+                params["Hires refiner"] = req.refiner_pass
         if job.grounding is not None:
             params["Concept"] = job.grounding.note
         if req.regions:
@@ -906,10 +908,9 @@ class Engine:
             denoiser = (self._scheduled_denoiser(pipe, job, rows, ms, width, height, len(seeds), concat, sigmas)
                         or self._denoiser(pipe, job, rows, encoded, ms, width, height, len(seeds), concat))
         held = contextlib.ExitStack()
-        # the refiner's pass: with the hires fix's second diffusion pass, that one (A1111's default "Hires fix:
-        # which pass to enable refiner for: second pass"); else the only one
-        second_pass = req.hires is not None and req.hires.hr_denoising_strength > 0 and req.mode == "txt2img"
-        if req.refiner_checkpoint and req.refiner_switch_at < 1 and (phase == "hires") == second_pass:
+        # the refiner's pass: with the hires fix's second diffusion pass, the one(s) refiner_pass names (A1111's
+        # "Hires fix: which pass to enable refiner for", default the second); else the only one
+        if req.refiner_checkpoint and req.refiner_switch_at < 1 and self._refiner_in(req, phase):
             steps_run = len(sigmas) - 1
             switch = min(steps_run - 1, max(1, round(steps_run * req.refiner_switch_at)))
             refiner = self._refiner_denoiser(job, rows, ms, width, height, len(seeds), concat, held)
@@ -929,6 +930,16 @@ class Engine:
         if isinstance(denoiser, StepCache):
             job.cache_stats.append((denoiser.reused, denoiser.calls))
         return out
+
+    @staticmethod
+    def _two_passes(req: GenerateRequest) -> bool:
+        """Whether the hires fix runs a second diffusion pass (the refiner then follows refiner_pass)."""
+        return req.hires is not None and req.hires.hr_denoising_strength > 0 and req.mode == "txt2img"
+
+    def _refiner_in(self, req: GenerateRequest, phase: str) -> bool:
+        if not self._two_passes(req):
+            return True
+        return req.refiner_pass == "both passes" or (req.refiner_pass == "second pass") == (phase == "hires")
 
     def refiner_entry(self, job: _Job) -> ModelEntry:
         """The refiner a request names, checked against its base: it continues the base's latents, so it must be of

@@ -22,7 +22,8 @@ from .context import Admin, Caller, Services, Svc, json_object
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
-A1111_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "randn_source")
+A1111_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "randn_source",
+                 "hires_fix_refiner_pass")
 """The A1111 options that decide a picture: a user's saved values are their defaults (override_settings wins)."""
 
 
@@ -318,6 +319,12 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
         req["noise"] = "a1111-cpu" if source == "CPU" else "a1111-gpu"
     if "CLIP_stop_at_last_layers" in overrides:
         req["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
+    if "hires_fix_refiner_pass" in overrides:
+        value = str(overrides["hires_fix_refiner_pass"]).strip().lower()
+        if value not in ("first pass", "second pass", "both passes"):
+            raise BadRequest(f"hires_fix_refiner_pass must be 'first pass', 'second pass' or 'both passes', not "
+                             f"{overrides['hires_fix_refiner_pass']!r}")
+        req["refiner_pass"] = value
     if overrides.get("sd_vae") not in (None, "Automatic", "None"):
         req["vae"] = overrides["sd_vae"]
     styles = body.get("styles")
