@@ -73,3 +73,18 @@ def test_bad_arguments(kwargs):
         place_product(FORMATS["1:1"], (100, 100), **kwargs)
     with pytest.raises(BadRequest):
         place_product(FORMATS["1:1"], (0, 100))
+
+
+@pytest.mark.parametrize("name", ["1:1", "9:16", "1.91:1"])
+def test_a_small_product_is_never_enlarged_past_max_enlarge(name):
+    fmt = FORMATS[name]
+    free = place_product(fmt, (40, 90))
+    assert free.product_scale > 4  # the layout alone would blow it up
+    capped = place_product(fmt, (40, 90), max_enlarge=4.0)
+    x0, y0, x1, y1 = capped.product_box
+    assert capped.product_scale <= 4.0 and (x1 - x0) <= 160 and (y1 - y0) <= 360
+    assert y1 == capped.floor_y and y1 <= fmt.height  # still grounded inside the format
+    big = place_product(fmt, (2000, 3000), max_enlarge=4.0)
+    assert big.product_box == place_product(fmt, (2000, 3000)).product_box  # a large product: no change
+    with pytest.raises(BadRequest, match="max_enlarge"):
+        place_product(fmt, (40, 90), max_enlarge=0)

@@ -287,3 +287,34 @@ def test_the_painted_background_passes_the_services_safety_gate(studio, tmp_path
     plain = studio.make(req, tmp_path / "plain").outputs[0]
     edges = lambda p: np.abs(np.diff(np.asarray(Image.open(p).convert("L"), np.float32), axis=1)).mean()  # noqa: E731
     assert edges(ad.background_path) < edges(plain.background_path)  # the painted scene is blurred
+
+
+def test_a_small_product_is_upscaled_not_blurred_and_never_blown_up_past_4x(studio, tmp_path):
+    """A product photo with few pixels (a 60x110 cut-out with its own alpha, a label with bands on it): the format
+    would show it several times larger, so R-ESRGAN enlarges it before placing (its edges steeper than
+    Lanczos's), and it is never shown at more than 4x its pixels."""
+    import cv2
+    rgba = np.zeros((110, 60, 4), np.uint8)
+    rgba[10:100, 8:52] = (200, 60, 90, 255)
+    for y in range(20, 90, 8):  # dark bands on the label: hard edges, as print on a package
+        rgba[y:y + 3, 14:46, :3] = (30, 30, 40)
+    small = tmp_path / "small.png"
+    Image.fromarray(rgba, "RGBA").save(small)
+    outs = {}
+    for up in ("R-ESRGAN 4x+", "Lanczos"):
+        req = AdRequest(products=[str(small)], concept="white marble", headline="Tiny", formats=["4:5"], seed=2,
+                        background="studio", upscaler=up)
+        result = studio.make(req, tmp_path / up.replace(" ", "_"))
+        assert not result.failures, result.failures
+        outs[up] = result.outputs[0]
+    crisp, soft = outs["R-ESRGAN 4x+"], outs["Lanczos"]
+    assert crisp.product_upscaled == 4 and soft.product_upscaled is None
+    assert crisp.product_scale <= 4.0 + 1e-6 and soft.product_scale <= 4.0 + 1e-6  # 44 px wide: at most 4x
+    assert crisp.product_box == soft.product_box
+
+    def steepness(out):  # the steepest 2% of the vertical gradients inside the product: its bands' edges
+        x0, y0, x1, y1 = out.product_box
+        inner = np.asarray(Image.open(out.path).convert("L"), np.float32)[y0 + 20:y1 - 20, x0 + 20:x1 - 20]
+        grad = np.abs(cv2.Sobel(inner, cv2.CV_32F, 0, 1, ksize=3))
+        return float(np.percentile(grad, 98))
+    assert steepness(crisp) > 1.3 * steepness(soft)

@@ -61,7 +61,8 @@ def _fit(pw: float, ph: float, max_w: float, max_h: float) -> tuple[int, int, fl
 
 
 def place_product(fmt: AdFormat, product_size: tuple[int, int], *, position: Position = "auto",
-                  margin: float = 0.06, scale: float | None = None, copy_fraction: float = 0.3) -> Placement:
+                  margin: float = 0.06, scale: float | None = None, copy_fraction: float = 0.3,
+                  max_enlarge: float | None = None) -> Placement:
     """Lay out one format for a product whose tight bounding box is ``product_size`` (w, h).
 
     - ``position``: ``auto`` = ``right`` for wide formats (aspect >= 1.6), else ``bottom``;
@@ -71,6 +72,8 @@ def place_product(fmt: AdFormat, product_size: tuple[int, int], *, position: Pos
     - ``scale``: linear fraction (0-1] of its region the product fills; default 0.85.
     - ``copy_fraction``: share of the usable height (stack) or width (side) reserved for copy; the copy
       also gets whatever the product does not need.
+    - ``max_enlarge``: the product is never shown at more than this many times its pixels (a small product stays
+      smaller rather than blurred; the copy and the scene take the room).
     """
     if position not in POSITIONS:
         raise BadRequest(f"unknown product position '{position}'; known: {', '.join(POSITIONS)}")
@@ -84,6 +87,11 @@ def place_product(fmt: AdFormat, product_size: tuple[int, int], *, position: Pos
     if not 0.0 <= margin < 0.3:
         raise BadRequest(f"margin must be in [0, 0.3), got {margin}")
     s = AUTO_SCALE if scale is None else float(scale)
+    if max_enlarge is not None and not max_enlarge > 0:
+        raise BadRequest(f"max_enlarge must be positive, got {max_enlarge}")
+    cap_w = cap_h = float("inf")
+    if max_enlarge is not None:
+        cap_w, cap_h = pw * max_enlarge, ph * max_enlarge
     m = int(round(margin * min(fmt.width, fmt.height)))
     ux0, uy0, ux1, uy1 = _usable(fmt, m)
     uw, uh = ux1 - ux0, uy1 - uy0
@@ -95,7 +103,7 @@ def place_product(fmt: AdFormat, product_size: tuple[int, int], *, position: Pos
         region_max_h = int((1.0 - copy_fraction) * uh) - gap
         if region_max_h < 2:
             raise BadRequest(f"the {fmt.name} format has no room for the product below the copy")
-        w, h, _ = _fit(pw, ph, s * uw, s * region_max_h)
+        w, h, _ = _fit(pw, ph, min(s * uw, cap_w), min(s * region_max_h, cap_h))
         # the product's region is only as tall as it needs; the copy gets the rest
         region_h = min(region_max_h, max(h, int(round(h / s))))
         ry0 = uy1 - region_h
@@ -111,7 +119,7 @@ def place_product(fmt: AdFormat, product_size: tuple[int, int], *, position: Pos
         region_max_w = int((1.0 - max(copy_fraction, _SIDE_MIN_COPY)) * uw) - gap
         if region_max_w < 2:
             raise BadRequest(f"the {fmt.name} format has no room for the product beside the copy")
-        w, h, _ = _fit(pw, ph, s * region_max_w, s * uh)
+        w, h, _ = _fit(pw, ph, min(s * region_max_w, cap_w), min(s * uh, cap_h))
         region_w = min(region_max_w, max(w, int(round(w / s))))
         y1 = uy1 - int(round(_FLOOR_LIFT * (uh - h)))
         if resolved == "left":

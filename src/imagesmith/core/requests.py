@@ -411,7 +411,8 @@ class AdRequest(CheckedSampling):
     cfg_scale: float = Field(5.0, ge=0.0, le=30.0)
     sampler_name: str = Field("DPM++ 2M")
     scheduler: str = Field("karras")
-    upscaler: str = Field("R-ESRGAN 4x+", description="brings the painted scene to the format's size")
+    upscaler: str = Field("R-ESRGAN 4x+", description="brings the painted scene to the format's size, and a product "
+                          "the format shows larger than its pixels (Lanczos: neither is enhanced)")
     position: Literal["auto", "center", "bottom", "left", "right"] = "auto"
     product_scale: float | None = Field(None, gt=0.05, le=1.0, description="fraction of the product area; default auto")
     shadow: bool = True

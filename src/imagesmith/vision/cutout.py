@@ -213,8 +213,10 @@ def colour_matte(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int, i
     cut = np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.float32)
     if cut.sum() < 4 or cut[inner].mean() > 0.995:
         return alpha
-    cut = cv2.GaussianBlur(cut, (0, 0), 0.7)  # a soft band for the guided filter to place at full size
-    full = guided_upsample(cut, crop.astype(np.float32) / 255.0) if s < 1.0 else cut
+    # a soft band for the guided filter, which lays the edge on the photo's own edges at full size (and smooths
+    # the cut's pixel staircase where the photo's edge is smooth)
+    cut = cv2.GaussianBlur(cut, (0, 0), 1.0)
+    full = guided_upsample(cut, crop.astype(np.float32) / 255.0, r=2 if s < 1.0 else 3)
     out = np.zeros_like(alpha)
     out[cy0:cy1, cx0:cx1] = full
     return out
