@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fixtures.tiny import build_qwen_image
-from imagesmith.core.errors import BadRequest, UnsupportedModel
+from imagesmith.core.errors import BadRequest
 from imagesmith.core.requests import GenerateRequest
 from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
@@ -231,8 +231,8 @@ def test_refusals(engine, tmp_path):
     with pytest.raises(BadRequest, match="without a mask"):
         engine.generate(GenerateRequest(prompt="x", model=EDIT, init_image=pic, steps=1,
                                         mask=_file(tmp_path, Image.new("L", (64, 48), 255), "m.png")))
-    with pytest.raises(UnsupportedModel):
-        engine.generate(GenerateRequest(prompt="x", model=QWEN, width=32, height=32, steps=1,
+    with pytest.raises(BadRequest, match="ControlNets are for Qwen-Image"):  # (test_qwen_controlnet.py: Qwen-Image's)
+        engine.generate(GenerateRequest(prompt="x", model=EDIT, init_image=pic, steps=1,
                                         controlnet=[{"model": "none", "image": pic}]))
 
 

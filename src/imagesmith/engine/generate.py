@@ -775,8 +775,12 @@ class Engine:
         job = rows[0][0]
         req = job.req
         pipe = entry.value
-        if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house", "flux", "sd3"):
-            raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL, SD3 and FLUX models, not {job.arch}")
+        if req.controlnet and job.arch not in ("sd1", "sd2", "sdxl", "house", "flux", "sd3", "qwen"):
+            raise UnsupportedModel(f"ControlNet is supported on SD1/SD2/SDXL, SD3, FLUX and Qwen-Image models, not "
+                                   f"{job.arch}")
+        if req.controlnet and is_qwen_edit(job.entry):
+            raise BadRequest(f"{job.entry.name} is a Qwen-Image-Edit model: its ControlNets are for Qwen-Image; "
+                             "the edit model takes the picture and the instruction")
         if req.cfg_rescale and job.arch in FLOW_ARCHS:
             raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
@@ -1114,24 +1118,34 @@ class Engine:
             if guided:  # diffusers' true CFG needs a negative text; an empty one is a single space there
                 unconds.append((*Q.encode_text(pipe, e.get("negative_prompt") or " ", self.device, picture), k))
         vae_sf = pipe.vae_scale_factor
+        n = sum(k for _, _, k in rows)
+        control = self._dit_control(pipe, job, ms, n, lambda t: Q.pack(pipe, t)) if job.control_images else None
         return QwenDenoiser(job.net or pipe.transformer, ms, Q.stack_conditioning(conds),
                             Q.stack_conditioning(unconds) if guided else None, req.cfg_scale,
                             pack=lambda x: Q.pack(pipe, x), unpack=lambda y: Q.unpack(pipe, y, width, height),
-                            shape=(1, height // vae_sf // 2, width // vae_sf // 2), context=context)
+                            shape=(1, height // vae_sf // 2, width // vae_sf // 2), context=context, control=control)
 
     def _dit_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
-        """FLUX and SD3 ControlNet units: each control image preprocessed and VAE-encoded (for FLUX packed as the
-        transformer's tokens: the ``controlnet_cond`` of diffusers' FluxControlNetPipeline and
-        StableDiffusion3ControlNetPipeline), with its union mode, weight and window."""
+        """FLUX, SD3 and Qwen-Image ControlNet units: each control image preprocessed and VAE-encoded (for FLUX and
+        Qwen-Image packed as the transformer's tokens: the ``controlnet_cond`` of diffusers' FluxControlNetPipeline,
+        StableDiffusion3ControlNetPipeline and QwenImageControlNetPipeline), with its union mode, weight and
+        window."""
         from .controlnet import preprocess, union_index
         specs = []
         for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
             model = self._component("controlnet", cn.model)
-            family = "flux" if hasattr(model.config, "axes_dims_rope") else (
-                "sd3" if hasattr(model.config, "joint_attention_dim") else "sd")
+            family = "qwen" if type(model).__name__.startswith("QwenImage") else (
+                "flux" if hasattr(model.config, "axes_dims_rope") else (
+                    "sd3" if hasattr(model.config, "joint_attention_dim") else "sd"))
             if family != job.arch:
-                raise BadRequest(f"controlnet[{i}]: {cn.model} is a{'n SD' if family == 'sd' else ' ' + family.upper()}"
-                                 f" ControlNet; {job.entry.name} is {job.arch.upper()}")
+                name = {"sd": "n SD", "qwen": " Qwen-Image"}.get(family, " " + family.upper())
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is a{name} ControlNet; {job.entry.name} is "
+                                 f"{'Qwen-Image' if job.arch == 'qwen' else job.arch.upper()}")
+            if family == "qwen" and getattr(model.config, "extra_condition_channels", 0):
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is a Qwen-Image inpainting ControlNet (it reads a "
+                                 "mask too); imagesmith runs the Qwen-Image ControlNets that read a control image")
+            if family == "qwen":
+                Q.share_positions(model, pipe.transformer)
             num_mode = getattr(model.config, "num_mode", None)
             mode = cn.union_mode
             if num_mode and mode is None and family == "flux":  # by name, else by the preprocessor's kind

@@ -89,3 +89,15 @@ def pack(pipe, latents: torch.Tensor) -> torch.Tensor:
 def unpack(pipe, tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """The transformer's tokens -> [B, C, H, W] latents (diffusers' unpack gives a one-frame video latent)."""
     return pipe._unpack_latents(tokens, height, width, pipe.vae_scale_factor)[:, :, 0]
+
+
+def share_positions(controlnet, transformer) -> None:
+    """A Qwen-Image ControlNet is made from the transformer (InstantX's ``from_transformer``) and must place tokens
+    as it does: a file whose config was read off its shapes (positions have no weights) takes the transformer's
+    rotary axes."""
+    axes = list(transformer.config.axes_dims_rope)
+    if list(controlnet.config.axes_dims_rope) != axes:
+        from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+        controlnet.pos_embed = QwenEmbedRope(theta=10000, axes_dim=axes, scale_rope=True).to(
+            next(controlnet.parameters()).device)
+        controlnet.register_to_config(axes_dims_rope=tuple(axes))

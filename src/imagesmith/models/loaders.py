@@ -843,17 +843,31 @@ def load_vae(entry, torch_dtype: torch.dtype = torch.float32):
                                               dtype=torch_dtype).eval()
 
 
+def qwen_controlnet_config(shapes: dict[str, list[int]]) -> dict:
+    """QwenImageControlNetModel's config from its tensors' shapes (InstantX's files as ComfyUI keeps them have none):
+    blocks, width (heads of 128), text width, and the inpainting variant's extra input channels."""
+    inner, in_channels = shapes["img_in.weight"]
+    layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("controlnet_blocks."))
+    head = shapes.get("transformer_blocks.0.attn.norm_q.weight", [128])[0]
+    return {"_class_name": "QwenImageControlNetModel", "patch_size": 2, "in_channels": in_channels,
+            "out_channels": 16, "num_layers": layers, "attention_head_dim": head, "num_attention_heads": inner // head,
+            "joint_attention_dim": shapes["txt_in.weight"][1], "axes_dims_rope": [16, 56, 56],
+            "extra_condition_channels": shapes["controlnet_x_embedder.weight"][1] - in_channels}
+
+
 def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
     """A ControlNetModel (SD1/SD2/SDXL) or FluxControlNetModel from a diffusers folder or a single file (original
     or diffusers layout; a FLUX single file carries its config, embedded or as config.json beside it)."""
-    from diffusers import ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel
+    from diffusers import (ControlNetModel, ControlNetUnionModel, FluxControlNetModel, QwenImageControlNetModel,
+                           SD3ControlNetModel)
+    dit = {"flux": FluxControlNetModel, "sd3": SD3ControlNetModel, "qwen": QwenImageControlNetModel}
     path = Path(entry.path)
     if entry.kind == "unsafe":
         refuse_pickle(path)
     if path.is_dir():
         refuse_pickles_in(path)
         cls_name = _json(path / "config.json").get("_class_name") if (path / "config.json").is_file() else None
-        cls = {"flux": FluxControlNetModel, "sd3": SD3ControlNetModel}.get(entry.arch) or (
+        cls = dit.get(entry.arch) or (
             ControlNetUnionModel if cls_name == "ControlNetUnionModel" else ControlNetModel)
         weights = sorted(path.glob("*.safetensors"))
         if not (path / "diffusion_pytorch_model.safetensors").is_file() and len(weights) >= 1:
@@ -871,11 +885,13 @@ def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
     refuse_pickle(path)
     header = read_header(path)
     union = "task_embedding" in header.shapes  # xinsir's SDXL Union / ProMax (diffusers' ControlNetUnionModel)
-    if entry.arch in ("flux", "sd3") or union:
-        cls = {"flux": FluxControlNetModel, "sd3": SD3ControlNetModel}.get(entry.arch, ControlNetUnionModel)
+    if entry.arch in ("flux", "sd3", "qwen") or union:
+        cls = dit.get(entry.arch, ControlNetUnionModel)
         configs = embedded_configs(header) or {}
         cfg = configs.get("controlnet") or (_json(path.with_name("config.json"))
                                             if path.with_name("config.json").is_file() else None)
+        if cfg is None and entry.arch == "qwen":  # ComfyUI's single files carry no config: read it off the shapes
+            cfg = qwen_controlnet_config(header.shapes)
         if cfg is None:
             raise MissingModelFile(f"{path.name}: a {entry.arch.upper() if entry.arch in ('flux', 'sd3') else 'union'} ControlNet file "
                                    "needs its config.json (from the same release) beside it, or the release's folder")

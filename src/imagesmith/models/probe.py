@@ -308,7 +308,8 @@ def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
 
     # -------------------------------------------------------------- ControlNet
     if any_start("control_model.") or any_in("input_hint_block.", "zero_convs.") or (
-            any_start("controlnet_cond_embedding.") and any_start("controlnet_down_blocks.")):
+            any_start("controlnet_cond_embedding.") and any_start("controlnet_down_blocks.")) or (
+            any_start("controlnet_x_embedder.") and any_start("controlnet_blocks.")):  # DiT ControlNets (FLUX, Qwen)
         return _probe_controlnet(shapes, keys)
 
     # -------------------------------------------------------------- FLUX transformer
@@ -493,6 +494,11 @@ def _probe_controlnet(shapes: dict[str, list[int]], keys: list[str]) -> ProbeRes
         arch = "sd2"
     elif ctx == 768:
         arch = "sd1"
+    elif any(k.startswith("txt_norm.") for k in keys) and any(k.startswith("img_in.") for k in keys):
+        arch = "qwen"  # InstantX's Qwen-Image ControlNets (diffusers' QwenImageControlNetModel names)
+        x = shapes.get("controlnet_x_embedder.weight")
+        inpaint = x is not None and "img_in.weight" in shapes and x[1] > shapes["img_in.weight"][1]
+        notes.append("Qwen-Image ControlNet" + (" (inpainting: reads the mask too)" if inpaint else ""))
     elif any(k.startswith("controlnet_x_embedder.") for k in keys) or (
             any("transformer_blocks.0.attn.add_q_proj" in k for k in keys) and any("time_text_embed" in k for k in keys)
             and not any(k.startswith("pos_embed.") for k in keys)):
@@ -712,9 +718,9 @@ def probe_folder(path: Path) -> ProbeResult:
             return ProbeResult(kind="vae", arch=arch, format=fmt, notes=notes, components=["vae"])  # type: ignore[arg-type]
         if cls in ("ControlNetModel", "ControlNetUnionModel"):
             return ProbeResult(kind="controlnet", arch=_unet_arch(cfg), format=fmt, notes=notes)  # type: ignore[arg-type]
-        if cls in ("SD3ControlNetModel", "FluxControlNetModel"):
-            return ProbeResult(kind="controlnet", arch="sd3" if cls.startswith("SD3") else "flux", format=fmt,
-                               notes=notes)
+        if cls in ("SD3ControlNetModel", "FluxControlNetModel", "QwenImageControlNetModel"):
+            arch = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux"}.get(cls, "qwen")
+            return ProbeResult(kind="controlnet", arch=arch, format=fmt, notes=notes)  # type: ignore[arg-type]
         return ProbeResult(kind="unknown", arch="unknown", format=fmt, notes=[f"config.json of class {cls or '?'}"])
     return ProbeResult(kind="unknown", arch="unknown", format=fmt,
                        notes=["a folder without model_index.json or config.json"])

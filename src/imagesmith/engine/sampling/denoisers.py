@@ -295,25 +295,45 @@ class QwenDenoiser:
     the text padding mask [B, T] or None.
 
     ``context``: Qwen-Image-Edit's picture to edit, as packed latent tokens appended to the sequence, with their
-    (frames, rows, cols) shapes for the transformer's 3-D positions; the network's answer for them is dropped."""
+    (frames, rows, cols) shapes for the transformer's 3-D positions; the network's answer for them is dropped.
+
+    ``control``: Qwen-Image ControlNets (InstantX's): their per-block residuals, computed with the positive prompt
+    and summed over units, go into both passes, as diffusers' QwenImageControlNetPipeline does."""
 
     def __init__(self, transformer, ms: ModelSampling, cond: Conditioning, uncond: Conditioning | None,
                  cfg_scale: float, *, pack, unpack, shape: tuple[int, int, int],
-                 context: tuple[torch.Tensor, list[tuple[int, int, int]]] | None = None):
+                 context: tuple[torch.Tensor, list[tuple[int, int, int]]] | None = None,
+                 control: list[ControlSpec] | None = None):
         self.net, self.ms, self.cfg = transformer, ms, float(cfg_scale)
         self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
         self.cond = cond.to(self.device, self.dtype)
         self.uncond = None if uncond is None else uncond.to(self.device, self.dtype)
         self.pack, self.unpack, self.shape, self.context = pack, unpack, shape, context
+        self.control = control or []
         self.last_uncond = None
 
-    def _velocity(self, packed, t, cond: Conditioning, shapes, tokens: int) -> torch.Tensor:
+    def _velocity(self, packed, t, cond: Conditioning, shapes, tokens: int, blocks=None) -> torch.Tensor:
         mask = (cond.added or {}).get("mask")
         out = self.net(hidden_states=packed, encoder_hidden_states=cond.embeds,
                        encoder_hidden_states_mask=None if mask is None else mask.to(self.device),
-                       timestep=t, img_shapes=shapes, return_dict=False)[0]
+                       timestep=t, img_shapes=shapes, controlnet_block_samples=blocks, return_dict=False)[0]
         return out[:, :tokens].float()
+
+    def _control(self, packed, t, sigma, shapes):
+        """The active units' residuals for this step, summed (None without any)."""
+        blocks = None
+        at = float(sigma.flatten()[0])
+        mask = (self.cond.added or {}).get("mask")
+        for c in self.control:
+            if c.scale == 0 or not (c.sigma_end <= at * (1 + 1e-6) and at <= c.sigma_start * (1 + 1e-6)):
+                continue
+            got = c.model(hidden_states=packed, controlnet_cond=c.image.to(self.device, self.dtype),
+                          conditioning_scale=c.scale, timestep=t, encoder_hidden_states=self.cond.embeds,
+                          encoder_hidden_states_mask=None if mask is None else mask.to(self.device),
+                          img_shapes=shapes, return_dict=False)
+            blocks = list(got) if blocks is None else [a + b for a, b in zip(blocks, got)]
+        return blocks
 
     def __call__(self, x, sigma):
         n = x.shape[0]
@@ -325,10 +345,11 @@ class QwenDenoiser:
             packed = torch.cat([packed, ref.to(self.device, self.dtype)], dim=1)
             shapes = [[self.shape, *ref_shapes]] * n
         t = self.ms.timestep(sigma).to(self.device, self.dtype).expand(n)
-        v = self._velocity(packed, t, self.cond, shapes, tokens)
+        blocks = self._control(packed, t, sigma, shapes) if self.control else None
+        v = self._velocity(packed, t, self.cond, shapes, tokens, blocks)
         self.last_uncond = None
         if self.uncond is not None and self.cfg != 1.0:
-            v_u = self._velocity(packed, t, self.uncond, shapes, tokens)
+            v_u = self._velocity(packed, t, self.uncond, shapes, tokens, blocks)
             guided = v_u + self.cfg * (v - v_u)
             v = guided * (torch.linalg.vector_norm(v, dim=-1, keepdim=True)
                           / torch.linalg.vector_norm(guided, dim=-1, keepdim=True))
