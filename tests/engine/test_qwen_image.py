@@ -459,6 +459,8 @@ def test_split_files_without_a_tokenizer_say_what_to_add(comfy_tree, tmp_path):
 
 QWEN_TEMPLATES = {  # ComfyUI's own Qwen-Image templates -> output node and size on the tiny models
     "image_qwen_image": {"60": [(336, 336)]},  # EmptySD3LatentImage 1328 / 4, to 16 px
+    # the 128x96 photo at 1.68 / 16 "MP" of 1024^2 pixels (383x287: the Canny map), VAEEncode's 8 px crop
+    "image_qwen_image_instantx_controlnet": {"60": [(376, 280)], "73": [(383, 287)]},
     "image_qwen_image_edit": {"60": [(296, 216)]},  # the 128x96 photo at 1/16 MP (296x222), VAEEncode's 8 px crop
     "image_qwen_image_edit_2509": {"60": [(296, 216)]},  # its KSampler also starts from the photo's latent
 }
@@ -474,6 +476,8 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
     from imagesmith.engine.graph.nodes import NODES
     from imagesmith.engine.graph.ui import ui_to_api
     settings, root = comfy_tree
+    if name == "image_qwen_image_instantx_controlnet":
+        _instantx_file(settings, root)
     lora = settings.models_dir / "loras" / "qwen-tiny-lora.safetensors"
     if not lora.exists():  # a rank-4 LoRA on the tiny transformer's attention, ComfyUI/lightx2v layout
         from safetensors.torch import save_file
@@ -482,7 +486,10 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
                    torch.randn((4, 32) if d == "down" else (32, 4), generator=g) * 0.3
                    for b in (0, 1) for m in ("attn.to_q", "attn.add_v_proj") for d in ("down", "up")}, str(lora))
     engine = Engine(settings, device="cpu")
-    prompt = shrink(name, ui_to_api(template(name), NODES), "Lanczos")
+    ui = template(name)
+    if name == "image_qwen_image_instantx_controlnet":
+        ui = _canny_instead_of_depth(ui, NODES)
+    prompt = shrink(name, ui_to_api(ui, NODES), "Lanczos")
     for node in prompt.values():
         kind, i = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
@@ -493,6 +500,8 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
             i["vae_name"] = "qwen_image_vae_tiny.safetensors"
         elif kind == "LoraLoaderModelOnly":
             i["lora_name"] = "qwen-tiny-lora.safetensors"
+        elif kind == "ControlNetLoader":
+            i["control_net_name"] = "qwen-instantx-tiny.safetensors"
     inputs = tmp_path / "input"
     inputs.mkdir()
     names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
@@ -500,6 +509,41 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
         Image.fromarray((np.indices((96, 128)).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB").save(inputs / image)
     sizes = run_template(engine, name, prompt, tmp_path, inputs, names)
     assert sizes == QWEN_TEMPLATES[name]
+
+
+def _instantx_file(settings, root):
+    """A tiny InstantX-style union ControlNet made from the tiny transformer, as ComfyUI keeps it: one file in
+    models/controlnet, no config."""
+    path = root / "models" / "controlnet" / "qwen-instantx-tiny.safetensors"
+    if path.exists():
+        return
+    from diffusers import QwenImageControlNetModel
+    from safetensors.torch import save_file
+    cn = QwenImageControlNetModel.from_transformer(build_qwen_image(0).transformer, num_layers=2,
+                                                   attention_head_dim=16, num_attention_heads=2)
+    g = torch.Generator().manual_seed(2)
+    state = {k: (torch.randn(v.shape, generator=g) * 0.1 if k.startswith(("controlnet_blocks", "controlnet_x"))
+                 else v).contiguous() for k, v in cn.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def _canny_instead_of_depth(ui: dict, nodes) -> dict:
+    """The InstantX template's control map comes from a Lotus-depth subgraph (a diffusion depth model through
+    SamplerCustomAdvanced, which imagesmith's graph does not have); the template also carries ComfyUI's Canny node,
+    bypassed and unwired: wired in place of the subgraph here, as a user switching to Canny does."""
+    depth = next(n for n in ui["nodes"] if n["type"] not in nodes and len(n["type"]) == 36)  # the subgraph (a UUID)
+    canny = next(n for n in ui["nodes"] if n["type"] == "Canny")
+    for link in ui["links"]:
+        if link[3] == depth["id"]:  # the scaled photo into the subgraph -> into Canny
+            link[3], link[4] = canny["id"], 0
+            canny["inputs"][0]["link"] = link[0]
+        if link[1] == depth["id"]:  # its map out -> Canny's
+            link[1], link[2] = canny["id"], 0
+    canny["outputs"][0]["links"] = [link[0] for link in ui["links"] if link[1] == canny["id"]]
+    canny["mode"] = 0
+    ui["nodes"] = [n for n in ui["nodes"] if n is not depth]
+    return ui
 
 
 def test_wrong_qwen_parts_are_one_clear_line(comfy_tree, tmp_path):

@@ -639,6 +639,24 @@ def _image_invert(ctx, image):
     return (1.0 - image,)
 
 
+def _canny(ctx, image, low_threshold, high_threshold):
+    """ComfyUI's Canny (kornia's canny) with OpenCV: grey by kornia's weights, a 5x5 Gaussian of sigma 1 and
+    unnormalised Sobel gradients in floating point (replicated border, as kornia's), L2 magnitude, non-maximum
+    suppression and hysteresis by OpenCV on the gradients (x8 in 16 bits). kornia works on [0, 1] pixels, so its
+    thresholds are these on 0-255 pixels divided by 255 (checked against kornia in the tests)."""
+    import cv2
+    out = []
+    for frame in image.clamp(0, 1).cpu().numpy().astype(np.float32):
+        grey = (frame[..., 0] * 0.299 + frame[..., 1] * 0.587 + frame[..., 2] * 0.114) * 255.0
+        grey = cv2.GaussianBlur(grey, (5, 5), 1.0, borderType=cv2.BORDER_REFLECT_101)
+        dx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+        dy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+        dx, dy = (np.clip(np.round(d * 8.0), -32768, 32767).astype(np.int16) for d in (dx, dy))
+        edges = cv2.Canny(dx, dy, float(low_threshold) * 2040.0, float(high_threshold) * 2040.0, L2gradient=True)
+        out.append(np.repeat((edges > 0).astype(np.float32)[..., None], 3, axis=-1))
+    return (torch.from_numpy(np.stack(out)),)
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 def _counter(folder: Path, prefix: str) -> int:
@@ -929,6 +947,9 @@ def _nodes() -> dict[str, Node]:
              {"image": _l("IMAGE"), "blur_radius": _i(1, 1, 31), "sigma": _f(1.0, 0.1, 10.0, 0.1)},
              (("IMAGE", "IMAGE"),), _image_blur),
         Node("ImageInvert", "Invert Image", "image", {"image": _l("IMAGE")}, (("IMAGE", "IMAGE"),), _image_invert),
+        Node("Canny", "Canny", "image/preprocessors",
+             {"image": _l("IMAGE"), "low_threshold": _f(0.4, 0.01, 0.99), "high_threshold": _f(0.8, 0.01, 0.99)},
+             (("IMAGE", "IMAGE"),), _canny),
         Node("SaveImage", "Save Image", "image", {"images": _l("IMAGE"),
                                                   "filename_prefix": Input("STRING", default="ComfyUI")},
              (), _save_image, output_node=True, hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},

@@ -203,7 +203,9 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
                            [(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs])
             return QwenDenoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), added), None, 1.0,
                                 pack=lambda x: Q.pack(pipe, x), unpack=lambda y: Q.unpack(pipe, y, width, height),
-                                shape=shape, context=context)
+                                shape=shape, context=context,
+                                control=_dit_controls(engine, pipe, c, ms, n, width, height, "qwen",
+                                                      lambda x: Q.pack(pipe, x)))
     elif arch == "flux":
         vae_sf = pipe.vae_scale_factor
         h, w = height // vae_sf, width // vae_sf
@@ -227,19 +229,26 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
 
 def _dit_controls(engine, pipe, c: Cond, ms, n: int, width: int, height: int, family: str,
                   pack) -> list[ControlSpec] | None:
-    """FLUX and SD3 ControlNets of a conditioning entry (ControlNetApplyAdvanced with its ``vae``, as ComfyUI
-    wires them): the control image at the output size, VAE-encoded (and for FLUX packed into the transformer's
-    tokens), with its strength, window and, for a union model, its type (SetUnionControlNetType's name, mapped to
-    the model's own index)."""
+    """FLUX, SD3 and Qwen-Image ControlNets of a conditioning entry (ControlNetApplyAdvanced with its ``vae``, as
+    ComfyUI wires them): the control image at the output size, VAE-encoded (and for FLUX and Qwen-Image packed into
+    the transformer's tokens), with its strength, window and, for a union model, its type (SetUnionControlNetType's
+    name, mapped to the model's own index; InstantX's Qwen-Image union takes none)."""
     from ..controlnet import UNION_INDEX
     out = []
     for cn, image, strength, start, end, *rest in c.extra.get("controls", ()):
         model = engine.component("controlnet", cn.name)
-        kind = "flux" if hasattr(model.config, "axes_dims_rope") else (
-            "sd3" if hasattr(model.config, "joint_attention_dim") else "sd")
+        kind = "qwen" if type(model).__name__.startswith("QwenImage") else (
+            "flux" if hasattr(model.config, "axes_dims_rope") else (
+                "sd3" if hasattr(model.config, "joint_attention_dim") else "sd"))
         if kind != family:
             raise BadRequest(f"ControlNet {cn.name} is a{'n SD' if kind == 'sd' else ' ' + kind.upper()} ControlNet; "
                              f"the model is {family.upper()}")
+        if kind == "qwen":
+            from .. import qwen_image as Q
+            if getattr(model.config, "extra_condition_channels", 0):
+                raise BadRequest(f"ControlNet {cn.name} is a Qwen-Image inpainting ControlNet; imagesmith runs the "
+                                 "ones that read a control image")
+            Q.share_positions(model, pipe.transformer)
         vae = rest[0] if rest and rest[0] is not None else None
         vae = vae_module(engine, vae) if vae is not None else pipe.vae
         img = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear").clamp(0, 1)
