@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures.tiny import build_arcface_onnx, build_faceid_adapter, build_sd15
+from fixtures.tiny import (build_arcface_onnx, build_clip_vision, build_faceid_adapter, build_faceid_plus_adapter,
+                           build_sd15)
 from imagesmith.core.errors import BadRequest, ImagesmithError
 from imagesmith.core.requests import GenerateRequest, IPAdapterSpec
 from imagesmith.core.settings import Settings
@@ -33,6 +34,8 @@ def home(tiny_home, tmp_path_factory):
     (settings.models_dir / "checkpoints" / "tiny-sd15").symlink_to(
         tiny_home.models_dir / "checkpoints" / "tiny-sd15", target_is_directory=True)
     build_faceid_adapter(build_sd15(0).unet, settings.models_dir / "ipadapter" / "tiny-faceid_sd15.bin")
+    build_faceid_plus_adapter(build_sd15(0).unet, settings.models_dir / "ipadapter" / "tiny-faceid-plusv2_sd15.bin")
+    build_clip_vision(settings.models_dir / "clip_vision" / "tiny-vision")  # FaceID Plus reads the face through it
     buffalo = settings.models_dir / "insightface" / "models" / "buffalo_l"
     build_arcface_onnx(buffalo / "w600k_r50.onnx")
     _detector_onnx(buffalo / "det_10g.onnx")  # a decoy: InsightFace's detector lies beside it
@@ -207,3 +210,44 @@ def test_cli_face_reference(home, astronaut, tmp_path, monkeypatch, capsys):
                            "-o", str(bad))
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and "no face found" in lines[0] and not bad.exists(), err
+
+
+
+# ------------------------------------------------------------------------------------------ FaceID Plus
+def test_the_faceid_plus_layout_is_what_diffusers_converts():
+    """The tiny FaceID Plus file is written in h94's names by inverting diffusers' converter; running that converter
+    back gives a projection with the same output, so the layout the tests load is the real one."""
+    from fixtures.tiny import faceid_plus_original_layout, faceid_plus_projection
+    proj = faceid_plus_projection(32, 32, seed=4)
+    original = faceid_plus_original_layout(proj)
+    assert "perceiver_resampler.layers.0.0.to_kv.weight" in original and "proj.0.weight" in original
+    back = build_sd15(0).unet._convert_ip_adapter_image_proj_to_diffusers(original, low_cpu_mem_usage=False)
+    ids, clip = torch.randn(2, 512), torch.randn(2, 1, 5, 32)
+    with torch.no_grad():
+        proj.clip_embeds, back.clip_embeds = clip, clip
+        assert torch.allclose(proj(ids), back(ids), atol=1e-6)
+
+
+def test_faceid_plus_reads_the_identity_and_the_faces_clip_features(engine, astronaut):
+    """FaceID PlusV2: the identity embedding and the aligned face's CLIP hidden states reach diffusers' projection
+    together (packed), PlusV2's shortcut is on; weight 0 gives the base pixels, weight 1 changes them."""
+    from imagesmith.engine.ip_adapter import PackedFaceIDPlus
+    base = dict(model="tiny-sd15", prompt="a portrait", width=64, height=64, steps=3, seed=5, sampler_name="Euler")
+    plain = _pixels(engine.generate(GenerateRequest(**base)))
+    unit = dict(model="tiny-faceid-plusv2_sd15", image=astronaut)
+    seen = []
+    pipe = engine.pipeline(engine.checkpoint("tiny-sd15")).value
+    full = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(**unit)))
+    layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]  # still loaded: the next job asks for it again
+    assert isinstance(layer, PackedFaceIDPlus) and layer.inner.shortcut is True  # "plusv2" in the file name
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        zero = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(**unit, weight=0)))
+    finally:
+        hook.remove()
+    assert np.abs(_pixels(zero) - plain).max() <= 1
+    assert np.abs(_pixels(full) - plain).max() > 8
+    packed = seen[0]  # [uncond + cond, 512 + 17 tokens x 32]: the tiny CLIP reads 32 px in 8 px patches, + class
+    assert packed.shape == (2, 512 + 17 * 32)
+    ident = packed[:, :512]
+    assert torch.allclose(ident.norm(dim=-1).max(), torch.tensor(1.0), atol=1e-4) and ident.norm(dim=-1).min() == 0

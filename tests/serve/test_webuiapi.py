@@ -390,7 +390,8 @@ def test_openpose_from_a_real_photo_as_the_extension_detects_it(api):
 def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
     """An IP-Adapter through the extension's unit (module ip-adapter_clip_sd15, model 'name [hash]'): the reference
     changes the picture, weight 0 leaves it; a FaceID unit (module ip-adapter_face_id) reads the face of a real
-    photo through the InsightFace model in models/insightface; a FaceID Plus module is a 422 saying why."""
+    photo through the InsightFace model in models/insightface; a FaceID Plus unit naming a missing adapter is a 422
+    naming it."""
     import skimage.data as data
 
     from fixtures.tiny import build_arcface_onnx, build_clip_vision, build_faceid_adapter, build_ip_adapter, build_sd15
@@ -418,8 +419,8 @@ def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
     assert "tiny-faceid_sd15" in by_face.info["infotexts"][0]
     with pytest.raises(RuntimeError) as err:
         api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[webuiapi.ControlNetUnit(
-            image=ref, module="ip-adapter_face_id_plus", model="ip-adapter-faceid-plus_sd15 [abcd1234]")])
-    assert "422" in str(err.value) and "FaceID Plus" in str(err.value)
+            image=ref, module="ip-adapter_face_id_plus", model="ip-adapter-faceid-plusv2_sd15 [abcd1234]")])
+    assert "422" in str(err.value) and "no ipadapter named" in str(err.value) and "faceid-plusv2_sd15" in str(err.value)
 
 
 def test_ultimate_sd_upscale_as_a1111_clients_call_it(api):

@@ -185,14 +185,26 @@ def pick_recognition_model(paths: list[Path]) -> Path | None:
     return others[0] if len(others) == 1 else None
 
 
-def identity_embedding(embedder: FaceEmbedder, image: Image.Image, *, what: str = "image") -> np.ndarray:
-    """The largest face's ``normed_embedding`` in ``image``; :class:`BadRequest` when there is no face."""
+def largest_face(image: Image.Image, *, what: str = "image") -> np.ndarray:
+    """The five landmarks of the largest face in ``image``; :class:`BadRequest` when there is no face."""
     faces = face_points(image, max_faces=4)
     if not faces:
         raise BadRequest(f"{what}: no face found (IP-Adapter FaceID takes a photo of a face)")
-    _, points = faces[0]
+    return faces[0][1]
+
+
+def identity_embedding(embedder: FaceEmbedder, image: Image.Image, *, what: str = "image",
+                       points: np.ndarray | None = None) -> np.ndarray:
+    """The ``normed_embedding`` of the face at ``points`` (default: the largest face in ``image``)."""
+    points = largest_face(image, what=what) if points is None else points
     aligned = align_face(np.asarray(image.convert("RGB")), points, embedder.size)
     return embedder.embed(aligned)
+
+
+def face_crop(image: Image.Image, points: np.ndarray, size: int = 224) -> Image.Image:
+    """The face aligned to ArcFace's template at ``size`` px: what FaceID Plus shows its CLIP encoder (InsightFace's
+    ``norm_crop(image, kps, 224)``, as the reference implementation does)."""
+    return Image.fromarray(align_face(np.asarray(image.convert("RGB")), points, size))
 
 
 def missing_model_error(where: list[Path]) -> MissingModelFile:

@@ -1250,24 +1250,24 @@ class Engine:
                               lambda: load_face_embedder(entry.path), device="cpu").value
 
     def _ip_conditioning(self, pipe, job: _Job, ms, n: int):
-        from .face_id import identity_embedding
-        from .ip_adapter import adapter_kind, faceid_id_width, image_embeds, reads_hidden_states
+        from .face_id import face_crop, identity_embedding, largest_face
+        from .ip_adapter import adapter_kind, faceid_id_width, image_embeds, pack_faceid_plus, reads_hidden_states
         from .sampling.denoisers import IPWindow
         cond, uncond, windows = [], [], []
         for i, (spec, image) in enumerate(zip(job.req.ip_adapter_units, job.ip_images)):
             _, state = self._ip_adapter_state(spec.model)
             kind = adapter_kind(state)
-            if kind == "FaceID Plus":
-                raise UnsupportedModel(f"ip_adapter[{i}]: {spec.model} is an IP-Adapter FaceID Plus; imagesmith runs "
-                                       "plain FaceID adapters (ip-adapter-faceid_sd15 / _sdxl), not the Plus ones yet")
-            if kind == "FaceID":
+            if kind in ("FaceID", "FaceID Plus"):
                 embedder = self._face_embedder(spec)
                 if embedder.width != faceid_id_width(state):
                     raise BadRequest(f"face model {embedder.name} gives {embedder.width}-wide embeddings; IP-Adapter "
                                      f"{spec.model} reads {faceid_id_width(state)}")
-                vec = torch.from_numpy(identity_embedding(embedder, image, what=f"ip_adapter[{i}].image"))
-                c = vec.float()[None, None]
+                points = largest_face(image, what=f"ip_adapter[{i}].image")
+                c = torch.from_numpy(identity_embedding(embedder, image, points=points)).float()[None, None]
                 u = torch.zeros_like(c)  # FaceID's unconditional side: a zero embedding, as diffusers' example
+                if kind == "FaceID Plus":  # and the aligned face through CLIP (a zero image on the other side)
+                    hc, hu = image_embeds(self._image_encoder(spec, state), face_crop(image, points), plus=True)
+                    c, u = pack_faceid_plus(c, hc), pack_faceid_plus(u, hu)
             else:
                 c, u = image_embeds(self._image_encoder(spec, state), image, plus=reads_hidden_states(pipe.unet, i))
             reps = (n,) + (1,) * (c.dim() - 1)

@@ -198,7 +198,36 @@ def ensure_loaded(unet, state: dict, adapters: list[tuple[str, dict]]) -> None:
                 raise BadRequest(f"IP-Adapter {Path(key.split('@')[0]).stem} is for a UNet of cross-attention width "
                                  f"{cross} ({_arch_of(cross)}); this model's is {width} ({_arch_of(width)})")
         unet._load_ip_adapter_weights([sd for _, sd in adapters], low_cpu_mem_usage=False)
+        layers = unet.encoder_hid_proj.image_projection_layers
+        for i, (key, sd) in enumerate(adapters):
+            if adapter_kind(sd) == "FaceID Plus":  # PlusV2 adds the identity tokens back (its "shortcut")
+                v2 = "v2" in Path(key.split("@")[0]).stem.lower()
+                layers[i] = PackedFaceIDPlus(layers[i], faceid_id_width(sd), shortcut=v2)
         state["ip_adapters"] = wanted
+
+
+class PackedFaceIDPlus(torch.nn.Module):
+    """diffusers' FaceID Plus projection reads the face's CLIP hidden states from an attribute it expects set before
+    each call; here they travel with the identity embedding, packed in one tensor ``[N, id + T * D]``, so they follow
+    the batch (cond and uncond halves, several images) exactly as the embedding does."""
+
+    def __init__(self, inner, id_width: int, *, shortcut: bool):
+        super().__init__()
+        self.inner, self.id_width = inner, id_width
+        inner.shortcut = shortcut
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        hidden = self.inner.proj_in.in_features
+        self.inner.clip_embeds = packed[:, self.id_width:].reshape(packed.shape[0], 1, -1, hidden)
+        try:
+            return self.inner(packed[:, :self.id_width])
+        finally:
+            self.inner.clip_embeds = None
+
+
+def pack_faceid_plus(identity: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """[1, 1, id] and [1, 1, T, D] -> the [1, 1, id + T * D] :class:`PackedFaceIDPlus` reads."""
+    return torch.cat([identity, hidden.flatten(2)], dim=-1)
 
 
 def _arch_of(width: int) -> str:

@@ -120,8 +120,8 @@ def ip_adapter_units(body: dict, upload: Callable[[bytes], str]) -> dict | list[
     """The engine's `ip_adapter` field from the extension's IP-Adapter units (module ``ip-adapter_clip_*``, model
     ``ip-adapter_sd15 [hash]``): the reference image, its weight and step window; the CLIP vision encoder is the
     one in models/clip_vision that fits the adapter. FaceID (module ``ip-adapter_face_id``, model
-    ``ip-adapter-faceid_sd15 [hash]``) takes the InsightFace model in models/insightface; FaceID Plus modules are a
-    422 (not run yet)."""
+    ``ip-adapter-faceid_sd15 [hash]``; ``ip-adapter_face_id_plus`` for FaceID Plus / PlusV2) takes the InsightFace
+    model in models/insightface (and Plus, the CLIP vision encoder)."""
     args = always_on_args(body, "controlnet")
     if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
         return None
@@ -132,10 +132,6 @@ def ip_adapter_units(body: dict, upload: Callable[[bytes], str]) -> dict | list[
         raise BadRequest(f"at most {MAX_UNITS} IP-Adapter units a request; {len(units)} are enabled")
     specs = []
     for u in units:
-        module, model = str(u.get("module", "")).lower(), str(u.get("model", "")).lower()
-        if "face_id_plus" in module or "faceid-plus" in model or "faceid_plus" in model:
-            raise BadRequest(f"IP-Adapter FaceID Plus ({u.get('module')}) is not run by imagesmith yet; plain FaceID "
-                             "(module ip-adapter_face_id, ip-adapter-faceid_sd15 / _sdxl) and the CLIP adapters are")
         image = u.get("image") or u.get("input_image")
         if isinstance(image, dict):
             image = image.get("image")
