@@ -112,3 +112,47 @@ def test_a_real_subgraph_runs(runner):
         a = np.asarray(im.convert("L"), np.float32) / 255
     assert a[32, 32] > 0.95 and a[0, 0] < 0.05  # the square stays, the far corner stays empty
     assert a[32, 21] > 0.3 and a[32, 18] < a[32, 21]  # grown by 4 (to x = 20), then blurred outwards
+
+
+CONTROLNET_TEMPLATES = {  # template -> (checkpoint, ControlNet on the tiny models, output node -> sizes)
+    "depth_controlnet": ("tiny-sd15-single.safetensors", "tiny-controlnet", {"9": [(256, 256)]}),
+    # its Canny map of the photo scaled to 1024 / 4 is previewed (node 49)
+    "sd3.5_large_canny_controlnet_example": ("tiny-sd3", "sd3-canny", {"9": [(256, 256)], "49": [(256, 256)]}),
+}
+
+
+@pytest.fixture(scope="module")
+def controlnet_runner(tiny_home, tmp_path_factory):
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+    from fixtures.tiny import _randomise_, home_with
+    settings = home_with(tmp_path_factory.mktemp("cn-templates"), tiny_home, "checkpoints/tiny-sd3",
+                         "checkpoints/tiny-sd15-single.safetensors", "controlnet/tiny-controlnet")
+    m = settings.models_dir
+    transformer = SD3Transformer2DModel.from_pretrained(str(m / "checkpoints" / "tiny-sd3" / "transformer"))
+    net = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
+    _randomise_(net, seed=2, scale=0.2)
+    net.save_pretrained(m / "controlnet" / "sd3-canny", safe_serialization=True)
+    return Engine(settings, device="cpu"), tmp_path_factory.mktemp("cn-run")
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLNET_TEMPLATES))
+def test_controlnet_templates_run(controlnet_runner, name):
+    """ComfyUI's SD1.5 depth ControlNet and SD3.5 Canny ControlNet templates (the latter with ComfyUI's Canny node)
+    run unchanged but for the tiny models' names and sizes."""
+    engine, root = controlnet_runner
+    checkpoint, controlnet, expected = CONTROLNET_TEMPLATES[name]
+    prompt = shrink(name, ui_to_api(template(name), NODES), "Lanczos")
+    for node in prompt.values():
+        kind, i = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            i["ckpt_name"] = checkpoint
+        elif kind == "ControlNetLoader":
+            i["control_net_name"] = controlnet
+    inputs = root / name
+    inputs.mkdir()
+    photo = Image.fromarray((np.indices(INPUT[::-1]).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB")
+    names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    for image in names:
+        photo.save(inputs / image)
+    assert run_template(engine, name, prompt, root, inputs, names) == expected
