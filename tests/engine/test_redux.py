@@ -121,3 +121,100 @@ def test_wrong_family_and_masks_are_refused(redux_home, tmp_path):
         engine.generate(_req(ref).model_copy(update={"model": "tiny-sd15"}))
     with pytest.raises(BadRequest, match="takes no mask"):
         engine.generate(_req(ref, mask=ref))
+
+
+def test_comfyui_style_model_nodes_add_diffusers_tokens(redux_home, tmp_path):
+    """ComfyUI's CLIPVisionLoader, CLIPVisionEncode (crop none), StyleModelLoader and StyleModelApply: the prompt's
+    tokens, then the reference's at strength x diffusers' FluxPriorReduxPipeline's; attn_bias is one clear error."""
+    from diffusers import FluxPriorReduxPipeline
+
+    from fixtures.graph import graph_runner
+    from imagesmith.engine.redux import load_redux, load_siglip
+    engine = Engine(redux_home, device="cpu")
+    ref = _reference(tmp_path)
+    Image.open(ref).save(tmp_path / "ref.png")
+    run = graph_runner(engine, tmp_path, ["ref.png"], save_node="9")
+
+    def graph(strength_type="multiply"):
+        return {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux"}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cabin", "clip": ["1", 1]}},
+            "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "sigclip-tiny.safetensors"}},
+            "4": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
+            "5": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["3", 0], "image": ["4", 0],
+                                                               "crop": "none"}},
+            "6": {"class_type": "StyleModelLoader", "inputs": {"style_model_name": "flux1-redux-tiny.safetensors"}},
+            "7": {"class_type": "StyleModelApply", "inputs": {
+                "conditioning": ["2", 0], "style_model": ["6", 0], "clip_vision_output": ["5", 0], "strength": 0.7,
+                "strength_type": strength_type}},
+            "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "11": {"class_type": "KSampler", "inputs": {
+                "seed": 1, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                "model": ["1", 0], "positive": ["7", 0], "negative": ["2", 0], "latent_image": ["10", 0]}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "redux"}}}
+    seen, hook = _texts(engine)
+    try:
+        run(graph())
+    finally:
+        hook.remove()
+    m = redux_home.models_dir
+    vision = load_siglip(m / "clip_vision" / "sigclip-tiny.safetensors", dtype=torch.float32, device="cpu")
+    peer = FluxPriorReduxPipeline(image_encoder=vision.model, feature_extractor=vision.processor,
+                                  image_embedder=load_redux(m / "style_models" / "flux1-redux-tiny.safetensors"))
+    with torch.no_grad():
+        want = peer.image_embedder(peer.encode_image(Image.open(ref), "cpu", 1)).image_embeds
+    tokens = seen[0]
+    assert tokens.shape[1] > 16 and torch.allclose(tokens[:, -16:], want * 0.7, atol=1e-5)
+    with pytest.raises(Exception, match="attn_bias is not supported"):
+        run(graph("attn_bias"))
+
+
+def test_comfyuis_flux_redux_template_runs(redux_home, tmp_path):
+    """ComfyUI's own flux_redux_model_example (comfyui-workflow-templates) through the UI converter and the
+    executor: split FLUX files (UNETLoader, DualCLIPLoader, VAELoader), the Redux nodes, and the custom sampling
+    nodes it samples with (RandomNoise, KSamplerSelect, BasicScheduler, BasicGuider, SamplerCustomAdvanced)."""
+    pytest.importorskip("comfyui_workflow_templates")
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from fixtures.comfy_templates import run_template, shrink, template
+    from imagesmith.engine.graph.nodes import NODES
+    from imagesmith.engine.graph.ui import ui_to_api
+    m = redux_home.models_dir
+    src = m / "checkpoints" / "tiny-flux"
+    if not (m / "diffusion_models").exists():
+        (m / "diffusion_models").mkdir()
+        (m / "diffusion_models" / "flux-t.safetensors").symlink_to(
+            src.resolve().parent / "tiny-flux-single.safetensors")
+        (m / "text_encoders").mkdir()
+        save_file(CLIPTextModel.from_pretrained(src / "text_encoder").state_dict(),
+                  str(m / "text_encoders" / "clip_l.safetensors"))
+        t5 = T5EncoderModel.from_pretrained(src / "text_encoder_2").state_dict()
+        save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"},
+                  str(m / "text_encoders" / "t5.safetensors"))
+        (m / "vae").mkdir(exist_ok=True)
+        (m / "vae" / "flux-ae").symlink_to((src / "vae").resolve(), target_is_directory=True)
+    engine = Engine(redux_home, device="cpu")
+    prompt = shrink("flux_redux_model_example", ui_to_api(template("flux_redux_model_example"), NODES), "Lanczos")
+    for node in prompt.values():
+        kind, i = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            i["unet_name"] = "flux-t.safetensors"
+        elif kind == "DualCLIPLoader":
+            i.update(clip_name1="t5.safetensors", clip_name2="clip_l.safetensors")
+        elif kind == "VAELoader":
+            i["vae_name"] = "flux-ae"
+        elif kind == "CLIPVisionLoader":
+            i["clip_name"] = "sigclip-tiny.safetensors"
+        elif kind == "StyleModelLoader":
+            i["style_model_name"] = "flux1-redux-tiny.safetensors"
+        elif kind == "BasicScheduler":
+            i["steps"] = 2
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    for image in names:
+        Image.open(_reference(tmp_path)).save(inputs / image)
+    sizes = run_template(engine, "flux_redux_model_example", prompt, tmp_path, inputs, names)
+    assert list(sizes.values()) == [[(256, 256)]]

@@ -1166,18 +1166,30 @@ class Engine:
                                      mode=None if mode is None else torch.full((n, 1), mode, dtype=torch.long)))
         return specs
 
+    def redux_embedder(self, entry: ModelEntry):
+        """A FLUX Redux embedder (ReduxImageEncoder), loaded once per file version."""
+        from .redux import load_redux
+        return self.cache.get(("redux", str(entry.path), Path(entry.path).stat().st_mtime_ns),
+                              lambda: load_redux(entry.path), device="cpu").value
+
+    def siglip_encoder(self, entry: ModelEntry):
+        """A SigLIP vision tower (Redux's reader), loaded once at the engine's dtype and device."""
+        from .redux import load_siglip
+        return self.cache.get(("siglip", str(entry.path), str(self.dtype)),
+                              lambda: load_siglip(entry.path, dtype=self.dtype, device=self.device),
+                              device=self.device).value
+
     def _redux_tokens(self, job: _Job, ms, n: int) -> list[tuple[torch.Tensor, float, float]]:
         """FLUX Redux: each reference's tokens (times its weight) with the sigma window they are added in; a unit of
         weight 0 adds nothing."""
         from ..core.errors import MissingModelFile
-        from .redux import load_redux, load_siglip, redux_tokens
+        from .redux import redux_tokens
         out = []
         for spec, image in zip(job.req.ip_adapter_units, job.ip_images):
             if spec.weight == 0:
                 continue
             entry = self.registry.get(spec.model, "ipadapter")
-            embedder = self.cache.get(("redux", str(entry.path), Path(entry.path).stat().st_mtime_ns),
-                                      lambda e=entry: load_redux(e.path), device="cpu").value
+            embedder = self.redux_embedder(entry)
             width = int(embedder.redux_up.weight.shape[1])
             if spec.image_encoder:
                 vision = self.registry.get(spec.image_encoder, "clip_vision")
@@ -1188,9 +1200,7 @@ class Engine:
                     raise MissingModelFile(f"Redux {spec.model} reads SigLIP image features of width {width}: put the "
                                            f"SigLIP vision encoder it was trained with (sigclip_vision_patch14_384) in "
                                            f"{self.settings.models_dir / 'clip_vision'}")
-            encoder = self.cache.get(("siglip", str(vision.path), str(self.dtype)),
-                                     lambda v=vision: load_siglip(v.path, dtype=self.dtype, device=self.device),
-                                     device=self.device).value
+            encoder = self.siglip_encoder(vision)
             if encoder.hidden_size != width:
                 raise BadRequest(f"SigLIP {vision.name} is {encoder.hidden_size} wide; Redux {spec.model} reads {width}")
             tokens = redux_tokens(encoder, embedder, image) * spec.weight

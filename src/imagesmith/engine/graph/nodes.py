@@ -21,11 +21,12 @@ from ...core.metadata import build_infotext, make_png_chunks
 from ...core.sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES, sampler_label, schedule_label
 from ..loras import ResolvedLora, apply_loras
 from ..sampling.ksampler import available_samplers
-from .sample import ksample, resolved_loras, vae_module
+from .sample import custom_sigmas, ksample, resolved_loras, vae_module
 from .spec import MAX_SEED, Input, Node
 from .text_encoders import (TYPES as CLIP_TYPES, companion_for, load_encoders, pipeline_view, qwen_text_pipeline,
                             text_encoder_files)
-from .values import ClipValue, Cond, ControlNetValue, LoraUse, ModelValue, UpscaleModelValue, VaeValue
+from .values import (ClipValue, ClipVisionValue, Cond, ControlNetValue, LoraUse, ModelValue, StyleModelValue,
+                     UpscaleModelValue, VaeValue)
 
 MAX_RESOLUTION = 16384
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
@@ -55,7 +56,10 @@ def model_lists(registry, upscalers: list[str], input_dir: Path | None = None) -
                                        if e.format == "single-file" and e.components
                                        and not any(c.startswith("text_encoder") for c in e.components)},
                                       key=str.lower),
-           "text_encoders": sorted(text_encoder_files(registry.settings), key=str.lower)}
+           "text_encoders": sorted(text_encoder_files(registry.settings), key=str.lower),
+           "clip_vision": names("clip_vision"),
+           "style_models": sorted({(e.rel_path or e.name) for e in registry.list("ipadapter") if e.arch == "flux"},
+                                  key=str.lower)}
     out["unet_gguf"] = [n for n in out["diffusion_models"] if n.lower().endswith(".gguf")]  # ComfyUI-GGUF's list
     return out
 
@@ -195,6 +199,67 @@ def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
 def _controlnet_loader(ctx, control_net_name):
     e = ctx.engine.registry.get(control_net_name, "controlnet")
     return (ControlNetValue(e.rel_path or e.name),)
+
+
+def _clip_vision_loader(ctx, clip_name):
+    e = ctx.engine.registry.get(clip_name, "clip_vision")
+    return (ClipVisionValue(e.rel_path or e.name),)
+
+
+def _clip_vision_encode(ctx, clip_vision, image, crop="center"):
+    """A SigLIP encoder's last hidden states of each image (what FLUX Redux reads); ``crop`` center: the image's
+    centre square, as ComfyUI's clip_preprocess crops it; none: squashed to the encoder's square."""
+    entry = ctx.engine.registry.get(clip_vision.name, "clip_vision")
+    if not any("SigLIP" in n for n in entry.notes):
+        raise BadRequest(f"CLIPVisionEncode: {clip_vision.name} is a CLIP encoder; imagesmith's graph encodes with "
+                         "SigLIP ones (FLUX Redux's); IP-Adapters take CLIP encoders through the native API")
+    encoder = ctx.engine.siglip_encoder(entry)
+    param = next(encoder.model.parameters())
+    states = []
+    for frame in image.clamp(0, 1):
+        picture = Image.fromarray((frame[..., :3].cpu().numpy() * 255).round().astype(np.uint8))
+        if crop == "center":
+            side = min(picture.size)
+            x, y = (picture.width - side) // 2, (picture.height - side) // 2
+            picture = picture.crop((x, y, x + side, y + side))
+        pixels = encoder.processor.preprocess(images=picture, do_resize=True, return_tensors="pt").pixel_values
+        with torch.inference_mode():
+            states.append(encoder.model(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state.float()
+                          .cpu())
+    return ({"last_hidden_state": torch.cat(states), "encoder": clip_vision.name},)
+
+
+def _style_model_loader(ctx, style_model_name):
+    e = ctx.engine.registry.get(style_model_name, "ipadapter")
+    if e.arch != "flux":
+        raise BadRequest(f"StyleModelLoader: {style_model_name} is not a FLUX Redux style model")
+    return (StyleModelValue(e.rel_path or e.name),)
+
+
+def _style_model_apply(ctx, conditioning, style_model, clip_vision_output, strength=1.0, strength_type="multiply"):
+    """FLUX Redux: the reference's tokens (times ``strength``) appended to every conditioning entry's text tokens,
+    at text position 0, as ComfyUI's StyleModelApply with strength_type multiply."""
+    if strength_type != "multiply":
+        raise BadRequest("StyleModelApply: strength_type attn_bias is not supported; use multiply")
+    embedder = ctx.engine.redux_embedder(ctx.engine.registry.get(style_model.name, "ipadapter"))
+    hidden = clip_vision_output["last_hidden_state"]
+    width = int(embedder.redux_up.weight.shape[1])
+    if hidden.shape[-1] != width:
+        raise BadRequest(f"StyleModelApply: {style_model.name} reads vision features {width} wide; "
+                         f"{clip_vision_output['encoder']} gives {hidden.shape[-1]}")
+    e = next(embedder.parameters())
+    with torch.inference_mode():
+        tokens = embedder(hidden.to(e.device, e.dtype)).image_embeds.float().cpu()
+    tokens = tokens.flatten(0, 1).unsqueeze(0) * float(strength)
+    out = []
+    for c in conditioning:
+        if c.arch != "flux" or "txt_ids" not in c.extra:
+            raise BadRequest(f"StyleModelApply: FLUX Redux extends FLUX conditioning, not {c.arch}'s")
+        embeds = torch.cat([c.embeds, tokens.to(c.embeds.dtype)], dim=1)
+        ids = c.extra["txt_ids"]
+        zeros = torch.zeros(embeds.shape[1], ids.shape[-1], dtype=ids.dtype, device=ids.device)
+        out.append(Cond(embeds, c.arch, c.pooled, {**c.extra, "txt_ids": zeros}))
+    return (out,)
 
 
 def _upscale_model_loader(ctx, model_name):
@@ -401,6 +466,51 @@ def _ksampler_advanced(ctx, model, add_noise, noise_seed, steps, cfg, sampler_na
     return (ksample(ctx, model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                     add_noise=add_noise == "enable", start_at_step=start_at_step, end_at_step=end_at_step,
                     leftover_noise=return_with_leftover_noise == "enable"),)
+
+
+# ComfyUI's custom sampling: the sampler, the schedule, the noise and the guider as separate values
+def _ksampler_select(ctx, sampler_name):
+    return ({"sampler": sampler_name},)
+
+
+def _basic_scheduler(ctx, model, scheduler, steps, denoise):
+    return (custom_sigmas(ctx, model, scheduler, steps, denoise),)
+
+
+def _random_noise(ctx, noise_seed):
+    return ({"seed": int(noise_seed)},)
+
+
+def _disable_noise(ctx):
+    return ({"seed": None},)
+
+
+def _basic_guider(ctx, model, conditioning):
+    return ({"model": model, "positive": conditioning, "negative": [], "cfg": 1.0},)
+
+
+def _cfg_guider(ctx, model, positive, negative, cfg):
+    return ({"model": model, "positive": positive, "negative": negative, "cfg": float(cfg)},)
+
+
+def _custom(ctx, guider: dict, seed, sampler: dict, sigmas, latent: dict) -> tuple[dict, dict]:
+    """(output, denoised_output) of a custom sampling run: the guider's model and conditioning over ``sigmas``."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
+        raise BadRequest("SIGMAS must be a list of sigmas (BasicScheduler's output)")
+    denoised: list = []
+    out = ksample(ctx, guider["model"], seed or 0, max(len(sigmas) - 1, 1), guider["cfg"], sampler["sampler"],
+                  "normal", guider["positive"], guider["negative"], latent, add_noise=seed is not None,
+                  sigmas=sigmas, denoised_out=denoised)
+    return out, ({**out, "samples": denoised[0]} if denoised else out)
+
+
+def _sampler_custom_advanced(ctx, noise, guider, sampler, sigmas, latent_image):
+    return _custom(ctx, guider, noise["seed"], sampler, sigmas, latent_image)
+
+
+def _sampler_custom(ctx, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image):
+    guider = {"model": model, "positive": positive, "negative": negative, "cfg": float(cfg)}
+    return _custom(ctx, guider, int(noise_seed) if add_noise else None, sampler, sigmas, latent_image)
 
 
 def _vae_decode(ctx, samples, vae):
@@ -891,6 +1001,43 @@ def _nodes() -> dict[str, Node]:
               "negative": _l("CONDITIONING"), "latent_image": _l("LATENT"), "start_at_step": _i(0, 0, 10000),
               "end_at_step": _i(10000, 0, 10000), "return_with_leftover_noise": _c(("disable", "enable"))},
              (("LATENT", "LATENT"),), _ksampler_advanced),
+        Node("KSamplerSelect", "KSamplerSelect", "sampling/custom_sampling/samplers",
+             {"sampler_name": SAMPLING["sampler_name"]}, (("SAMPLER", "SAMPLER"),), _ksampler_select),
+        Node("BasicScheduler", "BasicScheduler", "sampling/custom_sampling/schedulers",
+             {"model": _l("MODEL"), "scheduler": SAMPLING["scheduler"], "steps": _i(20, 1, 10000),
+              "denoise": _f(1.0, 0.0, 1.0)}, (("SIGMAS", "SIGMAS"),), _basic_scheduler),
+        Node("RandomNoise", "RandomNoise", "sampling/custom_sampling/noise",
+             {"noise_seed": _i(0, 0, MAX_SEED, control_after_generate=True)}, (("NOISE", "NOISE"),), _random_noise),
+        Node("DisableNoise", "DisableNoise", "sampling/custom_sampling/noise", {}, (("NOISE", "NOISE"),),
+             _disable_noise),
+        Node("BasicGuider", "BasicGuider", "sampling/custom_sampling/guiders",
+             {"model": _l("MODEL"), "conditioning": _l("CONDITIONING")}, (("GUIDER", "GUIDER"),), _basic_guider),
+        Node("CFGGuider", "CFGGuider", "sampling/custom_sampling/guiders",
+             {"model": _l("MODEL"), "positive": _l("CONDITIONING"), "negative": _l("CONDITIONING"),
+              "cfg": _f(8.0, 0.0, 100.0, 0.1, round=0.01)}, (("GUIDER", "GUIDER"),), _cfg_guider),
+        Node("SamplerCustomAdvanced", "SamplerCustomAdvanced", "sampling/custom_sampling",
+             {"noise": _l("NOISE"), "guider": _l("GUIDER"), "sampler": _l("SAMPLER"), "sigmas": _l("SIGMAS"),
+              "latent_image": _l("LATENT")}, (("LATENT", "output"), ("LATENT", "denoised_output")),
+             _sampler_custom_advanced),
+        Node("SamplerCustom", "SamplerCustom", "sampling/custom_sampling",
+             {"model": _l("MODEL"), "add_noise": Input("BOOLEAN", default=True),
+              "noise_seed": _i(0, 0, MAX_SEED, control_after_generate=True),
+              "cfg": _f(8.0, 0.0, 100.0, 0.1, round=0.01), "positive": _l("CONDITIONING"),
+              "negative": _l("CONDITIONING"), "sampler": _l("SAMPLER"), "sigmas": _l("SIGMAS"),
+              "latent_image": _l("LATENT")}, (("LATENT", "output"), ("LATENT", "denoised_output")),
+             _sampler_custom),
+        Node("CLIPVisionLoader", "Load CLIP Vision", "loaders", {"clip_name": _c("clip_vision")},
+             (("CLIP_VISION", "CLIP_VISION"),), _clip_vision_loader),
+        Node("CLIPVisionEncode", "CLIP Vision Encode", "conditioning",
+             {"clip_vision": _l("CLIP_VISION"), "image": _l("IMAGE"), "crop": _c(("center", "none"))},
+             (("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT"),), _clip_vision_encode),
+        Node("StyleModelLoader", "Load Style Model", "loaders", {"style_model_name": _c("style_models")},
+             (("STYLE_MODEL", "STYLE_MODEL"),), _style_model_loader),
+        Node("StyleModelApply", "Apply Style Model", "conditioning/style_model",
+             {"conditioning": _l("CONDITIONING"), "style_model": _l("STYLE_MODEL"),
+              "clip_vision_output": _l("CLIP_VISION_OUTPUT"), "strength": _f(1.0, 0.0, 10.0, 0.001),
+              "strength_type": _c(("multiply", "attn_bias"))}, (("CONDITIONING", "CONDITIONING"),),
+             _style_model_apply),
         Node("VAEDecode", "VAE Decode", "latent", {"samples": _l("LATENT"), "vae": _l("VAE")},
              (("IMAGE", "IMAGE"),), _vae_decode),
         Node("VAEEncode", "VAE Encode", "latent", {"pixels": _l("IMAGE"), "vae": _l("VAE")},

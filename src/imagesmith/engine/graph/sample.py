@@ -75,7 +75,10 @@ def replace_prediction(ms: DiscreteModelSampling, prediction: str, zsnr: bool) -
 def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
             positive: list[Cond], negative: list[Cond], latent: dict, *, denoise: float = 1.0,
             add_noise: bool = True, start_at_step: int | None = None, end_at_step: int | None = None,
-            leftover_noise: bool = False) -> dict:
+            leftover_noise: bool = False, sigmas: torch.Tensor | None = None, denoised_out: list | None = None) -> dict:
+    """KSampler / KSamplerAdvanced, and the custom sampling nodes: with ``sigmas`` (a SIGMAS value) the schedule is
+    taken as it is (``steps``/``scheduler`` unused), and ``denoised_out`` (a list) receives the last step's x0
+    estimate as SamplerCustomAdvanced's second output."""
     engine = ctx.engine
     entry = engine.pipeline(model.entry)
     samples = latent["samples"]
@@ -99,8 +102,9 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
                              f" (use {'EmptySD3LatentImage' if channels == 16 else 'EmptyLatentImage'})")
         sampler, schedule = resolve_sampling(sampler_name, scheduler, flow=ms.is_flow)
         family = "sdxl" if arch == "sdxl" else "sd1"
-        sigmas = K.plan_sigmas(ms, sampler, schedule, steps, denoise=denoise if denoise < 0.9999 else None,
-                               family=family)
+        if sigmas is None:
+            sigmas = K.plan_sigmas(ms, sampler, schedule, steps, denoise=denoise if denoise < 0.9999 else None,
+                                   family=family)
         if start_at_step is not None or end_at_step is not None:
             sigmas = K.clip_steps(sigmas, start_at_step=start_at_step, end_at_step=end_at_step,
                                   return_with_leftover_noise=leftover_noise)
@@ -126,15 +130,39 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
                                  "CFG); this model's plain path has no such step")
             denoiser.post_cfg = model.post_cfg
         total = max(len(sigmas) - 1, 0)
+        if total == 0:  # ComfyUI's samplers return the latent untouched for an empty schedule
+            if denoised_out is not None:
+                denoised_out.append(samples.float())
+            return {**latent, "samples": samples.float()}
 
         def on_step(i, x, denoised, sigma):
+            if denoised_out is not None:
+                denoised_out[:] = [denoised]
             ctx.step(i + 1, total)
 
         with torch.inference_mode():
             out = K.sample(denoiser, ms, sampler, sigmas.to(torch.float32), noise=noise.float(),
                            latent=samples.float(), seed=seed, noise_mode="comfy", denoise_mask=mask,
                            add_noise=add_noise, callback=on_step)
+    if denoised_out:
+        denoised_out[:] = [denoised_out[0].float().cpu()]
     return {**latent, "samples": out.float().cpu()}
+
+
+def custom_sigmas(ctx, model: ModelValue, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    """BasicScheduler: ``steps`` sigmas of the model's schedule (of int(steps / denoise) when denoise < 1, the last
+    steps + 1 of them), no sampler-specific trimming (that is KSampler's). A schedule knows no image size: a FLUX
+    model without ModelSamplingFlux takes the shift of 1024x1024, which is ComfyUI's default (mu 1.15)."""
+    from ..sampling.schedules import make_sigmas
+    if denoise <= 0:
+        return torch.zeros(0)
+    entry = ctx.engine.pipeline(model.entry)
+    with entry.use():
+        ms = model_sampling_for(ctx.engine, entry.value, model, 1024, 1024)
+    _, schedule = resolve_sampling("euler", scheduler, flow=ms.is_flow)
+    total = steps if denoise >= 0.9999 else int(steps / denoise)
+    family = "sdxl" if model.entry.arch == "sdxl" else "sd1"
+    return make_sigmas(schedule, ms, total, family=family)[-(steps + 1):].float()
 
 
 def _family(arch: str) -> str:

@@ -72,6 +72,18 @@ class UpscaleModelValue:
     name: str
 
 
+@dataclass(frozen=True, eq=False)
+class ClipVisionValue:
+    name: str
+    """a vision encoder in models/clip_vision (SigLIP for FLUX Redux)"""
+
+
+@dataclass(frozen=True, eq=False)
+class StyleModelValue:
+    name: str
+    """a style model in models/style_models (FLUX Redux)"""
+
+
 @dataclass(eq=False)
 class Cond:
     """One conditioning entry (ComfyUI's ``[tensor, {extras}]``)."""
