@@ -116,6 +116,16 @@ def test_a_real_subgraph_runs(runner):
 
 CONTROLNET_TEMPLATES = {  # template -> (checkpoint, ControlNet on the tiny models, output node -> sizes)
     "depth_controlnet": ("tiny-sd15-single.safetensors", "tiny-controlnet", {"9": [(256, 256)]}),
+    "controlnet_example": ("tiny-sd15-single.safetensors", "tiny-controlnet",
+                           {"9": [(256, 256)], "35": [(128, 96)]}),  # and the scribble previewed as loaded
+    # a pose pass at 256, then a latent upscale to 384 through a second checkpoint (both the tiny SD1.5 here)
+    "2_pass_pose_worship": ("tiny-sd15-single.safetensors", "tiny-controlnet",
+                            {"48": [(256, 256)], "51": [(384, 384)]}),
+    "mixing_controlnets": ("tiny-sd15-single.safetensors", "tiny-controlnet", {"9": [(256, 256)]}),
+    "area_composition_square_area_for_subject": ("tiny-sd15-single.safetensors", None,
+                                                 {"9": [(128, 128)], "32": [(256, 256)]}),
+    "sd3.5_large_blur": ("tiny-sd3", "sd3-canny", {"9": [(256, 256)]}),
+    "sd3.5_large_depth": ("tiny-sd3", "sd3-canny", {"9": [(256, 256)]}),
     # its Canny map of the photo scaled to 1024 / 4 is previewed (node 49)
     "sd3.5_large_canny_controlnet_example": ("tiny-sd3", "sd3-canny", {"9": [(256, 256)], "49": [(256, 256)]}),
 }
@@ -127,7 +137,8 @@ def controlnet_runner(tiny_home, tmp_path_factory):
 
     from fixtures.tiny import _randomise_, home_with
     settings = home_with(tmp_path_factory.mktemp("cn-templates"), tiny_home, "checkpoints/tiny-sd3",
-                         "checkpoints/tiny-sd15-single.safetensors", "controlnet/tiny-controlnet")
+                         "checkpoints/tiny-sd15-single.safetensors", "controlnet/tiny-controlnet",
+                         "vae/tiny-vae-single.safetensors")
     m = settings.models_dir
     transformer = SD3Transformer2DModel.from_pretrained(str(m / "checkpoints" / "tiny-sd3" / "transformer"))
     net = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
@@ -138,8 +149,9 @@ def controlnet_runner(tiny_home, tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(CONTROLNET_TEMPLATES))
 def test_controlnet_templates_run(controlnet_runner, name):
-    """ComfyUI's SD1.5 depth ControlNet and SD3.5 Canny ControlNet templates (the latter with ComfyUI's Canny node)
-    run unchanged but for the tiny models' names and sizes."""
+    """ComfyUI's ControlNet templates (SD1.5 depth, scribble, pose with two passes, two ControlNets mixed; SD3.5
+    Canny through ComfyUI's Canny node, blur, depth) and the square-area composition run unchanged but for the tiny
+    models' names and sizes."""
     engine, root = controlnet_runner
     checkpoint, controlnet, expected = CONTROLNET_TEMPLATES[name]
     prompt = shrink(name, ui_to_api(template(name), NODES), "Lanczos")
@@ -154,5 +166,6 @@ def test_controlnet_templates_run(controlnet_runner, name):
     photo = Image.fromarray((np.indices(INPUT[::-1]).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB")
     names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
     for image in names:
+        (inputs / image).parent.mkdir(parents=True, exist_ok=True)  # "pasted/image (2).png": the frontend's folder
         photo.save(inputs / image)
     assert run_template(engine, name, prompt, root, inputs, names) == expected
