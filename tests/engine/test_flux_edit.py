@@ -135,3 +135,56 @@ def test_fill_mask_features_are_laid_out_as_diffusers_fill_pipeline_lays_them(ed
                                                torch.Generator().manual_seed(0))
     assert packed_mask.shape == (1, 16, 256)
     assert 0 < float(packed_mask.mean()) < 1 and torch.equal(seen[0]["hidden_states"][:, :, 128:], packed_mask)
+
+
+def _kontext_graph(image: str, *, second: str | None = None, steps: int = 2) -> dict:
+    """FLUX Kontext the ComfyUI way: the picture VAE-encoded and given to ReferenceLatent, FluxGuidance, a KSampler
+    starting from that latent at denoise 1."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux-kontext"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "make it blue", "clip": ["1", 1]}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["2", 0], "latent": ["4", 0]}},
+        "6": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": 2.5}},
+        "7": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "seed": 5, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+            "model": ["1", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["4", 0]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "kontext"}},
+    }
+    if second:
+        prompt["12"] = {"class_type": "LoadImage", "inputs": {"image": second}}
+        prompt["13"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["1", 2]}}
+        prompt["14"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["5", 0], "latent": ["13", 0]}}
+        prompt["6"]["inputs"]["conditioning"] = ["14", 0]
+    return prompt
+
+
+def test_kontext_in_a_comfyui_graph_is_the_native_edit(edit_home, tmp_path):
+    """ReferenceLatent on FLUX Kontext: the picture's tokens after the output's on frame 1, exactly as the native
+    edit puts them, so the same seed and guidance give the native edit's pixels; a second reference is placed below
+    the first (ComfyUI's offset placement: below for square pictures) and changes the picture."""
+    from fixtures.graph import graph_runner
+    engine = Engine(edit_home, device="cpu")
+    _file(tmp_path, _picture(), "in.png")
+    _file(tmp_path, _picture((30, 200, 60)), "second.png")
+    run = graph_runner(engine, tmp_path, ["in.png", "second.png"])
+    seen, hook = _capture(engine, "tiny-flux-kontext")
+    try:
+        ours = run(_kontext_graph("in.png")).astype(int)
+        ids_one = seen[0]["img_ids"]
+        seen.clear()
+        two = run(_kontext_graph("in.png", second="second.png")).astype(int)
+        ids_two = seen[0]["img_ids"]
+    finally:
+        hook.remove()
+    native = engine.generate(GenerateRequest(prompt="make it blue", model="tiny-flux-kontext", init_image=str(
+        tmp_path / "in.png"), width=64, height=64, steps=2, cfg_scale=2.5, seed=5, sampler_name="euler",
+        scheduler="simple", noise="comfy"))
+    assert np.abs(ours - np.asarray(native.images[0], int)).max() <= 1
+    assert ids_one.shape[0] == 2 * 16 and (ids_one[16:, 0] == 1).all()  # 4x4 output tokens, 4x4 reference tokens
+    second = ids_two[32:]  # the second picture's positions: below the first (rows 4-7), frame 1
+    assert (second[:, 0] == 1).all() and second[:, 1].min() == 4 and second[:, 2].max() == 3
+    assert not np.array_equal(two, ours)  # (the tiny random transformer attends to it only weakly)

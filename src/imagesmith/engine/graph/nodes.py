@@ -64,6 +64,11 @@ def model_lists(registry, upscalers: list[str], input_dir: Path | None = None) -
     return out
 
 
+def output_choices(output_dir: Path | None) -> list[str]:
+    """LoadImageOutput's choices: the caller's saved images, as ComfyUI names them (``name [output]``)."""
+    return [f"{name} [output]" for name in input_files(output_dir)]
+
+
 def input_files(input_dir: Path | None) -> list[str]:
     if input_dir is None or not input_dir.is_dir():
         return []
@@ -619,6 +624,76 @@ def input_path(input_dir: Path, name: str) -> Path:
     return path
 
 
+def _load_image_output(ctx, image, upload=None):
+    """ComfyUI's LoadImageOutput: an image this user saved (``name [output]``), read from their output folder."""
+    return _load_image(_WithInput(ctx), image)
+
+
+class _WithInput:
+    """A context whose input folder is the caller's output folder (LoadImageOutput reads saved images)."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self.input_dir = ctx.output_dir
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+PREFERRED_KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248),
+                                 (880, 1184), (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832),
+                                 (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672))
+"""FLUX.1 Kontext's trained sizes (width, height), as BFL publish them"""
+
+
+def _flux_kontext_image_scale(ctx, image):
+    """ComfyUI's FluxKontextImageScale: to the Kontext size nearest the image's aspect ratio (Lanczos, centre
+    crop)."""
+    aspect = image.shape[2] / image.shape[1]
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    x = _upscale(image.permute(0, 3, 1, 2), "lanczos", width, height, "center")
+    return (x.permute(0, 2, 3, 1).clamp(0, 1),)
+
+
+def _image_stitch(ctx, image1, direction, match_image_size, spacing_width, spacing_color, image2=None):
+    """ComfyUI's ImageStitch: ``image2`` beside ``image1`` (right/left/down/up), scaled to match its height or
+    width when asked, with a spacing strip between; without ``image2``, ``image1`` as it is."""
+    if image2 is None:
+        return (image1,)
+    horizontal = direction in ("right", "left")
+    a, b = image1[..., :3], image2[..., :3]
+    if match_image_size:
+        h, w = b.shape[1:3]
+        if horizontal and h != a.shape[1]:
+            b = _resize_bchw(b.permute(0, 3, 1, 2), a.shape[1], max(1, round(w * a.shape[1] / h)), "lanczos")
+            b = b.permute(0, 2, 3, 1)
+        elif not horizontal and w != a.shape[2]:
+            b = _resize_bchw(b.permute(0, 3, 1, 2), max(1, round(h * a.shape[2] / w)), a.shape[2], "lanczos")
+            b = b.permute(0, 2, 3, 1)
+    elif (horizontal and a.shape[1] != b.shape[1]) or (not horizontal and a.shape[2] != b.shape[2]):
+        raise BadRequest("ImageStitch: the images do not line up; turn match_image_size on")
+    if b.shape[0] != a.shape[0]:
+        b = b[:1].expand(a.shape[0], -1, -1, -1)
+    parts = [a, b] if direction in ("right", "down") else [b, a]
+    if spacing_width > 0:
+        value = {"white": 1.0, "black": 0.0, "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
+                 "blue": (0.0, 0.0, 1.0)}.get(spacing_color, 1.0)
+        shape = (a.shape[0], a.shape[1], int(spacing_width), 3) if horizontal else (a.shape[0], int(spacing_width),
+                                                                                    a.shape[2], 3)
+        strip = torch.ones(shape) * torch.tensor(value if isinstance(value, tuple) else (value,) * 3)
+        parts = [parts[0], strip, parts[1]]
+    return (torch.cat(parts, dim=2 if horizontal else 1).clamp(0, 1),)
+
+
+def _reference_latent_node(ctx, conditioning, latent=None):
+    """ComfyUI's ReferenceLatent: the latent joins each entry's reference pictures (FLUX Kontext's, and Qwen-Image
+    Edit's), which the model reads as extra tokens."""
+    if latent is None:
+        return (conditioning,)
+    return ([c.but(reference_latents=[*c.extra.get("reference_latents", []), latent["samples"]])
+             for c in conditioning],)
+
+
 def _load_image_mask(ctx, image, channel, upload=None):
     path = input_path(ctx.input_dir, image)
     im = load_image(path, settings=ctx.engine.settings, mode=None, what="image")
@@ -1056,6 +1131,19 @@ def _nodes() -> dict[str, Node]:
              (("LATENT", "LATENT"),), _latent_upscale_by),
         Node("LoadImage", "Load Image", "image", {"image": _c("input", upload="image")},
              (("IMAGE", "IMAGE"), ("MASK", "MASK")), _load_image, fingerprint=_load_image_fingerprint),
+        Node("LoadImageOutput", "Load Image (from Outputs)", "image",
+             {"image": _c("output", upload="image")},
+             (("IMAGE", "IMAGE"), ("MASK", "MASK")), _load_image_output),
+        Node("FluxKontextImageScale", "FluxKontextImageScale", "advanced/conditioning/flux",
+             {"image": _l("IMAGE")}, (("IMAGE", "IMAGE"),), _flux_kontext_image_scale),
+        Node("ImageStitch", "Image Stitch", "image/transform",
+             {"image1": _l("IMAGE"), "direction": _c(("right", "down", "left", "up")),
+              "match_image_size": Input("BOOLEAN", default=True), "spacing_width": _i(0, 0, 1024, 2),
+              "spacing_color": _c(("white", "black", "red", "green", "blue")),
+              "image2": _l("IMAGE", optional=True)}, (("IMAGE", "IMAGE"),), _image_stitch),
+        Node("ReferenceLatent", "ReferenceLatent", "advanced/conditioning/edit_models",
+             {"conditioning": _l("CONDITIONING"), "latent": _l("LATENT", optional=True)},
+             (("CONDITIONING", "CONDITIONING"),), _reference_latent_node),
         Node("LoadImageMask", "Load Image (as Mask)", "mask",
              {"image": _c("input", upload="image"), "channel": _c(("alpha", "red", "green", "blue"))},
              (("MASK", "MASK"),), _load_image_mask, fingerprint=_load_image_fingerprint),

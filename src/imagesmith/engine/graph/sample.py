@@ -247,12 +247,40 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
             return FluxDenoiser(net, ms, Conditioning(c.embeds.repeat(n, 1, 1), {
                 "pooled": c.pooled.repeat(n, 1), "txt_ids": c.extra["txt_ids"]}), guidance,
                 pack=pack, unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
-                control=_dit_controls(engine, pipe, c, ms, n, width, height, "flux", pack))
+                control=_dit_controls(engine, pipe, c, ms, n, width, height, "flux", pack),
+                context=_kontext_references(pipe, c, n, pack))
     else:
         raise UnsupportedModel(f"KSampler cannot run {arch} models")
     pos = AreaMix([(one(c), c) for c in positive])
     neg = AreaMix([(one(c), c) for c in negative]) if cfg != 1 else None
     return Guided(pos, neg, cfg)
+
+
+def _kontext_references(pipe, c: Cond, n: int, pack):
+    """ReferenceLatent's pictures on FLUX (Kontext) as tokens after the output's, with positions on frame 1; a second
+    and later picture placed beside or below the ones before (the side that keeps the whole smaller), as ComfyUI's
+    default "offset" placement does. None without references."""
+    refs = c.extra.get("reference_latents") or []
+    if not refs:
+        return None
+    tokens, ids = [], []
+    h_used = w_used = 0
+    for r in refs:
+        lh, lw = r.shape[-2] // 2 * 2, r.shape[-1] // 2 * 2
+        r = r[..., :lh, :lw]
+        h_off = w_off = 0
+        if lh + h_used > lw + w_used:
+            w_off = w_used
+        else:
+            h_off = h_used
+        h_used, w_used = max(h_used, lh + h_off), max(w_used, lw + w_off)
+        tokens.append(pack(r.float().repeat(n // r.shape[0] if n % r.shape[0] == 0 else 1, 1, 1, 1)[:n]))
+        pos = torch.zeros(lh // 2, lw // 2, 3)
+        pos[..., 0] = 1
+        pos[..., 1] = torch.arange(lh // 2)[:, None] + h_off // 2
+        pos[..., 2] = torch.arange(lw // 2)[None, :] + w_off // 2
+        ids.append(pos.reshape(-1, 3))
+    return torch.cat(tokens, dim=1), torch.cat(ids, dim=0)
 
 
 def _dit_controls(engine, pipe, c: Cond, ms, n: int, width: int, height: int, family: str,

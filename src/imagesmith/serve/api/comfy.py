@@ -44,8 +44,9 @@ def _routes(path: str, methods: list[str], *, on: APIRouter | None = None, schem
 
 
 def _lists(svc: Services, user: str) -> dict:
-    from ...engine.graph.nodes import input_files
-    return {**svc.model_lists(), "input": input_files(comfy_dirs(svc.settings, user)["input"])}
+    from ...engine.graph.nodes import input_files, output_choices
+    dirs = comfy_dirs(svc.settings, user)
+    return {**svc.model_lists(), "input": input_files(dirs["input"]), "output": output_choices(dirs["output"])}
 
 
 def _executor(svc: Services, user: str):
