@@ -188,3 +188,40 @@ def test_kontext_in_a_comfyui_graph_is_the_native_edit(edit_home, tmp_path):
     second = ids_two[32:]  # the second picture's positions: below the first (rows 4-7), frame 1
     assert (second[:, 0] == 1).all() and second[:, 1].min() == 4 and second[:, 2].max() == 3
     assert not np.array_equal(two, ours)  # (the tiny random transformer attends to it only weakly)
+
+
+def test_comfyuis_flux_kontext_template_runs(tiny_home, tmp_path):
+    """ComfyUI's own flux_kontext_dev_basic (comfyui-workflow-templates) on ComfyUI's split files: LoadImageOutput
+    (a saved image), ImageStitch (its second picture bypassed), FluxKontextImageScale (to Kontext's 1024x1024 for a
+    square picture), VAEEncode, ReferenceLatent, FluxGuidance, ConditioningZeroOut, KSampler."""
+    pytest.importorskip("comfyui_workflow_templates")
+    from fixtures.comfy_templates import run_template, template
+    from fixtures.tiny import flux_split_files
+    from imagesmith.engine.graph.nodes import NODES
+    from imagesmith.engine.graph.ui import ui_to_api
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_home()
+    flux_split_files(settings.models_dir, tiny_home, "flux1-dev-kontext-tiny.safetensors")
+    (settings.models_dir / "checkpoints" / "tiny-flux").symlink_to(  # the tokenizers' and configs' folder
+        tiny_home.models_dir / "checkpoints" / "tiny-flux", target_is_directory=True)
+    engine = Engine(settings, device="cpu")
+    prompt = ui_to_api(template("flux_kontext_dev_basic"), NODES)
+    for node in prompt.values():
+        kind, i = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            i["unet_name"] = "flux1-dev-kontext-tiny.safetensors"
+        elif kind == "DualCLIPLoader":
+            i.update(clip_name1="clip_l.safetensors", clip_name2="t5.safetensors")
+        elif kind == "VAELoader":
+            i["vae_name"] = "flux-ae"
+        elif kind == "KSampler":
+            i["steps"] = 1
+    saved = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImageOutput"]
+    assert saved and all(s.endswith(" [output]") for s in saved)
+    (tmp_path / "output").mkdir()
+    for name in saved:  # a picture the user made before, in their output folder
+        _picture().save(tmp_path / "output" / name.removesuffix(" [output]"))
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    sizes = run_template(engine, "flux_kontext_dev_basic", prompt, tmp_path, inputs, [])
+    assert sizes == {"136": [(1024, 1024)], "173": [(1024, 1024)]}

@@ -165,21 +165,13 @@ def test_split_files_unet_and_dual_clip_loaders_match_the_checkpoint(tiny_home, 
     """ComfyUI's split FLUX layout: the transformer alone (UNETLoader, models/diffusion_models) and the two text
     encoders as files (DualCLIPLoader, models/text_encoders), the VAE from elsewhere. With the same weights as the
     diffusers folder, the picture is the folder's, pixel for pixel."""
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel, T5EncoderModel
-
+    from fixtures.tiny import flux_split_files
     from imagesmith.core.settings import Settings
     settings = Settings(home=tmp_path)
     settings.ensure_home()
     src = tiny_home.models_dir / "checkpoints"
     (settings.models_dir / "checkpoints" / "tiny-flux").symlink_to(src / "tiny-flux", target_is_directory=True)
-    (settings.models_dir / "diffusion_models").mkdir()
-    (settings.models_dir / "diffusion_models" / "flux-t.safetensors").symlink_to(src / "tiny-flux-single.safetensors")
-    enc = settings.models_dir / "text_encoders"
-    enc.mkdir()
-    save_file(CLIPTextModel.from_pretrained(src / "tiny-flux" / "text_encoder").state_dict(), enc / "clip_l.safetensors")
-    t5 = T5EncoderModel.from_pretrained(src / "tiny-flux" / "text_encoder_2").state_dict()
-    save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"}, enc / "t5.safetensors")
+    flux_split_files(settings.models_dir, tiny_home)
     engine = Engine(settings, device="cpu")
     ex = executor_for(engine)
     lists = model_lists(engine.registry, [])

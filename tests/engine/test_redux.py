@@ -170,31 +170,16 @@ def test_comfyui_style_model_nodes_add_diffusers_tokens(redux_home, tmp_path):
         run(graph("attn_bias"))
 
 
-def test_comfyuis_flux_redux_template_runs(redux_home, tmp_path):
+def test_comfyuis_flux_redux_template_runs(redux_home, tiny_home, tmp_path):
     """ComfyUI's own flux_redux_model_example (comfyui-workflow-templates) through the UI converter and the
     executor: split FLUX files (UNETLoader, DualCLIPLoader, VAELoader), the Redux nodes, and the custom sampling
     nodes it samples with (RandomNoise, KSamplerSelect, BasicScheduler, BasicGuider, SamplerCustomAdvanced)."""
     pytest.importorskip("comfyui_workflow_templates")
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel, T5EncoderModel
-
     from fixtures.comfy_templates import run_template, shrink, template
+    from fixtures.tiny import flux_split_files
     from imagesmith.engine.graph.nodes import NODES
     from imagesmith.engine.graph.ui import ui_to_api
-    m = redux_home.models_dir
-    src = m / "checkpoints" / "tiny-flux"
-    if not (m / "diffusion_models").exists():
-        (m / "diffusion_models").mkdir()
-        (m / "diffusion_models" / "flux-t.safetensors").symlink_to(
-            src.resolve().parent / "tiny-flux-single.safetensors")
-        (m / "text_encoders").mkdir()
-        save_file(CLIPTextModel.from_pretrained(src / "text_encoder").state_dict(),
-                  str(m / "text_encoders" / "clip_l.safetensors"))
-        t5 = T5EncoderModel.from_pretrained(src / "text_encoder_2").state_dict()
-        save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"},
-                  str(m / "text_encoders" / "t5.safetensors"))
-        (m / "vae").mkdir(exist_ok=True)
-        (m / "vae" / "flux-ae").symlink_to((src / "vae").resolve(), target_is_directory=True)
+    flux_split_files(redux_home.models_dir, tiny_home)
     engine = Engine(redux_home, device="cpu")
     prompt = shrink("flux_redux_model_example", ui_to_api(template("flux_redux_model_example"), NODES), "Lanczos")
     for node in prompt.values():
