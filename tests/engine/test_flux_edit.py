@@ -111,10 +111,16 @@ def test_kontext_reads_the_picture_as_reference_tokens(edit_home, tmp_path):
         engine.generate(req.model_copy(update={"mask": _file(tmp_path, Image.new("L", (64, 64), 255), "m.png")}))
 
 
-def test_fill_mask_features_are_laid_out_as_diffusers_fill_pipeline_lays_them(edit_home, tmp_path):
+def test_fill_mask_features_are_laid_out_as_diffusers_fill_pipeline_lays_them(edit_home, tmp_path, monkeypatch):
     """A mask that cuts through tokens: its 8x8-pixel cells must reach the transformer in the order FLUX Fill was
-    trained with; diffusers' FluxFillPipeline (a peer we did not write) packs the same mask for comparison."""
+    trained with, beside the masked picture's latent (the hole mid-grey in [-1, 1]: 0); diffusers' FluxFillPipeline
+    (a peer we did not write) computes both for comparison (its latent taken at the posterior's mode, as
+    imagesmith's)."""
+    import diffusers.pipelines.flux.pipeline_flux_fill as peer_module
     from diffusers import FluxFillPipeline
+    original = peer_module.retrieve_latents
+    monkeypatch.setattr(peer_module, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": original(out, generator, "argmax"))
     engine = Engine(edit_home, device="cpu")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (20, 12, 44, 52))
@@ -131,10 +137,11 @@ def test_fill_mask_features_are_laid_out_as_diffusers_fill_pipeline_lays_them(ed
                                                              "text_encoder_2", "tokenizer_2", "transformer")})
     image = peer.image_processor.preprocess(_picture(), height=64, width=64)
     mask_t = peer.mask_processor.preprocess(mask, height=64, width=64)
-    packed_mask, _ = peer.prepare_mask_latents(mask_t, image * (1 - mask_t), 1, 16, 1, 64, 64, torch.float32, "cpu",
-                                               torch.Generator().manual_seed(0))
+    packed_mask, masked = peer.prepare_mask_latents(mask_t, image * (1 - mask_t), 1, 16, 1, 64, 64, torch.float32,
+                                                    "cpu", torch.Generator().manual_seed(0))
     assert packed_mask.shape == (1, 16, 256)
     assert 0 < float(packed_mask.mean()) < 1 and torch.equal(seen[0]["hidden_states"][:, :, 128:], packed_mask)
+    assert torch.allclose(seen[0]["hidden_states"][:, :, 64:128], masked, atol=1e-4)
 
 
 def _kontext_graph(image: str, *, second: str | None = None, steps: int = 2) -> dict:

@@ -829,7 +829,8 @@ class Engine:
                 elif is_flux_fill(pipe):  # FLUX Fill: the masked picture's latent and the mask, 8x8 pixels a latent
                     hard = (pixel_mask >= 0.5).float()
                     keep = torch.from_numpy(np.asarray(init.convert("RGB"), dtype=np.float32) / 255.0)
-                    masked = self._vae_encode_tensor(vae, (keep.permute(2, 0, 1)[None] * (1 - hard[0])) * 2 - 1)
+                    # the hole mid-grey (0 in [-1, 1]), as diffusers' FluxFillPipeline and ComfyUI give it
+                    masked = self._vae_encode_tensor(vae, (keep.permute(2, 0, 1)[None] * 2 - 1) * (1 - hard[0]))
                     f = getattr(pipe, "vae_scale_factor", 8)
                     _, _, hh, ww = hard.shape
                     cells = hard.view(1, hh // f, f, ww // f, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, hh // f, ww // f)
