@@ -822,8 +822,9 @@ class Engine:
                     init_latent = init_latent * (1 - mask) + fresh * mask
                 if getattr(pipe, "unet", None) is not None and pipe.unet.config.in_channels == 9:  # inpainting UNet: mask and masked image as extra inputs
                     keep = torch.from_numpy(np.asarray(init.convert("RGB"), dtype=np.float32) / 255.0)
-                    keep = keep.permute(2, 0, 1)[None] * (pixel_mask[0] < 0.5)
-                    masked = self._vae_encode_tensor(vae, keep * 2 - 1).repeat(n, 1, 1, 1)
+                    # the hole mid-grey (0 in [-1, 1]), as diffusers' inpainting pipeline and A1111 give it
+                    keep = (keep.permute(2, 0, 1)[None] * 2 - 1) * (pixel_mask[0] < 0.5)
+                    masked = self._vae_encode_tensor(vae, keep).repeat(n, 1, 1, 1)
                     concat = torch.cat([mask, masked], dim=1)
                     mask = None
                 elif is_flux_fill(pipe):  # FLUX Fill: the masked picture's latent and the mask, 8x8 pixels a latent
