@@ -232,3 +232,62 @@ def test_comfyuis_flux_kontext_template_runs(tiny_home, tmp_path):
     inputs.mkdir()
     sizes = run_template(engine, "flux_kontext_dev_basic", prompt, tmp_path, inputs, [])
     assert sizes == {"136": [(1024, 1024)], "173": [(1024, 1024)]}
+
+
+def test_fill_in_a_comfyui_graph_reads_what_the_native_fill_reads(edit_home, tmp_path):
+    """InpaintModelConditioning (noise_mask off, as ComfyUI's Fill templates set it) on FLUX Fill: the transformer's
+    first input, the noised latent with the masked picture's latent and the mask cells beside it, is the native
+    Fill request's (which matches diffusers' FluxFillPipeline, above)."""
+    from fixtures.graph import graph_runner
+    engine = Engine(edit_home, device="cpu")
+    photo = _picture().convert("RGBA")
+    hole = Image.new("L", (64, 64), 255)
+    hole.paste(0, (16, 16, 48, 48))  # ComfyUI's mask = 1 - alpha: the hole to repaint
+    photo.putalpha(hole)
+    photo.save(tmp_path / "hole.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux-fill"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a vase", "clip": ["1", 1]}},
+        "3": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 30.0}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "hole.png"}},
+        "5": {"class_type": "InpaintModelConditioning", "inputs": {
+            "positive": ["3", 0], "negative": ["2", 0], "vae": ["1", 2], "pixels": ["4", 0], "mask": ["4", 1],
+            "noise_mask": False}},
+        "6": {"class_type": "DifferentialDiffusion", "inputs": {"model": ["1", 0]}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "seed": 4, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "model": ["6", 0], "positive": ["5", 0], "negative": ["5", 1], "latent_image": ["5", 2]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "fill"}},
+    }
+    seen, hook = _capture(engine, "tiny-flux-fill")
+    try:
+        graph_runner(engine, tmp_path, ["hole.png"])(prompt)
+        engine.generate(GenerateRequest(prompt="a vase", model="tiny-flux-fill", init_image=_file(
+            tmp_path, _picture(), "in.png"), mask=_file(tmp_path, mask, "mask.png"), mask_blur=0, width=64,
+            height=64, steps=1, seed=4, cfg_scale=30.0, sampler_name="euler", scheduler="normal", noise="comfy",
+            inpaint_full_res=False))
+    finally:
+        hook.remove()
+    graph, native = seen[0]["hidden_states"], seen[-1]["hidden_states"]
+    assert graph.shape == native.shape == (1, 16, 384)
+    assert torch.allclose(graph[:, :, 64:], native[:, :, 64:], atol=1e-4)  # the masked picture and the mask
+    assert torch.allclose(graph[:, :, :64], native[:, :, :64], atol=1e-4)  # the same noised start
+
+
+def test_differential_diffusion_grows_the_repainted_part_step_by_step():
+    """ComfyUI's DifferentialDiffusion: a soft mask repaints a pixel from the step whose time has fallen to its
+    value: at the first sigma only the fully masked pixels, at the last every pixel above 0."""
+    from imagesmith.engine.sampling.ksampler import _Inpaint
+    from imagesmith.engine.sampling.model_sampling import FlowModelSampling
+    ms = FlowModelSampling(shift=1.0, multiplier=1.0, timesteps=1000)
+    mask = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]).view(1, 1, 1, 5)
+    inpaint = _Inpaint(lambda x, s: x, ms, torch.zeros(1, 1, 1, 5), torch.zeros(1, 1, 1, 5), mask,
+                       differential=(1.0, 0.1))
+    assert inpaint.mask_at(torch.tensor([1.0])).flatten().tolist() == [0, 0, 0, 0, 1]
+    assert inpaint.mask_at(torch.tensor([0.55])).flatten().tolist() == [0, 0, 1, 1, 1]
+    assert inpaint.mask_at(torch.tensor([0.1])).flatten().tolist() == [1, 1, 1, 1, 1]
+    plain = _Inpaint(lambda x, s: x, ms, torch.zeros(1, 1, 1, 5), torch.zeros(1, 1, 1, 5), mask)
+    assert torch.equal(plain.mask_at(torch.tensor([1.0])), mask)

@@ -537,6 +537,30 @@ def _vae_encode(ctx, pixels, vae):
     return ({"samples": latent.float()},)
 
 
+def _inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, noise_mask=True):
+    """ComfyUI's InpaintModelConditioning: the picture's latent to sample from (with the mask as its noise mask when
+    ``noise_mask``), and, in both conditionings, the picture with the hole mid-grey, encoded, and the mask: what
+    inpainting models (FLUX Fill, SD inpainting checkpoints) read beside the latent."""
+    pixels = _crop8(pixels)[..., :3]
+    h, w = pixels.shape[1:3]
+    m = torch.nn.functional.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(), size=(h, w),
+                                        mode="bilinear")
+    keep = (1.0 - m.round()).permute(0, 2, 3, 1)
+    grey = (pixels - 0.5) * keep + 0.5
+    module = _vae_module(ctx, vae)
+    concat = ctx.engine.vae_encode(module, grey.permute(0, 3, 1, 2) * 2 - 1).float()
+    latent = {"samples": ctx.engine.vae_encode(module, pixels.permute(0, 3, 1, 2) * 2 - 1).float()}
+    if noise_mask:
+        latent["noise_mask"] = m
+    extra = {"concat_latent_image": concat, "concat_mask": m}
+    return [c.but(**extra) for c in positive], [c.but(**extra) for c in negative], latent
+
+
+def _differential_diffusion(ctx, model, strength=1.0):
+    from dataclasses import replace
+    return (replace(model, differential=True),)
+
+
 def _vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by=6):
     h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
     m = torch.nn.functional.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(),
@@ -1117,6 +1141,13 @@ def _nodes() -> dict[str, Node]:
              (("IMAGE", "IMAGE"),), _vae_decode),
         Node("VAEEncode", "VAE Encode", "latent", {"pixels": _l("IMAGE"), "vae": _l("VAE")},
              (("LATENT", "LATENT"),), _vae_encode),
+        Node("InpaintModelConditioning", "InpaintModelConditioning", "conditioning/inpaint",
+             {"positive": _l("CONDITIONING"), "negative": _l("CONDITIONING"), "vae": _l("VAE"),
+              "pixels": _l("IMAGE"), "mask": _l("MASK"), "noise_mask": Input("BOOLEAN", default=True)},
+             (("CONDITIONING", "positive"), ("CONDITIONING", "negative"), ("LATENT", "latent")),
+             _inpaint_model_conditioning),
+        Node("DifferentialDiffusion", "Differential Diffusion", "_for_testing", {"model": _l("MODEL")},
+             (("MODEL", "MODEL"),), _differential_diffusion),
         Node("VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint",
              {"pixels": _l("IMAGE"), "vae": _l("VAE"), "mask": _l("MASK"), "grow_mask_by": _i(6, 0, 64)},
              (("LATENT", "LATENT"),), _vae_encode_for_inpaint),

@@ -117,11 +117,22 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
             mask = mask.repeat(n // mask.shape[0] + 1, 1, 1, 1)[:n] if mask.shape[0] != n else mask
         net = getattr(pipe, "unet", None) or pipe.transformer
         concat = None
-        if getattr(net.config, "in_channels", channels) == channels * 2 + 1:
+        if arch == "flux" and net.config.in_channels > (net.config.out_channels or net.config.in_channels):
+            concat = _fill_concat(positive + negative, samples, vae_sf)
+        elif getattr(net.config, "in_channels", channels) == channels * 2 + 1:
             # an inpainting UNet (9 channels): the mask and the masked image's latent ride along, as ComfyUI gives
-            # them (VAEEncodeForInpaint's grey-filled latent); without a mask, all of it is repainted
-            m = mask if mask is not None else torch.ones_like(samples[:, :1])
-            concat = torch.cat([m, samples.float() if mask is not None else torch.zeros_like(samples)], dim=1)
+            # them (InpaintModelConditioning's, else VAEEncodeForInpaint's grey-filled latent); without a mask, all of
+            # it is repainted
+            given = next((c for c in positive + negative if c.extra.get("concat_latent_image") is not None), None)
+            if given is not None:
+                m = torch.nn.functional.interpolate(given.extra["concat_mask"].float().reshape(
+                    -1, 1, *given.extra["concat_mask"].shape[-2:]), size=samples.shape[-2:], mode="bilinear")
+                masked = given.extra["concat_latent_image"].float()
+                concat = torch.cat([m, masked], dim=1)
+                concat = concat.repeat(n // concat.shape[0], 1, 1, 1) if concat.shape[0] != n else concat
+            else:
+                m = mask if mask is not None else torch.ones_like(samples[:, :1])
+                concat = torch.cat([m, samples.float() if mask is not None else torch.zeros_like(samples)], dim=1)
         denoiser = build_denoiser(engine, pipe, net, arch, ms, positive, negative, cfg, n, width, height,
                                   concat=concat)
         if model.post_cfg:
@@ -143,10 +154,29 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
         with torch.inference_mode():
             out = K.sample(denoiser, ms, sampler, sigmas.to(torch.float32), noise=noise.float(),
                            latent=samples.float(), seed=seed, noise_mode="comfy", denoise_mask=mask,
-                           add_noise=add_noise, callback=on_step)
+                           add_noise=add_noise, callback=on_step, differential=model.differential)
     if denoised_out:
         denoised_out[:] = [denoised_out[0].float().cpu()]
     return {**latent, "samples": out.float().cpu()}
+
+
+def _fill_concat(conds: list[Cond], samples: torch.Tensor, vae_sf: int) -> torch.Tensor:
+    """FLUX Fill's extra input, from InpaintModelConditioning's ``concat_latent_image`` and ``concat_mask``: the
+    masked picture's latent and the mask as 8x8-pixel cells (64 features a latent cell), as ComfyUI's Flux model
+    builds it."""
+    c = next((c for c in conds if c.extra.get("concat_latent_image") is not None), None)
+    if c is None:
+        raise BadRequest("a FLUX Fill model needs InpaintModelConditioning's picture and mask in its conditioning")
+    latent = c.extra["concat_latent_image"].float()
+    n, _, lh, lw = samples.shape
+    mask = c.extra["concat_mask"].float().reshape(-1, 1, *c.extra["concat_mask"].shape[-2:])
+    mask = torch.nn.functional.interpolate(mask, size=(lh * vae_sf, lw * vae_sf), mode="bilinear")
+    cells = mask.view(mask.shape[0], lh, vae_sf, lw, vae_sf).permute(0, 2, 4, 1, 3).reshape(
+        mask.shape[0], vae_sf * vae_sf, lh, lw)
+    if latent.shape[-2:] != (lh, lw):
+        raise BadRequest("InpaintModelConditioning's picture and the sampled latent differ in size")
+    out = torch.cat([latent, cells], dim=1)
+    return out.repeat(n // out.shape[0], 1, 1, 1) if out.shape[0] != n else out
 
 
 def custom_sigmas(ctx, model: ModelValue, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
@@ -170,8 +200,9 @@ def _family(arch: str) -> str:
 
 
 def _latent_channels(pipe, arch: str) -> int:
-    if arch == "flux":
-        return pipe.transformer.config.in_channels // 4
+    if arch == "flux":  # FLUX Fill reads more features than it writes: its latent is its output's
+        cfg = pipe.transformer.config
+        return (cfg.out_channels or cfg.in_channels) // 4
     net = getattr(pipe, "unet", None) or pipe.transformer
     return getattr(net.config, "out_channels", None) or net.config.in_channels
 
@@ -248,7 +279,7 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
                 "pooled": c.pooled.repeat(n, 1), "txt_ids": c.extra["txt_ids"]}), guidance,
                 pack=pack, unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
                 control=_dit_controls(engine, pipe, c, ms, n, width, height, "flux", pack),
-                context=_kontext_references(pipe, c, n, pack))
+                context=_kontext_references(pipe, c, n, pack), extra=None if concat is None else pack(concat))
     else:
         raise UnsupportedModel(f"KSampler cannot run {arch} models")
     pos = AreaMix([(one(c), c) for c in positive])

@@ -33,6 +33,8 @@ class ModelValue:
     """("discrete", prediction, zsnr) | ("sd3", shift) | ("flux", max_shift, base_shift, width, height)"""
     post_cfg: tuple = ()
     """("cfg_norm", strength): ComfyUI's CFGNorm after the CFG mix"""
+    differential: bool = False
+    """ComfyUI's DifferentialDiffusion: a soft noise mask repaints each pixel from the step its value reaches"""
 
     def with_lora(self, lora: LoraUse) -> "ModelValue":
         return replace(self, loras=self.loras + (lora,))

@@ -131,24 +131,37 @@ class _Inpaint:
     denoised estimate there is the original itself."""
 
     def __init__(self, inner: Denoiser, ms: ModelSampling, latent: torch.Tensor, noise: torch.Tensor,
-                 mask: torch.Tensor):
+                 mask: torch.Tensor, differential: tuple[float, float] | None = None):
         self.inner, self.ms, self.latent, self.noise, self.mask = inner, ms, latent, noise, mask
+        self.differential = differential
         self.last_uncond = None
 
+    def mask_at(self, sigma) -> torch.Tensor:
+        """The mask this step. Differential diffusion (ComfyUI's DifferentialDiffusion): a soft mask becomes a
+        growing hard one, a pixel joining the repainted part once the step's time (between the schedule's first
+        and last) falls to its mask value."""
+        if self.differential is None:
+            return self.mask
+        first, last = (float(self.ms.timestep(torch.tensor(v))) for v in self.differential)
+        now = float(self.ms.timestep(torch.as_tensor(sigma).flatten()[0]))
+        threshold = (now - last) / (first - last) if first != last else 0.0
+        return (self.mask >= threshold).to(self.mask.dtype)
+
     def __call__(self, x, sigma):
-        keep = 1.0 - self.mask
-        x = x * self.mask + self.ms.noise_scaling(sigma, self.noise, self.latent) * keep
+        mask = self.mask_at(sigma)
+        keep = 1.0 - mask
+        x = x * mask + self.ms.noise_scaling(sigma, self.noise, self.latent) * keep
         out = self.inner(x, sigma)
         uncond = getattr(self.inner, "last_uncond", None)
-        self.last_uncond = None if uncond is None else uncond * self.mask + self.latent * keep
-        return out * self.mask + self.latent * keep
+        self.last_uncond = None if uncond is None else uncond * mask + self.latent * keep
+        return out * mask + self.latent * keep
 
 
 def sample(denoiser: Denoiser, ms: ModelSampling, sampler: str, sigmas: torch.Tensor, *, noise: torch.Tensor,
            latent: torch.Tensor | None = None, seed: int | None = None, noise_mode: NoiseMode = "comfy",
            seeds: list[int] | None = None, eta_noise_seed_delta: int = 0, denoise_mask: torch.Tensor | None = None,
            add_noise: bool = True, callback: StepCallback | None = None, options: dict | None = None,
-           sgm_noise_multiplier: bool = False) -> torch.Tensor:
+           sgm_noise_multiplier: bool = False, differential: bool = False) -> torch.Tensor:
     """Run `sampler` over `sigmas` from `latent` (zeros for txt2img) and unit `noise`.
 
     comfy noise: the start is noise_scaling(sigmas[0]) (epsilon models take sqrt(1 + sigma^2) when starting
@@ -178,7 +191,10 @@ def sample(denoiser: Denoiser, ms: ModelSampling, sampler: str, sigmas: torch.Te
         elif spec.noise == "brownian":
             positive = sigmas[sigmas > 0]
             noise_sampler = brownian_noise_sampler(x, positive.min(), sigmas.max(), [_seed64(s) for s in seeds])
-    model = _Inpaint(denoiser, ms, latent, noise, denoise_mask) if denoise_mask is not None else denoiser
+    span = None
+    if differential:  # from the first sigma to the last (at least the model's smallest)
+        span = (float(sigmas[0]), max(float(sigmas[-1]), float(ms.sigma_min)))
+    model = _Inpaint(denoiser, ms, latent, noise, denoise_mask, span) if denoise_mask is not None else denoiser
     ctx = SamplerContext(model_sampling=ms, seed=seed, callback=callback, noise_sampler=noise_sampler,
                          options=dict(options or {}))
     out = fn(model, x, sigmas, ctx)
