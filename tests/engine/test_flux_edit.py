@@ -291,3 +291,55 @@ def test_differential_diffusion_grows_the_repainted_part_step_by_step():
     assert inpaint.mask_at(torch.tensor([0.1])).flatten().tolist() == [1, 1, 1, 1, 1]
     plain = _Inpaint(lambda x, s: x, ms, torch.zeros(1, 1, 1, 5), torch.zeros(1, 1, 1, 5), mask)
     assert torch.equal(plain.mask_at(torch.tensor([1.0])), mask)
+
+
+@pytest.mark.parametrize("name, size", [("flux_fill_inpaint_example", (64, 64)),
+                                        ("flux_fill_outpaint_example", (256, 64))])
+def test_comfyuis_flux_fill_templates_run(edit_home, tiny_home, tmp_path, name, size):
+    """ComfyUI's own FLUX Fill templates (inpaint, and outpaint through ImagePadForOutpaint) on ComfyUI's split
+    files: UNETLoader with a Fill transformer file, DualCLIPLoader, VAELoader, InpaintModelConditioning,
+    DifferentialDiffusion, FluxGuidance."""
+    pytest.importorskip("comfyui_workflow_templates")
+    from safetensors.torch import load_file, save_file
+
+    from fixtures.comfy_templates import run_template, template
+    from fixtures.tiny import flux_split_files
+    from imagesmith.engine.graph.nodes import NODES
+    from imagesmith.engine.graph.ui import ui_to_api
+    from imagesmith.models.convert import META_CONFIGS
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_home()
+    flux_split_files(settings.models_dir, tiny_home)
+    (settings.models_dir / "checkpoints" / "tiny-flux").symlink_to(  # the tokenizers' and configs' folder
+        tiny_home.models_dir / "checkpoints" / "tiny-flux", target_is_directory=True)
+    src = edit_home.models_dir / "checkpoints" / "tiny-flux-fill" / "transformer"
+    cfg = json.loads((src / "config.json").read_text())
+    save_file(load_file(str(src / "diffusion_pytorch_model.safetensors")),
+              str(settings.models_dir / "diffusion_models" / "flux1-fill-tiny.safetensors"),
+              metadata={META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items()
+                                                                  if not k.startswith("_")}})})
+    engine = Engine(settings, device="cpu")
+    prompt = ui_to_api(template(name), NODES)
+    for node in prompt.values():
+        kind, i = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            i["unet_name"] = "flux1-fill-tiny.safetensors"
+        elif kind == "DualCLIPLoader":
+            i.update(clip_name1="clip_l.safetensors", clip_name2="t5.safetensors")
+        elif kind == "VAELoader":
+            i["vae_name"] = "flux-ae"
+        elif kind == "KSampler":
+            i["steps"] = 1
+        elif kind == "ImagePadForOutpaint":  # the template pads 400 px left and right: 96 here
+            i.update(left=96, right=96, top=0, bottom=0, feathering=8)
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    photo = _picture().convert("RGBA")
+    hole = Image.new("L", (64, 64), 255)
+    hole.paste(0, (16, 16, 48, 48))
+    photo.putalpha(hole)
+    for image in names:
+        photo.save(inputs / image)
+    sizes = run_template(engine, name, prompt, tmp_path, inputs, names)
+    assert list(sizes.values()) == [[size]]
