@@ -202,27 +202,12 @@ def test_comfyuis_flux_kontext_template_runs(tiny_home, tmp_path):
     (a saved image), ImageStitch (its second picture bypassed), FluxKontextImageScale (to Kontext's 1024x1024 for a
     square picture), VAEEncode, ReferenceLatent, FluxGuidance, ConditioningZeroOut, KSampler."""
     pytest.importorskip("comfyui_workflow_templates")
-    from fixtures.comfy_templates import run_template, template
-    from fixtures.tiny import flux_split_files
+    from fixtures.comfy_templates import on_split_flux, run_template, template
+    from fixtures.tiny import split_flux_home
     from imagesmith.engine.graph.nodes import NODES
     from imagesmith.engine.graph.ui import ui_to_api
-    settings = Settings(home=tmp_path / "home")
-    settings.ensure_home()
-    flux_split_files(settings.models_dir, tiny_home, "flux1-dev-kontext-tiny.safetensors")
-    (settings.models_dir / "checkpoints" / "tiny-flux").symlink_to(  # the tokenizers' and configs' folder
-        tiny_home.models_dir / "checkpoints" / "tiny-flux", target_is_directory=True)
-    engine = Engine(settings, device="cpu")
-    prompt = ui_to_api(template("flux_kontext_dev_basic"), NODES)
-    for node in prompt.values():
-        kind, i = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
-            i["unet_name"] = "flux1-dev-kontext-tiny.safetensors"
-        elif kind == "DualCLIPLoader":
-            i.update(clip_name1="clip_l.safetensors", clip_name2="t5.safetensors")
-        elif kind == "VAELoader":
-            i["vae_name"] = "flux-ae"
-        elif kind == "KSampler":
-            i["steps"] = 1
+    engine = Engine(split_flux_home(tmp_path / "home", tiny_home, "flux1-dev-kontext-tiny.safetensors"), device="cpu")
+    prompt = on_split_flux(ui_to_api(template("flux_kontext_dev_basic"), NODES), "flux1-dev-kontext-tiny.safetensors")
     saved = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImageOutput"]
     assert saved and all(s.endswith(" [output]") for s in saved)
     (tmp_path / "output").mkdir()
@@ -302,16 +287,12 @@ def test_comfyuis_flux_fill_templates_run(edit_home, tiny_home, tmp_path, name, 
     pytest.importorskip("comfyui_workflow_templates")
     from safetensors.torch import load_file, save_file
 
-    from fixtures.comfy_templates import run_template, template
-    from fixtures.tiny import flux_split_files
+    from fixtures.comfy_templates import on_split_flux, run_template, template
+    from fixtures.tiny import split_flux_home
     from imagesmith.engine.graph.nodes import NODES
     from imagesmith.engine.graph.ui import ui_to_api
     from imagesmith.models.convert import META_CONFIGS
-    settings = Settings(home=tmp_path / "home")
-    settings.ensure_home()
-    flux_split_files(settings.models_dir, tiny_home)
-    (settings.models_dir / "checkpoints" / "tiny-flux").symlink_to(  # the tokenizers' and configs' folder
-        tiny_home.models_dir / "checkpoints" / "tiny-flux", target_is_directory=True)
+    settings = split_flux_home(tmp_path / "home", tiny_home)
     src = edit_home.models_dir / "checkpoints" / "tiny-flux-fill" / "transformer"
     cfg = json.loads((src / "config.json").read_text())
     save_file(load_file(str(src / "diffusion_pytorch_model.safetensors")),
@@ -319,19 +300,10 @@ def test_comfyuis_flux_fill_templates_run(edit_home, tiny_home, tmp_path, name, 
               metadata={META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items()
                                                                   if not k.startswith("_")}})})
     engine = Engine(settings, device="cpu")
-    prompt = ui_to_api(template(name), NODES)
+    prompt = on_split_flux(ui_to_api(template(name), NODES), "flux1-fill-tiny.safetensors")
     for node in prompt.values():
-        kind, i = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
-            i["unet_name"] = "flux1-fill-tiny.safetensors"
-        elif kind == "DualCLIPLoader":
-            i.update(clip_name1="clip_l.safetensors", clip_name2="t5.safetensors")
-        elif kind == "VAELoader":
-            i["vae_name"] = "flux-ae"
-        elif kind == "KSampler":
-            i["steps"] = 1
-        elif kind == "ImagePadForOutpaint":  # the template pads 400 px left and right: 96 here
-            i.update(left=96, right=96, top=0, bottom=0, feathering=8)
+        if node["class_type"] == "ImagePadForOutpaint":  # the template pads 400 px left and right: 96 here
+            node["inputs"].update(left=96, right=96, top=0, bottom=0, feathering=8)
     inputs = tmp_path / "input"
     inputs.mkdir()
     names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]

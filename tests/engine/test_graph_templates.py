@@ -133,17 +133,11 @@ CONTROLNET_TEMPLATES = {  # template -> (checkpoint, ControlNet on the tiny mode
 
 @pytest.fixture(scope="module")
 def controlnet_runner(tiny_home, tmp_path_factory):
-    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
-
-    from fixtures.tiny import _randomise_, home_with
+    from fixtures.tiny import build_sd3_controlnet, home_with
     settings = home_with(tmp_path_factory.mktemp("cn-templates"), tiny_home, "checkpoints/tiny-sd3",
                          "checkpoints/tiny-sd15-single.safetensors", "controlnet/tiny-controlnet",
                          "vae/tiny-vae-single.safetensors")
-    m = settings.models_dir
-    transformer = SD3Transformer2DModel.from_pretrained(str(m / "checkpoints" / "tiny-sd3" / "transformer"))
-    net = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
-    _randomise_(net, seed=2, scale=0.2)
-    net.save_pretrained(m / "controlnet" / "sd3-canny", safe_serialization=True)
+    build_sd3_controlnet(settings.models_dir)
     return Engine(settings, device="cpu"), tmp_path_factory.mktemp("cn-run")
 
 

@@ -59,6 +59,19 @@ def _req(ref: str | None, **unit) -> GenerateRequest:
     return GenerateRequest(prompt="a cabin", model="tiny-flux", width=64, height=64, steps=4, seed=2, **units)
 
 
+def _diffusers_tokens(home, ref: str):
+    """The reference's tokens as diffusers' FluxPriorReduxPipeline (a peer we did not write) computes them."""
+    from diffusers import FluxPriorReduxPipeline
+
+    from imagesmith.engine.redux import load_redux, load_siglip
+    m = home.models_dir
+    vision = load_siglip(m / "clip_vision" / "sigclip-tiny.safetensors", dtype=torch.float32, device="cpu")
+    peer = FluxPriorReduxPipeline(image_encoder=vision.model, feature_extractor=vision.processor,
+                                  image_embedder=load_redux(m / "style_models" / "flux1-redux-tiny.safetensors"))
+    with torch.no_grad():
+        return peer.image_embedder(peer.encode_image(Image.open(ref), "cpu", 1)).image_embeds
+
+
 def _texts(engine):
     pipe = engine.pipeline(engine.checkpoint("tiny-flux")).value
     seen = []
@@ -75,9 +88,6 @@ def test_probe_names_redux_and_siglip(redux_home):
 
 
 def test_reference_tokens_follow_the_prompt_as_diffusers_computes_them(redux_home, tmp_path):
-    from diffusers import FluxPriorReduxPipeline
-
-    from imagesmith.engine.redux import load_redux, load_siglip
     engine = Engine(redux_home, device="cpu")
     seen, hook = _texts(engine)
     try:
@@ -89,12 +99,7 @@ def test_reference_tokens_follow_the_prompt_as_diffusers_computes_them(redux_hom
     prompt_len = seen[0].shape[1]
     assert all(t.shape[1] == prompt_len for t in seen[:4]) and all(t.shape[1] == prompt_len + 16 for t in seen[4:])
     assert torch.equal(seen[4][:, :prompt_len], seen[0])  # the prompt's tokens unchanged, the reference's after
-    m = redux_home.models_dir
-    vision = load_siglip(m / "clip_vision" / "sigclip-tiny.safetensors", dtype=torch.float32, device="cpu")
-    peer = FluxPriorReduxPipeline(image_encoder=vision.model, feature_extractor=vision.processor,
-                                  image_embedder=load_redux(m / "style_models" / "flux1-redux-tiny.safetensors"))
-    with torch.no_grad():
-        want = peer.image_embedder(peer.encode_image(Image.open(ref), "cpu", 1)).image_embeds
+    want = _diffusers_tokens(redux_home, ref)
     assert torch.allclose(seen[4][:, prompt_len:], want * 0.7, atol=1e-5)
     assert not np.array_equal(np.asarray(base.images[0]), np.asarray(got.images[0]))
     assert 'IP-Adapter: "flux1-redux-tiny (0.7, 0-1)"' in got.records[0].infotext
@@ -126,10 +131,7 @@ def test_wrong_family_and_masks_are_refused(redux_home, tmp_path):
 def test_comfyui_style_model_nodes_add_diffusers_tokens(redux_home, tmp_path):
     """ComfyUI's CLIPVisionLoader, CLIPVisionEncode (crop none), StyleModelLoader and StyleModelApply: the prompt's
     tokens, then the reference's at strength x diffusers' FluxPriorReduxPipeline's; attn_bias is one clear error."""
-    from diffusers import FluxPriorReduxPipeline
-
     from fixtures.graph import graph_runner
-    from imagesmith.engine.redux import load_redux, load_siglip
     engine = Engine(redux_home, device="cpu")
     ref = _reference(tmp_path)
     Image.open(ref).save(tmp_path / "ref.png")
@@ -158,12 +160,7 @@ def test_comfyui_style_model_nodes_add_diffusers_tokens(redux_home, tmp_path):
         run(graph())
     finally:
         hook.remove()
-    m = redux_home.models_dir
-    vision = load_siglip(m / "clip_vision" / "sigclip-tiny.safetensors", dtype=torch.float32, device="cpu")
-    peer = FluxPriorReduxPipeline(image_encoder=vision.model, feature_extractor=vision.processor,
-                                  image_embedder=load_redux(m / "style_models" / "flux1-redux-tiny.safetensors"))
-    with torch.no_grad():
-        want = peer.image_embedder(peer.encode_image(Image.open(ref), "cpu", 1)).image_embeds
+    want = _diffusers_tokens(redux_home, ref)
     tokens = seen[0]
     assert tokens.shape[1] > 16 and torch.allclose(tokens[:, -16:], want * 0.7, atol=1e-5)
     with pytest.raises(Exception, match="attn_bias is not supported"):
@@ -175,27 +172,15 @@ def test_comfyuis_flux_redux_template_runs(redux_home, tiny_home, tmp_path):
     executor: split FLUX files (UNETLoader, DualCLIPLoader, VAELoader), the Redux nodes, and the custom sampling
     nodes it samples with (RandomNoise, KSamplerSelect, BasicScheduler, BasicGuider, SamplerCustomAdvanced)."""
     pytest.importorskip("comfyui_workflow_templates")
-    from fixtures.comfy_templates import run_template, shrink, template
+    from fixtures.comfy_templates import on_split_flux, run_template, shrink, template
     from fixtures.tiny import flux_split_files
     from imagesmith.engine.graph.nodes import NODES
     from imagesmith.engine.graph.ui import ui_to_api
     flux_split_files(redux_home.models_dir, tiny_home)
     engine = Engine(redux_home, device="cpu")
-    prompt = shrink("flux_redux_model_example", ui_to_api(template("flux_redux_model_example"), NODES), "Lanczos")
-    for node in prompt.values():
-        kind, i = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
-            i["unet_name"] = "flux-t.safetensors"
-        elif kind == "DualCLIPLoader":
-            i.update(clip_name1="t5.safetensors", clip_name2="clip_l.safetensors")
-        elif kind == "VAELoader":
-            i["vae_name"] = "flux-ae"
-        elif kind == "CLIPVisionLoader":
-            i["clip_name"] = "sigclip-tiny.safetensors"
-        elif kind == "StyleModelLoader":
-            i["style_model_name"] = "flux1-redux-tiny.safetensors"
-        elif kind == "BasicScheduler":
-            i["steps"] = 2
+    prompt = on_split_flux(shrink("flux_redux_model_example", ui_to_api(template("flux_redux_model_example"), NODES),
+                                  "Lanczos"), "flux-t.safetensors", steps=2, clip_name="sigclip-tiny.safetensors",
+                           style_model_name="flux1-redux-tiny.safetensors")
     inputs = tmp_path / "input"
     inputs.mkdir()
     names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]

@@ -77,10 +77,9 @@ def test_wrong_or_missing_refiner_is_refused_before_work(refiner_home):
         engine.generate(_req(refiner_checkpoint="no-such-refiner"))
 
 
-def test_with_the_hires_fix_the_refiner_takes_the_second_pass(refiner_home):
-    """A1111's default ("Hires fix: which pass to enable refiner for: second pass"): the first pass is the base's
-    alone, and the refiner takes over at the switch fraction of the hires pass's steps."""
-    engine = Engine(refiner_home, device="cpu")
+def _hires_with_refiner(home, **kw):
+    """A hires-fix request with the refiner switching at half: each UNet's calls by latent size, and the result."""
+    engine = Engine(home, device="cpu")
     hires = {"hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_denoising_strength": 0.6, "hr_second_pass_steps": 4}
     calls = {"base": [], "refiner": []}
     hooks = []
@@ -89,10 +88,18 @@ def test_with_the_hires_fix_the_refiner_takes_the_second_pass(refiner_home):
             pipe = engine.pipeline(engine.checkpoint(model)).value
             hooks.append(pipe.unet.register_forward_pre_hook(
                 lambda module, args, name=name: calls[name].append(tuple(args[0].shape[-2:]))))
-        engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5, hires=hires))
+        result = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5, hires=hires,
+                                      **kw))
     finally:
         for h in hooks:
             h.remove()
+    return calls, result
+
+
+def test_with_the_hires_fix_the_refiner_takes_the_second_pass(refiner_home):
+    """A1111's default ("Hires fix: which pass to enable refiner for: second pass"): the first pass is the base's
+    alone, and the refiner takes over at the switch fraction of the hires pass's steps."""
+    calls, _ = _hires_with_refiner(refiner_home)
     first, second = (8, 8), (12, 12)  # latent sizes of 64 px and of 96 px
     assert calls["base"].count(first) == 6 and set(calls["refiner"]) == {second}  # no refiner in the first pass
     # the hires pass (A1111: int(0.6 x 4) + 1 = 3 steps) switches at half of them
@@ -106,20 +113,7 @@ def test_the_hires_refiner_pass_is_a1111s_setting(refiner_home, which, first_pas
     """A1111's "Hires fix: which pass to enable refiner for": first, second or both passes; each refined pass hands
     its last steps to the refiner at the switch fraction; the infotext writes "Hires refiner" unless it is the
     default."""
-    engine = Engine(refiner_home, device="cpu")
-    hires = {"hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_denoising_strength": 0.6, "hr_second_pass_steps": 4}
-    calls = {"base": [], "refiner": []}
-    hooks = []
-    try:
-        for name, model in (("base", "tiny-sdxl"), ("refiner", "tiny-sdxl-refiner")):
-            pipe = engine.pipeline(engine.checkpoint(model)).value
-            hooks.append(pipe.unet.register_forward_pre_hook(
-                lambda module, args, name=name: calls[name].append(tuple(args[0].shape[-2:]))))
-        result = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5, hires=hires,
-                                      refiner_pass=which))
-    finally:
-        for h in hooks:
-            h.remove()
+    calls, result = _hires_with_refiner(refiner_home, refiner_pass=which)
     first, second = (8, 8), (12, 12)
     assert (first in calls["refiner"]) == first_pass_refined
     assert (second in calls["refiner"]) == second_pass_refined
