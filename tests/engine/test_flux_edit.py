@@ -315,3 +315,46 @@ def test_comfyuis_flux_fill_templates_run(edit_home, tiny_home, tmp_path, name, 
         photo.save(inputs / image)
     sizes = run_template(engine, name, prompt, tmp_path, inputs, names)
     assert list(sizes.values()) == [[size]]
+
+
+def test_comfyuis_flux_canny_model_template_runs(tiny_home, tmp_path):
+    """ComfyUI's own flux_canny_model_example: a FLUX Canny dev transformer (it reads the control map's latent beside
+    its own: 128 input features) through Canny and InstructPixToPixConditioning; the control latent reaches the
+    transformer as its second 64 features. Natively such a model is one clear line."""
+    pytest.importorskip("comfyui_workflow_templates")
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from fixtures.comfy_templates import on_split_flux, run_template, template
+    from fixtures.tiny import split_flux_home
+    from imagesmith.engine.graph.nodes import NODES
+    from imagesmith.engine.graph.ui import ui_to_api
+    from imagesmith.models.convert import META_CONFIGS
+    settings = split_flux_home(tmp_path / "home", tiny_home)
+    cfg = json.loads((tiny_home.models_dir / "checkpoints" / "tiny-flux" / "transformer" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")} | {"in_channels": 128, "out_channels": 64}
+    torch.manual_seed(6)
+    canny = FluxTransformer2DModel(**cfg).eval()
+    save_file({k: v.contiguous() for k, v in canny.state_dict().items()},
+              str(settings.models_dir / "diffusion_models" / "flux1-canny-dev-tiny.safetensors"),
+              metadata={META_CONFIGS: json.dumps({"transformer": cfg})})
+    engine = Engine(settings, device="cpu")
+    prompt = on_split_flux(ui_to_api(template("flux_canny_model_example"), NODES), "flux1-canny-dev-tiny.safetensors")
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    for image in names:  # strong edges for the template's thresholds (0.15, 0.3)
+        _picture((250, 250, 250)).point(lambda v: 255 if v > 128 else 0).save(inputs / image)
+    pipe = engine.pipeline(engine.checkpoint("flux1-canny-dev-tiny.safetensors")).value
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+    try:
+        sizes = run_template(engine, "flux_canny_model_example", prompt, tmp_path, inputs, names)
+    finally:
+        hook.remove()
+    assert sizes == {"9": [(64, 64)], "19": [(64, 64)]}  # the picture, and its Canny map previewed
+    assert seen[0].shape == (1, 16, 128) and seen[0][:, :, 64:].abs().sum() > 0
+    with pytest.raises(BadRequest, match="FLUX Canny/Depth dev model"):
+        engine.generate(GenerateRequest(prompt="x", model="flux1-canny-dev-tiny.safetensors", width=64, height=64,
+                                        steps=1))

@@ -781,6 +781,10 @@ class Engine:
         if req.controlnet and is_qwen_edit(job.entry):
             raise BadRequest(f"{job.entry.name} is a Qwen-Image-Edit model: its ControlNets are for Qwen-Image; "
                              "the edit model takes the picture and the instruction")
+        if job.arch == "flux" and is_flux_control(pipe):
+            raise BadRequest(f"{job.entry.name} is a FLUX Canny/Depth dev model: it reads a control picture's latent "
+                             "beside its own, which imagesmith's native requests do not give yet; run it in a ComfyUI "
+                             "graph with InstructPixToPixConditioning (imagesmith serve's ComfyUI API)")
         if req.cfg_rescale and job.arch in FLOW_ARCHS:
             raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
@@ -1371,10 +1375,18 @@ def is_kontext(entry: ModelEntry) -> bool:
 
 
 def is_flux_fill(pipe) -> bool:
-    """FLUX.1 Fill: a FLUX transformer that reads the masked picture and the mask beside the latent."""
+    """FLUX.1 Fill: a FLUX transformer that reads the masked picture (its latent: as many features as its own) and
+    the mask (256 features: 8x8 pixels x 4) beside the latent."""
     t = getattr(pipe, "transformer", None)
     return t is not None and hasattr(t.config, "guidance_embeds") and bool(t.config.out_channels) and \
-        t.config.in_channels > t.config.out_channels
+        t.config.in_channels == 2 * t.config.out_channels + 256
+
+
+def is_flux_control(pipe) -> bool:
+    """FLUX.1 Canny / Depth dev: a FLUX transformer that reads a control picture's latent beside its own."""
+    t = getattr(pipe, "transformer", None)
+    return t is not None and hasattr(t.config, "guidance_embeds") and bool(t.config.out_channels) and \
+        t.config.in_channels == 2 * t.config.out_channels
 
 
 def region_mask(region, width: int, height: int, *, settings: Settings, what: str = "region mask") -> torch.Tensor:

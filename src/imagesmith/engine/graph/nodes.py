@@ -556,6 +556,15 @@ def _inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, nois
     return [c.but(**extra) for c in positive], [c.but(**extra) for c in negative], latent
 
 
+def _instruct_pix_to_pix_conditioning(ctx, positive, negative, vae, pixels):
+    """ComfyUI's InstructPixToPixConditioning: the picture's latent in both conditionings (what FLUX Canny/Depth dev
+    read beside their latent: the control map), and an empty latent of its size to sample."""
+    pixels = _crop8(pixels)[..., :3]
+    latent = ctx.engine.vae_encode(_vae_module(ctx, vae), pixels.permute(0, 3, 1, 2) * 2 - 1).float()
+    return ([c.but(concat_latent_image=latent) for c in positive], [c.but(concat_latent_image=latent) for c in negative],
+            {"samples": torch.zeros_like(latent)})
+
+
 def _differential_diffusion(ctx, model, strength=1.0):
     from dataclasses import replace
     return (replace(model, differential=True),)
@@ -1146,6 +1155,11 @@ def _nodes() -> dict[str, Node]:
               "pixels": _l("IMAGE"), "mask": _l("MASK"), "noise_mask": Input("BOOLEAN", default=True)},
              (("CONDITIONING", "positive"), ("CONDITIONING", "negative"), ("LATENT", "latent")),
              _inpaint_model_conditioning),
+        Node("InstructPixToPixConditioning", "InstructPixToPixConditioning", "conditioning/instructpix2pix",
+             {"positive": _l("CONDITIONING"), "negative": _l("CONDITIONING"), "vae": _l("VAE"),
+              "pixels": _l("IMAGE")},
+             (("CONDITIONING", "positive"), ("CONDITIONING", "negative"), ("LATENT", "latent")),
+             _instruct_pix_to_pix_conditioning),
         Node("DifferentialDiffusion", "Differential Diffusion", "_for_testing", {"model": _l("MODEL")},
              (("MODEL", "MODEL"),), _differential_diffusion),
         Node("VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint",

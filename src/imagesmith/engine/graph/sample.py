@@ -118,7 +118,8 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
         net = getattr(pipe, "unet", None) or pipe.transformer
         concat = None
         if arch == "flux" and net.config.in_channels > (net.config.out_channels or net.config.in_channels):
-            concat = _fill_concat(positive + negative, samples, vae_sf)
+            concat = _flux_concat(positive + negative, samples, vae_sf,
+                                  net.config.in_channels - (net.config.out_channels or net.config.in_channels))
         elif getattr(net.config, "in_channels", channels) == channels * 2 + 1:
             # an inpainting UNet (9 channels): the mask and the masked image's latent ride along, as ComfyUI gives
             # them (InpaintModelConditioning's, else VAEEncodeForInpaint's grey-filled latent); without a mask, all of
@@ -160,22 +161,30 @@ def ksample(ctx, model: ModelValue, seed: int, steps: int, cfg: float, sampler_n
     return {**latent, "samples": out.float().cpu()}
 
 
-def _fill_concat(conds: list[Cond], samples: torch.Tensor, vae_sf: int) -> torch.Tensor:
-    """FLUX Fill's extra input, from InpaintModelConditioning's ``concat_latent_image`` and ``concat_mask``: the
-    masked picture's latent and the mask as 8x8-pixel cells (64 features a latent cell), as ComfyUI's Flux model
-    builds it."""
+def _flux_concat(conds: list[Cond], samples: torch.Tensor, vae_sf: int, features: int) -> torch.Tensor:
+    """What a FLUX model that reads more than its latent takes beside it, from the conditioning's
+    ``concat_latent_image``: FLUX Fill (320 more features a token) the masked picture's latent and
+    ``concat_mask`` as 8x8-pixel cells (InpaintModelConditioning), FLUX Canny/Depth dev (64 more) the control
+    picture's latent (InstructPixToPixConditioning), as ComfyUI's Flux model builds them."""
     c = next((c for c in conds if c.extra.get("concat_latent_image") is not None), None)
     if c is None:
-        raise BadRequest("a FLUX Fill model needs InpaintModelConditioning's picture and mask in its conditioning")
+        raise BadRequest("this FLUX model reads a picture beside its latent: FLUX Fill takes InpaintModelConditioning,"
+                         " FLUX Canny/Depth dev InstructPixToPixConditioning")
     latent = c.extra["concat_latent_image"].float()
-    n, _, lh, lw = samples.shape
-    mask = c.extra["concat_mask"].float().reshape(-1, 1, *c.extra["concat_mask"].shape[-2:])
-    mask = torch.nn.functional.interpolate(mask, size=(lh * vae_sf, lw * vae_sf), mode="bilinear")
-    cells = mask.view(mask.shape[0], lh, vae_sf, lw, vae_sf).permute(0, 2, 4, 1, 3).reshape(
-        mask.shape[0], vae_sf * vae_sf, lh, lw)
+    n, channels, lh, lw = samples.shape
     if latent.shape[-2:] != (lh, lw):
-        raise BadRequest("InpaintModelConditioning's picture and the sampled latent differ in size")
-    out = torch.cat([latent, cells], dim=1)
+        raise BadRequest("the conditioning's picture and the sampled latent differ in size")
+    parts = [latent]
+    if features == channels * 4 + vae_sf * vae_sf * 4:  # FLUX Fill: the mask too
+        if c.extra.get("concat_mask") is None:
+            raise BadRequest("a FLUX Fill model needs the mask: use InpaintModelConditioning")
+        mask = c.extra["concat_mask"].float().reshape(-1, 1, *c.extra["concat_mask"].shape[-2:])
+        mask = torch.nn.functional.interpolate(mask, size=(lh * vae_sf, lw * vae_sf), mode="bilinear")
+        parts.append(mask.view(mask.shape[0], lh, vae_sf, lw, vae_sf).permute(0, 2, 4, 1, 3).reshape(
+            mask.shape[0], vae_sf * vae_sf, lh, lw))
+    elif features != channels * 4:
+        raise BadRequest(f"a FLUX model reading {features} more features a token is not one imagesmith knows")
+    out = torch.cat(parts, dim=1)
     return out.repeat(n // out.shape[0], 1, 1, 1) if out.shape[0] != n else out
 
 
