@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from imagesmith.engine.generate import Engine
 
@@ -84,3 +85,42 @@ def test_denoise_on_an_encoded_picture_and_the_denoised_output(run):
     assert _diff(a, b) == 0
     # the last step's x0 estimate: on a schedule that ends at 0 it is the output itself
     assert _diff(run(custom(output=1)), run(custom(output=0))) <= 1
+
+
+def test_clip_text_encode_flux_is_clip_text_encode_with_guidance(tiny_home, tmp_path):
+    """CLIPTextEncodeFlux with the same prompt for CLIP-L and T5 and guidance 3.5 is CLIPTextEncode + FluxGuidance
+    3.5, pixel for pixel; another T5 prompt gives another picture."""
+    engine = Engine(home_with(tmp_path / "home", tiny_home, "checkpoints/tiny-flux"), device="cpu")
+    run = graph_runner(engine, tmp_path, [])
+
+    def graph(encode: dict) -> dict:
+        return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux"}},
+                **encode,
+                "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                "9": {"class_type": "KSampler", "inputs": {
+                    "seed": 2, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1,
+                    "model": ["1", 0], "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0]}},
+                "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+                "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "f"}}}
+    text = "a red apple on a wooden table"
+    pipe = engine.pipeline(engine.checkpoint("tiny-flux")).value
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(
+        (kw["encoder_hidden_states"].clone(), kw["pooled_projections"].clone())), with_kwargs=True)
+    try:
+        plain = run(graph({"2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+                           "3": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0],
+                                                                          "guidance": 3.5}}}))
+        seen.clear()
+        both = run(graph({"3": {"class_type": "CLIPTextEncodeFlux", "inputs": {
+            "clip": ["1", 1], "clip_l": text, "t5xxl": text, "guidance": 3.5}}}))
+        same_t5, same_pooled = seen[0]
+        seen.clear()
+        run(graph({"3": {"class_type": "CLIPTextEncodeFlux", "inputs": {
+            "clip": ["1", 1], "clip_l": text, "t5xxl": "a blue teapot in the snow at night", "guidance": 3.5}}}))
+        other_t5, other_pooled = seen[0]
+    finally:
+        hook.remove()
+    assert _diff(plain, both) == 0
+    # the T5 prompt is the tokens' (another one: other tokens), the CLIP-L prompt the pooled vector's (the same)
+    assert not torch.equal(other_t5, same_t5) and torch.equal(other_pooled, same_pooled)

@@ -5,6 +5,7 @@ node gives images of the size and count the graph asks for."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -163,3 +164,50 @@ def test_controlnet_templates_run(controlnet_runner, name):
         (inputs / image).parent.mkdir(parents=True, exist_ok=True)  # "pasted/image (2).png": the frontend's folder
         photo.save(inputs / image)
     assert run_template(engine, name, prompt, root, inputs, names) == expected
+
+
+@pytest.mark.parametrize("name", ["flux_dev_full_text_to_image", "flux_schnell_full_text_to_image"])
+def test_flux_split_file_templates_run(tiny_home, tmp_path, name):
+    """ComfyUI's FLUX text-to-image templates on the split files: UNETLoader, DualCLIPLoader, VAELoader,
+    CLIPTextEncodeFlux (its CLIP-L and T5 prompts and guidance), ConditioningZeroOut; 1024 px quartered."""
+    from fixtures.comfy_templates import on_split_flux
+    from fixtures.tiny import split_flux_home
+    engine = Engine(split_flux_home(tmp_path / "home", tiny_home), device="cpu")
+    prompt = on_split_flux(shrink(name, ui_to_api(template(name), NODES), "Lanczos"), "flux-t.safetensors")
+    assert any(n["class_type"] == "CLIPTextEncodeFlux" for n in prompt.values())
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    assert list(run_template(engine, name, prompt, tmp_path, inputs, []).values()) == [[(256, 256)]]
+
+
+def test_sdxl_turbo_template_runs(runner):
+    """ComfyUI's sdxlturbo_example: SamplerCustom with SDTurboScheduler's one step (timestep 999) and
+    KSamplerSelect's euler_ancestral, on the tiny SDXL."""
+    engine, ex, root, upscaler = runner
+    prompt = shrink("sdxlturbo_example", ui_to_api(template("sdxlturbo_example"), NODES), upscaler)
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = "tiny-sdxl-single.safetensors"
+    inputs = root / "turbo-input"
+    inputs.mkdir()
+    assert run_template(engine, "sdxlturbo_example", prompt, root, inputs, []) == {"27": [(128, 128)]}
+
+
+def test_sd_turbo_scheduler_is_turbos_timesteps(runner):
+    from imagesmith.engine.graph.nodes import _sd_turbo_scheduler
+    from imagesmith.engine.graph.values import ModelValue
+    engine = runner[0]
+
+    class Ctx:
+        pass
+    ctx = Ctx()
+    ctx.engine = engine
+    model = ModelValue(engine.checkpoint("tiny-sdxl-single.safetensors"))
+    one = _sd_turbo_scheduler(ctx, model, 1, 1.0)[0]
+    four = _sd_turbo_scheduler(ctx, model, 4, 1.0)[0]
+    half = _sd_turbo_scheduler(ctx, model, 2, 0.5)[0]
+    pipe = engine.pipeline(model.entry).value
+    ms = engine.model_sampling(pipe, "sdxl", 512, 512)
+    assert torch.allclose(one, torch.stack([ms.sigma(torch.tensor(999.0)), torch.tensor(0.0)]).float())
+    assert len(four) == 5 and torch.allclose(four[:4], ms.sigma(torch.tensor([999.0, 899.0, 799.0, 699.0])).float())
+    assert torch.allclose(half[:2], ms.sigma(torch.tensor([499.0, 399.0])).float())  # the last half of the ten

@@ -274,7 +274,9 @@ def _upscale_model_loader(ctx, model_name):
 
 # ------------------------------------------------------------------------------------------------ text
 
-def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
+def encode_text(ctx, clip: ClipValue, text: str, *, t5_text: str | None = None) -> Cond:
+    """``text`` through the CLIP's encoders as ComfyUI's CLIPTextEncode does; for FLUX, ``t5_text`` (when given) is
+    what T5 reads instead (CLIPTextEncodeFlux's two prompts)."""
     engine = ctx.engine
     entry = clip.entry
     arch = entry.arch
@@ -311,7 +313,8 @@ def encode_text(ctx, clip: ClipValue, text: str) -> Cond:
                                                       do_classifier_free_guidance=False)
                 return Cond(pe.float().cpu(), arch, pooled.float().cpu())
             if arch == "flux":
-                pe, pooled, txt_ids = pipe.encode_prompt(plain_prompt(text), None, device=engine.device)
+                pe, pooled, txt_ids = pipe.encode_prompt(plain_prompt(text), None if t5_text is None else
+                                                         plain_prompt(t5_text), device=engine.device)
                 return Cond(pe.float().cpu(), arch, pooled.float().cpu(), {"txt_ids": txt_ids})
     raise BadRequest(f"CLIPTextEncode cannot encode for {arch} models")
 
@@ -431,6 +434,14 @@ def _set_union_type(ctx, control_net, type):
     return (replace(control_net, union_type=UNION_TYPES.get(type)),)
 
 
+def _clip_text_encode_flux(ctx, clip, clip_l, t5xxl, guidance):
+    """ComfyUI's CLIPTextEncodeFlux: one prompt for CLIP-L (the pooled vector), another for T5 (the tokens), and
+    the distilled guidance."""
+    if clip.entry.arch != "flux":
+        raise BadRequest(f"CLIPTextEncodeFlux needs a FLUX CLIP (DualCLIPLoader type flux), not {clip.entry.arch}'s")
+    return ([encode_text(ctx, clip, clip_l, t5_text=t5xxl).but(guidance=float(guidance))],)
+
+
 def _flux_guidance(ctx, conditioning, guidance):
     return ([c.but(guidance=float(guidance)) for c in conditioning],)
 
@@ -474,6 +485,21 @@ def _ksampler_advanced(ctx, model, add_noise, noise_seed, steps, cfg, sampler_na
 
 
 # ComfyUI's custom sampling: the sampler, the schedule, the noise and the guider as separate values
+def _sd_turbo_scheduler(ctx, model, steps, denoise):
+    """ComfyUI's SDTurboScheduler: SD/SDXL Turbo's steps at timesteps 999, 899, ..., 99 (the last ``int(10 *
+    denoise)`` of them), then 0."""
+    if denoise <= 0:
+        return (torch.zeros(0),)
+    from .sample import model_sampling_for
+    entry = ctx.engine.pipeline(model.entry)
+    with entry.use():
+        ms = model_sampling_for(ctx.engine, entry.value, model, 512, 512)
+    start = 10 - int(10 * denoise)
+    timesteps = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start:start + int(steps)]
+    sigmas = ms.sigma(timesteps.float()).float()
+    return (torch.cat([sigmas, sigmas.new_zeros(1)]),)
+
+
 def _ksampler_select(ctx, sampler_name):
     return ({"sampler": sampler_name},)
 
@@ -1058,6 +1084,10 @@ def _nodes() -> dict[str, Node]:
              (("CONTROL_NET", "CONTROL_NET"),), _controlnet_loader),
         Node("UpscaleModelLoader", "Load Upscale Model", "loaders", {"model_name": _c("upscale_models")},
              (("UPSCALE_MODEL", "UPSCALE_MODEL"),), _upscale_model_loader),
+        Node("CLIPTextEncodeFlux", "CLIPTextEncodeFlux", "advanced/conditioning/flux",
+             {"clip": _l("CLIP"), "clip_l": Input("STRING", default="", multiline=True),
+              "t5xxl": Input("STRING", default="", multiline=True), "guidance": _f(3.5, 0.0, 100.0, 0.1)},
+             (("CONDITIONING", "CONDITIONING"),), _clip_text_encode_flux),
         Node("CLIPSetLastLayer", "CLIP Set Last Layer", "conditioning",
              {"clip": _l("CLIP"), "stop_at_clip_layer": _i(-1, -24, -1)}, (("CLIP", "CLIP"),),
              _clip_set_last_layer),
@@ -1111,6 +1141,9 @@ def _nodes() -> dict[str, Node]:
              (("LATENT", "LATENT"),), _ksampler_advanced),
         Node("KSamplerSelect", "KSamplerSelect", "sampling/custom_sampling/samplers",
              {"sampler_name": SAMPLING["sampler_name"]}, (("SAMPLER", "SAMPLER"),), _ksampler_select),
+        Node("SDTurboScheduler", "SDTurboScheduler", "sampling/custom_sampling/schedulers",
+             {"model": _l("MODEL"), "steps": _i(1, 1, 10), "denoise": _f(1.0, 0.0, 1.0)}, (("SIGMAS", "SIGMAS"),),
+             _sd_turbo_scheduler),
         Node("BasicScheduler", "BasicScheduler", "sampling/custom_sampling/schedulers",
              {"model": _l("MODEL"), "scheduler": SAMPLING["scheduler"], "steps": _i(20, 1, 10000),
               "denoise": _f(1.0, 0.0, 1.0)}, (("SIGMAS", "SIGMAS"),), _basic_scheduler),
