@@ -548,5 +548,21 @@ def test_qwen_image_edit_through_img2img(api):
         assert np.asarray(result.image.convert("L")).std() > 0.5
         info = json.loads(result.info) if isinstance(result.info, str) else result.info
         assert "Model: tiny-qwen-edit" in info["infotexts"][0]
+        # several init_images on a multi-picture edit model: the others are Picture 2, 3 of the edit
+        second = Image.new("RGB", (64, 48), (30, 160, 220))
+        two = api.img2img(images=[picture, second], prompt="put picture 2's colour on picture 1", width=64,
+                          height=48, steps=2, cfg_scale=1.0, seed=5, alwayson_scripts={},
+                          override_settings={"sd_model_checkpoint": "tiny-qwen-edit"},
+                          override_settings_restore_afterwards=True)
+        assert two.image.size == (64, 48)
+        one = api.img2img(images=[picture], prompt="put picture 2's colour on picture 1", width=64, height=48,
+                          steps=2, cfg_scale=1.0, seed=5, alwayson_scripts={},
+                          override_settings={"sd_model_checkpoint": "tiny-qwen-edit"},
+                          override_settings_restore_afterwards=True)
+        assert not np.array_equal(np.asarray(two.image), np.asarray(one.image))
+        # on any other model A1111 would spread them over the batch: a 422 that says so, rather than a silent drop
+        with pytest.raises(RuntimeError) as err:
+            api.img2img(images=[picture, second], prompt="x", width=64, height=48, steps=1, alwayson_scripts={})
+        assert "422" in str(err.value) and "one init image a request" in str(err.value)
     finally:
         shutil.rmtree(ckpt / "tiny-qwen-edit")

@@ -64,6 +64,12 @@ async def img2img(request: Request, svc: Svc, who: Caller):
     if not inits:
         raise BadRequest("init_images: give one base64 image")
     req = a1111_request(svc, body, who)
+    if len(inits) > 1:  # A1111 gives each image of the batch its own init; imagesmith's extra pictures are edits'
+        if not _multi_picture_model(svc, req.get("model")):
+            raise BadRequest(f"init_images: {len(inits)} images; imagesmith takes one init image a request (A1111 "
+                             "spreads several over the batch: send one request per picture), or several pictures "
+                             "for a multi-picture edit model (Qwen-Image-Edit-Plus)")
+        req["edit_images"] = [svc.store_upload(decode_base64(extra), who)["id"] for extra in inits[1:]]
     init = svc.store_upload(decode_base64(inits[0]), who)
     req["init_image"] = init["id"]
     if str(body.get("script_name") or "").strip().lower() == "ultimate sd upscale":
@@ -76,6 +82,18 @@ async def img2img(request: Request, svc: Svc, who: Caller):
             req["mask_blur"] = body["mask_blur"]
         req.update(a1111_inpaint_fields(body))
     return await answer(svc, job_type, req, who, body)
+
+
+def _multi_picture_model(svc: Services, model: str | None) -> bool:
+    """Whether the request's checkpoint (the default when none is named) edits with several pictures."""
+    from ...engine.qwen_image import is_qwen_edit_plus
+    from ...models.house import make_registry
+    registry = make_registry(svc.settings)
+    try:
+        entry = registry.get(model, "checkpoint") if model else registry.default_checkpoint()
+    except Exception:  # an unknown model fails later with its own message
+        return False
+    return is_qwen_edit_plus(entry)
 
 
 @router.get("/sd-models")

@@ -50,7 +50,7 @@ def map_inputs(request: dict, fn: Callable[[Any], Any]) -> dict:
     for key in ("init_image", "mask", "image", "photo"):
         if request.get(key) is not None:
             request[key] = fn(request[key])
-    for key in ("products", "images"):
+    for key in ("products", "images", "edit_images"):
         if isinstance(request.get(key), list):
             request[key] = [fn(x) for x in request[key]]
     def unit(u):  # a ControlNet unit's control image; an IP-Adapter's reference and mask
