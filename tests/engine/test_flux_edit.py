@@ -358,3 +358,46 @@ def test_comfyuis_flux_canny_model_template_runs(tiny_home, tmp_path):
     with pytest.raises(BadRequest, match="FLUX Canny/Depth dev model"):
         engine.generate(GenerateRequest(prompt="x", model="flux1-canny-dev-tiny.safetensors", width=64, height=64,
                                         steps=1))
+
+
+def test_comfyuis_onereward_fill_template_runs(edit_home, tiny_home, tmp_path):
+    """ComfyUI's image_flux.1_fill_dev_OneReward: FLUX Fill with a removal LoRA, InpaintModelConditioning with its
+    noise mask on and DifferentialDiffusion over a mask grown and blurred by a subgraph (a soft mask: repainted
+    step by step), then ImageCompositeMasked puts the result back on the photo through that mask; MaskPreview."""
+    pytest.importorskip("comfyui_workflow_templates")
+    from safetensors.torch import load_file, save_file
+
+    from fixtures.comfy_templates import on_split_flux, run_template, template
+    from fixtures.tiny import split_flux_home
+    from imagesmith.engine.graph.nodes import NODES
+    from imagesmith.engine.graph.ui import ui_to_api
+    from imagesmith.models.convert import META_CONFIGS
+    settings = split_flux_home(tmp_path / "home", tiny_home)
+    src = edit_home.models_dir / "checkpoints" / "tiny-flux-fill" / "transformer"
+    cfg = json.loads((src / "config.json").read_text())
+    save_file(load_file(str(src / "diffusion_pytorch_model.safetensors")),
+              str(settings.models_dir / "diffusion_models" / "flux1-fill-tiny.safetensors"),
+              metadata={META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items()
+                                                                  if not k.startswith("_")}})})
+    g = torch.Generator().manual_seed(5)  # a rank-2 LoRA on the tiny transformer's attention (diffusers' layout)
+    save_file({f"transformer.transformer_blocks.0.attn.{m}.lora_{ab}.weight":
+               torch.randn((2, 16) if ab == "A" else (16, 2), generator=g) * 0.3
+               for m in ("to_q", "to_v") for ab in ("A", "B")},
+              str(settings.models_dir / "loras" / "removal-tiny.safetensors"))
+    engine = Engine(settings, device="cpu")
+    prompt = on_split_flux(ui_to_api(template("image_flux.1_fill_dev_OneReward"), NODES),
+                           "flux1-fill-tiny.safetensors", lora_name="removal-tiny.safetensors")
+    assert any(n["class_type"] == "DifferentialDiffusion" for n in prompt.values())
+    inputs = tmp_path / "input"
+    names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    photo = _picture().convert("RGBA")
+    hole = Image.new("L", (64, 64), 255)
+    hole.paste(0, (16, 16, 48, 48))
+    photo.putalpha(hole)
+    for image in names:  # "clipspace/...png [input]": the frontend's mask-editor folder
+        path = inputs / image.removesuffix(" [input]")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo.save(path)
+    sizes = run_template(engine, "image_flux.1_fill_dev_OneReward", prompt, tmp_path, inputs,
+                         [n.removesuffix(" [input]") for n in names])
+    assert sizes == {"9": [(64, 64)], "49": [(64, 64)], "105": [(64, 64)]}

@@ -124,3 +124,19 @@ def test_clip_text_encode_flux_is_clip_text_encode_with_guidance(tiny_home, tmp_
     assert _diff(plain, both) == 0
     # the T5 prompt is the tokens' (another one: other tokens), the CLIP-L prompt the pooled vector's (the same)
     assert not torch.equal(other_t5, same_t5) and torch.equal(other_pooled, same_pooled)
+
+
+def test_image_composite_masked_pastes_through_the_mask():
+    """ComfyUI's ImageCompositeMasked: the source at (x, y), through the mask where given, clipped at the edges;
+    resize_source scales it to the destination first."""
+    from imagesmith.engine.graph.nodes import _image_composite_masked
+    dest = torch.zeros(1, 8, 8, 3)
+    src = torch.ones(1, 4, 4, 3)
+    out = _image_composite_masked(None, dest, src, 2, 3, False)[0]
+    assert out[0, 3:7, 2:6].min() == 1 and out.sum() == 16 * 3
+    mask = torch.zeros(1, 4, 4)
+    mask[:, :, :2] = 1  # only the source's left half
+    half = _image_composite_masked(None, dest, src, 6, 0, False, mask)[0]
+    assert half[0, :4, 6:8].min() == 1 and half.sum() == 8 * 3  # its left half, the rest beyond the edge
+    whole = _image_composite_masked(None, dest, src, 0, 0, True)[0]
+    assert whole.min() == 1  # scaled to the destination

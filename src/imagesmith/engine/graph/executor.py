@@ -386,6 +386,8 @@ def _check_value(name: str, inp: Input, value: Any, lists: dict) -> dict | None:
         return None
     if inp.type == "COMBO":
         allowed = choices_of(inp, lists)
+        if isinstance(value, str) and inp.upload and inp.choices == "input" and value.endswith(" [input]"):
+            value = value.removesuffix(" [input]")  # the frontend's annotated name (mask editor's clipspace files)
         if not isinstance(value, str) or value not in allowed:
             shown = allowed if len(allowed) <= 20 else allowed[:20] + ["..."]
             return _error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",

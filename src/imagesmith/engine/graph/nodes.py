@@ -744,6 +744,38 @@ def _image_stitch(ctx, image1, direction, match_image_size, spacing_width, spaci
     return (torch.cat(parts, dim=2 if horizontal else 1).clamp(0, 1),)
 
 
+def _image_composite_masked(ctx, destination, source, x, y, resize_source, mask=None):
+    """ComfyUI's ImageCompositeMasked: ``source`` pasted on ``destination`` at (x, y) (its top-left, whole pixels),
+    through ``mask`` where given (1: source), the source first scaled to the destination's size when asked."""
+    dest = destination[..., :3].clone()
+    src = source[..., :3]
+    if resize_source:
+        src = _resize_bchw(src.permute(0, 3, 1, 2), dest.shape[1], dest.shape[2], "bilinear").permute(0, 2, 3, 1)
+    if src.shape[0] != dest.shape[0]:
+        src = src[:1].expand(dest.shape[0], -1, -1, -1)
+    h, w = dest.shape[1:3]
+    x, y = max(0, min(int(x), w)), max(0, min(int(y), h))
+    sh, sw = min(src.shape[1], h - y), min(src.shape[2], w - x)
+    if sh <= 0 or sw <= 0:
+        return (dest,)
+    if mask is None:
+        m = torch.ones(dest.shape[0], sh, sw, 1)
+    else:
+        m = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(),
+                                            size=(src.shape[1], src.shape[2]), mode="bilinear")
+        m = m.permute(0, 2, 3, 1)[:, :sh, :sw]
+        m = m[:1].expand(dest.shape[0], -1, -1, -1) if m.shape[0] != dest.shape[0] else m
+    region = dest[:, y:y + sh, x:x + sw]
+    dest[:, y:y + sh, x:x + sw] = src[:, :sh, :sw] * m + region * (1 - m)
+    return (dest.clamp(0, 1),)
+
+
+def _mask_preview(ctx, mask):
+    """ComfyUI's MaskPreview: the mask shown as a grey picture (a temp preview, as PreviewImage)."""
+    picture = mask.reshape(-1, 1, *mask.shape[-2:]).float().clamp(0, 1).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
+    return _preview_image(ctx, picture)
+
+
 def _reference_latent_node(ctx, conditioning, latent=None):
     """ComfyUI's ReferenceLatent: the latent joins each entry's reference pictures (FLUX Kontext's, and Qwen-Image
     Edit's), which the model reads as extra tokens."""
@@ -1219,6 +1251,12 @@ def _nodes() -> dict[str, Node]:
               "match_image_size": Input("BOOLEAN", default=True), "spacing_width": _i(0, 0, 1024, 2),
               "spacing_color": _c(("white", "black", "red", "green", "blue")),
               "image2": _l("IMAGE", optional=True)}, (("IMAGE", "IMAGE"),), _image_stitch),
+        Node("ImageCompositeMasked", "ImageCompositeMasked", "image",
+             {"destination": _l("IMAGE"), "source": _l("IMAGE"), "x": _i(0, 0, MAX_RESOLUTION, 8),
+              "y": _i(0, 0, MAX_RESOLUTION, 8), "resize_source": Input("BOOLEAN", default=False),
+              "mask": _l("MASK", optional=True)}, (("IMAGE", "IMAGE"),), _image_composite_masked),
+        Node("MaskPreview", "MaskPreview", "mask", {"mask": _l("MASK")}, (), _mask_preview, output_node=True,
+             hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}),
         Node("ReferenceLatent", "ReferenceLatent", "advanced/conditioning/edit_models",
              {"conditioning": _l("CONDITIONING"), "latent": _l("LATENT", optional=True)},
              (("CONDITIONING", "CONDITIONING"),), _reference_latent_node),
