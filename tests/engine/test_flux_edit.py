@@ -401,3 +401,44 @@ def test_comfyuis_onereward_fill_template_runs(edit_home, tiny_home, tmp_path):
     sizes = run_template(engine, "image_flux.1_fill_dev_OneReward", prompt, tmp_path, inputs,
                          [n.removesuffix(" [input]") for n in names])
     assert sizes == {"9": [(64, 64)], "49": [(64, 64)], "105": [(64, 64)]}
+
+
+def test_flux_canny_dev_natively_draws_diffusers_control_pipelines_pixels(tiny_home, tmp_path, monkeypatch):
+    """FLUX Canny/Depth dev natively: the model is its own ControlNet (the unit names the checkpoint); the control
+    map's latent rides beside the latent as diffusers' FluxControlPipeline (a peer we did not write) feeds it, and the
+    pictures agree (its control latent taken at the posterior's mode, as imagesmith's)."""
+    from diffusers import FluxControlPipeline, FluxTransformer2DModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_home()
+    src = tiny_home.models_dir / "checkpoints" / "tiny-flux"
+    folder = settings.models_dir / "checkpoints" / "tiny-flux-canny"
+    shutil.copytree(src, folder)
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    torch.manual_seed(6)
+    t = FluxTransformer2DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}
+                               | {"in_channels": 128, "out_channels": 64}).eval()
+    shutil.rmtree(folder / "transformer")
+    t.save_pretrained(folder / "transformer", safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxControlPipeline"}))
+    engine = Engine(settings, device="cpu")
+    edges = Image.new("RGB", (64, 64), 0)
+    edges.paste((255, 255, 255), (20, 8, 28, 56))
+    control = _file(tmp_path, edges, "edges.png")
+    req = GenerateRequest(prompt="a lamp", model="tiny-flux-canny", width=64, height=64, steps=3, cfg_scale=30.0,
+                          seed=2, sampler_name="euler", scheduler="simple", noise="comfy",
+                          controlnet={"model": "tiny-flux-canny", "image": control, "preprocessor": "none"})
+    ours = np.asarray(engine.generate(req).images[0], np.float32)
+    pipe = engine.pipeline(engine.checkpoint("tiny-flux-canny")).value
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    peer = FluxControlPipeline(**{k: getattr(pipe, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                "text_encoder_2", "tokenizer_2", "transformer")})
+    theirs = peer("a lamp", control_image=edges, width=64, height=64, num_inference_steps=3, guidance_scale=30.0,
+                  generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    assert np.abs(ours - np.round(theirs * 255)).max() <= 2, np.abs(ours - np.round(theirs * 255)).max()
+    with pytest.raises(BadRequest, match="give one controlnet unit"):
+        engine.generate(GenerateRequest(**{**req.model_dump(), "controlnet": None}))
+    with pytest.raises(BadRequest, match="its own ControlNet"):
+        engine.generate(GenerateRequest(**{**req.model_dump(), "controlnet": {
+            "model": "other", "image": control, "preprocessor": "none"}}))

@@ -781,10 +781,10 @@ class Engine:
         if req.controlnet and is_qwen_edit(job.entry):
             raise BadRequest(f"{job.entry.name} is a Qwen-Image-Edit model: its ControlNets are for Qwen-Image; "
                              "the edit model takes the picture and the instruction")
-        if job.arch == "flux" and is_flux_control(pipe):
-            raise BadRequest(f"{job.entry.name} is a FLUX Canny/Depth dev model: it reads a control picture's latent "
-                             "beside its own, which imagesmith's native requests do not give yet; run it in a ComfyUI "
-                             "graph with InstructPixToPixConditioning (imagesmith serve's ComfyUI API)")
+        if job.arch == "flux" and is_flux_control(pipe) and len(req.controlnet_units) != 1:
+            raise BadRequest(f"{job.entry.name} is a FLUX Canny/Depth dev model: it reads a control picture beside "
+                             "its latent; give one controlnet unit with that picture (its model: this checkpoint, "
+                             "the preprocessor that draws the map: canny, depth_anything...)")
         if req.cfg_rescale and job.arch in FLOW_ARCHS:
             raise BadRequest(f"cfg_rescale works on epsilon/v-prediction models (SD1/SD2/SDXL), not {job.arch}")
         vae = self._component("vae", req.vae) if req.vae else pipe.vae
@@ -1074,7 +1074,10 @@ class Engine:
             extra = pack(concat) if concat is not None else None  # FLUX Fill: masked picture + mask
             context = None
             extra_text = self._redux_tokens(job, ms, n) if req.ip_adapter_units else None
-            control = self._dit_control(pipe, job, ms, n, pack) if job.control_images else None
+            if is_flux_control(pipe):  # FLUX Canny/Depth dev: the control map's latent beside the latent
+                extra, control = pack(self._control_latent(pipe, job, width, height).repeat(n, 1, 1, 1)), None
+            else:
+                control = self._dit_control(pipe, job, ms, n, pack) if job.control_images else None
             if is_kontext(job.entry) and job.init_image is not None:  # the picture to edit, as reference tokens
                 ref = job.init_image.convert("RGB").resize((width, height), Image.LANCZOS)
                 tokens = pack(self._vae_encode(pipe.vae, [ref]).repeat(n, 1, 1, 1))
@@ -1130,6 +1133,21 @@ class Engine:
                             Q.stack_conditioning(unconds) if guided else None, req.cfg_scale,
                             pack=lambda x: Q.pack(pipe, x), unpack=lambda y: Q.unpack(pipe, y, width, height),
                             shape=(1, height // vae_sf // 2, width // vae_sf // 2), context=context, control=control)
+
+    def _control_latent(self, pipe, job: _Job, width: int, height: int) -> torch.Tensor:
+        """FLUX Canny/Depth dev's control picture: the one unit's image through its preprocessor, at the output size,
+        VAE-encoded (what diffusers' FluxControlPipeline and ComfyUI's InstructPixToPixConditioning give it). The
+        unit names the checkpoint itself (these models are their own ControlNet); its weight and window do not
+        apply."""
+        from .controlnet import preprocess
+        cn, control = job.req.controlnet_units[0], job.control_images[0]
+        own = {job.entry.name.lower(), (job.entry.rel_path or "").lower(), Path(job.entry.path).name.lower()}
+        if cn.model.strip().lower() not in own:
+            raise BadRequest(f"controlnet[0]: {job.entry.name} is a FLUX Canny/Depth dev model, its own ControlNet: "
+                             f"name it as the unit's model, not {cn.model}")
+        image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
+            (width, height), Image.LANCZOS)
+        return self._vae_encode(pipe.vae, [image])
 
     def _dit_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
         """FLUX, SD3 and Qwen-Image ControlNet units: each control image preprocessed and VAE-encoded (for FLUX and
