@@ -21,24 +21,29 @@ from imagesmith.models.probe import probe
 
 @pytest.fixture(scope="module")
 def edit_home(tiny_home, tmp_path_factory):
-    from diffusers import FluxTransformer2DModel
     root = tmp_path_factory.mktemp("flux-edit")
     settings = Settings(home=root)
     settings.ensure_home()
     ckpt = settings.models_dir / "checkpoints"
-    src = tiny_home.models_dir / "checkpoints" / "tiny-flux"
-    shutil.copytree(src, ckpt / "tiny-flux-kontext")
-    fill = ckpt / "tiny-flux-fill"
-    shutil.copytree(src, fill)
-    cfg = json.loads((src / "transformer" / "config.json").read_text())
-    torch.manual_seed(4)
-    t = FluxTransformer2DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}
-                               | {"in_channels": 384, "out_channels": 64}).eval()
-    shutil.rmtree(fill / "transformer")
-    t.save_pretrained(fill / "transformer", safe_serialization=True)
-    index = json.loads((fill / "model_index.json").read_text())
-    (fill / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxFillPipeline"}))
+    shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-flux", ckpt / "tiny-flux-kontext")
+    flux_variant(tiny_home, ckpt / "tiny-flux-fill", 384, "FluxFillPipeline", seed=4)
     return settings
+
+
+def flux_variant(tiny_home, folder, in_channels: int, pipeline: str, *, seed: int):
+    """The tiny FLUX folder with a transformer reading ``in_channels`` features a token (FLUX Fill 384, Canny/Depth
+    dev 128), random weights, under diffusers' ``pipeline`` class."""
+    from diffusers import FluxTransformer2DModel
+    src = tiny_home.models_dir / "checkpoints" / "tiny-flux"
+    shutil.copytree(src, folder)
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    torch.manual_seed(seed)
+    t = FluxTransformer2DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}
+                               | {"in_channels": in_channels, "out_channels": 64}).eval()
+    shutil.rmtree(folder / "transformer")
+    t.save_pretrained(folder / "transformer", safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
 
 
 def _picture(colour=(200, 60, 40)) -> Image.Image:
@@ -278,19 +283,11 @@ def test_differential_diffusion_grows_the_repainted_part_step_by_step():
     assert torch.equal(plain.mask_at(torch.tensor([1.0])), mask)
 
 
-@pytest.mark.parametrize("name, size", [("flux_fill_inpaint_example", (64, 64)),
-                                        ("flux_fill_outpaint_example", (256, 64))])
-def test_comfyuis_flux_fill_templates_run(edit_home, tiny_home, tmp_path, name, size):
-    """ComfyUI's own FLUX Fill templates (inpaint, and outpaint through ImagePadForOutpaint) on ComfyUI's split
-    files: UNETLoader with a Fill transformer file, DualCLIPLoader, VAELoader, InpaintModelConditioning,
-    DifferentialDiffusion, FluxGuidance."""
-    pytest.importorskip("comfyui_workflow_templates")
+def _fill_split_home(edit_home, tiny_home, tmp_path) -> Settings:
+    """ComfyUI's split FLUX files with the tiny Fill transformer as a file of its own (its config embedded)."""
     from safetensors.torch import load_file, save_file
 
-    from fixtures.comfy_templates import on_split_flux, run_template, template
     from fixtures.tiny import split_flux_home
-    from imagesmith.engine.graph.nodes import NODES
-    from imagesmith.engine.graph.ui import ui_to_api
     from imagesmith.models.convert import META_CONFIGS
     settings = split_flux_home(tmp_path / "home", tiny_home)
     src = edit_home.models_dir / "checkpoints" / "tiny-flux-fill" / "transformer"
@@ -299,6 +296,20 @@ def test_comfyuis_flux_fill_templates_run(edit_home, tiny_home, tmp_path, name, 
               str(settings.models_dir / "diffusion_models" / "flux1-fill-tiny.safetensors"),
               metadata={META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items()
                                                                   if not k.startswith("_")}})})
+    return settings
+
+
+@pytest.mark.parametrize("name, size", [("flux_fill_inpaint_example", (64, 64)),
+                                        ("flux_fill_outpaint_example", (256, 64))])
+def test_comfyuis_flux_fill_templates_run(edit_home, tiny_home, tmp_path, name, size):
+    """ComfyUI's own FLUX Fill templates (inpaint, and outpaint through ImagePadForOutpaint) on ComfyUI's split
+    files: UNETLoader with a Fill transformer file, DualCLIPLoader, VAELoader, InpaintModelConditioning,
+    DifferentialDiffusion, FluxGuidance."""
+    pytest.importorskip("comfyui_workflow_templates")
+    from fixtures.comfy_templates import on_split_flux, run_template, template
+    from imagesmith.engine.graph.nodes import NODES
+    from imagesmith.engine.graph.ui import ui_to_api
+    settings = _fill_split_home(edit_home, tiny_home, tmp_path)
     engine = Engine(settings, device="cpu")
     prompt = on_split_flux(ui_to_api(template(name), NODES), "flux1-fill-tiny.safetensors")
     for node in prompt.values():
@@ -365,20 +376,12 @@ def test_comfyuis_onereward_fill_template_runs(edit_home, tiny_home, tmp_path):
     noise mask on and DifferentialDiffusion over a mask grown and blurred by a subgraph (a soft mask: repainted
     step by step), then ImageCompositeMasked puts the result back on the photo through that mask; MaskPreview."""
     pytest.importorskip("comfyui_workflow_templates")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from fixtures.comfy_templates import on_split_flux, run_template, template
-    from fixtures.tiny import split_flux_home
     from imagesmith.engine.graph.nodes import NODES
     from imagesmith.engine.graph.ui import ui_to_api
-    from imagesmith.models.convert import META_CONFIGS
-    settings = split_flux_home(tmp_path / "home", tiny_home)
-    src = edit_home.models_dir / "checkpoints" / "tiny-flux-fill" / "transformer"
-    cfg = json.loads((src / "config.json").read_text())
-    save_file(load_file(str(src / "diffusion_pytorch_model.safetensors")),
-              str(settings.models_dir / "diffusion_models" / "flux1-fill-tiny.safetensors"),
-              metadata={META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items()
-                                                                  if not k.startswith("_")}})})
+    settings = _fill_split_home(edit_home, tiny_home, tmp_path)
     g = torch.Generator().manual_seed(5)  # a rank-2 LoRA on the tiny transformer's attention (diffusers' layout)
     save_file({f"transformer.transformer_blocks.0.attn.{m}.lora_{ab}.weight":
                torch.randn((2, 16) if ab == "A" else (16, 2), generator=g) * 0.3
@@ -407,21 +410,12 @@ def test_flux_canny_dev_natively_draws_diffusers_control_pipelines_pixels(tiny_h
     """FLUX Canny/Depth dev natively: the model is its own ControlNet (the unit names the checkpoint); the control
     map's latent rides beside the latent as diffusers' FluxControlPipeline (a peer we did not write) feeds it, and the
     pictures agree (its control latent taken at the posterior's mode, as imagesmith's)."""
-    from diffusers import FluxControlPipeline, FluxTransformer2DModel
+    from diffusers import FluxControlPipeline
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     settings = Settings(home=tmp_path / "home")
     settings.ensure_home()
-    src = tiny_home.models_dir / "checkpoints" / "tiny-flux"
-    folder = settings.models_dir / "checkpoints" / "tiny-flux-canny"
-    shutil.copytree(src, folder)
-    cfg = json.loads((src / "transformer" / "config.json").read_text())
-    torch.manual_seed(6)
-    t = FluxTransformer2DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}
-                               | {"in_channels": 128, "out_channels": 64}).eval()
-    shutil.rmtree(folder / "transformer")
-    t.save_pretrained(folder / "transformer", safe_serialization=True)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxControlPipeline"}))
+    flux_variant(tiny_home, settings.models_dir / "checkpoints" / "tiny-flux-canny", 128, "FluxControlPipeline",
+                 seed=6)
     engine = Engine(settings, device="cpu")
     edges = Image.new("RGB", (64, 64), 0)
     edges.paste((255, 255, 255), (20, 8, 28, 56))
