@@ -21,7 +21,7 @@ from ...core.metadata import build_infotext, make_png_chunks
 from ...core.sampling_names import SAMPLER_NAMES, SCHEDULE_NAMES, sampler_label, schedule_label
 from ..loras import ResolvedLora, apply_loras
 from ..sampling.ksampler import available_samplers
-from .sample import custom_sigmas, ksample, resolved_loras, vae_module
+from .sample import custom_sigmas, ksample, resolved_loras, schedule_sampling, vae_module
 from .spec import MAX_SEED, Input, Node
 from .text_encoders import (TYPES as CLIP_TYPES, companion_for, load_encoders, pipeline_view, qwen_text_pipeline,
                             text_encoder_files)
@@ -490,10 +490,7 @@ def _sd_turbo_scheduler(ctx, model, steps, denoise):
     denoise)`` of them), then 0."""
     if denoise <= 0:
         return (torch.zeros(0),)
-    from .sample import model_sampling_for
-    entry = ctx.engine.pipeline(model.entry)
-    with entry.use():
-        ms = model_sampling_for(ctx.engine, entry.value, model, 512, 512)
+    ms = schedule_sampling(ctx, model)
     start = 10 - int(10 * denoise)
     timesteps = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start:start + int(steps)]
     sigmas = ms.sigma(timesteps.float()).float()
@@ -641,7 +638,11 @@ def _latent_upscale_by(ctx, samples, upscale_method, scale_by):
 # ------------------------------------------------------------------------------------------------ images
 
 def _load_image(ctx, image, upload=None):
-    path = input_path(ctx.input_dir, image)
+    return _picture_and_mask(ctx, input_path(ctx.input_dir, image))
+
+
+def _picture_and_mask(ctx, path: Path):
+    """IMAGE and MASK of an image file (ComfyUI's mask: 1 - alpha; none: a 64x64 zero mask)."""
     im = load_image(path, settings=ctx.engine.settings, mode=None, what="image")
     im = ImageOps.exif_transpose(im)
     rgb = from_image(im)[None]
@@ -685,18 +686,7 @@ def input_path(input_dir: Path, name: str) -> Path:
 
 def _load_image_output(ctx, image, upload=None):
     """ComfyUI's LoadImageOutput: an image this user saved (``name [output]``), read from their output folder."""
-    return _load_image(_WithInput(ctx), image)
-
-
-class _WithInput:
-    """A context whose input folder is the caller's output folder (LoadImageOutput reads saved images)."""
-
-    def __init__(self, ctx):
-        self._ctx = ctx
-        self.input_dir = ctx.output_dir
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
+    return _picture_and_mask(ctx, input_path(ctx.output_dir, image))
 
 
 PREFERRED_KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248),

@@ -188,6 +188,13 @@ def _flux_concat(conds: list[Cond], samples: torch.Tensor, vae_sf: int, features
     return out.repeat(n // out.shape[0], 1, 1, 1) if out.shape[0] != n else out
 
 
+def schedule_sampling(ctx, model: ModelValue):
+    """The model's sampling for the schedule nodes, which know no image size (1024x1024: FLUX's default shift)."""
+    entry = ctx.engine.pipeline(model.entry)
+    with entry.use():
+        return model_sampling_for(ctx.engine, entry.value, model, 1024, 1024)
+
+
 def custom_sigmas(ctx, model: ModelValue, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
     """BasicScheduler: ``steps`` sigmas of the model's schedule (of int(steps / denoise) when denoise < 1, the last
     steps + 1 of them), no sampler-specific trimming (that is KSampler's). A schedule knows no image size: a FLUX
@@ -195,9 +202,7 @@ def custom_sigmas(ctx, model: ModelValue, scheduler: str, steps: int, denoise: f
     from ..sampling.schedules import make_sigmas
     if denoise <= 0:
         return torch.zeros(0)
-    entry = ctx.engine.pipeline(model.entry)
-    with entry.use():
-        ms = model_sampling_for(ctx.engine, entry.value, model, 1024, 1024)
+    ms = schedule_sampling(ctx, model)
     _, schedule = resolve_sampling("euler", scheduler, flow=ms.is_flow)
     total = steps if denoise >= 0.9999 else int(steps / denoise)
     family = "sdxl" if model.entry.arch == "sdxl" else "sd1"
