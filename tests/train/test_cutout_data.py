@@ -161,7 +161,8 @@ def test_real_photos_have_hand_masks():
 
 
 def test_boundary_f_and_metrics():
-    from imagesmith.train.cutout_eval import boundary_f, matte_metrics, summarise
+    from imagesmith.train.cutout_eval import boundary_f, deepest_point, matte_metrics, summarise
+    from imagesmith.vision.cutout import matte_confidence
     gt = np.zeros((100, 100), np.float32)
     gt[30:70, 30:70] = 1
     assert boundary_f(gt, gt) == 1.0
@@ -169,10 +170,11 @@ def test_boundary_f_and_metrics():
     far = np.roll(gt, 12, axis=1)
     assert boundary_f(near, gt) == 1.0 and boundary_f(far, gt) < 0.6
     assert boundary_f(np.zeros_like(gt), gt) == 0.0
-    m = matte_metrics(far, gt)
-    assert abs(m["mae"] - float(np.abs(far - gt).mean())) < 1e-9 and 0.5 < m["iou"] < 0.6
-    s = summarise([matte_metrics(gt, gt), m])
-    assert s["n"] == 2 and s["bad"] == 1 and s["min_iou"] == round(m["iou"], 4)
+    m = matte_metrics((far, 0.3, {}), gt)
+    assert abs(m["mae"] - float(np.abs(far - gt).mean())) < 1e-9 and 0.5 < m["iou"] < 0.6 and m["confidence"] == 0.3
+    s = summarise([matte_metrics((gt, *matte_confidence(gt)), gt), m])
+    assert s["n"] == 2 and s["bad"] == 1 and s["min_iou"] == round(m["iou"], 4) and s["bad_caught"] == 1
+    assert deepest_point(gt) in {(49, 49), (50, 50), (49, 50), (50, 49)}  # the middle of the square
 
 
 def test_realism_changes_training_samples_only(sources):

@@ -338,3 +338,57 @@ def test_an_unclear_part_under_a_point_is_re_segmented_and_a_clear_one_is_kept()
     clear = ColourKeySegmenter()
     assert np.array_equal(guided_matte(img, clear, point=(150, 95)),
                           guided_matte(img, clear, point=(150, 95), colour=False))
+
+
+# ------------------------------------------------------------------------------ how far a guided cut is trusted
+def test_a_box_whose_two_cuts_disagree_is_not_trusted():
+    """scikit-image's motorcycle in a garage, boxed: the colour cut keeps the red crates behind it and loses the
+    dark front wheel (IoU 0.62 against the hand mask), while looking crisp: the segmenter's own matte scores it
+    confident. The segmenter's cut of the box and the colour cut disagree (IoU 0.32), so the guided matte's
+    confidence is low, and the ad is refused rather than made."""
+    from imagesmith.models.segment import load_segmenter
+    from imagesmith.vision.cutout import UnclearCutout, cutout_confidence, scored_matte
+    bike, seg = _real("motorcycle"), load_segmenter()
+    alpha, score, parts = scored_matte(bike["image"], seg, box=bike["box"])
+    assert iou(alpha, bike["mask"]) < 0.7 and cutout_confidence(alpha)[0] >= 0.5  # crisp, wrong
+    assert parts["agreement"] < 0.5 and score < 0.5
+    with pytest.raises(UnclearCutout, match="tighter product_box") as err:
+        cutout(bike["image"], seg, box=bike["box"], min_confidence=0.5)
+    assert err.value.field == "product_box"
+    # a tap on its seat keeps the seat and tank only: the pieces beside it say the tap did not get it all
+    alpha, score, parts = scored_matte(bike["image"], seg, point=bike["point"])
+    assert iou(alpha, bike["mask"]) < 0.4 and parts["neighbours"] > 0.5 and score < 0.5
+    with pytest.raises(UnclearCutout, match="give product_box") as err:
+        cutout(bike["image"], seg, point=bike["point"], min_confidence=0.5)
+    assert err.value.field == "product_box"
+
+
+def test_matte_confidence_scales_by_agreement_and_neighbours():
+    from imagesmith.vision.cutout import cutout_confidence, matte_confidence
+    clean = soft_disc(200, 150, cx=100, cy=75, r=40)
+    base = cutout_confidence(clean)[0]
+    assert base > 0.9
+    assert matte_confidence(clean)[0] == base
+    assert matte_confidence(clean, agreement=0.95)[0] == base  # two cuts that agree: full trust
+    assert matte_confidence(clean, agreement=0.5)[0] == 0.0  # they disagree: none
+    half = matte_confidence(clean, agreement=0.675)
+    assert abs(half[0] - base / 2) < 0.01 and half[1]["agreement"] == 0.675
+    assert matte_confidence(clean, neighbours=0.05)[0] == base
+    assert matte_confidence(clean, neighbours=0.8)[0] == 0.0
+
+
+def test_a_tap_beside_other_pieces_of_the_matte_is_less_trusted():
+    """A segmenter that split the product into pieces (the motorcycle's seat, its body, its tail): a tap keeps
+    one piece, and the others right beside it lower the confidence; a lone product tapped keeps its score."""
+    from imagesmith.vision.cutout import scored_matte
+    seat = np.zeros((180, 240), np.float32)
+    seat[60:90, 100:140] = 1.0
+    rest = np.zeros_like(seat)
+    rest[93:140, 60:180] = 1.0  # the body below, split off by a thin gap
+    rest[55:90, 60:97] = 1.0  # the tail beside it
+    img = Image.fromarray(over((200, 30, 40), (128, 128, 128), seat + rest))
+    _, score, parts = scored_matte(img, FakeSegmenter(seat + rest), point=(120, 75), colour=False)
+    assert parts["neighbours"] > 0.5 and score < 0.5
+    lone_img = Image.fromarray(over((200, 30, 40), (128, 128, 128), seat))
+    _, lone, parts = scored_matte(lone_img, FakeSegmenter(seat), point=(120, 75), colour=False)
+    assert parts["neighbours"] == 0.0 and lone > 0.8
