@@ -152,7 +152,8 @@ def test_the_controlnet_extension_api(api):
                                              "lineart_standard (from white bg & black line)",
                                              "invert (from white bg & black line)", "threshold", "tile_resample",
                                              "openpose", "openpose_hand", "depth_anything", "depth_anything_v2",
-                                             "depth_midas", "depth_zoe"]
+                                             "depth_midas", "depth_zoe", "lineart_realistic", "lineart_coarse",
+                                             "lineart_anime", "softedge_hed", "softedge_hedsafe", "scribble_hed"]
     detected = api.controlnet_detect([_edges_image()], module="canny", threshold_a=100, threshold_b=200)
     edges = np.asarray(detected.images[0].convert("L"))
     assert edges.max() == 255 and edges[32, 32] == 0 and edges[16, 16:48].max() == 255  # the square's outline
@@ -187,7 +188,8 @@ def test_several_controlnet_units_add_up(api):
 
 
 @pytest.mark.parametrize("units,needle", [
-    ([dict(module="lineart_anime")], "not available in imagesmith; available: none, canny, scribble_xdog"),
+    ([dict(module="mlsd")], "not available in imagesmith; available: none, canny, scribble_xdog"),
+    ([dict(module="lineart_anime")], "lineart_anime needs netG.pth or netG.safetensors"),  # no file there
     ([dict(module="depth_midas")], "depth_midas needs a DPT folder"),  # no depth model installed there
     ([{}] * 5, "at most 4 ControlNet units a request; 5 are enabled"),
 ])
@@ -196,6 +198,37 @@ def test_controlnet_units_imagesmith_cannot_run_are_a_422(api, units, needle):
     with pytest.raises(RuntimeError) as err:
         api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=made)
     assert err.value.args[0] == 422 and needle in err.value.args[1]
+
+
+def test_lineart_units_on_the_users_annotator_file(api):
+    """The user's sk_model.pth (lllyasviel/Annotators, here with random weights) under models/annotators/: the
+    extension's detect route and a lineart unit (by the extension's old name 'lineart' too) run it at the unit's
+    processor_res; the map equals the engine's own preprocessing of the same photo."""
+    import skimage.data as data
+    import torch
+    from imagesmith.core.requests import ControlNetSpec
+    from imagesmith.core.settings import Settings
+    from imagesmith.engine.annotators import LineartNet
+    from imagesmith.engine.controlnet import preprocess
+    folder = api.imagesmith_home / "models" / "annotators" / "lineart"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(LineartNet().state_dict(), folder / "sk_model.pth")
+    photo = Image.fromarray(data.astronaut()).resize((96, 96))
+    try:
+        detected = api.controlnet_detect([photo], module="lineart_realistic", processor_res=128).images[0]
+        want = preprocess(photo, ControlNetSpec(model="-", image="-", preprocessor="lineart_realistic",
+                                                processor_res=128), settings=Settings(home=api.imagesmith_home))
+        assert detected.size == (96, 96) and np.array_equal(np.asarray(detected.convert("RGB")), np.asarray(want))
+        assert np.asarray(want).std() > 5
+        kw = dict(alwayson_scripts={}, prompt="a portrait", seed=4, width=64, height=64)
+        plain = np.asarray(api.txt2img(**kw).image, np.int16)
+        unit = webuiapi.ControlNetUnit(image=photo, module="lineart", model="tiny-controlnet", processor_res=128)
+        guided = api.txt2img(**kw, controlnet_units=[unit])
+        assert 'tiny-controlnet (lineart_realistic, 1)' in guided.info["infotexts"][0]
+        assert np.abs(np.asarray(guided.image, np.int16) - plain).mean() > 0.5
+    finally:
+        (folder / "sk_model.pth").unlink()
 
 
 # webuiapi's txt2img has `alwayson_scripts={}` as a mutable default and writes its ControlNet and ADetailer units

@@ -68,7 +68,8 @@ def generate(
                                                "or by index (FLUX InstantX/Shakker union: 0 canny, 1 tile, 2 depth, 3 "
                                                "blur, 4 pose, 5 gray, 6 low quality); default: what the "
                                                "preprocessor draws"),
-    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand or none"),
+    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe, scribble_hed or none (imagesmith controlnet preprocessors)"),
+    control_processor_res: Optional[int] = typer.Option(None, "--control-processor-res", min=64, max=4096, help="a network preprocessor's working resolution (default 512)"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
     ip_adapter: Optional[str] = typer.Option(None, "--ip-adapter", help="IP-Adapter name (models/ipadapter): the "
                                              "--ref images guide the picture"),
@@ -146,7 +147,8 @@ def generate(
             union = {} if control_mode is None else {"union_mode": int(control_mode)} if control_mode.isdigit() \
                 else {"union_type": control_mode}
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
-                                                  preprocessor=control_preprocessor, weight=control_weight, **union)
+                                                  preprocessor=control_preprocessor, weight=control_weight,
+                                                  processor_res=control_processor_res, **union)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
         if edit_images:

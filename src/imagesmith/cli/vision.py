@@ -199,10 +199,16 @@ app.add_typer(controlnet_app, name="controlnet")
 def controlnet_detect(image: str = typer.Argument(..., help="the image to preprocess"),
                       preprocessor: str = typer.Option("canny", "--preprocessor", "-p", help="canny, scribble_xdog, "
                                                        "lineart_standard, invert, threshold, tile_resample, "
-                                                       "openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, none"),
+                                                       "openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, "
+                                                       "lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, "
+                                                       "softedge_hedsafe, scribble_hed, none (imagesmith controlnet "
+                                                       "preprocessors lists which can run here)"),
                       threshold_a: Optional[float] = typer.Option(None, "--threshold-a", help="the first slider "
                                                                   "(canny low, xdog threshold, level, tile rate)"),
                       threshold_b: Optional[float] = typer.Option(None, "--threshold-b", help="canny high"),
+                      processor_res: Optional[int] = typer.Option(None, "--processor-res", min=64, max=4096,
+                                                                  help="a network preprocessor's working resolution "
+                                                                  "(short side; default 512)"),
                       output: Path = typer.Option(Path("detected.png"), "-o", "--output"),
                       as_json: bool = typer.Option(False, "--json")):
     """Run a ControlNet preprocessor alone and save its detected map (what the ControlNet would see)."""
@@ -215,12 +221,34 @@ def controlnet_detect(image: str = typer.Argument(..., help="the image to prepro
     low = int(threshold_a) if preprocessor == "canny" and threshold_a is not None else 100
     high = int(threshold_b) if preprocessor == "canny" and threshold_b is not None else 200
     spec = ControlNetSpec(model="-", image=image, preprocessor=preprocessor, canny_low=low, canny_high=high,
-                          threshold_a=threshold_a, threshold_b=threshold_b)
+                          threshold_a=threshold_a, threshold_b=threshold_b, processor_res=processor_res)
     settings = Settings.from_env()
-    detected = preprocess(load_image(image, settings=settings, mode="RGB", what="image"), spec, settings=settings)
+    loaded = load_image(image, settings=settings, mode="RGB", what="image")
+    from contextlib import nullcontext
+
+    from rich.console import Console
+    err = Console(stderr=True)
+    with err.status(f"{preprocessor} on {Path(image).name}") if err.is_terminal and not as_json else nullcontext():
+        detected = preprocess(loaded, spec, settings=settings)
     save_png_atomic(detected, output)
     if as_json:
         print(json.dumps({"output": str(output), "preprocessor": preprocessor, "width": detected.width,
                           "height": detected.height}))
     else:
         print(f"{output} ({preprocessor}, {detected.width}x{detected.height})")
+
+
+@controlnet_app.command("preprocessors")
+def controlnet_preprocessors(as_json: bool = typer.Option(False, "--json")):
+    """Every preprocessor, whether it can run here, and for those that need a file, which file and where."""
+    from ..core.settings import Settings
+    from ..engine.controlnet import preprocessor_status
+    rows = preprocessor_status(Settings.from_env())
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        state = "ready" if r["available"] else "unavailable"
+        where = f"  {r['file']}" if r.get("file") else ""
+        need = f"  ({r['needs']})" if not r["available"] else ""
+        print(f"{r['name']:<18} {state:<11} {r['kind']:<9}{where}{need}")

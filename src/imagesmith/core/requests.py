@@ -96,9 +96,14 @@ class ControlNetSpec(BaseModel):
     image: str = Field(..., description="path of the control image")
     preprocessor: Literal["canny", "none", "scribble_xdog", "lineart_standard", "invert", "threshold",
                           "tile_resample", "openpose", "openpose_hand", "depth_anything", "depth_midas",
-                          "depth_zoe"] = Field(
+                          "depth_zoe", "lineart_realistic", "lineart_coarse", "lineart_anime", "softedge_hed",
+                          "softedge_hedsafe", "scribble_hed"] = Field(
         "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models; "
-        "depth: your transformers depth model in models/annotators/)")
+        "depth: your transformers depth model in models/annotators/; lineart_* and *_hed: lllyasviel's annotator "
+        "files sk_model, sk_model2, netG, ControlNetHED in models/annotators/)")
+    processor_res: int | None = Field(None, ge=64, le=4096, description="the resolution a network preprocessor "
+                                      "works at (the image's short side scaled to it; the extension's "
+                                      "processor_res); default 512")
     weight: float = Field(1.0, ge=0.0, le=2.0)
     guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     guidance_end: float = Field(1.0, ge=0.0, le=1.0)

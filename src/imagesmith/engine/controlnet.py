@@ -1,7 +1,9 @@
 """ControlNet preprocessors: what the ControlNet extension calls canny, scribble_xdog, lineart standard, invert,
 threshold and tile_resample (no model), openpose and openpose_hand (mediapipe's bundled models), depth_anything,
-depth_midas and depth_zoe (the user's transformers depth model under models/annotators/), plus 'none' (a
-ready-made control image). Each takes the image and the extension's two slider values (``threshold_a``,
+depth_midas and depth_zoe (the user's transformers depth model under models/annotators/), lineart_realistic,
+lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe and scribble_hed (lllyasviel's annotator files
+under models/annotators/, run by :mod:`imagesmith.engine.annotators`), plus 'none' (a ready-made control
+image). Each takes the image and the extension's two slider values (``threshold_a``,
 ``threshold_b``; None for the module's default) and gives the control image the ControlNet sees (its 'detected
 map')."""
 
@@ -77,6 +79,8 @@ class Preprocessor:
     model_free: bool = False
     depth: tuple[str, ...] = ()
     """for a depth module: the transformers model types it runs (from the user's models/annotators/)"""
+    network: bool = False
+    """runs a network from the user's annotator file (engine.annotators: line art, soft edges)"""
 
 
 DEPTH_HINT = {"depth_anything": "a Depth Anything folder (e.g. depth-anything/Depth-Anything-V2-Small-hf)",
@@ -144,6 +148,9 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "depth_anything": Preprocessor(lambda im, a, b: im, depth=("depth_anything",)),
     "depth_midas": Preprocessor(lambda im, a, b: im, depth=("dpt",)),
     "depth_zoe": Preprocessor(lambda im, a, b: im, depth=("zoedepth",)),
+    # line art and soft edges by lllyasviel's annotator networks (the user's files in models/annotators/)
+    **{name: Preprocessor(lambda im, a, b: im, network=True) for name in (
+        "lineart_realistic", "lineart_coarse", "lineart_anime", "softedge_hed", "softedge_hedsafe", "scribble_hed")},
 }
 
 
@@ -159,7 +166,9 @@ UNION_INDEX = {
 }
 PREPROCESSOR_KIND = {"openpose": "openpose", "openpose_hand": "openpose", "depth_anything": "depth",
                      "depth_midas": "depth", "depth_zoe": "depth", "scribble_xdog": "softedge", "canny": "hardedge",
-                     "lineart_standard": "hardedge", "invert": "hardedge", "tile_resample": "tile"}
+                     "lineart_standard": "hardedge", "invert": "hardedge", "tile_resample": "tile",
+                     "lineart_realistic": "hardedge", "lineart_coarse": "hardedge", "lineart_anime": "hardedge",
+                     "softedge_hed": "softedge", "softedge_hedsafe": "softedge", "scribble_hed": "softedge"}
 """what each preprocessor's map is, as the extension infers a union type from its module when none is given"""
 
 
@@ -196,5 +205,33 @@ def preprocess(image: Image.Image, spec: ControlNetSpec, *, settings=None, cache
     if PREPROCESSORS[spec.preprocessor].depth:
         from ..core.settings import Settings
         return depth_map(image, depth_folder(settings or Settings.from_env(), spec.preprocessor), cache)
+    if PREPROCESSORS[spec.preprocessor].network:
+        from ..core.settings import Settings
+        from .annotators import annotate
+        return annotate(image, spec.preprocessor, settings=settings or Settings.from_env(), cache=cache,
+                        resolution=spec.processor_res)
     a, b = slider_values(spec.preprocessor, spec.threshold_a, spec.threshold_b)
     return PREPROCESSORS[spec.preprocessor].run(image, a, b)
+
+
+def preprocessor_status(settings) -> list[dict]:
+    """Every preprocessor with whether it can run with what this install has: ``name``, ``kind`` (what its map
+    is), ``available``, and for those that need a user's file, ``file`` (the one found) or ``needs`` (what to
+    add, and where)."""
+    from .annotators import annotator_file, missing_hint
+    rows = []
+    for name, p in PREPROCESSORS.items():
+        row: dict = {"name": name, "kind": PREPROCESSOR_KIND.get(name, "-"), "available": True}
+        if p.depth:
+            try:
+                row["file"] = str(depth_folder(settings, name))
+            except Exception as exc:  # MissingModelFile: its message says what to add
+                row.update(available=False, needs=str(exc))
+        elif p.network:
+            found = annotator_file(settings, name)
+            if found is None:
+                row.update(available=False, needs=missing_hint(settings, name))
+            else:
+                row["file"] = str(found)
+        rows.append(row)
+    return rows

@@ -2,7 +2,8 @@
 `/controlnet/version`, `model_list`, `module_list`, `detect`, and its units in `alwayson_scripts` of txt2img and
 img2img, mapped onto the engine's ControlNet (up to four units, residuals summed; the model-free preprocessors
 imagesmith runs: canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose,
-openpose_hand, the depth modules with the user's depth model, and none).
+openpose_hand, the depth modules with the user's depth model, the line-art and HED modules with the user's
+annotator files, and none).
 A module imagesmith cannot run is a 422 naming what it can, never a silent skip."""
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble_xdog",  
            "invert (from white bg & black line)": "invert", "threshold": "threshold",
            "tile_resample": "tile_resample", "openpose": "openpose", "openpose_hand": "openpose_hand",
            "depth_anything": "depth_anything", "depth_anything_v2": "depth_anything", "depth_midas": "depth_midas",
-           "depth_zoe": "depth_zoe"}
+           "depth_zoe": "depth_zoe", "lineart_realistic": "lineart_realistic",
+           "lineart_coarse": "lineart_coarse", "lineart_anime": "lineart_anime", "softedge_hed": "softedge_hed",
+           "softedge_hedsafe": "softedge_hedsafe", "scribble_hed": "scribble_hed"}
+MODULE_ALIASES = {"lineart": "lineart_realistic", "hed": "softedge_hed"}
+"""the extension's old module names, which clients still send"""
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"
 
 
@@ -68,7 +73,8 @@ async def detect(request: Request, svc: Svc):
     a, b = body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b")
     low, high = _thresholds(a, b)
     spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high,
-                          threshold_a=_number(a), threshold_b=_number(b))
+                          threshold_a=_number(a), threshold_b=_number(b),
+                          processor_res=_resolution(body.get("controlnet_processor_res")))
     out = []
     for data in images:
         image = load_image(decode_base64(data), settings=svc.settings, mode="RGB", what="controlnet input image")
@@ -159,7 +165,17 @@ def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
             "preprocessor": _module(unit.get("module", "none")), "weight": unit.get("weight", 1.0),
             "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
             "canny_low": low, "canny_high": high, "threshold_a": _number(unit.get("threshold_a")),
-            "threshold_b": _number(unit.get("threshold_b"))}
+            "threshold_b": _number(unit.get("threshold_b")), "processor_res": _resolution(unit.get("processor_res"))}
+
+
+def _resolution(v) -> int | None:
+    """A unit's processor_res: None (512) when unset (-1, missing); the extension's own bounds otherwise."""
+    n = _number(v)
+    if n is None:
+        return None
+    if not 64 <= n <= 4096:
+        raise BadRequest(f"processor_res {v!r} is outside 64..4096")
+    return int(n)
 
 
 def _number(v) -> float | None:
@@ -179,6 +195,7 @@ MAX_UNITS = 4  # the extension's default "Multi-ControlNet: ControlNet unit numb
 
 def _module(name) -> str:
     key = str(name).strip().lower()
+    key = MODULE_ALIASES.get(key, key)
     if key not in MODULES:
         raise BadRequest(f"ControlNet module {name!r} is not available in imagesmith; available: "
                          f"{', '.join(MODULES)}")
