@@ -297,3 +297,17 @@ def test_canny_node_is_kornias_canny():
             to_theirs = cv2.distanceTransform((~theirs).astype(np.uint8), cv2.DIST_L2, 3)
             to_ours = cv2.distanceTransform((~ours).astype(np.uint8), cv2.DIST_L2, 3)
             assert (to_theirs[ours] <= 1).mean() >= 0.99 and (to_ours[theirs] <= 1).mean() >= 0.99, (name, lo, hi)
+
+
+def test_image_scale_to_max_dimension_as_comfyui():
+    """ComfyUI's ImageScaleToMaxDimension: the longer side to largest_size, the other in proportion, rounded."""
+    import torch
+    from imagesmith.engine.graph.nodes import NODES
+    run = NODES["ImageScaleToMaxDimension"].run
+    tall = torch.rand(1, 128, 96, 3)
+    assert tuple(run(None, tall, "area", 64)[0].shape) == (1, 64, 48, 3)
+    wide = torch.rand(1, 90, 200, 3)
+    assert tuple(run(None, wide, "bilinear", 100)[0].shape) == (1, 45, 100, 3)
+    square = torch.full((1, 40, 40, 3), 0.25)
+    out = run(None, square, "lanczos", 80)[0]
+    assert tuple(out.shape) == (1, 80, 80, 3) and torch.allclose(out, torch.tensor(0.25), atol=1.5 / 255)  # lanczos: 8-bit PIL, as ComfyUI

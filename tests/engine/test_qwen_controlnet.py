@@ -18,12 +18,13 @@ from imagesmith.engine.generate import Engine
 QWEN = "tiny-qwen-image"
 
 
-def _controlnet(transformer, seed: int = 1):
+def _controlnet(transformer, seed: int = 1, extra: int = 0):
     """A tiny ControlNet made from the tiny transformer as InstantX made theirs (from_transformer), its zero-initialised
-    input and output layers given weights so it acts."""
+    input and output layers given weights so it acts (``extra``: 4 for the inpainting one, whose input reads the
+    mask's channel beside the latent's 16)."""
     from diffusers import QwenImageControlNetModel
     cn = QwenImageControlNetModel.from_transformer(transformer, num_layers=2, attention_head_dim=16,
-                                                   num_attention_heads=2)
+                                                   num_attention_heads=2, extra_condition_channels=extra)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in [cn.controlnet_x_embedder, *cn.controlnet_blocks]:
@@ -44,6 +45,7 @@ def home(tmp_path_factory):
     cn.save_pretrained(folder / "tiny-qwen-union", safe_serialization=True)
     # as ComfyUI keeps it: one file, no config beside it
     save_file({k: v.contiguous() for k, v in cn.state_dict().items()}, str(folder / "tiny-qwen-union-file.safetensors"))
+    _controlnet(pipe.transformer, seed=2, extra=4).save_pretrained(folder / "tiny-qwen-inpaint", safe_serialization=True)
     return settings
 
 
@@ -148,3 +150,71 @@ def test_a_controlnet_of_another_family_is_one_line(engine, tmp_path, tiny_home)
     with pytest.raises(BadRequest, match="is an SD ControlNet; tiny-qwen-image is Qwen-Image"):
         engine.generate(GenerateRequest(prompt="x", model=QWEN, width=32, height=32, steps=1, controlnet=ControlNetSpec(
             model="tiny-cn", image=_control(tmp_path), preprocessor="none")))
+
+
+def _mask(tmp_path) -> str:
+    m = Image.new("L", (64, 48), 0)
+    m.paste(255, (20, 12, 48, 36))  # repaint the middle
+    path = tmp_path / "mask.png"
+    m.save(path)
+    return str(path)
+
+
+def test_the_inpainting_controlnet_draws_diffusers_pipelines_pixels(engine, tmp_path, monkeypatch):
+    """InstantX's Qwen-Image-ControlNet-Inpainting (17 latent channels in: the picture with its hole black, and the
+    mask of what to keep): imagesmith with the unit's mask gives the pixels of diffusers'
+    QwenImageControlNetInpaintPipeline (run with the posterior's mode, as imagesmith encodes)."""
+    from diffusers import QwenImageControlNetInpaintPipeline
+    control, mask = _control(tmp_path), _mask(tmp_path)
+    req = GenerateRequest(prompt="a green taxi on the road", negative_prompt="blurry", model=QWEN, width=64,
+                          height=48, steps=4, cfg_scale=4.0, seed=9, sampler_name="euler", scheduler="simple",
+                          noise="comfy", controlnet=ControlNetSpec(model="tiny-qwen-inpaint", image=control,
+                                                                   mask=mask, preprocessor="none", weight=0.9))
+    ours = _pixels(engine.generate(req))
+    pipe = engine.pipeline(engine.checkpoint(QWEN)).value
+    cn = engine._component("controlnet", "tiny-qwen-inpaint")
+    assert cn.config.extra_condition_channels == 4
+
+    class Mode:  # the peer draws image_latents from latent_dist.sample(): give it the mode
+        def __init__(self, dist):
+            self.dist = dist
+
+        def sample(self, generator=None):
+            return self.dist.mode()
+
+        def mode(self):
+            return self.dist.mode()
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x, *a, **k: type("Out", (), {"latent_dist": Mode(
+        encode(x, *a, **k).latent_dist)})())
+    peer = QwenImageControlNetInpaintPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                              tokenizer=pipe.tokenizer, transformer=pipe.transformer, controlnet=cn)
+    theirs = peer(req.prompt, negative_prompt=req.negative_prompt, true_cfg_scale=4.0, width=64, height=48,
+                  num_inference_steps=4, control_image=Image.open(control), control_mask=Image.open(mask),
+                  controlnet_conditioning_scale=0.9, generator=torch.Generator().manual_seed(9),
+                  output_type="np").images[0]
+    theirs = np.round(theirs * 255)
+    assert np.abs(ours - theirs).max() <= 2, np.abs(ours - theirs).max()
+    # the mask is read: another mask, another picture
+    other = tmp_path / "other-mask.png"
+    Image.new("L", (64, 48), 255).save(other)
+    moved = _pixels(engine.generate(req.model_copy(update={"controlnet": req.controlnet.model_copy(
+        update={"mask": str(other)})})))
+    assert np.abs(moved - ours).max() > 4
+
+
+def test_the_inpainting_controlnet_takes_the_requests_mask_and_needs_one(engine, tmp_path):
+    """In an inpainting request the unit reads the request's mask when it has none of its own; with no mask anywhere
+    it is one line naming the field; a mask on a ControlNet that reads none is refused too."""
+    control, mask = _control(tmp_path), _mask(tmp_path)
+    base = dict(prompt="a teapot", model=QWEN, width=64, height=48, steps=2, seed=3, cfg_scale=1.0)
+    unit = ControlNetSpec(model="tiny-qwen-inpaint", image=control, preprocessor="none")
+    inpaint = dict(base, init_image=control, mask=mask, denoising_strength=1.0)
+    own = _pixels(engine.generate(GenerateRequest(**inpaint, controlnet=unit.model_copy(update={"mask": mask}))))
+    shared = _pixels(engine.generate(GenerateRequest(**inpaint, controlnet=unit)))
+    assert np.array_equal(own, shared)
+    with pytest.raises(BadRequest, match="inpainting ControlNet: give the unit a mask"):
+        engine.generate(GenerateRequest(**base, controlnet=unit))
+    with pytest.raises(BadRequest, match="a unit's mask is read by inpainting ControlNets only"):
+        engine.generate(GenerateRequest(**base, controlnet=ControlNetSpec(
+            model="tiny-qwen-union", image=control, preprocessor="none", mask=mask)))

@@ -461,6 +461,9 @@ QWEN_TEMPLATES = {  # ComfyUI's own Qwen-Image templates -> output node and size
     "image_qwen_image": {"60": [(336, 336)]},  # EmptySD3LatentImage 1328 / 4, to 16 px
     # the 128x96 photo at 1.68 / 16 "MP" of 1024^2 pixels (383x287: the Canny map), VAEEncode's 8 px crop
     "image_qwen_image_instantx_controlnet": {"60": [(376, 280)], "73": [(383, 287)]},
+    # the 128x96 photo, its transparent right half repainted (ControlNetInpaintingAliMamaApply, SetLatentNoiseMask),
+    # the original pasted back (163), the grown and blurred mask previewed (124)
+    "image_qwen_image_instantx_inpainting_controlnet": {"60": [(128, 96)], "124": [(128, 96)], "163": [(128, 96)]},
     "image_qwen_image_edit": {"60": [(296, 216)]},  # the 128x96 photo at 1/16 MP (296x222), VAEEncode's 8 px crop
     "image_qwen_image_edit_2509": {"60": [(296, 216)]},  # its KSampler also starts from the photo's latent
 }
@@ -478,6 +481,8 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
     settings, root = comfy_tree
     if name == "image_qwen_image_instantx_controlnet":
         _instantx_file(settings, root)
+    if name == "image_qwen_image_instantx_inpainting_controlnet":
+        _instantx_file(settings, root, inpainting=True)
     lora = settings.models_dir / "loras" / "qwen-tiny-lora.safetensors"
     if not lora.exists():  # a rank-4 LoRA on the tiny transformer's attention, ComfyUI/lightx2v layout
         from safetensors.torch import save_file
@@ -501,26 +506,34 @@ def test_comfyui_qwen_templates_run_on_the_split_files(comfy_tree, tmp_path, sma
         elif kind == "LoraLoaderModelOnly":
             i["lora_name"] = "qwen-tiny-lora.safetensors"
         elif kind == "ControlNetLoader":
-            i["control_net_name"] = "qwen-instantx-tiny.safetensors"
+            i["control_net_name"] = "qwen-instantx-inpaint-tiny.safetensors" if "inpainting" in name else \
+                "qwen-instantx-tiny.safetensors"
     inputs = tmp_path / "input"
     inputs.mkdir()
     names = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
     for image in names:
-        Image.fromarray((np.indices((96, 128)).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB").save(inputs / image)
-    sizes = run_template(engine, name, prompt, tmp_path, inputs, names)
+        picture = Image.fromarray((np.indices((96, 128)).sum(0) * 2 % 255).astype(np.uint8)).convert("RGB")
+        if "inpainting" in name:  # painted in ComfyUI's mask editor: the area to repaint is transparent
+            picture.putalpha(Image.fromarray(np.where(np.indices((96, 128))[1] > 64, 0, 255).astype(np.uint8)))
+        path = inputs / image.removesuffix(" [input]")  # "clipspace/...png [input]": the mask editor's folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+    sizes = run_template(engine, name, prompt, tmp_path, inputs, [n.removesuffix(" [input]") for n in names])
     assert sizes == QWEN_TEMPLATES[name]
 
 
-def _instantx_file(settings, root):
-    """A tiny InstantX-style union ControlNet made from the tiny transformer, as ComfyUI keeps it: one file in
-    models/controlnet, no config."""
-    path = root / "models" / "controlnet" / "qwen-instantx-tiny.safetensors"
+def _instantx_file(settings, root, inpainting: bool = False):
+    """A tiny InstantX-style union (or inpainting) ControlNet made from the tiny transformer, as ComfyUI keeps it:
+    one file in models/controlnet, no config."""
+    path = root / "models" / "controlnet" / (
+        "qwen-instantx-inpaint-tiny.safetensors" if inpainting else "qwen-instantx-tiny.safetensors")
     if path.exists():
         return
     from diffusers import QwenImageControlNetModel
     from safetensors.torch import save_file
     cn = QwenImageControlNetModel.from_transformer(build_qwen_image(0).transformer, num_layers=2,
-                                                   attention_head_dim=16, num_attention_heads=2)
+                                                   attention_head_dim=16, num_attention_heads=2,
+                                                   extra_condition_channels=4 if inpainting else 0)
     g = torch.Generator().manual_seed(2)
     state = {k: (torch.randn(v.shape, generator=g) * 0.1 if k.startswith(("controlnet_blocks", "controlnet_x"))
                  else v).contiguous() for k, v in cn.state_dict().items()}

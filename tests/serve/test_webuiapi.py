@@ -599,3 +599,30 @@ def test_qwen_image_edit_through_img2img(api):
         assert "422" in str(err.value) and "one init image a request" in str(err.value)
     finally:
         shutil.rmtree(ckpt / "tiny-qwen-edit")
+
+
+def test_a_units_mask_reaches_the_engine_in_both_of_the_extensions_forms():
+    """The extension takes a unit's mask as `mask` (webuiapi's ControlNetUnit(mask=...)) or inside the image dict
+    ({"image", "mask"}); either becomes the engine unit's mask (read by inpainting ControlNets), stored as an
+    upload like the image."""
+    import base64
+    import io
+    from imagesmith.serve.api.a1111_controlnet import _unit
+
+    def encode_base64(im: Image.Image) -> str:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+    stored: list[bytes] = []
+
+    def upload(data: bytes) -> str:
+        stored.append(data)
+        return f"upload-{len(stored)}"
+    picture, hole = _edges_image(), Image.new("L", (64, 64), 255)
+    unit = webuiapi.ControlNetUnit(image=picture, mask=hole, module="none", model="qwen-inpaint").to_dict()
+    spec = _unit(unit, upload)
+    assert spec["image"] == "upload-1" and spec["mask"] == "upload-2" and len(stored) == 2
+    spec = _unit({"model": "qwen-inpaint", "module": "none",
+                  "image": {"image": encode_base64(picture), "mask": encode_base64(hole)}}, upload)
+    assert spec["mask"] == "upload-4"
+    assert "mask" not in _unit({"model": "m", "image": encode_base64(picture), "mask": None}, upload)

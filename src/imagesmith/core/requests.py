@@ -101,6 +101,9 @@ class ControlNetSpec(BaseModel):
         "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models; "
         "depth: your transformers depth model in models/annotators/; lineart_* and *_hed: lllyasviel's annotator "
         "files sk_model, sk_model2, netG, ControlNetHED in models/annotators/)")
+    mask: str | None = Field(None, description="for an inpainting ControlNet (InstantX's Qwen-Image "
+                             "inpainting one): where to repaint (white), uploaded id or path; default the request's "
+                             "mask")
     processor_res: int | None = Field(None, ge=64, le=4096, description="the resolution a network preprocessor "
                                       "works at (the image's short side scaled to it; the extension's "
                                       "processor_res); default 512")

@@ -1165,9 +1165,13 @@ class Engine:
                 name = {"sd": "n SD", "qwen": " Qwen-Image"}.get(family, " " + family.upper())
                 raise BadRequest(f"controlnet[{i}]: {cn.model} is a{name} ControlNet; {job.entry.name} is "
                                  f"{'Qwen-Image' if job.arch == 'qwen' else job.arch.upper()}")
-            if family == "qwen" and getattr(model.config, "extra_condition_channels", 0):
-                raise BadRequest(f"controlnet[{i}]: {cn.model} is a Qwen-Image inpainting ControlNet (it reads a "
-                                 "mask too); imagesmith runs the Qwen-Image ControlNets that read a control image")
+            inpainting = family == "qwen" and getattr(model.config, "extra_condition_channels", 0)
+            if cn.mask is not None and not inpainting:
+                raise BadRequest(f"controlnet[{i}]: {cn.model}: a unit's mask is read by inpainting ControlNets "
+                                 "only (InstantX's Qwen-Image one); this one reads its control image alone")
+            if inpainting and cn.mask is None and job.mask is None:
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is a Qwen-Image inpainting ControlNet: give the unit a "
+                                 "mask (controlnet.mask, white = repaint) or make an inpainting request (mask)")
             if family == "qwen":
                 Q.share_positions(model, pipe.transformer)
             num_mode = getattr(model.config, "num_mode", None)
@@ -1184,11 +1188,27 @@ class Engine:
                                  + (f" (0-{num_mode - 1})" if num_mode else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
-            cond = pack(self._vae_encode(pipe.vae, [image]).repeat(n, 1, 1, 1))
+            if inpainting:
+                latent = self._masked_control_latent(pipe, image, cn, job, i)
+            else:
+                latent = self._vae_encode(pipe.vae, [image])
+            cond = pack(latent.repeat(n, 1, 1, 1))
             specs.append(ControlSpec(model, cond, cn.weight, sigma_start=ms.percent_to_sigma(cn.guidance_start),
                                      sigma_end=ms.percent_to_sigma(cn.guidance_end),
                                      mode=None if mode is None else torch.full((n, 1), mode, dtype=torch.long)))
         return specs
+
+    def _masked_control_latent(self, pipe, image: Image.Image, cn, job: _Job, i: int) -> torch.Tensor:
+        """An inpainting ControlNet's control (:func:`qwen_image.inpaint_control`) of the unit's picture; the hole is
+        the unit's mask (white = repaint), else the request's, binarised at the output size as diffusers does."""
+        if cn.mask is not None:
+            mask = load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask")
+        else:
+            mask = job.mask
+        mask = mask.convert("L").resize((job.width, job.height), Image.LANCZOS)
+        hole = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5)[None, None]
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        return Q.inpaint_control(lambda x: self._vae_encode_tensor(pipe.vae, x), pixels, hole)
 
     def redux_embedder(self, entry: ModelEntry):
         """A FLUX Redux embedder (ReduxImageEncoder), loaded once per file version."""
@@ -1342,6 +1362,9 @@ class Engine:
             if hasattr(model.config, "joint_attention_dim"):
                 raise BadRequest(f"ControlNet {cn.model} is a {'FLUX' if hasattr(model.config, 'axes_dims_rope') else 'SD3'}"
                                  f" ControlNet; {job.entry.name} is {job.arch}")
+            if cn.mask is not None:
+                raise BadRequest(f"ControlNet {cn.model}: a unit's mask is read by inpainting ControlNets only "
+                                 "(InstantX's Qwen-Image one); this one reads its control image alone")
             kinds = getattr(model.config, "num_control_type", None)  # SDXL Union / ProMax
             mode = cn.union_mode
             if kinds and mode is None:  # by name, else by what the preprocessor draws (as the A1111 extension does)

@@ -91,6 +91,17 @@ def unpack(pipe, tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return pipe._unpack_latents(tokens, height, width, pipe.vae_scale_factor)[:, :, 0]
 
 
+def inpaint_control(encode, pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """An inpainting ControlNet's control latent (InstantX's Qwen-Image-ControlNet-Inpainting; diffusers'
+    QwenImageControlNetInpaintPipeline, ComfyUI's ControlNetInpaintingAliMamaApply): the picture (``pixels``,
+    ``[B, 3, H, W]`` in [0, 1]) with its ``hole`` (bool ``[B, 1, H, W]``, True = repaint) black, through
+    ``encode`` (pixels in [-1, 1] -> latent), and beside its channels the mask of what to keep (1 kept, 0
+    repainted) taken to the latent's size by nearest neighbour."""
+    latent = encode(pixels.masked_fill(hole, 0.0) * 2.0 - 1.0)
+    keep = torch.nn.functional.interpolate((~hole).float(), size=latent.shape[-2:], mode="nearest")
+    return torch.cat([latent, keep.to(latent.dtype)], dim=1)
+
+
 def share_positions(controlnet, transformer) -> None:
     """A Qwen-Image ControlNet is made from the transformer (InstantX's ``from_transformer``) and must place tokens
     as it does: a file whose config was read off its shapes (positions have no weights) takes the transformer's

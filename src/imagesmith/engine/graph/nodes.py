@@ -464,6 +464,19 @@ def _controlnet_apply_advanced(ctx, positive, negative, control_net, image, stre
                  for side in (positive, negative))
 
 
+def _controlnet_inpainting_alimama(ctx, positive, negative, control_net, vae, image, mask, strength, start_percent,
+                                   end_percent):
+    """ControlNetInpaintingAliMamaApply: a ControlNet unit with the mask beside the picture (white = repaint), for
+    the inpainting ControlNets that read it (InstantX's Qwen-Image one); others get the picture alone."""
+    if strength == 0:
+        return positive, negative
+    hint = image.permute(0, 3, 1, 2)[:1].float()
+    m = mask.reshape(-1, 1, *mask.shape[-2:])[:1].float()
+    unit = (control_net, hint, strength, start_percent, end_percent, vae, m)
+    return tuple([c.but(controls=tuple(c.extra.get("controls", ())) + (unit,)) for c in side]
+                 for side in (positive, negative))
+
+
 # ------------------------------------------------------------------------------------------------ latents
 
 def _empty_latent(channels: int):
@@ -816,6 +829,19 @@ def _image_scale_total(ctx, image, upscale_method, megapixels, resolution_steps=
     return (x.permute(0, 2, 3, 1).clamp(0, 1),)
 
 
+def _image_scale_to_max_dimension(ctx, image, upscale_method, largest_size):
+    """ImageScaleToMaxDimension: the longer side to ``largest_size``, the other in proportion (rounded)."""
+    h0, w0 = image.shape[1:3]
+    if h0 > w0:
+        w, h = round(w0 / h0 * largest_size), largest_size
+    elif w0 > h0:
+        w, h = largest_size, round(h0 / w0 * largest_size)
+    else:
+        w = h = largest_size
+    x = _resize_bchw(image.permute(0, 3, 1, 2), max(1, h), max(1, w), upscale_method)
+    return (x.permute(0, 2, 3, 1).clamp(0, 1),)
+
+
 def _image_pad_for_outpaint(ctx, image, left, top, right, bottom, feathering):
     b, h, w, c = image.shape
     out = torch.full((b, h + top + bottom, w + left + right, c), 0.5)
@@ -1144,6 +1170,11 @@ def _nodes() -> dict[str, Node]:
               "image": _l("IMAGE"), "strength": _f(1.0, 0.0, 10.0), "start_percent": _f(0.0, 0.0, 1.0, 0.001),
               "end_percent": _f(1.0, 0.0, 1.0, 0.001), "vae": _l("VAE", optional=True)},
              (("CONDITIONING", "positive"), ("CONDITIONING", "negative")), _controlnet_apply_advanced),
+        Node("ControlNetInpaintingAliMamaApply", "ControlNetInpaintingAliMamaApply", "conditioning/controlnet",
+             {"positive": _l("CONDITIONING"), "negative": _l("CONDITIONING"), "control_net": _l("CONTROL_NET"),
+              "vae": _l("VAE"), "image": _l("IMAGE"), "mask": _l("MASK"), "strength": _f(1.0, 0.0, 10.0),
+              "start_percent": _f(0.0, 0.0, 1.0, 0.001), "end_percent": _f(1.0, 0.0, 1.0, 0.001)},
+             (("CONDITIONING", "positive"), ("CONDITIONING", "negative")), _controlnet_inpainting_alimama),
         Node("EmptyLatentImage", "Empty Latent Image", "latent", dict(SIZE), (("LATENT", "LATENT"),),
              _empty_latent(4)),
         Node("EmptySD3LatentImage", "EmptySD3LatentImage", "latent/sd3",
@@ -1264,6 +1295,9 @@ def _nodes() -> dict[str, Node]:
              {"image": _l("IMAGE"), "upscale_method": _c(IMAGE_UPSCALE_METHODS),
               "megapixels": _f(1.0, 0.01, 16.0), "resolution_steps": _i(1, 1, 256, optional=True)},
              (("IMAGE", "IMAGE"),), _image_scale_total),
+        Node("ImageScaleToMaxDimension", "ImageScaleToMaxDimension", "image/upscaling",
+             {"image": _l("IMAGE"), "upscale_method": _c(IMAGE_UPSCALE_METHODS),
+              "largest_size": _i(512, 0, MAX_RESOLUTION)}, (("IMAGE", "IMAGE"),), _image_scale_to_max_dimension),
         Node("ImagePadForOutpaint", "Pad Image for Outpainting", "image",
              {"image": _l("IMAGE"), "left": _i(0, 0, MAX_RESOLUTION, 8), "top": _i(0, 0, MAX_RESOLUTION, 8),
               "right": _i(0, 0, MAX_RESOLUTION, 8), "bottom": _i(0, 0, MAX_RESOLUTION, 8),

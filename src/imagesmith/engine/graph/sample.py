@@ -344,16 +344,23 @@ def _dit_controls(engine, pipe, c: Cond, ms, n: int, width: int, height: int, fa
         if kind != family:
             raise BadRequest(f"ControlNet {cn.name} is a{'n SD' if kind == 'sd' else ' ' + kind.upper()} ControlNet; "
                              f"the model is {family.upper()}")
+        from .. import qwen_image as Q
+        mask = rest[1] if len(rest) > 1 else None  # ControlNetInpaintingAliMamaApply's
+        inpainting = kind == "qwen" and getattr(model.config, "extra_condition_channels", 0)
+        if inpainting and mask is None:
+            raise BadRequest(f"ControlNet {cn.name} is a Qwen-Image inpainting ControlNet: apply it with "
+                             "ControlNetInpaintingAliMamaApply, which gives it the mask")
         if kind == "qwen":
-            from .. import qwen_image as Q
-            if getattr(model.config, "extra_condition_channels", 0):
-                raise BadRequest(f"ControlNet {cn.name} is a Qwen-Image inpainting ControlNet; imagesmith runs the "
-                                 "ones that read a control image")
             Q.share_positions(model, pipe.transformer)
         vae = rest[0] if rest and rest[0] is not None else None
         vae = vae_module(engine, vae) if vae is not None else pipe.vae
         img = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear").clamp(0, 1)
-        cond = pack(engine.vae_encode(vae, img * 2 - 1).repeat(n, 1, 1, 1))
+        if inpainting:  # other ControlNets take the picture alone, as ComfyUI's node gives it to them
+            hole = torch.nn.functional.interpolate(mask, size=(height, width), mode="bilinear") >= 0.5
+            latent = Q.inpaint_control(lambda x: engine.vae_encode(vae, x), img, hole)
+        else:
+            latent = engine.vae_encode(vae, img * 2 - 1)
+        cond = pack(latent.repeat(n, 1, 1, 1))
         modes = getattr(model.config, "num_mode", None)
         mode = None
         if modes:

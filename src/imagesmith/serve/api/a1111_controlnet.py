@@ -151,8 +151,9 @@ def ip_adapter_units(body: dict, upload: Callable[[bytes], str]) -> dict | list[
 
 def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
     image = unit.get("image") or unit.get("input_image")
+    mask = unit.get("mask") or unit.get("mask_image")
     if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
-        image = image.get("image")
+        image, mask = image.get("image"), mask or image.get("mask")
     if not isinstance(image, str) or not image:
         raise BadRequest("the ControlNet unit needs an image (base64)")
     low, high = _thresholds(unit.get("threshold_a"), unit.get("threshold_b"))
@@ -165,7 +166,8 @@ def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
             "preprocessor": _module(unit.get("module", "none")), "weight": unit.get("weight", 1.0),
             "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
             "canny_low": low, "canny_high": high, "threshold_a": _number(unit.get("threshold_a")),
-            "threshold_b": _number(unit.get("threshold_b")), "processor_res": _resolution(unit.get("processor_res"))}
+            "threshold_b": _number(unit.get("threshold_b")), "processor_res": _resolution(unit.get("processor_res")),
+            **({"mask": upload(decode_base64(mask))} if isinstance(mask, str) and mask else {})}
 
 
 def _resolution(v) -> int | None:
