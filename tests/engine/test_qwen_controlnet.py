@@ -215,6 +215,9 @@ def test_the_inpainting_controlnet_takes_the_requests_mask_and_needs_one(engine,
     assert np.array_equal(own, shared)
     with pytest.raises(BadRequest, match="inpainting ControlNet: give the unit a mask"):
         engine.generate(GenerateRequest(**base, controlnet=unit))
+    with pytest.raises(BadRequest, match="control_mode prompt is A1111's, for SD1/SDXL ControlNets"):
+        engine.generate(GenerateRequest(**base, controlnet=ControlNetSpec(
+            model="tiny-qwen-union", image=control, preprocessor="none", control_mode="prompt")))
     with pytest.raises(BadRequest, match="a unit's mask is read by inpainting ControlNets only"):
         engine.generate(GenerateRequest(**base, controlnet=ControlNetSpec(
             model="tiny-qwen-union", image=control, preprocessor="none", mask=mask)))

@@ -163,6 +163,12 @@ def test_the_controlnet_extension_api(api):
     guided = api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=[unit])
     assert 'ControlNet: "tiny-controlnet (canny, 0.8)"' in guided.info["infotexts"][0]  # A1111 quotes values with commas
     assert np.abs(np.asarray(plain.image, np.int16) - np.asarray(guided.image, np.int16)).mean() > 0.5
+    # the extension appends its detected map after the pictures (unless told not to)
+    assert len(guided.images) == 2 and len(guided.info["infotexts"]) == 1
+    assert np.array_equal(np.asarray(guided.images[1].convert("L")), edges)
+    bare = api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=[unit], alwayson_scripts={},
+                       override_settings={"control_net_no_detectmap": True})
+    assert len(bare.images) == 1 and np.array_equal(np.asarray(bare.image), np.asarray(guided.image))
     init = _edges_image()
     r = api.img2img(images=[init], prompt="a box", seed=4, width=64, height=64, denoising_strength=0.6,
                     controlnet_units=[unit])
@@ -445,6 +451,14 @@ def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
     assert "IP-Adapter: " in guided.info["infotexts"][0]
     zero = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[unit(0.0)])
     assert np.abs(np.asarray(zero.image, np.int16) - plain).max() <= 1
+    # a unit's mask (webuiapi's mask=; the extension's effective region) reaches the engine's ip_adapter mask (whose
+    # effect tests/engine/test_ip_adapter.py measures): the picture is neither the plain one nor the unmasked one
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))
+    masked = webuiapi.ControlNetUnit(image=ref, mask=left, module="ip-adapter_clip_sd15", model="tiny-ip [0123abcd]")
+    regional = np.asarray(api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[masked]).image, np.int16)
+    full = np.asarray(guided.image, np.int16)
+    assert np.abs(regional - plain).max() > 8 and np.abs(regional - full).max() > 8
     face = webuiapi.ControlNetUnit(image=Image.fromarray(data.astronaut()), module="ip-adapter_face_id",
                                    model="tiny-faceid_sd15 [0123abcd]")
     by_face = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[face])

@@ -71,6 +71,9 @@ def generate(
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe, scribble_hed or none (imagesmith controlnet preprocessors)"),
     control_processor_res: Optional[int] = typer.Option(None, "--control-processor-res", min=64, max=4096, help="a network preprocessor's working resolution (default 512)"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
+    control_priority: str = typer.Option("balanced", "--control-priority", help="A1111's Control Mode (SD1/SDXL "
+                                         "ControlNets): balanced, prompt (my prompt is more important) or controlnet "
+                                         "(ControlNet is more important)"),
     ip_adapter: Optional[str] = typer.Option(None, "--ip-adapter", help="IP-Adapter name (models/ipadapter): the "
                                              "--ref images guide the picture"),
     refs: Optional[List[str]] = typer.Option(None, "--ref", help="a reference image for --ip-adapter, "
@@ -148,7 +151,8 @@ def generate(
                 else {"union_type": control_mode}
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
                                                   preprocessor=control_preprocessor, weight=control_weight,
-                                                  processor_res=control_processor_res, **union)
+                                                  processor_res=control_processor_res,
+                                                  control_mode=control_priority, **union)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
         if edit_images:
@@ -201,9 +205,10 @@ def generate(
     if pick is not None:  # --from: the run containing the image was redone; keep that one image
         result.images = [result.images[pick]]
         result.records = [result.records[pick].model_copy(update={"index": 0})]
-    from ..core.outputs import flagged, save_result
+    from ..core.outputs import flagged, save_control_maps, save_result
     from ..core.settings import Settings
     saved = save_result(result, output, default_dir=Settings.from_env().home / "outputs", gate=gate)
+    maps = save_control_maps(result, next((s.path for s in saved if s.path is not None), None))
     for s in saved:
         if s.flag is not None:
             what = "withheld" if s.path is None else "blurred"
@@ -224,11 +229,15 @@ def generate(
     }
     if withheld:
         summary["withheld"] = withheld
+    if maps:
+        summary["control_maps"] = maps
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         for item in summary["images"]:
             print(f"{item['path']}  seed={item['seed']}")
+        for item in maps:
+            print(f"{item['path']}  (detected map of ControlNet unit {item['unit']}, {item['preprocessor']})")
         print(f"{len(summary['images'])} image(s) in {result.seconds:.1f}s with {result.model_name}")
 
 

@@ -126,3 +126,20 @@ def save_result(result: Any, output: str | os.PathLike[str] | None, *, default_d
 def flagged(saved: list[SavedImage]) -> list[dict]:
     """What the gate flagged, for a job's result or the CLI's summary."""
     return [{"seed": s.seed, **s.flag} for s in saved if s.flag is not None]
+
+
+def save_control_maps(result: Any, beside: str | os.PathLike[str] | None) -> list[dict]:
+    """A1111's detected maps: each ControlNet unit's preprocessed control image (``result.control_maps``) written
+    beside the first saved image as ``<its name>-control-<unit>.png``; their entries (path, unit,
+    preprocessor, size). Nothing when no image was saved or no unit preprocessed its image."""
+    maps = getattr(result, "control_maps", None) or []
+    if beside is None or not maps:
+        return []
+    first = Path(beside)
+    out = []
+    for m in maps:
+        path = first.with_name(f"{first.stem}-control-{m['unit']}.png")
+        save_png_atomic(m["image"], path)
+        out.append({"path": str(path), "unit": m["unit"], "preprocessor": m["preprocessor"],
+                    "width": m["image"].width, "height": m["image"].height})
+    return out

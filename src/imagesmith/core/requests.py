@@ -101,6 +101,10 @@ class ControlNetSpec(BaseModel):
         "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models; "
         "depth: your transformers depth model in models/annotators/; lineart_* and *_hed: lllyasviel's annotator "
         "files sk_model, sk_model2, netG, ControlNetHED in models/annotators/)")
+    control_mode: Literal["balanced", "prompt", "controlnet"] = Field(
+        "balanced", description="A1111's Control Mode for SD1/SDXL ControlNets: balanced; prompt ('My prompt is more "
+        "important': the residuals fade towards the network's outer layers, 0.825 per layer); controlnet "
+        "('ControlNet is more important': those faded residuals on the prompt's half of CFG only)")
     mask: str | None = Field(None, description="for an inpainting ControlNet (InstantX's Qwen-Image "
                              "inpainting one): where to repaint (white), uploaded id or path; default the request's "
                              "mask")
@@ -374,6 +378,9 @@ class GenerationResult(BaseModel):
     vae_name: str | None = None
     version: str
     seconds: float = 0.0
+    control_maps: list = Field(default_factory=list, exclude=True, description="A1111's detected maps: "
+                               "{unit, preprocessor, image (PIL)} for each ControlNet unit whose preprocessor made "
+                               "its control image, as the ControlNet saw it")
     latents: object = Field(None, exclude=True, description="the final latents before the VAE, [N, C, h, w] "
                             "float32 on the CPU, one row per image (before any face detailer pass); None for an "
                             "upscale-only hires fix")

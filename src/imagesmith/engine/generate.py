@@ -90,6 +90,9 @@ class _Job:
     """one mask (L) or None per IP-Adapter unit"""
     edit_images: list = field(default_factory=list)
     """a multi-picture edit's pictures after the init image (Qwen-Image-Edit-Plus)"""
+    detected: dict = field(default_factory=dict)
+    """ControlNet unit index -> the control image its preprocessor made, as the ControlNet saw it (A1111's
+    'detected map'); units whose preprocessor is 'none' are not listed"""
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -195,6 +198,8 @@ class Engine:
             model_hash=self._hash(job.entry), vae_name=req.vae, version=__version__,
             lora_hashes={l.name: self._hash_path(l.path, lora=True) for l in job.loras},
             latents=torch.cat(job.latents) if job.latents else None,
+            control_maps=[{"unit": i, "preprocessor": req.controlnet_units[i].preprocessor, "image": im}
+                          for i, im in sorted(job.detected.items())],
         )
         for i, _ in enumerate(images):
             result.records.append(ImageRecord(seed=job.seeds[i], variation_seed=job.variation_seeds[i], index=i,
@@ -224,7 +229,8 @@ class Engine:
             images=[im for p in parts for im in p.images], request=req, model_name=first.model_name,
             model_hash=first.model_hash, vae_name=first.vae_name, version=first.version,
             lora_hashes={k: v for p in parts for k, v in p.lora_hashes.items()},
-            latents=torch.cat(latents) if all(x is not None for x in latents) else None)
+            latents=torch.cat(latents) if all(x is not None for x in latents) else None,
+            control_maps=first.control_maps)
         for i, part in enumerate(parts):
             result.records.extend(r.model_copy(update={"index": i}) for r in part.records)
         result.seconds = time.perf_counter() - start
@@ -355,7 +361,10 @@ class Engine:
                 f"{r.prompt} ({'box ' + ' '.join(_num(v) for v in r.box) if r.box else 'mask'}, {_num(r.weight)})"
                 for r in req.regions)
         if req.controlnet_units:
-            params["ControlNet"] = "; ".join(f"{u.model} ({u.preprocessor}, {_num(u.weight)})" for u in req.controlnet_units)
+            params["ControlNet"] = "; ".join(
+                f"{u.model} ({u.preprocessor}, {_num(u.weight)}"
+                + (f", {CONTROL_MODE_NAMES[u.control_mode]}" if u.control_mode != "balanced" else "") + ")"
+                for u in req.controlnet_units)
         if req.ip_adapter_units:
             params["IP-Adapter"] = "; ".join(
                 f"{u.model} ({_num(u.weight)}, {_num(u.guidance_start)}-{_num(u.guidance_end)})"
@@ -1141,13 +1150,23 @@ class Engine:
         apply."""
         from .controlnet import preprocess
         cn, control = job.req.controlnet_units[0], job.control_images[0]
+        if cn.control_mode != "balanced":
+            raise BadRequest(f"controlnet[0]: control_mode {cn.control_mode} is A1111's, for SD1/SDXL ControlNets; "
+                             f"{job.entry.name} is a FLUX Canny/Depth dev model: use balanced")
         own = {job.entry.name.lower(), (job.entry.rel_path or "").lower(), Path(job.entry.path).name.lower()}
         if cn.model.strip().lower() not in own:
             raise BadRequest(f"controlnet[0]: {job.entry.name} is a FLUX Canny/Depth dev model, its own ControlNet: "
                              f"name it as the unit's model, not {cn.model}")
         image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
             (width, height), Image.LANCZOS)
+        self._detected(job, 0, cn, image)
         return self._vae_encode(pipe.vae, [image])
+
+    @staticmethod
+    def _detected(job: _Job, i: int, cn, image: Image.Image) -> None:
+        """Keep unit ``i``'s control image as its detected map (the first one made, when a job runs several)."""
+        if cn.preprocessor != "none":
+            job.detected.setdefault(i, image)
 
     def _dit_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
         """FLUX, SD3 and Qwen-Image ControlNet units: each control image preprocessed and VAE-encoded (for FLUX and
@@ -1165,6 +1184,10 @@ class Engine:
                 name = {"sd": "n SD", "qwen": " Qwen-Image"}.get(family, " " + family.upper())
                 raise BadRequest(f"controlnet[{i}]: {cn.model} is a{name} ControlNet; {job.entry.name} is "
                                  f"{'Qwen-Image' if job.arch == 'qwen' else job.arch.upper()}")
+            if cn.control_mode != "balanced":
+                kind = "Qwen-Image" if family == "qwen" else family.upper()
+                raise BadRequest(f"controlnet[{i}]: control_mode {cn.control_mode} is A1111's, for SD1/SDXL "
+                                 f"ControlNets (UNet residuals); {cn.model} is a {kind} ControlNet: use balanced")
             inpainting = family == "qwen" and getattr(model.config, "extra_condition_channels", 0)
             if cn.mask is not None and not inpainting:
                 raise BadRequest(f"controlnet[{i}]: {cn.model}: a unit's mask is read by inpainting ControlNets "
@@ -1188,6 +1211,7 @@ class Engine:
                                  + (f" (0-{num_mode - 1})" if num_mode else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
+            self._detected(job, i, cn, image)
             if inpainting:
                 latent = self._masked_control_latent(pipe, image, cn, job, i)
             else:
@@ -1357,7 +1381,7 @@ class Engine:
         """One ControlSpec per unit: its model, its preprocessed image at the output size, its weight and window."""
         from .controlnet import preprocess, union_index
         specs = []
-        for cn, control in zip(job.req.controlnet_units, job.control_images, strict=True):
+        for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
             model = self._component("controlnet", cn.model)
             if hasattr(model.config, "joint_attention_dim"):
                 raise BadRequest(f"ControlNet {cn.model} is a {'FLUX' if hasattr(model.config, 'axes_dims_rope') else 'SD3'}"
@@ -1380,11 +1404,13 @@ class Engine:
                                  + (f" (0-{kinds - 1})" if kinds else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
                 (job.width, job.height), Image.LANCZOS)
+            self._detected(job, i, cn, image)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
                                      sigma_start=ms.percent_to_sigma(cn.guidance_start),
                                      sigma_end=ms.percent_to_sigma(cn.guidance_end),
-                                     mode=None if mode is None else torch.tensor([[mode]])))
+                                     mode=None if mode is None else torch.tensor([[mode]]),
+                                     soft=cn.control_mode != "balanced", cond_only=cn.control_mode == "controlnet"))
         return specs
 
     def _vae_encode(self, vae, images: list[Image.Image]) -> torch.Tensor:
@@ -1407,6 +1433,11 @@ class Engine:
         arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
 
+
+
+CONTROL_MODE_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                      "controlnet": "ControlNet is more important"}
+"""A1111's names of the control modes (its ControlNet extension's UI and infotext)"""
 
 
 def is_kontext(entry: ModelEntry) -> bool:

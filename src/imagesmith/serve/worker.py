@@ -464,11 +464,14 @@ class Worker:
     def _save_generation(self, result, folder: Path) -> dict[str, Any]:
         """A generation's images through the one save path (core.outputs: metadata, the safety gate's policy,
         WebUI naming) and the job's result."""
-        from ..core.outputs import flagged, save_result
+        from ..core.outputs import flagged, save_control_maps, save_result
         folder.mkdir(parents=True, exist_ok=True)
         saved = save_result(result, folder, default_dir=folder, gate=self.safety)
         out = {"files": [s.file_entry() for s in saved if s.path is not None], "model": result.model_name,
                "seconds": round(result.seconds, 3)}
+        maps = save_control_maps(result, next((s.path for s in saved if s.path is not None), None))
+        if maps:  # A1111's detected maps, apart from the pictures (the A1111 routes append them as it does)
+            out["control_maps"] = maps
         if any(s.flag for s in saved):
             out["safety"] = {"action": self.safety.policy.action, "flagged": flagged(saved)}
         return out

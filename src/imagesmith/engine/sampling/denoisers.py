@@ -63,6 +63,20 @@ class ControlSpec:
     sigma_end: float = 0.0
     mode: torch.Tensor | None = None
     """a union ControlNet's control type, [B, 1] (FLUX, SDXL Union)"""
+    soft: bool = False
+    """A1111's 'My prompt is more important': residual i of the UNet's (down blocks in order, then the middle)
+    scaled by 0.825 ** (12 - i), so the deep layers keep the control and the outer ones the prompt"""
+    cond_only: bool = False
+    """A1111's 'ControlNet is more important': the residuals reach the prompt's half of CFG only"""
+
+
+SOFT_DECAY = 0.825  # sd-webui-controlnet's soft injection: 13 residuals of an SD1 UNet, 0.825 ** (12 - i)
+
+
+def soft_scales(count: int) -> list[float]:
+    """The soft-injection factor of each of ``count`` residuals (down blocks, then the middle), as the extension
+    zips its 13 factors with the residuals it has (an SDXL UNet's 10 take the first 10)."""
+    return [SOFT_DECAY ** float(12 - i) for i in range(min(count, 13))] + [1.0] * max(0, count - 13)
 
 
 class UNetDenoiser:
@@ -158,6 +172,8 @@ class UNetDenoiser:
             else:
                 down, mid = c.model(sample, t, controlnet_cond=image, conditioning_scale=c.scale, return_dict=False,
                                     **kwargs)
+            if c.soft or c.cond_only:
+                down, mid = _shaped(list(down), mid, c, xin.shape[0] // 2 if cond is self.both else 0)
             if down_sum is None:
                 down_sum, mid_sum = list(down), mid
             else:
@@ -166,6 +182,19 @@ class UNetDenoiser:
         if down_sum is not None:
             kwargs = {**kwargs, "down_block_additional_residuals": down_sum, "mid_block_additional_residual": mid_sum}
         return self.unet(xin, t, return_dict=False, **{**kwargs, **unet_extra})[0]
+
+
+def _shaped(down: list[torch.Tensor], mid: torch.Tensor, c: ControlSpec, uncond_rows: int):
+    """A unit's residuals under A1111's control modes: the soft-injection factors, and with ``cond_only`` the
+    ``uncond_rows`` (the first rows of a CFG batch) zeroed."""
+    if c.soft:
+        scales = soft_scales(len(down) + 1)
+        down, mid = [d * s for d, s in zip(down, scales)], mid * scales[-1]
+    if c.cond_only and uncond_rows:
+        keep = torch.ones(mid.shape[0], 1, 1, 1, device=mid.device, dtype=mid.dtype)
+        keep[:uncond_rows] = 0
+        down, mid = [d * keep for d in down], mid * keep
+    return down, mid
 
 
 def rescaled_cfg(x, sigma, cond_x0, uncond_x0, scale: float, phi: float) -> torch.Tensor:

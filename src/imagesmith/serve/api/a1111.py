@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ... import __version__
-from ...core.errors import BadRequest
+from ...core.errors import BadRequest, NotFound
 from ...core.imageio import decode_base64
 from ...core.settings import Settings
 from . import a1111_schema as S
@@ -531,6 +531,13 @@ def a1111_response(svc: Services, job: dict, body: dict) -> dict:
     fmt = samples_format(svc, body, job.get("user"))
     images = [base64.b64encode(encode_sample(svc.output_bytes(f), fmt, f.get("infotext"))).decode()
               for f in files] if send else []
+    overrides = body.get("override_settings") if isinstance(body.get("override_settings"), dict) else {}
+    if send and not overrides.get("control_net_no_detectmap"):  # the extension appends its detected maps
+        for m in (job.get("result") or {}).get("control_maps", []):
+            try:
+                images.append(base64.b64encode(svc.output_bytes(m)).decode())
+            except NotFound:  # a map only another node kept: the pictures are the answer, the map an extra
+                continue
     seeds = [f.get("seed") for f in files]
     req = job.get("request") or {}
     n = len(files)

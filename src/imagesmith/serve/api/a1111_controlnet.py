@@ -138,22 +138,28 @@ def ip_adapter_units(body: dict, upload: Callable[[bytes], str]) -> dict | list[
         raise BadRequest(f"at most {MAX_UNITS} IP-Adapter units a request; {len(units)} are enabled")
     specs = []
     for u in units:
-        image = u.get("image") or u.get("input_image")
-        if isinstance(image, dict):
-            image = image.get("image")
+        image, mask = _image_and_mask(u)
         if not isinstance(image, str) or not image:
             raise BadRequest("the IP-Adapter unit needs a reference image (base64)")
         specs.append({"model": _HASH_SUFFIX.sub("", str(u["model"])), "image": upload(decode_base64(image)),
                       "weight": u.get("weight", 1.0), "guidance_start": u.get("guidance_start", 0.0),
-                      "guidance_end": u.get("guidance_end", 1.0)})
+                      "guidance_end": u.get("guidance_end", 1.0),
+                      **({"mask": upload(decode_base64(mask))} if isinstance(mask, str) and mask else {})})
     return specs[0] if len(specs) == 1 else specs
 
 
-def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
+def _image_and_mask(unit: dict) -> tuple:
+    """A unit's image and mask (base64 or None): ``image``/``input_image``, and ``effective_region_mask`` (the
+    extension's region a unit acts in), ``mask``/``mask_image``, or the mask of the {"image", "mask"} form."""
     image = unit.get("image") or unit.get("input_image")
-    mask = unit.get("mask") or unit.get("mask_image")
+    mask = unit.get("effective_region_mask") or unit.get("mask") or unit.get("mask_image")
     if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
         image, mask = image.get("image"), mask or image.get("mask")
+    return image, mask
+
+
+def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
+    image, mask = _image_and_mask(unit)
     if not isinstance(image, str) or not image:
         raise BadRequest("the ControlNet unit needs an image (base64)")
     low, high = _thresholds(unit.get("threshold_a"), unit.get("threshold_b"))
@@ -167,7 +173,21 @@ def _unit(unit: dict, upload: Callable[[bytes], str]) -> dict:
             "guidance_start": unit.get("guidance_start", 0.0), "guidance_end": unit.get("guidance_end", 1.0),
             "canny_low": low, "canny_high": high, "threshold_a": _number(unit.get("threshold_a")),
             "threshold_b": _number(unit.get("threshold_b")), "processor_res": _resolution(unit.get("processor_res")),
+            "control_mode": _control_mode(unit.get("control_mode", 0)),
             **({"mask": upload(decode_base64(mask))} if isinstance(mask, str) and mask else {})}
+
+
+CONTROL_MODES = {"0": "balanced", "1": "prompt", "2": "controlnet", "balanced": "balanced",
+                 "my prompt is more important": "prompt", "controlnet is more important": "controlnet"}
+"""the extension's control_mode, by index (webuiapi sends 0, 1, 2) or by its UI name"""
+
+
+def _control_mode(v) -> str:
+    key = str(int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == int(v) else v).strip().lower()
+    if key not in CONTROL_MODES:
+        raise BadRequest(f"control_mode {v!r} is not one of the extension's: 0 Balanced, 1 My prompt is more "
+                         "important, 2 ControlNet is more important")
+    return CONTROL_MODES[key]
 
 
 def _resolution(v) -> int | None:

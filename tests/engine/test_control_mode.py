@@ -1,0 +1,107 @@
+"""A1111's ControlNet Control Mode on SD ControlNets: 'My prompt is more important' scales the UNet's residuals by
+the extension's soft-injection factors (0.825 ** (12 - i), down blocks then the middle); 'ControlNet is more
+important' also keeps them off the unconditional half of CFG. Checked on the residuals the UNet receives, on the
+picture, in the infotext, through webuiapi's units, and refused where it does not apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagesmith.core.errors import BadRequest
+from imagesmith.core.requests import ControlNetSpec, GenerateRequest
+from imagesmith.engine.generate import Engine
+from imagesmith.engine.sampling.denoisers import soft_scales
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_home):
+    return Engine(tiny_home, device="cpu")
+
+
+def _control(tmp_path) -> str:
+    im = Image.new("RGB", (64, 64), "white")
+    im.paste((0, 0, 0), (16, 16, 48, 48))
+    im.save(tmp_path / "c.png")
+    return str(tmp_path / "c.png")
+
+
+def _residuals(engine, req):
+    """Each UNet call's ControlNet residuals (down list, middle) and its batch size."""
+    pipe = engine.pipeline(engine.checkpoint(req.model)).value
+    seen = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("down_block_additional_residuals") is not None:
+            seen.append(([d.detach().clone() for d in kwargs["down_block_additional_residuals"]],
+                         kwargs["mid_block_additional_residual"].detach().clone()))
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        result = engine.generate(req)
+    finally:
+        handle.remove()
+    return result, seen
+
+
+def test_the_extensions_soft_injection_factors():
+    scales = soft_scales(13)  # an SD1 UNet: 12 down residuals and the middle
+    assert scales[0] == pytest.approx(0.825 ** 12) and scales[-1] == 1.0 and scales[11] == pytest.approx(0.825)
+    assert soft_scales(10) == scales[:10]  # SDXL's 9 + 1: the first ten, as the extension's zip takes them
+
+
+def test_control_modes_shape_the_residuals_the_unet_receives(engine, tmp_path):
+    kw = dict(prompt="a box", negative_prompt="blur", model="tiny-sd15", width=64, height=64, steps=2, seed=1,
+              sampler_name="Euler", cfg_scale=5.0)
+    unit = ControlNetSpec(model="tiny-controlnet", image=_control(tmp_path), preprocessor="none")
+    balanced, base = _residuals(engine, GenerateRequest(**kw, controlnet=unit))
+    prompt, soft = _residuals(engine, GenerateRequest(**kw, controlnet=unit.model_copy(update={"control_mode": "prompt"})))
+    control, cond_only = _residuals(engine, GenerateRequest(**kw, controlnet=unit.model_copy(
+        update={"control_mode": "controlnet"})))
+    assert len(base) == len(soft) == len(cond_only) == 2  # one batched CFG call a step
+    (down, mid), (sdown, smid), (cdown, cmid) = base[0], soft[0], cond_only[0]
+    factors = soft_scales(len(down) + 1)
+    for d, s, f in zip(down, sdown, factors):
+        assert torch.allclose(s, d * f, atol=1e-5)
+    assert torch.allclose(smid, mid * factors[-1], atol=1e-5)
+    rows = mid.shape[0] // 2  # [uncond, cond]
+    assert all(float(c[:rows].abs().max()) == 0.0 for c in [*cdown, cmid])  # nothing on the negative's half
+    assert torch.allclose(cdown[0][rows:], sdown[0][rows:], atol=1e-5)
+    pictures = [np.asarray(r.images[0], np.int16) for r in (balanced, prompt, control)]
+    assert np.abs(pictures[0] - pictures[1]).max() > 0 and np.abs(pictures[1] - pictures[2]).max() > 0
+    assert 'tiny-controlnet (none, 1, My prompt is more important)' in prompt.records[0].infotext
+    assert 'tiny-controlnet (none, 1)"' in balanced.records[0].infotext or \
+        "ControlNet: tiny-controlnet (none, 1)" in balanced.records[0].infotext
+
+
+def test_without_cfg_controlnet_mode_keeps_every_row(engine, tmp_path):
+    """cfg 1 makes no unconditional rows: 'ControlNet is more important' is then the soft factors alone (a batch of
+    two pictures keeps its control on both)."""
+    kw = dict(prompt="a box", model="tiny-sd15", width=64, height=64, steps=1, seed=1, sampler_name="Euler",
+              cfg_scale=1.0, batch_size=2)
+    unit = ControlNetSpec(model="tiny-controlnet", image=_control(tmp_path), preprocessor="none")
+    _, soft = _residuals(engine, GenerateRequest(**kw, controlnet=unit.model_copy(update={"control_mode": "prompt"})))
+    _, both = _residuals(engine, GenerateRequest(**kw, controlnet=unit.model_copy(update={"control_mode": "controlnet"})))
+    assert soft[0][1].shape[0] == 2 and float(both[0][1][0].abs().max()) > 0
+    assert torch.allclose(soft[0][1], both[0][1])
+
+
+def test_an_unknown_control_mode_is_refused(tmp_path):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="control_mode"):
+        ControlNetSpec(model="tiny-controlnet", image=_control(tmp_path), control_mode="loud")
+
+
+def test_a1111_units_carry_the_control_mode():
+    """webuiapi sends control_mode as 0, 1, 2; other clients send the UI's names."""
+    import webuiapi
+    from imagesmith.serve.api.a1111_controlnet import _unit
+    picture = Image.new("RGB", (8, 8))
+    for value, want in ((0, "balanced"), (1, "prompt"), (2, "controlnet"), ("My prompt is more important", "prompt"),
+                        ("ControlNet is more important", "controlnet"), ("Balanced", "balanced")):
+        unit = webuiapi.ControlNetUnit(image=picture, module="canny", model="m", control_mode=value).to_dict()
+        assert _unit(unit, lambda data: "upload")["control_mode"] == want
+    with pytest.raises(BadRequest, match="control_mode 'Loud' is not one of the extension's"):
+        _unit(webuiapi.ControlNetUnit(image=picture, module="canny", model="m", control_mode="Loud").to_dict(),
+              lambda data: "upload")
