@@ -290,3 +290,84 @@ def _flux_lora(model, path):
                 p.copy_(torch.randn(p.shape, generator=g) * 2.0)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="t").items()}
     return save_peft_lora(FluxPipeline, {"transformer": state}, path)
+
+
+# where each K-quant block keeps its fp16 super-scales (llama.cpp's block_q4_K / q5_K / q6_K layouts)
+K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _k_blocks(shape: tuple[int, int], qname: str, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant blocks for a weight of ``shape`` (gguf cannot quantise to K-quants; llama.cpp can): random
+    packed values and sub-scales, fp16 super-scales of a sane size."""
+    from gguf.quants import quant_shape_to_byte_shape
+    qt = getattr(gguf.GGMLQuantizationType, qname)
+    raw = rng.integers(0, 256, size=quant_shape_to_byte_shape(shape, qt), dtype=np.uint8)
+    block = gguf.GGML_QUANT_SIZES[qt][1]
+    blocks = raw.reshape(-1, block)
+    for offset in K_SCALES[qname]:
+        blocks[:, offset:offset + 2] = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("qname", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_gguf_dequantises_as_llama_cpps_gguf_does(tmp_path, qname):
+    """The K-quants most FLUX GGUF downloads use (Q4_K_S, Q5_K_S, Q6_K): a FLUX transformer wide enough for 256-value
+    super-blocks, its 2-D weights stored as K-quant blocks; imagesmith loads it (through diffusers' GGUF layers,
+    kept packed); each weight equals what gguf-py's own dequantiser (the llama.cpp project's reference) makes of those
+    blocks to half precision (diffusers dequantises in fp16), and the forward pass the same transformer's with those
+    weights."""
+    from diffusers import FluxTransformer2DModel
+    from imagesmith.models.loaders import load_transformer_file, read_model_header
+    torch.manual_seed(3)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=128, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+    bfl = {k: v.contiguous() for k, v in flux_to_bfl(model.state_dict(), cfg).items()}
+    rng = np.random.default_rng(5)
+    qt = getattr(gguf.GGMLQuantizationType, qname)
+    w = gguf.GGUFWriter(str(tmp_path / f"flux-{qname}.gguf"), "flux")
+    w.add_string(META_CONFIGS, json.dumps({"transformer": cfg}))
+    reference, packed = {}, 0
+    for k, v in bfl.items():
+        if v.ndim == 2 and v.shape[1] % 256 == 0:
+            blocks = _k_blocks(tuple(v.shape), qname, rng)
+            w.add_tensor(k, blocks, raw_dtype=qt)
+            reference[k] = torch.from_numpy(gguf.quants.dequantize(blocks, qt).astype(np.float32))
+            packed += 1
+        else:
+            w.add_tensor(k, v.float().numpy())
+            reference[k] = v.float()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert packed >= 8  # the attention and MLP weights of both blocks
+    save_file(reference, str(tmp_path / "flux-ref.safetensors"), metadata={META_CONFIGS: json.dumps({"transformer": cfg})})
+    assert probe(tmp_path / f"flux-{qname}.gguf").notes[0] == f"GGUF {qname}"
+    path = tmp_path / f"flux-{qname}.gguf"
+    ours = load_transformer_file(path, "flux", read_model_header(path), torch.float32)
+    assert any(type(p).__name__ == "GGUFParameter" for p in ours.parameters())  # kept packed
+    ref_path = tmp_path / "flux-ref.safetensors"
+    ref = load_transformer_file(ref_path, "flux", read_model_header(ref_path), torch.float32)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                  guidance=torch.tensor([3.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    with torch.no_grad():
+        a, b = ours(**inputs)[0], ref(**inputs)[0]
+    err = float((a - b).abs().max() / b.abs().max())
+    assert b.abs().max() > 0.1 and err < 5e-3, err  # the weights' half-precision rounding, through the blocks
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+    ref_state = ref.state_dict()
+    checked = 0
+    for name, p in ours.named_parameters():
+        if type(p).__name__ == "GGUFParameter":
+            got, want = dequantize_gguf_tensor(p).float(), ref_state[name]
+            # diffusers dequantises in half precision (as ComfyUI-GGUF does), gguf-py in single: fp16's rounding
+            assert got.shape == want.shape and float((got - want).abs().max()) <= 2e-3 * float(want.abs().max()), name
+            checked += 1
+    assert checked >= 8
