@@ -5,6 +5,7 @@ latent], the masked picture with its hole mid-grey (0 in [-1, 1]) exactly as dif
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -49,3 +50,61 @@ def test_an_inpainting_unet_reads_the_mask_and_diffusers_masked_latent(tiny_home
     assert torch.allclose(got_mask, want_mask, atol=1e-6)
     kept = np.asarray(out.images[0], int)[:8, :8] - np.asarray(picture, int)[:8, :8]
     assert np.abs(kept).max() <= 2  # outside the mask the picture stays
+
+
+def _inpaint_files(tiny_home, home, arch: str):
+    """A tiny inpainting checkpoint of ``arch`` (its UNet reads 9 channels), saved as a diffusers folder and as an
+    A1111 single file (the layout sd-v1-5-inpainting.ckpt and sd_xl_base_1.0_inpainting_0.1 were converted to)."""
+    from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from imagesmith.models.convert import export_single_file
+    name = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}[arch]
+    base_cls, inpaint_cls = {"sd1": (StableDiffusionPipeline, StableDiffusionInpaintPipeline),
+                             "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLInpaintPipeline)}[arch]
+    base = base_cls.from_pretrained(tiny_home.models_dir / "checkpoints" / name)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9}).eval()
+    pipe = inpaint_cls(**{**base.components, "unet": unet})
+    ckpt = home.models_dir / "checkpoints"
+    pipe.save_pretrained(ckpt / f"{name}-inpainting", safe_serialization=True)
+    export_single_file(pipe, arch, ckpt / f"{name}-inpainting-single.safetensors")
+
+
+def _inpaint_request(tmp_path, model: str) -> GenerateRequest:
+    picture = Image.new("RGB", (64, 64), (200, 120, 40))
+    picture.paste((30, 60, 220), (0, 40, 64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    picture.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    return GenerateRequest(prompt="a vase", model=model, init_image=str(tmp_path / "in.png"),
+                           mask=str(tmp_path / "mask.png"), mask_blur=0, width=64, height=64, steps=2, seed=1,
+                           denoising_strength=1.0)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_inpainting_checkpoints_from_a_folder_and_a_single_file(tiny_home, tmp_path, arch):
+    """SD1.5 and SDXL inpainting checkpoints as people have them: the probe names them, and an inpaint request runs
+    their 9-channel UNet, from the diffusers folder and from the single file alike (the same pixels)."""
+    from imagesmith.core.settings import Settings
+    from imagesmith.models.probe import probe
+    home = Settings(home=tmp_path / "home")
+    home.ensure_home()
+    _inpaint_files(tiny_home, home, arch)
+    name = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}[arch]
+    single = home.models_dir / "checkpoints" / f"{name}-inpainting-single.safetensors"
+    found = probe(single)
+    assert found.arch == arch and any("inpainting model (9 input channels)" in n for n in found.notes)
+    engine = Engine(home, device="cpu")
+    pictures = {}
+    for model in (f"{name}-inpainting", f"{name}-inpainting-single"):
+        unet = engine.pipeline(engine.checkpoint(model)).value.unet
+        seen = []
+        hook = unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+        try:
+            pictures[model] = np.asarray(engine.generate(_inpaint_request(tmp_path, model)).images[0], np.int16)
+        finally:
+            hook.remove()
+        assert seen and set(seen) == {9}, (model, seen)
+    a, b = pictures.values()
+    assert np.abs(a - b).max() <= 2

@@ -122,3 +122,20 @@ def test_the_hires_refiner_pass_is_a1111s_setting(refiner_home, which, first_pas
     assert calls["base"].count(second) + calls["refiner"].count(second) == 3
     info = result.records[0].infotext
     assert ("Hires refiner: " + which in info) == (which != "second pass")
+
+
+def test_the_refiner_as_a_single_file(refiner_home):
+    """sd_xl_refiner_1.0.safetensors as people download it: one A1111-layout file with the UNet, the VAE and only
+    the OpenCLIP bigG encoder. The probe names it the SDXL refiner; as the refiner it gives the folder's pixels."""
+    from imagesmith.models.convert import export_single_file
+    from imagesmith.models.probe import probe
+    engine = Engine(refiner_home, device="cpu")
+    ckpt = refiner_home.models_dir / "checkpoints"
+    folder = engine.pipeline(engine.checkpoint("tiny-sdxl-refiner")).value
+    single = export_single_file(folder, "sdxl", ckpt / "tiny-sdxl-refiner-single.safetensors")
+    assert "SDXL refiner (OpenCLIP-bigG only)" in probe(single).notes
+    engine.registry.scan()
+    a = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.5))
+    b = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner-single", refiner_switch_at=0.5))
+    assert np.abs(np.asarray(a.images[0], np.int16) - np.asarray(b.images[0], np.int16)).max() <= 2
+    assert "Refiner: tiny-sdxl-refiner-single" in b.records[0].infotext

@@ -32,6 +32,7 @@ SD1_CLIP_PREFIX = "cond_stage_model.transformer."
 SD2_OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 CONTROL_PREFIX = "control_model."
 
 _RESNET_UNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -488,6 +489,8 @@ def pipeline_to_single_file(pipe, arch: str) -> dict[str, torch.Tensor]:
             put(SD1_CLIP_PREFIX, clip_to_ldm(pipe.text_encoder.state_dict()))
         elif arch == "sd2":
             put(SD2_OPENCLIP_PREFIX, openclip_to_ldm(pipe.text_encoder.state_dict()))
+        elif getattr(pipe, "text_encoder", None) is None:  # the refiner: OpenCLIP bigG its only (first) embedder,
+            put(SDXL_REFINER_OPENCLIP_PREFIX, openclip_to_ldm(pipe.text_encoder_2.state_dict()))  # as it ships
         else:
             put(SDXL_CLIP_PREFIX, clip_to_ldm(pipe.text_encoder.state_dict()))
             put(SDXL_OPENCLIP_PREFIX, openclip_to_ldm(pipe.text_encoder_2.state_dict()))

@@ -573,9 +573,14 @@ def _load_single_file(entry, arch: str, header, components: list[str], torch_dty
     if arch in ("flux", "sd3"):
         # all-in-one FLUX/SD3 files: the transformer from the file, the rest from a companion folder
         return _load_transformer_file(entry, arch, header, torch_dtype)
+    refiner = arch == "sdxl" and "text_encoder" not in components and "text_encoder_2" in components
     needed = ["vae", "text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
-    missing = [c for c in needed if c not in components]
     extra: dict[str, Any] = dict(_sd_kwargs(arch))
+    if refiner:  # sd_xl_refiner_1.0: OpenCLIP bigG is its only text encoder (no CLIP-L, none to borrow)
+        import diffusers
+        cls, needed = diffusers.StableDiffusionXLImg2ImgPipeline, ["vae", "text_encoder_2"]
+        extra.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True)
+    missing = [c for c in needed if c not in components]
     if missing:
         extra.update(_companion_parts(entry, arch, missing, torch_dtype))
     with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
