@@ -119,3 +119,18 @@ def test_and_parts_share_one_unconditional_pass():
         expected = u + 1.0 * (full[0] - u) + 0.5 * (full[1] - u) + 0.8 * (full[2] - u)
     assert batches == [2, 1, 1]  # the first part guided (uncond + cond), the later two their conditional half only
     assert torch.allclose(shared, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl"])
+def test_and_composes_on_sdxl(engine, model):
+    """A1111's AND on SDXL (both encoders per part, pooled and size ids per part): a part of weight 0 adds nothing,
+    another prompt at full weight changes the picture, and the infotext keeps the written prompt."""
+    def run(prompt):
+        r = engine.generate(GenerateRequest(prompt=prompt, negative_prompt="blurry", model=model, width=64,
+                                            height=64, steps=3, cfg_scale=5, seed=4, sampler_name="Euler"))
+        return np.asarray(r.images[0], np.int16), r.records[0].infotext
+    cat, _ = run("a photo of a cat")
+    zero, _ = run("a photo of a cat AND a photo of a dog :0")
+    both, info = run("a photo of a cat AND a photo of a dog")
+    assert np.abs(zero - cat).max() <= 1
+    assert np.abs(both - cat).max() > 4 and info.startswith("a photo of a cat AND a photo of a dog")
