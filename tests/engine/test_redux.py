@@ -188,3 +188,28 @@ def test_comfyuis_flux_redux_template_runs(redux_home, tiny_home, tmp_path):
         Image.open(_reference(tmp_path)).save(inputs / image)
     sizes = run_template(engine, "flux_redux_model_example", prompt, tmp_path, inputs, names)
     assert list(sizes.values()) == [[(256, 256)]]
+
+
+def test_the_diffusers_redux_folder_brings_its_own_siglip(redux_home, tmp_path):
+    """black-forest-labs/FLUX.1-Redux-dev as diffusers keeps it (FluxPriorReduxPipeline: image_embedder/,
+    image_encoder/, feature_extractor/): listed as a FLUX reference model, not a checkpoint; its own SigLIP is
+    used without naming one; the tokens, so the picture, are the single file's with the same SigLIP."""
+    from diffusers import FluxPriorReduxPipeline
+
+    from imagesmith.engine.redux import load_redux, load_siglip
+    m = redux_home.models_dir
+    vision = load_siglip(m / "clip_vision" / "sigclip-tiny.safetensors", dtype=torch.float32, device="cpu")
+    folder = m / "style_models" / "FLUX.1-Redux-tiny"
+    FluxPriorReduxPipeline(image_encoder=vision.model, feature_extractor=vision.processor,
+                           image_embedder=load_redux(m / "style_models" / "flux1-redux-tiny.safetensors")
+                           ).save_pretrained(folder, safe_serialization=True)
+    found = probe(folder)
+    assert (found.kind, found.arch) == ("ipadapter", "flux") and "diffusers folder" in found.notes[0]
+    engine = Engine(redux_home, device="cpu")
+    entry = engine.registry.get("FLUX.1-Redux-tiny", "ipadapter")
+    assert entry.kind == "ipadapter" and "FLUX.1-Redux-tiny" not in {e.name for e in engine.registry.list("checkpoint")}
+    ref = _reference(tmp_path)
+    single = engine.generate(_req(ref, weight=0.8))
+    bundled = engine.generate(GenerateRequest(prompt="a cabin", model="tiny-flux", width=64, height=64, steps=4, seed=2,
+                                              ip_adapter={"model": "FLUX.1-Redux-tiny", "image": ref, "weight": 0.8}))
+    assert np.abs(np.asarray(single.images[0], np.int16) - np.asarray(bundled.images[0], np.int16)).max() <= 1

@@ -1259,8 +1259,13 @@ class Engine:
             entry = self.registry.get(spec.model, "ipadapter")
             embedder = self.redux_embedder(entry)
             width = int(embedder.redux_up.weight.shape[1])
+            own = Path(entry.path) / "image_encoder"
             if spec.image_encoder:
                 vision = self.registry.get(spec.image_encoder, "clip_vision")
+            elif own.is_dir():  # a diffusers Redux folder carries the SigLIP it was trained with
+                vision = ModelEntry(name=f"{entry.name}/image_encoder", kind="clip_vision", arch="flux", path=own,
+                                    format="diffusers", rel_path=f"{entry.rel_path}/image_encoder",
+                                    folder_kind="clip_vision")
             else:
                 vision = next((e for e in self.registry.list("clip_vision")
                                if any("SigLIP" in x for x in e.notes) and f"width {width}" in " ".join(e.notes)), None)

@@ -33,10 +33,14 @@ def is_siglip(shapes: dict[str, list[int]]) -> bool:
 
 
 def load_redux(path: str | Path):
-    """diffusers' ReduxImageEncoder with the file's weights (its widths read from them)."""
+    """diffusers' ReduxImageEncoder with the file's weights (its widths read from them), or from a diffusers
+    FluxPriorReduxPipeline folder's ``image_embedder/``."""
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
     from safetensors.torch import load_file
     path = Path(path)
+    if path.is_dir():
+        return ReduxImageEncoder.from_pretrained(str(path / "image_embedder"), local_files_only=True,
+                                                 use_safetensors=True).eval()
     if path.suffix.lower() != ".safetensors":
         raise UnsafeModelFile(f"Redux {path.name}: .safetensors only; a pickle file is never opened")
     sd = load_file(str(path))

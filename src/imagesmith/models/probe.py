@@ -653,6 +653,12 @@ def probe_folder(path: Path) -> ProbeResult:
     if index.is_file():
         info = _read_json(index)
         cls = str(info.get("_class_name", ""))
+        if cls == "FluxPriorReduxPipeline":  # black-forest-labs/FLUX.1-Redux-dev as diffusers keeps it
+            emb = _read_json(path / "image_embedder" / "config.json")
+            return ProbeResult(kind="ipadapter", arch="flux", format=fmt, notes=[
+                f"FLUX.1 Redux image embedder (SigLIP width {emb.get('redux_dim', '?')} -> T5 width "
+                f"{emb.get('txt_in_features', '?')}), diffusers folder with its SigLIP encoder: reference images on "
+                "FLUX"], components=[k for k, v in info.items() if not k.startswith("_") and isinstance(v, list)])
         arch = next((a for prefix, a in _PIPELINE_ARCH if cls.startswith(prefix)), "unknown")
         notes = [cls] if cls else ["model_index.json without _class_name"]
         unet_cfg = _read_json(path / "unet" / "config.json")
