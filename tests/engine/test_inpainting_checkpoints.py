@@ -24,17 +24,10 @@ def test_an_inpainting_unet_reads_the_mask_and_diffusers_masked_latent(tiny_home
     engine.adopt("tiny-sd15-inpainting", pipe, "sd1")
     seen = []
     hook = unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
-    picture = Image.new("RGB", (64, 64), (200, 120, 40))
-    picture.paste((30, 60, 220), (0, 40, 64, 64))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    picture.save(tmp_path / "in.png")
-    mask.save(tmp_path / "mask.png")
+    req = _inpaint_request(tmp_path, "tiny-sd15-inpainting").model_copy(update={"inpaint_full_res": False})
+    picture, mask = Image.open(req.init_image), Image.open(req.mask)
     try:
-        out = engine.generate(GenerateRequest(prompt="a vase", model="tiny-sd15-inpainting",
-                                              init_image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"),
-                                              mask_blur=0, width=64, height=64, steps=2, seed=1,
-                                              denoising_strength=1.0, inpaint_full_res=False))
+        out = engine.generate(req)
     finally:
         hook.remove()
     assert seen and seen[0].shape[1] == 9 and out.images[0].size == (64, 64)

@@ -24,25 +24,30 @@ gguf = pytest.importorskip("gguf")
 FP8_MAX = 448.0
 
 
+def _flux_bfl(*, seed: int, std: float, single: int, head_dim: int, axes: tuple[int, int, int]):
+    """(config, BFL-layout state) of a small FLUX transformer with random weights of ``std``."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=single,
+                                   attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=axes).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+    return cfg, {k: v.contiguous() for k, v in flux_to_bfl(model.state_dict(), cfg).items()}
+
+
 @pytest.fixture(scope="module")
 def quant_home(tiny_home, tmp_path_factory):
     """A home with the tiny FLUX folder (the companion: VAE, text encoders) and one FLUX transformer, wider than
     the tiny one so that most of its layers quantise (rows of 32), in every format."""
-    from diffusers import FluxTransformer2DModel
     root = tmp_path_factory.mktemp("quant")
     settings = Settings(home=root)
     settings.ensure_home()
     ckpt = settings.models_dir / "checkpoints"
     shutil.copytree(tiny_home.models_dir / "checkpoints" / "tiny-flux", ckpt / "tiny-flux")
-    torch.manual_seed(7)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.08)
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
-    bfl = {k: v.contiguous() for k, v in flux_to_bfl(model.state_dict(), cfg).items()}
+    cfg, bfl = _flux_bfl(seed=7, std=0.08, single=2, head_dim=16, axes=(4, 6, 6))
     meta = {META_CONFIGS: json.dumps({"transformer": cfg})}
     save_file(bfl, str(ckpt / "wide-flux-f32.safetensors"), metadata=meta)
     # GGUF, as city96's converter makes them: 2-D weights quantised, the rest (norms, biases, odd rows) in F32
@@ -316,17 +321,8 @@ def test_k_quant_gguf_dequantises_as_llama_cpps_gguf_does(tmp_path, qname):
     kept packed); each weight equals what gguf-py's own dequantiser (the llama.cpp project's reference) makes of those
     blocks to half precision (diffusers dequantises in fp16), and the forward pass the same transformer's with those
     weights."""
-    from diffusers import FluxTransformer2DModel
     from imagesmith.models.loaders import load_transformer_file, read_model_header
-    torch.manual_seed(3)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=128, num_attention_heads=2, joint_attention_dim=32,
-                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
-    bfl = {k: v.contiguous() for k, v in flux_to_bfl(model.state_dict(), cfg).items()}
+    cfg, bfl = _flux_bfl(seed=3, std=0.05, single=1, head_dim=128, axes=(16, 56, 56))  # 256 wide: K-quant blocks
     rng = np.random.default_rng(5)
     qt = getattr(gguf.GGMLQuantizationType, qname)
     w = gguf.GGUFWriter(str(tmp_path / f"flux-{qname}.gguf"), "flux")
