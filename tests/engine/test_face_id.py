@@ -251,3 +251,25 @@ def test_faceid_plus_reads_the_identity_and_the_faces_clip_features(engine, astr
     assert packed.shape == (2, 512 + 17 * 32)
     ident = packed[:, :512]
     assert torch.allclose(ident.norm(dim=-1).max(), torch.tensor(1.0), atol=1e-4) and ident.norm(dim=-1).min() == 0
+
+
+def test_faceid_on_sdxl(home, tiny_home, astronaut):
+    """ip-adapter-faceid_sdxl: the same identity projection at SDXL's width, its attention on SDXL's UNet (its
+    2048-wide text states); weight 0 is the base picture, weight 1 guides it; an SD1.5 FaceID on SDXL is refused."""
+    from fixtures.tiny import build_sdxl
+    from imagesmith.core.errors import ImagesmithError
+    from imagesmith.engine.generate import Engine
+    sdxl = home.models_dir / "checkpoints" / "tiny-sdxl"
+    if not sdxl.exists():
+        sdxl.symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sdxl", target_is_directory=True)
+    build_faceid_adapter(build_sdxl(0).unet, home.models_dir / "ipadapter" / "tiny-faceid_sdxl.bin")
+    engine = Engine(home, device="cpu")
+    base = dict(model="tiny-sdxl", prompt="a portrait", width=64, height=64, steps=3, seed=7, sampler_name="Euler")
+    plain = _pixels(engine.generate(GenerateRequest(**base)))
+    zero = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-faceid_sdxl", image=astronaut,
+                                                                            weight=0)))
+    assert np.abs(_pixels(zero) - plain).max() <= 1
+    full = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-faceid_sdxl", image=astronaut)))
+    assert np.abs(_pixels(full) - plain).max() > 8
+    with pytest.raises(ImagesmithError):
+        engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-faceid_sd15", image=astronaut)))
