@@ -153,7 +153,8 @@ def test_the_controlnet_extension_api(api):
                                              "invert (from white bg & black line)", "threshold", "tile_resample",
                                              "openpose", "openpose_hand", "depth_anything", "depth_anything_v2",
                                              "depth_midas", "depth_zoe", "lineart_realistic", "lineart_coarse",
-                                             "lineart_anime", "softedge_hed", "softedge_hedsafe", "scribble_hed"]
+                                             "lineart_anime", "softedge_hed", "softedge_hedsafe", "scribble_hed",
+                                             "inpaint_only", "inpaint_global_harmonious"]
     detected = api.controlnet_detect([_edges_image()], module="canny", threshold_a=100, threshold_b=200)
     edges = np.asarray(detected.images[0].convert("L"))
     assert edges.max() == 255 and edges[32, 32] == 0 and edges[16, 16:48].max() == 255  # the square's outline

@@ -97,17 +97,19 @@ class ControlNetSpec(BaseModel):
     preprocessor: Literal["canny", "none", "scribble_xdog", "lineart_standard", "invert", "threshold",
                           "tile_resample", "openpose", "openpose_hand", "depth_anything", "depth_midas",
                           "depth_zoe", "lineart_realistic", "lineart_coarse", "lineart_anime", "softedge_hed",
-                          "softedge_hedsafe", "scribble_hed"] = Field(
+                          "softedge_hedsafe", "scribble_hed", "inpaint_only", "inpaint_global_harmonious"] = Field(
         "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models; "
         "depth: your transformers depth model in models/annotators/; lineart_* and *_hed: lllyasviel's annotator "
-        "files sk_model, sk_model2, netG, ControlNetHED in models/annotators/)")
+        "files sk_model, sk_model2, netG, ControlNetHED in models/annotators/; inpaint_only and "
+        "inpaint_global_harmonious: the picture with its hole (the unit's mask, else the request's) at -1, for the "
+        "inpaint ControlNets)")
     control_mode: Literal["balanced", "prompt", "controlnet"] = Field(
         "balanced", description="A1111's Control Mode for SD1/SDXL ControlNets: balanced; prompt ('My prompt is more "
         "important': the residuals fade towards the network's outer layers, 0.825 per layer); controlnet "
         "('ControlNet is more important': those faded residuals on the prompt's half of CFG only)")
-    mask: str | None = Field(None, description="for an inpainting ControlNet (InstantX's Qwen-Image "
-                             "inpainting one): where to repaint (white), uploaded id or path; default the request's "
-                             "mask")
+    mask: str | None = Field(None, description="for the inpaint preprocessors and inpainting ControlNets (SD1/SDXL "
+                             "inpaint models, InstantX's Qwen-Image one): where to repaint (white), uploaded id or "
+                             "path; default the request's mask")
     processor_res: int | None = Field(None, ge=64, le=4096, description="the resolution a network preprocessor "
                                       "works at (the image's short side scaled to it; the extension's "
                                       "processor_res); default 512")

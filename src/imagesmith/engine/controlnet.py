@@ -139,6 +139,10 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "lineart_standard": Preprocessor(lambda im, a, b: lineart_standard(im)),
     "invert": Preprocessor(lambda im, a, b: invert(im)),
     "threshold": Preprocessor(lambda im, a, b: threshold(im, a), (("Binary threshold", 127, 0, 255),)),
+    # the inpaint ControlNets' (control_v11p_sd15_inpaint, xinsir's union 'repaint'): the picture itself; the engine
+    # marks its hole (the unit's mask, else the request's) with -1, below the picture's 0..1
+    "inpaint_only": Preprocessor(lambda im, a, b: im.convert("RGB")),
+    "inpaint_global_harmonious": Preprocessor(lambda im, a, b: im.convert("RGB")),
     "tile_resample": Preprocessor(lambda im, a, b: tile_resample(im, a), (("Down Sampling Rate", 1.0, 1.0, 8.0),),
                                   model_free=False),
     # a body (and its hands) by mediapipe's pose and hand models, drawn as OpenPose's skeleton (engine.landmarks)
@@ -167,6 +171,7 @@ UNION_INDEX = {
 PREPROCESSOR_KIND = {"openpose": "openpose", "openpose_hand": "openpose", "depth_anything": "depth",
                      "depth_midas": "depth", "depth_zoe": "depth", "scribble_xdog": "softedge", "canny": "hardedge",
                      "lineart_standard": "hardedge", "invert": "hardedge", "tile_resample": "tile",
+                     "inpaint_only": "inpaint", "inpaint_global_harmonious": "inpaint",
                      "lineart_realistic": "hardedge", "lineart_coarse": "hardedge", "lineart_anime": "hardedge",
                      "softedge_hed": "softedge", "softedge_hedsafe": "softedge", "scribble_hed": "softedge"}
 """what each preprocessor's map is, as the extension infers a union type from its module when none is given"""
@@ -235,3 +240,16 @@ def preprocessor_status(settings) -> list[dict]:
                 row["file"] = str(found)
         rows.append(row)
     return rows
+
+
+INPAINT_PREPROCESSORS = ("inpaint_only", "inpaint_global_harmonious")
+
+
+def inpaint_hint(image: Image.Image, mask: Image.Image, size: tuple[int, int]):
+    """An inpaint ControlNet's control tensor ``[1, 3, H, W]``: the picture at ``size`` in 0..1, its hole (mask >
+    0.5, white = repaint) set to -1 (lllyasviel's control_v11p_sd15_inpaint; diffusers' docs build it so)."""
+    import torch
+    pic = np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0
+    hole = np.asarray(mask.convert("L").resize(size, Image.NEAREST), dtype=np.float32) / 255.0 > 0.5
+    pic[hole] = -1.0
+    return torch.from_numpy(pic).permute(2, 0, 1)[None]

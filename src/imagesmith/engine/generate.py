@@ -1188,6 +1188,10 @@ class Engine:
                 kind = "Qwen-Image" if family == "qwen" else family.upper()
                 raise BadRequest(f"controlnet[{i}]: control_mode {cn.control_mode} is A1111's, for SD1/SDXL "
                                  f"ControlNets (UNet residuals); {cn.model} is a {kind} ControlNet: use balanced")
+            if cn.preprocessor in ("inpaint_only", "inpaint_global_harmonious"):
+                raise BadRequest(f"controlnet[{i}]: {cn.preprocessor} marks the hole for SD1/SDXL inpaint "
+                                 f"ControlNets; {cn.model} is not one (InstantX's Qwen-Image inpainting ControlNet "
+                                 "reads the unit's mask with preprocessor none)")
             inpainting = family == "qwen" and getattr(model.config, "extra_condition_channels", 0)
             if cn.mask is not None and not inpainting:
                 raise BadRequest(f"controlnet[{i}]: {cn.model}: a unit's mask is read by inpainting ControlNets "
@@ -1384,16 +1388,20 @@ class Engine:
 
     def _control_specs(self, job: _Job, ms, n: int) -> list[ControlSpec]:
         """One ControlSpec per unit: its model, its preprocessed image at the output size, its weight and window."""
-        from .controlnet import preprocess, union_index
+        from .controlnet import INPAINT_PREPROCESSORS, inpaint_hint, preprocess, union_index
         specs = []
         for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
             model = self._component("controlnet", cn.model)
             if hasattr(model.config, "joint_attention_dim"):
                 raise BadRequest(f"ControlNet {cn.model} is a {'FLUX' if hasattr(model.config, 'axes_dims_rope') else 'SD3'}"
                                  f" ControlNet; {job.entry.name} is {job.arch}")
-            if cn.mask is not None:
-                raise BadRequest(f"ControlNet {cn.model}: a unit's mask is read by inpainting ControlNets only "
-                                 "(InstantX's Qwen-Image one); this one reads its control image alone")
+            inpaint = cn.preprocessor in INPAINT_PREPROCESSORS
+            if cn.mask is not None and not inpaint:
+                raise BadRequest(f"ControlNet {cn.model}: a unit's mask is read by the inpaint preprocessors "
+                                 "(inpaint_only, inpaint_global_harmonious) and inpainting ControlNets only")
+            if inpaint and cn.mask is None and job.mask is None:
+                raise BadRequest(f"controlnet[{i}]: {cn.preprocessor} marks the hole to repaint: give the unit a mask "
+                                 "(controlnet.mask, white = repaint) or make an inpainting request (mask)")
             kinds = getattr(model.config, "num_control_type", None)  # SDXL Union / ProMax
             mode = cn.union_mode
             if kinds and mode is None:  # by name, else by what the preprocessor draws (as the A1111 extension does)
@@ -1411,6 +1419,10 @@ class Engine:
                 (job.width, job.height), Image.LANCZOS)
             self._detected(job, i, cn, image)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+            if inpaint:
+                mask = load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask") \
+                    if cn.mask is not None else job.mask
+                tensor = inpaint_hint(image, mask, (job.width, job.height))
             specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
                                      sigma_start=ms.percent_to_sigma(cn.guidance_start),
                                      sigma_end=ms.percent_to_sigma(cn.guidance_end),

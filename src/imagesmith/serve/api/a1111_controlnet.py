@@ -27,7 +27,8 @@ MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble_xdog",  
            "depth_anything": "depth_anything", "depth_anything_v2": "depth_anything", "depth_midas": "depth_midas",
            "depth_zoe": "depth_zoe", "lineart_realistic": "lineart_realistic",
            "lineart_coarse": "lineart_coarse", "lineart_anime": "lineart_anime", "softedge_hed": "softedge_hed",
-           "softedge_hedsafe": "softedge_hedsafe", "scribble_hed": "scribble_hed"}
+           "softedge_hedsafe": "softedge_hedsafe", "scribble_hed": "scribble_hed", "inpaint_only": "inpaint_only",
+           "inpaint_global_harmonious": "inpaint_global_harmonious"}
 MODULE_ALIASES = {"lineart": "lineart_realistic", "hed": "softedge_hed"}
 """the extension's old module names, which clients still send"""
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 lists models as "name [hash]"

@@ -1,0 +1,59 @@
+"""The inpaint ControlNets (lllyasviel's control_v11p_sd15_inpaint; A1111's inpaint_only and
+inpaint_global_harmonious): the control image is the picture with its hole set to -1, below the picture's 0..1,
+as diffusers' documentation builds it; the hole is the unit's mask, else the inpainting request's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagesmith.core.errors import BadRequest
+from imagesmith.core.requests import ControlNetSpec, GenerateRequest
+from imagesmith.engine.controlnet import inpaint_hint
+from imagesmith.engine.generate import Engine
+
+
+def _files(tmp_path):
+    picture = Image.new("RGB", (64, 64), (200, 120, 40))
+    picture.paste((30, 60, 220), (0, 40, 64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    picture.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    return picture, mask, str(tmp_path / "in.png"), str(tmp_path / "mask.png")
+
+
+def test_the_hint_is_the_picture_with_its_hole_at_minus_one(tmp_path):
+    picture, mask, _, _ = _files(tmp_path)
+    hint = inpaint_hint(picture, mask, (64, 64))
+    want = torch.from_numpy(np.asarray(picture, np.float32) / 255.0).permute(2, 0, 1)[None]
+    hole = torch.from_numpy(np.asarray(mask) > 127)[None, None].expand_as(want)
+    assert torch.equal(hint[hole], torch.full_like(hint[hole], -1.0)) and torch.equal(hint[~hole], want[~hole])
+
+
+@pytest.mark.parametrize("module", ["inpaint_only", "inpaint_global_harmonious"])
+def test_the_controlnet_sees_the_hole_from_the_unit_or_the_request(tiny_home, tmp_path, module):
+    picture, mask, pic_path, mask_path = _files(tmp_path)
+    engine = Engine(tiny_home, device="cpu")
+    cn = engine._component("controlnet", "tiny-controlnet")
+    seen = []
+    hook = cn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["controlnet_cond"].clone()), with_kwargs=True)
+    base = dict(prompt="a vase", model="tiny-sd15", width=64, height=64, steps=1, seed=1, sampler_name="Euler",
+                cfg_scale=1.0)
+    try:
+        engine.generate(GenerateRequest(**base, controlnet=ControlNetSpec(
+            model="tiny-controlnet", image=pic_path, mask=mask_path, preprocessor=module)))
+        from_unit = seen[-1]
+        engine.generate(GenerateRequest(**base, init_image=pic_path, mask=mask_path, denoising_strength=1.0,
+                                        controlnet=ControlNetSpec(model="tiny-controlnet", image=pic_path,
+                                                                  preprocessor=module)))
+        from_request = seen[-1]
+    finally:
+        hook.remove()
+    want = inpaint_hint(picture, mask, (64, 64))
+    assert torch.allclose(from_unit[:1].float(), want) and torch.allclose(from_request[:1].float(), want)
+    with pytest.raises(BadRequest, match="marks the hole to repaint: give the unit a mask"):
+        engine.generate(GenerateRequest(**base, controlnet=ControlNetSpec(model="tiny-controlnet", image=pic_path,
+                                                                          preprocessor=module)))
