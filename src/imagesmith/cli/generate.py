@@ -70,6 +70,7 @@ def generate(
                                                "preprocessor draws"),
     control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe, scribble_hed or none (imagesmith controlnet preprocessors)"),
     control_processor_res: Optional[int] = typer.Option(None, "--control-processor-res", min=64, max=4096, help="a network preprocessor's working resolution (default 512)"),
+    control_mask: Optional[str] = typer.Option(None, "--control-mask", help="where to repaint (white) for the inpaint preprocessors and inpainting ControlNets; default the request's --mask"),
     control_weight: float = typer.Option(1.0, "--control-weight"),
     control_priority: str = typer.Option("balanced", "--control-priority", help="A1111's Control Mode (SD1/SDXL "
                                          "ControlNets): balanced, prompt (my prompt is more important) or controlnet "
@@ -151,7 +152,7 @@ def generate(
                 else {"union_type": control_mode}
             fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
                                                   preprocessor=control_preprocessor, weight=control_weight,
-                                                  processor_res=control_processor_res,
+                                                  processor_res=control_processor_res, mask=control_mask,
                                                   control_mode=control_priority, **union)
         if regions:
             fields["regions"] = [_region(r) for r in regions]
