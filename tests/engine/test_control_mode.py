@@ -105,3 +105,36 @@ def test_a1111_units_carry_the_control_mode():
     with pytest.raises(BadRequest, match="control_mode 'Loud' is not one of the extension's"):
         _unit(webuiapi.ControlNetUnit(image=picture, module="canny", model="m", control_mode="Loud").to_dict(),
               lambda data: "upload")
+
+
+def test_the_hires_pass_gets_the_map_at_its_size_and_soft_weights(engine, tmp_path):
+    """Hires fix with a ControlNet (it used to fail: the control image stayed at the first pass's size): the second
+    pass's ControlNet reads the map at the hires size, and, as the extension does in hires fix, its residuals carry
+    the soft-injection factors whatever the control mode."""
+    from imagesmith.core.requests import HiresSpec
+    pipe = engine.pipeline(engine.checkpoint("tiny-sd15")).value
+    cn = engine._component("controlnet", "tiny-controlnet")
+    conds, residuals = [], []
+    h1 = cn.register_forward_pre_hook(lambda m, a, kw: conds.append(tuple(kw["controlnet_cond"].shape)),
+                                      with_kwargs=True)
+    raw = []
+    h3 = cn.register_forward_hook(lambda m, a, out: raw.append((len(out[0]), out[1].clone())))
+    h2 = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: residuals.append(kw["mid_block_additional_residual"].clone())
+        if kw.get("mid_block_additional_residual") is not None else None, with_kwargs=True)
+    try:
+        out = engine.generate(GenerateRequest(
+            prompt="a box", model="tiny-sd15", width=64, height=64, steps=2, seed=1, sampler_name="Euler",
+            cfg_scale=1.0, hires=HiresSpec(hr_scale=2, hr_upscaler="Lanczos", hr_denoising_strength=0.5),
+            controlnet=ControlNetSpec(model="tiny-controlnet", image=_control(tmp_path), preprocessor="none")))
+    finally:
+        h1.remove()
+        h2.remove()
+        h3.remove()
+    assert out.images[0].size == (128, 128)
+    assert conds[0][-2:] == (64, 64) and conds[-1][-2:] == (128, 128)
+    assert len(residuals) == len(conds) == len(raw)
+    downs, first_mid = raw[0]
+    factor = soft_scales(downs + 1)[-1]
+    assert factor < 1 and torch.allclose(residuals[0], first_mid)  # balanced in the first pass
+    assert torch.allclose(residuals[-1], raw[-1][1] * factor, atol=1e-6)  # soft in the hires pass

@@ -142,3 +142,22 @@ def test_flux_controlnets_in_comfyui_graphs(cn_home, tmp_path):
     finally:
         hook.remove()
     assert sorted(set(modes)) == [0, 2] and not np.array_equal(depth, canny)
+
+
+def test_a_flux_controlnet_in_the_hires_fix_reads_the_map_at_the_hires_size(cn_home, tmp_path):
+    """FLUX with a ControlNet and hires fix: the second pass's ControlNet gets the map's latent at the hires size
+    (it used to get the first pass's, a shape error)."""
+    from imagesmith.core.requests import HiresSpec
+    engine = Engine(cn_home, device="cpu")
+    cn = engine._component("controlnet", "flux-cn-canny")
+    seen = []
+    hook = cn.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["controlnet_cond"].shape)),
+                                        with_kwargs=True)
+    try:
+        out = engine.generate(_req({"model": "flux-cn-canny", "image": _control(tmp_path), "preprocessor": "none"})
+                              .model_copy(update={"hires": HiresSpec(hr_scale=2, hr_upscaler="Lanczos",
+                                                                     hr_denoising_strength=0.5)}))
+    finally:
+        hook.remove()
+    assert out.images[0].size == (128, 128)
+    assert seen[0][1] * 4 == seen[-1][1]  # packed tokens: four times as many at twice the size

@@ -1066,7 +1066,7 @@ class Engine:
                 conds.append(Conditioning(pe.repeat(k, 1, 1), {"pooled": pp.repeat(k, 1)}))
                 unconds.append(Conditioning(ne.repeat(k, 1, 1), {"pooled": npool.repeat(k, 1)}))
             cond, uncond = _cat_conditioning(conds), _cat_conditioning(unconds)
-            control = self._dit_control(pipe, job, ms, n, lambda t: t) if job.control_images else None
+            control = self._dit_control(pipe, job, ms, n, lambda t: t, (width, height)) if job.control_images else None
             return SD3Denoiser(job.net or pipe.transformer, ms, cond, uncond if req.cfg_scale != 1 else None,
                                req.cfg_scale, control=control)
         if job.arch == "flux":
@@ -1086,7 +1086,7 @@ class Engine:
             if is_flux_control(pipe):  # FLUX Canny/Depth dev: the control map's latent beside the latent
                 extra, control = pack(self._control_latent(pipe, job, width, height).repeat(n, 1, 1, 1)), None
             else:
-                control = self._dit_control(pipe, job, ms, n, pack) if job.control_images else None
+                control = self._dit_control(pipe, job, ms, n, pack, (width, height)) if job.control_images else None
             if is_kontext(job.entry) and job.init_image is not None:  # the picture to edit, as reference tokens
                 ref = job.init_image.convert("RGB").resize((width, height), Image.LANCZOS)
                 tokens = pack(self._vae_encode(pipe.vae, [ref]).repeat(n, 1, 1, 1))
@@ -1097,7 +1097,7 @@ class Engine:
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
                                 extra=extra, context=context, extra_text=extra_text, control=control)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
-        control = self._control_specs(job, ms, n) if job.control_images else None
+        control = self._control_specs(job, ms, n, (width, height)) if job.control_images else None
         net, windows, masks = job.net or pipe.unet, None, None
         if req.ip_adapter_units:  # the references' embeddings on both sides of CFG, each with its weight window
             cond.ip, uncond.ip, windows = self._ip_conditioning(pipe, job, ms, n)
@@ -1137,7 +1137,8 @@ class Engine:
                 unconds.append((*Q.encode_text(pipe, e.get("negative_prompt") or " ", self.device, picture), k))
         vae_sf = pipe.vae_scale_factor
         n = sum(k for _, _, k in rows)
-        control = self._dit_control(pipe, job, ms, n, lambda t: Q.pack(pipe, t)) if job.control_images else None
+        control = self._dit_control(pipe, job, ms, n, lambda t: Q.pack(pipe, t), (width, height)) \
+            if job.control_images else None
         return QwenDenoiser(job.net or pipe.transformer, ms, Q.stack_conditioning(conds),
                             Q.stack_conditioning(unconds) if guided else None, req.cfg_scale,
                             pack=lambda x: Q.pack(pipe, x), unpack=lambda y: Q.unpack(pipe, y, width, height),
@@ -1168,11 +1169,11 @@ class Engine:
         if cn.preprocessor != "none":
             job.detected.setdefault(i, image)
 
-    def _dit_control(self, pipe, job: _Job, ms, n: int, pack) -> list[ControlSpec]:
+    def _dit_control(self, pipe, job: _Job, ms, n: int, pack, size: tuple[int, int]) -> list[ControlSpec]:
         """FLUX, SD3 and Qwen-Image ControlNet units: each control image preprocessed and VAE-encoded (for FLUX and
         Qwen-Image packed as the transformer's tokens: the ``controlnet_cond`` of diffusers' FluxControlNetPipeline,
         StableDiffusion3ControlNetPipeline and QwenImageControlNetPipeline), with its union mode, weight and
-        window."""
+        window; the control image at ``size``, the pass's own (the hires fix's second pass is larger)."""
         from .controlnet import preprocess, union_index
         specs = []
         for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
@@ -1214,10 +1215,10 @@ class Engine:
                 raise BadRequest(f"controlnet[{i}]: union type {cn.union_type or mode} is not one {cn.model} has"
                                  + (f" (0-{num_mode - 1})" if num_mode else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
-                (job.width, job.height), Image.LANCZOS)
+                size, Image.LANCZOS)
             self._detected(job, i, cn, image)
             if inpainting:
-                latent = self._masked_control_latent(pipe, image, cn, job, i)
+                latent = self._masked_control_latent(pipe, image, cn, job, i, size)
             else:
                 latent = self._vae_encode(pipe.vae, [image])
             cond = pack(latent.repeat(n, 1, 1, 1))
@@ -1226,14 +1227,15 @@ class Engine:
                                      mode=None if mode is None else torch.full((n, 1), mode, dtype=torch.long)))
         return specs
 
-    def _masked_control_latent(self, pipe, image: Image.Image, cn, job: _Job, i: int) -> torch.Tensor:
+    def _masked_control_latent(self, pipe, image: Image.Image, cn, job: _Job, i: int,
+                               size: tuple[int, int]) -> torch.Tensor:
         """An inpainting ControlNet's control (:func:`qwen_image.inpaint_control`) of the unit's picture; the hole is
         the unit's mask (white = repaint), else the request's, binarised at the output size as diffusers does."""
         if cn.mask is not None:
             mask = load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask")
         else:
             mask = job.mask
-        mask = mask.convert("L").resize((job.width, job.height), Image.LANCZOS)
+        mask = mask.convert("L").resize(size, Image.LANCZOS)
         hole = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5)[None, None]
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
         return Q.inpaint_control(lambda x: self._vae_encode_tensor(pipe.vae, x), pixels, hole)
@@ -1386,8 +1388,11 @@ class Engine:
         return (Conditioning(stacked["prompt_embeds"], added_c),
                 Conditioning(stacked["negative_prompt_embeds"], added_u))
 
-    def _control_specs(self, job: _Job, ms, n: int) -> list[ControlSpec]:
-        """One ControlSpec per unit: its model, its preprocessed image at the output size, its weight and window."""
+    def _control_specs(self, job: _Job, ms, n: int, size: tuple[int, int]) -> list[ControlSpec]:
+        """One ControlSpec per unit: its model, its preprocessed image at the pass's ``size``, its weight and window.
+        In the hires fix's second pass (a size above the job's) every unit is soft-injected, as A1111's extension
+        does there ("use the soft weights with high-res fix", whatever the control mode)."""
+        hires = size != (job.width, job.height)
         from .controlnet import INPAINT_PREPROCESSORS, inpaint_hint, preprocess, union_index
         specs = []
         for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
@@ -1416,18 +1421,18 @@ class Engine:
                 raise BadRequest(f"ControlNet {cn.model}: union type {cn.union_type or mode} is not one it has"
                                  + (f" (0-{kinds - 1})" if kinds else " (it is not a union ControlNet)"))
             image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
-                (job.width, job.height), Image.LANCZOS)
+                size, Image.LANCZOS)
             self._detected(job, i, cn, image)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             if inpaint:
                 mask = load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask") \
                     if cn.mask is not None else job.mask
-                tensor = inpaint_hint(image, mask, (job.width, job.height))
+                tensor = inpaint_hint(image, mask, size)
             specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
                                      sigma_start=ms.percent_to_sigma(cn.guidance_start),
                                      sigma_end=ms.percent_to_sigma(cn.guidance_end),
                                      mode=None if mode is None else torch.tensor([[mode]]),
-                                     soft=cn.control_mode != "balanced", cond_only=cn.control_mode == "controlnet"))
+                                     soft=hires or cn.control_mode != "balanced", cond_only=cn.control_mode == "controlnet"))
         return specs
 
     def _vae_encode(self, vae, images: list[Image.Image]) -> torch.Tensor:
