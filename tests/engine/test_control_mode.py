@@ -138,3 +138,11 @@ def test_the_hires_pass_gets_the_map_at_its_size_and_soft_weights(engine, tmp_pa
     factor = soft_scales(downs + 1)[-1]
     assert factor < 1 and torch.allclose(residuals[0], first_mid)  # balanced in the first pass
     assert torch.allclose(residuals[-1], raw[-1][1] * factor, atol=1e-6)  # soft in the hires pass
+
+
+def test_a_controlnet_for_another_unet_is_one_line(engine, tmp_path):
+    """An SD1.5 ControlNet on an SDXL model used to fail deep in a matrix product; it is one line naming both."""
+    with pytest.raises(BadRequest, match="tiny-controlnet is a ControlNet for .* models .*tiny-sdxl is SDXL") as err:
+        engine.generate(GenerateRequest(prompt="a box", model="tiny-sdxl", width=64, height=64, steps=1,
+                                        controlnet=ControlNetSpec(model="tiny-controlnet", image=_control(tmp_path))))
+    assert len(str(err.value).splitlines()) == 1

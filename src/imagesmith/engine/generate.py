@@ -1097,7 +1097,7 @@ class Engine:
                                 unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
                                 extra=extra, context=context, extra_text=extra_text, control=control)
         cond, uncond = self._conditioning(pipe, rows, encoded, width, height)
-        control = self._control_specs(job, ms, n, (width, height)) if job.control_images else None
+        control = self._control_specs(job, ms, n, (width, height), pipe.unet) if job.control_images else None
         net, windows, masks = job.net or pipe.unet, None, None
         if req.ip_adapter_units:  # the references' embeddings on both sides of CFG, each with its weight window
             cond.ip, uncond.ip, windows = self._ip_conditioning(pipe, job, ms, n)
@@ -1388,7 +1388,7 @@ class Engine:
         return (Conditioning(stacked["prompt_embeds"], added_c),
                 Conditioning(stacked["negative_prompt_embeds"], added_u))
 
-    def _control_specs(self, job: _Job, ms, n: int, size: tuple[int, int]) -> list[ControlSpec]:
+    def _control_specs(self, job: _Job, ms, n: int, size: tuple[int, int], unet=None) -> list[ControlSpec]:
         """One ControlSpec per unit: its model, its preprocessed image at the pass's ``size``, its weight and window.
         In the hires fix's second pass (a size above the job's) every unit is soft-injected, as A1111's extension
         does there ("use the soft weights with high-res fix", whatever the control mode)."""
@@ -1400,6 +1400,12 @@ class Engine:
             if hasattr(model.config, "joint_attention_dim"):
                 raise BadRequest(f"ControlNet {cn.model} is a {'FLUX' if hasattr(model.config, 'axes_dims_rope') else 'SD3'}"
                                  f" ControlNet; {job.entry.name} is {job.arch}")
+            width = getattr(model.config, "cross_attention_dim", None)
+            if unet is not None and width != unet.config.cross_attention_dim:
+                kind = {768: "SD1", 1024: "SD2", 2048: "SDXL"}.get(width, "other")
+                raise BadRequest(f"controlnet[{i}]: {cn.model} is a ControlNet for {kind} models (it reads {width}-"
+                                 f"wide text states); {job.entry.name} is {job.arch.upper()} (its UNet reads "
+                                 f"{unet.config.cross_attention_dim}-wide ones)")
             inpaint = cn.preprocessor in INPAINT_PREPROCESSORS
             if cn.mask is not None and not inpaint:
                 raise BadRequest(f"ControlNet {cn.model}: a unit's mask is read by the inpaint preprocessors "
