@@ -7,26 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from fixtures.inpaint import picture_and_mask
 from imagesmith.core.errors import BadRequest
 from imagesmith.core.requests import ControlNetSpec, GenerateRequest
 from imagesmith.engine.controlnet import inpaint_hint
 from imagesmith.engine.generate import Engine
 
 
-def _files(tmp_path):
-    picture = Image.new("RGB", (64, 64), (200, 120, 40))
-    picture.paste((30, 60, 220), (0, 40, 64, 64))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    picture.save(tmp_path / "in.png")
-    mask.save(tmp_path / "mask.png")
-    return picture, mask, str(tmp_path / "in.png"), str(tmp_path / "mask.png")
-
-
 def test_the_hint_is_the_picture_with_its_hole_at_minus_one(tmp_path):
-    picture, mask, _, _ = _files(tmp_path)
+    picture, mask, _, _ = picture_and_mask(tmp_path)
     hint = inpaint_hint(picture, mask, (64, 64))
     want = torch.from_numpy(np.asarray(picture, np.float32) / 255.0).permute(2, 0, 1)[None]
     hole = torch.from_numpy(np.asarray(mask) > 127)[None, None].expand_as(want)
@@ -35,7 +25,7 @@ def test_the_hint_is_the_picture_with_its_hole_at_minus_one(tmp_path):
 
 @pytest.mark.parametrize("module", ["inpaint_only", "inpaint_global_harmonious"])
 def test_the_controlnet_sees_the_hole_from_the_unit_or_the_request(tiny_home, tmp_path, module):
-    picture, mask, pic_path, mask_path = _files(tmp_path)
+    picture, mask, pic_path, mask_path = picture_and_mask(tmp_path)
     engine = Engine(tiny_home, device="cpu")
     cn = engine._component("controlnet", "tiny-controlnet")
     seen = []

@@ -64,15 +64,10 @@ def _inpaint_files(tiny_home, home, arch: str):
 
 
 def _inpaint_request(tmp_path, model: str) -> GenerateRequest:
-    picture = Image.new("RGB", (64, 64), (200, 120, 40))
-    picture.paste((30, 60, 220), (0, 40, 64, 64))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    picture.save(tmp_path / "in.png")
-    mask.save(tmp_path / "mask.png")
-    return GenerateRequest(prompt="a vase", model=model, init_image=str(tmp_path / "in.png"),
-                           mask=str(tmp_path / "mask.png"), mask_blur=0, width=64, height=64, steps=2, seed=1,
-                           denoising_strength=1.0)
+    from fixtures.inpaint import picture_and_mask
+    _, _, picture, mask = picture_and_mask(tmp_path)
+    return GenerateRequest(prompt="a vase", model=model, init_image=picture, mask=mask, mask_blur=0, width=64,
+                           height=64, steps=2, seed=1, denoising_strength=1.0)
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

@@ -218,6 +218,6 @@ def test_the_inpainting_controlnet_takes_the_requests_mask_and_needs_one(engine,
     with pytest.raises(BadRequest, match="control_mode prompt is A1111's, for SD1/SDXL ControlNets"):
         engine.generate(GenerateRequest(**base, controlnet=ControlNetSpec(
             model="tiny-qwen-union", image=control, preprocessor="none", control_mode="prompt")))
-    with pytest.raises(BadRequest, match="a unit's mask is read by inpainting ControlNets only"):
+    with pytest.raises(BadRequest, match="a unit's mask is read only by the inpaint preprocessors"):
         engine.generate(GenerateRequest(**base, controlnet=ControlNetSpec(
             model="tiny-qwen-union", image=control, preprocessor="none", mask=mask)))

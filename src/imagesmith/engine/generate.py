@@ -1193,13 +1193,8 @@ class Engine:
                 raise BadRequest(f"controlnet[{i}]: {cn.preprocessor} marks the hole for SD1/SDXL inpaint "
                                  f"ControlNets; {cn.model} is not one (InstantX's Qwen-Image inpainting ControlNet "
                                  "reads the unit's mask with preprocessor none)")
-            inpainting = family == "qwen" and getattr(model.config, "extra_condition_channels", 0)
-            if cn.mask is not None and not inpainting:
-                raise BadRequest(f"controlnet[{i}]: {cn.model}: a unit's mask is read by inpainting ControlNets "
-                                 "only (InstantX's Qwen-Image one); this one reads its control image alone")
-            if inpainting and cn.mask is None and job.mask is None:
-                raise BadRequest(f"controlnet[{i}]: {cn.model} is a Qwen-Image inpainting ControlNet: give the unit a "
-                                 "mask (controlnet.mask, white = repaint) or make an inpainting request (mask)")
+            inpainting = family == "qwen" and bool(getattr(model.config, "extra_condition_channels", 0))
+            mask = self._unit_mask(cn, job, i, inpainting, f"{cn.model} is a Qwen-Image inpainting ControlNet")
             if family == "qwen":
                 Q.share_positions(model, pipe.transformer)
             num_mode = getattr(model.config, "num_mode", None)
@@ -1218,7 +1213,7 @@ class Engine:
                 size, Image.LANCZOS)
             self._detected(job, i, cn, image)
             if inpainting:
-                latent = self._masked_control_latent(pipe, image, cn, job, i, size)
+                latent = self._masked_control_latent(pipe, image, mask, size)
             else:
                 latent = self._vae_encode(pipe.vae, [image])
             cond = pack(latent.repeat(n, 1, 1, 1))
@@ -1227,18 +1222,30 @@ class Engine:
                                      mode=None if mode is None else torch.full((n, 1), mode, dtype=torch.long)))
         return specs
 
-    def _masked_control_latent(self, pipe, image: Image.Image, cn, job: _Job, i: int,
+    def _masked_control_latent(self, pipe, image: Image.Image, mask: Image.Image,
                                size: tuple[int, int]) -> torch.Tensor:
-        """An inpainting ControlNet's control (:func:`qwen_image.inpaint_control`) of the unit's picture; the hole is
-        the unit's mask (white = repaint), else the request's, binarised at the output size as diffusers does."""
-        if cn.mask is not None:
-            mask = load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask")
-        else:
-            mask = job.mask
+        """An inpainting ControlNet's control (:func:`qwen_image.inpaint_control`) of the unit's picture, its hole
+        ``mask`` (white = repaint) binarised at the pass's ``size`` as diffusers does."""
         mask = mask.convert("L").resize(size, Image.LANCZOS)
         hole = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5)[None, None]
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
         return Q.inpaint_control(lambda x: self._vae_encode_tensor(pipe.vae, x), pixels, hole)
+
+    def _unit_mask(self, cn, job: _Job, i: int, reads: bool, needs: str) -> Image.Image | None:
+        """A ControlNet unit's hole to repaint (white): its own mask, else the inpainting request's, for a unit
+        that reads one (``reads``); a mask given to a unit that reads none, or none for one that must, is a 400."""
+        if not reads:
+            if cn.mask is not None:
+                raise BadRequest(f"controlnet[{i}]: {cn.model}: a unit's mask is read only by the inpaint "
+                                 "preprocessors (inpaint_only, inpaint_global_harmonious) and inpainting ControlNets "
+                                 "(InstantX's Qwen-Image one)")
+            return None
+        if cn.mask is None and job.mask is None:
+            raise BadRequest(f"controlnet[{i}]: {needs}: give the unit a mask (controlnet.mask, white = repaint) or "
+                             "make an inpainting request (mask)")
+        if cn.mask is None:
+            return job.mask
+        return load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask")
 
     def redux_embedder(self, entry: ModelEntry):
         """A FLUX Redux embedder (ReduxImageEncoder), loaded once per file version."""
@@ -1407,12 +1414,7 @@ class Engine:
                                  f"wide text states); {job.entry.name} is {job.arch.upper()} (its UNet reads "
                                  f"{unet.config.cross_attention_dim}-wide ones)")
             inpaint = cn.preprocessor in INPAINT_PREPROCESSORS
-            if cn.mask is not None and not inpaint:
-                raise BadRequest(f"ControlNet {cn.model}: a unit's mask is read by the inpaint preprocessors "
-                                 "(inpaint_only, inpaint_global_harmonious) and inpainting ControlNets only")
-            if inpaint and cn.mask is None and job.mask is None:
-                raise BadRequest(f"controlnet[{i}]: {cn.preprocessor} marks the hole to repaint: give the unit a mask "
-                                 "(controlnet.mask, white = repaint) or make an inpainting request (mask)")
+            mask = self._unit_mask(cn, job, i, inpaint, f"{cn.preprocessor} marks the hole to repaint")
             kinds = getattr(model.config, "num_control_type", None)  # SDXL Union / ProMax
             mode = cn.union_mode
             if kinds and mode is None:  # by name, else by what the preprocessor draws (as the A1111 extension does)
@@ -1431,8 +1433,6 @@ class Engine:
             self._detected(job, i, cn, image)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             if inpaint:
-                mask = load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask") \
-                    if cn.mask is not None else job.mask
                 tensor = inpaint_hint(image, mask, size)
             specs.append(ControlSpec(model, tensor.repeat(n, 1, 1, 1), cn.weight,
                                      sigma_start=ms.percent_to_sigma(cn.guidance_start),
