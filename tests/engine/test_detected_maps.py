@@ -56,3 +56,25 @@ def test_the_cli_saves_the_maps_beside_the_picture(tiny_home, tmp_path, monkeypa
                                         "height": 64}]
     edges = np.asarray(Image.open(saved).convert("L"))
     assert edges.max() > 150 and (edges < 30).mean() > 0.5  # an edge map (resized to the output), not the photo
+
+
+def test_several_controlnet_units_from_the_cli(tiny_home, tmp_path, monkeypatch, capsys):
+    """--controlnet repeated: each --control-* option once for every unit or once per unit in order; the picture
+    records both units and each preprocessed unit's map is saved; a count that fits neither is one line."""
+    from fixtures.cli import run_cli
+    monkeypatch.setenv("IMAGESMITH_HOME", str(tiny_home.home))
+    photo = _photo(tmp_path)
+    out = tmp_path / "two.png"
+    args = ["generate", "a box", "--model", "tiny-sd15", "--width", "64", "--height", "64", "--steps", "1",
+            "--seed", "3", "--controlnet", "tiny-controlnet", "--controlnet", "tiny-controlnet",
+            "--control-image", photo, "--control-preprocessor", "canny", "--control-preprocessor", "invert",
+            "--control-start", "0", "--control-end", "0.8"]
+    code, stdout, err = run_cli(capsys, *args, "--control-weight", "0.5", "-o", str(out), "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert [(m["unit"], m["preprocessor"]) for m in summary["control_maps"]] == [(0, "canny"), (1, "invert")]
+    assert 'tiny-controlnet (canny, 0.5); tiny-controlnet (invert, 0.5)' in summary["images"][0]["infotext"]
+    code, _, err = run_cli(capsys, *args, "--control-weight", "0.2", "--control-weight", "0.3",
+                           "--control-weight", "0.4", "-o", str(tmp_path / "bad.png"))
+    assert code != 0 and "--control-weight is given 3 times for 2 ControlNet units" in err
+    assert not (tmp_path / "bad.png").exists()

@@ -60,21 +60,26 @@ def generate(
     hires_steps: int = typer.Option(0, "--hr-second-pass-steps", "--hires-steps"),
     hires_strength: float = typer.Option(0.5, "--hr-denoising-strength", "--hires-strength"),
     upscaler: str = typer.Option("Latent", "--hr-upscaler", "--upscaler", help="Latent, Lanczos, 'R-ESRGAN 4x+', 'R-ESRGAN 4x+ Anime6B' or an upscaler file's name"),
-    controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet model name (controlnet.model)"),
-    control_image: Optional[str] = typer.Option(None, "--control-image"),
-    control_mode: Optional[str] = typer.Option(None, "--control-mode", "--union-mode", help="a union ControlNet's "
-                                               "control type, by name (openpose, depth, softedge, hardedge, normal, "
-                                               "segment, tile, inpaint, blur, gray: mapped to the model's own index) "
-                                               "or by index (FLUX InstantX/Shakker union: 0 canny, 1 tile, 2 depth, 3 "
-                                               "blur, 4 pose, 5 gray, 6 low quality); default: what the "
-                                               "preprocessor draws"),
-    control_preprocessor: str = typer.Option("canny", "--control-preprocessor", help="canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe, scribble_hed or none (imagesmith controlnet preprocessors)"),
-    control_processor_res: Optional[int] = typer.Option(None, "--control-processor-res", min=64, max=4096, help="a network preprocessor's working resolution (default 512)"),
-    control_mask: Optional[str] = typer.Option(None, "--control-mask", help="where to repaint (white) for the inpaint preprocessors and inpainting ControlNets; default the request's --mask"),
-    control_weight: float = typer.Option(1.0, "--control-weight"),
-    control_priority: str = typer.Option("balanced", "--control-priority", help="A1111's Control Mode (SD1/SDXL "
-                                         "ControlNets): balanced, prompt (my prompt is more important) or controlnet "
-                                         "(ControlNet is more important)"),
+    controlnet: Optional[List[str]] = typer.Option(None, "--controlnet", help="ControlNet model name (controlnet.model); "
+                                                   "repeat for several units (each --control-* option then given "
+                                                   "once for all units, or once per unit in order)"),
+    control_image: Optional[List[str]] = typer.Option(None, "--control-image", help="one per --controlnet, or one for all"),
+    control_mode: Optional[List[str]] = typer.Option(None, "--control-mode", "--union-mode", help="a union ControlNet's "
+                                                     "control type, by name (openpose, depth, softedge, hardedge, "
+                                                     "normal, segment, tile, inpaint, blur, gray: mapped to the "
+                                                     "model's own index) or by index (FLUX InstantX/Shakker union: 0 "
+                                                     "canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low "
+                                                     "quality); default: what the preprocessor draws"),
+    control_preprocessor: Optional[List[str]] = typer.Option(None, "--control-preprocessor", help="canny (default), scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe, scribble_hed, inpaint_only, inpaint_global_harmonious or none (imagesmith controlnet preprocessors)"),
+    control_processor_res: Optional[List[int]] = typer.Option(None, "--control-processor-res", min=64, max=4096, help="a network preprocessor's working resolution (default 512)"),
+    control_mask: Optional[List[str]] = typer.Option(None, "--control-mask", help="where to repaint (white) for the inpaint preprocessors and inpainting ControlNets; default the request's --mask"),
+    control_weight: Optional[List[float]] = typer.Option(None, "--control-weight", help="default 1"),
+    control_start: Optional[List[float]] = typer.Option(None, "--control-start", help="the fraction of the steps a unit starts at (guidance_start, default 0)"),
+    control_end: Optional[List[float]] = typer.Option(None, "--control-end", help="the fraction of the steps a unit ends at (guidance_end, default 1)"),
+    control_priority: Optional[List[str]] = typer.Option(None, "--control-priority", help="A1111's Control Mode "
+                                                         "(SD1/SDXL ControlNets): balanced (default), prompt (my "
+                                                         "prompt is more important) or controlnet (ControlNet is "
+                                                         "more important)"),
     ip_adapter: Optional[str] = typer.Option(None, "--ip-adapter", help="IP-Adapter name (models/ipadapter): the "
                                              "--ref images guide the picture"),
     refs: Optional[List[str]] = typer.Option(None, "--ref", help="a reference image for --ip-adapter, "
@@ -148,12 +153,23 @@ def generate(
         if controlnet:
             if not control_image:
                 raise _Exit("--controlnet needs --control-image")
-            union = {} if control_mode is None else {"union_mode": int(control_mode)} if control_mode.isdigit() \
-                else {"union_type": control_mode}
-            fields["controlnet"] = ControlNetSpec(model=controlnet, image=control_image,
-                                                  preprocessor=control_preprocessor, weight=control_weight,
-                                                  processor_res=control_processor_res, mask=control_mask,
-                                                  control_mode=control_priority, **union)
+            n = len(controlnet)
+            per = {name: _per_unit(values, n, flag) for name, values, flag in (
+                ("image", control_image, "--control-image"), ("union", control_mode, "--control-mode"),
+                ("preprocessor", control_preprocessor, "--control-preprocessor"),
+                ("processor_res", control_processor_res, "--control-processor-res"),
+                ("mask", control_mask, "--control-mask"), ("weight", control_weight, "--control-weight"),
+                ("guidance_start", control_start, "--control-start"), ("guidance_end", control_end, "--control-end"),
+                ("control_mode", control_priority, "--control-priority"))}
+            units = []
+            for i, model_name in enumerate(controlnet):
+                unit = {k: v[i] for k, v in per.items() if v[i] is not None and k != "union"}
+                mode = per["union"][i]
+                if mode is not None:
+                    unit["union_mode" if str(mode).isdigit() else "union_type"] = int(mode) if str(mode).isdigit() \
+                        else mode
+                units.append(ControlNetSpec(model=model_name, **{"preprocessor": "canny", **unit}))
+            fields["controlnet"] = units[0] if n == 1 else units
         if regions:
             fields["regions"] = [_region(r) for r in regions]
         if edit_images:
@@ -240,6 +256,20 @@ def generate(
         for item in maps:
             print(f"{item['path']}  (detected map of ControlNet unit {item['unit']}, {item['preprocessor']})")
         print(f"{len(summary['images'])} image(s) in {result.seconds:.1f}s with {result.model_name}")
+
+
+def _per_unit(values, n: int, flag: str) -> list:
+    """A --control-* option's value for each of ``n`` ControlNet units: none given (each unit's default), one
+    (every unit), or one per unit in order."""
+    values = list(values or [])
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise _Exit(f"{flag} is given {len(values)} times for {n} ControlNet units: give it once (every unit) or "
+                    f"once per --controlnet, in order")
+    return values
 
 
 def _request_from_png(path: str):
