@@ -90,6 +90,9 @@ class _Job:
     """one mask (L) or None per IP-Adapter unit"""
     edit_images: list = field(default_factory=list)
     """a multi-picture edit's pictures after the init image (Qwen-Image-Edit-Plus)"""
+    crop: tuple[int, int, int, int] | None = None
+    """A1111's 'only masked' inpainting: the box (in the picture at the working size) that is repainted at the full
+    working size; the ControlNet units' images and masks are cropped to it too"""
     detected: dict = field(default_factory=dict)
     """ControlNet unit index -> the control image its preprocessor made, as the ControlNet saw it (A1111's
     'detected map'); units whose preprocessor is 'none' are not listed"""
@@ -816,6 +819,8 @@ class Engine:
                                                  else m)
                 if req.inpaint_full_res:  # 'only masked': work on a crop around the mask at the full working size
                     crop = masked_crop(full_blurred, req.inpaint_full_res_padding, (job.width, job.height))
+                    for j, _, _ in rows:
+                        j.crop = crop
                     if crop is not None:
                         init = init.crop(crop).resize((job.width, job.height), Image.LANCZOS)
                         m = m.crop(crop).resize((job.width, job.height), Image.NEAREST)
@@ -1158,7 +1163,8 @@ class Engine:
         if cn.model.strip().lower() not in own:
             raise BadRequest(f"controlnet[0]: {job.entry.name} is a FLUX Canny/Depth dev model, its own ControlNet: "
                              f"name it as the unit's model, not {cn.model}")
-        image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
+        image = preprocess(self._cropped(job, control), cn, settings=self.settings,
+                           cache=self.cache).convert("RGB").resize(
             (width, height), Image.LANCZOS)
         self._detected(job, 0, cn, image)
         return self._vae_encode(pipe.vae, [image])
@@ -1209,7 +1215,8 @@ class Engine:
             if (mode is not None and (not num_mode or mode >= num_mode)) or (not num_mode and cn.union_type):
                 raise BadRequest(f"controlnet[{i}]: union type {cn.union_type or mode} is not one {cn.model} has"
                                  + (f" (0-{num_mode - 1})" if num_mode else " (it is not a union ControlNet)"))
-            image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
+            image = preprocess(self._cropped(job, control), cn, settings=self.settings,
+                           cache=self.cache).convert("RGB").resize(
                 size, Image.LANCZOS)
             self._detected(job, i, cn, image)
             if inpainting:
@@ -1243,9 +1250,17 @@ class Engine:
         if cn.mask is None and job.mask is None:
             raise BadRequest(f"controlnet[{i}]: {needs}: give the unit a mask (controlnet.mask, white = repaint) or "
                              "make an inpainting request (mask)")
-        if cn.mask is None:
-            return job.mask
-        return load_image(cn.mask, settings=self.settings, mode="L", what=f"controlnet[{i}].mask")
+        mask = job.mask if cn.mask is None else load_image(cn.mask, settings=self.settings, mode="L",
+                                                           what=f"controlnet[{i}].mask")
+        return self._cropped(job, mask, Image.NEAREST)
+
+    @staticmethod
+    def _cropped(job: _Job, image: Image.Image, resample=Image.LANCZOS) -> Image.Image:
+        """A ControlNet unit's image or mask in 'only masked' inpainting: brought to the working size and cropped
+        to the repainted box, as the picture is (A1111's extension crops them alike); unchanged otherwise."""
+        if job.crop is None:
+            return image
+        return image.resize((job.width, job.height), resample).crop(job.crop)
 
     def redux_embedder(self, entry: ModelEntry):
         """A FLUX Redux embedder (ReduxImageEncoder), loaded once per file version."""
@@ -1428,7 +1443,8 @@ class Engine:
             if (mode is not None and (not kinds or mode >= kinds)) or (not kinds and cn.union_type):
                 raise BadRequest(f"ControlNet {cn.model}: union type {cn.union_type or mode} is not one it has"
                                  + (f" (0-{kinds - 1})" if kinds else " (it is not a union ControlNet)"))
-            image = preprocess(control, cn, settings=self.settings, cache=self.cache).convert("RGB").resize(
+            image = preprocess(self._cropped(job, control), cn, settings=self.settings,
+                           cache=self.cache).convert("RGB").resize(
                 size, Image.LANCZOS)
             self._detected(job, i, cn, image)
             tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
