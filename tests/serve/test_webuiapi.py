@@ -170,6 +170,12 @@ def test_the_controlnet_extension_api(api):
     bare = api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=[unit], alwayson_scripts={},
                        override_settings={"control_net_no_detectmap": True})
     assert len(bare.images) == 1 and np.array_equal(np.asarray(bare.image), np.asarray(guided.image))
+    # with hires fix (it used to fail: the second pass got the first pass's map) and the unit's control mode
+    hires = api.txt2img(prompt="a box", seed=4, width=64, height=64, controlnet_units=[webuiapi.ControlNetUnit(
+        image=_edges_image(), module="canny", model="tiny-controlnet", threshold_a=100, threshold_b=200,
+        control_mode=1)], alwayson_scripts={}, enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos",
+        denoising_strength=0.5)
+    assert hires.image.size == (96, 96) and "My prompt is more important" in hires.info["infotexts"][0]
     init = _edges_image()
     r = api.img2img(images=[init], prompt="a box", seed=4, width=64, height=64, denoising_strength=0.6,
                     controlnet_units=[unit])
