@@ -75,6 +75,7 @@ def test_wrong_or_missing_refiner_is_refused_before_work(refiner_home):
         engine.generate(_req(refiner_checkpoint="tiny-sd15"))
     with pytest.raises(ModelNotFound):
         engine.generate(_req(refiner_checkpoint="no-such-refiner"))
+    assert engine.cache.keys() == []  # refused before any model was loaded
 
 
 def _hires_with_refiner(home, **kw):

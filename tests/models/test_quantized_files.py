@@ -159,6 +159,9 @@ def test_bad_quantised_files_are_one_clear_error(quant_home, tmp_path):
             engine.generate(req)
         message = str(info.value)
         assert why in message and len(message.splitlines()) == 1, message
+        entry = engine.registry.get(name, "checkpoint")
+        assert engine._pipeline_key(entry) not in engine.cache  # nothing kept half-loaded
+    assert engine.cache.keys() == []
 
 
 def test_sd3_gguf_in_the_original_layout(tiny_home, tmp_path):
