@@ -470,3 +470,32 @@ def test_native_job_with_a_reference_image(served):
         assert failed["status"] == "failed" and "nope" in failed["error"]
     else:
         assert 400 <= r.status_code < 500 and "nope" in r.text
+
+
+def test_native_job_with_regions_and_a_controlnet_map(served, tiny_home):
+    """Regional prompts through the native API (a box region and a mask region given as an upload id), and a
+    ControlNet unit whose detected map the job lists beside its picture."""
+    client, _, settings = served
+    link = settings.models_dir / "controlnet" / "tiny-controlnet"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(tiny_home.models_dir / "controlnet" / "tiny-controlnet", target_is_directory=True)
+    half = Image.new("L", (64, 64), 0)
+    half.paste(255, (32, 0, 64, 64))
+    mask_id = client.post("/v1/uploads", files={"file": ("half.png", png(half), "image/png")}).json()["id"]
+    edges = Image.new("RGB", (64, 64), "white")
+    edges.paste((0, 0, 0), (16, 16, 48, 48))
+    control_id = client.post("/v1/uploads", files={"file": ("c.png", png(edges), "image/png")}).json()["id"]
+    plain = wait(client, client.post("/v1/jobs", json={"type": "generate", "request": GEN}).json()["job_id"])
+    job = wait(client, client.post("/v1/jobs", json={"type": "generate", "request": {
+        **GEN, "regions": [{"prompt": "a red apple", "box": [0, 0, 0.5, 1]},
+                           {"prompt": "a green pear", "mask": mask_id, "weight": 1.5}],
+        "controlnet": {"model": "tiny-controlnet", "image": control_id, "preprocessor": "canny"}}}).json()["job_id"])
+    assert job["status"] == "succeeded", job.get("error")
+    a = np.asarray(Image.open(io.BytesIO(client.get(plain["files"][0]["url"]).content)), np.int16)
+    b = np.asarray(Image.open(io.BytesIO(client.get(job["files"][0]["url"]).content)), np.int16)
+    assert np.abs(a - b).max() > 8
+    assert [(m["unit"], m["preprocessor"]) for m in job["control_maps"]] == [(0, "canny")]
+    edge_map = np.asarray(Image.open(io.BytesIO(client.get(job["control_maps"][0]["url"]).content)).convert("L"))
+    assert edge_map.shape == (64, 64) and edge_map.max() == 255 and (edge_map == 0).mean() > 0.5
+    assert client.get(f"/v1/jobs/{job['id']}/control-maps/5").status_code == 404

@@ -202,9 +202,10 @@ class Services:
             upload_file(self.settings, upload_id).unlink(missing_ok=True)
         self.store.delete_uploads(list(uploads))
 
-    def output_file(self, job: dict, index: int) -> Response:
-        """A job's output: the file where this node can see it, else its database copy (serve.storage)."""
-        files = (job.get("result") or {}).get("files", [])
+    def output_file(self, job: dict, index: int, key: str = "files") -> Response:
+        """A job's output (``key``: its pictures, or its ControlNet units' detected maps): the file where this node
+        can see it, else its database copy (serve.storage)."""
+        files = (job.get("result") or {}).get(key, [])
         if not 0 <= index < len(files):
             raise NotFound(f"job {job['id']} has no file {index}")
         entry = files[index]
@@ -286,6 +287,11 @@ class Services:
                          **{x: f[x] for x in ("seed", "width", "height", "infotext", "kind", "format", "product")
                             if x in f}}
                         for k, f in enumerate(files)]
+        maps = (job.get("result") or {}).get("control_maps") or []
+        if maps:  # A1111's detected maps, apart from the pictures
+            out["control_maps"] = [{"url": f"/v1/jobs/{job['id']}/control-maps/{k}",
+                                    **{x: m[x] for x in ("unit", "preprocessor", "width", "height") if x in m}}
+                                   for k, m in enumerate(maps)]
         if (job.get("result") or {}).get("batch"):  # ran in one pipeline call with other jobs
             out["batch"] = job["result"]["batch"]
         if job["status"] == "running" and self.preview_path(job) is not None:

@@ -53,6 +53,12 @@ def job_file(job_id: str, index: int, svc: Svc, scope: Scope):
     return svc.output_file(svc.store.get(job_id, user=scope), index)
 
 
+@router.get("/v1/jobs/{job_id}/control-maps/{index}")
+def job_control_map(job_id: str, index: int, svc: Svc, scope: Scope):
+    """A ControlNet unit's detected map (the control image its preprocessor made), as a PNG."""
+    return svc.output_file(svc.store.get(job_id, user=scope), index, key="control_maps")
+
+
 @router.get("/v1/jobs/{job_id}/preview")
 def job_preview(job_id: str, svc: Svc, scope: Scope):
     """The running job's live preview (JPEG, approximate colours from the latents); 404 when there is none."""
