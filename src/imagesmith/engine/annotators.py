@@ -192,13 +192,9 @@ NETWORKS = {"lineart": LineartNet, "unet": SketchUNet, "hed": HEDNet}
 def annotator_file(settings, module: str) -> Path | None:
     """The user's file for ``module`` under models/annotators/ (any depth; safetensors first), or None."""
     stem = ANNOTATORS[module].stem
-    for suffix in SUFFIXES:
-        for root in settings.model_dirs("annotators"):
-            if root.is_dir():
-                found = sorted(p for p in root.rglob(stem + suffix) if p.is_file())
-                if found:
-                    return found[0]
-    return None
+    found = [p for root in settings.model_dirs("annotators") if root.is_dir()  # one walk of each folder
+             for p in root.rglob(stem + ".*") if p.suffix.lower() in SUFFIXES and p.stem == stem and p.is_file()]
+    return min(found, key=lambda p: (SUFFIXES.index(p.suffix.lower()), str(p)), default=None)
 
 
 def missing_hint(settings, module: str) -> str:

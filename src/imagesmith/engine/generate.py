@@ -1180,7 +1180,7 @@ class Engine:
         Qwen-Image packed as the transformer's tokens: the ``controlnet_cond`` of diffusers' FluxControlNetPipeline,
         StableDiffusion3ControlNetPipeline and QwenImageControlNetPipeline), with its union mode, weight and
         window; the control image at ``size``, the pass's own (the hires fix's second pass is larger)."""
-        from .controlnet import preprocess, union_index
+        from .controlnet import INPAINT_PREPROCESSORS, preprocess, union_index
         specs = []
         for i, (cn, control) in enumerate(zip(job.req.controlnet_units, job.control_images, strict=True)):
             model = self._component("controlnet", cn.model)
@@ -1195,7 +1195,7 @@ class Engine:
                 kind = "Qwen-Image" if family == "qwen" else family.upper()
                 raise BadRequest(f"controlnet[{i}]: control_mode {cn.control_mode} is A1111's, for SD1/SDXL "
                                  f"ControlNets (UNet residuals); {cn.model} is a {kind} ControlNet: use balanced")
-            if cn.preprocessor in ("inpaint_only", "inpaint_global_harmonious"):
+            if cn.preprocessor in INPAINT_PREPROCESSORS:
                 raise BadRequest(f"controlnet[{i}]: {cn.preprocessor} marks the hole for SD1/SDXL inpaint "
                                  f"ControlNets; {cn.model} is not one (InstantX's Qwen-Image inpainting ControlNet "
                                  "reads the unit's mask with preprocessor none)")

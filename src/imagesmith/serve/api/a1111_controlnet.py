@@ -184,7 +184,9 @@ CONTROL_MODES = {"0": "balanced", "1": "prompt", "2": "controlnet", "balanced": 
 
 
 def _control_mode(v) -> str:
-    key = str(int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == int(v) else v).strip().lower()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # 1.0 from a client that sends numbers as floats
+    key = str(v).strip().lower()
     if key not in CONTROL_MODES:
         raise BadRequest(f"control_mode {v!r} is not one of the extension's: 0 Balanced, 1 My prompt is more "
                          "important, 2 ControlNet is more important")
