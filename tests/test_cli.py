@@ -239,6 +239,14 @@ def test_controlnet_detect_saves_the_detected_map(env, capsys, tmp_path):
                            "-o", str(tmp_path / "nope.png"))
     assert code == 2 and "unknown preprocessor 'depth'" in err and "\n" not in err.strip()
     assert not (tmp_path / "nope.png").exists()
+    import skimage.data as data  # a real face: the OpenPose modules add the keypoints as OpenPose JSON
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    code, stdout, err = run_cli(capsys, "controlnet", "detect", str(tmp_path / "astronaut.png"), "-p",
+                                "openpose_faceonly", "-o", str(tmp_path / "face.png"), "--json")
+    assert code == 0, err
+    (person,) = json.loads(stdout)["poses"]["people"]
+    assert len(person["face_keypoints_2d"]) == 210 and not any(person["pose_keypoints_2d"])
+    assert (np.asarray(Image.open(tmp_path / "face.png").convert("RGB")) == 255).all(-1).sum() > 70
 
 
 def test_generate_with_regions(env, capsys, tmp_path):

@@ -210,19 +210,3 @@ def test_mediapipe_finds_turned_and_small_faces_haar_misses():
                                                                                                    ours, theirs)
     assert found(others, 0, 64, mp) <= 10 and found(others, 0, 64, haar) <= 5
     assert detect(scene(faces[0], 30, 64), "mediapipe_face")  # and the named model runs the same way
-
-
-def test_openpose_keypoints_on_real_photos_and_hand_skeletons():
-    """mediapipe's pose model on the photographs: OpenPose's nose, neck and shoulders where a person's are (the
-    nose inside the face box, the neck below the nose, right shoulder left of the left one in the picture); a drawn
-    hand from given landmarks has OpenPose's blue joints."""
-    from imagesmith.engine.landmarks import body_keypoints, detect, draw_openpose
-    for name, photo in _photos().items():
-        points = body_keypoints(photo)
-        face = detect(photo, "mediapipe_face")[0].box
-        nose, neck, rshoulder, lshoulder = points[0], points[1], points[2], points[5]
-        assert nose is not None and face[0] <= nose[0] <= face[2] and face[1] <= nose[1] <= face[3], name
-        assert neck is not None and neck[1] > nose[1] and rshoulder[0] < lshoulder[0], name
-    hand = np.array([[32 + 3 * i, 60 - 2 * i] for i in range(21)], np.float32)
-    drawn = np.asarray(draw_openpose((64, 64), [], [hand]))
-    assert tuple(drawn[int(hand[0][1]), int(hand[0][0])]) == (0, 0, 255)

@@ -151,7 +151,8 @@ def test_the_controlnet_extension_api(api):
     assert api.controlnet_module_list() == ["none", "canny", "scribble_xdog",
                                              "lineart_standard (from white bg & black line)",
                                              "invert (from white bg & black line)", "threshold", "tile_resample",
-                                             "openpose", "openpose_hand", "depth_anything", "depth_anything_v2",
+                                             "openpose", "openpose_hand", "openpose_face", "openpose_faceonly",
+                                             "openpose_full", "depth_anything", "depth_anything_v2",
                                              "depth_midas", "depth_zoe", "lineart_realistic", "lineart_coarse",
                                              "lineart_anime", "softedge_hed", "softedge_hedsafe", "scribble_hed",
                                              "inpaint_only", "inpaint_global_harmonious"]
@@ -431,6 +432,14 @@ def test_openpose_from_a_real_photo_as_the_extension_detects_it(api):
     assert red.sum() > 50  # OpenPose's neck-to-right-shoulder limb
     blank = api.controlnet_detect([Image.new("RGB", (64, 64), (90, 90, 90))], module="openpose").images[0]
     assert np.asarray(blank).max() == 0  # nobody there: an empty map
+    # openpose_full: body, hands and face; the keypoints come back as OpenPose JSON in `poses`, as the extension's
+    full = api.controlnet_detect([photo], module="openpose_full")
+    (poses,) = full.json["poses"]
+    (person,) = poses["people"]
+    assert poses["canvas_width"] == 512 and len(person["pose_keypoints_2d"]) == 18 * 3
+    assert len(person["face_keypoints_2d"]) == 70 * 3 and person["pose_keypoints_2d"][2] == 1.0
+    assert (np.asarray(full.images[0].convert("RGB")) == 255).all(-1).sum() > 70  # the face's white dots
+    assert "poses" not in api.controlnet_detect([photo], module="canny").json
 
 
 def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):

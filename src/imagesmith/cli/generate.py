@@ -70,7 +70,7 @@ def generate(
                                                      "model's own index) or by index (FLUX InstantX/Shakker union: 0 "
                                                      "canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low "
                                                      "quality); default: what the preprocessor draws"),
-    control_preprocessor: Optional[List[str]] = typer.Option(None, "--control-preprocessor", "-p", help="canny (default), scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe, scribble_hed, inpaint_only, inpaint_global_harmonious or none (imagesmith controlnet preprocessors)"),
+    control_preprocessor: Optional[List[str]] = typer.Option(None, "--control-preprocessor", "-p", help="canny (default), scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose, openpose_hand, openpose_face, openpose_faceonly, openpose_full, depth_anything, depth_midas, depth_zoe, lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe, scribble_hed, inpaint_only, inpaint_global_harmonious or none (imagesmith controlnet preprocessors)"),
     control_processor_res: Optional[List[int]] = typer.Option(None, "--control-processor-res", min=64, max=4096, help="a network preprocessor's working resolution (default 512)"),
     control_mask: Optional[List[str]] = typer.Option(None, "--control-mask", help="where to repaint (white) for the inpaint preprocessors and inpainting ControlNets; default the request's --mask"),
     control_weight: Optional[List[float]] = typer.Option(None, "--control-weight", help="default 1"),

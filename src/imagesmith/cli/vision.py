@@ -199,7 +199,8 @@ app.add_typer(controlnet_app, name="controlnet")
 def controlnet_detect(image: str = typer.Argument(..., help="the image to preprocess"),
                       preprocessor: str = typer.Option("canny", "--preprocessor", "-p", help="canny, scribble_xdog, "
                                                        "lineart_standard, invert, threshold, tile_resample, "
-                                                       "openpose, openpose_hand, depth_anything, depth_midas, depth_zoe, "
+                                                       "openpose, openpose_hand, openpose_face, openpose_faceonly, "
+                                                       "openpose_full, depth_anything, depth_midas, depth_zoe, "
                                                        "lineart_realistic, lineart_coarse, lineart_anime, softedge_hed, "
                                                        "softedge_hedsafe, scribble_hed, none (imagesmith controlnet "
                                                        "preprocessors lists which can run here)"),
@@ -215,7 +216,7 @@ def controlnet_detect(image: str = typer.Argument(..., help="the image to prepro
     from ..core.imageio import load_image, save_png_atomic
     from ..core.requests import ControlNetSpec
     from ..core.settings import Settings
-    from ..engine.controlnet import PREPROCESSORS, preprocess
+    from ..engine.controlnet import PREPROCESSORS, detect
     if preprocessor not in PREPROCESSORS:
         raise _Exit(f"unknown preprocessor {preprocessor!r}; available: {', '.join(PREPROCESSORS)}")
     low = int(threshold_a) if preprocessor == "canny" and threshold_a is not None else 100
@@ -229,11 +230,11 @@ def controlnet_detect(image: str = typer.Argument(..., help="the image to prepro
     from rich.console import Console
     err = Console(stderr=True)
     with err.status(f"{preprocessor} on {Path(image).name}") if err.is_terminal and not as_json else nullcontext():
-        detected = preprocess(loaded, spec, settings=settings)
+        detected, poses = detect(loaded, spec, settings=settings)
     save_png_atomic(detected, output)
-    if as_json:
+    if as_json:  # the OpenPose modules add the keypoints as OpenPose JSON, as the extension's detect does
         print(json.dumps({"output": str(output), "preprocessor": preprocessor, "width": detected.width,
-                          "height": detected.height}))
+                          "height": detected.height, **({"poses": poses} if poses is not None else {})}))
     else:
         print(f"{output} ({preprocessor}, {detected.width}x{detected.height})")
 

@@ -95,10 +95,12 @@ class ControlNetSpec(BaseModel):
     model: str = Field(..., description="ControlNet name in the registry (models/controlnet)")
     image: str = Field(..., description="path of the control image")
     preprocessor: Literal["canny", "none", "scribble_xdog", "lineart_standard", "invert", "threshold",
-                          "tile_resample", "openpose", "openpose_hand", "depth_anything", "depth_midas",
+                          "tile_resample", "openpose", "openpose_hand", "openpose_face", "openpose_faceonly",
+                          "openpose_full", "depth_anything", "depth_midas",
                           "depth_zoe", "lineart_realistic", "lineart_coarse", "lineart_anime", "softedge_hed",
                           "softedge_hedsafe", "scribble_hed", "inpaint_only", "inpaint_global_harmonious"] = Field(
-        "canny", description="offline preprocessors (engine.controlnet; openpose: mediapipe's pose and hand models; "
+        "canny", description="offline preprocessors (engine.controlnet; openpose*: mediapipe's pose, hand and face "
+        "models; "
         "depth: your transformers depth model in models/annotators/; lineart_* and *_hed: lllyasviel's annotator "
         "files sk_model, sk_model2, netG, ControlNetHED in models/annotators/; inpaint_only and "
         "inpaint_global_harmonious: the picture with its hole (the unit's mask, else the request's) at -1, for the "

@@ -1,5 +1,6 @@
 """ControlNet preprocessors: what the ControlNet extension calls canny, scribble_xdog, lineart standard, invert,
-threshold and tile_resample (no model), openpose and openpose_hand (mediapipe's bundled models), depth_anything,
+threshold and tile_resample (no model), openpose, openpose_hand, openpose_face, openpose_faceonly and
+openpose_full (mediapipe's bundled models), depth_anything,
 depth_midas and depth_zoe (the user's transformers depth model under models/annotators/), lineart_realistic,
 lineart_coarse, lineart_anime, softedge_hed, softedge_hedsafe and scribble_hed (lllyasviel's annotator files
 under models/annotators/, run by :mod:`imagesmith.engine.annotators`), plus 'none' (a ready-made control
@@ -145,9 +146,10 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "inpaint_global_harmonious": Preprocessor(lambda im, a, b: im.convert("RGB")),
     "tile_resample": Preprocessor(lambda im, a, b: tile_resample(im, a), (("Down Sampling Rate", 1.0, 1.0, 8.0),),
                                   model_free=False),
-    # a body (and its hands) by mediapipe's pose and hand models, drawn as OpenPose's skeleton (engine.landmarks)
-    "openpose": Preprocessor(lambda im, a, b: _openpose(im, hands=False)),
-    "openpose_hand": Preprocessor(lambda im, a, b: _openpose(im, hands=True)),
+    # bodies, hands and faces by mediapipe's pose, hand and face-mesh models, drawn as OpenPose's keypoints
+    # (engine.landmarks); the extension's five modules, each drawing its parts
+    **{name: Preprocessor(lambda im, a, b, name=name: _openpose(im, name)) for name in (
+        "openpose", "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full")},
     # depth by the user's transformers model (models/annotators/<folder>)
     "depth_anything": Preprocessor(lambda im, a, b: im, depth=("depth_anything",)),
     "depth_midas": Preprocessor(lambda im, a, b: im, depth=("dpt",)),
@@ -168,7 +170,8 @@ UNION_INDEX = {
     # InstantX / Shakker-Labs FLUX.1 ControlNet Union (Pro): canny, tile, depth, blur, pose, gray, low quality
     "flux": {"hardedge": 0, "tile": 1, "depth": 2, "blur": 3, "openpose": 4, "gray": 5},
 }
-PREPROCESSOR_KIND = {"openpose": "openpose", "openpose_hand": "openpose", "depth_anything": "depth",
+PREPROCESSOR_KIND = {"openpose": "openpose", "openpose_hand": "openpose", "openpose_face": "openpose",
+                     "openpose_faceonly": "openpose", "openpose_full": "openpose", "depth_anything": "depth",
                      "depth_midas": "depth", "depth_zoe": "depth", "scribble_xdog": "softedge", "canny": "hardedge",
                      "lineart_standard": "hardedge", "invert": "hardedge", "tile_resample": "tile",
                      "inpaint_only": "inpaint", "inpaint_global_harmonious": "inpaint",
@@ -183,9 +186,9 @@ def union_index(family: str, kind: str | None, preprocessor: str) -> int | None:
     return UNION_INDEX.get(family, {}).get(kind or PREPROCESSOR_KIND.get(preprocessor, ""))
 
 
-def _openpose(image: Image.Image, *, hands: bool) -> Image.Image:
+def _openpose(image: Image.Image, module: str) -> Image.Image:
     from .landmarks import openpose
-    return openpose(image.convert("RGB"), hands=hands)
+    return openpose(image.convert("RGB"), module)[0]
 
 
 def slider_values(name: str, a: float | None, b: float | None) -> tuple[float, float]:
@@ -217,6 +220,15 @@ def preprocess(image: Image.Image, spec: ControlNetSpec, *, settings=None, cache
                         resolution=spec.processor_res)
     a, b = slider_values(spec.preprocessor, spec.threshold_a, spec.threshold_b)
     return PREPROCESSORS[spec.preprocessor].run(image, a, b)
+
+
+def detect(image: Image.Image, spec: ControlNetSpec, *, settings=None, cache=None) -> tuple[Image.Image, dict | None]:
+    """:func:`preprocess` as the extension's /controlnet/detect answers: the map, and for the OpenPose modules
+    the poses as OpenPose JSON (None for the others)."""
+    from .landmarks import OPENPOSE_PARTS, openpose
+    if spec.preprocessor in OPENPOSE_PARTS:
+        return openpose(image.convert("RGB"), spec.preprocessor)
+    return preprocess(image, spec, settings=settings, cache=cache), None
 
 
 def preprocessor_status(settings) -> list[dict]:

@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -109,7 +109,7 @@ def detect(image: Image.Image, model: str = "mediapipe_face", *, confidence: flo
                 if all(_iou(box, kept.box) < 0.3 for kept in found):  # the same face seen by both models: once
                     found.append(Detection(box, float(det.score[0]), "face", points))
     elif model == "mediapipe_hands":
-        for points, score in hand_landmarks(image, confidence=confidence, max_count=max_count):
+        for points, score, _ in hand_landmarks(image, confidence=confidence, max_count=max_count):
             x0, y0 = points.min(0)
             x1, y1 = points.max(0)
             grow = 0.15 * max(x1 - x0, y1 - y0)  # landmarks sit on the joints: the fingertips' flesh is beyond
@@ -149,9 +149,10 @@ def _persons(rgb: np.ndarray, solutions, confidence: float) -> list[Detection]:
 
 
 def hand_landmarks(image: Image.Image, *, confidence: float = 0.3, max_count: int = 4
-                   ) -> list[tuple[np.ndarray, float]]:
+                   ) -> list[tuple[np.ndarray, float, str]]:
     """Each hand's 21 landmarks [21, 2] in pixels (wrist, then thumb to little finger, base to tip: OpenPose's
-    hand order) and its score."""
+    hand order), its score, and which of the subject's hands it is ("left"/"right"; mediapipe names them as if
+    the photo were mirrored, so its names are swapped here)."""
     rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
     h, w = rgb.shape[:2]
     solutions = _solutions()
@@ -161,13 +162,24 @@ def hand_landmarks(image: Image.Image, *, confidence: float = 0.3, max_count: in
     out = []
     for lm, handed in zip(result.multi_hand_landmarks or [], result.multi_handedness or []):
         pts = np.array([[p.x * w, p.y * h] for p in lm.landmark], dtype=np.float32)
-        out.append((pts, float(handed.classification[0].score)))
+        label = handed.classification[0]
+        out.append((pts, float(label.score), "right" if label.label == "Left" else "left"))
     return out
 
 
-# ---------------------------------------------------------------------------------- OpenPose drawing
+# ---------------------------------------------------------------------------------- OpenPose
 # mediapipe's 33 pose landmarks -> OpenPose's 18 body keypoints (nose, neck, then right before left, as OpenPose)
 _BODY_FROM_POSE = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
+# mediapipe's face mesh (468 points, 478 with the irises) -> OpenPose's 70 face keypoints: dlib's 68 (jaw from the
+# subject's right ear to the left, brows, nose bridge and base, eyes from the outer corner of the right one, outer
+# and inner lips from the right corner) and the right and left pupils
+_FACE_FROM_MESH = (127, 234, 93, 132, 58, 136, 150, 176, 152, 400, 379, 365, 288, 361, 323, 454, 356,
+                   70, 63, 105, 66, 107, 336, 296, 334, 293, 300,
+                   168, 197, 5, 4, 75, 97, 2, 326, 305,
+                   33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
+                   61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,
+                   78, 82, 13, 312, 308, 317, 14, 87,
+                   468, 473)
 # OpenPose's 17 limbs between its keypoints, and its 18 colours: the format its ControlNets were trained on
 _LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
           (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
@@ -176,14 +188,21 @@ _COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 
             (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
 _HAND_EDGES = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12),
                (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20))
+_FACE_SIZE = 256  # each face is read by the mesh model at this size, however small it is in the photo
 
 
-def body_keypoints(image: Image.Image, *, confidence: float = 0.3) -> list[tuple[float, float] | None]:
-    """One body's 18 OpenPose keypoints in pixels (None where mediapipe does not see it), or [] without a body.
-    mediapipe's pose model follows one person: the most prominent."""
-    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+@dataclass
+class Person:
+    """One person as OpenPose describes them, in image pixels: 18 body keypoints (None where unseen; empty when
+    the body was not found or not asked for), each hand's 21 and the face's 70 keypoints (None when not found)."""
+    body: list = field(default_factory=list)
+    left_hand: np.ndarray | None = None
+    right_hand: np.ndarray | None = None
+    face: np.ndarray | None = None
+
+
+def _pose(rgb: np.ndarray, solutions, confidence: float) -> list[tuple[float, float] | None]:
     h, w = rgb.shape[:2]
-    solutions = _solutions()
     with _quiet(), solutions.pose.Pose(static_image_mode=True, model_complexity=1,
                                        min_detection_confidence=confidence) as pose:
         result = pose.process(rgb)
@@ -201,43 +220,171 @@ def body_keypoints(image: Image.Image, *, confidence: float = 0.3) -> list[tuple
     return points
 
 
-def draw_openpose(size: tuple[int, int], body: list, hands: list[np.ndarray] = ()) -> Image.Image:
-    """OpenPose's picture of a pose on black: limbs as coloured ellipses at 60%, keypoints as dots; hands as
-    rainbow edges with blue joints. Line widths follow OpenPose's at 512 px, scaled with the image."""
+def body_keypoints(image: Image.Image, *, confidence: float = 0.3) -> list[tuple[float, float] | None]:
+    """The most prominent body's 18 OpenPose keypoints in pixels (None where mediapipe does not see it), or []
+    without a body."""
+    return _pose(np.ascontiguousarray(np.asarray(image.convert("RGB"))), _solutions(), confidence)
+
+
+def _inside(point, box, grow: float = 0.0) -> bool:
+    if point is None:
+        return False
+    gx, gy = grow * (box[2] - box[0]), grow * (box[3] - box[1])
+    return box[0] - gx <= point[0] <= box[2] + gx and box[1] - gy <= point[1] <= box[3] + gy
+
+
+def _crop_to(rgb: np.ndarray, x0: float, y0: float, side_x: float, side_y: float, out_w: int, out_h: int):
+    """The region (x0, y0, side_x x side_y) of `rgb` scaled to out_w x out_h (black beyond the photo), and the
+    function taking the crop's pixels back to the photo's."""
+    import cv2
+    sx, sy = out_w / side_x, out_h / side_y
+    m = np.array([[sx, 0, -x0 * sx], [0, sy, -y0 * sy]], np.float32)
+    crop = cv2.warpAffine(rgb, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return np.ascontiguousarray(crop), lambda x, y: (x0 + x / sx, y0 + y / sy)
+
+
+def _bodies(rgb: np.ndarray, faces: list[Detection], solutions, confidence: float) -> list[list]:
+    """Every body: mediapipe's pose model follows one person, so it reads the whole photo (the most prominent
+    person), then the region below each face whose nose no body has yet (a person is about 8 heads tall)."""
+    h, w = rgb.shape[:2]
+    found = [b for b in [_pose(rgb, solutions, confidence)] if b]
+    for face in faces:
+        if any(_inside(b[0], face.box, 0.25) for b in found):
+            continue
+        fw = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
+        cx = (face.box[0] + face.box[2]) / 2
+        x0, y0, side_x, side_y = cx - 2.5 * fw, face.box[1] - 1.0 * fw, 5.0 * fw, 9.0 * fw
+        scale = 512 / side_y
+        crop, back = _crop_to(rgb, x0, y0, side_x, side_y, max(1, int(side_x * scale)), 512)
+        body = _pose(crop, solutions, confidence)
+        body = [None if p is None else back(*p) for p in body]
+        body = [p if p is not None and 0 <= p[0] < w and 0 <= p[1] < h else None for p in body]
+        if body and _inside(body[0], face.box, 0.25):
+            found.append(body)
+    return found
+
+
+def _face_mesh(rgb: np.ndarray, face: Detection, solutions, confidence: float) -> np.ndarray | None:
+    """The face's 70 OpenPose keypoints: the face (found by the face detectors, so small faces too) read by the
+    mesh model at 256 px in a square twice its size."""
+    side = 2.0 * max(face.box[2] - face.box[0], face.box[3] - face.box[1])
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    crop, back = _crop_to(rgb, cx - side / 2, cy - side / 2, side, side, _FACE_SIZE, _FACE_SIZE)
+    with _quiet(), solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True,
+                                                min_detection_confidence=confidence) as mesh:
+        result = mesh.process(crop)
+    if not result.multi_face_landmarks:
+        return None
+    lm = result.multi_face_landmarks[0].landmark
+    return np.array([back(lm[i].x * _FACE_SIZE, lm[i].y * _FACE_SIZE) for i in _FACE_FROM_MESH], np.float32)
+
+
+def people(image: Image.Image, *, body: bool = True, hands: bool = False, face: bool = False,
+           confidence: float = 0.3) -> list[Person]:
+    """Everyone in `image` as OpenPose keypoints: bodies by mediapipe's pose model, hands by its hand landmarker,
+    faces by its face detectors and face mesh. A hand goes to the body whose wrist is nearest, a face to the body
+    whose nose is in it; one with no body is a person of its own."""
+    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    solutions = _solutions()
+    faces = detect(image, "mediapipe_face", confidence=max(confidence, 0.5)) if body or face else []
+    found = [Person(body=b) for b in _bodies(rgb, faces, solutions, confidence)] if body else []
+    if face:
+        for det in faces:
+            points = _face_mesh(rgb, det, solutions, confidence)
+            if points is None:
+                continue
+            owner = next((p for p in found if p.face is None and _inside(p.body[0] if p.body else None, det.box,
+                                                                            0.25)), None)
+            if owner is None:
+                owner = Person()
+                found.append(owner)
+            owner.face = points
+    if hands:
+        for points, _, side in hand_landmarks(image, confidence=confidence):
+            owner, best = None, math.inf
+            for p in found:
+                for s, k in (("right", 4), ("left", 7)):
+                    if len(p.body) == 18 and p.body[k] is not None and getattr(p, f"{s}_hand") is None:
+                        d = math.dist(p.body[k], points[0])
+                        if d < best:
+                            owner, best, side = p, d, s
+            if owner is None:
+                owner = Person()
+                found.append(owner)
+            setattr(owner, f"{side}_hand", points)
+    return found
+
+
+def _at(p) -> tuple[int, int]:
+    return int(p[0]), int(p[1])
+
+
+def draw_openpose(size: tuple[int, int], persons: list[Person]) -> Image.Image:
+    """OpenPose's picture of the poses on black, drawn as the ControlNet extension (ControlNet 1.1's annotator)
+    draws them: limbs as ellipses in 60% of OpenPose's colours, keypoints as dots; hands as rainbow edges with blue
+    joints; faces as white dots. Widths are the extension's at 512 px, scaled with the image's short side (the
+    extension detects at 512 px and resizes the map)."""
     import colorsys
 
     import cv2
     w, h = size
     canvas = np.zeros((h, w, 3), np.uint8)
     scale = max(1.0, min(w, h) / 512)
-    stick = max(1, int(round(4 * scale)))
-    if body:
-        for (a, b), colour in zip(_LIMBS, _COLOURS):
-            if body[a] is None or body[b] is None:
+    stick, dot, line, face_dot = (max(1, int(round(v * scale))) for v in (4, 4, 2, 3))
+    for person in persons:
+        body = person.body
+        if body:
+            for (a, b), colour in zip(_LIMBS, _COLOURS):
+                if body[a] is None or body[b] is None:
+                    continue
+                (xa, ya), (xb, yb) = body[a], body[b]
+                length = math.hypot(xa - xb, ya - yb)
+                angle = math.degrees(math.atan2(ya - yb, xa - xb))
+                poly = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick),
+                                        int(angle), 0, 360, 1)
+                cv2.fillConvexPoly(canvas, poly, [int(c * 0.6) for c in colour])
+            for p, colour in zip(body, _COLOURS):
+                if p is not None:
+                    cv2.circle(canvas, _at(p), dot, colour, thickness=-1)
+        for pts in (person.left_hand, person.right_hand):
+            if pts is None:
                 continue
-            layer = canvas.copy()
-            (xa, ya), (xb, yb) = body[a], body[b]
-            length = math.hypot(xa - xb, ya - yb)
-            angle = math.degrees(math.atan2(ya - yb, xa - xb))
-            poly = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick),
-                                    int(angle), 0, 360, 1)
-            cv2.fillConvexPoly(layer, poly, colour)
-            canvas = cv2.addWeighted(canvas, 0.4, layer, 0.6, 0)
-        for p, colour in zip(body, _COLOURS):
-            if p is not None:
-                cv2.circle(canvas, (int(p[0]), int(p[1])), stick, colour, thickness=-1)
-    for pts in hands:
-        for k, (a, b) in enumerate(_HAND_EDGES):
-            r, g, bl = colorsys.hsv_to_rgb(k / len(_HAND_EDGES), 1.0, 1.0)
-            cv2.line(canvas, tuple(int(v) for v in pts[a]), tuple(int(v) for v in pts[b]),
-                     (int(r * 255), int(g * 255), int(bl * 255)), max(1, int(round(2 * scale))))
-        for p in pts:
-            cv2.circle(canvas, (int(p[0]), int(p[1])), max(1, int(round(2 * scale))), (0, 0, 255), thickness=-1)
+            for k, (a, b) in enumerate(_HAND_EDGES):
+                r, g, bl = colorsys.hsv_to_rgb(k / len(_HAND_EDGES), 1.0, 1.0)
+                cv2.line(canvas, _at(pts[a]), _at(pts[b]), (r * 255, g * 255, bl * 255), line)
+            for p in pts:
+                cv2.circle(canvas, _at(p), dot, (0, 0, 255), thickness=-1)
+        if person.face is not None:
+            for p in person.face:
+                cv2.circle(canvas, _at(p), face_dot, (255, 255, 255), thickness=-1)
     return Image.fromarray(canvas)
 
 
-def openpose(image: Image.Image, *, hands: bool = False) -> Image.Image:
-    """The OpenPose preprocessor: the body (and with ``hands`` its hands) drawn as OpenPose draws them."""
-    body = body_keypoints(image)
-    found = [pts for pts, _ in hand_landmarks(image)] if hands else []
-    return draw_openpose(image.size, body, found)
+def pose_json(persons: list[Person], size: tuple[int, int]) -> dict:
+    """The poses in OpenPose's JSON, as the ControlNet extension returns them (``poses`` of /controlnet/detect)
+    and its pose editors read them: x, y in pixels and a confidence per keypoint, [0, 0, 0] where unseen."""
+    def flat(points, count: int):
+        if points is None or len(points) == 0:
+            return None
+        out = []
+        for p in points:
+            out.extend([0.0, 0.0, 0.0] if p is None else [round(float(p[0]), 2), round(float(p[1]), 2), 1.0])
+        return out + [0.0] * (3 * count - len(out))
+    return {"people": [{"pose_keypoints_2d": flat(p.body, 18) or [0.0] * 54,
+                        "face_keypoints_2d": flat(p.face, 70),
+                        "hand_left_keypoints_2d": flat(p.left_hand, 21),
+                        "hand_right_keypoints_2d": flat(p.right_hand, 21)} for p in persons],
+            "canvas_width": size[0], "canvas_height": size[1]}
+
+
+OPENPOSE_PARTS = {"openpose": (True, False, False), "openpose_hand": (True, True, False),
+                  "openpose_face": (True, False, True), "openpose_faceonly": (False, False, True),
+                  "openpose_full": (True, True, True)}
+"""the ControlNet extension's OpenPose modules: which of body, hands and face each draws"""
+
+
+def openpose(image: Image.Image, module: str = "openpose") -> tuple[Image.Image, dict]:
+    """An OpenPose preprocessor (``OPENPOSE_PARTS``): its map, and the poses as OpenPose JSON."""
+    body, hands, face = OPENPOSE_PARTS[module]
+    persons = people(image, body=body, hands=hands, face=face)
+    return draw_openpose(image.size, persons), pose_json(persons, image.size)

@@ -2,7 +2,7 @@
 `/controlnet/version`, `model_list`, `module_list`, `detect`, and its units in `alwayson_scripts` of txt2img and
 img2img, mapped onto the engine's ControlNet (up to four units, residuals summed; the model-free preprocessors
 imagesmith runs: canny, scribble_xdog, lineart_standard, invert, threshold, tile_resample, openpose,
-openpose_hand, the depth modules with the user's depth model, the line-art and HED modules with the user's
+openpose_hand, openpose_face, openpose_faceonly, openpose_full (with the keypoints as OpenPose JSON in `poses`), the depth modules with the user's depth model, the line-art and HED modules with the user's
 annotator files, and none).
 A module imagesmith cannot run is a 422 naming what it can, never a silent skip."""
 
@@ -24,6 +24,7 @@ MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble_xdog",  
            "lineart_standard (from white bg & black line)": "lineart_standard",
            "invert (from white bg & black line)": "invert", "threshold": "threshold",
            "tile_resample": "tile_resample", "openpose": "openpose", "openpose_hand": "openpose_hand",
+           "openpose_face": "openpose_face", "openpose_faceonly": "openpose_faceonly", "openpose_full": "openpose_full",
            "depth_anything": "depth_anything", "depth_anything_v2": "depth_anything", "depth_midas": "depth_midas",
            "depth_zoe": "depth_zoe", "lineart_realistic": "lineart_realistic",
            "lineart_coarse": "lineart_coarse", "lineart_anime": "lineart_anime", "softedge_hed": "softedge_hed",
@@ -70,19 +71,25 @@ async def detect(request: Request, svc: Svc):
         raise BadRequest("controlnet_input_images: give one or more base64 images")
     from ...core.imageio import load_image
     from ...core.requests import ControlNetSpec
-    from ...engine.controlnet import preprocess
+    from ...engine.controlnet import detect as run_detector
     a, b = body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b")
     low, high = _thresholds(a, b)
     spec = ControlNetSpec(model="-", image="-", preprocessor=module, canny_low=low, canny_high=high,
                           threshold_a=_number(a), threshold_b=_number(b),
                           processor_res=_resolution(body.get("controlnet_processor_res")))
-    out = []
+    out, poses = [], []
     for data in images:
         image = load_image(decode_base64(data), settings=svc.settings, mode="RGB", what="controlnet input image")
         buf = io.BytesIO()
-        preprocess(image, spec, settings=svc.settings).save(buf, format="PNG")
+        detected, pose = run_detector(image, spec, settings=svc.settings)
+        detected.save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode())
-    return {"images": out, "info": "Success"}
+        if pose is not None:
+            poses.append(pose)
+    answer = {"images": out, "info": "Success"}
+    if poses:  # the OpenPose modules also answer with the keypoints, as the extension does
+        answer["poses"] = poses
+    return answer
 
 
 def always_on_args(body: dict, script: str):
