@@ -259,3 +259,9 @@ def test_generate_with_regions(env, capsys, tmp_path):
     code, _, err = run_cli(capsys, "generate", "a field", *TINY, "-o", str(tmp_path / "bad.png"),
                            "--region", "0,0,2,1:x")
     assert code == 2 and "region box" in err and not (tmp_path / "bad.png").exists()
+
+
+def test_a_malformed_prompt_edit_is_one_line_and_no_file(env, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "a [cat:dog:x] photo", *TINY, "-o", str(tmp_path / "bad.png"))
+    assert code == 2 and "[cat:dog:x] is not prompt editing" in err and "\n" not in err.strip()
+    assert not (tmp_path / "bad.png").exists()

@@ -134,3 +134,43 @@ def test_and_composes_on_sdxl(engine, model):
     both, info = run("a photo of a cat AND a photo of a dog")
     assert np.abs(zero - cat).max() <= 1
     assert np.abs(both - cat).max() > 4 and info.startswith("a photo of a cat AND a photo of a dog")
+
+
+@pytest.mark.parametrize("text", ["a [cat:dog:0.5] x", "[a:b:10]", "[dog:5]", "[hat::0.25]", "[a|b|c]", "[a|]",
+                                  "(red:1.2) [word] [style: anime]", "[x [a:b:2]]", r"\[a:b:x\]", r"a \] b",
+                                  "[a:(b:1.2):3]", "[a:b:1.0]", "[a:b:99]"])
+def test_well_formed_prompts_pass_the_check(text):
+    from imagesmith.engine.prompt_editing import check_editing
+    check_editing(text)
+
+
+@pytest.mark.parametrize("text,says", [
+    ("a [cat:dog:x] photo", "[cat:dog:x] is not prompt editing"),
+    ("[cat:dog:0.3:0.6]", "[cat:dog:0.3:0.6] is not prompt editing"),
+    ("a [cat:dog:0.5 photo", "'[' at character 3 is never closed"),
+    ("a cat:dog:0.5] photo", "']' at character 14 closes no '['"),
+    ("[masterpiece:1.2], a cat", "[masterpiece:1.2] switches at 1.2 of the steps, which never comes"),
+    ("[[a:b:x]|c]", "[a:b:x] is not prompt editing"),
+])
+def test_malformed_prompt_editing_is_named(text, says):
+    from imagesmith.core.errors import BadRequest
+    from imagesmith.engine.prompt_editing import check_editing
+    with pytest.raises(BadRequest) as err:
+        check_editing(text, "negative prompt")
+    assert str(err.value).startswith("negative prompt: ") and says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_engine_refuses_a_malformed_prompt_before_any_work_unless_asked_to_read_it_as_text(engine):
+    """A malformed edit is one error before any step (A1111 would quietly read the whole prompt as text); with
+    malformed_prompt="text", as the A1111 API sends, it is read as text and the picture is made."""
+    from imagesmith.core.errors import BadRequest
+    from imagesmith.core.requests import DetailerOptions
+    seen = []
+    base = dict(model="tiny-sd15", width=64, height=64, steps=2, seed=3)
+    for bad in (dict(prompt="a [cat:dog:x]"), dict(prompt="a cat", negative_prompt="[blurry:1.5]"),
+                dict(prompt="a cat", detailer=DetailerOptions(prompt="a [smile:frown:y] face"))):
+        with pytest.raises(BadRequest):
+            engine.generate(GenerateRequest(**base, **bad), progress=seen.append)
+    assert seen == []
+    made = engine.generate(GenerateRequest(**base, prompt="a [cat:dog:x]", malformed_prompt="text"))
+    assert made.images[0].size == (64, 64) and made.records[0].infotext.startswith("a [cat:dog:x]")

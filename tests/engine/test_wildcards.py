@@ -87,7 +87,10 @@ def test_a_bad_wildcard_is_a_4xx_at_submit(tiny_home, tmp_path):
         assert 400 <= r.status_code < 500 and needle in r.json()["error"]["message"], r.text
         r = client.post("/sdapi/v1/txt2img", json={"prompt": prompt})
         assert 400 <= r.status_code < 500 and needle in r.json()["detail"]
-    assert store.list()[1] == 0  # nothing queued
+    # a malformed prompt edit: a 4xx naming it in the native API
+    r = client.post("/v1/jobs", json={"type": "generate", "request": {"prompt": "a [cat:dog:x]", "model": "tiny-sd15"}})
+    assert r.status_code == 422 and "[cat:dog:x] is not prompt editing" in r.json()["error"]["message"], r.text
+    assert store.list()[1] == 0  # nothing queued (tests/serve/test_webuiapi.py: A1111's API makes the picture)
 
 
 def test_each_image_of_a_batch_draws_from_its_own_seed(tiny_home):

@@ -34,6 +34,9 @@ def test_txt2img_with_the_clients_defaults(api):
     assert r.info["all_prompts"] == ["a red apple"] * 2 and r.info["index_of_first_image"] == 0
     assert "Sampler: Euler a, Schedule type: Normal" in r.info["infotexts"][0]  # Automatic = Euler a's own
     assert "Model: tiny-sd15" in r.info["infotexts"][0]
+    # a prompt edit A1111 cannot parse is read as text, as A1111 does (the native API names it as an error)
+    odd = api.txt2img(prompt="a [red:green:x] apple", seed=11, width=64, height=64)
+    assert odd.image.size == (64, 64) and odd.info["infotexts"][0].startswith("a [red:green:x] apple")
     again = api.txt2img(prompt="a red apple", seed=11, width=64, height=64, cfg_scale=5)
     # image 0 of the batch alone: the same noise; batched kernels may round one level apart
     assert np.abs(np.asarray(again.image, np.int16) - np.asarray(r.images[0], np.int16)).max() <= 2

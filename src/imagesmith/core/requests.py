@@ -190,6 +190,9 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field("", description="WebUI syntax: (word:1.2), [word], BREAK, <lora:name:0.7>")
     negative_prompt: str = ""
+    malformed_prompt: Literal["error", "text"] = Field(
+        "error", description="a malformed prompt-editing expression ('[a:b:x]', '[word:1.2]', a '[' never closed): "
+        "an error naming it, or read as plain text, as A1111 does (its API sets text)")
     ground_concepts: bool = Field(True, description="house models: replace a subject the model was not trained "
                                   "on with the nearest concept it knows ('a cup of espresso' -> 'a cup of coffee'); "
                                   "reported as 'Concept:' in the infotext. No effect on other models")

@@ -38,7 +38,7 @@ from .loras import ResolvedLora, adapter_name, apply_loras
 from . import performance as perf
 from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
 from .sampling import ksampler as K
-from .prompt_editing import has_editing, prompt_schedule, split_and, text_at
+from .prompt_editing import check_request, has_editing, prompt_schedule, split_and, text_at
 from . import qwen_image as Q
 from .qwen_image import is_qwen_edit
 from .sampling.denoisers import (Composed, Conditioning, ControlSpec, FluxDenoiser, QwenDenoiser, SD3Denoiser,
@@ -415,6 +415,7 @@ class Engine:
                                                                           folder=folder)})
         prompt, tag_loras = P.extract_lora_tags(req.prompt)
         negative, _ = P.extract_lora_tags(req.negative_prompt)
+        check_request(req)  # a malformed [from:to:when], before any work (the drawn wildcards included)
         if req.model and req.model.lower() in self._adopted:
             entry = self._adopted[req.model.lower()]
         else:

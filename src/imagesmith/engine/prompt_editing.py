@@ -131,6 +131,55 @@ def _bracket(inner: str):
     return None
 
 
+def check_editing(text: str, what: str = "prompt") -> None:
+    """A BadRequest naming the first malformed prompt-editing expression in `text`, where A1111 would silently read
+    the prompt as plain text: a '[' never closed or a ']' closing none, ``[from:to:when]`` whose `when` is no
+    number or that has more than two ':', and a fraction past 1 (``[word:1.2]``: an edit that never happens, usually
+    meant as a weight). ``[word]`` and ``[style: anime]`` stay text, as in A1111."""
+    opened: list[int] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "[":
+            opened.append(i)
+        elif ch == "]":
+            if not opened:
+                raise BadRequest(f"{what}: ']' at character {i + 1} closes no '['; write \\] for a bracket")
+            start = opened.pop()
+            _check_bracket(text[start + 1:i], what)
+        i += 1
+    if opened:
+        raise BadRequest(f"{what}: '[' at character {opened[-1] + 1} is never closed; write \\[ for a bracket")
+
+
+def check_request(req) -> None:
+    """:func:`check_editing` over a GenerateRequest's prompts and its detailers' (nothing when the request reads
+    malformed expressions as text, as A1111's API does)."""
+    if req.malformed_prompt != "error":
+        return
+    units = req.detailer if isinstance(req.detailer, list) else [req.detailer] if req.detailer else []
+    for text, what in [(req.prompt, "prompt"), (req.negative_prompt, "negative prompt"),
+                       *[(t, f"detailer {w}") for o in units
+                         for t, w in ((o.prompt, "prompt"), (o.negative_prompt, "negative prompt"))]]:
+        check_editing(text, what)
+
+
+def _check_bracket(inner: str, what: str) -> None:
+    if len(_top_split(inner, "|")) > 1:
+        return
+    parts = _top_split(inner, ":")
+    last = parts[-1].strip()
+    if len(parts) > 3 or len(parts) == 3 and not _NUMBER.match(last):
+        raise BadRequest(f"{what}: [{inner}] is not prompt editing: write [from:to:when], [to:when] or "
+                         f"[from::when], with when a step number (10) or a fraction of the steps (0.5)")
+    if len(parts) >= 2 and _NUMBER.match(last) and "." in last and float(last) > 1:
+        raise BadRequest(f"{what}: [{inner}] switches at {last} of the steps, which never comes (a fraction runs "
+                         f"0 to 1; a weight is written ({parts[0].strip()}:{last}))")
+
+
 def _steps_of(nodes: list, steps: int, acc: set[int]) -> None:
     for n in nodes:
         if not isinstance(n, tuple):

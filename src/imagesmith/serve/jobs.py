@@ -47,7 +47,9 @@ def _generate(kind: str) -> Check:
             raise BadRequest(f"a {kind} job needs request.init_image (an uploaded file id or path)")
         if kind == "inpaint" and not req.mask:
             raise BadRequest("an inpaint job needs request.mask")
+        from ..engine.prompt_editing import check_request
         from ..engine.wildcards import expand_prompt, has_dynamic
+        check_request(req)  # a malformed [from:to:when]: 4xx now
         for text in (req.prompt, req.negative_prompt):  # a malformed choice or unknown wildcard: 4xx now
             if has_dynamic(text):
                 expand_prompt(text, seed=0, folder=(settings or Settings.from_env()).home / "wildcards")

@@ -300,6 +300,7 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
     req = {k: v for k, v in body.items() if k in ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name",
                                                  "scheduler", "seed", "batch_size", "width", "height",
                                                  "denoising_strength", "clip_skip", "refiner_switch_at")}
+    req["malformed_prompt"] = "text"  # A1111 reads a prompt it cannot parse as plain text, never an error
     if isinstance(body.get("refiner_checkpoint"), str) and body["refiner_checkpoint"] not in ("", "None"):
         req["refiner_checkpoint"] = body["refiner_checkpoint"]  # A1111 1.6's refiner fields
     else:
