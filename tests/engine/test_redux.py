@@ -128,17 +128,9 @@ def test_wrong_family_and_masks_are_refused(redux_home, tmp_path):
         engine.generate(_req(ref, mask=ref))
 
 
-def test_comfyui_style_model_nodes_add_diffusers_tokens(redux_home, tmp_path):
-    """ComfyUI's CLIPVisionLoader, CLIPVisionEncode (crop none), StyleModelLoader and StyleModelApply: the prompt's
-    tokens, then the reference's at strength x diffusers' FluxPriorReduxPipeline's; attn_bias is one clear error."""
-    from fixtures.graph import graph_runner
-    engine = Engine(redux_home, device="cpu")
-    ref = _reference(tmp_path)
-    Image.open(ref).save(tmp_path / "ref.png")
-    run = graph_runner(engine, tmp_path, ["ref.png"], save_node="9")
-
-    def graph(strength_type="multiply"):
-        return {
+def _style_graph(strength_type="multiply", strength=0.7, *, redux=True) -> dict:
+    """ComfyUI's Redux graph on the tiny FLUX (without ``redux``: the same prompt alone)."""
+    return {
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux"}},
             "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cabin", "clip": ["1", 1]}},
             "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "sigclip-tiny.safetensors"}},
@@ -147,24 +139,98 @@ def test_comfyui_style_model_nodes_add_diffusers_tokens(redux_home, tmp_path):
                                                                "crop": "none"}},
             "6": {"class_type": "StyleModelLoader", "inputs": {"style_model_name": "flux1-redux-tiny.safetensors"}},
             "7": {"class_type": "StyleModelApply", "inputs": {
-                "conditioning": ["2", 0], "style_model": ["6", 0], "clip_vision_output": ["5", 0], "strength": 0.7,
-                "strength_type": strength_type}},
+                "conditioning": ["2", 0], "style_model": ["6", 0], "clip_vision_output": ["5", 0],
+                "strength": strength, "strength_type": strength_type}},
             "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
             "11": {"class_type": "KSampler", "inputs": {
                 "seed": 1, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
-                "model": ["1", 0], "positive": ["7", 0], "negative": ["2", 0], "latent_image": ["10", 0]}},
+                "model": ["1", 0], "positive": ["7", 0] if redux else ["2", 0], "negative": ["2", 0],
+                "latent_image": ["10", 0]}},
             "8": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
             "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "redux"}}}
+
+
+def test_comfyui_style_model_nodes_add_diffusers_tokens(redux_home, tmp_path):
+    """ComfyUI's CLIPVisionLoader, CLIPVisionEncode (crop none), StyleModelLoader and StyleModelApply: the prompt's
+    tokens, then the reference's at strength x diffusers' FluxPriorReduxPipeline's."""
+    from fixtures.graph import graph_runner
+    engine = Engine(redux_home, device="cpu")
+    ref = _reference(tmp_path)
+    Image.open(ref).save(tmp_path / "ref.png")
+    run = graph_runner(engine, tmp_path, ["ref.png"], save_node="9")
     seen, hook = _texts(engine)
     try:
-        run(graph())
+        run(_style_graph())
     finally:
         hook.remove()
     want = _diffusers_tokens(redux_home, ref)
     tokens = seen[0]
     assert tokens.shape[1] > 16 and torch.allclose(tokens[:, -16:], want * 0.7, atol=1e-5)
-    with pytest.raises(Exception, match="attn_bias is not supported"):
-        run(graph("attn_bias"))
+
+
+def test_style_model_apply_attn_bias_weighs_the_attention_as_comfyui(redux_home, tmp_path):
+    """strength_type attn_bias: the reference's tokens unscaled, the attention every other token pays them biased
+    by log(strength), in ComfyUI's mask layout. Strength 1 is exactly multiply's 1 (no mask); 0 gives the picture
+    without the reference (nobody reads its tokens), where multiply's 0 does not (zeroed tokens are still read);
+    0.3 lies between; the mask the transformer gets has log(0.3) on the reference's columns, 0 elsewhere."""
+    from fixtures.graph import graph_runner
+    engine = Engine(redux_home, device="cpu")
+    Image.open(_reference(tmp_path)).save(tmp_path / "ref.png")
+    run = graph_runner(engine, tmp_path, ["ref.png"], save_node="9")
+    pipe = engine.pipeline(engine.checkpoint("tiny-flux")).value
+
+    def pixels(*a, **k):
+        return np.asarray(run(_style_graph(*a, **k))).astype(int)
+
+    def velocity(*a, **k):  # the transformer's first answer (the tiny model's pixels move little)
+        out = []
+        hook = pipe.transformer.register_forward_hook(lambda m, args, result: out.append(result[0].clone()))
+        try:
+            run(_style_graph(*a, **k))
+        finally:
+            hook.remove()
+        return out[0]
+    plain = pixels(redux=False)
+    assert np.array_equal(pixels("attn_bias", 1.0), pixels("multiply", 1.0))
+    bare, muted, zeroed = velocity(redux=False), velocity("attn_bias", 0.0), velocity("multiply", 0.0)
+    change = (zeroed - bare).abs().max()
+    assert change > 1e-3 and (muted - bare).abs().max() < change / 100
+    masks = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: masks.append((kw["encoder_hidden_states"].shape[1], kw["hidden_states"].shape[1],
+                                       (kw.get("joint_attention_kwargs") or {}).get("attention_mask"))),
+        with_kwargs=True)
+    try:
+        between = pixels("attn_bias", 0.3)
+    finally:
+        hook.remove()
+    assert not np.array_equal(between, plain) and not np.array_equal(between, pixels("attn_bias", 1.0))
+    n_text, n_image, mask = masks[0]
+    t = n_text - 16  # the prompt's tokens; the reference's 16 follow
+    assert mask.shape == (1, 1, n_text + n_image, n_text + n_image)
+    mask = mask[0, 0]
+    bias = torch.log(torch.tensor(0.3)).item()
+    ref_cols = mask[:, t:n_text]
+    assert torch.allclose(ref_cols[:t], torch.tensor(bias)) and torch.allclose(ref_cols[n_text:], torch.tensor(bias))
+    assert (ref_cols[t:n_text] == 0).all() and (mask[:, :t] == 0).all() and (mask[:, n_text:] == 0).all()
+    for bad, says in ((("attn_bias", -0.5), "smaller than min"), (("sum", 1.0), "sum")):  # a 4xx, nothing run
+        with pytest.raises(BadRequest, match=says):
+            run(_style_graph(*bad))
+
+
+def test_chained_redux_biases_keep_comfyuis_mask_layout():
+    """Two StyleModelApply in a row: the first's bias stays on its tokens' columns, moved past the second's; a
+    later multiply (its factor 1) adds columns of 0; the new tokens' own rows read everything freely."""
+    from imagesmith.engine.graph.nodes import redux_attention_bias
+    first = redux_attention_bias(None, 5, 3, 0.5)
+    assert first.shape == (9, 9)
+    both = redux_attention_bias(first, 8, 2, 1.0)
+    half = torch.log(torch.tensor(0.5))
+    assert both.shape == (11, 11)
+    rows = [*range(5), 10]  # the prompt's tokens and the image's place
+    assert torch.allclose(both[rows][:, 5:8], half) and (both[5:8] == 0).all() and (both[:, 8:10] == 0).all()
+    assert (both[:, :5] == 0).all() and (both[:, 10] == 0).all()
+    assert torch.isinf(redux_attention_bias(None, 4, 2, 0.0)[:4, 4:6]).all()
 
 
 def test_comfyuis_flux_redux_template_runs(redux_home, tiny_home, tmp_path):

@@ -6,6 +6,7 @@ choices (model files relative to their folder, with extensions, as ComfyUI shows
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from pathlib import Path
@@ -242,10 +243,13 @@ def _style_model_loader(ctx, style_model_name):
 
 
 def _style_model_apply(ctx, conditioning, style_model, clip_vision_output, strength=1.0, strength_type="multiply"):
-    """FLUX Redux: the reference's tokens (times ``strength``) appended to every conditioning entry's text tokens,
-    at text position 0, as ComfyUI's StyleModelApply with strength_type multiply."""
-    if strength_type != "multiply":
-        raise BadRequest("StyleModelApply: strength_type attn_bias is not supported; use multiply")
+    """FLUX Redux: the reference's tokens appended to every conditioning entry's text tokens, at text position 0, as
+    ComfyUI's StyleModelApply. ``multiply`` scales the tokens by ``strength``; ``attn_bias`` keeps them and biases
+    the attention paid to them by log(strength) instead (0: never looked at; the prompt's and the picture's tokens
+    read them, they themselves read freely), in ComfyUI's layout: an additive mask over the text tokens plus one
+    row and column standing for every image token (``attn_bias`` in the entry)."""
+    if strength_type not in ("multiply", "attn_bias"):
+        raise BadRequest(f"StyleModelApply: strength_type must be multiply or attn_bias, not {strength_type!r}")
     embedder = ctx.engine.redux_embedder(ctx.engine.registry.get(style_model.name, "ipadapter"))
     hidden = clip_vision_output["last_hidden_state"]
     width = int(embedder.redux_up.weight.shape[1])
@@ -255,7 +259,9 @@ def _style_model_apply(ctx, conditioning, style_model, clip_vision_output, stren
     e = next(embedder.parameters())
     with torch.inference_mode():
         tokens = embedder(hidden.to(e.device, e.dtype)).image_embeds.float().cpu()
-    tokens = tokens.flatten(0, 1).unsqueeze(0) * float(strength)
+    tokens = tokens.flatten(0, 1).unsqueeze(0)
+    if strength_type == "multiply":
+        tokens = tokens * float(strength)
     out = []
     for c in conditioning:
         if c.arch != "flux" or "txt_ids" not in c.extra:
@@ -263,8 +269,33 @@ def _style_model_apply(ctx, conditioning, style_model, clip_vision_output, stren
         embeds = torch.cat([c.embeds, tokens.to(c.embeds.dtype)], dim=1)
         ids = c.extra["txt_ids"]
         zeros = torch.zeros(embeds.shape[1], ids.shape[-1], dtype=ids.dtype, device=ids.device)
-        out.append(Cond(embeds, c.arch, c.pooled, {**c.extra, "txt_ids": zeros}))
+        extra = {**c.extra, "txt_ids": zeros}
+        if "attn_bias" in c.extra or strength_type == "attn_bias" and float(strength) != 1.0:
+            factor = float(strength) if strength_type == "attn_bias" else 1.0
+            extra["attn_bias"] = redux_attention_bias(c.extra.get("attn_bias"), c.embeds.shape[1],
+                                                      tokens.shape[1], factor)
+        out.append(Cond(embeds, c.arch, c.pooled, extra))
     return (out,)
+
+
+def redux_attention_bias(old: torch.Tensor | None, n_text: int, n_new: int, factor: float) -> torch.Tensor:
+    """The additive attention mask after ``n_new`` reference tokens join ``n_text`` text tokens: [T + 1, T + 1]
+    over the text tokens and one position standing for all image tokens (ComfyUI's layout, its image size 1 x 1).
+    The old mask's blocks are kept around the new tokens; every row but the new tokens' own reads them at
+    log(factor)."""
+    if old is None:
+        old = torch.zeros(n_text + 1, n_text + 1)
+    if old.shape != (n_text + 1, n_text + 1):
+        raise BadRequest(f"StyleModelApply: the conditioning's attention mask covers {old.shape[0] - 1} text tokens, "
+                         f"it has {n_text}")
+    t, n = n_text, n_new
+    new = torch.zeros(t + n + 1, t + n + 1)
+    new[:t, :t], new[:t, t + n:] = old[:t, :t], old[:t, t:]
+    new[t + n:, :t], new[t + n:, t + n:] = old[t:, :t], old[t:, t:]
+    bias = float("-inf") if factor == 0 else math.log(factor)
+    new[:t, t:t + n] = bias
+    new[t + n:, t:t + n] = bias
+    return new
 
 
 def _upscale_model_loader(ctx, model_name):

@@ -293,7 +293,8 @@ def build_denoiser(engine, pipe, net, arch: str, ms, positive: list[Cond], negat
                 "pooled": c.pooled.repeat(n, 1), "txt_ids": c.extra["txt_ids"]}), guidance,
                 pack=pack, unpack=lambda y: pipe._unpack_latents(y, height, width, vae_sf), img_ids=img_ids,
                 control=_dit_controls(engine, pipe, c, ms, n, width, height, "flux", pack),
-                context=_kontext_references(pipe, c, n, pack), extra=None if concat is None else pack(concat))
+                context=_kontext_references(pipe, c, n, pack), extra=None if concat is None else pack(concat),
+                attn_bias=c.extra.get("attn_bias"))
     else:
         raise UnsupportedModel(f"KSampler cannot run {arch} models")
     pos = AreaMix([(one(c), c) for c in positive])

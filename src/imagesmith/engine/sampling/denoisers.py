@@ -264,10 +264,11 @@ class FluxDenoiser:
                  img_ids: torch.Tensor, *, extra: torch.Tensor | None = None,
                  context: tuple[torch.Tensor, torch.Tensor] | None = None,
                  extra_text: list[tuple[torch.Tensor, float, float]] | None = None,
-                 control: list[ControlSpec] | None = None):
+                 control: list[ControlSpec] | None = None, attn_bias: torch.Tensor | None = None):
         self.net, self.ms, self.cond, self.guidance = transformer, ms, cond, guidance
         self.pack, self.unpack, self.img_ids = pack, unpack, img_ids
         self.extra, self.context, self.extra_text = extra, context, extra_text or []
+        self.attn_bias = attn_bias
         self.control = control or []
         self.dtype = compute_dtype(transformer)
         self.device = next(transformer.parameters()).device
@@ -311,10 +312,29 @@ class FluxDenoiser:
                 **common)
             blocks = b if blocks is None else [p + q for p, q in zip(blocks, b)]
             singles = sb if singles is None else [p + q for p, q in zip(singles, sb)] if sb is not None else singles
+        joint = None
+        if self.attn_bias is not None:  # ComfyUI's StyleModelApply attn_bias: its text x (text + 1) mask, the one
+            joint = {"attention_mask": self._full_mask(text.shape[1], packed.shape[1])}  # image place for all
         out = self.net(hidden_states=packed, guidance=g, img_ids=ids.to(self.device), return_dict=False,
-                       controlnet_block_samples=blocks, controlnet_single_block_samples=singles, **common)[0]
+                       controlnet_block_samples=blocks, controlnet_single_block_samples=singles,
+                       joint_attention_kwargs=joint, **common)[0]
         v = self.unpack(out[:, :tokens].float()).to(x.device)
         return self.ms.denoised(sigma, v, x)
+
+
+    def _full_mask(self, n_text: int, n_image: int) -> torch.Tensor:
+        """The attention mask over the joint sequence (text, then image tokens) from the [T + 1, T + 1] one whose
+        last row and column stand for every image token, as ComfyUI widens its mask to the image's tokens."""
+        small = self.attn_bias
+        if small.shape[0] != n_text + 1:
+            from ...core.errors import BadRequest
+            raise BadRequest(f"a Redux attention bias covers {small.shape[0] - 1} text tokens, the conditioning has "
+                             f"{n_text} (a node changed the tokens after StyleModelApply)")
+        t = n_text
+        full = torch.empty(t + n_image, t + n_image)
+        full[:t, :t], full[:t, t:] = small[:t, :t], small[:t, t:]
+        full[t:, :t], full[t:, t:] = small[t:, :t], small[t:, t:]
+        return full.to(self.device, self.dtype)[None, None]
 
 
 class QwenDenoiser:
