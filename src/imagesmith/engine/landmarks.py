@@ -323,13 +323,13 @@ def draw_openpose(size: tuple[int, int], persons: list[Person]) -> Image.Image:
     """OpenPose's picture of the poses on black, drawn as the ControlNet extension (ControlNet 1.1's annotator)
     draws them: limbs as ellipses in 60% of OpenPose's colours, keypoints as dots; hands as rainbow edges with blue
     joints; faces as white dots. Widths are the extension's at 512 px, scaled with the image's short side (the
-    extension detects at 512 px and resizes the map)."""
+    extension draws at its 512 px detect resolution and resizes the map), at least 1 px."""
     import colorsys
 
     import cv2
     w, h = size
     canvas = np.zeros((h, w, 3), np.uint8)
-    scale = max(1.0, min(w, h) / 512)
+    scale = min(w, h) / 512
     stick, dot, line, face_dot = (max(1, int(round(v * scale))) for v in (4, 4, 2, 3))
     for person in persons:
         body = person.body
