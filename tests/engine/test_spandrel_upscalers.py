@@ -160,3 +160,27 @@ def test_real_x4plus_weights_agree_with_the_ncnn_path(up_home):
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
     assert psnr > 45, psnr
     assert a.std() > 30  # a picture, not a flat field
+
+
+def test_upscalers_and_restorers_live_in_the_model_cache_under_its_budget(up_home, tmp_path):
+    """With the engine's ModelCache, a PyTorch upscaler's network is a cache entry counted in its RAM budget (not
+    kept aside): used again without a load, evicted when a model needs the room, loaded again on the next use with
+    the same pixels. The engine hands its cache to its upscalers and face restorers."""
+    from imagesmith.engine.generate import Engine
+    from imagesmith.models.cache import ModelCache
+    state = tiny_rrdb()
+    save_file(state, str(up_home.models_dir / "upscalers" / "4x-Tiny.safetensors"))
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    cache = ModelCache(up_home, ram_budget_bytes=3 * size)
+    up = UpscalerSet(up_home, tile=0, pad=0, cache=cache).get("4x-Tiny")
+    img = photo(24)
+    first = np.asarray(up.upscale(img, 4))
+    (key,) = [k for k in cache.keys() if k[0] == "image-model"]
+    assert cache.used_bytes("cpu") == size and cache.stats.loads == 1
+    assert np.array_equal(np.asarray(up.upscale(img, 4)), first) and cache.stats.loads == 1  # warm: no load
+    cache.get(("a checkpoint",), lambda: torch.nn.Linear(size // 2 + 64, 1, bias=False))  # 2x its size: needs its room
+    assert key not in cache and cache.stats.evictions == 1
+    assert np.array_equal(np.asarray(up.upscale(img, 4)), first) and cache.stats.loads == 3 and key in cache
+    engine = Engine(up_home, device="cpu", cache=cache)
+    assert engine.upscalers().cache is cache
+    assert engine.upscalers().get("4x-Tiny").cache is cache

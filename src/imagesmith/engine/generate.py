@@ -646,7 +646,7 @@ class Engine:
     def upscalers(self):
         if self._upscalers is None:
             from .upscale import UpscalerSet
-            self._upscalers = UpscalerSet(self.settings, device=str(self.device))
+            self._upscalers = UpscalerSet(self.settings, device=str(self.device), cache=self.cache)
         return self._upscalers
 
     def face_restorer(self, name: str | None = None):
@@ -670,7 +670,7 @@ class Engine:
             restorer = self._restorers.get(key)
             if restorer is None:
                 restorer = FaceRestorer(path, cache_dir=self.settings.home / "cache" / "models", name=entry.name,
-                                        device=str(self.device))
+                                        device=str(self.device), cache=self.cache)
                 self._restorers = {k: v for k, v in self._restorers.items() if not k.startswith(f"{path}@")}
                 self._restorers[key] = restorer
         return restorer

@@ -52,24 +52,32 @@ class RestoreReport:
 class FaceRestorer:
     """One face network (loaded on first use, kept) and the alignment around it. Thread-safe."""
 
-    def __init__(self, path: str | Path, *, cache_dir: Path, name: str | None = None, device: str = "cpu"):
+    def __init__(self, path: str | Path, *, cache_dir: Path, name: str | None = None, device: str = "cpu",
+                 cache=None):
         self.path = Path(path)
         self.name = name or self.path.stem
         self.cache_dir = cache_dir
         self.device = device
+        self.cache = cache
+        """the engine's ModelCache: the network is kept there, under its budget, instead of here"""
         self._desc: Any = None
         self._lock = threading.Lock()
 
+    def _prepare(self, desc: Any) -> None:
+        if desc.purpose != "FaceSR":
+            raise UnsupportedModel(f"{self.path.name} is a {desc.architecture.name} upscaler, not a face "
+                                   "restorer (GFPGAN, RestoreFormer)")
+
     def _load(self) -> Any:
         with self._lock:
-            if self._desc is None:
-                from ..models.image_models import load_image_model
-                desc = load_image_model(self.path, self.cache_dir, device=self.device)
-                if desc.purpose != "FaceSR":
-                    raise UnsupportedModel(f"{self.path.name} is a {desc.architecture.name} upscaler, not a face "
-                                           "restorer (GFPGAN, RestoreFormer)")
+            if self._desc is not None:
+                return self._desc
+            from ..models.image_models import cached_image_model
+            desc = cached_image_model(self.path, self.cache_dir, device=self.device, cache=self.cache,
+                                      prepare=self._prepare)
+            if self.cache is None:  # no engine cache: this restorer keeps its network
                 self._desc = desc
-            return self._desc
+            return desc
 
     @property
     def architecture(self) -> str:

@@ -309,13 +309,15 @@ class SpandrelUpscaler(TiledNetworkUpscaler):
     whole image (spandrel's tiling INTERNAL) gets it in one piece, one that tiles badly gets 512 px tiles."""
 
     def __init__(self, path: str | os.PathLike[str], *, cache_dir: Path, name: str | None = None, tile: int = 192,
-                 pad: int = 16, device: str = "cpu"):
+                 pad: int = 16, device: str = "cpu", cache=None):
         self.path = Path(path)
         self.name = name or self.path.stem
         self.cache_dir = cache_dir
         self.tile = tile
         self.pad = pad
         self.device = device
+        self.cache = cache
+        """the engine's ModelCache: the network is kept there, under its budget, instead of here"""
         self._desc: Any = None
         self._lock = threading.Lock()
 
@@ -327,27 +329,31 @@ class SpandrelUpscaler(TiledNetworkUpscaler):
     def architecture(self) -> str:
         return str(self._load().architecture.name)
 
+    def _prepare(self, desc: Any) -> None:
+        if desc.purpose == "FaceSR":
+            raise UnsupportedModel(f"{self.path.name} is a {desc.architecture.name} face restorer, not an "
+                                   "upscaler: use it with --restore-faces / restore_faces")
+        if desc.input_channels not in (1, 3) or desc.output_channels not in (1, 3):
+            raise UnsupportedModel(f"upscaler {self.name}: {desc.input_channels} input / {desc.output_channels} "
+                                   "output channels; imagesmith runs RGB and grayscale networks")
+        if self.device != "cpu" and desc.supports_half:
+            desc.half()
+
     def _load(self) -> Any:
         with self._lock:
             if self._desc is not None:
                 return self._desc
             from spandrel import ModelTiling
 
-            from ..models.image_models import load_image_model
-            desc = load_image_model(self.path, self.cache_dir, device=self.device)
-            if desc.purpose == "FaceSR":
-                raise UnsupportedModel(f"{self.path.name} is a {desc.architecture.name} face restorer, not an "
-                                       "upscaler: use it with --restore-faces / restore_faces")
-            if desc.input_channels not in (1, 3) or desc.output_channels not in (1, 3):
-                raise UnsupportedModel(f"upscaler {self.name}: {desc.input_channels} input / {desc.output_channels} "
-                                       "output channels; imagesmith runs RGB and grayscale networks")
+            from ..models.image_models import cached_image_model
+            desc = cached_image_model(self.path, self.cache_dir, device=self.device, cache=self.cache,
+                                      prepare=self._prepare)
             if desc.tiling == ModelTiling.INTERNAL:
                 self.tile = 0
             elif desc.tiling == ModelTiling.DISCOURAGED and 0 < self.tile < 512:
                 self.tile = 512
-            if self.device != "cpu" and desc.supports_half:
-                desc.half()
-            self._desc = desc
+            if self.cache is None:  # no engine cache: this upscaler keeps its network
+                self._desc = desc
             return desc
 
     def _run(self, net: Any, rgb: np.ndarray) -> np.ndarray:
@@ -374,12 +380,14 @@ class UpscalerSet:
     network). Thread-safe."""
 
     def __init__(self, settings: Settings, *, tile: int = 192, pad: int = 10, num_threads: int | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", cache=None):
         self.settings = settings
         self.tile = tile
         self.pad = pad
         self.num_threads = num_threads
         self.device = device
+        self.cache = cache
+        """a ModelCache: the PyTorch networks live there, under its RAM/VRAM budget"""
         self._cache: dict[str, Upscaler] = {}
         self._lock = threading.Lock()
 
@@ -454,7 +462,7 @@ class UpscalerSet:
                                             tile=self.tile, pad=self.pad, num_threads=self.num_threads)
             elif cached is None:
                 cached = SpandrelUpscaler(param, cache_dir=self.settings.home / "cache" / "models", name=uname,
-                                          tile=self.tile, pad=self.pad, device=self.device)
+                                          tile=self.tile, pad=self.pad, device=self.device, cache=self.cache)
                 cached.native_scale  # loads now: a file that does not load is an error here, not on first use
             if file_key not in self._cache:
                 self._cache[file_key] = cached

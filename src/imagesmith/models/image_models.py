@@ -117,6 +117,25 @@ def load_image_model(path: str | Path, cache_dir: Path, *, device: str | torch.d
     return desc.eval()
 
 
+def cached_image_model(path: str | Path, cache_dir: Path, *, device: str = "cpu", cache=None,
+                       prepare=None) -> ImageModelDescriptor:
+    """:func:`load_image_model` under a ModelCache's RAM/VRAM budget (``cache``): one entry per file version and
+    device, counted with the pipelines, evicted (or moved to RAM) like them when room is needed and loaded again on
+    the next use. ``prepare(desc)`` checks or adapts the network before it is kept (a raise keeps nothing). Without
+    a cache, a plain load."""
+    path = Path(path)
+
+    def load():
+        desc = load_image_model(path, cache_dir, device=device)
+        if prepare is not None:
+            prepare(desc)
+        return desc
+    if cache is None:
+        return load()
+    key = ("image-model", str(path), path.stat().st_mtime_ns, str(device))
+    return cache.get(key, load, device=device).value
+
+
 def identify(shapes: dict[str, list[int]]) -> ImageModelInfo | None:
     """The architecture spandrel would pick for tensors of these names and shapes (no weights read)."""
     spandrel = _spandrel()
