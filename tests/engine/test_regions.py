@@ -61,3 +61,21 @@ def test_regions_with_prompt_editing_and_and(engine):
     assert moved[:, :40].mean() > 2 * moved[:, 88:].mean() and moved[:, :40].mean() > 0.05  # tiny SD: small
     composed = run("a red car AND a blue boat :0.7", prompt="[a green field:a snowy field:2]")
     assert composed.shape == kept.shape and np.abs(composed - kept).mean() > 0.25
+
+
+def test_region_prompts_draw_wildcards_and_are_checked_like_the_prompt(engine, tiny_home):
+    """A region's prompt draws its wildcards and {a|b} choices from the seed (the same seed, the same drawn region
+    prompt, recorded in the infotext) and a malformed prompt edit in it is one error naming the region."""
+    folder = tiny_home.home / "wildcards"
+    folder.mkdir(exist_ok=True)
+    (folder / "vehicle.txt").write_text("red car\nblue boat\ngreen tractor\n", encoding="utf-8")
+    base = dict(prompt="a field", model="tiny-sd15", width=64, height=64, steps=2, sampler_name="Euler")
+
+    def run(seed: int, text: str = "a __vehicle__, {night|noon}"):
+        r = engine.generate(GenerateRequest(**base, seed=seed, regions=[RegionSpec(prompt=text, box=(0, 0, .5, 1))]))
+        return r.records[0].infotext
+    drawn = {run(seed) for seed in range(6)}
+    assert all("__" not in t and "{" not in t for t in drawn) and len(drawn) > 1
+    assert run(3) == run(3)
+    with pytest.raises(BadRequest, match=r"region 1 prompt: \[car:boat:x\] is not prompt editing"):
+        run(1, "a [car:boat:x]")

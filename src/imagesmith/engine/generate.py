@@ -407,12 +407,14 @@ class Engine:
             req = req.model_copy(update=update)
         seeds, var_seeds = self._seeds(req)
         template = None
-        if has_dynamic(req.prompt) or has_dynamic(req.negative_prompt):  # drawn before LoRA tags: a draw may add one
-            template = (req.prompt, req.negative_prompt)
+        if any(has_dynamic(t) for t in (req.prompt, req.negative_prompt, *(r.prompt for r in req.regions))):
+            template = (req.prompt, req.negative_prompt)  # drawn before LoRA tags: a draw may add one
             folder = self.settings.home / "wildcards"
+            regions = [r.model_copy(update={"prompt": expand_prompt(r.prompt, seed=seeds[0] + 2 + i, folder=folder)})
+                       for i, r in enumerate(req.regions)]  # each region's prompt draws from its own seed
             req = req.model_copy(update={"prompt": expand_prompt(req.prompt, seed=seeds[0], folder=folder),
                                          "negative_prompt": expand_prompt(req.negative_prompt, seed=seeds[0] + 1,
-                                                                          folder=folder)})
+                                                                          folder=folder), "regions": regions})
         prompt, tag_loras = P.extract_lora_tags(req.prompt)
         negative, _ = P.extract_lora_tags(req.negative_prompt)
         check_request(req)  # a malformed [from:to:when], before any work (the drawn wildcards included)

@@ -156,12 +156,13 @@ def check_editing(text: str, what: str = "prompt") -> None:
 
 
 def check_request(req) -> None:
-    """:func:`check_editing` over a GenerateRequest's prompts and its detailers' (nothing when the request reads
+    """:func:`check_editing` over a GenerateRequest's prompts, its regions' and its detailers' (nothing when it reads
     malformed expressions as text, as A1111's API does)."""
     if req.malformed_prompt != "error":
         return
     units = req.detailer if isinstance(req.detailer, list) else [req.detailer] if req.detailer else []
     for text, what in [(req.prompt, "prompt"), (req.negative_prompt, "negative prompt"),
+                       *[(r.prompt, f"region {i + 1} prompt") for i, r in enumerate(req.regions)],
                        *[(t, f"detailer {w}") for o in units
                          for t, w in ((o.prompt, "prompt"), (o.negative_prompt, "negative prompt"))]]:
         check_editing(text, what)

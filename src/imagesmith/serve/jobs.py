@@ -50,8 +50,8 @@ def _generate(kind: str) -> Check:
         from ..engine.prompt_editing import check_request
         from ..engine.wildcards import expand_prompt, has_dynamic
         check_request(req)  # a malformed [from:to:when]: 4xx now
-        for text in (req.prompt, req.negative_prompt):  # a malformed choice or unknown wildcard: 4xx now
-            if has_dynamic(text):
+        for text in (req.prompt, req.negative_prompt, *(r.prompt for r in req.regions)):
+            if has_dynamic(text):  # a malformed choice or an unknown wildcard: 4xx now
                 expand_prompt(text, seed=0, folder=(settings or Settings.from_env()).home / "wildcards")
         return req.model_dump(mode="json"), req.model
     return check
