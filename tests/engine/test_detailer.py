@@ -133,6 +133,44 @@ def test_mask_is_zero_outside_the_padded_box_for_any_options():
                 assert not m[-1, :].any()
 
 
+def test_adetailer_padding_in_pixels_erode_and_per_face_prompts(engine, monkeypatch):
+    """ADetailer's own semantics where they differ: padding in pixels (inpaint_only_masked_padding), a negative
+    dilate/erode that shrinks the mask, and prompts that replace the image's ([PROMPT] standing for it) with [SEP]
+    giving each face, largest first, its own (the last serving the rest)."""
+    face = (100, 100, 140, 140)
+    assert D.padded_box(face, (512, 512), DetailerOptions(padding_pixels=32, dilate=0, mask_blur=0)) == (
+        68, 68, 172, 172)
+    eroded = DetailerOptions(padding_pixels=32, dilate=-6, mask_blur=0)
+    box = D.padded_box(face, (512, 512), eroded)
+    m = D.blend_mask(face, box, eroded)
+    fx, fy = face[0] - box[0], face[1] - box[1]
+    assert m[fy + 20, fx + 20] == 1 and m[fy + 3, fx + 20] == 0 and m[fy + 6, fx + 20] == 1  # 6 px in from the edge
+    assert D.unit_prompt("a portrait", "smiling", 0, "add") == "a portrait, smiling"
+    assert D.unit_prompt("a portrait", "smiling", 0, "replace") == "smiling"
+    assert D.unit_prompt("a portrait", "", 0, "replace") == "a portrait"  # nothing given: the image's
+    assert D.unit_prompt("a portrait", "[PROMPT], freckles", 0, "add") == "a portrait, freckles"
+    sep = "a smiling man [SEP] an old woman [SEP] [PROMPT]"
+    assert [D.unit_prompt("two people", sep, i, "replace") for i in range(4)] == [
+        "a smiling man", "an old woman", "two people", "two people"]
+    from imagesmith.engine.landmarks import Detection
+    monkeypatch.setattr(D, "detect", lambda image, o=None: [Detection((40, 40, 80, 80), 0.9, "face"),
+                                                             Detection((90, 10, 120, 40), 0.8, "face")])
+    seen = []
+    original = engine.generate
+
+    def spy(req, **kw):
+        if req.init_image:
+            seen.append(req.prompt)
+        return original(req, **kw)
+    monkeypatch.setattr(engine, "generate", spy)
+    base = dict(prompt="two faces", model="tiny-sd15", width=128, height=128, steps=2, seed=9, sampler_name="Euler")
+    res = original(GenerateRequest(**base, detailer=DetailerOptions(size=64, prompt="a smiling man [SEP] [PROMPT], "
+                                                                    "an old woman", prompt_mode="replace",
+                                                                    padding_pixels=16)))
+    assert seen == ["a smiling man", "two faces, an old woman"]
+    assert "ADetailer inpaint padding: 16" in res.records[0].infotext
+
+
 @pytest.fixture
 def env(tiny_home, monkeypatch):
     monkeypatch.setenv("IMAGESMITH_HOME", str(tiny_home.home))

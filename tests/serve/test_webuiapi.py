@@ -284,13 +284,15 @@ def test_adetailer_args_drive_the_face_detailer(api):
     info = r.info["infotexts"][0]
     # a YOLO face model runs as mediapipe's two face models, and the infotext says so
     assert "ADetailer model: mediapipe_face," in info and "ADetailer denoising strength: 0.3" in info
+    assert "ADetailer inpaint padding: 32" in info  # ADetailer's padding is pixels (its default 32)
     assert "ADetailer" not in api.txt2img(alwayson_scripts={}, prompt="a portrait", seed=6, width=64, height=64).info["infotexts"][0]
     # two tabs: faces, then hands, each with its own settings (ADetailer's " 2nd" keys)
-    units = [webuiapi.ADetailer(ad_model="mediapipe_face_short", ad_confidence=0.5),
+    units = [webuiapi.ADetailer(ad_model="mediapipe_face_short", ad_confidence=0.5, ad_dilate_erode=-4),
              webuiapi.ADetailer(ad_model="hand_yolov8n.pt", ad_prompt="detailed hands", ad_denoising_strength=0.2)]
     info = api.txt2img(alwayson_scripts={}, prompt="a hand", seed=6, width=64, height=64,
                        adetailer=units).info["infotexts"][0]
     assert "ADetailer model: mediapipe_face_short" in info and "ADetailer confidence: 0.5" in info
+    assert "ADetailer dilate erode: -4" in info  # a negative value erodes, as ADetailer's
     assert "ADetailer model 2nd: mediapipe_hands" in info and "ADetailer prompt 2nd: detailed hands" in info
     assert "ADetailer denoising strength 2nd: 0.2" in info
     with pytest.raises(RuntimeError) as err:

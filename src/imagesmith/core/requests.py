@@ -47,14 +47,21 @@ class DetailerOptions(BaseModel):
     max_faces: int = Field(4, ge=1, le=32, description="repaint at most this many detections, largest first")
     padding: float = Field(0.35, ge=0.0, le=2.0, description="context around each face, as a fraction of its "
                            "size on each side; the repainted crop and the blend stay inside this padded box")
-    dilate: int = Field(4, ge=0, le=64, description="grow the face box by this many pixels before blurring")
+    padding_pixels: int | None = Field(None, ge=0, le=1024, description="context around each detection in pixels "
+                                       "instead (ADetailer's inpaint_only_masked_padding)")
+    dilate: int = Field(4, ge=-64, le=64, description="grow the face box by this many pixels before blurring "
+                        "(negative: shrink it; ADetailer's dilate/erode)")
     mask_blur: float = Field(4.0, ge=0.0, le=64.0, description="Gaussian sigma of the blend mask's edge, pixels")
     strength: float = Field(0.4, ge=0.0, le=1.0, description="denoising strength of the repaint")
     steps: int | None = Field(None, ge=1, le=150, description="steps of the repaint; default: the request's")
     size: int | None = Field(None, ge=64, le=2048, description="working size of the repaint's long side; "
                              "default: the model's native size")
-    prompt: str = Field("", description="added to the image's prompt for the repaint")
-    negative_prompt: str = Field("", description="added to the image's negative prompt for the repaint")
+    prompt: str = Field("", description="added to the image's prompt for the repaint; [SEP] separates one prompt "
+                        "per detection (largest first; the last serves the rest), as ADetailer's")
+    negative_prompt: str = Field("", description="added to the image's negative prompt for the repaint ([SEP] too)")
+    prompt_mode: Literal["add", "replace"] = Field(
+        "add", description="add: the unit's prompts are added to the image's; replace: they replace them where given "
+        "(ADetailer's way, which the A1111 API uses; [PROMPT] in them stands for the image's prompt)")
 
     @model_validator(mode="after")
     def _model_fits_kind(self) -> "DetailerOptions":

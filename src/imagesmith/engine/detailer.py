@@ -102,7 +102,8 @@ def padded_box(face: tuple[int, int, int, int], size: tuple[int, int], o: Detail
     it), made square where the image allows, clipped to the image."""
     x0, y0, x1, y1 = face
     w, h = size
-    pad = max(int(round(o.padding * max(x1 - x0, y1 - y0))), mask_reach(o) + 1)
+    pad = o.padding_pixels if o.padding_pixels is not None else int(round(o.padding * max(x1 - x0, y1 - y0)))
+    pad = max(pad, mask_reach(o) + 1)
     side = max(x1 - x0, y1 - y0) + 2 * pad
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     bx0, by0 = int(math.floor(cx - side / 2)), int(math.floor(cy - side / 2))
@@ -113,11 +114,22 @@ def padded_box(face: tuple[int, int, int, int], size: tuple[int, int], o: Detail
 
 def mask_reach(o: DetailerOptions) -> int:
     """How far past the face box the blend mask is non-zero: dilation + the blur kernel's half width."""
-    return o.dilate + _blur_half(o.mask_blur)
+    return max(0, o.dilate) + _blur_half(o.mask_blur)
 
 
 def _blur_half(sigma: float) -> int:
     return int(math.ceil(3 * sigma)) if sigma > 0 else 0
+
+
+def unit_prompt(image_prompt: str, text: str, index: int, mode: str) -> str:
+    """The repaint's prompt for detection ``index`` (0: the largest): the unit's text split at ADetailer's [SEP]
+    (the last part serves the detections past it), added to the image's prompt, or with ``mode`` "replace" in its
+    place where the part is not empty ([PROMPT] in it stands for the image's prompt)."""
+    parts = [p.strip() for p in text.split("[SEP]")]
+    part = parts[min(index, len(parts) - 1)]
+    if mode == "replace" or "[PROMPT]" in part:
+        return part.replace("[PROMPT]", image_prompt.strip()) if part else image_prompt
+    return ", ".join(p for p in (image_prompt.strip(), part) if p)
 
 
 def blend_mask(face: tuple[int, int, int, int], box: tuple[int, int, int, int], o: DetailerOptions) -> np.ndarray:
@@ -201,9 +213,8 @@ class FaceDetailer:
                 face_seed = (seed + i) % 2**32
                 sub = GenerateRequest.model_validate({
                     **base,
-                    "prompt": ", ".join(p for p in (request.prompt.strip(), o.prompt.strip()) if p),
-                    "negative_prompt": ", ".join(p for p in (request.negative_prompt.strip(),
-                                                             o.negative_prompt.strip()) if p),
+                    "prompt": unit_prompt(request.prompt, o.prompt, i, o.prompt_mode),
+                    "negative_prompt": unit_prompt(request.negative_prompt, o.negative_prompt, i, o.prompt_mode),
                     "steps": o.steps or request.steps, "seed": face_seed, "variation_seed": None,
                     "variation_strength": 0.0, "batch_size": 1, "batch_count": 1, "width": tw, "height": th,
                     "init_image": str(path), "denoising_strength": o.strength, "mask": None, "outpaint": None,
@@ -267,7 +278,8 @@ def infotext_params(report: dict[str, Any] | None) -> dict[str, Any]:
             f"ADetailer confidence{suffix}": None if haar else num(o.get("confidence")),
             f"ADetailer min neighbors{suffix}": o.get("min_neighbors") if haar else None,
             f"ADetailer min size{suffix}": o.get("min_size"),
-            f"ADetailer padding{suffix}": num(o.get("padding")),
+            f"ADetailer padding{suffix}": num(o.get("padding")) if o.get("padding_pixels") is None else None,
+            f"ADetailer inpaint padding{suffix}": o.get("padding_pixels"),  # ADetailer's key, in pixels
             f"ADetailer dilate erode{suffix}": o.get("dilate"),
             f"ADetailer mask blur{suffix}": num(o.get("mask_blur")),
             f"ADetailer denoising strength{suffix}": num(o.get("strength")),

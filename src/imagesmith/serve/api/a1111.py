@@ -439,8 +439,9 @@ def adetailer_unit(body: dict) -> dict | list[dict] | None:
     for u in units:
         unit = {**_ad_model(str(u["ad_model"])), "strength": u.get("ad_denoising_strength", 0.4),
                 "prompt": u.get("ad_prompt", ""), "negative_prompt": u.get("ad_negative_prompt", ""),
-                "mask_blur": u.get("ad_mask_blur", 4), "dilate": max(0, int(u.get("ad_dilate_erode", 4) or 0)),
-                "confidence": u.get("ad_confidence", 0.3)}
+                "mask_blur": u.get("ad_mask_blur", 4), "dilate": int(u.get("ad_dilate_erode", 4) or 0),
+                "confidence": u.get("ad_confidence", 0.3), "prompt_mode": "replace",  # ADetailer's: [PROMPT], [SEP]
+                "padding_pixels": int(u.get("ad_inpaint_only_masked_padding", 32) or 0)}
         if u.get("ad_use_steps"):
             unit["steps"] = u.get("ad_steps")
         if u.get("ad_use_inpaint_width_height"):
