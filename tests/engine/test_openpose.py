@@ -139,3 +139,37 @@ def test_each_module_draws_its_parts_and_nothing_on_an_empty_photo(module):
     assert (person["face_keypoints_2d"] is not None) == face and any(person["pose_keypoints_2d"]) == body
     blank, nobody = openpose(Image.new("RGB", (96, 96), (90, 90, 90)), module)
     assert np.asarray(blank).max() == 0 and nobody["people"] == []
+
+
+def _group_photo() -> Image.Image:
+    """insightface's sample t1.jpg (it ships inside the insightface wheel, a test dependency): six people round a
+    card table, 1280 x 886, faces about 110 px, several hands holding cards and chips."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec("insightface")
+    if spec is None:
+        pytest.skip("insightface is not installed")
+    return Image.open(Path(spec.origin).parent / "data" / "images" / "t1.jpg").convert("RGB")
+
+
+def test_a_real_group_photo_six_faces_six_bodies_and_their_hands():
+    """On a real 6-person photo: all six faces (the face models also read 640 px tiles of a large photo: on the
+    whole photo they find 3), a body for each (its nose inside its own face), each face's 70 points, and the hands
+    mediapipe finds; a hand goes to a body only when that body's wrist is near it."""
+    photo = _group_photo()
+    faces = detect(photo, "mediapipe_face")
+    assert len(faces) == 6 and min(f.score for f in faces) > 0.6
+    persons = people(photo, body=True, hands=True, face=True)
+    bodies = [p for p in persons if p.body]
+    assert len(bodies) == 6
+    for f in faces:  # one body and one face for each face found
+        owners = [p for p in bodies if p.body[0] is not None and f.box[0] <= p.body[0][0] <= f.box[2]
+                  and f.box[1] <= p.body[0][1] <= f.box[3]]
+        assert len(owners) == 1 and owners[0].face is not None, f.box
+    hands = [h for p in persons for h in (p.left_hand, p.right_hand) if h is not None]
+    assert len(hands) >= 3
+    for p in bodies:
+        for hand, k in ((p.right_hand, 4), (p.left_hand, 7)):
+            if hand is not None:
+                assert math.dist(p.body[k], hand[0]) < 2 * np.ptp(hand, axis=0).max()
+    assert sum(p.left_hand is not None or p.right_hand is not None for p in bodies) >= 2
