@@ -146,3 +146,22 @@ def test_a_controlnet_for_another_unet_is_one_line(engine, tmp_path):
         engine.generate(GenerateRequest(prompt="a box", model="tiny-sdxl", width=64, height=64, steps=1,
                                         controlnet=ControlNetSpec(model="tiny-controlnet", image=_control(tmp_path))))
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_an_sd_controlnets_weight_and_step_window(engine, tmp_path):
+    """A plain SD1.5 ControlNet (diffusers' ControlNetModel): weight 0 gives the base picture exactly; a window over
+    the second half of the steps feeds residuals to those steps only (none before), and its picture lies between
+    the base and the full unit's."""
+    kw = dict(prompt="a box", model="tiny-sd15", width=64, height=64, steps=4, seed=3, sampler_name="Euler",
+              cfg_scale=5.0)
+    unit = ControlNetSpec(model="tiny-controlnet", image=_control(tmp_path), preprocessor="none")
+    base = np.asarray(engine.generate(GenerateRequest(**kw)).images[0], np.int16)
+    zero = np.asarray(engine.generate(GenerateRequest(**kw, controlnet=unit.model_copy(
+        update={"weight": 0.0}))).images[0], np.int16)
+    assert np.array_equal(zero, base)
+    full, full_seen = _residuals(engine, GenerateRequest(**kw, controlnet=unit))
+    late, late_seen = _residuals(engine, GenerateRequest(**kw, controlnet=unit.model_copy(
+        update={"guidance_start": 0.5})))
+    assert len(full_seen) == 4 and len(late_seen) == 2  # steps 3 and 4 only
+    full, late = (np.asarray(r.images[0], np.int16) for r in (full, late))
+    assert np.abs(late - base).max() > 0 and np.abs(late - full).max() > 0
