@@ -122,7 +122,14 @@ def test_cli_reference_images(home, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     a, b = (np.asarray(Image.open(p), np.int16) for p in (out, masked))
     assert not np.array_equal(a, b)  # the mask reached the reference
+    code, stdout, err = run_cli(capsys, "generate", "an apple", *tiny, "--ip-adapter", "tiny-ip", "--ref",
+                                f"{red}:0.8", "--ref", str(red), "--ref-start", "0.25", "--ref-end", "0.75", "--ref-end",
+                                "1", "-o", str(tmp_path / "window.png"), "--json")
+    assert code == 0, err  # the step window of each reference, as A1111's units have it, in the infotext
+    assert '"tiny-ip (0.8, 0.25-0.75); tiny-ip (1, 0.25-1)"' in json.loads(stdout)["images"][0]["infotext"]
     for args, needle in ((["--ip-adapter", "tiny-ip"], "--ip-adapter and --ref go together"),
+                         (["--ip-adapter", "tiny-ip", "--ref", str(red), "--ref-end", "0.5", "--ref-end", "0.6"],
+                          "--ref-end is given 2 times for 1 references"),
                          (["--ip-adapter", "tiny-ip", "--ref", str(red), "--ref-mask", "-", "--ref-mask", "-"],
                           "--ref-mask: give one per --ref"),
                          (["--ip-adapter", "tiny-ip", "--ref", str(tmp_path / "missing.png")], "missing.png")):

@@ -86,6 +86,11 @@ def generate(
                                              "'IMG[:weight]'; repeatable"),
     ref_masks: Optional[List[str]] = typer.Option(None, "--ref-mask", help="where the --ref of the same place "
                                                   "applies (white), one per --ref in order ('-' for everywhere)"),
+    ref_start: Optional[List[float]] = typer.Option(None, "--ref-start", min=0.0, max=1.0, help="from this fraction "
+                                                    "of the steps the references guide (once for all, or once per "
+                                                    "--ref in order)"),
+    ref_end: Optional[List[float]] = typer.Option(None, "--ref-end", min=0.0, max=1.0, help="to this fraction of "
+                                                  "the steps (once for all, or once per --ref)"),
     face_model: Optional[str] = typer.Option(None, "--face-model", help="IP-Adapter FaceID: the InsightFace "
                                              "recognition model in models/insightface (default: w600k_r50 or "
                                              "glintr100, whichever is there)"),
@@ -181,7 +186,11 @@ def generate(
             masks = list(ref_masks or [])
             if masks and len(masks) != len(refs):
                 raise _Exit(f"--ref-mask: give one per --ref ({len(refs)}), '-' where a reference applies everywhere")
-            units = [IPAdapterSpec(model=ip_adapter, **_reference(r), face_model=face_model,
+            starts = _per_unit(ref_start, len(refs), "--ref-start", "references", "--ref")
+            ends = _per_unit(ref_end, len(refs), "--ref-end", "references", "--ref")
+            window = [{k: v for k, v in (("guidance_start", a), ("guidance_end", b)) if v is not None}
+                      for a, b in zip(starts, ends)]
+            units = [IPAdapterSpec(model=ip_adapter, **_reference(r), face_model=face_model, **window[i],
                                    mask=None if not masks or masks[i] == "-" else masks[i]) for i, r in enumerate(refs)]
             fields["ip_adapter"] = units[0] if len(units) == 1 else units
         if detailer:
@@ -258,8 +267,8 @@ def generate(
         print(f"{len(summary['images'])} image(s) in {result.seconds:.1f}s with {result.model_name}")
 
 
-def _per_unit(values, n: int, flag: str) -> list:
-    """A --control-* option's value for each of ``n`` ControlNet units: none given (each unit's default), one
+def _per_unit(values, n: int, flag: str, what: str = "ControlNet units", each: str = "--controlnet") -> list:
+    """A --control-* (or --ref-*) option's value for each of ``n`` units: none given (each unit's default), one
     (every unit), or one per unit in order."""
     values = list(values or [])
     if not values:
@@ -267,8 +276,8 @@ def _per_unit(values, n: int, flag: str) -> list:
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise _Exit(f"{flag} is given {len(values)} times for {n} ControlNet units: give it once (every unit) or "
-                    f"once per --controlnet, in order")
+        raise _Exit(f"{flag} is given {len(values)} times for {n} {what}: give it once (every one) or "
+                    f"once per {each}, in order")
     return values
 
 
