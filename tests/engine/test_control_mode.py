@@ -165,3 +165,31 @@ def test_an_sd_controlnets_weight_and_step_window(engine, tmp_path):
     assert len(full_seen) == 4 and len(late_seen) == 2  # steps 3 and 4 only
     full, late = (np.asarray(r.images[0], np.int16) for r in (full, late))
     assert np.abs(late - base).max() > 0 and np.abs(late - full).max() > 0
+
+
+def test_an_unknown_or_pickled_controlnet_is_one_line(tiny_home, tmp_path):
+    """A ControlNet that is not there is a ModelNotFound naming it; a pickle checkpoint (.pth with a global that runs
+    a shell command) is refused without being unpickled, naming the file; neither leaves anything in the cache."""
+    import pickle
+
+    from fixtures.tiny import home_with
+    from imagesmith.core.errors import ImagesmithError
+    settings = home_with(tmp_path / "home", tiny_home, "checkpoints/tiny-sd15")
+    folder = settings.models_dir / "controlnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {ran}",))
+    (folder / "control_v11p_sd15_canny.pth").write_bytes(pickle.dumps({"state_dict": Payload()}))
+    engine = Engine(settings, device="cpu")
+    kw = dict(prompt="a box", model="tiny-sd15", width=64, height=64, steps=1, seed=1)
+    for name, says in (("nope", "nope"), ("control_v11p_sd15_canny", "control_v11p_sd15_canny.pth")):
+        keys = set(engine.cache.keys())
+        with pytest.raises(ImagesmithError) as err:
+            engine.generate(GenerateRequest(**kw, controlnet=ControlNetSpec(model=name, image=_control(tmp_path))))
+        assert says in str(err.value) and "\n" not in str(err.value)
+        assert not [k for k in engine.cache.keys() if k not in keys and "controlnet" in str(k).lower()]
+    assert not ran.exists()  # never unpickled

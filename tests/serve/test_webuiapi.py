@@ -470,6 +470,11 @@ def test_ip_adapter_units_as_the_controlnet_extension_sends_them(api):
     guided = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[unit(1.0)])
     assert np.abs(np.asarray(guided.image, np.int16) - plain).max() > 8
     assert "IP-Adapter: " in guided.info["infotexts"][0]
+    window = webuiapi.ControlNetUnit(image=ref, module="ip-adapter_clip_sd15", model="tiny-ip [0123abcd]",
+                                     guidance_start=0.25, guidance_end=0.75)  # the unit's steps reach the engine
+    late = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[window])
+    assert 'tiny-ip (1, 0.25-0.75)' in late.info["infotexts"][0]
+    assert not np.array_equal(np.asarray(late.image, np.int16), np.asarray(guided.image, np.int16))
     zero = api.txt2img(**{**args, "alwayson_scripts": {}}, controlnet_units=[unit(0.0)])
     assert np.abs(np.asarray(zero.image, np.int16) - plain).max() <= 1
     # a unit's mask (webuiapi's mask=; the extension's effective region) reaches the engine's ip_adapter mask (whose
