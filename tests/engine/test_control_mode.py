@@ -193,3 +193,35 @@ def test_an_unknown_or_pickled_controlnet_is_one_line(tiny_home, tmp_path):
         assert says in str(err.value) and "\n" not in str(err.value)
         assert not [k for k in engine.cache.keys() if k not in keys and "controlnet" in str(k).lower()]
     assert not ran.exists()  # never unpickled
+
+
+def test_a_pth_controlnet_as_a1111_folders_hold_them(tiny_home, tmp_path):
+    """lllyasviel's ControlNet 1.1 releases are .pth files (control_v11p_sd15_canny.pth, no control_model. prefix):
+    listed as an SD1 ControlNet, its tensors read as data (never unpickled), converted once to safetensors in the
+    cache, and the same pixels as the same weights in a .safetensors file (the tiny network's config.json beside
+    it; a real SD1.5 one needs none)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fixtures.tiny import home_with
+    settings = home_with(tmp_path / "home", tiny_home, "checkpoints/tiny-sd15",
+                         "controlnet/tiny-controlnet-single.safetensors")
+    state = load_file(str(tiny_home.models_dir / "controlnet" / "tiny-controlnet-single.safetensors"))
+    torch.save({k.removeprefix("control_model."): v for k, v in state.items()},
+               settings.models_dir / "controlnet" / "control_v11p_sd15_tiny.pth")
+    import json
+
+    from imagesmith.models.probe import embedded_configs, read_header  # the tiny network's shape (real: SD1.5's)
+    config = embedded_configs(read_header(tiny_home.models_dir / "controlnet" / "tiny-controlnet-single.safetensors"))
+    (settings.models_dir / "controlnet" / "config.json").write_text(json.dumps(config["controlnet"]))
+    engine = Engine(settings, device="cpu")
+    entry = engine.registry.get("control_v11p_sd15_tiny", "controlnet")
+    assert entry.kind == "controlnet" and entry.arch == "sd1" and entry.format == "torch-file"
+    assert any("never unpickled" in n for n in entry.notes)
+    kw = dict(prompt="a box", model="tiny-sd15", width=64, height=64, steps=2, seed=1, sampler_name="Euler")
+    image = _control(tmp_path)
+    a, b = (np.asarray(engine.generate(GenerateRequest(**kw, controlnet=ControlNetSpec(
+        model=name, image=image, preprocessor="none"))).images[0]) for name in ("control_v11p_sd15_tiny",
+                                                                              "tiny-controlnet-single"))
+    assert np.array_equal(a, b)
+    assert len(list((settings.home / "cache" / "models").glob("control_v11p_sd15_tiny-*.safetensors"))) == 1

@@ -631,7 +631,21 @@ class Engine:
         entry = self.registry.get(name, kind)
         key = (kind, str(entry.path), str(self.dtype))
         fn = loaders.load_vae if kind == "vae" else loaders.load_controlnet
-        return self.cache.get(key, lambda: fn(entry, torch_dtype=self.dtype).to(self.device), device=self.device).value
+
+        def load():
+            if entry.format != "torch-file":
+                return fn(entry, torch_dtype=self.dtype).to(self.device)
+            # a .pth ControlNet (lllyasviel's 1.1 releases): its tensors read as data, kept as safetensors in the
+            # cache; a config.json beside it is its diffusers config (else the family's shipped one)
+            import json
+
+            from ..models.image_models import safetensors_path
+            converted = entry.model_copy(update={"path": safetensors_path(
+                entry.path, self.settings.home / "cache" / "models"), "format": "single-file"})
+            beside = Path(entry.path).with_name("config.json")
+            config = json.loads(beside.read_text(encoding="utf-8")) if beside.is_file() else None
+            return loaders.load_controlnet(converted, torch_dtype=self.dtype, config=config).to(self.device)
+        return self.cache.get(key, load, device=self.device).value
 
     def _hash(self, entry: ModelEntry) -> str | None:
         if str(entry.path).startswith("memory://"):

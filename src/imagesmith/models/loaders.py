@@ -860,9 +860,10 @@ def qwen_controlnet_config(shapes: dict[str, list[int]]) -> dict:
             "extra_condition_channels": shapes["controlnet_x_embedder.weight"][1] - in_channels}
 
 
-def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
+def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32, config: dict | None = None):
     """A ControlNetModel (SD1/SD2/SDXL) or FluxControlNetModel from a diffusers folder or a single file (original
-    or diffusers layout; a FLUX single file carries its config, embedded or as config.json beside it)."""
+    or diffusers layout; a FLUX single file carries its config, embedded or as config.json beside it). ``config``:
+    an SD ControlNet's diffusers config when the file has none embedded (a converted .pth's config.json)."""
     from diffusers import (ControlNetModel, ControlNetUnionModel, FluxControlNetModel, QwenImageControlNetModel,
                            SD3ControlNetModel)
     dit = {"flux": FluxControlNetModel, "sd3": SD3ControlNetModel, "qwen": QwenImageControlNetModel}
@@ -913,7 +914,7 @@ def load_controlnet(entry, torch_dtype: torch.dtype = torch.float32):
         cfg.update({k: v for k, v in _json(CONFIGS_DIR / "sd2" / "unet" / "config.json").items()
                     if k in ("cross_attention_dim", "attention_head_dim", "use_linear_projection", "upcast_attention")})
     else:
-        cfg = _single_component_config(entry, header, "controlnet", shipped)
+        cfg = config or _single_component_config(entry, header, "controlnet", shipped)
     if any(k.startswith("controlnet_down_blocks.") for k in header.shapes):
         from safetensors.torch import load_file
         model = ControlNetModel.from_config(cfg)

@@ -194,6 +194,8 @@ class Registry:
                     out.append(self._torch_file_entry(c, root, folder_kind, builtin))
                 elif suffix in (".bin", ".pth", ".pt") and folder_kind == "ipadapter":
                     out.append(self._torch_ip_adapter_entry(c, root, builtin))
+                elif suffix in (".pth", ".pt") and folder_kind == "controlnet":
+                    out.append(self._torch_controlnet_entry(c, root, builtin))
                 elif suffix in PICKLE_SUFFIXES or looks_like_pickle(c):
                     out.append(ModelEntry(
                         name=c.stem, kind="unsafe", arch="unknown", path=c, size_bytes=c.stat().st_size,
@@ -289,6 +291,26 @@ class Registry:
             return ModelEntry(kind="unsafe", notes=["pickle format without an IP-Adapter's tensors: refused"], **common)
         res = _probe_ip_adapter(shapes, keys)
         return ModelEntry(kind="ipadapter", arch=res.arch, notes=[*res.notes, "torch file: read as data (never "
+                                                                   "unpickled), converted to safetensors on first use"],
+                          **common)
+
+    def _torch_controlnet_entry(self, path: Path, root: Path, builtin: bool) -> ModelEntry:
+        """A ControlNet kept as a torch file (lllyasviel's ControlNet 1.1 releases, control_v11p_sd15_*.pth, as
+        A1111's models/ControlNet folder holds them): its pickle read as data, never unpickled; anything but a
+        ControlNet's tensors is listed as unsafe."""
+        from .legacy_pth import UnsafePickle, tensor_shapes
+        from .probe import _probe_controlnet
+        common = dict(name=path.stem, path=path, size_bytes=path.stat().st_size, builtin=builtin,
+                      rel_path=_rel(path, root), folder_kind="controlnet", format="torch-file")
+        try:
+            shapes = tensor_shapes(path, unwrap=("state_dict",))
+        except (UnsafePickle, OSError, ValueError) as e:
+            return ModelEntry(kind="unsafe", notes=[f"pickle format: refused, never loaded ({e})"], **common)
+        keys = list(shapes)
+        if not any("input_hint_block." in k or "zero_convs." in k for k in keys):
+            return ModelEntry(kind="unsafe", notes=["pickle format without a ControlNet's tensors: refused"], **common)
+        res = _probe_controlnet(shapes, keys)
+        return ModelEntry(kind="controlnet", arch=res.arch, notes=[*res.notes, "torch file: read as data (never "
                                                                    "unpickled), converted to safetensors on first use"],
                           **common)
 
