@@ -265,3 +265,6 @@ def test_a_malformed_prompt_edit_is_one_line_and_no_file(env, capsys, tmp_path):
     code, _, err = run_cli(capsys, "generate", "a [cat:dog:x] photo", *TINY, "-o", str(tmp_path / "bad.png"))
     assert code == 2 and "[cat:dog:x] is not prompt editing" in err and "\n" not in err.strip()
     assert not (tmp_path / "bad.png").exists()
+    code, _, err = run_cli(capsys, "generate", "a [cat:dog:x] photo", *TINY, "--malformed-prompt", "text", "-o",
+                           str(tmp_path / "text.png"))
+    assert code == 0 and (tmp_path / "text.png").is_file(), err  # read as text, as A1111 does

@@ -33,6 +33,8 @@ def generate(
     schedule: str = typer.Option("automatic", "--scheduler", "--schedule", help="schedule type, e.g. Karras, "
                                  "sgm_uniform, 'Align Your Steps'; automatic: the sampler's default"),
     noise: str = typer.Option("a1111-cpu", "--noise", help="a1111-cpu, a1111-gpu or comfy: whose noise to draw"),
+    malformed_prompt: str = typer.Option("error", "--malformed-prompt", help="error (default): a malformed "
+                                         "[from:to:when] is an error naming it; text: read as plain text, as A1111"),
     ensd: int = typer.Option(0, "--eta-noise-seed-delta", "--ensd", help="A1111's eta noise seed delta"),
     sgm_noise: bool = typer.Option(False, "--sgm-noise-multiplier", help="A1111's SGM noise multiplier"),
     seed: int = typer.Option(-1, "--seed", help="-1: random; 0 .. 2^64-1"),
@@ -138,7 +140,7 @@ def generate(
             prompt=prompt, negative_prompt=negative, model=model, vae=vae,
             loras=[LoraSpec.parse(x) for x in lora], clip_skip=clip_skip, steps=steps, cfg_scale=cfg,
             cfg_rescale=cfg_rescale, sampler_name=sampler, scheduler=schedule, noise=noise, eta_noise_seed_delta=ensd,
-            sgm_noise_multiplier=sgm_noise, seed=seed, variation_seed=variation_seed,
+            malformed_prompt=malformed_prompt, sgm_noise_multiplier=sgm_noise, seed=seed, variation_seed=variation_seed,
             variation_strength=variation_strength, seed_resize_from_w=seed_resize_from_w,
             seed_resize_from_h=seed_resize_from_h, batch_size=batch_size, batch_count=batch_count,
             width=width, height=height, init_image=init_image, denoising_strength=strength, mask=mask,
