@@ -273,3 +273,23 @@ def test_faceid_on_sdxl(home, tiny_home, astronaut):
     assert np.abs(_pixels(full) - plain).max() > 8
     with pytest.raises(ImagesmithError):
         engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-faceid_sd15", image=astronaut)))
+
+
+def test_faceid_plusv2_on_sdxl(home, tiny_home, astronaut):
+    """ip-adapter-faceid-plusv2_sdxl: the identity and the face's CLIP features through the Plus projection at
+    SDXL's width; weight 0 is the base picture, weight 1 guides it."""
+    from fixtures.tiny import build_faceid_plus_adapter, build_sdxl
+    from imagesmith.engine.generate import Engine
+    sdxl = home.models_dir / "checkpoints" / "tiny-sdxl"
+    if not sdxl.exists():
+        sdxl.symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sdxl", target_is_directory=True)
+    build_faceid_plus_adapter(build_sdxl(0).unet, home.models_dir / "ipadapter" / "tiny-faceid-plusv2_sdxl.bin")
+    engine = Engine(home, device="cpu")
+    base = dict(model="tiny-sdxl", prompt="a portrait", width=64, height=64, steps=3, seed=7, sampler_name="Euler")
+    plain = _pixels(engine.generate(GenerateRequest(**base)))
+    unit = dict(model="tiny-faceid-plusv2_sdxl", image=astronaut)
+    zero = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(**unit, weight=0)))
+    assert np.abs(_pixels(zero) - plain).max() <= 1
+    full = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(**unit)))
+    assert np.abs(_pixels(full) - plain).max() > 8
+    assert 'tiny-faceid-plusv2_sdxl (1, 0-1)' in full.records[0].infotext
