@@ -318,3 +318,10 @@ def test_a_small_product_is_upscaled_not_blurred_and_never_blown_up_past_4x(stud
         grad = np.abs(cv2.Sobel(inner, cv2.CV_32F, 0, 1, ksize=3))
         return float(np.percentile(grad, 98))
     assert steepness(crisp) > 1.3 * steepness(soft)
+    # past PRODUCT_UPSCALE_MAX_PIXELS (a 230 x 230 product) R-ESRGAN would cost tens of seconds: Lanczos instead
+    big = np.zeros((250, 250, 4), np.uint8)
+    big[10:240, 10:240] = (200, 60, 90, 255)
+    Image.fromarray(big, "RGBA").save(tmp_path / "mid.png")
+    mid = studio.make(AdRequest(products=[str(tmp_path / "mid.png")], concept="white marble", headline="Mid",
+                                formats=["4:5"], seed=2, background="studio"), tmp_path / "mid").outputs[0]
+    assert mid.product_upscaled is None and mid.product_scale > 2.0

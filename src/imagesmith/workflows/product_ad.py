@@ -35,9 +35,11 @@ _KEEP_THRESHOLD = 0.5
 PRODUCT_UPSCALE_ABOVE = 2.0
 """a product the largest format would show at more than this many times its pixels goes through the upscaler first
 (a phone photo's small product, or a tight box around it, would otherwise be a Lanczos blur)"""
-PRODUCT_UPSCALE_MAX_PIXELS = 120_000
-"""...when it is this small at most: R-ESRGAN costs about 0.1 ms a pixel on a 2-core CPU (12 s here), and a bigger
-product, enlarged no more than 4x, is sharp enough with Lanczos"""
+PRODUCT_UPSCALE_MAX_PIXELS = 40_000
+"""...when it is this small at most (200 x 200): R-ESRGAN 4x+ costs about 0.5 ms an input pixel on this 2-core CPU
+(measured 2026-12-05 on a slow day: 128 px 8.5 s, 256 px 32.8 s, 346 px 58.1 s; about half that on a normal day),
+so the pass stays near 20 s at worst and four formats within the 60 s budget; a bigger product, enlarged no more
+than 4x, is sharp enough with Lanczos. (It was 120k px: a 346 px product then took a whole minute.)"""
 MAX_PRODUCT_ENLARGE = 4.0
 """a product is never shown at more than this many times its photo's pixels (the upscaler's 4x at most)"""
 _BAND_ASPECT = 3.0  # formats wider (or taller) than this are bands cropped from a scene painted at most 2.5:1
