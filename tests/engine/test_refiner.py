@@ -140,3 +140,55 @@ def test_the_refiner_as_a_single_file(refiner_home):
     b = engine.generate(_req(refiner_checkpoint="tiny-sdxl-refiner-single", refiner_switch_at=0.5))
     assert np.abs(np.asarray(a.images[0], np.int16) - np.asarray(b.images[0], np.int16)).max() <= 2
     assert "Refiner: tiny-sdxl-refiner-single" in b.records[0].infotext
+
+
+def test_a_refiner_file_without_configs_gets_its_unet_from_its_shapes(tmp_path):
+    """Stability's sd_xl_refiner_1.0.safetensors carries no diffusers configs, and the shipped SDXL config describes
+    the base UNet (320-640-1280, 2048-wide context, 6 size ids). The refiner's UNet config is read off the file's
+    tensors instead: a refiner-shaped UNet (another channel ladder, attention in one level only and a deeper middle
+    block, its own context, pooled and size-id widths, 32 norm groups and 64-channel heads as SGM's) exported
+    without configs gets exactly its config back, loads strictly through diffusers' converter and answers as the
+    original. Without an LDM UNet's tensors to read, the shipped config stays as it is."""
+    import json
+
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    from fixtures.tiny import _clip, _clip_tokenizer, _vae
+    from imagesmith.models.convert import export_single_file
+    from imagesmith.models.loaders import CONFIGS_DIR, assemble_config_folder, sdxl_unet_from_shapes
+    from imagesmith.models.probe import read_header
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(1, 2), use_linear_projection=True, norm_num_groups=32,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=5 * 8 + 32,
+        transformer_layers_per_block=(1, 3)).eval()
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        unet=unet, vae=_vae(64, scaling_factor=0.13025), text_encoder=None,
+        text_encoder_2=_clip(64, with_projection=True, projection_dim=32), tokenizer=None,
+        tokenizer_2=_clip_tokenizer(), scheduler=EulerDiscreteScheduler(), requires_aesthetics_score=True)
+    with_configs = export_single_file(pipe, "sdxl", tmp_path / "with.safetensors")
+    bare = tmp_path / "sd_xl_refiner_tiny.safetensors"
+    save_file(load_file(str(with_configs)), str(bare))  # as Stability ships it: no imagesmith configs
+    header = read_header(bare)
+    cfg_dir = assemble_config_folder(tmp_path / "cfg", "sdxl", header)
+    got = json.loads((cfg_dir / "unet" / "config.json").read_text())
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                "transformer_layers_per_block", "attention_head_dim", "cross_attention_dim",
+                "projection_class_embeddings_input_dim", "addition_time_embed_dim", "norm_num_groups"):
+        want = unet.config[key]
+        assert (list(got[key]) if isinstance(got[key], (list, tuple)) else got[key]) == (
+            list(want) if isinstance(want, (list, tuple)) else want), key
+    loaded = UNet2DConditionModel.from_single_file(str(bare), config=str(cfg_dir), subfolder="unet",
+                                                   local_files_only=True).eval()
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, 64)
+    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 6.0]])}
+    with torch.no_grad():
+        a = unet(x, t, text, added_cond_kwargs=added).sample
+        b = loaded(x, t, text, added_cond_kwargs=added).sample
+    assert torch.allclose(a, b, atol=1e-5)
+    base = json.loads((CONFIGS_DIR / "sdxl" / "unet" / "config.json").read_text())
+    assert sdxl_unet_from_shapes(base, {}) == base  # nothing to read: as shipped

@@ -212,8 +212,70 @@ def _patch_from_shapes(dest: Path, arch: str, header) -> None:
         if conv_in and len(conv_in) == 4 and conv_in[1] != cfg.get("in_channels"):
             cfg["in_channels"] = conv_in[1]
             unet_cfg.write_text(json.dumps(cfg, indent=1))
+    if arch == "sdxl" and unet_cfg.is_file() and header is not None:
+        cfg = _json(unet_cfg)
+        patched = sdxl_unet_from_shapes(cfg, header.shapes)
+        if patched != cfg:
+            unet_cfg.write_text(json.dumps(patched, indent=1))
     if arch == "sd3" and header is not None and (dest / "transformer" / "config.json").is_file():
         _patch_sd3_transformer(dest / "transformer" / "config.json", header.shapes)
+
+
+def sdxl_unet_from_shapes(cfg: dict, shapes: dict[str, list[int]]) -> dict:
+    """The shipped SDXL UNet config (the base model's) read onto an LDM file's tensors where they differ: Stability's
+    sd_xl_refiner_1.0.safetensors carries no diffusers config, and its UNet is another (384-768-1536-1536 channels,
+    attention only in the middle two levels, 4 transformer layers each, 1280-wide context from bigG alone, 5 size
+    ids). Channels per level, resnets per level, which levels attend and how deep (the middle block's depth goes
+    last, where diffusers reads it), the context, pooled and size-id widths come from the shapes; heads keep the
+    shipped config's width (64 channels, as SGM's configs set num_head_channels). A file shaped like the base
+    model gets the config unchanged."""
+    p = "model.diffusion_model."
+    conv = shapes.get(p + "input_blocks.0.0.weight")
+    label = shapes.get(p + "label_emb.0.0.weight")
+    if not conv or not label:
+        return cfg
+    import re
+    found = [re.match(r"input_blocks\.(\d+)\.", k[len(p):]) for k in shapes if k.startswith(p + "input_blocks.")]
+    n_input = 1 + max(int(m.group(1)) for m in found if m)
+    downs = sorted(i for i in range(n_input) if p + f"input_blocks.{i}.0.op.weight" in shapes)
+    per_level = (downs[0] - 1) if downs else n_input - 1
+    levels = len(downs) + 1
+
+    def depth(prefix: str) -> int:
+        js = [int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))]
+        return 1 + max(js) if js else 0
+    channels, types, depths = [], [], []
+    for level in range(levels):
+        first = 1 + level * (per_level + 1)
+        out = shapes.get(p + f"input_blocks.{first}.0.out_layers.3.weight")
+        if out is None:
+            return cfg
+        channels.append(out[0])
+        d = depth(p + f"input_blocks.{first}.1.")
+        types.append("CrossAttnDownBlock2D" if d else "DownBlock2D")
+        depths.append(d or 1)
+    mid = depth(p + "middle_block.1.")
+    if mid:
+        depths[-1] = mid  # diffusers gives the middle block the last level's depth
+    to_k = next((v for k, v in shapes.items() if k.startswith(p) and k.endswith("attn2.to_k.weight")), None)
+    old = cfg["block_out_channels"][0]
+    heads = cfg["attention_head_dim"][0] if isinstance(cfg["attention_head_dim"], list) else cfg["attention_head_dim"]
+    head_width = max(1, old // heads)
+    out = dict(cfg, block_out_channels=channels, down_block_types=types, layers_per_block=per_level,
+               up_block_types=[t.replace("Down", "Up") for t in reversed(types)], transformer_layers_per_block=depths,
+               attention_head_dim=[max(1, c // head_width) for c in channels],
+               projection_class_embeddings_input_dim=label[1])
+    if to_k:
+        out["cross_attention_dim"] = to_k[1]
+    # the size ids' width: (pooled-projection input - bigG's pooled width) / ids (6 for the base, 5 for the refiner)
+    proj = next((v for k, v in shapes.items() if k.startswith("conditioner.embedders.")
+                 and k.endswith("model.text_projection")), None)
+    n_ids = 6 if any(k.startswith("conditioner.embedders.0.transformer.") for k in shapes) else 5
+    if proj and (label[1] - proj[-1]) > 0 and (label[1] - proj[-1]) % n_ids == 0:
+        out["addition_time_embed_dim"] = (label[1] - proj[-1]) // n_ids
+    if out["block_out_channels"] == cfg["block_out_channels"] and out["down_block_types"] == cfg["down_block_types"]:
+        out["transformer_layers_per_block"] = cfg["transformer_layers_per_block"]  # the base model: as shipped
+    return out
 
 
 def _patch_sd3_transformer(path: Path, shapes: dict[str, list[int]]) -> None:
