@@ -192,3 +192,37 @@ def test_a_refiner_file_without_configs_gets_its_unet_from_its_shapes(tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
     base = json.loads((CONFIGS_DIR / "sdxl" / "unet" / "config.json").read_text())
     assert sdxl_unet_from_shapes(base, {}) == base  # nothing to read: as shipped
+
+
+def test_the_real_refiner_and_base_layouts_read_back_at_full_size():
+    """At full size, on meta tensors (no memory): the LDM shapes of the refiner's UNet as Stability's SGM config
+    describes it (model_channels 384, channel_mult 1-2-4-4, attention at the middle two levels, transformer depth
+    4, 64-channel heads, context 1280, adm_in_channels 2560) give back that UNet's diffusers config from the
+    shipped base one; the base UNet's own shapes give the shipped config unchanged."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from imagesmith.models.convert import unet_to_ldm
+    from imagesmith.models.loaders import CONFIGS_DIR, sdxl_unet_from_shapes
+    base = json.loads((CONFIGS_DIR / "sdxl" / "unet" / "config.json").read_text())
+    refiner = dict(base, block_out_channels=[384, 768, 1536, 1536], attention_head_dim=[6, 12, 24, 24],
+                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                   transformer_layers_per_block=[4, 4, 4, 4], cross_attention_dim=1280,
+                   projection_class_embeddings_input_dim=2560, addition_time_embed_dim=256)
+
+    def ldm_shapes(cfg: dict, pooled_key: str) -> dict:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+        shapes = {"model.diffusion_model." + k: list(v.shape) for k, v in unet_to_ldm(unet.state_dict(), cfg).items()}
+        return {**shapes, pooled_key: [1280, 1280]}
+    got = sdxl_unet_from_shapes(base, ldm_shapes(refiner, "conditioner.embedders.0.model.text_projection"))
+    for key in ("block_out_channels", "attention_head_dim", "down_block_types", "up_block_types",
+                "cross_attention_dim", "projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        assert got[key] == refiner[key], key
+    assert got["transformer_layers_per_block"][1:3] == [4, 4] and got["transformer_layers_per_block"][-1] == 4
+    base_shapes = ldm_shapes(base, "conditioner.embedders.1.model.text_projection")
+    base_shapes["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = [49408, 768]
+    assert sdxl_unet_from_shapes(base, base_shapes) == base
