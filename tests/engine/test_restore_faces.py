@@ -176,3 +176,28 @@ def test_cli_upscale_then_restore_faces(restore_home, tmp_path, monkeypatch, cap
     assert not (tmp_path / "x.png").exists()
     code, stdout, err = run_cli(capsys, "models", "list", "--kind", "restorer", "--json")
     assert code == 0 and [e["arch"] for e in json.loads(stdout)] == ["RestoreFormer"]
+
+
+def test_codeformer_through_spandrel_extra_arches_with_its_licence_stated(restore_home):
+    """CodeFormer (its architecture only in spandrel_extra_arches, kept out of spandrel for its weights' licence):
+    a release-layout .pth (params_ema) is listed as a face restorer whose note states the S-Lab License
+    (non-commercial), is read as data, and restores the astronaut's face through the same alignment."""
+    pytest.importorskip("spandrel_extra_arches")
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+    from imagesmith.models.registry import Registry
+    torch.manual_seed(0)
+    net = CodeFormer(dim_embd=64, n_head=2, n_layers=1, codebook_size=32, latent_size=256,
+                     connect_list=["32", "64", "128", "256"])
+    path = restore_home.models_dir / "restorers" / "codeformer-tiny.pth"
+    torch.save({"params_ema": {k: v.contiguous() for k, v in net.state_dict().items()}}, path)
+    (entry,) = [e for e in Registry(restore_home).list("restorer") if e.name == "codeformer-tiny"]
+    assert entry.arch == "CodeFormer" and any("S-Lab License 1.0: non-commercial" in n for n in entry.notes)
+    restorer = FaceRestorer(path, cache_dir=restore_home.home / "cache" / "models")
+    assert restorer.architecture == "CodeFormer"
+    img = astronaut(256)
+    out, report = restorer.restore(img)
+    assert len(report.faces) == 1
+    x0, y0, x1, y1 = report.faces[0].box
+    a, b = np.asarray(img, np.int16), np.asarray(out, np.int16)
+    assert np.abs(a - b)[y0:y1, x0:x1].mean() > 5 and np.array_equal(a[:, :40], b[:, :40])  # only the face

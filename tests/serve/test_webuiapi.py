@@ -550,7 +550,11 @@ def test_users_upscaler_and_face_restorer_files(api):
         assert diff[40:90, 60:110].mean() > 5 and diff[-30:, :30].max() == 0  # her face, not the corner
         bad = httpx.post(api.baseurl + "/extra-single-image", json={
             "image": webuiapi.raw_b64_img(photo), "upscaler_1": "2x-Tiny", "codeformer_visibility": 1})
-        assert bad.status_code == 422 and "CodeFormer" in bad.json()["detail"]
+        assert bad.status_code == 422 and "no CodeFormer installed" in bad.json()["detail"]
+        assert "spandrel_extra_arches" in bad.json()["detail"] and "non-commercial" in bad.json()["detail"]
+        both = httpx.post(api.baseurl + "/extra-single-image", json={
+            "image": webuiapi.raw_b64_img(photo), "gfpgan_visibility": 1, "codeformer_visibility": 1})
+        assert both.status_code == 422 and "give one of them" in both.json()["detail"]
         r = api.txt2img(prompt="a portrait", seed=2, width=64, height=64, restore_faces=True,
                         alwayson_scripts={})  # (the client's default dict keeps earlier tests' units)
         assert "Face restoration: RestoreFormer-tiny" in r.info["infotexts"][0]

@@ -49,12 +49,37 @@ def unwrap(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+EXTRA_LICENCES = {"CodeFormer": "CodeFormer's released weights are under the S-Lab License 1.0: non-commercial "
+                                 "use only"}
+"""what the weights of spandrel_extra_arches' architectures may be used for, stated wherever such a file is listed
+or loaded (the package's code is MIT; the weights its architectures read come under their authors' terms)"""
+EXTRA_HINT = ("pip install spandrel_extra_arches==0.2.0 (MIT) reads CodeFormer, Restormer, SRFormer and more; "
+              "their weights come under their authors' terms (CodeFormer's: S-Lab License 1.0, non-commercial)")
+
+
 def _spandrel() -> Any:
     try:
         import spandrel
     except ImportError as e:  # pragma: no cover - a dependency of imagesmith; only a broken install lacks it
         raise UnsupportedModel(f"upscaler and restorer files need the spandrel package ({e})") from None
+    try:  # the user's opt-in: spandrel_extra_arches installed (never a dependency of imagesmith)
+        import spandrel_extra_arches
+    except ImportError:
+        return spandrel
+    if "CodeFormer" not in spandrel.MAIN_REGISTRY:  # spandrel's own registry, extended once per process
+        try:
+            spandrel_extra_arches.install()
+        except ValueError:  # another thread installed them meanwhile
+            pass
     return spandrel
+
+
+def looks_like_codeformer(shapes: dict[str, Any]) -> bool:
+    return "position_emb" in shapes and "quantize.embedding.weight" in shapes and "idx_pred_layer.1.weight" in shapes
+
+
+def licence_notes(architecture: str) -> list[str]:
+    return [EXTRA_LICENCES[architecture]] if architecture in EXTRA_LICENCES else []
 
 
 def _sha256(path: Path) -> str:
@@ -107,6 +132,8 @@ def load_image_model(path: str | Path, cache_dir: Path, *, device: str | torch.d
     try:
         desc = spandrel.ModelLoader(device=device).load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
+        if looks_like_codeformer(state):
+            raise UnsupportedModel(f"{path.name} is a CodeFormer: {EXTRA_HINT}") from None
         raise UnsupportedModel(f"{path.name}: spandrel does not know this network's architecture "
                                f"(first key {next(iter(state), '(none)')!r})") from None
     except (RuntimeError, KeyError, ValueError, AssertionError, IndexError) as e:

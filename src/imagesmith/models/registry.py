@@ -244,8 +244,10 @@ class Registry:
             except (OSError, ValueError):
                 info = None
             if info is not None:
+                from .image_models import licence_notes
                 kind = "restorer" if info.purpose == "face restorer" else "upscaler"
-                arch, notes = info.architecture, [f"{info.architecture} {info.purpose} (spandrel)"]
+                arch, notes = info.architecture, [f"{info.architecture} {info.purpose} (spandrel)",
+                                                  *licence_notes(info.architecture)]
         if kind == "unknown":
             kind = folder_kind  # a file we cannot classify counts as what its folder says
             notes.append(f"layout not recognised; listed as a {folder_kind} because of its folder")
@@ -268,12 +270,16 @@ class Registry:
             info = identify(torch_file_shapes(path))
         except (UnsafePickle, OSError) as e:
             return ModelEntry(kind="unsafe", notes=[f"refused, never loaded: {e}"], **common)
+        from .image_models import EXTRA_HINT, licence_notes, looks_like_codeformer
         notes = ["torch file: read as data (never unpickled), converted to safetensors on first use"]
         if info is None:
-            return ModelEntry(kind=folder_kind, notes=["architecture not known to spandrel", *notes], **common)
+            unknown = "CodeFormer: " + EXTRA_HINT if looks_like_codeformer(torch_file_shapes(path)) else \
+                "architecture not known to spandrel"
+            return ModelEntry(kind=folder_kind, notes=[unknown, *notes], **common)
         kind = "restorer" if info.purpose == "face restorer" else "upscaler"
         return ModelEntry(kind=kind, arch=info.architecture, notes=[f"{info.architecture} {info.purpose} (spandrel)",
-                                                                    *notes], **common)
+                                                                    *licence_notes(info.architecture), *notes],
+                          **common)
 
     def _torch_ip_adapter_entry(self, path: Path, root: Path, builtin: bool) -> ModelEntry:
         """An IP-Adapter kept as a torch file (the FaceID releases ship only so): its pickle read as data,

@@ -271,10 +271,16 @@ def _extras_restore(svc: Services, body: dict) -> dict:
     for name, v in (("gfpgan_visibility", gfpgan), ("codeformer_visibility", codeformer)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
             raise BadRequest(f"{name} must be a number within 0..1")
+    if codeformer > 0 and gfpgan > 0:
+        raise BadRequest("gfpgan_visibility and codeformer_visibility: imagesmith restores faces with one network "
+                         "per request; give one of them")
     if codeformer > 0:
-        raise BadRequest("codeformer_visibility: CodeFormer is not supported (its architecture ships only in "
-                         "spandrel_extra_arches, under non-commercial terms); use gfpgan_visibility with a GFPGAN "
-                         "or RestoreFormer file in models/restorers")
+        found = next((e.name for e in _restorers(svc) if e.arch == "CodeFormer"), None)
+        if found is None:
+            from ...models.image_models import EXTRA_HINT
+            raise BadRequest("codeformer_visibility: no CodeFormer installed: put its .pth in models/restorers; "
+                             + EXTRA_HINT)
+        return {"restore_faces": {"model": found, "visibility": codeformer}}
     if gfpgan <= 0:
         return {}
     name = _restorer_for(svc, "GFPGAN")
