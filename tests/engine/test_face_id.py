@@ -253,24 +253,30 @@ def test_faceid_plus_reads_the_identity_and_the_faces_clip_features(engine, astr
     assert torch.allclose(ident.norm(dim=-1).max(), torch.tensor(1.0), atol=1e-4) and ident.norm(dim=-1).min() == 0
 
 
-def test_faceid_on_sdxl(home, tiny_home, astronaut):
-    """ip-adapter-faceid_sdxl: the same identity projection at SDXL's width, its attention on SDXL's UNet (its
-    2048-wide text states); weight 0 is the base picture, weight 1 guides it; an SD1.5 FaceID on SDXL is refused."""
+def _sdxl_faceid(home, tiny_home, build, name: str, astronaut):
+    """The tiny SDXL in ``home`` with a FaceID adapter ``name`` built for its UNet by ``build``; checks weight 0
+    gives the base picture and weight 1 guides it; returns (engine, request fields, the guided result)."""
     from fixtures.tiny import build_sdxl
-    from imagesmith.core.errors import ImagesmithError
     from imagesmith.engine.generate import Engine
     sdxl = home.models_dir / "checkpoints" / "tiny-sdxl"
     if not sdxl.exists():
         sdxl.symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sdxl", target_is_directory=True)
-    build_faceid_adapter(build_sdxl(0).unet, home.models_dir / "ipadapter" / "tiny-faceid_sdxl.bin")
+    build(build_sdxl(0).unet, home.models_dir / "ipadapter" / f"{name}.bin")
     engine = Engine(home, device="cpu")
     base = dict(model="tiny-sdxl", prompt="a portrait", width=64, height=64, steps=3, seed=7, sampler_name="Euler")
     plain = _pixels(engine.generate(GenerateRequest(**base)))
-    zero = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-faceid_sdxl", image=astronaut,
-                                                                            weight=0)))
+    zero = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model=name, image=astronaut, weight=0)))
     assert np.abs(_pixels(zero) - plain).max() <= 1
-    full = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-faceid_sdxl", image=astronaut)))
+    full = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model=name, image=astronaut)))
     assert np.abs(_pixels(full) - plain).max() > 8
+    return engine, base, full
+
+
+def test_faceid_on_sdxl(home, tiny_home, astronaut):
+    """ip-adapter-faceid_sdxl: the same identity projection at SDXL's width, its attention on SDXL's UNet (its
+    2048-wide text states); weight 0 is the base picture, weight 1 guides it; an SD1.5 FaceID on SDXL is refused."""
+    from imagesmith.core.errors import ImagesmithError
+    engine, base, _ = _sdxl_faceid(home, tiny_home, build_faceid_adapter, "tiny-faceid_sdxl", astronaut)
     with pytest.raises(ImagesmithError):
         engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(model="tiny-faceid_sd15", image=astronaut)))
 
@@ -278,18 +284,6 @@ def test_faceid_on_sdxl(home, tiny_home, astronaut):
 def test_faceid_plusv2_on_sdxl(home, tiny_home, astronaut):
     """ip-adapter-faceid-plusv2_sdxl: the identity and the face's CLIP features through the Plus projection at
     SDXL's width; weight 0 is the base picture, weight 1 guides it."""
-    from fixtures.tiny import build_faceid_plus_adapter, build_sdxl
-    from imagesmith.engine.generate import Engine
-    sdxl = home.models_dir / "checkpoints" / "tiny-sdxl"
-    if not sdxl.exists():
-        sdxl.symlink_to(tiny_home.models_dir / "checkpoints" / "tiny-sdxl", target_is_directory=True)
-    build_faceid_plus_adapter(build_sdxl(0).unet, home.models_dir / "ipadapter" / "tiny-faceid-plusv2_sdxl.bin")
-    engine = Engine(home, device="cpu")
-    base = dict(model="tiny-sdxl", prompt="a portrait", width=64, height=64, steps=3, seed=7, sampler_name="Euler")
-    plain = _pixels(engine.generate(GenerateRequest(**base)))
-    unit = dict(model="tiny-faceid-plusv2_sdxl", image=astronaut)
-    zero = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(**unit, weight=0)))
-    assert np.abs(_pixels(zero) - plain).max() <= 1
-    full = engine.generate(GenerateRequest(**base, ip_adapter=IPAdapterSpec(**unit)))
-    assert np.abs(_pixels(full) - plain).max() > 8
+    from fixtures.tiny import build_faceid_plus_adapter
+    _, _, full = _sdxl_faceid(home, tiny_home, build_faceid_plus_adapter, "tiny-faceid-plusv2_sdxl", astronaut)
     assert 'tiny-faceid-plusv2_sdxl (1, 0-1)' in full.records[0].infotext
