@@ -188,6 +188,9 @@ class RestoreFaces(BaseModel):
                               "None: the first one installed")
     visibility: float = Field(1.0, ge=0.0, le=1.0, description="how much of the restored face shows (1: all)")
     confidence: float = Field(0.5, gt=0.0, lt=1.0, description="the face detector's threshold")
+    codeformer_weight: float = Field(0.5, ge=0.0, le=1.0, description="CodeFormer's fidelity w, A1111's "
+                                     "'CodeFormer weight' (0: the most restoration, 1: the least); other networks "
+                                     "have none")
 
 
 class GenerateRequest(BaseModel):

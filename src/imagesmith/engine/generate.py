@@ -701,7 +701,8 @@ class Engine:
                 cancel.raise_if_cancelled()
             if progress is not None:
                 progress(ProgressEvent(i, len(images), f"restoring faces with {restorer.name}"))
-            done, report = restorer.restore(image, visibility=spec.visibility, confidence=spec.confidence)
+            done, report = restorer.restore(image, visibility=spec.visibility, confidence=spec.confidence,
+                                            fidelity=spec.codeformer_weight)
             out.append(done)
             reports.append(report.as_dict())
         if progress is not None:

@@ -83,17 +83,23 @@ class FaceRestorer:
     def architecture(self) -> str:
         return str(self._load().architecture.name)
 
-    def restore_crop(self, face: np.ndarray) -> np.ndarray:
-        """An aligned FACE_SIZE x FACE_SIZE uint8 RGB face -> the network's restored face, float 0..1."""
+    def restore_crop(self, face: np.ndarray, fidelity: float = 0.5) -> np.ndarray:
+        """An aligned FACE_SIZE x FACE_SIZE uint8 RGB face -> the network's restored face, float 0..1. ``fidelity``
+        is CodeFormer's weight (A1111's "CodeFormer weight": 0 the most restoration, 1 the least); others have
+        none."""
         import torch
         desc = self._load()
         x = torch.from_numpy(np.array(face, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+        x = x.to(device=desc.device, dtype=desc.dtype)
         with torch.inference_mode():
-            y = desc(x.to(device=desc.device, dtype=desc.dtype))[0].float().cpu()
+            if desc.architecture.name == "CodeFormer":
+                y = desc.model(x, weight=float(fidelity))[0][0].float().cpu()
+            else:
+                y = desc(x)[0].float().cpu()
         return y.permute(1, 2, 0).numpy()
 
     def restore(self, image: Image.Image, *, visibility: float = 1.0, confidence: float = 0.5,
-                max_faces: int = 8) -> tuple[Image.Image, RestoreReport]:
+                max_faces: int = 8, fidelity: float = 0.5) -> tuple[Image.Image, RestoreReport]:
         """``image`` with every face found restored and blended in by ``visibility`` (0: unchanged)."""
         import cv2
 
@@ -119,7 +125,7 @@ class FaceRestorer:
                 continue
             crop = cv2.warpAffine(np.ascontiguousarray((out * 255 + 0.5).astype(np.uint8)), m, (FACE_SIZE, FACE_SIZE),
                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
-            restored = self.restore_crop(crop)
+            restored = self.restore_crop(crop, fidelity)
             inv = cv2.invertAffineTransform(m)
             back = cv2.warpAffine(restored, inv, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             mask = _face_mask()

@@ -280,7 +280,10 @@ def _extras_restore(svc: Services, body: dict) -> dict:
             from ...models.image_models import EXTRA_HINT
             raise BadRequest("codeformer_visibility: no CodeFormer installed: put its .pth in models/restorers; "
                              + EXTRA_HINT)
-        return {"restore_faces": {"model": found, "visibility": codeformer}}
+        weight = body.get("codeformer_weight", 0.5)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight <= 1:
+            raise BadRequest("codeformer_weight must be a number within 0..1")
+        return {"restore_faces": {"model": found, "visibility": codeformer, "codeformer_weight": weight}}
     if gfpgan <= 0:
         return {}
     name = _restorer_for(svc, "GFPGAN")
@@ -370,6 +373,9 @@ def a1111_request(svc: Services, body: dict, who: dict) -> dict:
         name = _restorer_for(svc, options.get("face_restoration_model"))
         if name is not None:
             req["restore_faces"] = {"model": name}
+            weight = options.get("code_former_weight")  # A1111's setting for CodeFormer's fidelity
+            if isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight <= 1:
+                req["restore_faces"]["codeformer_weight"] = weight
         else:
             req["detailer"] = {"kind": "face"}
     detailer = adetailer_unit(body)
