@@ -98,7 +98,8 @@ def generate(
                                              "glintr100, whichever is there)"),
     edit_images: Optional[List[str]] = typer.Option(None, "--edit-images", "--edit-image", help="another picture for a "
                                                     "multi-picture edit model (Qwen-Image-Edit-Plus): 'Picture 2', "
-                                                    "'Picture 3' after --init-image; repeatable"),
+                                                    "'Picture 3' after --init-image; on Qwen-Image 2.1 a condition "
+                                                    "picture of its own (Picture 1-3, RGBA kept); repeatable"),
     regions: Optional[List[str]] = typer.Option(None, "--regions", "--region", help="a prompt for part of the picture: "
                                                 "'x0,y0,x1,y1:prompt[:weight]' (fractions 0-1), or "
                                                 "'MASK.png:prompt[:weight]'; repeatable"),

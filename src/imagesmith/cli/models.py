@@ -39,7 +39,8 @@ def _what(row: dict) -> str:
         part = "transformer" if any("transformer only" in n for n in notes) else "checkpoint"
         quant = next((n.split(":")[0].split(" (")[0] for n in notes
                       if n.startswith(("GGUF", "fp8", "bitsandbytes"))), None)
-        family = {"qwen": "Qwen-Image", "unknown": ""}.get(row["arch"], row["arch"].upper())
+        family = {"qwen": "Qwen-Image", "qwen21": "Qwen-Image 2.1", "unknown": ""}.get(row["arch"],
+                                                                                     row["arch"].upper())
         if any(n.startswith("Qwen-Image-Edit-Plus") or n == "QwenImageEditPlusPipeline" for n in notes):
             family = "Qwen-Image-Edit-Plus"
         elif any(n.startswith("Qwen-Image-Edit") for n in notes):

@@ -261,9 +261,10 @@ class GenerateRequest(BaseModel):
     outpaint: tuple[int, int, int, int] | None = Field(
         None, description="pixels to add left, top, right, bottom (multiples of 8); needs init_image")
     edit_images: list[str] = Field(
-        default_factory=list, max_length=2, description="more pictures for a multi-picture edit model "
-        "(Qwen-Image-Edit-Plus, 2509 and later): with init_image, up to three, which the instruction calls "
-        "'Picture 1', 'Picture 2', 'Picture 3'")
+        default_factory=list, max_length=3, description="more pictures for a multi-picture edit model "
+        "(Qwen-Image-Edit-Plus, 2509 and later): with init_image, up to three in all, which the instruction calls "
+        "'Picture 1', 'Picture 2', 'Picture 3'. On Qwen-Image 2.1, up to three condition pictures of their own "
+        "(RGBA kept), without init_image, which the prompt calls Picture 1-3 (init_image stays img2img's start)")
 
     hires: HiresSpec | None = None
     controlnet: ControlNetSpec | list[ControlNetSpec] | None = Field(

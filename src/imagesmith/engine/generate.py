@@ -41,16 +41,21 @@ from .sampling import ksampler as K
 from .prompt_editing import check_request, has_editing, prompt_schedule, split_and, text_at
 from . import qwen_image as Q
 from .qwen_image import is_qwen_edit
-from .sampling.denoisers import (Composed, Conditioning, ControlSpec, FluxDenoiser, QwenDenoiser, SD3Denoiser,
+from .sampling.denoisers import (Composed, Conditioning, ControlSpec, FluxDenoiser, Qwen21Denoiser, Qwen21Text,
+                                 QwenDenoiser, SD3Denoiser,
                                  StepScheduled, shared_uncond_call, UNetDenoiser)
 from .sampling.model_sampling import FlowModelSampling, from_scheduler_config
 from .sampling.step_cache import StepCache
 
 log = logging.getLogger("imagesmith.engine")
 
-FLOW_ARCHS = ("sd3", "flux", "qwen")
-NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "qwen": 1328}
-PACKED_ARCHS = ("flux", "qwen")  # 2x2-packed latent tokens: sides in multiples of 16 px
+FLOW_ARCHS = ("sd3", "flux", "qwen", "qwen21")
+NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "qwen": 1328, "qwen21": 1024}
+PACKED_ARCHS = ("flux", "qwen", "qwen21")  # latent tokens of 16x16 px; the time shift grows with their count
+SIDE_MULTIPLE = {"flux": 16, "qwen": 16, "qwen21": 32}
+"""sides the model's tokens tile: FLUX and Qwen-Image pack 2x2 latents of an 8x VAE; Qwen-Image 2.1's VAE is 16x
+and its picture slots take 2x2 latents"""
+FAMILY = {"flux": "FLUX", "qwen": "Qwen-Image", "qwen21": "Qwen-Image 2.1"}
 
 
 @dataclass
@@ -463,9 +468,14 @@ class Engine:
                       for i, u in enumerate(req.ip_adapter_units)]
         reference_masks = [load_image(u.mask, settings=self.settings, mode="L", what=f"ip_adapter[{i}].mask")
                            if u.mask else None for i, u in enumerate(req.ip_adapter_units)]
-        edit_images = [load_image(path, settings=self.settings, mode="RGB", what=f"edit_images[{i}]")
-                       for i, path in enumerate(req.edit_images)]
-        if edit_images and (init is None or not Q.is_qwen_edit_plus(entry)):
+        edit_images = [load_image(path, settings=self.settings, mode="RGBA" if arch == "qwen21" else "RGB",
+                                  what=f"edit_images[{i}]") for i, path in enumerate(req.edit_images)]
+        if arch == "qwen21":  # up to three condition pictures of their own: init_image keeps its img2img meaning
+            pass
+        elif len(edit_images) > 2:
+            raise BadRequest(f"edit_images: a multi-picture edit takes init_image and up to two more, got "
+                             f"{len(edit_images)}")
+        elif edit_images and (init is None or not Q.is_qwen_edit_plus(entry)):
             raise BadRequest(f"edit_images are more pictures for a multi-picture edit model (Qwen-Image-Edit-Plus) "
                              f"with an init_image; {entry.name} is not one" if init is not None else
                              "edit_images need the first picture as init_image")
@@ -493,9 +503,10 @@ class Engine:
         if final[0] * final[1] > self.settings.max_pixels:
             raise BadRequest(f"{int(final[0])}x{int(final[1])} is over the pixel cap of "
                              f"{self.settings.max_pixels} (IMAGESMITH_MAX_PIXELS)")
-        if entry.arch in PACKED_ARCHS and (width % 16 or height % 16):
-            family = "FLUX" if entry.arch == "flux" else "Qwen-Image"
-            raise BadRequest(f"{family} needs width and height in multiples of 16, got {width}x{height}")
+        side = SIDE_MULTIPLE.get(entry.arch)
+        if side and (width % side or height % side):
+            raise BadRequest(f"{FAMILY[entry.arch]} needs width and height in multiples of {side}, got "
+                             f"{width}x{height}")
         return width, height
 
     def _native_size(self, entry: ModelEntry) -> int:
@@ -776,7 +787,7 @@ class Engine:
                     "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
         # SD3 and FLUX pipelines encode raw text themselves (T5 + CLIP); WebUI weights do not apply.
         out = {"prompt": P.plain_prompt(job.prompt)}
-        if for_arch in ("sd3", "qwen"):
+        if for_arch in ("sd3", "qwen", "qwen21"):
             out["negative_prompt"] = P.plain_prompt(job.negative)
         if req.clip_skip > 1:
             out["clip_skip"] = req.clip_skip - 1
@@ -895,8 +906,9 @@ class Engine:
         width = int(job.width * hr.hr_scale) // 8 * 8
         height = int(job.height * hr.hr_scale) // 8 * 8
         vae_sf = getattr(pipe, "vae_scale_factor", 8)
-        if job.arch in PACKED_ARCHS:
-            width, height = width // 16 * 16, height // 16 * 16
+        if job.arch in SIDE_MULTIPLE:
+            side = SIDE_MULTIPLE[job.arch]
+            width, height = width // side * side, height // side * side
         if hr.hr_upscaler == "Latent":
             if hr.hr_denoising_strength == 0:
                 raise BadRequest("the Latent hires upscaler needs a denoising strength above 0")
@@ -1079,6 +1091,8 @@ class Engine:
         req = job.req
         if job.arch == "qwen":
             return self._qwen_denoiser(pipe, job, rows, encoded, ms, width, height)
+        if job.arch == "qwen21":
+            return self._qwen21_denoiser(pipe, job, rows, encoded, ms, width, height)
         if job.arch == "sd3":
             conds, unconds = [], []
             for (j, _, k), e in zip(rows, encoded):
@@ -1166,6 +1180,36 @@ class Engine:
                             Q.stack_conditioning(unconds) if guided else None, req.cfg_scale,
                             pack=lambda x: Q.pack(pipe, x), unpack=lambda y: Q.unpack(pipe, y, width, height),
                             shape=(1, height // vae_sf // 2, width // vae_sf // 2), context=context, control=control)
+
+    def _qwen21_denoiser(self, pipe, job: _Job, rows, encoded, ms, width: int, height: int):
+        """Qwen-Image 2.1: each request's text (and negative, when CFG is on) through the pipeline's Qwen3-VL, with
+        the condition pictures (``edit_images``) both read by the encoder and VAE-encoded as tokens before the
+        target's, each at about the output's area in its own aspect (QwenImage21Pipeline's ``output_resolution``);
+        the transformer's text and picture keys and values computed once for the run."""
+        req = job.req
+        pictures = tokens = None
+        if job.edit_images:
+            area = width * height
+            sized, latents, shapes = [], [], []
+            for source in job.edit_images:
+                cw, ch = Q.condition_size(pipe, source, area)
+                picture = source.convert("RGBA").resize((cw, ch), Image.LANCZOS)
+                sized.append(picture)
+                latents.append(Qwen21Denoiser.pack(self._vae_encode(pipe.vae, [picture])))
+                shapes.append((1, ch // pipe.vae_scale_factor, cw // pipe.vae_scale_factor))
+            pictures, tokens = sized, (torch.cat(latents, dim=1), shapes)
+
+        def texts(key: str, default: str) -> list[Qwen21Text]:
+            out = []
+            for (_, _, k), e in zip(rows, encoded):
+                embeds, _, slots = pipe.encode_prompt(e.get(key) or default, image=pictures, device=self.device)
+                out.append(Qwen21Text(embeds, slots, k))
+            return out
+        guided = req.cfg_scale != 1
+        vae_sf = pipe.vae_scale_factor
+        return Qwen21Denoiser(job.net or pipe.transformer, ms, texts("prompt", ""),
+                              texts("negative_prompt", " ") if guided else None, req.cfg_scale,
+                              shape=(1, height // vae_sf, width // vae_sf), pictures=tokens)
 
     def _control_latent(self, pipe, job: _Job, width: int, height: int) -> torch.Tensor:
         """FLUX Canny/Depth dev's control picture: the one unit's image through its preprocessor, at the output size,
@@ -1476,7 +1520,8 @@ class Engine:
         return specs
 
     def _vae_encode(self, vae, images: list[Image.Image]) -> torch.Tensor:
-        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])
+        mode = "RGBA" if _vae_channels(vae) == 4 else "RGB"  # Qwen-Image 2.1's VAE reads alpha too
+        arr = np.stack([np.asarray(im.convert(mode), dtype=np.float32) / 127.5 - 1.0 for im in images])
         return self._vae_encode_tensor(vae, torch.from_numpy(arr).permute(0, 3, 1, 2))
 
     def _vae_encode_tensor(self, vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -1493,7 +1538,7 @@ class Engine:
     def _vae_decode(self, vae, latents: torch.Tensor) -> list[Image.Image]:
         pixels = self.vae_decode_tensor(vae, latents)
         arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        return [Image.fromarray(a) for a in arr]
+        return [Image.fromarray(a[..., :3] if a.shape[-1] == 4 and a[..., 3].min() >= OPAQUE else a) for a in arr]
 
 
 
@@ -1645,6 +1690,15 @@ def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
         else:
             out[key] = first
     return out
+
+
+OPAQUE = 250
+"""an RGBA VAE's picture whose alpha is at least this everywhere is an opaque picture, returned as RGB"""
+
+
+def _vae_channels(vae) -> int:
+    """The picture channels a VAE reads: 3, or 4 for Qwen-Image 2.1's RGBA VAE."""
+    return int(getattr(vae.config, "in_channels", 3) or 3)
 
 
 def _is_frame_vae(vae) -> bool:

@@ -42,6 +42,21 @@ def edit_size(image: Image.Image, area: int) -> tuple[int, int]:
     return max(32, round(width / 32) * 32), max(32, round(width / ratio / 32) * 32)
 
 
+def condition_size(pipe, image: Image.Image, area: int) -> tuple[int, int]:
+    """A Qwen-Image 2.1 condition picture's size: its aspect at about ``area`` pixels in multiples of 32
+    (QwenImage21Pipeline's ``calculate_dimensions``), then as the processor's own resize would take it (its pixel
+    bounds and grid): the VAE's tokens must fill the picture slots Qwen3-VL gives it, one slot a 2x2 group."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    width, height = edit_size(image, area)
+    ip = pipe.processor.image_processor
+    size = getattr(ip, "size", None) or {}
+    size = size if isinstance(size, dict) else dict(size)
+    low = size.get("shortest_edge") or getattr(ip, "min_pixels", None) or 56 * 56
+    high = size.get("longest_edge") or getattr(ip, "max_pixels", None) or 28 * 28 * 1280
+    h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size, min_pixels=low, max_pixels=high)
+    return w, h
+
+
 def reference_sizes(pipe, image: Image.Image, *, area: int = VAE_REFERENCE_AREA,
                     condition_area: int = PLUS_CONDITION_AREA) -> tuple[tuple[int, int], tuple[int, int]]:
     """(VAE reference size, text-encoder picture size) for an edit, as diffusers' edit pipelines and ComfyUI's

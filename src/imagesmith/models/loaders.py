@@ -30,7 +30,7 @@ CLIP_TOKENIZER_DIR = CONFIGS_DIR / "tokenizers" / "clip"
 ARCH_CONFIG = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux-dev"}
 PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                   "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
-                  "qwen": "QwenImagePipeline"}
+                  "qwen": "QwenImagePipeline", "qwen21": "QwenImage21Pipeline"}
 QWEN_EDIT_CLASSES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 T5_SLOT = {"flux": "tokenizer_2", "sd3": "tokenizer_3"}
 
@@ -39,7 +39,7 @@ def _pipeline_cls(arch: str):
     import diffusers
     if arch not in PIPELINE_CLASS:
         raise UnsupportedModel(f"architecture {arch!r} cannot be loaded as a pipeline (SD1/SD2/SDXL/SD3/FLUX/"
-                               "Qwen-Image only)")
+                               "Qwen-Image/Qwen-Image 2.1 only)")
     return getattr(diffusers, PIPELINE_CLASS[arch])
 
 
@@ -335,7 +335,7 @@ def _variant(folder: Path) -> str | None:
 
 def _missing_companion(entry, arch: str, parts: list[str]) -> MissingModelFile:
     family = {"flux": "FLUX.1 (dev or schnell)", "sd3": "Stable Diffusion 3", "sdxl": "SDXL",
-              "sd1": "SD1.5", "sd2": "SD2.x", "qwen": "Qwen-Image"}.get(arch, arch)
+              "sd1": "SD1.5", "sd2": "SD2.x", "qwen": "Qwen-Image", "qwen21": "Qwen-Image 2.1"}.get(arch, arch)
     return MissingModelFile(
         f"{entry.name} holds only part of a {family} model; its {', '.join(parts)} must come from a {family} "
         f"diffusers folder (a folder with model_index.json) in the checkpoints folder "
@@ -358,7 +358,7 @@ def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: st
         raise UnsupportedModel(f"{entry.name} is a {entry.kind}, not a checkpoint")
     if arch not in PIPELINE_CLASS:
         raise UnsupportedModel(f"{entry.name}: architecture {arch!r} is not one imagesmith runs "
-                               "(SD1, SD2, SDXL, SD3, FLUX, Qwen-Image)")
+                               "(SD1, SD2, SDXL, SD3, FLUX, Qwen-Image, Qwen-Image 2.1)")
     if path.is_dir():
         from .house import is_house_folder, load_house_pipeline  # house-ldm: packaged MiniLM text encoder
         if is_house_folder(path):
@@ -370,7 +370,7 @@ def load_pipeline(entry, *, torch_dtype: torch.dtype = torch.float32, device: st
         refuse_pickle(path)
         header = read_model_header(path)
         res = probe(path)
-        if arch in ("flux", "sd3", "qwen") and "vae" not in res.components:
+        if arch in ("flux", "sd3", "qwen", "qwen21") and "vae" not in res.components:
             pipe = _load_transformer_file(entry, arch, header, torch_dtype)
         elif "unet" in res.components and len(res.components) == 1:
             pipe = _load_denoiser_only_sd(entry, arch, header, torch_dtype)
@@ -692,6 +692,8 @@ def _transformer_config(arch: str, header) -> dict:
     cfg = configs.get("transformer")
     if cfg is None and arch == "qwen":
         return _qwen_transformer_config(header.shapes)
+    if cfg is None and arch == "qwen21":
+        return _qwen21_transformer_config(header.shapes)
     if cfg is None:
         with tempfile.TemporaryDirectory(prefix="imagesmith-config-") as tmp:
             shutil.copytree(_shipped_dir(arch, header) / "transformer", Path(tmp) / "transformer")
@@ -725,6 +727,32 @@ def _qwen_transformer_config(shapes: dict[str, list[int]]) -> dict:
             "out_channels": out, "num_layers": max(blocks) + 1, "attention_head_dim": head,
             "num_attention_heads": inner // head, "joint_attention_dim": text, "guidance_embeds": False,
             "axes_dims_rope": [16, 56, 56]}
+
+
+def _qwen21_transformer_config(shapes: dict[str, list[int]]) -> dict:
+    """QwenImage21Transformer2DModel's config read off a file's shapes: its single-stream blocks (no patching:
+    one token a latent pixel), the feed-forward's width, the text width. As for Qwen-Image, the rotary axes
+    (16/56/56) are known only for 128-wide heads."""
+    import re
+    k = {key.removeprefix("model.diffusion_model."): v for key, v in shapes.items()}
+    try:
+        inner, in_channels = k["img_in.weight"]
+        head = k["transformer_blocks.0.attn.norm_q.weight"][0]
+        text = k["txt_in.in_layer.weight"][1]
+        out = k["proj_out.weight"][0]
+        mlp = k["transformer_blocks.0.img_mlp.proj.weight"][0]
+    except (KeyError, ValueError):
+        raise UnsupportedModel("a Qwen-Image 2.1 transformer file without img_in/txt_in/proj_out, its q-norm or its "
+                               "feed-forward: not one imagesmith can size") from None
+    if head != 128:
+        raise UnsupportedModel(f"a Qwen-Image 2.1 transformer with {head}-wide heads: its rotary axes cannot be told "
+                               "from its shapes (Qwen-Image 2.1's are 128 wide); give it a diffusers transformer/ "
+                               "folder")
+    blocks = {int(m.group(1)) for key in k if (m := re.match(r"transformer_blocks\.(\d+)\.", key))}
+    return {"_class_name": "QwenImage21Transformer2DModel", "patch_size": 1, "in_channels": in_channels,
+            "out_channels": out, "num_layers": max(blocks) + 1, "attention_head_dim": head,
+            "num_attention_heads": inner // head, "context_in_dim": text, "mlp_ratio": mlp // inner,
+            "axes_dims_rope": [16, 56, 56], "causal_condition": True}
 
 
 def _patch_flux_transformer(cfg: dict, shapes: dict[str, list[int]]) -> dict:
@@ -797,8 +825,8 @@ def _load_gguf_transformer(path: Path, arch: str, header, cfg: dict, torch_dtype
 
 def _transformer_cls(arch: str):
     import diffusers
-    return {"flux": diffusers.FluxTransformer2DModel, "qwen": diffusers.QwenImageTransformer2DModel}.get(
-        arch, diffusers.SD3Transformer2DModel)
+    return {"flux": diffusers.FluxTransformer2DModel, "qwen": diffusers.QwenImageTransformer2DModel,
+            "qwen21": diffusers.QwenImage21Transformer2DModel}.get(arch, diffusers.SD3Transformer2DModel)
 
 
 def load_transformer_file(path: Path, arch: str, header, torch_dtype, *, keep_4bit: bool = True) -> Any:
@@ -857,7 +885,8 @@ def load_transformer_file(path: Path, arch: str, header, torch_dtype, *, keep_4b
 def _load_transformer_file(entry, arch: str, header, torch_dtype):
     model = load_transformer_file(Path(entry.path), arch, header, torch_dtype)
     parts: dict[str, Any] = {"transformer": model}
-    if arch == "qwen":  # no shipped configs: the scheduler, VAE, text encoder and tokenizer are the companion's
+    if arch in ("qwen", "qwen21"):  # no shipped configs: the scheduler, VAE, text encoder and tokenizer are the
+        # companion's
         return _with_companion(entry, arch, parts, torch_dtype)
     configs = embedded_configs(header) or {}
     from diffusers import FlowMatchEulerDiscreteScheduler

@@ -22,7 +22,7 @@ from ..core.errors import UnsafeModelFile
 
 Kind = Literal["checkpoint", "vae", "lora", "embedding", "controlnet", "upscaler", "ipadapter", "clip_vision",
                "unknown"]
-Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "qwen", "unknown"]
+Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "qwen", "qwen21", "unknown"]
 Format = Literal["diffusers", "single-file"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -190,7 +190,9 @@ def _context_dim_from_attn2(shapes: dict[str, list[int]], pattern: str) -> int |
 
 
 _CONTEXT_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
-_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "qwen": 1328}
+_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "qwen": 1328, "qwen21": 1024}
+QWEN21_NOTE = ("Qwen-Image 2.1 (one model for both: text to image, and up to three condition pictures the prompt "
+               "calls Picture 1-3; RGBA pictures in and out)")
 QWEN_EDIT_NOTE = "Qwen-Image-Edit (instruction editing: the picture to edit, and what to change)"
 QWEN_EDIT_PLUS_NOTE = "Qwen-Image-Edit-Plus (2509 and later; by its file name)"
 
@@ -317,6 +319,15 @@ def _probe_keys(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
         return _probe_flux(shapes, keys, layout="bfl")
     if any_in("single_transformer_blocks.") and any_in("attn.add_q_proj"):
         return _probe_flux(shapes, keys, layout="diffusers")
+
+    # -------------------------------------------------------------- Qwen-Image 2.1's single-stream transformer
+    if any_in("txt_in.text_norm.weight") and any_in("transformer_blocks.0.img_mlp.gate_layer.weight") and \
+            any_in("modulation.1.weight"):
+        bare = [k.removeprefix("model.diffusion_model.") for k in keys]
+        blocks = len({k.split(".")[1] for k in bare if k.startswith("transformer_blocks.")})
+        return ProbeResult(kind="checkpoint", arch="qwen21", format=single, components=["transformer"],
+                           notes=[f"Qwen-Image 2.1 transformer ({blocks} blocks)", QWEN21_NOTE, "transformer only: "
+                                  "the VAE, text encoder and processor come from a Qwen-Image 2.1 diffusers folder"])
 
     # -------------------------------------------------------------- Qwen-Image MMDiT (diffusers names; ComfyUI's files too)
     if any_in("txt_norm.weight") and any_in("transformer_blocks.0.img_mod.1.weight"):
@@ -626,7 +637,7 @@ def _probe_lora(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
 # ------------------------------------------------------------------------------------------ folders
 _PIPELINE_ARCH = [
     ("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusion", "sd1"),
-    ("QwenImage", "qwen"),
+    ("QwenImage21", "qwen21"), ("QwenImage", "qwen"),
 ]
 
 
@@ -665,7 +676,13 @@ def probe_folder(path: Path) -> ProbeResult:
         if arch == "sd1" and unet_cfg:
             arch = _unet_arch(unet_cfg)
         if arch == "unknown":
-            notes.append(f"pipeline class {cls or '?'} is not one imagesmith runs (SD1/SD2/SDXL/SD3/FLUX/Qwen-Image)")
+            notes.append(f"pipeline class {cls or '?'} is not one imagesmith runs (SD1/SD2/SDXL/SD3/FLUX/Qwen-Image/"
+                         "Qwen-Image 2.1)")
+        if arch == "qwen21":
+            notes.append(QWEN21_NOTE)
+            if cls != "QwenImage21Pipeline":
+                arch = "unknown"
+                notes.append(f"{cls}: imagesmith runs QwenImage21Pipeline folders, not this variant")
         if arch == "qwen":
             if cls.startswith("QwenImageEdit"):
                 notes.append(QWEN_EDIT_NOTE)
@@ -709,6 +726,12 @@ def probe_folder(path: Path) -> ProbeResult:
                                components=["transformer"])
         if cls == "AutoencoderKLQwenImage":
             return ProbeResult(kind="vae", arch="qwen", format=fmt, notes=notes, components=["vae"])
+        if cls == "QwenImage21Transformer2DModel":
+            return ProbeResult(kind="checkpoint", arch="qwen21", format=fmt, components=["transformer"],
+                               notes=notes + [QWEN21_NOTE, "transformer only"])
+        if cls == "AutoencoderKLQwenImage21":
+            return ProbeResult(kind="vae", arch="qwen21", format=fmt, components=["vae"],
+                               notes=notes + ["Qwen-Image 2.1's VAE (RGBA, 64 latent channels, 16x)"])
         if cls == "FluxTransformer2DModel":
             notes.append("FLUX.1-dev style" if cfg.get("guidance_embeds") else "FLUX.1-schnell style")
             return ProbeResult(kind="checkpoint", arch="flux", format=fmt, notes=notes + ["transformer only"],

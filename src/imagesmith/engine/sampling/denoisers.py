@@ -406,6 +406,95 @@ class QwenDenoiser:
         return self.ms.denoised(sigma, self.unpack(v).to(x.device), x)
 
 
+@dataclass
+class Qwen21Text:
+    """One request's Qwen-Image 2.1 conditioning (QwenImage21Pipeline.encode_prompt): the Qwen3-VL hidden states
+    [1, T, D] with its condition pictures' slots among them, ``slots`` [1, T] (True where a picture's 2x2 latent
+    group goes), and ``count``, the images it makes."""
+    embeds: torch.Tensor
+    slots: torch.Tensor
+    count: int
+
+
+class KVCachedQwen21:
+    """Qwen-Image 2.1's transformer over a run: the text and condition-picture tokens are modulated at t = 0 and
+    attend only to what precedes them (block-causal), so their keys and values are the same at every step. The
+    first call computes them ("extract"), later calls reuse them ("cached") and run only the target's tokens, as
+    diffusers' QwenImage21Pipeline does. One cache per conditioning; a request's rows run together, each request
+    apart (a padded text would move the target's rotary positions, so a picture would depend on its batch-mates).
+
+    ``pictures``: the condition pictures' latent tokens [1, N, C] and (frames, rows, cols) shapes, before the
+    target's."""
+
+    def __init__(self, transformer, texts: list[Qwen21Text], shape: tuple[int, int, int],
+                 pictures: tuple[torch.Tensor, list[tuple[int, int, int]]] | None, device, dtype):
+        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+        self.net, self.shape, self.pictures = transformer, shape, pictures
+        self.device, self.dtype = device, dtype
+        cached = bool(transformer.config.causal_condition)
+        self.texts = [Qwen21Text(t.embeds.to(device, dtype), t.slots.to(device).bool(), t.count) for t in texts]
+        self.caches = [QwenImage21KVCache(len(transformer.transformer_blocks)) if cached else None for _ in texts]
+        self.filled = [False] * len(texts)
+        self.calls = 0
+
+    def __call__(self, packed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tokens = packed.shape[1]
+        shapes = [(*(self.pictures[1] if self.pictures else []), self.shape)]
+        out, lo = [], 0
+        for i, text in enumerate(self.texts):
+            rows = packed[lo:lo + text.count]
+            n = rows.shape[0]
+            if self.pictures is not None:
+                rows = torch.cat([self.pictures[0].to(self.device, self.dtype).expand(n, -1, -1), rows], dim=1)
+            slots = torch.cat([text.slots, text.slots.new_ones(1, tokens // 4)], dim=1).expand(n, -1)
+            cache = self.caches[i]
+            mode = None if cache is None else ("cached" if self.filled[i] else "extract")
+            v = self.net(hidden_states=rows, encoder_hidden_states=text.embeds.expand(n, -1, -1), timestep=t[lo:lo + n],
+                         img_shapes=shapes * n, img_mask=slots, kv_cache=cache, kv_cache_mode=mode,
+                         return_dict=False)[0]
+            self.filled[i] = cache is not None
+            self.calls += 1
+            out.append(v[:, -tokens:].float())
+            lo += n
+        return torch.cat(out)
+
+
+class Qwen21Denoiser:
+    """Qwen-Image 2.1's single-stream transformer on unpatched latents ([B, 64, H/16, W/16] -> one token a latent
+    pixel; its picture slots take 2x2 groups). It predicts the flow velocity; guidance is true CFG, cond and
+    uncond each with its own text and KV cache, without Qwen-Image's norm rescale (QwenImage21Pipeline's)."""
+
+    def __init__(self, transformer, ms: ModelSampling, cond: list[Qwen21Text], uncond: list[Qwen21Text] | None,
+                 cfg_scale: float, *, shape: tuple[int, int, int],
+                 pictures: tuple[torch.Tensor, list[tuple[int, int, int]]] | None = None):
+        self.ms, self.cfg = ms, float(cfg_scale)
+        self.net = transformer
+        self.dtype = compute_dtype(transformer)
+        self.device = next(transformer.parameters()).device
+        self.cond = KVCachedQwen21(transformer, cond, shape, pictures, self.device, self.dtype)
+        self.uncond = None if uncond is None else KVCachedQwen21(transformer, uncond, shape, pictures, self.device,
+                                                                  self.dtype)
+        self.last_uncond = None
+
+    @staticmethod
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h * w).transpose(1, 2)
+
+    def __call__(self, x, sigma):
+        n, c, h, w = x.shape
+        packed = self.pack(x).to(self.device, self.dtype)
+        t = self.ms.timestep(sigma).to(self.device, self.dtype).expand(n)
+        unpack = lambda v: v.transpose(1, 2).reshape(n, c, h, w).to(x.device)  # noqa: E731
+        v = self.cond(packed, t)
+        self.last_uncond = None
+        if self.uncond is not None and self.cfg != 1.0:
+            v_u = self.uncond(packed, t)
+            v = v_u + self.cfg * (v - v_u)
+            self.last_uncond = self.ms.denoised(sigma, unpack(v_u), x)
+        return self.ms.denoised(sigma, unpack(v), x)
+
+
 class StepScheduled:
     """Conditioning that changes with the sampling step (A1111's prompt editing and alternation): `parts` are
     (last step, 1-based; denoiser). A call's step is its sigma's place in `sigmas`, so a sampler's extra
