@@ -21,7 +21,8 @@ from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.models.probe import QWEN21_NOTE, probe
 
-Q21, OPAQUE, FILE = "tiny-qwen-image-21", "tiny-qwen-image-21-opaque", "qwen_image_21_tiny"
+Q21, OPAQUE, FILE, FILE_Q8 = ("tiny-qwen-image-21", "tiny-qwen-image-21-opaque", "qwen_image_21_tiny",
+                              "qwen-image-21-tiny-Q8_0")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,8 @@ def home(tmp_path_factory):
     cfg = json.loads((ckpt / Q21 / "transformer" / "config.json").read_text())
     meta = {META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items() if not k.startswith("_")}})}
     save_file(state, str(ckpt / f"{FILE}.safetensors"), metadata=meta)
+    from fixtures.tiny import write_gguf
+    write_gguf(ckpt / f"{FILE_Q8}.gguf", state, "qwen_image", "Q8_0", meta)  # city96's layout
     return settings
 
 
@@ -179,13 +182,15 @@ def test_an_opaque_picture_comes_back_rgb_and_hires_fix_runs(engine):
     assert big.size == (96, 96) and big.mode == "RGB"
 
 
-def test_a_transformer_file_takes_the_rest_from_the_folder(engine):
-    """Qwen-Image 2.1's transformer as one file (ComfyUI's prefix) beside a Qwen-Image 2.1 folder: the folder's
-    pixels."""
+def test_transformer_files_take_the_rest_from_the_folder(engine):
+    """Qwen-Image 2.1's transformer as one file (ComfyUI's prefix) and as a Q8_0 GGUF beside a Qwen-Image 2.1
+    folder: the folder's pixels (the GGUF's within its quantisation)."""
     req = GenerateRequest(prompt="a blue cup", model=Q21, width=32, height=32, steps=2, seed=4, cfg_scale=1.0)
     folder = _pixels(engine.generate(req))
     single = _pixels(engine.generate(req.model_copy(update={"model": FILE})))
     assert np.abs(folder - single).max() <= 1
+    gguf = _pixels(engine.generate(req.model_copy(update={"model": FILE_Q8})))
+    assert 0 < np.abs(folder - gguf).mean() < 3, np.abs(folder - gguf).mean()
 
 
 def test_the_transformer_config_is_read_off_the_real_shapes():
@@ -239,6 +244,7 @@ def test_cli_lists_and_runs_it_with_a_condition_picture(home, tmp_path, capsys, 
     assert code == 0
     rows = {line.split("│")[1].strip(): line.split("│")[4].strip() for line in out.splitlines() if "│" in line}
     assert rows[Q21] == "Qwen-Image 2.1 checkpoint" and rows[FILE] == "Qwen-Image 2.1 transformer"
+    assert rows[FILE_Q8] == "Qwen-Image 2.1 transformer, GGUF Q8_0"
     out_dir = tmp_path / "out"
     code, out, err = run_cli(capsys, "generate", "Picture 1 in the snow", "--model", Q21, "-W", "32", "-H", "32",
                              "--steps", "2", "--seed", "3", "--edit-image", _condition(tmp_path), "-o", str(out_dir))
@@ -246,3 +252,59 @@ def test_cli_lists_and_runs_it_with_a_condition_picture(home, tmp_path, capsys, 
     (png,) = out_dir.glob("*.png")
     with Image.open(png) as im:
         assert im.size == (32, 32) and im.mode == "RGBA" and "Model: " + Q21 in im.info.get("parameters", "")
+
+
+def test_loras_in_diffusers_and_comfyui_formats(engine, home):
+    """A Qwen-Image 2.1 LoRA (peft on the attention and the SwiGLU) saved by diffusers' own
+    QwenImage21Pipeline.save_lora_weights, and the same weights in ComfyUI's layout (diffusion_model.*.lora_down /
+    lora_up): both named Qwen-Image 2.1 by the probe (not Qwen-Image: the shapes differ), both change the picture
+    the same way; weight 0 gives the base pixels."""
+    import copy
+
+    from diffusers import QwenImage21Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from fixtures.tiny import save_peft_lora
+    model = copy.deepcopy(_pipe(engine).transformer)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "img_mlp.gate_layer"],
+                                 init_lora_weights=True), adapter_name="fixture")
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="fixture").items()}
+    loras = home.models_dir / "loras"
+    save_peft_lora(QwenImage21Pipeline, {"transformer": state}, loras / "q21-peft.safetensors")
+    comfy = {("diffusion_model." + k.removeprefix("transformer.")).replace(".lora_A.", ".lora_down.")
+             .replace(".lora_B.", ".lora_up."): v.contiguous() for k, v in state.items()}
+    save_file(comfy, str(loras / "q21-comfy.safetensors"))
+    engine.registry.scan()
+    assert probe(loras / "q21-peft.safetensors").arch == probe(loras / "q21-comfy.safetensors").arch == "qwen21"
+    req = GenerateRequest(prompt="a red apple on a wooden table", model=Q21, width=32, height=32, steps=2, seed=1,
+                          cfg_scale=1.0)
+    base = _pixels(engine.generate(req))
+    peft_out = _pixels(engine.generate(req.model_copy(update={"prompt": req.prompt + " <lora:q21-peft:1>"})))
+    comfy_out = _pixels(engine.generate(req.model_copy(update={"prompt": req.prompt + " <lora:q21-comfy:1>"})))
+    off = _pixels(engine.generate(req.model_copy(update={"prompt": req.prompt + " <lora:q21-peft:0>"})))
+    assert np.abs(peft_out - base).mean() > 1
+    assert np.abs(peft_out - comfy_out).max() <= 1
+    assert np.abs(off - base).max() <= 1
+
+
+def test_inpainting_repaints_the_hole_and_keeps_the_rest(engine, tmp_path):
+    source = Image.new("RGB", (64, 64), (200, 60, 40))
+    source.save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "m.png")
+    for only_masked in (False, True):
+        out = engine.generate(GenerateRequest(prompt="a cat", model=Q21, init_image=str(tmp_path / "in.png"),
+                                              mask=str(tmp_path / "m.png"), denoising_strength=1.0, steps=3, seed=1,
+                                              cfg_scale=1.0, inpaint_full_res=only_masked)).images[0]
+        got = np.asarray(out.convert("RGB"), np.float32)
+        kept = np.asarray(source, np.float32)
+        assert out.size == (64, 64)
+        assert np.abs(got - kept)[:8].mean() < 1 and np.abs(got - kept)[24:40, 24:40].mean() > 20

@@ -602,6 +602,12 @@ def _probe_lora(shapes: dict[str, list[int]], keys: list[str]) -> ProbeResult:  
         # FLUX's double stream (19) have, with no single-stream blocks (diffusers/peft, kohya, lightx2v's names);
         # in ComfyUI's layout (diffusion_model.*) FLUX and SD3 use their own names (double_blocks, joint_blocks)
         arch = "qwen"
+        # Qwen-Image 2.1: its SwiGLU's own names (img_mlp.proj / gate_layer / out; Qwen-Image's is img_mlp.net),
+        # its text input (txt_in.in_layer), or attention 4096 wide (32 heads of 128; Qwen-Image's is 3072)
+        if any(t in k for k in keys for t in ("img_mlp.gate_layer", "img_mlp_gate_layer", "img_mlp.proj.",
+                                              "img_mlp_proj.", "txt_in.in_layer", "txt_in_in_layer")) or \
+                in_dim(r"transformer_blocks[._]\d+[._]attn[._]to_q") == 4096:
+            arch = "qwen21"
     elif any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
         arch = "flux"
     elif any("joint_blocks" in k for k in keys):
