@@ -21,8 +21,8 @@ from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.models.probe import QWEN21_NOTE, probe
 
-Q21, OPAQUE, FILE, FILE_Q8 = ("tiny-qwen-image-21", "tiny-qwen-image-21-opaque", "qwen_image_21_tiny",
-                              "qwen-image-21-tiny-Q8_0")
+Q21, OPAQUE, FILE, FILE_Q8, FILE_FP8 = ("tiny-qwen-image-21", "tiny-qwen-image-21-opaque", "qwen_image_21_tiny",
+                                        "qwen-image-21-tiny-Q8_0", "qwen_image_21_tiny_fp8_e4m3fn")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,8 @@ def home(tmp_path_factory):
     cfg = json.loads((ckpt / Q21 / "transformer" / "config.json").read_text())
     meta = {META_CONFIGS: json.dumps({"transformer": {k: v for k, v in cfg.items() if not k.startswith("_")}})}
     save_file(state, str(ckpt / f"{FILE}.safetensors"), metadata=meta)
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()},
+              str(ckpt / f"{FILE_FP8}.safetensors"), metadata=meta)
     from fixtures.tiny import write_gguf
     write_gguf(ckpt / f"{FILE_Q8}.gguf", state, "qwen_image", "Q8_0", meta)  # city96's layout
     return settings
@@ -183,14 +185,15 @@ def test_an_opaque_picture_comes_back_rgb_and_hires_fix_runs(engine):
 
 
 def test_transformer_files_take_the_rest_from_the_folder(engine):
-    """Qwen-Image 2.1's transformer as one file (ComfyUI's prefix) and as a Q8_0 GGUF beside a Qwen-Image 2.1
-    folder: the folder's pixels (the GGUF's within its quantisation)."""
+    """Qwen-Image 2.1's transformer as one file (ComfyUI's prefix), in fp8 and as a Q8_0 GGUF beside a Qwen-Image
+    2.1 folder: the folder's pixels (the fp8 and GGUF ones within their precision)."""
     req = GenerateRequest(prompt="a blue cup", model=Q21, width=32, height=32, steps=2, seed=4, cfg_scale=1.0)
     folder = _pixels(engine.generate(req))
     single = _pixels(engine.generate(req.model_copy(update={"model": FILE})))
     assert np.abs(folder - single).max() <= 1
-    gguf = _pixels(engine.generate(req.model_copy(update={"model": FILE_Q8})))
-    assert 0 < np.abs(folder - gguf).mean() < 3, np.abs(folder - gguf).mean()
+    for name in (FILE_Q8, FILE_FP8):
+        got = _pixels(engine.generate(req.model_copy(update={"model": name})))
+        assert 0 < np.abs(folder - got).mean() < 3, (name, np.abs(folder - got).mean())
 
 
 def test_the_transformer_config_is_read_off_the_real_shapes():
@@ -245,6 +248,7 @@ def test_cli_lists_and_runs_it_with_a_condition_picture(home, tmp_path, capsys, 
     rows = {line.split("│")[1].strip(): line.split("│")[4].strip() for line in out.splitlines() if "│" in line}
     assert rows[Q21] == "Qwen-Image 2.1 checkpoint" and rows[FILE] == "Qwen-Image 2.1 transformer"
     assert rows[FILE_Q8] == "Qwen-Image 2.1 transformer, GGUF Q8_0"
+    assert rows[FILE_FP8] == "Qwen-Image 2.1 transformer, fp8 e4m3fn"
     out_dir = tmp_path / "out"
     code, out, err = run_cli(capsys, "generate", "Picture 1 in the snow", "--model", Q21, "-W", "32", "-H", "32",
                              "--steps", "2", "--seed", "3", "--edit-image", _condition(tmp_path), "-o", str(out_dir))
