@@ -295,31 +295,12 @@ def test_qwen_loras_in_diffusers_and_comfyui_formats(engine, qwen_home, tmp_path
     QwenImagePipeline.save_lora_weights, and the same weights in the lightx2v/ComfyUI layout
     (diffusion_model.*.lora_down/lora_up, as the Lightning LoRAs ship): both named qwen by the probe, both change
     the picture the same way; weight 0 gives the base pixels."""
-    import copy
-
     from diffusers import QwenImagePipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    from fixtures.tiny import save_peft_lora
-    pipe = engine.pipeline(engine.checkpoint(QWEN)).value
-    model = copy.deepcopy(pipe.transformer)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "add_k_proj", "img_mlp.net.2"],
-                                 init_lora_weights=True), adapter_name="fixture")
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="fixture").items()}
+    from fixtures.tiny import write_transformer_loras
+    write_transformer_loras(QwenImagePipeline, engine.pipeline(engine.checkpoint(QWEN)).value.transformer,
+                            ["to_q", "to_v", "add_k_proj", "img_mlp.net.2"], qwen_home.models_dir / "loras", "qwen")
     loras = qwen_home.models_dir / "loras"
-    save_peft_lora(QwenImagePipeline, {"transformer": state}, loras / "qwen-peft.safetensors")
-    comfy = {}
-    for k, v in state.items():  # transformer_blocks.0.attn.to_q.lora_A.weight -> diffusion_model....lora_down.weight
-        k = "diffusion_model." + k.removeprefix("transformer.")
-        comfy[k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up.")] = v.contiguous()
-    save_file(comfy, str(loras / "qwen-comfy.safetensors"))
     engine.registry.scan()
     assert probe(loras / "qwen-peft.safetensors").arch == "qwen"
     assert probe(loras / "qwen-comfy.safetensors").arch == "qwen"

@@ -263,28 +263,12 @@ def test_loras_in_diffusers_and_comfyui_formats(engine, home):
     QwenImage21Pipeline.save_lora_weights, and the same weights in ComfyUI's layout (diffusion_model.*.lora_down /
     lora_up): both named Qwen-Image 2.1 by the probe (not Qwen-Image: the shapes differ), both change the picture
     the same way; weight 0 gives the base pixels."""
-    import copy
-
     from diffusers import QwenImage21Pipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    from fixtures.tiny import save_peft_lora
-    model = copy.deepcopy(_pipe(engine).transformer)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "img_mlp.gate_layer"],
-                                 init_lora_weights=True), adapter_name="fixture")
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="fixture").items()}
+    from fixtures.tiny import write_transformer_loras
     loras = home.models_dir / "loras"
-    save_peft_lora(QwenImage21Pipeline, {"transformer": state}, loras / "q21-peft.safetensors")
-    comfy = {("diffusion_model." + k.removeprefix("transformer.")).replace(".lora_A.", ".lora_down.")
-             .replace(".lora_B.", ".lora_up."): v.contiguous() for k, v in state.items()}
-    save_file(comfy, str(loras / "q21-comfy.safetensors"))
+    write_transformer_loras(QwenImage21Pipeline, _pipe(engine).transformer, ["to_q", "to_v", "img_mlp.gate_layer"],
+                            loras, "q21")
     engine.registry.scan()
     assert probe(loras / "q21-peft.safetensors").arch == probe(loras / "q21-comfy.safetensors").arch == "qwen21"
     req = GenerateRequest(prompt="a red apple on a wooden table", model=Q21, width=32, height=32, steps=2, seed=1,
