@@ -65,6 +65,24 @@ def test_protocol(random_model):
     assert random_model.name == "house-cutout"
 
 
+def test_flip_tta_averages_the_mirror_and_makes_the_matte_mirror_equivariant():
+    """house-cutout's test-time augmentation (config ``flip_tta``, on by default): the alpha is the mean of the
+    network's on the picture and, mirrored back, on its mirror image; so a mirrored photo gets exactly the mirrored
+    matte, which the bare network does not give."""
+    torch.manual_seed(1)
+    net = S.build_network((8, 16))
+    on = S.HouseCutout(network=net, config={"widths": [8, 16], "image_size": 32})
+    off = S.HouseCutout(network=net, config={"widths": [8, 16], "image_size": 32, "flip_tta": False})
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mirror = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert on.config["flip_tta"] is True
+    by_hand = 0.5 * (off.predict_lowres(image) + off.predict_lowres(mirror)[:, ::-1])
+    assert np.abs(on.predict_lowres(image) - by_hand).max() < 1e-5
+    assert np.abs(on.predict_lowres(mirror)[:, ::-1] - on.predict_lowres(image)).max() < 1e-5
+    assert np.abs(off.predict_lowres(mirror)[:, ::-1] - off.predict_lowres(image)).max() > 1e-3
+
+
 def test_guided_upsampling_gives_sharper_edges_than_bilinear():
     import cv2
     img, alpha = disc_image(256, 256, fg=(40, 90, 200), bg=(230, 200, 80))

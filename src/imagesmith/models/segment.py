@@ -146,7 +146,10 @@ def guided_upsample(alpha_lo: np.ndarray, image_hi: np.ndarray, r: int = 2, eps:
 
 # ------------------------------------------------------------------------------------- house network
 ARCH_DEFAULTS: dict[str, Any] = {"arch": "house-cutout-unet", "version": 1, "widths": [16, 32, 64, 128],
-                                 "image_size": 128, "refine_radius": 2, "refine_eps": 1e-3}
+                                 "image_size": 128, "refine_radius": 2, "refine_eps": 1e-3, "flip_tta": True}
+"""``flip_tta``: the alpha is the mean of the network's on the picture and on its mirror image (test-time
+augmentation). On the hard held-out set it took house-cutout v2 from IoU 0.915 to 0.920 and MAE 0.0161 to 0.0153,
+every source kind as good or better, for a second network pass (`imagesmith eval cutout`, docs/ad-studio.md)."""
 
 
 def arch_config(**kw: Any) -> dict[str, Any]:
@@ -321,12 +324,16 @@ class HouseCutout(SegmenterBase):
             return self.net(x.to(self.device)).float()
 
     def predict_lowres(self, image: Image.Image) -> np.ndarray:
-        """The network's alpha at its native square size (float32 [size, size])."""
+        """The network's alpha at its native square size (float32 [size, size]); with the config's ``flip_tta``,
+        the mean of its alpha of the picture and (mirrored back) of the picture mirrored left to right."""
         import torch
         # Pillow's bilinear resize is antialiased when it shrinks
         img = _as_rgb(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1.0)[None]
-        return torch.sigmoid(self.logits(x))[0, 0].cpu().numpy().astype(np.float32)
+        flip = bool(self.config.get("flip_tta"))
+        p = torch.sigmoid(self.logits(torch.cat([x, x.flip(-1)]) if flip else x))
+        alpha = 0.5 * (p[0] + p[1].flip(-1)) if flip else p[0]  # probabilities: their logits' mean catches fewer
+        return alpha[0].cpu().numpy().astype(np.float32)           # bad cut-outs (26/41 against 31/42)
 
     def predict(self, image: Image.Image) -> np.ndarray:
         import cv2
