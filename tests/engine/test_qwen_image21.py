@@ -21,6 +21,7 @@ from imagesmith.core.settings import Settings
 from imagesmith.engine.generate import Engine
 from imagesmith.models.probe import QWEN21_NOTE, probe
 
+GRIDDED, GRID = "tiny-qwen-image-21-grid", [1.0, 0.82, 0.6, 0.35, 0.12]
 Q21, OPAQUE, FILE, FILE_Q8, FILE_FP8 = ("tiny-qwen-image-21", "tiny-qwen-image-21-opaque", "qwen_image_21_tiny",
                                         "qwen-image-21-tiny-Q8_0", "qwen_image_21_tiny_fp8_e4m3fn")
 
@@ -35,6 +36,9 @@ def home(tmp_path_factory):
     with torch.no_grad():  # its decoder's alpha driven to 1 everywhere: an opaque picture, as a real one mostly is
         opaque.vae.decoder.conv_out.bias[3] = 50.0
     opaque.save_pretrained(ckpt / OPAQUE, safe_serialization=True)
+    graded = build_qwen_image21(0)
+    graded.register_to_config(sample_sigmas=GRID)  # a model author's own sampling grid
+    graded.save_pretrained(ckpt / GRIDDED, safe_serialization=True)
     from safetensors.torch import load_file, save_file
     state = {"model.diffusion_model." + k: v.contiguous()
              for k, v in load_file(str(ckpt / Q21 / "transformer" / "diffusion_pytorch_model.safetensors")).items()}
@@ -296,3 +300,27 @@ def test_inpainting_repaints_the_hole_and_keeps_the_rest(engine, tmp_path):
         kept = np.asarray(source, np.float32)
         assert out.size == (64, 64)
         assert np.abs(got - kept)[:8].mean() < 1 and np.abs(got - kept)[24:40, 24:40].mean() > 20
+
+
+def test_the_authors_sampling_grid_is_the_automatic_schedule(engine):
+    """A folder whose pipeline config carries the author's ``sample_sigmas``: with the schedule left to the model
+    (A1111's 'Automatic', the default) imagesmith samples that grid, shifted for the size as diffusers does, its
+    length the number of steps (the infotext says so), and equals diffusers' own default call; a named schedule
+    gets imagesmith's sigmas for the requested steps."""
+    req = GenerateRequest(prompt="a paper lantern", negative_prompt="dark", model=GRIDDED, width=64, height=64,
+                          steps=20, cfg_scale=3.0, seed=5, sampler_name="euler", noise="comfy")
+    pipe = _pipe(engine, GRIDDED)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        result = engine.generate(req)
+        grid_calls = len(calls)
+        calls.clear()
+        engine.generate(req.model_copy(update={"scheduler": "simple", "steps": 3}))
+    finally:
+        hook.remove()
+    assert grid_calls == 2 * len(GRID) and len(calls) == 2 * 3  # cond and uncond a step
+    assert "Steps: 5," in result.records[0].infotext
+    theirs = pipe(req.prompt, negative_prompt=req.negative_prompt, true_cfg_scale=3.0, width=64, height=64,
+                  generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    assert np.abs(_pixels(result) - np.round(theirs * 255)).max() <= 2

@@ -8,6 +8,7 @@ per-step callback (progress, cancel) -> optional hires fix -> result with infote
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import threading
@@ -36,7 +37,8 @@ from .grounding import ConceptVocabulary, Grounding, mean_pooled
 from .wildcards import expand_prompt, has_dynamic
 from .loras import ResolvedLora, adapter_name, apply_loras
 from . import performance as perf
-from ..core.sampling_names import SAMPLERS_BY_NAME, resolve_sampling, sampler_label, schedule_label
+from ..core.sampling_names import (SAMPLERS_BY_NAME, canonical_schedule, resolve_sampling, sampler_label,
+                                    schedule_label)
 from .sampling import ksampler as K
 from .prompt_editing import check_request, has_editing, prompt_schedule, split_and, text_at
 from . import qwen_image as Q
@@ -483,6 +485,9 @@ class Engine:
             w, h = P.aspect_size(self._native_size(entry), params.aspect)
             req = req.model_copy(update={"width": w, "height": h})
         width, height = self._size(req, entry, init)
+        grid = _author_grid(entry)
+        if grid and canonical_schedule(req.scheduler) == "automatic":  # the model's own steps (see _author_sigmas)
+            req = req.model_copy(update={"steps": len(grid)})
         return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds,
                     template=template, ip_images=references, ip_masks=reference_masks, edit_images=edit_images)
 
@@ -937,7 +942,11 @@ class Engine:
         sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler, flow=ms.is_flow)
         family = "sdxl" if job.arch == "sdxl" else "sd1"
         comfy = req.noise == "comfy"
-        if strength is None:
+        grid = self._author_sigmas(pipe, ms, req)
+        if grid is not None:  # the model's own sigmas (Qwen-Image 2.1's sample_sigmas), their length its steps
+            n = len(grid) - 1
+            sigmas = grid if strength is None else grid[n - int(min(strength, 0.999) * n) - 1:]
+        elif strength is None:
             sigmas = K.plan_sigmas(ms, sampler, schedule, steps, family=family)
         elif comfy:
             sigmas = K.plan_sigmas(ms, sampler, schedule, steps, denoise=max(strength, 1e-4), family=family)
@@ -984,6 +993,18 @@ class Engine:
         if isinstance(denoiser, StepCache):
             job.cache_stats.append((denoiser.reused, denoiser.calls))
         return out
+
+    @staticmethod
+    def _author_sigmas(pipe, ms, req: GenerateRequest) -> torch.Tensor | None:
+        """A model author's sampling grid, used when the request leaves the schedule to the model ('automatic'):
+        QwenImage21Pipeline's ``sample_sigmas`` (its config; the number of steps is theirs), shifted by the
+        model's e^mu for this size and stretched to its terminal as diffusers' scheduler does, then 0. None for
+        any other model or schedule."""
+        grid = dict(getattr(pipe, "config", None) or {}).get("sample_sigmas")
+        if not grid or canonical_schedule(req.scheduler) != "automatic":
+            return None
+        shifted = ms._shifted(torch.tensor([float(g) for g in grid], dtype=torch.float64)).float()
+        return ms.stretch_to_terminal(torch.cat([shifted, shifted.new_zeros(1)]))
 
     @staticmethod
     def _two_passes(req: GenerateRequest) -> bool:
@@ -1690,6 +1711,19 @@ def _stack_rows(encoded: list[dict], sizes: list[int]) -> dict:
         else:
             out[key] = first
     return out
+
+
+def _author_grid(entry: ModelEntry) -> list[float] | None:
+    """A Qwen-Image 2.1 folder's ``sample_sigmas`` (its model_index.json: the author's sampling grid), or its
+    companion folder's for a transformer file; None when it has none."""
+    if entry.arch != "qwen21":
+        return None
+    folder = Path(entry.path) if Path(entry.path).is_dir() else (Path(entry.companion) if entry.companion else None)
+    try:
+        grid = json.loads((folder / "model_index.json").read_text()).get("sample_sigmas") if folder else None
+    except (OSError, ValueError):
+        return None
+    return [float(g) for g in grid] if isinstance(grid, list) and grid else None
 
 
 OPAQUE = 250
