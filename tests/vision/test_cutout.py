@@ -363,6 +363,22 @@ def test_a_box_whose_two_cuts_disagree_is_not_trusted():
     assert err.value.field == "product_box"
 
 
+def test_a_tap_whose_colour_cut_drops_part_of_the_product_is_not_trusted():
+    """scikit-image's espresso cup, tapped: the segmenter's part is unclear, so it is cut again by colour; that cut
+    is crisp but drops the spoon and leaves a hole in the saucer (IoU 0.85 against the hand mask), and it used to
+    make an ad at confidence 0.91. The part and its colour cut disagree (IoU 0.70), so the cut is not trusted and
+    the ad is refused with a line that asks for a box."""
+    from imagesmith.models.segment import load_segmenter
+    from imagesmith.vision.cutout import UnclearCutout, cutout_confidence, scored_matte
+    cup, seg = _real("cup"), load_segmenter()
+    alpha, score, parts = scored_matte(cup["image"], seg, point=cup["point"])
+    assert iou(alpha, cup["mask"]) < 0.9 and cutout_confidence(alpha)[0] >= 0.5  # crisp, and wrong
+    assert parts["recut_agreement"] < 0.8 and score < 0.5
+    with pytest.raises(UnclearCutout, match="give product_box") as err:
+        cutout(cup["image"], seg, point=cup["point"], min_confidence=0.5)
+    assert err.value.field == "product_box"
+
+
 def test_matte_confidence_scales_by_agreement_and_neighbours():
     from imagesmith.vision.cutout import cutout_confidence, matte_confidence
     clean = soft_disc(200, 150, cx=100, cy=75, r=40)
@@ -375,6 +391,9 @@ def test_matte_confidence_scales_by_agreement_and_neighbours():
     assert abs(half[0] - base / 2) < 0.01 and half[1]["agreement"] == 0.675
     assert matte_confidence(clean, neighbours=0.05)[0] == base
     assert matte_confidence(clean, neighbours=0.8)[0] == 0.0
+    assert matte_confidence(clean, recut_agreement=0.95)[0] == base  # a tap's colour cut: stricter than a box's
+    assert matte_confidence(clean, recut_agreement=0.75)[0] == 0.0
+    assert abs(matte_confidence(clean, recut_agreement=0.86)[0] - base / 2) < 0.01
 
 
 def test_a_tap_beside_other_pieces_of_the_matte_is_less_trusted():
