@@ -97,6 +97,9 @@ class _Job:
     """one mask (L) or None per IP-Adapter unit"""
     edit_images: list = field(default_factory=list)
     """a multi-picture edit's pictures after the init image (Qwen-Image-Edit-Plus)"""
+    author_sigmas: list[float] | None = None
+    """the model author's sampling grid (Qwen-Image 2.1's ``sample_sigmas``) when the request leaves the schedule to
+    the model; its length is the job's steps"""
     crop: tuple[int, int, int, int] | None = None
     """A1111's 'only masked' inpainting: the box (in the picture at the working size) that is repainted at the full
     working size; the ControlNet units' images and masks are cropped to it too"""
@@ -472,24 +475,24 @@ class Engine:
                            if u.mask else None for i, u in enumerate(req.ip_adapter_units)]
         edit_images = [load_image(path, settings=self.settings, mode="RGBA" if arch == "qwen21" else "RGB",
                                   what=f"edit_images[{i}]") for i, path in enumerate(req.edit_images)]
-        if arch == "qwen21":  # up to three condition pictures of their own: init_image keeps its img2img meaning
-            pass
-        elif len(edit_images) > 2:
-            raise BadRequest(f"edit_images: a multi-picture edit takes init_image and up to two more, got "
-                             f"{len(edit_images)}")
-        elif edit_images and (init is None or not Q.is_qwen_edit_plus(entry)):
-            raise BadRequest(f"edit_images are more pictures for a multi-picture edit model (Qwen-Image-Edit-Plus) "
-                             f"with an init_image; {entry.name} is not one" if init is not None else
-                             "edit_images need the first picture as init_image")
+        if arch != "qwen21":  # Qwen-Image 2.1 takes up to three of its own; init_image keeps its img2img meaning
+            if len(edit_images) > 2:
+                raise BadRequest(f"edit_images: a multi-picture edit takes init_image and up to two more, got "
+                                 f"{len(edit_images)}")
+            if edit_images and (init is None or not Q.is_qwen_edit_plus(entry)):
+                raise BadRequest(f"edit_images are more pictures for a multi-picture edit model (Qwen-Image-Edit-"
+                                 f"Plus) with an init_image; {entry.name} is not one" if init is not None else
+                                 "edit_images need the first picture as init_image")
         if params.aspect is not None and req.width is None and req.height is None and init is None:
             w, h = P.aspect_size(self._native_size(entry), params.aspect)
             req = req.model_copy(update={"width": w, "height": h})
         width, height = self._size(req, entry, init)
-        grid = _author_grid(entry)
-        if grid and canonical_schedule(req.scheduler) == "automatic":  # the model's own steps (see _author_sigmas)
+        grid = _author_grid(entry) if canonical_schedule(req.scheduler) == "automatic" else None
+        if grid:  # the model's own steps (see _author_sigmas)
             req = req.model_copy(update={"steps": len(grid)})
         return _Job(req, entry, arch, width, height, prompt, negative, loras, init, mask, control, seeds, var_seeds,
-                    template=template, ip_images=references, ip_masks=reference_masks, edit_images=edit_images)
+                    template=template, ip_images=references, ip_masks=reference_masks, edit_images=edit_images,
+                    author_sigmas=grid)
 
     def _default_checkpoint(self) -> ModelEntry:
         if not any(e.builtin for e in self.registry.list("checkpoint")):
@@ -942,7 +945,7 @@ class Engine:
         sampler, schedule = resolve_sampling(req.sampler_name, req.scheduler, flow=ms.is_flow)
         family = "sdxl" if job.arch == "sdxl" else "sd1"
         comfy = req.noise == "comfy"
-        grid = self._author_sigmas(pipe, ms, req)
+        grid = self._author_sigmas(ms, job.author_sigmas)
         if grid is not None:  # the model's own sigmas (Qwen-Image 2.1's sample_sigmas), their length its steps
             n = len(grid) - 1
             sigmas = grid if strength is None else grid[n - int(min(strength, 0.999) * n) - 1:]
@@ -995,15 +998,13 @@ class Engine:
         return out
 
     @staticmethod
-    def _author_sigmas(pipe, ms, req: GenerateRequest) -> torch.Tensor | None:
-        """A model author's sampling grid, used when the request leaves the schedule to the model ('automatic'):
-        QwenImage21Pipeline's ``sample_sigmas`` (its config; the number of steps is theirs), shifted by the
-        model's e^mu for this size and stretched to its terminal as diffusers' scheduler does, then 0. None for
-        any other model or schedule."""
-        grid = dict(getattr(pipe, "config", None) or {}).get("sample_sigmas")
-        if not grid or canonical_schedule(req.scheduler) != "automatic":
+    def _author_sigmas(ms, grid: list[float] | None) -> torch.Tensor | None:
+        """A model author's sampling grid (the job's ``author_sigmas``: QwenImage21Pipeline's ``sample_sigmas``,
+        taken when the request leaves the schedule to the model), shifted by the model's e^mu for this size and
+        stretched to its terminal as diffusers' scheduler does, then 0. None without one."""
+        if not grid:
             return None
-        shifted = ms._shifted(torch.tensor([float(g) for g in grid], dtype=torch.float64)).float()
+        shifted = ms._shifted(torch.tensor(grid, dtype=torch.float64)).float()
         return ms.stretch_to_terminal(torch.cat([shifted, shifted.new_zeros(1)]))
 
     @staticmethod

@@ -349,15 +349,19 @@ def matte_confidence(alpha: np.ndarray, *, agreement: float | None = None, neigh
     score, parts = cutout_confidence(alpha)
     if agreement is not None:
         parts["agreement"] = round(agreement, 4)
-        score *= float(np.clip((agreement - AGREE_NONE) / (AGREE_FULL - AGREE_NONE), 0.0, 1.0))
+        score *= _trust(agreement, AGREE_NONE, AGREE_FULL)
     if neighbours is not None:
         parts["neighbours"] = round(neighbours, 4)
         score *= float(np.clip(1.0 - 2.0 * max(0.0, neighbours - 0.1), 0.0, 1.0))
     if recut_agreement is not None:
         parts["recut_agreement"] = round(recut_agreement, 4)
-        score *= float(np.clip((recut_agreement - RECUT_AGREE_NONE) / (RECUT_AGREE_FULL - RECUT_AGREE_NONE),
-                               0.0, 1.0))
+        score *= _trust(recut_agreement, RECUT_AGREE_NONE, RECUT_AGREE_FULL)
     return round(score, 4), parts
+
+
+def _trust(agreement: float, none: float, full: float) -> float:
+    """How far two cuts that agree this much (IoU) are trusted: 0 at ``none``, 1 from ``full``, linear between."""
+    return float(np.clip((agreement - none) / (full - none), 0.0, 1.0))
 
 
 def cutout_confidence(alpha: np.ndarray) -> tuple[float, dict[str, float]]:
